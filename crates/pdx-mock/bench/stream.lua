@@ -1,0 +1,4 @@
+-- wrk -s stream.lua http://HOST:PORT/v1/completions : streamed completion of 2000 tokens (SSE)
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"mock","prompt":"the quick brown fox","max_tokens":2000,"ignore_eos":true,"stream":true}'

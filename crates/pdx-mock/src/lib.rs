@@ -1,0 +1,430 @@
+//! `pdx mock`: a vLLM-compatible mock prefill/decode engine with real KV bytes.
+//!
+//! It serves vLLM's OpenAI-compatible subset (`/v1/chat/completions`, `/v1/completions`,
+//! streaming or not, `/v1/models`, `/health`, `/metrics` under vLLM's metric names) plus the
+//! probes of sglang-router and vllm-router (`/server_info`, `/get_server_info`, `/model_info`,
+//! `/get_model_info`), in one of three roles:
+//! * **aggregated**: prefill and decode locally;
+//! * **prefill**: a request with `kv_transfer_params.do_remote_decode` computes the prompt's KV
+//!   into blocks (real bytes, a deterministic function of the token ids, position and layer),
+//!   keeps them, and answers with the `kv_transfer_params` a decode engine needs (vLLM
+//!   NixlConnector `request_finished`); the blocks are freed on the decode side's read
+//!   notification or after `--kv-hold-timeout-secs`;
+//! * **decode**: a request with `do_remote_prefill` reads those blocks through pdx's transfer
+//!   engine, checks every byte, then generates.
+//!
+//! Timing comes from a continuous-batching scheduler with a step-time model
+//! ([`scheduler`], [`profile`]) unless `--instant`. Faults can be injected ([`profile::FaultProfile`]).
+//! See `docs/mock.md`.
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod metrics;
+#[cfg(feature = "pdx-transfer")]
+pub mod pdx_transport;
+pub mod profile;
+pub mod register;
+pub mod scheduler;
+pub mod server;
+pub mod tokenizer;
+pub mod transport;
+
+pub use engine::{Engine, EngineConfig, Role};
+pub use error::MockError;
+pub use profile::Profile;
+pub use tokenizer::{count_builtin_tokens, synthetic_prompt, Tokenizer, CHAT_OVERHEAD_TOKENS};
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which KV transport a prefill/decode worker uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvTransportKind {
+    /// pdx's transfer engine (`pdx-transfer`): works across processes and hosts.
+    Pdx,
+    /// In-process registry (tests, single-process demos).
+    Inproc,
+}
+
+/// `pdx mock` flags. With no flags: an aggregated worker on `0.0.0.0:8000` serving model `mock`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "pdx-mock",
+    about = "vLLM-compatible mock prefill/decode engine"
+)]
+pub struct MockArgs {
+    /// Worker role.
+    #[arg(long, value_enum, default_value_t = Role::Aggregated)]
+    pub role: Role,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// HTTP port (0: ephemeral).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Served model name.
+    #[arg(long, default_value = "mock")]
+    pub model: String,
+    /// Profile file (TOML or JSON): model shape, timing, scheduler limits, faults.
+    #[arg(long)]
+    pub profile: Option<std::path::PathBuf>,
+    /// Hugging Face `tokenizer.json` (default: the built-in tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// No modelled delay: answer as fast as possible (router overhead benchmarks).
+    #[arg(long)]
+    pub instant: bool,
+    /// Divide every modelled step time by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Server threads, each a current-thread runtime on its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV cache capacity in blocks.
+    #[arg(long, default_value_t = 2048)]
+    pub num_blocks: u32,
+    /// Divide the model's KV bytes per token by this (so demos fit in memory).
+    #[arg(long, default_value_t = 16)]
+    pub kv_scale_down: u32,
+    /// Seconds a prefill worker keeps KV blocks for a remote decode that never reads them
+    /// (vLLM `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
+    #[arg(long, default_value_t = 480.0)]
+    pub kv_hold_timeout_secs: f64,
+    /// KV transport of prefill/decode workers.
+    #[arg(long, value_enum, default_value_t = KvTransportKind::Pdx)]
+    pub kv_transport: KvTransportKind,
+    /// Listen address of the KV agent (side channel + transfers) of prefill/decode workers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub kv_listen: String,
+    /// Host advertised as `remote_host` and in registration (default: the KV listen IP).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// KV engine id, the `remote_engine_id` (default: `pdx-mock-<role>-<pid>-<port>`).
+    #[arg(long)]
+    pub engine_id: Option<String>,
+    /// Output tokens when a request sets no `max_tokens`.
+    #[arg(long, default_value_t = 16)]
+    pub default_max_tokens: u32,
+    /// The model emits EOS after this many tokens (unless `ignore_eos`); default: never.
+    #[arg(long)]
+    pub eos_after: Option<u32>,
+    /// Context length (overrides the profile).
+    #[arg(long)]
+    pub max_model_len: Option<u32>,
+    /// Scheduler token budget per step (overrides the profile).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<u32>,
+    /// Running sequences at most (overrides the profile).
+    #[arg(long)]
+    pub max_num_seqs: Option<u32>,
+    /// Fault: fraction of completion requests answered 500.
+    #[arg(long)]
+    pub fault_error_rate: Option<f64>,
+    /// Fault: fraction of completion requests never answered.
+    #[arg(long)]
+    pub fault_hang_rate: Option<f64>,
+    /// Fault: serve this many completion requests, then drop every connection and exit.
+    #[arg(long)]
+    pub fault_crash_after: Option<u64>,
+    /// Fault: answer 503 on `/health` and completions for this many seconds after start.
+    #[arg(long)]
+    pub fault_slow_start_secs: Option<f64>,
+    /// Fault: streams stall after this many tokens.
+    #[arg(long)]
+    pub fault_stall_after_tokens: Option<u32>,
+    /// Fault: stalls last this many seconds (default: forever).
+    #[arg(long)]
+    pub fault_stall_secs: Option<f64>,
+    /// Router URL to self-register with (`POST URL/v1/workers`, repeated as a heartbeat).
+    #[arg(long)]
+    pub register: Option<String>,
+    /// Pool name sent when registering (default: the role).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// URL of this worker sent when registering (default: `http://<advertise host>:<port>`).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// Seconds between registration heartbeats.
+    #[arg(long, default_value_t = 5.0)]
+    pub heartbeat_secs: f64,
+}
+
+impl Default for MockArgs {
+    fn default() -> Self {
+        MockArgs::parse_from(["pdx-mock"])
+    }
+}
+
+/// A running mock server.
+#[derive(Debug)]
+pub struct MockServer {
+    /// Bound HTTP address.
+    pub addr: SocketAddr,
+    /// The engine (metrics, KV state; used by tests).
+    pub engine: Arc<Engine>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl MockServer {
+    /// Stops the server and waits for its threads.
+    pub fn stop(mut self) {
+        self.engine.shutdown.send_replace(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Blocks until the server stops (crash fault). Returns [`MockError::Crashed`] then.
+    pub fn wait(mut self) -> Result<(), MockError> {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if self.engine.cfg.profile.faults.crash_after.is_some() {
+            return Err(MockError::Crashed(
+                self.engine.completions_seen().saturating_sub(1),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.engine.shutdown.send_replace(true);
+    }
+}
+
+fn build_profile(a: &MockArgs) -> Result<Profile, MockError> {
+    let mut p = match &a.profile {
+        Some(f) => Profile::load(f)?,
+        None => Profile::default(),
+    };
+    if let Some(v) = a.max_model_len {
+        p.model.max_model_len = v;
+    }
+    if let Some(v) = a.max_num_batched_tokens {
+        p.scheduler.max_num_batched_tokens = v;
+    }
+    if let Some(v) = a.max_num_seqs {
+        p.scheduler.max_num_seqs = v;
+    }
+    let f = &mut p.faults;
+    if let Some(v) = a.fault_error_rate {
+        f.error_rate = v;
+    }
+    if let Some(v) = a.fault_hang_rate {
+        f.hang_rate = v;
+    }
+    if a.fault_crash_after.is_some() {
+        f.crash_after = a.fault_crash_after;
+    }
+    if let Some(v) = a.fault_slow_start_secs {
+        f.slow_start_secs = v;
+    }
+    if a.fault_stall_after_tokens.is_some() {
+        f.stall_after_tokens = a.fault_stall_after_tokens;
+    }
+    if a.fault_stall_secs.is_some() {
+        f.stall_secs = a.fault_stall_secs;
+    }
+    for (name, v) in [("error_rate", f.error_rate), ("hang_rate", f.hang_rate)] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(MockError::Config(format!(
+                "fault {name} must be within 0..=1, got {v}"
+            )));
+        }
+    }
+    Ok(p)
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MockError> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    #[cfg(unix)]
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Starts a mock server in background threads and returns once it listens.
+///
+/// Errors: [`MockError::Config`] for bad flags/profile/tokenizer, [`MockError::Io`] when the
+/// port cannot be bound, transport errors when the KV agent cannot start.
+pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
+    let profile = build_profile(&args)?;
+    if args.block_size == 0 || args.num_blocks == 0 || args.kv_scale_down == 0 || args.threads == 0
+    {
+        return Err(MockError::Config(
+            "block size, blocks, kv scale-down and threads must be > 0".into(),
+        ));
+    }
+    let tokenizer = match &args.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::Builtin,
+    };
+    let ip: std::net::IpAddr = args
+        .host
+        .parse()
+        .map_err(|e| MockError::Config(format!("bad --host {}: {e}", args.host)))?;
+    let first = bind(SocketAddr::new(ip, args.port))?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..args.threads {
+        listeners.push(bind(addr)?);
+    }
+    let m = &profile.model;
+    let per_token_layer =
+        (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
+            .div_ceil(u64::from(args.kv_scale_down))
+            .next_multiple_of(8) as usize;
+    let layout = kv_cache::KvLayout {
+        block_size: args.block_size,
+        layers: m.layers as usize,
+        bytes_per_token_layer: per_token_layer,
+    };
+    let engine_id = args.engine_id.clone().unwrap_or_else(|| {
+        format!(
+            "pdx-mock-{}-{}-{}",
+            args.role.as_str(),
+            std::process::id(),
+            addr.port()
+        )
+    });
+    let transport: Option<Arc<dyn transport::KvTransport>> = match args.role {
+        Role::Aggregated => None,
+        _ => Some(match args.kv_transport {
+            KvTransportKind::Inproc => {
+                let host = args
+                    .advertise_host
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into());
+                Arc::new(transport::InProcTransport::new(
+                    transport::KvEndpoint {
+                        engine_id,
+                        host,
+                        port: addr.port(),
+                    },
+                    layout,
+                    args.num_blocks,
+                )?)
+            }
+            #[cfg(feature = "pdx-transfer")]
+            KvTransportKind::Pdx => Arc::new(pdx_transport::PdxTransport::new(
+                &engine_id,
+                &args.kv_listen,
+                args.advertise_host.clone(),
+                layout,
+                args.num_blocks,
+            )?),
+            #[cfg(not(feature = "pdx-transfer"))]
+            KvTransportKind::Pdx => {
+                return Err(MockError::Config(
+                    "built without the `pdx-transfer` feature; use --kv-transport inproc".into(),
+                ))
+            }
+        }),
+    };
+    let cfg = EngineConfig {
+        role: args.role,
+        model: args.model.clone(),
+        block_size: args.block_size,
+        num_blocks: args.num_blocks,
+        instant: args.instant,
+        speedup: args.speedup,
+        kv_hold_timeout: Duration::from_secs_f64(args.kv_hold_timeout_secs.max(0.0)),
+        default_max_tokens: args.default_max_tokens.max(1),
+        eos_after: args.eos_after,
+        profile,
+    };
+    let engine = Engine::new(cfg, tokenizer, transport);
+    let mut threads = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let engine = engine.clone();
+        let args = args.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("pdx-mock-http-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(l).expect("listener");
+                    if i == 0 {
+                        tokio::spawn(reaper(engine.clone()));
+                        if let Some(url) = args.register.clone() {
+                            tokio::spawn(register::heartbeat(
+                                url,
+                                register::Registration::new(&args, addr),
+                                args.heartbeat_secs,
+                            ));
+                        }
+                    }
+                    serve(l, engine).await;
+                });
+            })?;
+        threads.push(t);
+    }
+    tracing::info!(%addr, role = args.role.as_str(), model = %args.model, instant = args.instant, "pdx mock listening");
+    Ok(MockServer {
+        addr,
+        engine,
+        threads,
+    })
+}
+
+/// Runs `pdx mock` until it is killed (or crashes by fault injection).
+///
+/// Errors: as [`start`]; [`MockError::Crashed`] when the crash fault fired.
+pub fn run(args: MockArgs) -> Result<(), MockError> {
+    start(args)?.wait()
+}
+
+async fn reaper(engine: Arc<Engine>) {
+    let mut shutdown = engine.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => engine.reap_holds(std::time::Instant::now()),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    let mut shutdown = engine.shutdown.subscribe();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let engine = engine.clone();
+        let mut shutdown = engine.shutdown.subscribe();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| server::handle(engine.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "connection error") },
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}

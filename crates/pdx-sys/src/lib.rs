@@ -1,0 +1,623 @@
+//! Host-memory system layer of pdx: every `unsafe` operation the host transports need, behind a safe API.
+//!
+//! The transfer engine (`pdx-transfer`) is `#![forbid(unsafe_code)]`; what it cannot do in safe Rust lives here:
+//! - [`Memory`]: a region of host memory addressed by raw pointer: a memfd arena that same-host peers can map
+//!   ([`Memory::memfd`]), a heap buffer owned by the region ([`Memory::from_vec`]), caller memory registered as it
+//!   is ([`Memory::from_raw_parts`], `unsafe`), or a peer's memfd mapped into this process
+//!   ([`Memory::map_peer_memfd`]);
+//! - copies between regions with every access bounds-checked ([`copy`]);
+//! - cross-process copies with `process_vm_readv` / `process_vm_writev` ([`cma_read`], [`cma_write`]);
+//! - socket I/O straight out of and into registered memory ([`write_all_vectored`], [`read_exact_into`]).
+//!
+//! # Shared-memory model
+//! Registered memory is shared with other agents (other threads, other processes through a memfd mapping or
+//! cross-memory attach). Its bytes are therefore never exposed as Rust references: every access goes through
+//! raw-pointer copies in this crate, so no `&[u8]`/`&mut [u8]` ever aliases memory that someone else writes. The
+//! content of a region that is written while it is read is unspecified (as with DMA), never undefined behaviour
+//! on the Rust side: callers synchronise through transfer completion and notifications.
+
+#![deny(missing_docs)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+/// Errors of the host-memory layer.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A system call failed. `op` names the call, e.g. `"memfd_create"`.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// The failing call.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An access `[offset, offset + len)` fell outside a region of `region_len` bytes.
+    #[error("access [{offset}, {offset}+{len}) is outside a region of {region_len} bytes")]
+    OutOfBounds {
+        /// Offset of the access in bytes.
+        offset: u64,
+        /// Length of the access in bytes.
+        len: u64,
+        /// Length of the region in bytes.
+        region_len: u64,
+    },
+    /// A length was zero or too large for this platform.
+    #[error("invalid length {0} bytes")]
+    InvalidLength(u64),
+    /// The peer closed the stream before all bytes arrived.
+    #[error("stream closed after {received} of {expected} bytes")]
+    UnexpectedEof {
+        /// Bytes received before the end.
+        received: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// The kernel moved fewer bytes than asked without an error (the remote range is partly unmapped).
+    #[error("cross-process copy moved {moved} of {expected} bytes")]
+    ShortCopy {
+        /// Bytes moved.
+        moved: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+}
+
+impl SysError {
+    fn last(op: &'static str) -> Self {
+        SysError::Io {
+            op,
+            source: io::Error::last_os_error(),
+        }
+    }
+
+    /// True when a cross-process copy failed because the peer process no longer exists (`ESRCH`).
+    pub fn is_process_gone(&self) -> bool {
+        matches!(self, SysError::Io { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+    }
+
+    /// True when retrying the same operation later may succeed (interrupted or would-block I/O, timeouts).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SysError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, SysError>;
+
+/// What backs a [`Memory`] and how it is released.
+#[derive(Debug)]
+enum Backing {
+    /// A memfd mapped `MAP_SHARED`; `map_len` is the page-rounded mapping length.
+    Memfd { fd: OwnedFd, map_len: usize },
+    /// A peer's memfd mapped into this process; no fd is kept.
+    PeerMapping { map_len: usize },
+    /// A heap allocation owned by the region, from `Box<[u8]>::into_raw`.
+    Heap,
+    /// Memory owned by the caller; nothing to release.
+    Foreign,
+}
+
+/// A region of host memory addressed by raw pointer, shared with transfers and peers.
+///
+/// Invariant: `ptr .. ptr + len` is valid for reads and writes for the life of the value.
+#[derive(Debug)]
+pub struct Memory {
+    ptr: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: `Memory` is a pointer to memory valid for its whole life (type invariant); every access goes through
+// raw-pointer copies in this crate and never through references, so sharing it across threads cannot create
+// aliasing references. Concurrent writes give unspecified bytes, as documented in the crate docs.
+unsafe impl Send for Memory {}
+// SAFETY: as for `Send`: no method hands out references into the region.
+unsafe impl Sync for Memory {}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        page as usize
+    } else {
+        4096
+    }
+}
+
+fn round_up_to_page(len: usize) -> Option<usize> {
+    let page = page_size();
+    len.checked_add(page - 1).map(|v| v / page * page)
+}
+
+/// Maps `map_len` bytes of `fd` shared, read-write, optionally pre-faulting every page.
+fn mmap_shared(fd: RawFd, map_len: usize, populate: bool) -> Result<NonNull<u8>> {
+    let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+    // SAFETY: a fresh mapping chosen by the kernel (addr = null) overlaps no Rust object; fd is a valid descriptor
+    // owned by the caller for the duration of the call.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(SysError::last("mmap"));
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or(SysError::InvalidLength(map_len as u64))
+}
+
+impl Memory {
+    /// Allocates `len` bytes (> 0) in a new memfd named `name` (shown in `/proc/<pid>/maps`), mapped shared.
+    ///
+    /// Peers on the same host map it through `/proc/<pid>/fd/<fd>` ([`Memory::map_peer_memfd`]). With `populate`
+    /// every page is faulted in now, so later copies take no page faults. The mapping length is rounded up to
+    /// whole pages; [`Memory::len`] is `len`.
+    ///
+    /// Errors: [`SysError::InvalidLength`] for 0; [`SysError::Io`] from `memfd_create`, `ftruncate` or `mmap`.
+    pub fn memfd(name: &str, len: usize, populate: bool) -> Result<Memory> {
+        let map_len = match round_up_to_page(len) {
+            Some(l) if len > 0 && l <= isize::MAX as usize => l,
+            _ => return Err(SysError::InvalidLength(len as u64)),
+        };
+        let cname = CString::new(name.replace('\0', "_")).unwrap_or_default();
+        // SAFETY: cname is a valid NUL-terminated string for the duration of the call.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(SysError::last("memfd_create"));
+        }
+        // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: fd is a valid memfd; ftruncate only sizes the file.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), map_len as libc::off_t) } != 0 {
+            return Err(SysError::last("ftruncate"));
+        }
+        let ptr = mmap_shared(fd.as_raw_fd(), map_len, populate)?;
+        Ok(Memory {
+            ptr,
+            len,
+            backing: Backing::Memfd { fd, map_len },
+        })
+    }
+
+    /// Maps `len` bytes of the memfd that process `pid` holds as descriptor `fd`, through `/proc/<pid>/fd/<fd>`.
+    ///
+    /// Needs the same permissions as reading the peer's `/proc/<pid>/fd` (same user, or root). The mapping keeps
+    /// the file alive: it stays valid (and harmless) even after the peer exits or unmaps it.
+    ///
+    /// Errors: [`SysError::Io`] from `open` (peer gone, no permission) or `mmap`; [`SysError::InvalidLength`]
+    /// when the file is shorter than `len`.
+    pub fn map_peer_memfd(pid: u32, fd: i32, len: usize, populate: bool) -> Result<Memory> {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| SysError::Io {
+                op: "open peer memfd",
+                source,
+            })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| SysError::Io {
+                op: "fstat peer memfd",
+                source,
+            })?
+            .len();
+        if len == 0 || (len as u64) > file_len {
+            return Err(SysError::InvalidLength(len as u64));
+        }
+        let map_len = round_up_to_page(len).ok_or(SysError::InvalidLength(len as u64))?;
+        let map_len = map_len.min(file_len as usize);
+        let ptr = mmap_shared(file.as_raw_fd(), map_len, populate)?;
+        Ok(Memory {
+            ptr,
+            len,
+            backing: Backing::PeerMapping { map_len },
+        })
+    }
+
+    /// Takes ownership of `buf` as a region (caller-allocated memory that peers reach by cross-memory attach or
+    /// TCP, not by mapping). Errors: [`SysError::InvalidLength`] when `buf` is empty.
+    pub fn from_vec(buf: Vec<u8>) -> Result<Memory> {
+        let len = buf.len();
+        if len == 0 {
+            return Err(SysError::InvalidLength(0));
+        }
+        let raw = Box::into_raw(buf.into_boxed_slice());
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(SysError::InvalidLength(0))?;
+        Ok(Memory {
+            ptr,
+            len,
+            backing: Backing::Heap,
+        })
+    }
+
+    /// Registers caller-owned memory as it is (an engine's KV cache, say). Nothing is freed on drop.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` must be valid for reads and writes, and stay so, until this `Memory` and every clone of
+    /// the `Arc` that holds it are dropped; the caller must not hold Rust references into it while transfers run.
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> Memory {
+        Memory {
+            ptr,
+            len,
+            backing: Backing::Foreign,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: regions are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region's start address in this process's address space (what remote descriptors name).
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// The memfd descriptor number when this region is a memfd arena (peers map `/proc/<pid>/fd/<n>`).
+    pub fn memfd_fd(&self) -> Option<RawFd> {
+        match &self.backing {
+            Backing::Memfd { fd, .. } => Some(fd.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Checks `[offset, offset + len)` lies inside the region; returns the start pointer.
+    fn range(&self, offset: usize, len: usize) -> Result<*mut u8> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => {
+                // SAFETY: offset <= end <= self.len, so the result stays inside (or one past) the allocation.
+                Ok(unsafe { self.ptr.as_ptr().add(offset) })
+            }
+            _ => Err(SysError::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                region_len: self.len as u64,
+            }),
+        }
+    }
+
+    /// Copies `out.len()` bytes starting at `offset` into `out`. Errors: [`SysError::OutOfBounds`].
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src = self.range(offset, out.len())?;
+        // SAFETY: src..src+len is inside the region (checked); `out` is a distinct Rust buffer, which cannot
+        // overlap a region that is only ever accessed through raw pointers.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into the region at `offset`. Errors: [`SysError::OutOfBounds`].
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        let dst = self.range(offset, data.len())?;
+        // SAFETY: dst..dst+len is inside the region (checked); `data` is a Rust buffer that cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Fills `[offset, offset + len)` with `byte`. Errors: [`SysError::OutOfBounds`].
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<()> {
+        let dst = self.range(offset, len)?;
+        // SAFETY: dst..dst+len is inside the region (checked).
+        unsafe { std::ptr::write_bytes(dst, byte, len) };
+        Ok(())
+    }
+
+    /// A bounds-checked view `[offset, offset + len)` for vectored I/O. Errors: [`SysError::OutOfBounds`].
+    pub fn slice(&self, offset: usize, len: usize) -> Result<MemSlice<'_>> {
+        let ptr = self.range(offset, len)?;
+        Ok(MemSlice {
+            ptr,
+            len,
+            _mem: std::marker::PhantomData,
+        })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        match &self.backing {
+            Backing::Memfd { map_len, .. } | Backing::PeerMapping { map_len } => {
+                // SAFETY: ptr/map_len are exactly the mapping made at construction, unmapped once here.
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), *map_len) };
+            }
+            Backing::Heap => {
+                let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+                // SAFETY: ptr/len came from Box::<[u8]>::into_raw in `from_vec` and are released once here.
+                drop(unsafe { Box::from_raw(slice) });
+            }
+            Backing::Foreign => {}
+        }
+    }
+}
+
+/// A bounds-checked range of a [`Memory`], borrowed for one I/O call.
+#[derive(Debug, Clone, Copy)]
+pub struct MemSlice<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _mem: std::marker::PhantomData<&'a Memory>,
+}
+
+impl MemSlice<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length slice.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Copies `len` bytes from `src[src_off..]` to `dst[dst_off..]` (memmove semantics: the ranges may overlap when
+/// `src` and `dst` are the same region). Both ranges are bounds-checked first.
+///
+/// Errors: [`SysError::OutOfBounds`] for either range.
+pub fn copy(src: &Memory, src_off: usize, dst: &Memory, dst_off: usize, len: usize) -> Result<()> {
+    let s = src.range(src_off, len)?;
+    let d = dst.range(dst_off, len)?;
+    // SAFETY: both ranges lie inside live regions (checked); `copy` tolerates overlap.
+    unsafe { std::ptr::copy(s, d, len) };
+    Ok(())
+}
+
+/// Most iovecs one system call takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+fn iovec_of(ptr: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    }
+}
+
+/// Direction of a cross-process copy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CmaDir {
+    Read,
+    Write,
+}
+
+fn cma(dir: CmaDir, pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
+    let total_local: usize = local.iter().map(|s| s.len).sum();
+    let total_remote: usize = remote.iter().map(|r| r.1).sum();
+    if total_local != total_remote {
+        return Err(SysError::InvalidLength(total_remote as u64));
+    }
+    let mut liov: Vec<libc::iovec> = local.iter().map(|s| iovec_of(s.ptr, s.len)).collect();
+    let mut riov: Vec<libc::iovec> = remote
+        .iter()
+        .map(|&(addr, len)| iovec_of(addr as usize as *mut u8, len))
+        .collect();
+    let (mut li, mut ri, mut moved_total) = (0usize, 0usize, 0usize);
+    while moved_total < total_local {
+        let lcount = (liov.len() - li).min(IOV_MAX);
+        let rcount = (riov.len() - ri).min(IOV_MAX);
+        // SAFETY: local iovecs point into live, bounds-checked regions of this process (MemSlice invariant);
+        // remote iovecs name the peer's address space, which the kernel checks (EFAULT), so they cannot touch
+        // our memory.
+        let moved = unsafe {
+            match dir {
+                CmaDir::Read => libc::process_vm_readv(
+                    pid as libc::pid_t,
+                    liov[li..].as_ptr(),
+                    lcount as libc::c_ulong,
+                    riov[ri..].as_ptr(),
+                    rcount as libc::c_ulong,
+                    0,
+                ),
+                CmaDir::Write => libc::process_vm_writev(
+                    pid as libc::pid_t,
+                    liov[li..].as_ptr(),
+                    lcount as libc::c_ulong,
+                    riov[ri..].as_ptr(),
+                    rcount as libc::c_ulong,
+                    0,
+                ),
+            }
+        };
+        if moved < 0 {
+            let op = if dir == CmaDir::Read {
+                "process_vm_readv"
+            } else {
+                "process_vm_writev"
+            };
+            return Err(SysError::last(op));
+        }
+        if moved == 0 {
+            return Err(SysError::ShortCopy {
+                moved: moved_total as u64,
+                expected: total_local as u64,
+            });
+        }
+        let moved = moved as usize;
+        moved_total += moved;
+        advance(&mut liov, &mut li, moved);
+        advance(&mut riov, &mut ri, moved);
+    }
+    Ok(())
+}
+
+/// Consumes `n` bytes from the iovec list starting at index `*i`.
+fn advance(iov: &mut [libc::iovec], i: &mut usize, mut n: usize) {
+    while n > 0 && *i < iov.len() {
+        let v = &mut iov[*i];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *i += 1;
+        } else {
+            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *i < iov.len() && iov[*i].iov_len == 0 {
+        *i += 1;
+    }
+}
+
+/// Reads the peer's `remote` ranges `(address, length)` of process `pid` into `local`, in order, with batched
+/// `process_vm_readv` calls (up to 1024 iovecs each). The total lengths must match.
+///
+/// Needs ptrace-read permission on the peer (same user, or `CAP_SYS_PTRACE`; Yama scope 0).
+/// Errors: [`SysError::Io`] (`ESRCH` when the peer is gone, `EFAULT` for unmapped remote ranges, `EPERM`);
+/// [`SysError::ShortCopy`]; [`SysError::InvalidLength`] when totals differ.
+pub fn cma_read(pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
+    cma(CmaDir::Read, pid, local, remote)
+}
+
+/// Writes `local` into the peer's `remote` ranges of process `pid` with batched `process_vm_writev`. See
+/// [`cma_read`] for permissions and errors.
+pub fn cma_write(pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
+    cma(CmaDir::Write, pid, local, remote)
+}
+
+/// Called when a blocking socket call times out (`SO_SNDTIMEO` / `SO_RCVTIMEO`) with whether any byte moved since
+/// the previous call; returns true to keep waiting, false to give up with a `TimedOut` error. The transfer engine
+/// uses it to fail a stalled peer within a bound without losing its place in a frame.
+pub type OnStall<'a> = &'a mut dyn FnMut(bool) -> bool;
+
+fn stalled(op: &'static str) -> SysError {
+    SysError::Io {
+        op,
+        source: io::Error::new(io::ErrorKind::TimedOut, "peer made no progress"),
+    }
+}
+
+/// Writes `prefix` and then every slice of `segments` to the socket or pipe `fd`, with `writev`, looping over
+/// partial writes. Blocking; when the descriptor's `SO_SNDTIMEO` expires, `on_stall` decides whether to go on.
+///
+/// Errors: [`SysError::Io`] from `writev` (`EPIPE`/`ECONNRESET` when the peer is gone, `TimedOut` when
+/// `on_stall` gave up).
+pub fn write_all_vectored(
+    fd: RawFd,
+    prefix: &[u8],
+    segments: &[MemSlice<'_>],
+    on_stall: OnStall<'_>,
+) -> Result<()> {
+    let mut iov = Vec::with_capacity(segments.len() + 1);
+    if !prefix.is_empty() {
+        iov.push(iovec_of(prefix.as_ptr().cast_mut(), prefix.len()));
+    }
+    iov.extend(
+        segments
+            .iter()
+            .filter(|s| s.len > 0)
+            .map(|s| iovec_of(s.ptr, s.len)),
+    );
+    let (mut i, mut progressed) = (0, false);
+    while i < iov.len() {
+        let count = (iov.len() - i).min(IOV_MAX);
+        // SAFETY: every iovec points into a live buffer: `prefix` is borrowed for the call and each MemSlice is
+        // a bounds-checked range of a live region; writev only reads them.
+        let n = unsafe { libc::writev(fd, iov[i..].as_ptr(), count as libc::c_int) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if err.kind() == io::ErrorKind::WouldBlock {
+                if on_stall(std::mem::take(&mut progressed)) {
+                    continue;
+                }
+                return Err(stalled("writev"));
+            }
+            return Err(SysError::Io {
+                op: "writev",
+                source: err,
+            });
+        }
+        progressed = true;
+        advance(&mut iov, &mut i, n as usize);
+    }
+    Ok(())
+}
+
+/// Reads exactly the total length of `segments` from `fd` into them, in order, with `readv`, looping over partial
+/// reads. Blocking; when `SO_RCVTIMEO` expires, `on_stall` decides whether to go on.
+///
+/// Errors: [`SysError::UnexpectedEof`] when the stream ends early; [`SysError::Io`] from `readv` (`TimedOut`
+/// when `on_stall` gave up).
+pub fn read_exact_into(fd: RawFd, segments: &[MemSlice<'_>], on_stall: OnStall<'_>) -> Result<()> {
+    let expected: usize = segments.iter().map(|s| s.len).sum();
+    let mut iov: Vec<libc::iovec> = segments
+        .iter()
+        .filter(|s| s.len > 0)
+        .map(|s| iovec_of(s.ptr, s.len))
+        .collect();
+    let (mut i, mut received, mut progressed) = (0usize, 0usize, false);
+    while i < iov.len() {
+        let count = (iov.len() - i).min(IOV_MAX);
+        // SAFETY: every iovec is a bounds-checked range of a live region (MemSlice invariant); readv writes only
+        // inside them.
+        let n = unsafe { libc::readv(fd, iov[i..].as_ptr(), count as libc::c_int) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if err.kind() == io::ErrorKind::WouldBlock {
+                if on_stall(std::mem::take(&mut progressed)) {
+                    continue;
+                }
+                return Err(stalled("readv"));
+            }
+            return Err(SysError::Io {
+                op: "readv",
+                source: err,
+            });
+        }
+        if n == 0 {
+            return Err(SysError::UnexpectedEof {
+                received: received as u64,
+                expected: expected as u64,
+            });
+        }
+        received += n as usize;
+        progressed = true;
+        advance(&mut iov, &mut i, n as usize);
+    }
+    Ok(())
+}
+
+/// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID
+/// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping and CMA.
+pub fn host_id() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = |p: &str| {
+        std::fs::read_link(p)
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}|{}|{}",
+        boot.trim(),
+        ns("/proc/self/ns/pid"),
+        ns("/proc/self/ns/mnt")
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+use super::*;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn memfd_read_write_roundtrip_and_bounds() {
+    let mem = Memory::memfd("t", 10_000, false).unwrap();
+    assert_eq!(mem.len(), 10_000);
+    assert!(mem.memfd_fd().is_some());
+    let data = pattern(100, 3);
+    mem.write_at(9_900, &data).unwrap();
+    let mut out = vec![0; 100];
+    mem.read_at(9_900, &mut out).unwrap();
+    assert_eq!(out, data);
+    assert!(matches!(
+        mem.write_at(9_901, &data),
+        Err(SysError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        mem.read_at(usize::MAX, &mut out),
+        Err(SysError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        Memory::memfd("t", 0, false),
+        Err(SysError::InvalidLength(0))
+    ));
+}
+
+#[test]
+fn peer_mapping_sees_owner_writes() {
+    let owner = Memory::memfd("owner", 8192, true).unwrap();
+    let fd = owner.memfd_fd().unwrap();
+    let peer = Memory::map_peer_memfd(std::process::id(), fd, 8192, true).unwrap();
+    owner.write_at(4000, b"hello").unwrap();
+    let mut out = [0u8; 5];
+    peer.read_at(4000, &mut out).unwrap();
+    assert_eq!(&out, b"hello");
+    // The mapping outlives the owner's mapping and descriptor.
+    drop(owner);
+    peer.write_at(0, b"still mapped").unwrap();
+    assert!(Memory::map_peer_memfd(std::process::id(), 999_999, 10, false).is_err());
+}
+
+#[test]
+fn copy_checks_both_ranges_and_allows_overlap() {
+    let a = Memory::from_vec(pattern(64, 1)).unwrap();
+    let b = Memory::from_vec(vec![0; 64]).unwrap();
+    copy(&a, 8, &b, 0, 56).unwrap();
+    let mut out = vec![0; 56];
+    b.read_at(0, &mut out).unwrap();
+    assert_eq!(out, pattern(64, 1)[8..]);
+    assert!(copy(&a, 9, &b, 0, 56).is_err());
+    assert!(copy(&a, 0, &b, 9, 56).is_err());
+    copy(&a, 0, &a, 4, 32).unwrap(); // overlapping move within one region
+    let mut moved = vec![0; 32];
+    a.read_at(4, &mut moved).unwrap();
+    assert_eq!(moved, pattern(64, 1)[..32]);
+}
+
+#[test]
+fn cma_read_and_write_own_process() {
+    // CMA on our own pid exercises the same batching code as a peer process.
+    let remote = Memory::from_vec(pattern(3 * 4096, 7)).unwrap();
+    let local = Memory::memfd("l", 3 * 4096, false).unwrap();
+    let pid = std::process::id();
+    let segs = [
+        local.slice(0, 100).unwrap(),
+        local.slice(4096, 4096).unwrap(),
+    ];
+    let ranges = [(remote.addr() + 10, 100), (remote.addr() + 8192, 4096)];
+    cma_read(pid, &segs, &ranges).unwrap();
+    let mut out = vec![0; 100];
+    local.read_at(0, &mut out).unwrap();
+    assert_eq!(out, pattern(3 * 4096, 7)[10..110]);
+    local.write_at(0, &[9; 100]).unwrap();
+    cma_write(pid, &segs[..1], &ranges[..1]).unwrap();
+    remote.read_at(10, &mut out).unwrap();
+    assert_eq!(out, vec![9; 100]);
+    // Mismatched totals and unmapped remote ranges are errors.
+    assert!(cma_read(pid, &segs[..1], &ranges).is_err());
+    assert!(cma_read(pid, &segs[..1], &[(8, 100)]).is_err());
+}
+
+#[test]
+fn many_iovecs_go_through_in_batches() {
+    let n = 3000; // more than IOV_MAX
+    let src = Memory::from_vec(pattern(n * 8, 5)).unwrap();
+    let dst = Memory::from_vec(vec![0; n * 8]).unwrap();
+    let segs: Vec<_> = (0..n).map(|i| dst.slice(i * 8, 8).unwrap()).collect();
+    let ranges: Vec<_> = (0..n).map(|i| (src.addr() + (i * 8) as u64, 8)).collect();
+    cma_read(std::process::id(), &segs, &ranges).unwrap();
+    let mut out = vec![0; n * 8];
+    dst.read_at(0, &mut out).unwrap();
+    assert_eq!(out, pattern(n * 8, 5));
+}
+
+#[test]
+fn vectored_socket_io_moves_exact_bytes() {
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let src = Memory::from_vec(pattern(5000, 9)).unwrap();
+    let dst = Memory::from_vec(vec![0; 5000]).unwrap();
+    let writer = std::thread::spawn(move || {
+        let segs = [src.slice(0, 1000).unwrap(), src.slice(1000, 4000).unwrap()];
+        write_all_vectored(a.as_raw_fd(), b"HDR!", &segs, &mut |_| true).unwrap();
+        a.flush().unwrap();
+    });
+    let hdr = Memory::from_vec(vec![0; 4]).unwrap();
+    read_exact_into(
+        b.as_raw_fd(),
+        &[hdr.slice(0, 4).unwrap(), dst.slice(0, 5000).unwrap()],
+        &mut |_| true,
+    )
+    .unwrap();
+    writer.join().unwrap();
+    let mut out = vec![0; 5000];
+    dst.read_at(0, &mut out).unwrap();
+    assert_eq!(out, pattern(5000, 9));
+    // The writer has closed its end: a further read reports how much arrived.
+    let err =
+        read_exact_into(b.as_raw_fd(), &[hdr.slice(0, 4).unwrap()], &mut |_| true).unwrap_err();
+    assert!(matches!(
+        err,
+        SysError::UnexpectedEof {
+            received: 0,
+            expected: 4
+        }
+    ));
+}
+
+#[test]
+fn host_id_is_stable() {
+    assert_eq!(host_id(), host_id());
+    assert!(host_id().len() > 10);
+}
+
+#[test]
+fn stalled_read_asks_and_gives_up() {
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(std::time::Duration::from_millis(10)))
+        .unwrap();
+    let dst = Memory::from_vec(vec![0; 8]).unwrap();
+    let mut a = a;
+    a.write_all(b"1234").unwrap(); // half of what the reader wants
+    let mut calls = Vec::new();
+    let err = read_exact_into(
+        b.as_raw_fd(),
+        &[dst.slice(0, 8).unwrap()],
+        &mut |progressed| {
+            calls.push(progressed);
+            calls.len() < 3
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SysError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut)
+    );
+    // The first stall follows progress (4 bytes arrived), the later ones do not.
+    assert_eq!(calls, vec![true, false, false]);
+    let mut got = [0u8; 4];
+    dst.read_at(0, &mut got).unwrap();
+    assert_eq!(&got, b"1234");
+}

@@ -1,0 +1,497 @@
+//! One-process tests: every transport forced between two agents of this process, validation, the request
+//! state machine, async completion, deregistration and hostile peers.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+use pdx_transfer::wire::{encode_frame, Ctrl, FrameKind};
+use pdx_transfer::*;
+use rand::{Rng, SeedableRng};
+
+const REGION: usize = 1 << 20;
+
+struct Pair {
+    a: Agent,
+    b: Agent,
+    a_mem: RegisteredMemory,
+    b_shared: RegisteredMemory,
+    b_owned: RegisteredMemory,
+}
+
+fn pair(tag: &str) -> Pair {
+    let a = Agent::new(AgentConfig::new(format!("a-{tag}"))).unwrap();
+    let b = Agent::new(AgentConfig::new(format!("b-{tag}"))).unwrap();
+    let a_mem = a.allocate(REGION).unwrap();
+    let b_shared = b.allocate(REGION).unwrap();
+    let b_owned = b.register_vec(vec![0; REGION]).unwrap();
+    fill_pattern(&a_mem, 1);
+    fill_pattern(&b_shared, 2);
+    fill_pattern(&b_owned, 3);
+    a.load_remote(&b.local_metadata().unwrap()).unwrap();
+    b.load_remote(&a.local_metadata().unwrap()).unwrap();
+    Pair {
+        a,
+        b,
+        a_mem,
+        b_shared,
+        b_owned,
+    }
+}
+
+fn run(req: &XferRequest) {
+    if req.post().unwrap() == XferStatus::InProgress {
+        req.wait(Some(Duration::from_secs(10))).unwrap();
+    }
+    assert_eq!(req.status().unwrap(), XferStatus::Done);
+}
+
+/// Random READs and WRITEs of random ranges over `transport`, checked byte for byte against a model.
+fn random_roundtrips(transport: TransportKind, use_owned: bool) {
+    let p = pair(transport.name());
+    let (remote_mem, seed) = if use_owned {
+        (&p.b_owned, 3)
+    } else {
+        (&p.b_shared, 2)
+    };
+    let mut model_remote = pattern(seed, 0, REGION);
+    let mut model_local = pattern(1, 0, REGION);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(transport as u64);
+    for round in 0..20 {
+        let n = rng.gen_range(1..=16);
+        let mut local = XferDescList::host();
+        let mut remote = XferDescList::host();
+        let mut pairs = Vec::new();
+        // Disjoint ranges on both sides: stride slots of 64 KiB.
+        for slot in 0..n {
+            let len = rng.gen_range(1..=8192);
+            let lo = slot * 65536 + rng.gen_range(0..65536 - len);
+            let ro = ((slot + 3) % 16) * 65536 + rng.gen_range(0..65536 - len);
+            local.push(p.a_mem.desc(lo, len).unwrap());
+            remote.push(remote_mem.desc(ro, len).unwrap());
+            pairs.push((lo, ro, len));
+        }
+        let op = if round % 2 == 0 {
+            XferOp::Read
+        } else {
+            XferOp::Write
+        };
+        let req =
+            p.a.create_xfer_from_descs(
+                op,
+                &local,
+                p.b.name(),
+                &remote,
+                XferOptions {
+                    transport: Some(transport),
+                    notif: Some(format!("round {round}").into_bytes()),
+                },
+            )
+            .unwrap();
+        assert_eq!(req.transport(), transport);
+        run(&req);
+        for &(lo, ro, len) in &pairs {
+            match op {
+                XferOp::Read => {
+                    model_local[lo..lo + len].copy_from_slice(&model_remote[ro..ro + len])
+                }
+                XferOp::Write => {
+                    model_remote[ro..ro + len].copy_from_slice(&model_local[lo..lo + len])
+                }
+            }
+        }
+        assert_eq!(
+            read_back(&p.a_mem, 0, REGION),
+            model_local,
+            "{transport} round {round}"
+        );
+        assert_eq!(
+            read_back(remote_mem, 0, REGION),
+            model_remote,
+            "{transport} round {round}"
+        );
+        let notes = p.b.wait_notifications(Duration::from_secs(5));
+        assert_eq!(notes.len(), 1, "{transport} round {round}");
+        assert_eq!(notes[0].from, p.a.name());
+        assert_eq!(notes[0].payload, format!("round {round}").into_bytes());
+    }
+}
+
+#[test]
+fn local_transport_moves_random_ranges() {
+    random_roundtrips(TransportKind::Local, true);
+}
+
+#[test]
+fn shm_transport_moves_random_ranges() {
+    random_roundtrips(TransportKind::Shm, false);
+}
+
+#[test]
+fn cma_transport_moves_random_ranges() {
+    random_roundtrips(TransportKind::Cma, true);
+}
+
+#[test]
+fn tcp_transport_moves_random_ranges() {
+    random_roundtrips(TransportKind::Tcp, false);
+    random_roundtrips(TransportKind::Tcp, true);
+}
+
+#[test]
+fn automatic_choice_follows_locality_and_memory() {
+    let p = pair("auto");
+    let local = XferDescList::host_from([(p.a_mem.addr(), 64)]);
+    let choose = |remote: &RegisteredMemory, transports: Vec<TransportKind>| {
+        let mut cfg = AgentConfig::new(format!("c-{}", transports.len()));
+        cfg.transports = transports;
+        let c = Agent::new(cfg).unwrap();
+        let mem = c.allocate(4096).unwrap();
+        c.load_remote(&p.b.local_metadata().unwrap()).unwrap();
+        let l = XferDescList::host_from([(mem.addr(), 64)]);
+        let r = XferDescList::host_from([(remote.addr(), 64)]);
+        c.create_xfer_from_descs(XferOp::Read, &l, p.b.name(), &r, XferOptions::default())
+            .map(|req| req.transport())
+    };
+    assert_eq!(
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &local,
+            p.b.name(),
+            &XferDescList::host_from([(p.b_shared.addr(), 64)]),
+            XferOptions::default()
+        )
+        .unwrap()
+        .transport(),
+        TransportKind::Local
+    );
+    use TransportKind::*;
+    assert_eq!(choose(&p.b_shared, vec![Shm, Cma, Tcp]).unwrap(), Shm);
+    assert_eq!(choose(&p.b_owned, vec![Shm, Cma, Tcp]).unwrap(), Cma);
+    assert_eq!(choose(&p.b_owned, vec![Shm, Tcp]).unwrap(), Tcp);
+    assert!(matches!(
+        choose(&p.b_owned, vec![Shm]),
+        Err(TransferError::TransportUnavailable { .. })
+    ));
+}
+
+#[test]
+fn descriptors_are_validated() {
+    let p = pair("validate");
+    let good_l = XferDescList::host_from([(p.a_mem.addr(), 64)]);
+    let good_r = XferDescList::host_from([(p.b_shared.addr(), 64)]);
+    let opts = XferOptions::default;
+    let err = |l: &XferDescList, r: &XferDescList| {
+        p.a.create_xfer_from_descs(XferOp::Read, l, p.b.name(), r, opts())
+            .err()
+            .expect("must be refused")
+    };
+    // Outside the local registration (one byte past the end).
+    let past_end = XferDescList::host_from([(p.a_mem.addr() + REGION as u64 - 63, 64)]);
+    assert!(matches!(
+        err(&past_end, &good_r),
+        TransferError::NotRegistered { index: 0, .. }
+    ));
+    // Outside the remote registration.
+    let bad_r = XferDescList::host_from([(p.b_shared.addr(), 64), (12, 64)]);
+    let two_l = XferDescList::host_from([(p.a_mem.addr(), 64), (p.a_mem.addr() + 64, 64)]);
+    assert!(matches!(
+        err(&two_l, &bad_r),
+        TransferError::NotRegistered { index: 1, .. }
+    ));
+    // Unequal lengths, counts, empty lists, zero lengths.
+    let short_r = XferDescList::host_from([(p.b_shared.addr(), 32)]);
+    assert!(matches!(err(&good_l, &short_r), TransferError::Invalid(_)));
+    assert!(matches!(err(&two_l, &good_r), TransferError::Invalid(_)));
+    assert!(matches!(
+        err(&XferDescList::host(), &XferDescList::host()),
+        TransferError::Invalid(_)
+    ));
+    let zero = XferDescList::host_from([(p.a_mem.addr(), 0)]);
+    assert!(matches!(err(&zero, &good_r), TransferError::Invalid(_)));
+    // Device memory in a list of host regions; unknown agents; oversized notifications.
+    let mut dev = good_l.clone();
+    dev.kind = MemoryKind::Device(0);
+    assert!(matches!(err(&dev, &good_r), TransferError::Invalid(_)));
+    assert!(matches!(
+        p.a.create_xfer_from_descs(XferOp::Read, &good_l, "nobody", &good_r, opts()),
+        Err(TransferError::UnknownRemote(_))
+    ));
+    assert!(p
+        .a
+        .create_xfer_from_descs(
+            XferOp::Read,
+            &good_l,
+            p.b.name(),
+            &good_r,
+            XferOptions {
+                notif: Some(vec![0; 65 * 1024]),
+                ..Default::default()
+            }
+        )
+        .is_err());
+    // Index lists out of range.
+    let l = p.a.prep_local(&good_l).unwrap();
+    let r = p.a.prep_remote(p.b.name(), &good_r).unwrap();
+    assert!(p
+        .a
+        .create_xfer(XferOp::Read, &l, &[1], &r, &[0], opts())
+        .is_err());
+    assert!(matches!(
+        p.a.allocate_kind(MemoryKind::Device(0), 4096),
+        Err(TransferError::Unavailable(_))
+    ));
+}
+
+#[test]
+fn request_state_machine() {
+    let p = pair("states");
+    let l = XferDescList::host_from([(p.a_mem.addr(), 4096)]);
+    let r = XferDescList::host_from([(p.b_shared.addr(), 4096)]);
+    let req =
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &l,
+            p.b.name(),
+            &r,
+            XferOptions {
+                transport: Some(TransportKind::Tcp),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(req.status().unwrap(), XferStatus::Idle);
+    assert!(
+        req.wait(Some(Duration::from_millis(1))).is_err(),
+        "never posted"
+    );
+    let first = req.post().unwrap();
+    if first == XferStatus::InProgress {
+        // A second post while the first is outstanding is refused, unless the first already completed.
+        match req.post() {
+            Err(TransferError::InProgress) => {}
+            Ok(_) => panic!("re-post of an in-progress request was accepted"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    req.wait(Some(Duration::from_secs(5))).unwrap();
+    // Re-post the same request: the remote changed in between, and the new bytes arrive.
+    p.b_shared.write(0, &[0xAB; 4096]).unwrap();
+    run(&req);
+    assert_eq!(read_back(&p.a_mem, 0, 4096), vec![0xAB; 4096]);
+    // Releasing an in-flight request is allowed; the transfer completes in the background.
+    req.post().unwrap();
+    req.release();
+}
+
+#[test]
+fn completion_is_awaitable_from_tokio_and_other_executors() {
+    let p = pair("async");
+    let l = XferDescList::host_from([(p.a_mem.addr(), 65536)]);
+    let r = XferDescList::host_from([(p.b_shared.addr(), 65536)]);
+    let req =
+        p.a.create_xfer_from_descs(
+            XferOp::Write,
+            &l,
+            p.b.name(),
+            &r,
+            XferOptions {
+                transport: Some(TransportKind::Tcp),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        req.post().unwrap();
+        req.completion().await.unwrap();
+    });
+    futures_executor::block_on(async {
+        req.post().unwrap();
+        req.completion().await.unwrap();
+    });
+    assert_eq!(read_back(&p.b_shared, 0, 65536), pattern(1, 0, 65536));
+}
+
+#[test]
+fn deregistration_waits_for_users() {
+    let p = pair("dereg");
+    let extra = p.b.allocate(8192).unwrap();
+    p.a.load_remote(&p.b.local_metadata().unwrap()).unwrap();
+    let prepped =
+        p.b.prep_local(&XferDescList::host_from([(extra.addr(), 8192)]))
+            .unwrap();
+    // A prepared list uses the region: explicit deregistration is refused and hands the handle back.
+    let (extra, err) = extra.deregister().unwrap_err();
+    assert!(matches!(err, TransferError::RegionInUse(_, 1)));
+    drop(prepped);
+    let addr = extra.addr();
+    extra.deregister().unwrap();
+    // The peer's stale metadata still names it: the target refuses the TCP request instead of touching freed
+    // memory.
+    let req =
+        p.a.create_xfer_from_descs(
+            XferOp::Write,
+            &XferDescList::host_from([(p.a_mem.addr(), 8192)]),
+            p.b.name(),
+            &XferDescList::host_from([(addr, 8192)]),
+            XferOptions {
+                transport: Some(TransportKind::Tcp),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    req.post().unwrap();
+    let err = req.wait(Some(Duration::from_secs(5))).unwrap_err();
+    assert!(matches!(err, TransferError::Remote { .. }), "{err}");
+    // The connection survives a refused request.
+    let ok =
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(p.a_mem.addr(), 16)]),
+            p.b.name(),
+            &XferDescList::host_from([(p.b_shared.addr(), 16)]),
+            XferOptions {
+                transport: Some(TransportKind::Tcp),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    run(&ok);
+}
+
+#[test]
+fn invalidated_remote_fails_posts() {
+    let p = pair("invalidate");
+    let req =
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(p.a_mem.addr(), 16)]),
+            p.b.name(),
+            &XferDescList::host_from([(p.b_shared.addr(), 16)]),
+            XferOptions::default(),
+        )
+        .unwrap();
+    run(&req);
+    assert!(p.a.invalidate_remote(p.b.name()));
+    assert!(!p.a.invalidate_remote(p.b.name()));
+    assert!(matches!(req.post(), Err(TransferError::UnknownRemote(_))));
+    assert!(matches!(req.status(), Err(TransferError::UnknownRemote(_))));
+}
+
+#[test]
+fn metadata_side_channel_and_notify() {
+    let p = pair("side");
+    let addr = p.b.listen_addr().unwrap().to_string();
+    let bytes = fetch_metadata(&addr, Duration::from_secs(2)).unwrap();
+    let md = AgentMetadata::decode(&bytes).unwrap();
+    assert_eq!(md.name, p.b.name());
+    assert_eq!(md.regions.len(), 2);
+    let c = Agent::new(AgentConfig::new("c-side")).unwrap();
+    assert_eq!(c.fetch_remote(&addr).unwrap(), p.b.name());
+    c.notify(p.b.name(), b"hello".to_vec()).unwrap();
+    let got = p.b.wait_notifications(Duration::from_secs(5));
+    assert_eq!(
+        got,
+        vec![Notification {
+            from: "c-side".into(),
+            payload: b"hello".to_vec()
+        }]
+    );
+    assert!(p.b.take_notifications().is_empty());
+    assert!(fetch_metadata("127.0.0.1:1", Duration::from_millis(500)).is_err());
+}
+
+#[test]
+fn hostile_frames_close_the_connection_not_the_agent() {
+    let p = pair("hostile");
+    let addr = p.b.listen_addr().unwrap();
+    let garbage: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        {
+            let mut f = encode_frame(FrameKind::ReadRequest, 1, &Ctrl::Empty);
+            f[16..20].copy_from_slice(&u32::MAX.to_le_bytes()); // oversized control body
+            f
+        },
+        encode_frame(
+            FrameKind::ReadRequest,
+            1,
+            &Ctrl::Segments {
+                segs: vec![(8, 1 << 40)],
+                notif: None,
+            },
+        ),
+        encode_frame(
+            FrameKind::WriteRequest,
+            1,
+            &Ctrl::Segments {
+                segs: vec![(8, 1 << 40)],
+                notif: None,
+            },
+        ),
+        encode_frame(FrameKind::ReadResponse, 1, &Ctrl::Empty),
+    ];
+    for g in garbage {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&g).unwrap();
+        // The agent answers with an error frame or closes; either way the read ends.
+        let mut buf = [0u8; 256];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+    }
+    // Still serving.
+    let c = Agent::new(AgentConfig::new("c-hostile")).unwrap();
+    assert_eq!(c.fetch_remote(&addr.to_string()).unwrap(), p.b.name());
+}
+
+#[test]
+fn silent_peer_times_out_within_the_bound() {
+    // A "peer" that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(conns);
+    });
+    let md = AgentMetadata {
+        name: "silent".into(),
+        instance_id: 7,
+        host_id: "another host".into(),
+        pid: 1,
+        listen_addr: Some(addr.to_string()),
+        transports: vec![TransportKind::Tcp],
+        regions: vec![pdx_transfer::metadata::RegionMetadata {
+            id: 1,
+            kind: MemoryKind::Host,
+            addr: 0x10000,
+            len: 4096,
+            memfd: None,
+        }],
+    };
+    let mut cfg = AgentConfig::new("impatient");
+    cfg.peer_timeout = Duration::from_millis(300);
+    let a = Agent::new(cfg).unwrap();
+    let mem = a.allocate(4096).unwrap();
+    a.load_remote(&md.encode().unwrap()).unwrap();
+    let req = a
+        .create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(mem.addr(), 4096)]),
+            "silent",
+            &XferDescList::host_from([(0x10000, 4096)]),
+            XferOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(req.transport(), TransportKind::Tcp);
+    req.post().unwrap();
+    // Without the bound this wait would end with InProgress after 10 s.
+    let err = req.wait(Some(Duration::from_secs(10))).unwrap_err();
+    assert!(matches!(err, TransferError::Timeout { .. }), "{err}");
+    assert!(err.is_retryable());
+}

@@ -1,0 +1,50 @@
+//! `pdx`: the command-line entry point (router, mock engine, benchmarks).
+
+#![forbid(unsafe_code)]
+
+mod bench_kv;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+/// pdx — prefill/decode exchange: router and KV-transfer data plane for disaggregated LLM serving.
+#[derive(Parser)]
+#[command(name = "pdx", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A vLLM-compatible mock prefill/decode engine with a timing model and real KV bytes.
+    Mock(Box<pdx_mock::MockArgs>),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// KV-transfer bandwidth and latency (like nixlbench), with a same-run memcpy reference.
+    Kv(bench_kv::KvArgs),
+    /// The target process of `pdx bench kv --procs 2` (started by it).
+    #[command(hide = true)]
+    KvTarget(bench_kv::TargetArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Mock(args) => pdx_mock::run(*args)?,
+        Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
+        Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
+    }
+    Ok(())
+}
