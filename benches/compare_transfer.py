@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Builds the comparison table of benches/compare_transfer.sh from its output folder."""
+import json, re, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+pdx = json.loads((out / "pdx.json").read_text())
+
+
+def peer(name):
+    rows = {}
+    for line in (out / name).read_text().splitlines():
+        m = re.match(r"(READ|WRITE)\s+block=\s*(\d+) B .*?([\d.]+) GB/s\s+([\d.]+) us/batch", line)
+        if m:
+            rows[(m[1].lower(), int(m[2]))] = (float(m[3]), float(m[4]))
+    return rows
+
+
+nixl, nixl_tcp, mc = peer("nixl.txt"), peer("nixl-tcp.txt"), peer("mooncake.txt")
+get = lambda t, op, bs: next((r for r in pdx if r["transport"] == t and r["op"] == op and r["block_size"] == bs), None)
+fmt = lambda v: "—" if v is None else f"{v:.2f}"
+print("| op | block | pdx shm GB/s | pdx cma GB/s | pdx tcp GB/s | NIXL UCX GB/s | NIXL UCX_TLS=tcp GB/s | Mooncake tcp GB/s"
+      " | memcpy GB/s | shm/memcpy | best same-host/NIXL | pdx tcp/Mooncake |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for op in ("read", "write"):
+    for bs in (4096, 65536, 1048576, 16777216):
+        shm, cma, tcp = get("shm", op, bs), get("cma", op, bs), get("tcp", op, bs)
+        n, nt, m = nixl.get((op, bs)), nixl_tcp.get((op, bs)), mc.get((op, bs))
+        best = max(shm["gbps"], cma["gbps"]) if shm and cma else None
+        print(f"| {op} | {bs // 1024} KiB | {fmt(shm and shm['gbps'])} | {fmt(cma and cma['gbps'])} | {fmt(tcp and tcp['gbps'])}"
+              f" | {fmt(n and n[0])} | {fmt(nt and nt[0])} | {fmt(m and m[0])} | {fmt(shm and shm['memcpy_gbps'])}"
+              f" | {fmt(shm and shm['ratio'])} | {fmt(best / n[0] if best and n else None)}"
+              f" | {fmt(tcp['gbps'] / m[0] if tcp and m else None)} |")
+lat = lambda t: next((r for r in pdx if r["transport"] == t and r["op"] == "read" and r["block_size"] == 4096), None)
+s4 = lat("shm")
+n4 = nixl.get(("read", 4096))
+print()
+print(f"64 × 4 KiB READ batch, post → done: pdx shm p50 {s4['p50_us']:.1f} µs, p99 {s4['p99_us']:.1f} µs;"
+      f" NIXL (UCX) mean {n4[1]:.1f} µs." if s4 and n4 else "")
