@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// A vLLM-compatible mock prefill/decode engine with a timing model and real KV bytes.
     Mock(Box<pdx_mock::MockArgs>),
+    /// Replay a request trace (Mooncake jsonl, Azure CSV) against an OpenAI-compatible endpoint.
+    Replay(Box<pdx_replay::ReplayArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -33,6 +35,17 @@ enum BenchCommand {
     KvTarget(bench_kv::TargetArgs),
 }
 
+/// Runs `pdx replay` and prints its report (a table, or JSON with `--json`).
+fn replay(args: &pdx_replay::ReplayArgs) -> anyhow::Result<()> {
+    let (report, _points) = pdx_replay::run(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -43,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Mock(args) => pdx_mock::run(*args)?,
+        Command::Replay(args) => replay(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
     }

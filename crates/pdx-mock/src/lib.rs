@@ -34,7 +34,9 @@ pub mod transport;
 pub use engine::{Engine, EngineConfig, Role};
 pub use error::MockError;
 pub use profile::Profile;
-pub use tokenizer::{count_builtin_tokens, synthetic_prompt, Tokenizer, CHAT_OVERHEAD_TOKENS};
+pub use tokenizer::{
+    builtin_tokens, count_builtin_tokens, synthetic_prompt, Tokenizer, CHAT_OVERHEAD_TOKENS,
+};
 
 use clap::Parser;
 use std::net::SocketAddr;

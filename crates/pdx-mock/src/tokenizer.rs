@@ -339,7 +339,7 @@ fn builtin_id(tok: &str) -> u32 {
 }
 
 /// Splits `text` into built-in tokens (see module docs), calling `f` on each.
-fn builtin_split(text: &str, mut f: impl FnMut(&str)) {
+fn builtin_split<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
     for piece in text.split_whitespace() {
         let mut start: Option<usize> = None;
         for (i, c) in piece.char_indices() {
@@ -356,6 +356,15 @@ fn builtin_split(text: &str, mut f: impl FnMut(&str)) {
             f(&piece[s..]);
         }
     }
+}
+
+/// The built-in tokens of `text`, in order. Joining them with single spaces gives text with exactly
+/// as many built-in tokens (each piece is one token), which is how a replayer turns real text into
+/// prompts of an exact length.
+pub fn builtin_tokens(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    builtin_split(text, |t| out.push(t));
+    out
 }
 
 /// Built-in token count of `text`.

@@ -880,8 +880,12 @@ fn copy_segments(op: XferOp, segs: &[CopySeg], total: u64, threads: usize) -> Re
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(pdx_sys::SysError::InvalidLength(0)))
+                h.join().unwrap_or_else(|_| {
+                    Err(pdx_sys::SysError::Io {
+                        op: "parallel copy",
+                        source: std::io::Error::other("copy thread panicked"),
+                    })
+                })
             })
             .fold(first, |acc, r| acc.and(r))
     })?;
