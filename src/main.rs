@@ -37,7 +37,10 @@ enum BenchCommand {
 
 /// Runs `pdx replay` and prints its report (a table, or JSON with `--json`).
 fn replay(args: &pdx_replay::ReplayArgs) -> anyhow::Result<()> {
-    let (report, _points) = pdx_replay::run(args)?;
+    let (report, points) = pdx_replay::run(args)?;
+    if let Some(path) = &args.plot {
+        pdx_replay::plot::write_png(path, &points, &format!("pdx replay: {}", args.url))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

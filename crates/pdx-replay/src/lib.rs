@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod plot;
 pub mod prompt;
 pub mod report;
 pub mod trace;
@@ -108,6 +109,9 @@ pub struct ReplayArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write a PNG of TTFT and TPOT per request over time to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// A prepared request: when to send it, its body, and what it asks for.

@@ -45,6 +45,7 @@ fn args(url: String, endpoint: Endpoint) -> ReplayArgs {
         no_ignore_eos: false,
         json: false,
         quiet: true,
+        plot: None,
     }
 }
 
