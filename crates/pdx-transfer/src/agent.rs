@@ -398,8 +398,11 @@ impl Agent {
         self.inner.local_metadata()
     }
 
-    /// Loads a peer's metadata (replacing an earlier load of the same name) and returns the peer's name.
-    /// Same-host memfd regions are mapped now, once.
+    /// Loads a peer's metadata and returns the peer's name. Same-host memfd regions are mapped now, once.
+    ///
+    /// Loading the same peer instance again is safe while transfers run: identical metadata is a no-op, and
+    /// newer metadata of the same instance (more registrations) keeps the existing connection. Metadata of a
+    /// new instance under the same name (a restarted peer) replaces the old entry, whose transfers then fail.
     ///
     /// Errors: [`TransferError::BadMetadata`] for malformed bytes; loading one's own metadata is refused.
     pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
@@ -408,6 +411,11 @@ impl Agent {
             return Err(TransferError::BadMetadata(
                 "an agent cannot load its own metadata".into(),
             ));
+        }
+        if let Ok(known) = self.inner.remote(&md.name) {
+            if known.md == md && !known.invalidated.load(Ordering::Acquire) {
+                return Ok(md.name);
+            }
         }
         let locality = if md.host_id != self.inner.host_id {
             Locality::OtherHost
@@ -443,21 +451,30 @@ impl Agent {
             })
             .collect();
         let name = md.name.clone();
+        let mut remotes = self
+            .inner
+            .remotes
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let same_instance = remotes.get(&name).filter(|old| {
+            old.md.instance_id == md.instance_id && !old.invalidated.load(Ordering::Acquire)
+        });
+        // The same peer, seen again: its connection (and the transfers on it) carry over.
+        let conn = same_instance
+            .and_then(|old| old.conn.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .filter(|c| !c.is_closed());
+        let keep_old = same_instance.is_some();
         let remote = Arc::new(RemoteAgent {
             md,
             locality,
             mapped,
-            conn: Mutex::new(None),
+            conn: Mutex::new(conn),
             invalidated: AtomicBool::new(false),
         });
-        let old = self
-            .inner
-            .remotes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), remote);
-        if let Some(old) = old {
-            old.shutdown();
+        if let Some(old) = remotes.insert(name.clone(), remote) {
+            if !keep_old {
+                old.shutdown();
+            }
         }
         Ok(name)
     }

@@ -495,3 +495,48 @@ fn silent_peer_times_out_within_the_bound() {
     assert!(matches!(err, TransferError::Timeout { .. }), "{err}");
     assert!(err.is_retryable());
 }
+
+#[test]
+fn reloading_a_peer_keeps_its_transfers_working() {
+    let p = pair("reload");
+    let make = |transport| {
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(p.a_mem.addr(), 4096)]),
+            p.b.name(),
+            &XferDescList::host_from([(p.b_shared.addr(), 4096)]),
+            XferOptions {
+                transport: Some(transport),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (tcp, shm) = (make(TransportKind::Tcp), make(TransportKind::Shm));
+    run(&tcp);
+    // The same metadata again (as concurrent requests racing to load a peer do): nothing changes.
+    p.a.load_remote(&p.b.local_metadata().unwrap()).unwrap();
+    run(&tcp);
+    run(&shm);
+    // Newer metadata of the same instance (one more region): existing requests keep working.
+    let extra = p.b.allocate(4096).unwrap();
+    p.a.load_remote(&p.b.local_metadata().unwrap()).unwrap();
+    run(&tcp);
+    run(&shm);
+    extra.fill(0, 4096, 9).unwrap();
+    let new =
+        p.a.create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(p.a_mem.addr(), 4096)]),
+            p.b.name(),
+            &XferDescList::host_from([(extra.addr(), 4096)]),
+            XferOptions::default(),
+        )
+        .unwrap();
+    run(&new);
+    assert_eq!(read_back(&p.a_mem, 0, 4096), vec![9; 4096]);
+    // A restarted peer (a new instance under the same name) replaces the old one: old requests fail.
+    let reborn = Agent::new(AgentConfig::new(p.b.name())).unwrap();
+    p.a.load_remote(&reborn.local_metadata().unwrap()).unwrap();
+    assert!(matches!(tcp.post(), Err(TransferError::UnknownRemote(_))));
+}
