@@ -205,6 +205,11 @@ impl Engine {
         self.transport.as_ref().map(|t| t.endpoint())
     }
 
+    /// Layout of one KV block (bytes per block), if this engine moves KV.
+    pub fn kv_layout(&self) -> Option<crate::kv_cache::KvLayout> {
+        self.transport.as_ref().map(|t| t.layout())
+    }
+
     /// Blocks in use (requests running or held for remote decode).
     pub fn used_blocks(&self) -> u32 {
         self.kv.lock().expect("kv lock").used_blocks()
@@ -435,6 +440,11 @@ impl Engine {
                     return Err(e.to_api());
                 }
             }
+            let received = (n_pb - start) as u64;
+            self.metrics.kv_blocks_received.inc_by(received);
+            self.metrics
+                .kv_bytes_received
+                .inc_by(received * layout.block_bytes() as u64);
             computed = n_prompt;
         } else if let Some(t) = &self.transport {
             let layout = t.layout();

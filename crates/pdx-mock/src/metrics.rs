@@ -54,6 +54,10 @@ pub struct Metrics {
     pub held_blocks: Gauge,
     /// `pdx:kv_transfer_errors_total`: remote KV reads that failed or did not verify.
     pub kv_transfer_errors: Counter,
+    /// KV blocks read from a prefill worker and verified (decode role).
+    pub kv_blocks_received: Counter,
+    /// Bytes of those blocks.
+    pub kv_bytes_received: Counter,
 }
 
 impl Metrics {
@@ -82,6 +86,8 @@ impl Metrics {
             e2e: Histogram::new(E2E_BUCKETS),
             held_blocks: Gauge::default(),
             kv_transfer_errors: Counter::default(),
+            kv_blocks_received: Counter::default(),
+            kv_bytes_received: Counter::default(),
         };
         r.register(
             "vllm:num_requests_running",
@@ -147,6 +153,16 @@ impl Metrics {
             "pdx:kv_transfer_errors",
             "Remote KV reads that failed or did not verify.",
             m.kv_transfer_errors.clone(),
+        );
+        r.register(
+            "pdx:kv_blocks_received",
+            "KV blocks read from a prefill worker and verified byte for byte (decode role).",
+            m.kv_blocks_received.clone(),
+        );
+        r.register(
+            "pdx:kv_bytes_received",
+            "Bytes of KV blocks read from a prefill worker and verified (decode role).",
+            m.kv_bytes_received.clone(),
         );
         Self {
             registry: root,

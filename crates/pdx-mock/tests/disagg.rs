@@ -69,6 +69,10 @@ async fn round_trip(transport: &str) {
         dv["choices"][0]["message"]["content"],
         av["choices"][0]["message"]["content"]
     );
+    // every prompt block arrived and verified, and is counted
+    assert_eq!(metric(&d, "pdx:kv_blocks_received_total"), 7.0);
+    let block_bytes = d.engine.kv_layout().unwrap().block_bytes() as f64;
+    assert_eq!(metric(&d, "pdx:kv_bytes_received_total"), 7.0 * block_bytes);
     // the decode side's notification frees the prefill's blocks
     assert!(eventually(|| p.engine.held_requests() == 0 && p.engine.used_blocks() == 0).await);
     assert_eq!(d.engine.used_blocks(), 0);
@@ -76,6 +80,8 @@ async fn round_trip(transport: &str) {
     let (_, st, dv) = pd_request(p.addr, d.addr, &body, 3).await;
     assert_eq!(st, 200, "{dv}");
     assert_eq!(dv["usage"]["prompt_tokens_details"]["cached_tokens"], 96);
+    // 96 cached tokens = 6 blocks; only the 7th (partial) block was read
+    assert_eq!(metric(&d, "pdx:kv_blocks_received_total"), 8.0);
     assert!(eventually(|| p.engine.used_blocks() == 0).await);
     // streaming decode works too
     let mut sb = body.clone();
