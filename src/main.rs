@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench_kv;
+mod demo;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -17,8 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole path on a real trace: mock prefill/decode pools, the router, KV transfer, replay.
+    Demo(Box<demo::DemoArgs>),
     /// A vLLM-compatible mock prefill/decode engine with a timing model and real KV bytes.
     Mock(Box<pdx_mock::MockArgs>),
+    /// The disaggregated prefill/decode router (thread per core, vLLM NixlConnector flow).
+    Serve(Box<pdx_router::ServeArgs>),
     /// Replay a request trace (Mooncake jsonl, Azure CSV) against an OpenAI-compatible endpoint.
     Replay(Box<pdx_replay::ReplayArgs>),
     /// Benchmarks.
@@ -59,6 +64,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Mock(args) => pdx_mock::run(*args)?,
+        Command::Serve(args) => pdx_router::run(*args)?,
+        Command::Demo(args) => demo::run(*args)?,
         Command::Replay(args) => replay(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,

@@ -1,0 +1,162 @@
+//! Per-worker circuit breaker (closed → open → half-open), the pattern of Nygard's
+//! "Release It!" as sglang-router and vllm-router implement it: `failure_threshold`
+//! consecutive failures open it; after `open_us` one probe request is let through
+//! (half-open); its success closes the breaker, its failure opens it again.
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker (0 disables the breaker).
+    pub failure_threshold: u32,
+    /// How long it stays open before a probe, µs.
+    pub open_us: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_us: 10_000_000,
+        }
+    }
+}
+
+/// Breaker state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow; counts consecutive failures.
+    Closed {
+        /// Consecutive failures so far.
+        failures: u32,
+    },
+    /// No requests until `until_us`.
+    Open {
+        /// End of the open period, µs.
+        until_us: u64,
+    },
+    /// One probe is allowed; `probing` while it is in flight.
+    HalfOpen {
+        /// A probe is in flight.
+        probing: bool,
+    },
+}
+
+/// A circuit breaker, fed the time in µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    cfg: BreakerConfig,
+    state: BreakerState,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker.
+    pub fn new(cfg: BreakerConfig) -> Self {
+        Self {
+            cfg,
+            state: BreakerState::Closed { failures: 0 },
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Whether a request may be sent now, without taking the half-open probe slot.
+    pub fn can_send(&self, now_us: u64) -> bool {
+        match self.state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until_us } => now_us >= until_us,
+            BreakerState::HalfOpen { probing } => !probing,
+        }
+    }
+
+    /// Takes permission to send a request now (may move open → half-open and take the probe).
+    pub fn acquire(&mut self, now_us: u64) -> bool {
+        match self.state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until_us } if now_us >= until_us => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::Open { .. } => false,
+            BreakerState::HalfOpen { probing: false } => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::HalfOpen { probing: true } => false,
+        }
+    }
+
+    /// A request succeeded.
+    pub fn on_success(&mut self) {
+        self.state = BreakerState::Closed { failures: 0 };
+    }
+
+    /// A request failed at `now_us` (only failures that count against the worker).
+    pub fn on_failure(&mut self, now_us: u64) {
+        if self.cfg.failure_threshold == 0 {
+            return;
+        }
+        self.state = match self.state {
+            BreakerState::Closed { failures } if failures + 1 < self.cfg.failure_threshold => {
+                BreakerState::Closed {
+                    failures: failures + 1,
+                }
+            }
+            _ => BreakerState::Open {
+                until_us: now_us.saturating_add(self.cfg.open_us),
+            },
+        };
+    }
+
+    /// True while requests are refused.
+    pub fn is_open(&self, now_us: u64) -> bool {
+        !self.can_send(now_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_then_probes() {
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 3,
+            open_us: 1000,
+        });
+        b.on_failure(0);
+        b.on_failure(1);
+        assert!(b.acquire(2));
+        b.on_success();
+        b.on_failure(3);
+        b.on_failure(4);
+        assert!(b.can_send(5));
+        b.on_failure(5);
+        assert_eq!(b.state(), BreakerState::Open { until_us: 1005 });
+        assert!(!b.acquire(500));
+        assert!(b.is_open(1004));
+        // Half-open: exactly one probe.
+        assert!(b.acquire(1005));
+        assert!(!b.acquire(1006));
+        // Probe fails: open again.
+        b.on_failure(1010);
+        assert_eq!(b.state(), BreakerState::Open { until_us: 2010 });
+        assert!(b.acquire(2010));
+        b.on_success();
+        assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+    }
+
+    #[test]
+    fn zero_threshold_disables() {
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 0,
+            open_us: 1,
+        });
+        for t in 0..100 {
+            b.on_failure(t);
+        }
+        assert!(b.acquire(100));
+    }
+}

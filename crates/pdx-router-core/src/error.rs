@@ -1,0 +1,27 @@
+//! The core's error type.
+
+/// Errors of the sans-IO core. All of them are configuration or input errors, and none is
+/// retryable: retrying the same call gives the same error.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CoreError {
+    /// The global router grid is inconsistent (wrong mapping shape, zero resolution,
+    /// `min >= max`, a pool index out of range).
+    #[error("invalid global router config: {0}")]
+    InvalidGrid(String),
+    /// The grid JSON did not parse.
+    #[error("global router config does not parse: {0}")]
+    Parse(String),
+    /// An unknown policy name.
+    #[error("unknown routing policy `{0}` (round_robin, least_loaded, power_of_two, kv_aware)")]
+    UnknownPolicy(String),
+    /// A retry/breaker setting out of range.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+}
+
+impl CoreError {
+    /// Always false: core errors are deterministic.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}

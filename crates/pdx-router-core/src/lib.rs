@@ -1,0 +1,32 @@
+//! Sans-IO core of `pdx serve`, pdx's disaggregated prefill/decode router.
+//!
+//! Nothing here opens a socket or reads a clock: callers feed events and the current time
+//! (`u64` microseconds on a monotonic clock of their choice) and get decisions back.
+//!
+//! * [`grid`]: the **global router**, pool selection on NVIDIA Dynamo's grid
+//!   (`global_router_config.json`: (ISL, TTFT target) → prefill pool, (context length, ITL
+//!   target) → decode pool).
+//! * [`policy`]: the **local router** of one pool: `round_robin`, `least_loaded`,
+//!   `power_of_two`, `kv_aware` (Dynamo KV-router cost over an approximate per-worker prefix
+//!   index built from the router's own decisions).
+//! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
+//! * [`breaker`]: per-worker circuit breaker (closed → open → half-open).
+//! * [`liveness`]: heartbeat TTL bookkeeping for registered workers.
+//! * [`sse`]: allocation-free SSE event-boundary scanner used to count streamed tokens.
+#![forbid(unsafe_code)]
+
+pub mod breaker;
+pub mod error;
+pub mod grid;
+pub mod liveness;
+pub mod policy;
+pub mod retry;
+pub mod sse;
+
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use error::CoreError;
+pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
+pub use liveness::Liveness;
+pub use policy::{Candidate, KvIndex, Policy, Selector};
+pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};
+pub use sse::SseScanner;

@@ -1,0 +1,13 @@
+//! `pdx serve` without the `pdx` CLI: `cargo run --release -p pdx-router --example serve -- FLAGS`.
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    pdx_router::run(<pdx_router::ServeArgs as clap::Parser>::parse())?;
+    Ok(())
+}

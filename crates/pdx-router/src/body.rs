@@ -1,0 +1,231 @@
+//! Response bodies: a whole buffer, or an upstream body forwarded frame by frame.
+//!
+//! [`Forward`] hands each upstream data frame to hyper as the same [`Bytes`] (no copy, no
+//! re-encoding). On streams it only scans for event boundaries ([`SseScanner`]) to count
+//! token events and time TTFT/ITL; it allocates nothing per frame. If the upstream body fails
+//! mid-stream, it sends one SSE error event and ends the stream. When the body is dropped
+//! early (the client went away), its upstream connection goes with it (see
+//! [`crate::upstream`]).
+
+use crate::metrics::Metrics;
+use crate::registry::LoadGuard;
+use crate::upstream::{self, Conn};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use pdx_router_core::SseScanner;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// The SSE error event sent when the decode stream breaks (OpenAI error JSON, 502).
+pub const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"upstream stream failed\",\"type\":\"UpstreamError\",\"param\":null,\"code\":502}}\n\n";
+
+/// Per-request observation state of a forwarded stream.
+#[derive(Debug)]
+pub struct StreamStats {
+    /// Request start (client request received).
+    pub start: Instant,
+    /// Decode (or aggregated) response headers received.
+    pub headers_at: Instant,
+    /// Last token event time.
+    pub last_event: Option<Instant>,
+    /// Token events seen (including a usage chunk; `[DONE]` excluded).
+    pub events: u64,
+    /// Observe PD phase `decode_first_token`.
+    pub pd: bool,
+}
+
+/// An upstream body being forwarded.
+pub struct Forward<B> {
+    /// Upstream body.
+    pub body: B,
+    /// Its connection (back to the pool at the end).
+    pub conn: Option<Conn>,
+    /// In-flight accounting (released at the end or on drop).
+    pub guard: Option<LoadGuard>,
+    /// SSE scanning on (streamed responses).
+    pub stream: bool,
+    /// Boundary scanner.
+    pub scanner: SseScanner,
+    /// Timing.
+    pub stats: StreamStats,
+    /// Metrics (None in tests).
+    pub metrics: Option<Arc<Metrics>>,
+    /// Registry (clock for breaker reports; None in tests).
+    pub registry: Option<Arc<crate::registry::Registry>>,
+    /// Finished (end or error event sent).
+    pub done: bool,
+}
+
+impl<B> std::fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("stream", &self.stream)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl<B> Forward<B> {
+    /// A forwarder with no connection, guard or metrics (tests, benchmarks).
+    pub fn bare(body: B, stream: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            body,
+            conn: None,
+            guard: None,
+            stream,
+            scanner: SseScanner::new(),
+            stats: StreamStats {
+                start: now,
+                headers_at: now,
+                last_event: None,
+                events: 0,
+                pd: false,
+            },
+            metrics: None,
+            registry: None,
+            done: false,
+        }
+    }
+
+    fn observe(&mut self, data: &[u8]) {
+        let r = self.scanner.scan(data);
+        let events = u64::from(r.events) - u64::from(r.done);
+        if events == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(m) = &self.metrics {
+            match self.stats.last_event {
+                None => {
+                    m.ttft.observe((now - self.stats.start).as_secs_f64());
+                    if self.stats.pd {
+                        m.phase
+                            .get_or_create(&crate::metrics::PhaseLabel {
+                                phase: "decode_first_token",
+                            })
+                            .observe((now - self.stats.headers_at).as_secs_f64());
+                    }
+                }
+                Some(last) => m.itl.observe((now - last).as_secs_f64() / events as f64),
+            }
+        }
+        self.stats.last_event = Some(now);
+        self.stats.events += events;
+    }
+
+    fn finish(&mut self, ok: bool) {
+        self.done = true;
+        if let Some(g) = self.guard.take() {
+            g.worker
+                .report(ok, self.registry.as_ref().map_or(0, |r| r.now_us()));
+        }
+        if let Some(c) = self.conn.take() {
+            if ok {
+                upstream::put(c);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.e2e.observe(self.stats.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl<B> Body for Forward<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.stream {
+                    if let Some(d) = frame.data_ref() {
+                        this.observe(d);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %e, "upstream body failed");
+                this.finish(false);
+                if this.stream {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        STREAM_ERROR_EVENT,
+                    )))))
+                } else {
+                    Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
+                }
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// The router's response body.
+pub enum RouterBody {
+    /// Whole body.
+    Full(Option<Bytes>),
+    /// Forwarded upstream body.
+    Forward(Box<Forward<hyper::body::Incoming>>),
+}
+
+impl std::fmt::Debug for RouterBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouterBody::Full(b) => f
+                .debug_tuple("Full")
+                .field(&b.as_ref().map(Bytes::len))
+                .finish(),
+            RouterBody::Forward(x) => x.fmt(f),
+        }
+    }
+}
+
+impl Body for RouterBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RouterBody::Forward(f) => Pin::new(f.as_mut()).poll_frame(cx),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RouterBody::Full(b) => b.is_none(),
+            RouterBody::Forward(f) => f.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RouterBody::Full(None) => SizeHint::with_exact(0),
+            RouterBody::Forward(f) => f.body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! `pdx serve` flags and the `pdx.toml` file. Flags override the file.
+//!
+//! File shape (every field optional; see `docs/router.md`):
+//! ```toml
+//! host = "0.0.0.0"
+//! port = 8000
+//! threads = 0                  # 0: one per core
+//! orchestration = "vllm-nixl"  # or "aggregated"
+//! [[models]]
+//! name = "Qwen/Qwen3-0.6B"
+//! global_router_config = "global_router_config.json"   # Dynamo grid (optional)
+//! [[models.pools]]
+//! name = "prefill_pool_0"
+//! role = "prefill"
+//! policy = "kv_aware"
+//! workers = ["http://10.0.0.1:8100"]
+//! ```
+
+use crate::RouterError;
+use pdx_router_core::{FallbackMode, GlobalRouterConfig, Policy};
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// `pdx serve` flags.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "pdx-serve", about = "disaggregated prefill/decode router")]
+pub struct ServeArgs {
+    /// TOML config file (`pdx.toml`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Listen address (default 0.0.0.0).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Listen port (default 8000; 0: ephemeral).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Server threads, one runtime each (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prefill worker URL (repeatable): quick start, one prefill pool `prefill`.
+    #[arg(long = "prefill")]
+    pub prefill: Vec<String>,
+    /// Decode worker URL (repeatable): quick start, one decode pool `decode`.
+    #[arg(long = "decode")]
+    pub decode: Vec<String>,
+    /// Aggregated worker URL (repeatable): quick start without PD.
+    #[arg(long = "worker")]
+    pub worker: Vec<String>,
+    /// Model name of quick-start workers (default: any model name is accepted).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Bearer token required by `POST/DELETE /v1/workers`.
+    #[arg(long)]
+    pub auth_token: Option<String>,
+    /// Seconds without a heartbeat after which a registered worker is removed.
+    #[arg(long)]
+    pub heartbeat_ttl_secs: Option<f64>,
+    /// Seconds until an upstream answers with headers before 504.
+    #[arg(long)]
+    pub upstream_timeout_secs: Option<f64>,
+    /// Prefill attempts in all (first + retries).
+    #[arg(long)]
+    pub prefill_attempts: Option<u32>,
+    /// After failed prefill attempts: decode_only or fail.
+    #[arg(long)]
+    pub prefill_fallback: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One pool of the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name (metrics label; the pool registered workers name).
+    pub name: String,
+    /// `prefill`, `decode` or `aggregated`.
+    pub role: String,
+    /// Local routing policy (default `round_robin`).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Static worker base URLs (`http://host:port`).
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// Weight of blocks to prefill in the `kv_aware` cost (default 1).
+    #[serde(default)]
+    pub overlap_weight: Option<f64>,
+}
+
+/// One model of the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Served model name; `*` accepts any name.
+    pub name: String,
+    /// Path of a Dynamo `global_router_config.json`; its pool indices are the model's prefill
+    /// (decode) pools in file order.
+    #[serde(default)]
+    pub global_router_config: Option<PathBuf>,
+    /// Tokens per KV block (for `kv_aware` hashing; default 16, vLLM's default).
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Pools.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// `[retry]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Prefill attempts in all (default 3).
+    pub max_attempts: Option<u32>,
+    /// First backoff, ms (default 10).
+    pub backoff_base_ms: Option<f64>,
+    /// Largest backoff, ms (default 200).
+    pub backoff_max_ms: Option<f64>,
+    /// `decode_only` (default) or `fail`.
+    pub fallback: Option<FallbackMode>,
+}
+
+/// `[breaker]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFileConfig {
+    /// Consecutive failures that open it (default 5; 0 disables).
+    pub failure_threshold: Option<u32>,
+    /// Seconds it stays open (default 10).
+    pub open_secs: Option<f64>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listen address.
+    pub host: Option<String>,
+    /// Listen port.
+    pub port: Option<u16>,
+    /// Threads (0: one per core).
+    pub threads: Option<usize>,
+    /// `vllm-nixl` (default) or `aggregated` (only aggregated pools are used).
+    pub orchestration: Option<String>,
+    /// Largest request body, bytes (default 32 MiB).
+    pub max_body_bytes: Option<usize>,
+    /// Seconds until upstream response headers (default 300).
+    pub upstream_timeout_secs: Option<f64>,
+    /// Bearer token for the registration API.
+    pub auth_token: Option<String>,
+    /// Heartbeat TTL of registered workers, seconds (default 15).
+    pub heartbeat_ttl_secs: Option<f64>,
+    /// Interval of active `GET /health` checks, seconds (default 5; 0 disables).
+    pub health_check_interval_secs: Option<f64>,
+    /// Policy of pools created by registration (default `round_robin`).
+    pub default_policy: Option<String>,
+    /// Accept registrations (default true).
+    #[serde(default = "default_true")]
+    pub registration: bool,
+    /// Prefill retry rules.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerFileConfig,
+    /// Models and their pools.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// Orchestration of one request across workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrchestrationKind {
+    /// vLLM NixlConnector: prefill (`max_tokens=1`, `do_remote_decode`), then decode with the
+    /// returned `kv_transfer_params`. Models without PD pools use their aggregated pools.
+    VllmNixl,
+    /// Aggregated pools only.
+    Aggregated,
+}
+
+/// A pool, resolved.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: pdx_mock::Role,
+    /// Policy.
+    pub policy: Policy,
+    /// Static workers.
+    pub workers: Vec<String>,
+    /// `kv_aware` weight.
+    pub overlap_weight: f64,
+}
+
+/// A model, resolved.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name (`*`: any).
+    pub name: String,
+    /// Dynamo grid.
+    pub grid: Option<GlobalRouterConfig>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Pools in file order.
+    pub pools: Vec<PoolSpec>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub host: String,
+    /// Listen port.
+    pub port: u16,
+    /// Server threads.
+    pub threads: usize,
+    /// Orchestration.
+    pub orchestration: OrchestrationKind,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Upstream header timeout.
+    pub upstream_timeout: std::time::Duration,
+    /// Registration token.
+    pub auth_token: Option<String>,
+    /// Heartbeat TTL, µs.
+    pub heartbeat_ttl_us: u64,
+    /// Active health-check interval (`None`: off).
+    pub health_interval: Option<std::time::Duration>,
+    /// Policy of registered pools.
+    pub default_policy: Policy,
+    /// Registration API on.
+    pub registration: bool,
+    /// Retry rules.
+    pub retry: pdx_router_core::RetryPolicy,
+    /// Breaker settings.
+    pub breaker: pdx_router_core::BreakerConfig,
+    /// Models.
+    pub models: Vec<ModelSpec>,
+}
+
+fn parse_role(s: &str) -> Result<pdx_mock::Role, RouterError> {
+    Ok(match s {
+        "prefill" => pdx_mock::Role::Prefill,
+        "decode" => pdx_mock::Role::Decode,
+        "aggregated" | "agg" | "both" => pdx_mock::Role::Aggregated,
+        o => return Err(RouterError::Config(format!("unknown pool role `{o}`"))),
+    })
+}
+
+/// Parses a worker URL into `host:port` (only `http://`).
+pub fn authority_of(url: &str) -> Result<String, RouterError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| RouterError::Config(format!("worker URL must start with http://: {url}")))?;
+    let auth = rest.split('/').next().unwrap_or_default();
+    if auth.is_empty() {
+        return Err(RouterError::Config(format!(
+            "worker URL has no host: {url}"
+        )));
+    }
+    Ok(if auth.contains(':') {
+        auth.to_string()
+    } else {
+        format!("{auth}:80")
+    })
+}
+
+fn secs(v: f64, name: &str) -> Result<std::time::Duration, RouterError> {
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| {
+        RouterError::Config(format!("{name} must be a non-negative number of seconds"))
+    })
+}
+
+impl Config {
+    /// Resolves flags over the file (if `--config` is given).
+    ///
+    /// Errors: [`RouterError::Config`] for unreadable/invalid files, bad URLs, unknown
+    /// policies or roles; [`RouterError::Core`] for an invalid grid.
+    pub fn from_args(a: &ServeArgs) -> Result<Self, RouterError> {
+        let file: FileConfig = match &a.config {
+            Some(p) => {
+                let s = std::fs::read_to_string(p)
+                    .map_err(|e| RouterError::Config(format!("{}: {e}", p.display())))?;
+                toml::from_str(&s)
+                    .map_err(|e| RouterError::Config(format!("{}: {e}", p.display())))?
+            }
+            None => FileConfig {
+                registration: true,
+                ..FileConfig::default()
+            },
+        };
+        let base = a
+            .config
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(|p| p.to_path_buf());
+        let default_policy: Policy = file
+            .default_policy
+            .as_deref()
+            .unwrap_or("round_robin")
+            .parse()?;
+        let mut models = Vec::new();
+        for m in &file.models {
+            let grid = match &m.global_router_config {
+                Some(p) => {
+                    let p = match &base {
+                        Some(b) if p.is_relative() => b.join(p),
+                        _ => p.clone(),
+                    };
+                    let s = std::fs::read_to_string(&p)
+                        .map_err(|e| RouterError::Config(format!("{}: {e}", p.display())))?;
+                    Some(GlobalRouterConfig::from_json(&s)?)
+                }
+                None => None,
+            };
+            let mut pools = Vec::new();
+            for p in &m.pools {
+                for w in &p.workers {
+                    authority_of(w)?;
+                }
+                pools.push(PoolSpec {
+                    name: p.name.clone(),
+                    role: parse_role(&p.role)?,
+                    policy: match &p.policy {
+                        Some(s) => s.parse()?,
+                        None => default_policy,
+                    },
+                    workers: p.workers.clone(),
+                    overlap_weight: p.overlap_weight.unwrap_or(1.0),
+                });
+            }
+            if let Some(g) = &grid {
+                let np = pools
+                    .iter()
+                    .filter(|p| p.role == pdx_mock::Role::Prefill)
+                    .count();
+                let nd = pools
+                    .iter()
+                    .filter(|p| p.role == pdx_mock::Role::Decode)
+                    .count();
+                if g.num_prefill_pools != np || g.num_decode_pools != nd {
+                    return Err(RouterError::Config(format!(
+                        "model {}: the grid names {} prefill and {} decode pools, the file has {np} and {nd}",
+                        m.name, g.num_prefill_pools, g.num_decode_pools
+                    )));
+                }
+            }
+            models.push(ModelSpec {
+                name: m.name.clone(),
+                grid,
+                block_size: m.block_size.unwrap_or(16).max(1),
+                pools,
+            });
+        }
+        // Quick-start flags: replace the file's models.
+        if !a.prefill.is_empty() || !a.decode.is_empty() || !a.worker.is_empty() {
+            let policy: Policy = match &a.policy {
+                Some(s) => s.parse()?,
+                None => default_policy,
+            };
+            let mut pools = Vec::new();
+            for (name, role, urls) in [
+                ("prefill", pdx_mock::Role::Prefill, &a.prefill),
+                ("decode", pdx_mock::Role::Decode, &a.decode),
+                ("aggregated", pdx_mock::Role::Aggregated, &a.worker),
+            ] {
+                if urls.is_empty() {
+                    continue;
+                }
+                for w in urls.iter() {
+                    authority_of(w)?;
+                }
+                pools.push(PoolSpec {
+                    name: name.into(),
+                    role,
+                    policy,
+                    workers: urls.clone(),
+                    overlap_weight: 1.0,
+                });
+            }
+            models = vec![ModelSpec {
+                name: a.model.clone().unwrap_or_else(|| "*".into()),
+                grid: None,
+                block_size: 16,
+                pools,
+            }];
+        }
+        let orchestration = match file.orchestration.as_deref().unwrap_or("vllm-nixl") {
+            "vllm-nixl" | "vllm_nixl" | "nixl" => OrchestrationKind::VllmNixl,
+            "aggregated" | "none" => OrchestrationKind::Aggregated,
+            o => return Err(RouterError::Config(format!("unknown orchestration `{o}`"))),
+        };
+        let mut retry = pdx_router_core::RetryPolicy::default();
+        if let Some(v) = a.prefill_attempts.or(file.retry.max_attempts) {
+            retry.max_attempts = v.max(1);
+        }
+        if let Some(v) = file.retry.backoff_base_ms {
+            retry.backoff_base_us = secs(v / 1e3, "retry.backoff_base_ms")?.as_micros() as u64;
+        }
+        if let Some(v) = file.retry.backoff_max_ms {
+            retry.backoff_max_us = secs(v / 1e3, "retry.backoff_max_ms")?.as_micros() as u64;
+        }
+        retry.fallback = match a.prefill_fallback.as_deref() {
+            Some("decode_only" | "decode-only") => FallbackMode::DecodeOnly,
+            Some("fail") => FallbackMode::Fail,
+            Some(o) => {
+                return Err(RouterError::Config(format!(
+                    "unknown --prefill-fallback `{o}`"
+                )))
+            }
+            None => file.retry.fallback.unwrap_or(FallbackMode::DecodeOnly),
+        };
+        let mut breaker = pdx_router_core::BreakerConfig::default();
+        if let Some(v) = file.breaker.failure_threshold {
+            breaker.failure_threshold = v;
+        }
+        if let Some(v) = file.breaker.open_secs {
+            breaker.open_us = secs(v, "breaker.open_secs")?.as_micros() as u64;
+        }
+        let threads = a.threads.or(file.threads).unwrap_or(0);
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let hc = file.health_check_interval_secs.unwrap_or(5.0);
+        Ok(Config {
+            host: a
+                .host
+                .clone()
+                .or(file.host)
+                .unwrap_or_else(|| "0.0.0.0".into()),
+            port: a.port.or(file.port).unwrap_or(8000),
+            threads,
+            orchestration,
+            max_body_bytes: file.max_body_bytes.unwrap_or(32 << 20),
+            upstream_timeout: secs(
+                a.upstream_timeout_secs
+                    .or(file.upstream_timeout_secs)
+                    .unwrap_or(300.0),
+                "upstream_timeout_secs",
+            )?,
+            auth_token: a.auth_token.clone().or(file.auth_token),
+            heartbeat_ttl_us: secs(
+                a.heartbeat_ttl_secs
+                    .or(file.heartbeat_ttl_secs)
+                    .unwrap_or(15.0),
+                "heartbeat_ttl_secs",
+            )?
+            .as_micros() as u64,
+            health_interval: if hc > 0.0 {
+                Some(secs(hc, "health_check_interval_secs")?)
+            } else {
+                None
+            },
+            default_policy,
+            registration: file.registration,
+            retry,
+            breaker,
+            models,
+        })
+    }
+}

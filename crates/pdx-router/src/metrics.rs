@@ -1,0 +1,169 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text via `prometheus-client`).
+//!
+//! * `pdx_requests_total{model,pool,worker,status}`: finished requests by the pool and worker
+//!   that produced the response (decode or aggregated) and HTTP status;
+//! * `pdx_ttft_seconds`, `pdx_itl_seconds`, `pdx_e2e_seconds`: client-side time to the first
+//!   streamed token event, mean gap between token events of one upstream chunk (one
+//!   observation per chunk), and request duration;
+//! * `pdx_pd_phase_seconds{phase}`: `prefill` (prefill request), `kv_handoff` (prefill
+//!   response → decode response headers: the decode engine pulls the KV), `decode_first_token`
+//!   (decode headers → first token event);
+//! * `pdx_retries_total{phase}`, `pdx_fallbacks_total{kind}`;
+//! * `pdx_worker_state{worker,role,pool,state}` (1 for the current state) and
+//!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
+//! * `pdx_pool_choices_total{model,role,pool}`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `pdx_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Model.
+    pub model: String,
+    /// Pool.
+    pub pool: String,
+    /// Worker URL.
+    pub worker: String,
+    /// HTTP status.
+    pub status: u16,
+}
+
+/// A single `phase`/`kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// Phase name.
+    pub phase: &'static str,
+}
+
+/// Labels of `pdx_worker_state`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerStateLabels {
+    /// Worker URL.
+    pub worker: String,
+    /// Role.
+    pub role: &'static str,
+    /// Pool.
+    pub pool: String,
+    /// State name.
+    pub state: &'static str,
+}
+
+/// Labels of `pdx_worker_in_flight`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// Worker URL.
+    pub worker: String,
+}
+
+/// Labels of `pdx_pool_choices_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Model.
+    pub model: String,
+    /// Role.
+    pub role: &'static str,
+    /// Pool.
+    pub pool: String,
+}
+
+/// All router metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Registry to encode.
+    pub registry: Registry,
+    /// Requests.
+    pub requests: Family<RequestLabels, Counter>,
+    /// TTFT, seconds.
+    pub ttft: Histogram,
+    /// ITL, seconds.
+    pub itl: Histogram,
+    /// End to end, seconds.
+    pub e2e: Histogram,
+    /// PD phases, seconds.
+    pub phase: Family<PhaseLabel, Histogram>,
+    /// Retries.
+    pub retries: Family<PhaseLabel, Counter>,
+    /// Fallbacks.
+    pub fallbacks: Family<PhaseLabel, Counter>,
+    /// Worker states.
+    pub worker_state: Family<WorkerStateLabels, Gauge>,
+    /// In flight per worker.
+    pub worker_in_flight: Family<WorkerLabel, Gauge>,
+    /// Pool choices.
+    pub pool_choices: Family<PoolLabels, Counter>,
+}
+
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let ttft = latency();
+        let itl = latency();
+        let e2e = latency();
+        let phase =
+            Family::<PhaseLabel, Histogram>::new_with_constructor(latency as fn() -> Histogram);
+        let retries = Family::<PhaseLabel, Counter>::default();
+        let fallbacks = Family::<PhaseLabel, Counter>::default();
+        let worker_state = Family::<WorkerStateLabels, Gauge>::default();
+        let worker_in_flight = Family::<WorkerLabel, Gauge>::default();
+        let pool_choices = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "pdx_requests",
+            "Requests by pool, worker and status",
+            requests.clone(),
+        );
+        registry.register("pdx_ttft_seconds", "Time to first token", ttft.clone());
+        registry.register("pdx_itl_seconds", "Inter-token latency", itl.clone());
+        registry.register("pdx_e2e_seconds", "End-to-end request latency", e2e.clone());
+        registry.register("pdx_pd_phase_seconds", "PD phase durations", phase.clone());
+        registry.register("pdx_retries", "Upstream retries", retries.clone());
+        registry.register("pdx_fallbacks", "Prefill fallbacks", fallbacks.clone());
+        registry.register(
+            "pdx_worker_state",
+            "Worker state (1 = current)",
+            worker_state.clone(),
+        );
+        registry.register(
+            "pdx_worker_in_flight",
+            "Requests in flight per worker",
+            worker_in_flight.clone(),
+        );
+        registry.register("pdx_pool_choices", "Pool selections", pool_choices.clone());
+        Self {
+            registry,
+            requests,
+            ttft,
+            itl,
+            e2e,
+            phase,
+            retries,
+            fallbacks,
+            worker_state,
+            worker_in_flight,
+            pool_choices,
+        }
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,820 @@
+//! Request handling: routes, the OpenAI front, and the orchestrations.
+
+use crate::body::{Forward, RouterBody, StreamStats};
+use crate::config::{Config, OrchestrationKind};
+use crate::metrics::{Metrics, PhaseLabel, PoolLabels, RequestLabels};
+use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
+use crate::upstream::{self, ConnectError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransferParams};
+use pdx_router_core::{PrefillDecision, SseScanner, UpstreamFailure};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// State shared by every thread.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub cfg: Config,
+    /// Workers and pools.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Request id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
+fn full(status: u16, ctype: &'static str, body: impl Into<Bytes>) -> Response<RouterBody> {
+    let mut r = Response::new(RouterBody::Full(Some(body.into())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// The OpenAI error response for `e`.
+pub fn error_response(e: &ApiError) -> Response<RouterBody> {
+    full(e.status, "application/json", e.to_json())
+}
+
+fn json_response(v: &serde_json::Value) -> Response<RouterBody> {
+    full(200, "application/json", v.to_string())
+}
+
+thread_local! {
+    static REQ_SEQ: Cell<u64> = const { Cell::new(0) };
+}
+
+fn new_request_id() -> HeaderValue {
+    let n = REQ_SEQ.with(|c| {
+        let v = c.get() + 1;
+        c.set(v);
+        v
+    });
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let tid = std::thread::current().id();
+    let h = pdx_mock::kv_cache::mix64(t ^ n.rotate_left(32) ^ (format!("{tid:?}").len() as u64));
+    HeaderValue::from_str(&format!("pdx-{h:016x}{n:x}")).expect("ascii")
+}
+
+/// Handles one request (never fails: errors are OpenAI error responses).
+pub async fn handle(
+    sh: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<RouterBody>, std::convert::Infallible> {
+    let rid = match req.headers().get(REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 256 => v.clone(),
+        _ => new_request_id(),
+    };
+    let mut resp = route(&sh, req, &rid).await;
+    resp.headers_mut().insert(REQUEST_ID, rid);
+    Ok(resp)
+}
+
+async fn route(
+    sh: &Arc<Shared>,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+) -> Response<RouterBody> {
+    let path = req.uri().path().to_string();
+    let m = req.method().clone();
+    match (path.as_str(), &m) {
+        ("/health", &Method::GET) => full(200, "text/plain", Bytes::new()),
+        ("/ready", &Method::GET) => ready(sh),
+        ("/metrics", &Method::GET) => full(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            sh.metrics.encode(),
+        ),
+        ("/v1/models", &Method::GET) => models(sh),
+        ("/v1/chat/completions", &Method::POST) => completion(sh, req, rid, true).await,
+        ("/v1/completions", &Method::POST) => completion(sh, req, rid, false).await,
+        ("/v1/workers", &Method::GET) => list_workers(sh),
+        ("/v1/workers", &Method::POST) | ("/v1/workers", &Method::DELETE) => {
+            workers_api(sh, req).await
+        }
+        ("/health" | "/ready" | "/metrics" | "/v1/models", _)
+        | ("/v1/chat/completions" | "/v1/completions" | "/v1/workers", _) => error_response(
+            &ApiError::method_not_allowed(format!("{m} not allowed on {path}")),
+        ),
+        _ => error_response(&ApiError::not_found(format!("no route {path}"))),
+    }
+}
+
+fn ready(sh: &Shared) -> Response<RouterBody> {
+    let now = sh.registry.now_us();
+    let snap = sh.registry.snap.load();
+    let any = |pools: &[Arc<Pool>]| pools.iter().any(|p| p.eligible_count(&[], now) > 0);
+    let ok = snap.models.values().any(|m| {
+        any(&m.aggregated) || (any(&m.decode) && (m.prefill.is_empty() || any(&m.prefill)))
+    });
+    if ok {
+        full(200, "application/json", r#"{"status":"ready"}"#)
+    } else {
+        error_response(&ApiError::unavailable("no healthy worker"))
+    }
+}
+
+fn models(sh: &Shared) -> Response<RouterBody> {
+    let snap = sh.registry.snap.load();
+    let mut names: Vec<&String> = snap.models.keys().filter(|n| n.as_str() != "*").collect();
+    names.sort();
+    let data: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "pdx"}))
+        .collect();
+    json_response(&serde_json::json!({"object": "list", "data": data}))
+}
+
+fn list_workers(sh: &Shared) -> Response<RouterBody> {
+    let now = sh.registry.now_us();
+    let ws: Vec<serde_json::Value> = sh
+        .registry
+        .workers()
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "id": w.id, "url": w.url, "role": w.role.as_str(), "pool": w.pool, "model": w.model,
+                "state": w.state(now), "registered": w.registered,
+                "in_flight": w.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json_response(&serde_json::json!({ "workers": ws }))
+}
+
+async fn read_body(sh: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let max = sh.cfg.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("body over {max} bytes"),
+        )
+    };
+    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
+        if len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|n| n > max as u64)
+        {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    }
+}
+
+async fn workers_api(sh: &Shared, req: Request<Incoming>) -> Response<RouterBody> {
+    if !sh.cfg.registration {
+        return error_response(&ApiError::not_found("registration is disabled"));
+    }
+    if let Some(tok) = &sh.cfg.auth_token {
+        let ok = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|v| v == tok);
+        if !ok {
+            return error_response(&ApiError::new(
+                401,
+                "AuthenticationError",
+                "missing or wrong bearer token",
+            ));
+        }
+    }
+    let delete = req.method() == Method::DELETE;
+    let query_url = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("url=")))
+        .map(str::to_string);
+    let body = match read_body(sh, req).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    if delete {
+        let url = match query_url {
+            Some(u) => u,
+            None => match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => match v.get("url").and_then(|u| u.as_str()) {
+                    Some(u) => u.to_string(),
+                    None => {
+                        return error_response(&ApiError::invalid_param("url", "url is required"))
+                    }
+                },
+                Err(e) => {
+                    return error_response(&ApiError::bad_request(format!("malformed JSON: {e}")))
+                }
+            },
+        };
+        let n = sh.registry.drain(&url);
+        if n == 0 {
+            return error_response(&ApiError::not_found(format!("no worker {url}")));
+        }
+        return json_response(&serde_json::json!({"draining": n, "url": url}));
+    }
+    let reg: Registration = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "malformed registration: {e}"
+            )))
+        }
+    };
+    match sh.registry.register(&reg) {
+        Ok((id, created)) => json_response(&serde_json::json!({"id": id, "created": created})),
+        Err(e) => error_response(&ApiError::bad_request(e.to_string())),
+    }
+}
+
+/// A parsed completion request (chat or text).
+#[derive(Debug, Clone)]
+pub enum CompletionBody {
+    /// `/v1/chat/completions`.
+    Chat(ChatCompletionRequest),
+    /// `/v1/completions`.
+    Text(CompletionRequest),
+}
+
+impl CompletionBody {
+    fn model(&self) -> Option<&str> {
+        match self {
+            Self::Chat(r) => r.model.as_deref(),
+            Self::Text(r) => r.model.as_deref(),
+        }
+    }
+    fn is_stream(&self) -> bool {
+        match self {
+            Self::Chat(r) => r.is_stream(),
+            Self::Text(r) => r.is_stream(),
+        }
+    }
+    fn extra_mut(&mut self) -> &mut pdx_protocol::Extra {
+        match self {
+            Self::Chat(r) => &mut r.extra,
+            Self::Text(r) => &mut r.extra,
+        }
+    }
+    fn output_limit(&self) -> u64 {
+        u64::from(match self {
+            Self::Chat(r) => r.output_limit().unwrap_or(16),
+            Self::Text(r) => r.max_tokens.unwrap_or(16),
+        })
+    }
+    fn set_kv(&mut self, p: Option<KvTransferParams>) {
+        match self {
+            Self::Chat(r) => r.kv_transfer_params = p,
+            Self::Text(r) => r.kv_transfer_params = p,
+        }
+    }
+    /// Prompt token ids under the mock's built-in tokenizer and chat template.
+    fn tokens(&self) -> Vec<u32> {
+        let t = pdx_mock::Tokenizer::Builtin;
+        match self {
+            Self::Chat(r) => t.chat_prompt(&r.messages).unwrap_or_default(),
+            Self::Text(r) => match &r.prompt {
+                pdx_protocol::Prompt::Text(s) => {
+                    let mut v = Vec::new();
+                    let _ = t.encode(s, &mut v);
+                    v
+                }
+                pdx_protocol::Prompt::Tokens(v) => v.clone(),
+                pdx_protocol::Prompt::Texts(ss) => {
+                    let mut v = Vec::new();
+                    for s in ss {
+                        let _ = t.encode(s, &mut v);
+                    }
+                    v
+                }
+                pdx_protocol::Prompt::TokenBatches(b) => b.concat(),
+            },
+        }
+    }
+    /// The prefill request of the vLLM NixlConnector flow (vLLM `toy_proxy_server.py`).
+    fn prefill_bytes(&self) -> Bytes {
+        let mut kv = KvTransferParams::for_prefill();
+        for k in [
+            "remote_engine_id",
+            "remote_block_ids",
+            "remote_host",
+            "remote_port",
+        ] {
+            kv.extra.insert(k.into(), serde_json::Value::Null);
+        }
+        let v = match self.clone() {
+            Self::Chat(mut r) => {
+                r.stream = Some(false);
+                r.stream_options = None;
+                r.max_tokens = Some(1);
+                if r.max_completion_tokens.is_some() {
+                    r.max_completion_tokens = Some(1);
+                }
+                r.min_tokens = None;
+                r.kv_transfer_params = Some(kv);
+                serde_json::to_vec(&r)
+            }
+            Self::Text(mut r) => {
+                r.stream = Some(false);
+                r.stream_options = None;
+                r.max_tokens = Some(1);
+                r.min_tokens = None;
+                r.kv_transfer_params = Some(kv);
+                serde_json::to_vec(&r)
+            }
+        };
+        Bytes::from(v.unwrap_or_default())
+    }
+    fn to_bytes(&self) -> Bytes {
+        Bytes::from(
+            match self {
+                Self::Chat(r) => serde_json::to_vec(r),
+                Self::Text(r) => serde_json::to_vec(r),
+            }
+            .unwrap_or_default(),
+        )
+    }
+}
+
+/// SLO targets read from the body: top-level `ttft_target_ms` / `itl_target_ms`, or the same
+/// names inside Dynamo's `nvext` object. They (and `nvext`) are removed before forwarding.
+fn take_slo(body: &mut CompletionBody) -> Result<(Option<f64>, Option<f64>), ApiError> {
+    let extra = body.extra_mut();
+    let nvext = extra.remove("nvext");
+    let mut get = |k: &str| -> Result<Option<f64>, ApiError> {
+        let v = extra
+            .remove(k)
+            .or_else(|| nvext.as_ref().and_then(|n| n.get(k)).cloned());
+        match v {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(k, format!("{k} must be a non-negative number"))
+                }),
+        }
+    };
+    Ok((get("ttft_target_ms")?, get("itl_target_ms")?))
+}
+
+/// One client request on its way through the orchestration.
+#[derive(Debug)]
+pub struct Job {
+    /// Model topology.
+    pub model: Arc<ModelTopo>,
+    /// Parsed body (client `kv_transfer_params` removed).
+    pub body: CompletionBody,
+    /// Upstream path.
+    pub path: &'static str,
+    /// Request id.
+    pub rid: HeaderValue,
+    /// Prompt block hashes (`kv_aware` pools only).
+    pub hashes: Vec<u64>,
+    /// Prompt tokens (tokenized when a grid or `kv_aware` needs them, else bytes / 4).
+    pub isl: u64,
+    /// Prompt + output limit, tokens (load accounting).
+    pub tokens: u64,
+    /// TTFT target, ms.
+    pub ttft_ms: Option<f64>,
+    /// ITL target, ms.
+    pub itl_ms: Option<f64>,
+    /// Arrival.
+    pub start: Instant,
+}
+
+async fn completion(
+    sh: &Arc<Shared>,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+    chat: bool,
+) -> Response<RouterBody> {
+    let start = Instant::now();
+    let raw = match read_body(sh, req).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    let parsed = if chat {
+        serde_json::from_slice(&raw).map(CompletionBody::Chat)
+    } else {
+        serde_json::from_slice(&raw).map(CompletionBody::Text)
+    };
+    let mut body = match parsed {
+        Ok(b) => b,
+        Err(e) => return error_response(&ApiError::bad_request(format!("malformed request: {e}"))),
+    };
+    if let CompletionBody::Chat(r) = &body {
+        if r.messages.is_empty() {
+            return error_response(&ApiError::invalid_param(
+                "messages",
+                "messages must not be empty",
+            ));
+        }
+    }
+    let (ttft_ms, itl_ms) = match take_slo(&mut body) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e),
+    };
+    body.set_kv(None);
+    let snap = sh.registry.snap.load();
+    let Some(model) = snap.model(body.model()).cloned() else {
+        return error_response(&ApiError::not_found(format!(
+            "the model `{}` does not exist",
+            body.model().unwrap_or("")
+        )));
+    };
+    let need_hashes = model.needs_hashes();
+    let (isl, hashes) = if need_hashes || model.grid.is_some() {
+        let toks = body.tokens();
+        let h = if need_hashes {
+            pdx_mock::kv_cache::block_hashes(&toks, model.block_size)
+        } else {
+            Vec::new()
+        };
+        (toks.len() as u64, h)
+    } else {
+        (raw.len() as u64 / 4, Vec::new())
+    };
+    let tokens = isl + body.output_limit();
+    let job = Job {
+        model,
+        body,
+        path: if chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        },
+        rid: rid.clone(),
+        hashes,
+        isl,
+        tokens,
+        ttft_ms,
+        itl_ms,
+        start,
+    };
+    let pd = sh.cfg.orchestration == OrchestrationKind::VllmNixl && !job.model.decode.is_empty();
+    if pd {
+        VllmNixl.run(sh, job).await
+    } else {
+        Aggregated.run(sh, job).await
+    }
+}
+
+/// How one request is spread over workers. Implementations: [`VllmNixl`] (prefill then
+/// decode with NixlConnector `kv_transfer_params`) and [`Aggregated`]. SGLang's bootstrap
+/// flow (prefill and decode at once with `bootstrap_host/port/room`) and KsanaLLM's
+/// communication-id flow fit the same shape.
+#[allow(async_fn_in_trait)]
+pub trait Orchestrator {
+    /// Name (logs).
+    fn name(&self) -> &'static str;
+    /// Runs the request and returns the client's response.
+    async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody>;
+}
+
+/// Aggregated workers only.
+#[derive(Debug, Clone, Copy)]
+pub struct Aggregated;
+
+/// vLLM NixlConnector prefill → decode.
+#[derive(Debug, Clone, Copy)]
+pub struct VllmNixl;
+
+/// A sent request with its response headers.
+struct Sent {
+    resp: Response<Incoming>,
+    conn: upstream::Conn,
+    guard: LoadGuard,
+    pool: Arc<Pool>,
+}
+
+/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was stale.
+async fn send_to(
+    sh: &Shared,
+    w: &Arc<Worker>,
+    path: &str,
+    body: Bytes,
+    rid: &HeaderValue,
+) -> Result<(Response<Incoming>, upstream::Conn), UpstreamFailure> {
+    let timeout = sh.cfg.upstream_timeout;
+    for _ in 0..2 {
+        let mut conn = upstream::get(&w.authority, timeout)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Failed => UpstreamFailure::Connect,
+                ConnectError::Timeout => UpstreamFailure::Timeout,
+            })?;
+        let req = Request::post(path)
+            .header(hyper::header::HOST, w.authority.as_str())
+            .header(CONTENT_TYPE, "application/json")
+            .header(REQUEST_ID, rid.clone())
+            .body(Full::new(body.clone()))
+            .map_err(|_| UpstreamFailure::BadResponse)?;
+        match monoio::time::timeout(timeout, conn.sender.send_request(req)).await {
+            Err(_) => return Err(UpstreamFailure::Timeout),
+            Ok(Ok(r)) => return Ok((r, conn)),
+            Ok(Err(e)) if e.is_canceled() || conn.reused => continue,
+            Ok(Err(_)) => return Err(UpstreamFailure::Connect),
+        }
+    }
+    Err(UpstreamFailure::Connect)
+}
+
+/// Picks a worker of `pools` (preferring `pools[first]`) and sends; retries other workers
+/// on retryable failures under the retry policy. `Err` is the client's response.
+async fn dispatch(
+    sh: &Shared,
+    job: &Job,
+    pools: &[Arc<Pool>],
+    first: usize,
+    body: Bytes,
+    phase: &'static str,
+) -> Result<Sent, Result<Response<RouterBody>, UpstreamFailure>> {
+    let mut exclude: Vec<u64> = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let now = sh.registry.now_us();
+        let order = std::iter::once(first).chain((0..pools.len()).filter(|&i| i != first));
+        let mut picked = None;
+        for i in order {
+            if let Some(p) = pools.get(i) {
+                if let Some(w) = p.pick(&job.hashes, &exclude, now) {
+                    picked = Some((p.clone(), w));
+                    break;
+                }
+            }
+        }
+        let Some((pool, w)) = picked else {
+            return Err(Err(UpstreamFailure::Status(503)));
+        };
+        sh.metrics
+            .pool_choices
+            .get_or_create(&PoolLabels {
+                model: job.model.name.clone(),
+                role: pool.role.as_str(),
+                pool: pool.name.clone(),
+            })
+            .inc();
+        let guard = LoadGuard::new(w.clone(), job.tokens);
+        let failure = match send_to(sh, &w, job.path, body.clone(), &job.rid).await {
+            Ok((resp, conn)) => {
+                let s = resp.status().as_u16();
+                if resp.status().is_success() || !UpstreamFailure::Status(s).is_retryable() {
+                    if !resp.status().is_success() {
+                        w.report(true, sh.registry.now_us());
+                    }
+                    return Ok(Sent {
+                        resp,
+                        conn,
+                        guard,
+                        pool,
+                    });
+                }
+                // Retryable status: read the error body so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+                upstream::put(conn);
+                UpstreamFailure::Status(s)
+            }
+            Err(f) => f,
+        };
+        drop(guard);
+        if failure.counts_against_worker() {
+            w.report(false, sh.registry.now_us());
+        }
+        exclude.push(w.id);
+        let left: usize = pools
+            .iter()
+            .map(|p| p.eligible_count(&exclude, sh.registry.now_us()))
+            .sum();
+        match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
+            PrefillDecision::Retry { backoff_us } => {
+                sh.metrics
+                    .retries
+                    .get_or_create(&PhaseLabel { phase })
+                    .inc();
+                tracing::debug!(worker = %w.url, ?failure, attempt, "retrying");
+                monoio::time::sleep(std::time::Duration::from_micros(backoff_us)).await;
+                attempt += 1;
+            }
+            _ => return Err(Err(failure)),
+        }
+    }
+}
+
+fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
+    match f {
+        UpstreamFailure::Timeout => {
+            error_response(&ApiError::new(504, "GatewayTimeout", "upstream timed out"))
+        }
+        UpstreamFailure::Status(503) => error_response(&ApiError::unavailable("no healthy worker")),
+        _ => error_response(&ApiError::unavailable("no worker could serve the request")),
+    }
+}
+
+/// Wraps the chosen worker's response for the client.
+fn forward(
+    sh: &Arc<Shared>,
+    job: &Job,
+    sent: Sent,
+    pd: bool,
+    headers_at: Instant,
+) -> Response<RouterBody> {
+    let Sent {
+        resp,
+        conn,
+        guard,
+        pool,
+    } = sent;
+    let status = resp.status().as_u16();
+    sh.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            model: job.model.name.clone(),
+            pool: pool.name.clone(),
+            worker: guard.worker.url.clone(),
+            status,
+        })
+        .inc();
+    let stream = job.body.is_stream() && resp.status().is_success();
+    let (parts, incoming) = resp.into_parts();
+    let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
+        body: incoming,
+        conn: Some(conn),
+        guard: Some(guard),
+        stream,
+        scanner: SseScanner::new(),
+        stats: StreamStats {
+            start: job.start,
+            headers_at,
+            last_event: None,
+            events: 0,
+            pd,
+        },
+        metrics: Some(sh.metrics.clone()),
+        registry: Some(sh.registry.clone()),
+        done: false,
+    })));
+    *out.status_mut() = parts.status;
+    for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {
+        if let Some(v) = parts.headers.get(&h) {
+            out.headers_mut().insert(h, v.clone());
+        }
+    }
+    out
+}
+
+impl Orchestrator for Aggregated {
+    fn name(&self) -> &'static str {
+        "aggregated"
+    }
+    async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody> {
+        let pools = &job.model.aggregated;
+        if pools.is_empty() {
+            return error_response(&ApiError::unavailable("no aggregated pool for this model"));
+        }
+        match dispatch(sh, &job, pools, 0, job.body.to_bytes(), "aggregated").await {
+            Ok(sent) => forward(sh, &job, sent, false, Instant::now()),
+            Err(Ok(r)) => r,
+            Err(Err(f)) => failure_response(f),
+        }
+    }
+}
+
+impl VllmNixl {
+    /// Runs the prefill; `Ok(None)` means decode-only fallback.
+    async fn prefill(
+        &self,
+        sh: &Arc<Shared>,
+        job: &Job,
+    ) -> Result<Option<KvTransferParams>, Response<RouterBody>> {
+        let pools = &job.model.prefill;
+        if pools.is_empty() {
+            return Ok(None);
+        }
+        let first = job
+            .model
+            .grid
+            .as_ref()
+            .map_or(0, |g| g.select_prefill_pool(job.isl, job.ttft_ms));
+        let body = job.body.prefill_bytes();
+        let t0 = Instant::now();
+        let failure = match dispatch(sh, job, pools, first, body, "prefill").await {
+            Ok(sent) => {
+                let Sent {
+                    resp, conn, guard, ..
+                } = sent;
+                let status = resp.status();
+                let collected =
+                    monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect())
+                        .await;
+                match collected {
+                    Ok(Ok(b)) => {
+                        let bytes = b.to_bytes();
+                        upstream::put(conn);
+                        if !status.is_success() {
+                            // Fatal (4xx): the request itself is bad; give the engine's answer.
+                            let mut r = full(status.as_u16(), "application/json", bytes);
+                            *r.status_mut() = status;
+                            return Err(r);
+                        }
+                        let kv = serde_json::from_slice::<serde_json::Value>(&bytes)
+                            .ok()
+                            .and_then(|v| v.get("kv_transfer_params").cloned())
+                            .and_then(|v| serde_json::from_value::<KvTransferParams>(v).ok())
+                            .filter(|kv| kv.do_remote_prefill);
+                        if let Some(kv) = kv {
+                            guard.worker.report(true, sh.registry.now_us());
+                            sh.metrics
+                                .phase
+                                .get_or_create(&PhaseLabel { phase: "prefill" })
+                                .observe(t0.elapsed().as_secs_f64());
+                            return Ok(Some(kv));
+                        }
+                        guard.worker.report(false, sh.registry.now_us());
+                        UpstreamFailure::BadResponse
+                    }
+                    Ok(Err(_)) => {
+                        guard.worker.report(false, sh.registry.now_us());
+                        UpstreamFailure::Connect
+                    }
+                    Err(_) => {
+                        guard.worker.report(false, sh.registry.now_us());
+                        UpstreamFailure::Timeout
+                    }
+                }
+            }
+            Err(Ok(r)) => return Err(r),
+            Err(Err(f)) => f,
+        };
+        // `dispatch` already retried other workers; what is left is the fallback rule.
+        match sh.cfg.retry.exhausted(failure == UpstreamFailure::Timeout) {
+            PrefillDecision::DecodeOnly => {
+                tracing::debug!(?failure, "prefill failed: decode-only fallback");
+                sh.metrics
+                    .fallbacks
+                    .get_or_create(&PhaseLabel {
+                        phase: "decode_only",
+                    })
+                    .inc();
+                Ok(None)
+            }
+            PrefillDecision::Fail { status: 504 } => {
+                Err(failure_response(UpstreamFailure::Timeout))
+            }
+            _ => Err(error_response(&ApiError::unavailable(
+                "prefill failed on every worker",
+            ))),
+        }
+    }
+}
+
+impl Orchestrator for VllmNixl {
+    fn name(&self) -> &'static str {
+        "vllm-nixl"
+    }
+    async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
+        let kv = match self.prefill(sh, &job).await {
+            Ok(kv) => kv,
+            Err(r) => return r,
+        };
+        let handoff = Instant::now();
+        let had_kv = kv.is_some();
+        job.body.set_kv(kv);
+        let first = job
+            .model
+            .grid
+            .as_ref()
+            .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
+        let decode = job.model.decode.clone();
+        match dispatch(sh, &job, &decode, first, job.body.to_bytes(), "decode").await {
+            Ok(sent) => {
+                let now = Instant::now();
+                if had_kv {
+                    sh.metrics
+                        .phase
+                        .get_or_create(&PhaseLabel {
+                            phase: "kv_handoff",
+                        })
+                        .observe((now - handoff).as_secs_f64());
+                }
+                forward(sh, &job, sent, had_kv, now)
+            }
+            Err(Ok(r)) => r,
+            Err(Err(f)) => failure_response(f),
+        }
+    }
+}

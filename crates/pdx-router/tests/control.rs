@@ -1,0 +1,196 @@
+//! Cancellation, registration, heartbeats, auth, bad input.
+
+mod common;
+use common::*;
+use http_body_util::BodyExt;
+use std::time::Duration;
+
+#[tokio::test(flavor = "current_thread")]
+async fn cancellation_reaches_decode_and_prefill() {
+    // Decode: the client drops the stream after the first chunk.
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode"]);
+    let r = pd(&[&p], &[&d], &[]);
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(5000, true).to_string(),
+    )
+    .await;
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    assert!(
+        eventually(|| mock_metric(&d, "vllm:request_success_total", "abort") == 1.0).await,
+        "decode did not see the abort"
+    );
+    assert!(
+        eventually(|| r
+            .shared
+            .registry
+            .workers()
+            .iter()
+            .all(|w| w.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0))
+        .await
+    );
+    // Prefill: a slow prefill (long prompt, slowed-down timing) is cancelled by the client.
+    let p2 = mock(&["--role", "prefill", "--speedup", "0.005"]);
+    let r2 = pd(&[&p2], &[&d], &[]);
+    let body = serde_json::json!({"model":"mock","prompt": pdx_mock::synthetic_prompt(3000, 1),"max_tokens":4}).to_string();
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        send(r2.addr, "POST", "/v1/completions", &[], body),
+    )
+    .await;
+    assert!(
+        eventually(|| mock_metric(&p2, "vllm:request_success_total", "abort") == 1.0).await,
+        "prefill did not see the abort"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn registration_heartbeat_expiry_and_auth() {
+    let r = router(&["--auth-token", "s3cret", "--heartbeat-ttl-secs", "0.6"]);
+    let reg = serde_json::json!({"role":"aggregated","pool":"agg","url":"http://127.0.0.1:1","model":"m"}).to_string();
+    let call_auth = |tok: Option<&'static str>, method: &'static str, body: String| {
+        let addr = r.addr;
+        async move {
+            let h: Vec<(&str, &str)> = tok.map(|t| vec![("authorization", t)]).unwrap_or_default();
+            send(addr, method, "/v1/workers", &h, body)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(call_auth(None, "POST", reg.clone()).await, 401);
+    assert_eq!(
+        call_auth(Some("Bearer nope"), "POST", reg.clone()).await,
+        401
+    );
+    assert_eq!(
+        call_auth(Some("Bearer s3cret"), "POST", "{".into()).await,
+        400
+    );
+    assert_eq!(
+        call_auth(Some("Bearer s3cret"), "POST", reg.clone()).await,
+        200
+    );
+    assert_eq!(r.shared.registry.workers().len(), 1);
+    // DELETE drains; an idle drained worker is removed.
+    assert_eq!(
+        call_auth(None, "DELETE", r#"{"url":"http://127.0.0.1:1"}"#.into()).await,
+        401
+    );
+    assert_eq!(
+        call_auth(
+            Some("Bearer s3cret"),
+            "DELETE",
+            r#"{"url":"http://127.0.0.1:1"}"#.into()
+        )
+        .await,
+        200
+    );
+    assert!(eventually(|| r.shared.registry.workers().is_empty()).await);
+
+    // A mock that registers itself serves traffic, then expires when its heartbeats stop.
+    let r = router(&["--heartbeat-ttl-secs", "0.6"]);
+    let router_url = format!("http://{}", r.addr);
+    let w = mock(&[
+        "--instant",
+        "--register",
+        &router_url,
+        "--heartbeat-secs",
+        "0.1",
+        "--pool",
+        "agg",
+    ]);
+    assert!(eventually(|| r.shared.registry.workers().len() == 1).await);
+    let (s, v) = post(r.addr, "/v1/chat/completions", &chat(3, false)).await;
+    assert_eq!(s, 200, "{v}");
+    // Heartbeats keep it past the TTL.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(r.shared.registry.workers().len(), 1);
+    w.stop();
+    assert!(
+        eventually(|| r.shared.registry.workers().is_empty()).await,
+        "not expired"
+    );
+    let (s, v) = post(r.addr, "/v1/chat/completions", &chat(3, false)).await;
+    assert_eq!(s, 503, "{v}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_input_gets_openai_errors() {
+    let a = mock(&["--instant"]);
+    let dir = std::env::temp_dir().join(format!("pdx-router-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("pdx.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "max_body_bytes = 2048\n[[models]]\nname = \"mock\"\n[[models.pools]]\nname = \"agg\"\nrole = \"aggregated\"\nworkers = [\"{}\"]\n",
+            url(&a)
+        ),
+    )
+    .unwrap();
+    let r = router(&["--config", cfg.to_str().unwrap()]);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, "BadRequestError"),
+        ("/v1/chat/completions", r#"{"model":"mock","messages":5}"#.into(), 400, "BadRequestError"),
+        ("/v1/chat/completions", r#"{"model":"mock","messages":[]}"#.into(), 400, "BadRequestError"),
+        ("/v1/completions", r#"{"model":"mock"}"#.into(), 400, "BadRequestError"),
+        ("/v1/chat/completions", r#"{"model":"mock","messages":[{"role":"user","content":"x"}],"ttft_target_ms":"fast"}"#.into(), 400, "BadRequestError"),
+        ("/v1/chat/completions", format!(r#"{{"model":"mock","messages":[{{"role":"user","content":"{}"}}]}}"#, "x ".repeat(2000)), 413, "RequestEntityTooLarge"),
+        ("/v1/chat/completions", r#"{"model":"other","messages":[{"role":"user","content":"x"}]}"#.into(), 404, "NotFoundError"),
+        ("/v1/nothing", "{}".into(), 404, "NotFoundError"),
+    ];
+    for (path, body, status, kind) in cases {
+        let (s, b) = call(r.addr, "POST", path, &body).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, status, "{path} {body:.80}: {v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert_eq!(v["error"]["code"], status);
+    }
+    let (s, _) = call(r.addr, "GET", "/v1/chat/completions", "").await;
+    assert_eq!(s, 405);
+    let (s, b) = call(r.addr, "GET", "/v1/models", "").await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&b).contains("\"mock\""));
+    // The good request still works after all that.
+    let (s, v) = post(r.addr, "/v1/chat/completions", &chat(2, false)).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = call(r.addr, "GET", "/ready", "").await;
+    assert_eq!(s, 200);
+
+    // 503: the only worker refuses connections.
+    let dead = router(&["--worker", "http://127.0.0.1:1"]);
+    let (s, v) = post(dead.addr, "/v1/chat/completions", &chat(2, false)).await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["type"], "ServiceUnavailableError");
+
+    // 504: the only worker never answers.
+    let hang = mock(&["--instant", "--fault-hang-rate", "1"]);
+    let slow = router(&["--worker", &url(&hang), "--upstream-timeout-secs", "0.3"]);
+    let (s, v) = post(slow.addr, "/v1/chat/completions", &chat(2, false)).await;
+    assert_eq!(s, 504, "{v}");
+    let m = router_metrics(&slow);
+    assert!(m.contains("pdx_worker_state"), "{m}");
+}
+
+#[test]
+fn example_config_parses_with_its_grid() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/pdx.toml");
+    let args = <pdx_router::ServeArgs as clap::Parser>::parse_from([
+        "pdx-serve",
+        "--config",
+        p.to_str().unwrap(),
+    ]);
+    let cfg = pdx_router::Config::from_args(&args).expect("example config");
+    let m = &cfg.models[0];
+    let g = m.grid.as_ref().expect("grid");
+    assert_eq!(m.pools.len(), 3);
+    assert_eq!(g.select_prefill_pool(100, Some(50.0)), 0);
+    assert_eq!(g.select_prefill_pool(100, None), 1);
+}

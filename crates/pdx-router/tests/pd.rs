@@ -1,0 +1,176 @@
+//! PD (vLLM NixlConnector) flow end to end against mock prefill/decode workers.
+
+mod common;
+use common::*;
+use http_body_util::BodyExt;
+
+#[tokio::test(flavor = "current_thread")]
+async fn pd_non_streaming_and_request_id() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    let r = pd(&[&p], &[&d], &[]);
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", "req-abc")],
+        chat(8, false).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "req-abc");
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // The prefill ran one 1-token request, the decode read its KV and produced 8 tokens.
+    assert_eq!(mock_metric(&p, "vllm:generation_tokens_total", ""), 1.0);
+    assert_eq!(mock_metric(&d, "vllm:generation_tokens_total", ""), 8.0);
+    assert!(eventually(|| mock_metric(&p, "pdx:kv_blocks_held", "") == 0.0).await);
+    // A generated request id when none is sent.
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        serde_json::json!({"model":"mock","prompt":"a b c","max_tokens":3}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("pdx-"));
+    let m = router_metrics(&r);
+    assert!(
+        sample(&m, "pdx_requests_total", "status=\"200\"") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "pdx_pd_phase_seconds_count", "phase=\"prefill\""),
+        2.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pd_streaming_forwards_every_event() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    let r = pd(&[&p], &[&d], &["--policy", "kv_aware"]);
+    let mut body = chat(300, true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let (s, b) = call(r.addr, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(s, 200);
+    let ev = events(&b);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let usage: serde_json::Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 300);
+    // Same bytes as the decode worker's own stream for the same prompt (text is a function of it).
+    let text: String = ev[..ev.len() - 2]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(!text.is_empty());
+    let m = router_metrics(&r);
+    assert_eq!(sample(&m, "pdx_ttft_seconds_count", ""), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, "pdx_pd_phase_seconds_count", "decode_first_token"),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn client_kv_transfer_params_are_removed() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    let r = pd(&[&p], &[&d], &[]);
+    let mut body = chat(4, false);
+    body["kv_transfer_params"] = serde_json::json!({"do_remote_prefill": true, "remote_engine_id": "bogus",
+        "remote_block_ids": [1,2,3], "remote_host": "127.0.0.1", "remote_port": 1});
+    let (s, v) = post(r.addr, "/v1/chat/completions", &body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn prefill_retry_on_another_worker() {
+    let bad = mock(&["--role", "prefill", "--instant", "--fault-error-rate", "1"]);
+    let good = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    let r = pd(&[&bad, &good], &[&d], &["--prefill-fallback", "fail"]);
+    for _ in 0..4 {
+        let (s, v) = post(r.addr, "/v1/chat/completions", &chat(2, false)).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(mock_metric(&good, "vllm:generation_tokens_total", ""), 4.0);
+    let m = router_metrics(&r);
+    assert!(
+        sample(&m, "pdx_retries_total", "phase=\"prefill\"") >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn prefill_exhausted_fails_or_falls_back() {
+    let bad = mock(&["--role", "prefill", "--instant", "--fault-error-rate", "1"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    let r = pd(&[&bad], &[&d], &["--prefill-fallback", "fail"]);
+    let (s, v) = post(r.addr, "/v1/chat/completions", &chat(2, false)).await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["type"], "ServiceUnavailableError");
+    let r2 = pd(&[&bad], &[&d], &["--prefill-fallback", "decode_only"]);
+    let (s, v) = post(r2.addr, "/v1/chat/completions", &chat(3, false)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let m = router_metrics(&r2);
+    assert_eq!(sample(&m, "pdx_fallbacks_total", "decode_only"), 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn decode_failure_mid_stream_sends_error_event() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--fault-crash-after", "1"]);
+    let r = pd(&[&p], &[&d], &[]);
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(2000, true).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: "));
+    // A second request makes the decode worker crash: every connection drops.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let b = chat(1, false).to_string();
+        let mut s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+        let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut sink = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    }
+    let mut rest = Vec::new();
+    while let Some(f) = body.frame().await {
+        rest.extend_from_slice(
+            &f.expect("router ends the stream cleanly")
+                .into_data()
+                .unwrap(),
+        );
+    }
+    let ev = events(&rest);
+    let last = ev.last().expect("an error event");
+    assert!(last.contains("\"error\""), "{last}");
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+}
