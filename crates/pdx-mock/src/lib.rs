@@ -175,6 +175,19 @@ pub struct MockServer {
 }
 
 impl MockServer {
+    /// Sum of the samples of metric `name` (as `/metrics` renders it, e.g. `vllm:prompt_tokens_total`)
+    /// whose line contains `label_filter` (`""`: every sample); `None` when there is no such sample.
+    pub fn metric(&self, name: &str, label_filter: &str) -> Option<f64> {
+        let text = self.engine.metrics.render();
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(label_filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Stops the server and waits for its threads.
     pub fn stop(mut self) {
         self.engine.shutdown.send_replace(true);

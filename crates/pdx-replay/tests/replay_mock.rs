@@ -19,12 +19,9 @@ fn mock() -> pdx_mock::MockServer {
 
 /// A counter of the mock's `/metrics` text.
 fn metric(server: &pdx_mock::MockServer, name: &str) -> f64 {
-    let text = server.engine.metrics.render();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not found in\n{text}"))
+    server
+        .metric(name, "")
+        .expect("the mock exports this metric")
 }
 
 fn args(url: String, endpoint: Endpoint) -> ReplayArgs {

@@ -506,6 +506,65 @@ fn stalled(op: &'static str) -> SysError {
     }
 }
 
+/// Direction of a vectored socket call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vectored {
+    Read,
+    Write,
+}
+
+/// Issues `readv`/`writev` on `fd` until every iovec is consumed, in batches of up to `IOV_MAX`, retrying
+/// `EINTR`, asking `on_stall` on timeouts, and reporting an early end of stream.
+///
+/// Safety contract (checked by the callers): every iovec points into a buffer that is live, and writable for
+/// reads, for the whole call.
+fn drive_vectored(
+    fd: RawFd,
+    dir: Vectored,
+    mut iov: Vec<libc::iovec>,
+    on_stall: OnStall<'_>,
+) -> Result<()> {
+    let op = if dir == Vectored::Read {
+        "readv"
+    } else {
+        "writev"
+    };
+    let expected: usize = iov.iter().map(|v| v.iov_len).sum();
+    let (mut i, mut moved, mut progressed) = (0usize, 0usize, false);
+    while i < iov.len() {
+        let batch = &iov[i..i + (iov.len() - i).min(IOV_MAX)];
+        let count = batch.len() as libc::c_int;
+        // SAFETY: every iovec points into a live buffer (the callers build them from a borrowed prefix and
+        // from MemSlices, bounds-checked ranges of live regions); readv writes only inside them and writev only
+        // reads them; `count` is the batch's length.
+        let n = unsafe {
+            match dir {
+                Vectored::Read => libc::readv(fd, batch.as_ptr(), count),
+                Vectored::Write => libc::writev(fd, batch.as_ptr(), count),
+            }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock if on_stall(std::mem::take(&mut progressed)) => continue,
+                io::ErrorKind::WouldBlock => return Err(stalled(op)),
+                _ => return Err(SysError::Io { op, source: err }),
+            }
+        }
+        if n == 0 {
+            return Err(SysError::UnexpectedEof {
+                received: moved as u64,
+                expected: expected as u64,
+            });
+        }
+        moved += n as usize;
+        progressed = true;
+        advance(&mut iov, &mut i, n as usize);
+    }
+    Ok(())
+}
+
 /// Writes `prefix` and then every slice of `segments` to the socket or pipe `fd`, with `writev`, looping over
 /// partial writes. Blocking; when the descriptor's `SO_SNDTIMEO` expires, `on_stall` decides whether to go on.
 ///
@@ -527,32 +586,7 @@ pub fn write_all_vectored(
             .filter(|s| s.len > 0)
             .map(|s| iovec_of(s.ptr, s.len)),
     );
-    let (mut i, mut progressed) = (0, false);
-    while i < iov.len() {
-        let count = (iov.len() - i).min(IOV_MAX);
-        // SAFETY: every iovec points into a live buffer: `prefix` is borrowed for the call and each MemSlice is
-        // a bounds-checked range of a live region; writev only reads them.
-        let n = unsafe { libc::writev(fd, iov[i..].as_ptr(), count as libc::c_int) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if err.kind() == io::ErrorKind::WouldBlock {
-                if on_stall(std::mem::take(&mut progressed)) {
-                    continue;
-                }
-                return Err(stalled("writev"));
-            }
-            return Err(SysError::Io {
-                op: "writev",
-                source: err,
-            });
-        }
-        progressed = true;
-        advance(&mut iov, &mut i, n as usize);
-    }
-    Ok(())
+    drive_vectored(fd, Vectored::Write, iov, on_stall)
 }
 
 /// Reads exactly the total length of `segments` from `fd` into them, in order, with `readv`, looping over partial
@@ -561,45 +595,12 @@ pub fn write_all_vectored(
 /// Errors: [`SysError::UnexpectedEof`] when the stream ends early; [`SysError::Io`] from `readv` (`TimedOut`
 /// when `on_stall` gave up).
 pub fn read_exact_into(fd: RawFd, segments: &[MemSlice<'_>], on_stall: OnStall<'_>) -> Result<()> {
-    let expected: usize = segments.iter().map(|s| s.len).sum();
-    let mut iov: Vec<libc::iovec> = segments
+    let iov = segments
         .iter()
         .filter(|s| s.len > 0)
         .map(|s| iovec_of(s.ptr, s.len))
         .collect();
-    let (mut i, mut received, mut progressed) = (0usize, 0usize, false);
-    while i < iov.len() {
-        let count = (iov.len() - i).min(IOV_MAX);
-        // SAFETY: every iovec is a bounds-checked range of a live region (MemSlice invariant); readv writes only
-        // inside them.
-        let n = unsafe { libc::readv(fd, iov[i..].as_ptr(), count as libc::c_int) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if err.kind() == io::ErrorKind::WouldBlock {
-                if on_stall(std::mem::take(&mut progressed)) {
-                    continue;
-                }
-                return Err(stalled("readv"));
-            }
-            return Err(SysError::Io {
-                op: "readv",
-                source: err,
-            });
-        }
-        if n == 0 {
-            return Err(SysError::UnexpectedEof {
-                received: received as u64,
-                expected: expected as u64,
-            });
-        }
-        received += n as usize;
-        progressed = true;
-        advance(&mut iov, &mut i, n as usize);
-    }
-    Ok(())
+    drive_vectored(fd, Vectored::Read, iov, on_stall)
 }
 
 /// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID

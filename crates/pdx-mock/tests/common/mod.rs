@@ -79,10 +79,10 @@ pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 }
 
 pub fn metric(server: &MockServer, name: &str) -> f64 {
-    let text = server.engine.metrics.render();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not found in\n{text}"))
+    server.metric(name, "").unwrap_or_else(|| {
+        panic!(
+            "metric {name} not found in\n{}",
+            server.engine.metrics.render()
+        )
+    })
 }

@@ -132,7 +132,7 @@ pub fn sample(text: &str, name: &str, filter: &str) -> f64 {
 }
 
 pub fn mock_metric(m: &MockServer, name: &str, filter: &str) -> f64 {
-    sample(&m.engine.metrics.render(), name, filter)
+    m.metric(name, filter).unwrap_or(0.0)
 }
 
 pub fn router_metrics(r: &RouterServer) -> String {
