@@ -15,28 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-/// Role of the worker in disaggregated serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Prefill and decode in one worker.
-    Aggregated,
-    /// Prefill worker: keeps KV for remote decode (`do_remote_decode`).
-    Prefill,
-    /// Decode worker: reads KV from a prefill worker (`do_remote_prefill`).
-    Decode,
-}
-
-impl Role {
-    /// Lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Aggregated => "aggregated",
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
+pub use pdx_protocol::Role;
 
 /// Engine settings (built from `MockArgs` and the profile).
 #[derive(Debug, Clone)]

@@ -81,3 +81,12 @@ impl MockError {
         }
     }
 }
+
+impl From<pdx_tokens::TokenizerError> for MockError {
+    fn from(e: pdx_tokens::TokenizerError) -> Self {
+        match e {
+            pdx_tokens::TokenizerError::Load(m) => MockError::Config(m),
+            pdx_tokens::TokenizerError::Encode(m) => MockError::Tokenizer(m),
+        }
+    }
+}

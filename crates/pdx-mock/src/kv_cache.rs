@@ -10,35 +10,8 @@
 
 use crate::error::MockError;
 use std::collections::{BTreeMap, HashMap};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Seed of the first block's hash.
-const ROOT_HASH: u64 = 0x7064_782d_6b76_0001;
-
-/// SplitMix64 finalizer: a cheap, good 64-bit mix.
-#[inline]
-pub fn mix64(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// Chained hashes of the prompt's blocks, including a final partial block (whose hash is
-/// used for its content only, never for prefix caching). Length: `ceil(tokens / block_size)`.
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut out = Vec::with_capacity(tokens.len().div_ceil(block_size));
-    let mut parent = ROOT_HASH;
-    let mut buf = Vec::with_capacity(block_size * 4);
-    for chunk in tokens.chunks(block_size) {
-        buf.clear();
-        for t in chunk {
-            buf.extend_from_slice(&t.to_le_bytes());
-        }
-        parent = xxh3_64_with_seed(&buf, parent);
-        out.push(parent);
-    }
-    out
-}
+pub use pdx_tokens::{block_hashes, mix64};
 
 /// Shape of the KV bytes of one block.
 ///

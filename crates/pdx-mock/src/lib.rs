@@ -28,7 +28,8 @@ pub mod profile;
 pub mod register;
 pub mod scheduler;
 pub mod server;
-pub mod tokenizer;
+/// The tokenizers (crate `pdx-tokens`).
+pub use pdx_tokens as tokenizer;
 pub mod transport;
 
 pub use engine::{Engine, EngineConfig, Role};
@@ -380,7 +381,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                         if let Some(url) = args.register.clone() {
                             tokio::spawn(register::heartbeat(
                                 url,
-                                register::Registration::new(&args, addr),
+                                register::registration(&args, addr),
                                 args.heartbeat_secs,
                             ));
                         }

@@ -8,41 +8,28 @@ use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The registration body.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Registration {
-    /// `aggregated`, `prefill` or `decode`.
-    pub role: String,
-    /// Pool name (default: the role).
-    pub pool: String,
-    /// Worker base URL.
-    pub url: String,
-    /// Served model name.
-    pub model: String,
-}
+pub use pdx_protocol::Registration;
 
-impl Registration {
-    /// Body for a worker started with `args` and bound to `addr`.
-    pub fn new(args: &MockArgs, addr: SocketAddr) -> Self {
-        let host = args.advertise_host.clone().unwrap_or_else(|| {
-            if addr.ip().is_unspecified() {
-                "127.0.0.1".to_string()
-            } else {
-                addr.ip().to_string()
-            }
-        });
-        Self {
-            role: args.role.as_str().into(),
-            pool: args
-                .pool
-                .clone()
-                .unwrap_or_else(|| args.role.as_str().into()),
-            url: args
-                .advertise_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{host}:{}", addr.port())),
-            model: args.model.clone(),
+/// The registration body for a worker started with `args` and bound to `addr`.
+pub fn registration(args: &MockArgs, addr: SocketAddr) -> Registration {
+    let host = args.advertise_host.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
         }
+    });
+    Registration {
+        role: args.role.as_str().into(),
+        pool: args
+            .pool
+            .clone()
+            .unwrap_or_else(|| args.role.as_str().into()),
+        url: args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{host}:{}", addr.port())),
+        model: args.model.clone(),
     }
 }
 

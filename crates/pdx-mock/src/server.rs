@@ -186,7 +186,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
         }
         _ => Ok(()),
     };
-    let tok = |e: crate::MockError| e.to_api();
+    let tok = |e: pdx_tokens::TokenizerError| crate::MockError::from(e).to_api();
     if chat {
         let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(bad)?;
         check_model(&r.model)?;

@@ -10,6 +10,7 @@
 //! * [`error`]: OpenAI error JSON (`{"error":{"message","type","param","code"}}`) with its HTTP
 //!   status.
 //! * [`sse`]: server-sent-event framing (`data: ...\n\n`, `data: [DONE]\n\n`).
+//! * [`worker`]: worker roles and the registration body.
 //!
 //! This crate does no I/O.
 #![forbid(unsafe_code)]
@@ -18,7 +19,9 @@ pub mod error;
 pub mod kv;
 pub mod openai;
 pub mod sse;
+pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use kv::{BootstrapParams, KvTransferParams};
 pub use openai::*;
+pub use worker::{Registration, Role};

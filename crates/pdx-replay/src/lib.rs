@@ -162,7 +162,7 @@ fn plan(args: &ReplayArgs, model: &str) -> Result<Vec<Planned>, ReplayError> {
     };
     let scale = |n: u32| ((f64::from(n) * args.scale_tokens).round() as u32).max(1);
     let overhead = match args.endpoint {
-        Endpoint::Chat => pdx_mock::CHAT_OVERHEAD_TOKENS as u32,
+        Endpoint::Chat => pdx_tokens::CHAT_OVERHEAD_TOKENS as u32,
         Endpoint::Completions => 0,
     };
     let mut out = Vec::new();

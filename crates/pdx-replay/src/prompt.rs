@@ -1,7 +1,7 @@
 //! Prompts of exact token lengths built from real text.
 //!
 //! The corpus is GSM8K and MT-Bench text (`../shared/traces`), or any text files, split into the mock's
-//! built-in tokens (`pdx_mock::builtin_tokens`); a prompt of `n` tokens is `n` corpus tokens joined by single
+//! built-in tokens (`pdx_tokens::builtin_tokens`); a prompt of `n` tokens is `n` corpus tokens joined by single
 //! spaces, which the built-in tokenizer counts as exactly `n`. For Mooncake `hash_ids`, block id `h` is always
 //! the same 512-token run of the corpus (its start chosen by a hash of `h`), so requests that share ids share
 //! real prompt prefixes.
@@ -21,7 +21,7 @@ impl Corpus {
     pub fn from_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<Corpus, ReplayError> {
         let tokens: Vec<String> = texts
             .into_iter()
-            .flat_map(|t| pdx_mock::builtin_tokens(t).into_iter().map(str::to_owned))
+            .flat_map(|t| pdx_tokens::builtin_tokens(t).into_iter().map(str::to_owned))
             .collect();
         if tokens.len() < 2 * MOONCAKE_BLOCK_TOKENS {
             return Err(ReplayError::Corpus(format!(
@@ -131,9 +131,9 @@ mod tests {
         let c = corpus();
         for n in [1, 7, 511, 512, 513, 1500] {
             let p = c.prompt(&req(vec![0, 1, 2]), n, 9);
-            assert_eq!(pdx_mock::count_builtin_tokens(&p), n, "{n}");
+            assert_eq!(pdx_tokens::count_builtin_tokens(&p), n, "{n}");
             let q = c.prompt(&req(vec![]), n, 9);
-            assert_eq!(pdx_mock::count_builtin_tokens(&q), n, "{n}");
+            assert_eq!(pdx_tokens::count_builtin_tokens(&q), n, "{n}");
         }
     }
 

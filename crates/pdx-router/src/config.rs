@@ -188,7 +188,7 @@ pub struct PoolSpec {
     /// Name.
     pub name: String,
     /// Role.
-    pub role: pdx_mock::Role,
+    pub role: pdx_protocol::Role,
     /// Policy.
     pub policy: Policy,
     /// Static workers.
@@ -243,11 +243,11 @@ pub struct Config {
     pub models: Vec<ModelSpec>,
 }
 
-fn parse_role(s: &str) -> Result<pdx_mock::Role, RouterError> {
+fn parse_role(s: &str) -> Result<pdx_protocol::Role, RouterError> {
     Ok(match s {
-        "prefill" => pdx_mock::Role::Prefill,
-        "decode" => pdx_mock::Role::Decode,
-        "aggregated" | "agg" | "both" => pdx_mock::Role::Aggregated,
+        "prefill" => pdx_protocol::Role::Prefill,
+        "decode" => pdx_protocol::Role::Decode,
+        "aggregated" | "agg" | "both" => pdx_protocol::Role::Aggregated,
         o => return Err(RouterError::Config(format!("unknown pool role `{o}`"))),
     })
 }
@@ -337,11 +337,11 @@ impl Config {
             if let Some(g) = &grid {
                 let np = pools
                     .iter()
-                    .filter(|p| p.role == pdx_mock::Role::Prefill)
+                    .filter(|p| p.role == pdx_protocol::Role::Prefill)
                     .count();
                 let nd = pools
                     .iter()
-                    .filter(|p| p.role == pdx_mock::Role::Decode)
+                    .filter(|p| p.role == pdx_protocol::Role::Decode)
                     .count();
                 if g.num_prefill_pools != np || g.num_decode_pools != nd {
                     return Err(RouterError::Config(format!(
@@ -365,9 +365,9 @@ impl Config {
             };
             let mut pools = Vec::new();
             for (name, role, urls) in [
-                ("prefill", pdx_mock::Role::Prefill, &a.prefill),
-                ("decode", pdx_mock::Role::Decode, &a.decode),
-                ("aggregated", pdx_mock::Role::Aggregated, &a.worker),
+                ("prefill", pdx_protocol::Role::Prefill, &a.prefill),
+                ("decode", pdx_protocol::Role::Decode, &a.decode),
+                ("aggregated", pdx_protocol::Role::Aggregated, &a.worker),
             ] {
                 if urls.is_empty() {
                     continue;

@@ -61,7 +61,7 @@ fn new_request_id() -> HeaderValue {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let tid = std::thread::current().id();
-    let h = pdx_mock::kv_cache::mix64(t ^ n.rotate_left(32) ^ (format!("{tid:?}").len() as u64));
+    let h = pdx_tokens::mix64(t ^ n.rotate_left(32) ^ (format!("{tid:?}").len() as u64));
     HeaderValue::from_str(&format!("pdx-{h:016x}{n:x}")).expect("ascii")
 }
 
@@ -283,7 +283,7 @@ impl CompletionBody {
     }
     /// Prompt token ids under the mock's built-in tokenizer and chat template.
     fn tokens(&self) -> Vec<u32> {
-        let t = pdx_mock::Tokenizer::Builtin;
+        let t = pdx_tokens::Tokenizer::Builtin;
         match self {
             Self::Chat(r) => t.chat_prompt(&r.messages).unwrap_or_default(),
             Self::Text(r) => match &r.prompt {
@@ -441,7 +441,7 @@ async fn completion(
     let (isl, hashes) = if need_hashes || model.grid.is_some() {
         let toks = body.tokens();
         let h = if need_hashes {
-            pdx_mock::kv_cache::block_hashes(&toks, model.block_size)
+            pdx_tokens::block_hashes(&toks, model.block_size)
         } else {
             Vec::new()
         };

@@ -8,7 +8,7 @@
 use crate::config::{authority_of, Config, ModelSpec, PoolSpec};
 use crate::RouterError;
 use arc_swap::ArcSwap;
-use pdx_mock::Role;
+use pdx_protocol::Role;
 use pdx_router_core::{
     BreakerConfig, BreakerState, Candidate, CircuitBreaker, GlobalRouterConfig, Liveness, Policy,
     Selector,
@@ -238,7 +238,7 @@ impl Snapshot {
 }
 
 /// A registration (`POST /v1/workers`), the body `pdx mock --register` sends.
-pub type Registration = pdx_mock::register::Registration;
+pub type Registration = pdx_protocol::Registration;
 
 /// Workers, pools and models.
 #[derive(Debug)]

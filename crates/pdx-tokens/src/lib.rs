@@ -1,5 +1,7 @@
-//! Tokenizers: a deterministic built-in one (default) and, with the `hf-tokenizer` feature,
-//! a Hugging Face `tokenizer.json` loaded with the `tokenizers` crate.
+//! Tokens as pdx counts them, shared by the mock engine, the router and the trace replayer: a deterministic
+//! built-in tokenizer (default), a Hugging Face `tokenizer.json` (feature `hf-tokenizer`), and the chained
+//! block hashes of a prompt that prefix caching and KV-aware routing key on (XXH3-64 chained per block, as
+//! vLLM and Dynamo do).
 //!
 //! # Built-in tokenizer
 //! Text is split on whitespace; inside each whitespace-separated piece every maximal run of
@@ -17,9 +19,49 @@
 //! "assistant turn" token. A chat request with a single user message of `n` content tokens
 //! therefore has a prompt of `n + 2` tokens ([`CHAT_OVERHEAD_TOKENS`] + 1 per extra message).
 
-use crate::error::MockError;
+#![forbid(unsafe_code)]
+
 use pdx_protocol::ChatMessage;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Errors of the tokenizers.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A `tokenizer.json` could not be loaded or used (fatal: fix the file or the build's features).
+    #[error("{0}")]
+    Load(String),
+    /// The tokenizer failed to encode a text.
+    #[error("tokenizer failed: {0}")]
+    Encode(String),
+}
+
+/// Seed of the first block's hash.
+const ROOT_HASH: u64 = 0x7064_782d_6b76_0001;
+
+/// SplitMix64 finalizer: a cheap, good 64-bit mix.
+#[inline]
+pub fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Chained hashes of the prompt's blocks, including a final partial block (whose hash is
+/// used for its content only, never for prefix caching). Length: `ceil(tokens / block_size)`.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(tokens.len().div_ceil(block_size));
+    let mut parent = ROOT_HASH;
+    let mut buf = Vec::with_capacity(block_size * 4);
+    for chunk in tokens.chunks(block_size) {
+        buf.clear();
+        for t in chunk {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        parent = xxh3_64_with_seed(&buf, parent);
+        out.push(parent);
+    }
+    out
+}
 
 /// Size of the built-in vocabulary (ids are `< VOCAB_SIZE`).
 pub const VOCAB_SIZE: u32 = 151_936;
@@ -384,7 +426,7 @@ pub fn synthetic_prompt(n_tokens: usize, seed: u64) -> String {
         if i > 0 {
             s.push(' ');
         }
-        let h = crate::kv_cache::mix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let h = mix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         s.push_str(WORDS[(h % WORDS.len() as u64) as usize]);
     }
     s
@@ -402,18 +444,18 @@ fn role_token(role: &str) -> u32 {
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     ///
-    /// Errors: [`MockError::Config`] when the file cannot be read or parsed, or when built
+    /// Errors: [`TokenizerError::Config`] when the file cannot be read or parsed, or when built
     /// without the `hf-tokenizer` feature.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, MockError> {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TokenizerError> {
         #[cfg(feature = "hf-tokenizer")]
         {
             let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
-                MockError::Config(format!("cannot load tokenizer {}: {e}", path.display()))
+                TokenizerError::Load(format!("cannot load tokenizer {}: {e}", path.display()))
             })?;
             let text = WORDS.join(" ");
             let enc = inner
                 .encode(text.as_str(), false)
-                .map_err(|e| MockError::Config(format!("tokenizer cannot encode: {e}")))?;
+                .map_err(|e| TokenizerError::Load(format!("tokenizer cannot encode: {e}")))?;
             let mut outputs = Vec::new();
             for &id in enc.get_ids() {
                 let piece = inner.decode(&[id], false).unwrap_or_default();
@@ -426,13 +468,13 @@ impl Tokenizer {
                 outputs.push((id, json[1..json.len() - 1].to_string()));
             }
             if outputs.is_empty() {
-                return Err(MockError::Config("tokenizer produced no tokens".into()));
+                return Err(TokenizerError::Load("tokenizer produced no tokens".into()));
             }
             Ok(Tokenizer::Hf(Box::new(HfTokenizer { inner, outputs })))
         }
         #[cfg(not(feature = "hf-tokenizer"))]
         {
-            Err(MockError::Config(format!(
+            Err(TokenizerError::Load(format!(
                 "cannot load {}: pdx-mock was built without the `hf-tokenizer` feature",
                 path.display()
             )))
@@ -441,8 +483,8 @@ impl Tokenizer {
 
     /// Token ids of `text` (no special tokens added).
     ///
-    /// Errors: [`MockError::Tokenizer`] if the HF tokenizer fails.
-    pub fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<(), MockError> {
+    /// Errors: [`TokenizerError::Tokenizer`] if the HF tokenizer fails.
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
         match self {
             Tokenizer::Builtin => {
                 builtin_split(text, |t| out.push(builtin_id(t)));
@@ -453,7 +495,7 @@ impl Tokenizer {
                 let enc = h
                     .inner
                     .encode(text, false)
-                    .map_err(|e| MockError::Tokenizer(e.to_string()))?;
+                    .map_err(|e| TokenizerError::Encode(e.to_string()))?;
                 out.extend_from_slice(enc.get_ids());
                 Ok(())
             }
@@ -461,7 +503,7 @@ impl Tokenizer {
     }
 
     /// Prompt token ids of a chat request under the fixed template (module docs).
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, MockError> {
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::new();
         for m in messages {
             out.push(role_token(&m.role));
@@ -504,8 +546,7 @@ static OUTPUT_PIECES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLo
 /// Index of the output piece of generated token `i` of a request whose prompt hashes to
 /// `seed`. Deterministic, so aggregated and disaggregated serving give the same text.
 pub fn output_choice(seed: u64, i: u32, n: usize) -> usize {
-    (crate::kv_cache::mix64(seed ^ u64::from(i).wrapping_mul(0xA076_1D64_78BD_642F)) % n as u64)
-        as usize
+    (mix64(seed ^ u64::from(i).wrapping_mul(0xA076_1D64_78BD_642F)) % n as u64) as usize
 }
 
 #[cfg(test)]
