@@ -29,7 +29,8 @@ pub struct AgentConfig {
     /// Host to advertise in metadata instead of the bound IP (set it when listening on `0.0.0.0`).
     pub advertise_host: Option<String>,
     /// Transports this agent may use as an initiator, in order of preference. Default: every host transport
-    /// (`local`, `shm`, `cma`, `tcp`).
+    /// (`local`, `shm`, `cma`, `tcp`), plus `ucx` when built with the `ucx` feature. Listing `ucx` also makes
+    /// the agent serve UCX: it creates a UCX worker and `ucp_mem_map`s every region it registers.
     pub transports: Vec<TransportKind>,
     /// A peer that makes no progress for this long while transfers are outstanding is declared dead and its
     /// transfers fail. Default 2 s.
@@ -53,13 +54,21 @@ impl AgentConfig {
             name: name.into(),
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             advertise_host: None,
-            transports: TransportKind::HOST.to_vec(),
+            transports: default_transports(),
             peer_timeout: Duration::from_secs(2),
             populate: true,
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             parallel_copy_min_bytes: 4 << 20,
         }
     }
+}
+
+fn default_transports() -> Vec<TransportKind> {
+    #[allow(unused_mut)]
+    let mut t = TransportKind::HOST.to_vec();
+    #[cfg(feature = "ucx")]
+    t.push(TransportKind::Ucx);
+    t
 }
 
 /// Options of one transfer request.
@@ -106,6 +115,8 @@ pub(crate) struct Inner {
     shutdown: AtomicBool,
     server_conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn_id: AtomicU64,
+    #[cfg(feature = "ucx")]
+    ucx: Option<Arc<crate::ucx::UcxAgent>>,
 }
 
 impl Inner {
@@ -132,9 +143,8 @@ impl Inner {
     }
 
     pub fn local_metadata(&self) -> Result<Vec<u8>> {
-        let regions = self
-            .registry
-            .snapshot()
+        let live = self.registry.snapshot();
+        let regions = live
             .iter()
             .map(|r| RegionMetadata {
                 id: r.id,
@@ -144,7 +154,7 @@ impl Inner {
                 memfd: r.mem.memfd_fd(),
             })
             .collect();
-        AgentMetadata {
+        let md = AgentMetadata {
             name: self.name.clone(),
             instance_id: self.instance_id,
             host_id: self.host_id.clone(),
@@ -152,8 +162,15 @@ impl Inner {
             listen_addr: self.advertised.clone(),
             transports: TransportKind::HOST.to_vec(),
             regions,
+        };
+        #[cfg(feature = "ucx")]
+        if let Some(u) = &self.ucx {
+            let mut md = md;
+            md.transports.push(TransportKind::Ucx);
+            return md.encode_with_ucx(Some(&u.metadata(&live)));
         }
-        .encode()
+        drop(live);
+        md.encode()
     }
 
     fn remote(&self, name: &str) -> Result<Arc<RemoteAgent>> {
@@ -181,6 +198,10 @@ pub(crate) struct RemoteAgent {
     mapped: Vec<Option<Arc<Region>>>,
     conn: Mutex<Option<Arc<PeerConn>>>,
     invalidated: AtomicBool,
+    #[cfg(feature = "ucx")]
+    ucx_md: Option<crate::metadata::UcxMetadata>,
+    #[cfg(feature = "ucx")]
+    ucx_peer: Mutex<Option<Arc<crate::ucx::UcxPeer>>>,
 }
 
 impl RemoteAgent {
@@ -301,6 +322,17 @@ impl Agent {
             Some(h) => format!("{h}:{}", a.port()),
             None => a.to_string(),
         });
+        let notifications = Arc::new(NotificationQueue::default());
+        #[cfg(feature = "ucx")]
+        let ucx = if config.transports.contains(&TransportKind::Ucx) {
+            crate::ucx::UcxAgent::new(&config.name, notifications.clone())
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "UCX unavailable; continuing without it"),
+                )
+                .ok()
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
             name: config.name.clone(),
             instance_id: random_u64(),
@@ -310,12 +342,14 @@ impl Agent {
             registry: Arc::new(Registry::default()),
             next_region_id: AtomicU64::new(1),
             remotes: RwLock::new(HashMap::new()),
-            notifications: Arc::new(NotificationQueue::default()),
+            notifications,
             listen_addr,
             advertised,
             shutdown: AtomicBool::new(false),
             server_conns: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
+            #[cfg(feature = "ucx")]
+            ucx,
         });
         process_agents()
             .lock()
@@ -351,6 +385,10 @@ impl Agent {
             mem,
         });
         self.inner.registry.insert(region.clone());
+        #[cfg(feature = "ucx")]
+        if let Some(u) = &self.inner.ucx {
+            u.register(&region, &self.inner.registry.snapshot());
+        }
         RegisteredMemory {
             region,
             registry: self.inner.registry.clone(),
@@ -406,14 +444,19 @@ impl Agent {
     ///
     /// Errors: [`TransferError::BadMetadata`] for malformed bytes; loading one's own metadata is refused.
     pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
-        let md = AgentMetadata::decode(bytes)?;
+        #[cfg_attr(not(feature = "ucx"), allow(unused_variables))]
+        let (md, ucx_md) = AgentMetadata::decode_with_ucx(bytes)?;
         if md.instance_id == self.inner.instance_id {
             return Err(TransferError::BadMetadata(
                 "an agent cannot load its own metadata".into(),
             ));
         }
         if let Ok(known) = self.inner.remote(&md.name) {
-            if known.md == md && !known.invalidated.load(Ordering::Acquire) {
+            #[cfg(feature = "ucx")]
+            let same_ucx = known.ucx_md == ucx_md;
+            #[cfg(not(feature = "ucx"))]
+            let same_ucx = true;
+            if known.md == md && same_ucx && !known.invalidated.load(Ordering::Acquire) {
                 return Ok(md.name);
             }
         }
@@ -470,6 +513,10 @@ impl Agent {
             mapped,
             conn: Mutex::new(conn),
             invalidated: AtomicBool::new(false),
+            #[cfg(feature = "ucx")]
+            ucx_md,
+            #[cfg(feature = "ucx")]
+            ucx_peer: Mutex::new(None),
         });
         if let Some(old) = remotes.insert(name.clone(), remote) {
             if !keep_old {
@@ -696,6 +743,14 @@ impl Agent {
                 }
                 why_not.push("tcp: peer runs no listener");
             }
+            #[cfg(feature = "ucx")]
+            if allowed(TransportKind::Ucx) {
+                match self.ucx_plan(&rem, &pairs) {
+                    Ok(plan) => break 'plan (TransportKind::Ucx, plan),
+                    Err(e) if opts.transport == Some(TransportKind::Ucx) => return Err(e),
+                    Err(_) => why_not.push("ucx: not available to both agents"),
+                }
+            }
             return Err(TransferError::TransportUnavailable {
                 transport: opts.transport.map_or("any", TransportKind::name),
                 reason: if why_not.is_empty() {
@@ -734,6 +789,40 @@ impl Agent {
             tcp_ctrl,
             completion: Completion::new(),
             me: Arc::downgrade(&self.inner),
+        })
+    }
+
+    #[cfg(feature = "ucx")]
+    fn ucx_plan(&self, rem: &Arc<RemoteAgent>, pairs: &[(LocalSeg, RemoteSeg)]) -> Result<Plan> {
+        let unavailable = |reason: String| TransferError::TransportUnavailable {
+            transport: "ucx",
+            reason,
+        };
+        let me = self.inner.ucx.as_ref().ok_or_else(|| {
+            unavailable("this agent has no UCX worker (UCX failed to start)".into())
+        })?;
+        let peer_md = rem
+            .ucx_md
+            .as_ref()
+            .ok_or_else(|| unavailable(format!("agent `{}` does not serve UCX", rem.md.name)))?;
+        let peer = {
+            let mut guard = rem.ucx_peer.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(p) => p.clone(),
+                None => {
+                    let ids: Vec<u64> = rem.md.regions.iter().map(|r| r.id).collect();
+                    let p = me.connect(&rem.md.name, peer_md, &ids)?;
+                    *guard = Some(p.clone());
+                    p
+                }
+            }
+        };
+        Ok(Plan::Ucx {
+            peer,
+            ops: pairs
+                .iter()
+                .map(|(l, r)| (l.clone(), r.addr, r.region))
+                .collect(),
         })
     }
 
@@ -788,6 +877,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let inner = &self.inner;
         inner.shutdown.store(true, Ordering::Release);
+        #[cfg(feature = "ucx")]
+        if let Some(u) = &inner.ucx {
+            u.shutdown();
+        }
         process_agents()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -973,6 +1066,36 @@ impl XferRequest {
                 }
             };
         }
+        #[cfg(feature = "ucx")]
+        if let Plan::Ucx { peer, ops } = &self.plan {
+            let posted = self.remote.check_alive().and_then(|()| {
+                let me = self.me.upgrade().ok_or(TransferError::Shutdown)?;
+                let ucx = me.ucx.as_ref().ok_or(TransferError::Shutdown)?;
+                if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    return Err(TransferError::PeerDisconnected {
+                        peer: self.remote.md.name.clone(),
+                        reason: "connection to the peer was lost".into(),
+                    });
+                }
+                ucx.post(
+                    &me.name,
+                    &self.remote.md.name,
+                    peer,
+                    self.op,
+                    ops,
+                    self.notif.clone(),
+                    self.conn.clone(),
+                    self.completion.clone(),
+                )
+            });
+            return match posted {
+                Ok(()) => Ok(XferStatus::InProgress),
+                Err(e) => {
+                    self.completion.finish(Err(e.duplicate()));
+                    Err(e)
+                }
+            };
+        }
         let result = self.run_inline();
         let ret = match &result {
             Ok(()) => Ok(XferStatus::Done),
@@ -1026,6 +1149,12 @@ impl XferRequest {
             Plan::Tcp { .. } => {
                 return Err(TransferError::Invalid(
                     "tcp requests are posted to their connection".into(),
+                ))
+            }
+            #[cfg(feature = "ucx")]
+            Plan::Ucx { .. } => {
+                return Err(TransferError::Invalid(
+                    "ucx requests are posted to their endpoint".into(),
                 ))
             }
         }

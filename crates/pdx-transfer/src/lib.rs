@@ -8,7 +8,9 @@
 //! - `shm`: peer on the same host, pdx-allocated (memfd) memory mapped once, then memcpy with no system call;
 //! - `cma`: peer on the same host, caller-owned memory, batched `process_vm_readv` / `process_vm_writev`;
 //! - `tcp`: any peer, one connection per peer pair, framed, vectored I/O straight from and into registered
-//!   memory ([`wire`] documents the frames).
+//!   memory ([`wire`] documents the frames);
+//! - `ucx` (cargo feature `ucx`, off by default): UCX RMA put/get with active-message notifications, through
+//!   `pdx-ucx-sys`; enabled per agent by listing it in `AgentConfig::transports` (the default with the feature).
 //!
 //! Every remote access is checked against the owner's registrations; malformed metadata and frames give
 //! errors; a peer that dies fails its outstanding transfers within `AgentConfig::peer_timeout` (2 s).
@@ -52,6 +54,8 @@ pub mod metadata;
 mod request;
 mod tcp;
 mod transport;
+#[cfg(feature = "ucx")]
+mod ucx;
 pub mod wire;
 
 pub use agent::{Agent, AgentConfig, PreparedLocal, PreparedRemote, XferOptions, XferRequest};

@@ -3,6 +3,10 @@
 //! Wire format (version 1): `b"PDXM"`, version `u16` little endian, then the [`AgentMetadata`] struct in
 //! postcard encoding. The whole blob is at most [`MAX_METADATA_BYTES`]. Decoding checks every limit, so
 //! malformed or hostile bytes give [`TransferError::BadMetadata`], never a panic.
+//!
+//! Version 2 (written only by agents that serve UCX) appends a [`UcxMetadata`] in postcard encoding after the
+//! version 1 body: the UCX worker address and one packed rkey per region. Agents without UCX keep writing
+//! version 1, byte for byte as before, so older peers still read them; this build reads both.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,8 +16,12 @@ use crate::transport::TransportKind;
 
 /// Magic prefix of encoded metadata.
 pub const METADATA_MAGIC: [u8; 4] = *b"PDXM";
-/// Metadata format version written by this build.
+/// Metadata format version written by this build (by agents without UCX).
 pub const METADATA_VERSION: u16 = 1;
+/// Metadata format version with the [`UcxMetadata`] extension.
+pub const METADATA_VERSION_UCX: u16 = 2;
+/// Upper bound of a UCX worker address or packed rkey, in bytes.
+pub const MAX_UCX_BLOB_BYTES: usize = 64 << 10;
 /// Upper bound of an encoded metadata blob, in bytes (1 MiB).
 pub const MAX_METADATA_BYTES: usize = 1 << 20;
 /// Upper bound of regions in one agent's metadata.
@@ -56,6 +64,15 @@ pub struct AgentMetadata {
     pub regions: Vec<RegionMetadata>,
 }
 
+/// What a peer needs to reach an agent over UCX (metadata version 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UcxMetadata {
+    /// The agent's UCX worker address (`ucp_worker_get_address`), opaque bytes (≤ 64 KiB).
+    pub worker_address: Vec<u8>,
+    /// `(region id, packed rkey)` (`ucp_rkey_pack`) of regions reachable over UCX, each ≤ 64 KiB.
+    pub rkeys: Vec<(u64, Vec<u8>)>,
+}
+
 fn bad(reason: impl Into<String>) -> TransferError {
     TransferError::BadMetadata(reason.into())
 }
@@ -63,10 +80,24 @@ fn bad(reason: impl Into<String>) -> TransferError {
 impl AgentMetadata {
     /// Encodes to the versioned wire format. Errors: [`TransferError::BadMetadata`] when over the size limit.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_with_ucx(None)
+    }
+
+    /// Encodes with an optional UCX extension: version 1 without it (as [`AgentMetadata::encode`]), version 2
+    /// with it. Errors: [`TransferError::BadMetadata`] when over the size limit.
+    pub fn encode_with_ucx(&self, ucx: Option<&UcxMetadata>) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(64 + self.regions.len() * 24);
         out.extend_from_slice(&METADATA_MAGIC);
-        out.extend_from_slice(&METADATA_VERSION.to_le_bytes());
-        let out = postcard::to_extend(self, out).map_err(|e| bad(e.to_string()))?;
+        let version = if ucx.is_some() {
+            METADATA_VERSION_UCX
+        } else {
+            METADATA_VERSION
+        };
+        out.extend_from_slice(&version.to_le_bytes());
+        let mut out = postcard::to_extend(self, out).map_err(|e| bad(e.to_string()))?;
+        if let Some(u) = ucx {
+            out = postcard::to_extend(u, out).map_err(|e| bad(e.to_string()))?;
+        }
         if out.len() > MAX_METADATA_BYTES {
             return Err(bad(format!(
                 "{} bytes exceeds the {MAX_METADATA_BYTES}-byte limit",
@@ -81,6 +112,12 @@ impl AgentMetadata {
     /// Errors: [`TransferError::BadMetadata`] for a wrong magic or version, truncated or trailing bytes, and any
     /// limit violated (size, name length, region count, zero-length, overflowing or overlapping regions).
     pub fn decode(bytes: &[u8]) -> Result<AgentMetadata> {
+        Self::decode_with_ucx(bytes).map(|(md, _)| md)
+    }
+
+    /// Decodes version 1 or 2 metadata, returning the UCX extension of version 2. Errors as
+    /// [`AgentMetadata::decode`], plus oversized UCX addresses or keys and keys of unknown regions.
+    pub fn decode_with_ucx(bytes: &[u8]) -> Result<(AgentMetadata, Option<UcxMetadata>)> {
         if bytes.len() > MAX_METADATA_BYTES {
             return Err(bad("blob larger than the limit"));
         }
@@ -91,18 +128,36 @@ impl AgentMetadata {
             .split_first_chunk::<2>()
             .ok_or_else(|| bad("truncated version"))?;
         let version = u16::from_le_bytes(*version);
-        if version != METADATA_VERSION {
+        if version != METADATA_VERSION && version != METADATA_VERSION_UCX {
             return Err(bad(format!(
-                "version {version}, this build reads {METADATA_VERSION}"
+                "version {version}, this build reads {METADATA_VERSION} and {METADATA_VERSION_UCX}"
             )));
         }
-        let (md, rest): (AgentMetadata, &[u8]) =
+        let (md, mut rest): (AgentMetadata, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| bad(e.to_string()))?;
+        let mut ucx = None;
+        if version == METADATA_VERSION_UCX {
+            let (u, r): (UcxMetadata, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
+            rest = r;
+            if u.worker_address.is_empty()
+                || u.worker_address.len() > MAX_UCX_BLOB_BYTES
+                || u.rkeys.len() > md.regions.len()
+                || u.rkeys.iter().any(|(id, k)| {
+                    k.is_empty()
+                        || k.len() > MAX_UCX_BLOB_BYTES
+                        || !md.regions.iter().any(|r| r.id == *id)
+                })
+            {
+                return Err(bad("malformed UCX extension"));
+            }
+            ucx = Some(u);
+        }
         if !rest.is_empty() {
             return Err(bad(format!("{} trailing bytes", rest.len())));
         }
         md.validate()?;
-        Ok(md)
+        Ok((md, ucx))
     }
 
     fn validate(&self) -> Result<()> {
@@ -186,12 +241,16 @@ mod tests {
         let mut wrong = bytes.clone();
         wrong[0] = b'X';
         assert!(AgentMetadata::decode(&wrong).is_err());
-        let mut v2 = bytes.clone();
-        v2[4] = 2;
-        assert!(AgentMetadata::decode(&v2)
+        let mut v3 = bytes.clone();
+        v3[4] = 3;
+        assert!(AgentMetadata::decode(&v3)
             .unwrap_err()
             .to_string()
-            .contains("version 2"));
+            .contains("version 3"));
+        // A version 1 body labelled version 2 lacks the UCX extension.
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        assert!(AgentMetadata::decode(&v2).is_err());
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert!(AgentMetadata::decode(&trailing).is_err());
@@ -212,6 +271,38 @@ mod tests {
         let mut md = sample();
         md.name = String::new();
         assert!(AgentMetadata::decode(&md.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn ucx_extension_roundtrips_and_is_validated() {
+        let md = sample();
+        // Without UCX the bytes are version 1, as before.
+        assert_eq!(md.encode_with_ucx(None).unwrap(), md.encode().unwrap());
+        let ucx = UcxMetadata {
+            worker_address: vec![1, 2, 3],
+            rkeys: vec![(1, vec![9; 40]), (2, vec![8; 40])],
+        };
+        let bytes = md.encode_with_ucx(Some(&ucx)).unwrap();
+        assert_eq!(bytes[4], 2);
+        assert_eq!(
+            AgentMetadata::decode_with_ucx(&bytes).unwrap(),
+            (md.clone(), Some(ucx.clone()))
+        );
+        // Version 2 still decodes for readers that ignore UCX.
+        assert_eq!(AgentMetadata::decode(&bytes).unwrap(), md);
+        assert_eq!(
+            AgentMetadata::decode_with_ucx(&md.encode().unwrap())
+                .unwrap()
+                .1,
+            None
+        );
+        // A key for an unknown region, or an empty address, is refused.
+        let mut unknown = ucx.clone();
+        unknown.rkeys[0].0 = 77;
+        assert!(AgentMetadata::decode(&md.encode_with_ucx(Some(&unknown)).unwrap()).is_err());
+        let mut empty = ucx;
+        empty.worker_address.clear();
+        assert!(AgentMetadata::decode(&md.encode_with_ucx(Some(&empty)).unwrap()).is_err());
     }
 
     #[test]

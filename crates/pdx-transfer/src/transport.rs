@@ -23,7 +23,8 @@ pub enum TransportKind {
     Cma,
     /// Any host: one TCP connection per peer, framed, vectored I/O straight from and into registered memory.
     Tcp,
-    /// UCX (not in this build yet).
+    /// UCX RMA (put/get) over whatever UCX reaches: shared memory, TCP, RDMA, CUDA IPC (cargo feature `ucx`;
+    /// without it, choosing it gives `TransportUnavailable`).
     Ucx,
     /// CUDA IPC and device copies (not in this build yet).
     Cuda,
@@ -105,5 +106,12 @@ pub(crate) enum Plan {
     Tcp {
         local: Arc<[LocalSeg]>,
         remote: Arc<[(u64, u64)]>,
+    },
+    /// `ucx`: a batch of puts or gets and a flush on the peer's endpoint; segments are
+    /// `(local, remote address, remote region index)`.
+    #[cfg(feature = "ucx")]
+    Ucx {
+        peer: Arc<crate::ucx::UcxPeer>,
+        ops: Vec<(LocalSeg, u64, usize)>,
     },
 }

@@ -1,0 +1,402 @@
+//! The `ucx` transport (cargo feature `ucx`): RMA put/get over UCX, through the safe wrapper of `pdx-ucx-sys`.
+//!
+//! - Each agent whose `AgentConfig::transports` lists `ucx` owns a UCP context and one worker, whose address
+//!   travels in its metadata; every region it registers is `ucp_mem_map`ped and its packed rkey travels too.
+//! - A request is a batch of `ucp_put_nbx` / `ucp_get_nbx` followed by `ucp_ep_flush_nbx`; the flush's
+//!   completion finishes the request. A notification is then sent as a UCX active message (id
+//!   [`NOTIF_AM_ID`], header = sender name, data = payload), so the peer sees it only after the data.
+//! - A dedicated progress thread per agent drives the worker: it spins while requests are outstanding and
+//!   for a few milliseconds after any event (a target serves emulated RMA from its progress), and otherwise
+//!   blocks on the worker's event fd (`ucp_worker_arm` + poll).
+//! - Peer death: endpoints use UCX's peer error handling, and requests are also failed when the pdx TCP
+//!   connection to the peer (opened at request creation when the peer listens) is lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use pdx_sys::Memory;
+use pdx_ucx_sys::{
+    Context, Endpoint, HostMemory, MemHandle, RemoteKey, Rma, RmaOp, UcxError, Worker,
+};
+
+use crate::error::{Result, TransferError};
+use crate::memory::Region;
+use crate::metadata::UcxMetadata;
+use crate::request::{Completion, XferOp};
+use crate::tcp::{Notification, NotificationQueue, PeerConn};
+use crate::transport::LocalSeg;
+
+/// How long the progress thread keeps spinning after the last event before it sleeps on the event fd.
+const SPIN_AFTER_EVENT: Duration = Duration::from_millis(5);
+
+/// Active-message id of transfer notifications.
+pub const NOTIF_AM_ID: u16 = 0x5044; // "PD"
+
+impl HostMemory for Region {
+    fn memory(&self) -> &Memory {
+        &self.mem
+    }
+}
+
+/// Maps a UCX error to the engine's error: peer failures are `PeerDisconnected` (retryable), the rest
+/// `TransportUnavailable`.
+pub(crate) fn map_err(peer: &str, e: UcxError) -> TransferError {
+    match e {
+        UcxError::Invalid(m) => TransferError::Invalid(m),
+        e if e.is_peer_failure() => TransferError::PeerDisconnected {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        },
+        e => TransferError::TransportUnavailable {
+            transport: "ucx",
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// One posted request that has not completed yet.
+struct Inflight {
+    once: Arc<AtomicBool>,
+    completion: Arc<Completion>,
+    conn: Option<Arc<PeerConn>>,
+    peer: String,
+}
+
+/// A notification to send once its request's data is in place.
+struct Deferred {
+    ep: Endpoint,
+    from: String,
+    payload: Vec<u8>,
+    once: Arc<AtomicBool>,
+    completion: Arc<Completion>,
+    peer: String,
+}
+
+struct Shared {
+    worker: Worker,
+    outstanding: AtomicUsize,
+    inflight: Mutex<Vec<Inflight>>,
+    deferred: Mutex<VecDeque<Deferred>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn complete(&self, once: &AtomicBool, completion: &Completion, r: Result<()>) {
+        if !once.swap(true, Ordering::AcqRel) {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            completion.finish(r);
+        }
+    }
+
+    fn progress_loop(self: Arc<Self>) {
+        let fd = match self.worker.event_fd() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "UCX worker has no event fd; polling");
+                None
+            }
+        };
+        let mut last_check = Instant::now();
+        let mut last_event = Instant::now();
+        while !self.stop.load(Ordering::Acquire) {
+            match self.worker.progress() {
+                Ok(0) => {}
+                Ok(_) => last_event = Instant::now(),
+                Err(e) => tracing::warn!(error = %e, "UCX progress failed"),
+            }
+            self.send_deferred();
+            if last_check.elapsed() >= Duration::from_millis(20) {
+                last_check = Instant::now();
+                self.check_peers();
+            }
+            // Spin while requests are outstanding, and briefly after any event: a target serves emulated RMA (UCX
+            // over shared memory or TCP) from its progress, and sleeping between messages of a batch would stall it.
+            if self.outstanding.load(Ordering::Acquire) > 0
+                || last_event.elapsed() < SPIN_AFTER_EVENT
+            {
+                std::thread::yield_now();
+                continue;
+            }
+            match (fd, self.worker.arm()) {
+                (Some(fd), Ok(true)) => {
+                    self.worker.wait_event(fd, Duration::from_millis(100));
+                }
+                (_, Ok(false)) => {}
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        // Fail whatever is left: the agent is gone.
+        let left = std::mem::take(&mut *self.inflight.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in left {
+            self.complete(&f.once, &f.completion, Err(TransferError::Shutdown));
+        }
+    }
+
+    fn send_deferred(self: &Arc<Self>) {
+        loop {
+            let Some(d) = self
+                .deferred
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                return;
+            };
+            let me = self.clone();
+            let (once, completion, peer) = (d.once.clone(), d.completion.clone(), d.peer.clone());
+            let sent = d.ep.am_send(
+                NOTIF_AM_ID,
+                d.from.into_bytes(),
+                d.payload,
+                Box::new(move |r| {
+                    me.complete(&once, &completion, r.map_err(|e| map_err(&peer, e)))
+                }),
+            );
+            if let Err(e) = sent {
+                self.complete(&d.once, &d.completion, Err(map_err(&d.peer, e)));
+            }
+        }
+    }
+
+    fn check_peers(&self) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        inflight.retain(|f| {
+            if f.once.load(Ordering::Acquire) {
+                return false;
+            }
+            if f.conn.as_ref().is_some_and(|c| c.is_closed()) {
+                self.complete(
+                    &f.once,
+                    &f.completion,
+                    Err(TransferError::PeerDisconnected {
+                        peer: f.peer.clone(),
+                        reason: "connection to the peer was lost".into(),
+                    }),
+                );
+                return false;
+            }
+            true
+        });
+    }
+}
+
+/// The UCX side of one agent: context, worker, progress thread and memory registrations.
+pub(crate) struct UcxAgent {
+    ctx: Context,
+    shared: Arc<Shared>,
+    address: Vec<u8>,
+    memh: Mutex<HashMap<u64, MemHandle>>,
+}
+
+impl UcxAgent {
+    /// Creates the context and worker, installs the notification handler and starts the progress thread.
+    pub fn new(name: &str, notifications: Arc<NotificationQueue>) -> Result<Arc<UcxAgent>> {
+        let unavailable = |e: UcxError| TransferError::TransportUnavailable {
+            transport: "ucx",
+            reason: e.to_string(),
+        };
+        let ctx = Context::new().map_err(unavailable)?;
+        let worker = Worker::new(&ctx).map_err(unavailable)?;
+        worker
+            .set_am_handler(
+                NOTIF_AM_ID,
+                Box::new(move |from, payload| {
+                    notifications.push(Notification {
+                        from: String::from_utf8_lossy(from).into_owned(),
+                        payload: payload.to_vec(),
+                    })
+                }),
+            )
+            .map_err(unavailable)?;
+        let address = worker.address().map_err(unavailable)?;
+        let shared = Arc::new(Shared {
+            worker,
+            outstanding: AtomicUsize::new(0),
+            inflight: Mutex::new(Vec::new()),
+            deferred: Mutex::new(VecDeque::new()),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("pdx-ucx-{name}"))
+            .spawn(move || s.progress_loop())
+            .map_err(|source| TransferError::Io {
+                op: "spawning UCX progress thread",
+                source,
+            })?;
+        Ok(Arc::new(UcxAgent {
+            ctx,
+            shared,
+            address,
+            memh: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// `ucp_mem_map`s a newly registered region; on failure the region is simply not reachable over UCX.
+    pub fn register(&self, region: &Arc<Region>, live: &[Arc<Region>]) {
+        let mut memh = self.memh.lock().unwrap_or_else(|e| e.into_inner());
+        // Unmap regions deregistered since.
+        memh.retain(|id, _| live.iter().any(|r| r.id == *id));
+        match self.ctx.mem_map(&region.mem) {
+            Ok(h) => {
+                memh.insert(region.id, h);
+            }
+            Err(e) => tracing::warn!(region = region.id, error = %e, "ucp_mem_map failed"),
+        }
+    }
+
+    /// The worker address and the packed rkeys of the live regions, for the agent's metadata.
+    pub fn metadata(&self, live: &[Arc<Region>]) -> UcxMetadata {
+        let mut memh = self.memh.lock().unwrap_or_else(|e| e.into_inner());
+        memh.retain(|id, _| live.iter().any(|r| r.id == *id));
+        let mut rkeys: Vec<(u64, Vec<u8>)> = memh
+            .iter()
+            .map(|(id, h)| (*id, h.rkey().to_vec()))
+            .collect();
+        rkeys.sort_by_key(|r| r.0);
+        UcxMetadata {
+            worker_address: self.address.clone(),
+            rkeys,
+        }
+    }
+
+    /// Connects to a peer and unpacks its keys, by the peer metadata's region index.
+    pub fn connect(
+        &self,
+        peer: &str,
+        md: &UcxMetadata,
+        region_ids: &[u64],
+    ) -> Result<Arc<UcxPeer>> {
+        let ep = self
+            .shared
+            .worker
+            .connect(&md.worker_address)
+            .map_err(|e| map_err(peer, e))?;
+        let rkeys = region_ids
+            .iter()
+            .map(|id| {
+                md.rkeys
+                    .iter()
+                    .find(|(rid, _)| rid == id)
+                    .and_then(|(_, packed)| ep.unpack_rkey(packed).ok())
+            })
+            .collect();
+        Ok(Arc::new(UcxPeer { ep, rkeys }))
+    }
+
+    /// Posts one request: the RMA batch, then (from the progress thread) the notification.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post(
+        &self,
+        me: &str,
+        peer_name: &str,
+        peer: &Arc<UcxPeer>,
+        op: XferOp,
+        ops: &[(LocalSeg, u64, usize)],
+        notif: Option<Vec<u8>>,
+        conn: Option<Arc<PeerConn>>,
+        completion: Arc<Completion>,
+    ) -> Result<()> {
+        if let Some(e) = peer.ep.failure() {
+            return Err(map_err(peer_name, e));
+        }
+        let locals: Vec<Arc<dyn HostMemory>> = ops
+            .iter()
+            .map(|(l, _, _)| l.region.clone() as Arc<dyn HostMemory>)
+            .collect();
+        let rma: Vec<RmaOp<'_>> = ops
+            .iter()
+            .zip(&locals)
+            .map(|((l, raddr, region), local)| {
+                let rkey: &RemoteKey = peer
+                    .rkeys
+                    .get(*region)
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| TransferError::TransportUnavailable {
+                        transport: "ucx",
+                        reason: format!(
+                            "peer `{peer_name}` published no UCX key for region {region}"
+                        ),
+                    })?;
+                Ok(RmaOp {
+                    local,
+                    local_off: l.off,
+                    len: l.len,
+                    remote_addr: *raddr,
+                    rkey,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let once = Arc::new(AtomicBool::new(false));
+        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Inflight {
+                once: once.clone(),
+                completion: completion.clone(),
+                conn,
+                peer: peer_name.to_string(),
+            });
+        let shared: Weak<Shared> = Arc::downgrade(&self.shared);
+        let (ep, from, peer_s) = (peer.ep.clone(), me.to_string(), peer_name.to_string());
+        let (once2, completion2) = (once.clone(), completion.clone());
+        let done = Box::new(move |r: pdx_ucx_sys::Result<()>| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            match (r, notif) {
+                (Ok(()), Some(payload)) => shared
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(Deferred {
+                        ep,
+                        from,
+                        payload,
+                        once: once2,
+                        completion: completion2,
+                        peer: peer_s,
+                    }),
+                (r, _) => shared.complete(&once2, &completion2, r.map_err(|e| map_err(&peer_s, e))),
+            }
+        });
+        let kind = match op {
+            XferOp::Read => Rma::Get,
+            XferOp::Write => Rma::Put,
+        };
+        let posted = peer
+            .ep
+            .rma_batch(kind, &rma, Box::new(locals.clone()), done);
+        if let Err(e) = posted {
+            let e = map_err(peer_name, e);
+            self.shared.complete(&once, &completion, Err(e.duplicate()));
+            return Err(e);
+        }
+        let _ = self.shared.worker.signal();
+        Ok(())
+    }
+
+    /// Stops the progress thread (outstanding requests fail with `Shutdown`).
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.worker.signal();
+    }
+}
+
+/// A connected peer: the endpoint and its unpacked keys, by the peer metadata's region index.
+pub(crate) struct UcxPeer {
+    ep: Endpoint,
+    rkeys: Vec<Option<RemoteKey>>,
+}
+
+impl std::fmt::Debug for UcxPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UcxPeer")
+            .field("keys", &self.rkeys.len())
+            .finish()
+    }
+}
