@@ -69,6 +69,16 @@ pub struct KvArgs {
     /// Print rows as a JSON array instead of a table.
     #[arg(long)]
     json: bool,
+    /// Memory: host (the host transports), device (two processes on one GPU through CUDA IPC), pinned (pinned
+    /// host <-> GPU). The GPU kinds use `--block-size` as copy sizes and need CUDA.
+    #[arg(long, value_enum, default_value = "host")]
+    mem: crate::bench_gpu::MemArg,
+    /// GPU kinds: timed copies per size (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    iters: u32,
+    /// GPU kinds: the GPU index.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// Arguments of the hidden target process.
@@ -208,6 +218,15 @@ fn remote_memory_for(t: Option<TransportKind>, forced: Option<RemoteMemory>) -> 
 
 /// Runs `pdx bench kv`.
 pub fn run(args: KvArgs) -> Result<()> {
+    if args.mem != crate::bench_gpu::MemArg::Host {
+        return crate::bench_gpu::run_kv(
+            args.mem,
+            &args.block_size,
+            args.iters,
+            args.device,
+            args.json,
+        );
+    }
     let sizes = parse_sizes(&args.block_size).map_err(anyhow::Error::msg)?;
     let transports = parse_transports(&args.transport)?;
     if args.batch_size == 0 {
