@@ -13,6 +13,18 @@
 // Self-contained on purpose (no #include): NVRTC compiles this same text at run time when nvcc was not present
 // at build time.
 
+#ifdef PDX_KV_HOST
+// CPU build of this file for tests (kernels/host/kv_host.cpp): the CUDA keywords vanish, the built-in indices
+// become globals the harness sets, and each Unit below moves its bytes with memcpy instead of PTX (checking the
+// alignment the GPU would fault on).
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+struct PdxDim3 { unsigned x, y, z; };
+extern PdxDim3 blockIdx, threadIdx;
+#endif
+
 #define PDX_KV_THREADS 256
 #define PDX_KV_UNROLL 4
 
@@ -46,6 +58,14 @@ struct KvArgs {
 // One unit of B bytes: explicit ld.global / st.global of the full width (a 16-byte unit is one 128-bit access),
 // held in 32-bit registers (no struct copies the compiler could split or spill).
 template <int B> struct Unit;
+#ifdef PDX_KV_HOST
+void pdx_kv_host_check_align(const void* p, int b);
+template <int B> struct Unit {
+    unsigned char bytes[B];
+    void load(const char* p) { pdx_kv_host_check_align(p, B); __builtin_memcpy(bytes, p, B); }
+    void store(char* p) const { pdx_kv_host_check_align(p, B); __builtin_memcpy(p, bytes, B); }
+};
+#else
 template <> struct Unit<16> {
     u32 x, y, z, w;
     __device__ __forceinline__ void load(const char* p) {
@@ -85,6 +105,7 @@ template <> struct Unit<1> {
         asm volatile("st.global.u8 [%0], %1;" ::"l"(p), "h"(x) : "memory");
     }
 };
+#endif
 
 // Byte offsets of unit `u` of a staged block: inside the tensor (from its base, block `block`) and inside the
 // staged block. Mirrors KernelArgs::offsets. All quotients fit in 32 bits (u < units_per_block < 2^26, and a
