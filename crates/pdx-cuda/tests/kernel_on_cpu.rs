@@ -35,6 +35,7 @@ fn compile_harness() -> Option<PathBuf> {
 }
 
 /// Runs one launch through the harness; returns (tensors, staging) after it.
+#[allow(clippy::too_many_arguments)]
 fn run(
     exe: &Path,
     spec: &PackSpec,
