@@ -119,6 +119,11 @@ struct Row {
 /// Seed of the target's regions; the initiator's blocks use `LOCAL_SEED` (and the iteration for writes).
 const TARGET_SEED: u64 = 0x007A_26E7;
 
+/// The host memory of a host region (the host benchmark registers nothing else).
+fn host(m: &RegisteredMemory) -> Result<&Memory> {
+    m.memory().context("benchmark region is not host memory")
+}
+
 /// Fills `len` bytes at `offset` of `mem` with the pattern of `seed` (one 64-bit mix per 8 bytes).
 fn fill_pattern(mem: &Memory, offset: usize, len: usize, seed: u64) -> Result<()> {
     let mut buf = Vec::with_capacity(1 << 20);
@@ -465,7 +470,7 @@ fn run_row(
         )?),
         _ => None,
     };
-    let memcpy_gbps = memcpy_reference(reference_src, local.memory(), spec, batch, args.duration);
+    let memcpy_gbps = memcpy_reference(reference_src, host(local)?, spec, batch, args.duration);
     for _ in 0..2 {
         post_and_wait(&req)?; // warm-up: connections, page tables, caches
     }
@@ -490,7 +495,7 @@ fn run_row(
         // Put the target's pattern back (it is position-based), so later READ rows can check against it.
         for i in 0..batch {
             let off = i * spec.stride;
-            fill_pattern(local.memory(), off, spec.block, TARGET_SEED)?;
+            fill_pattern(host(local)?, off, spec.block, TARGET_SEED)?;
         }
         post_and_wait(&req)?;
     }
@@ -522,7 +527,7 @@ fn prepare_check(local: &RegisteredMemory, spec: &RowSpec, batch: usize, iter: u
         let off = i * spec.stride;
         match spec.op {
             XferOp::Read => local.fill(off, spec.block, 0xEE)?,
-            XferOp::Write => fill_pattern(local.memory(), off, spec.block, iter + 1)?,
+            XferOp::Write => fill_pattern(host(local)?, off, spec.block, iter + 1)?,
         }
     }
     Ok(())
@@ -540,7 +545,7 @@ fn check_blocks(
         (XferOp::Read, _, _) => {
             for i in 0..batch {
                 let off = i * spec.stride;
-                verify(local.memory(), off, spec.block, off, TARGET_SEED)
+                verify(host(local)?, off, spec.block, off, TARGET_SEED)
                     .with_context(|| format!("READ block {i}"))?;
             }
         }
@@ -548,7 +553,7 @@ fn check_blocks(
             post_and_wait(rb)?;
             for i in 0..batch {
                 let off = i * spec.stride;
-                verify(s.memory(), off, spec.block, off, iter + 1)
+                verify(host(s)?, off, spec.block, off, iter + 1)
                     .with_context(|| format!("WRITE block {i}"))?;
             }
         }
@@ -575,7 +580,7 @@ fn target_regions(
         .transpose()?;
     if pattern {
         for m in shared.iter().chain(owned.iter()) {
-            fill_pattern(m.memory(), 0, m.len(), TARGET_SEED)?;
+            fill_pattern(host(m)?, 0, m.len(), TARGET_SEED)?;
         }
     }
     Ok((shared, owned))

@@ -194,13 +194,19 @@ impl PinnedHostBuffer {
         let mem = Memory::memfd("pdx-pinned", len, true).map_err(|e| {
             CudaError::Invalid(format!("pinned host allocation of {len} bytes: {e}"))
         })?;
+        Self::pin(device, mem)
+    }
+
+    /// Pins existing host memory and takes ownership of it (e.g. a same-host peer's memfd region mapped into
+    /// this process, so the GPU can copy to and from it at DMA speed). Errors: the driver refuses the range.
+    pub fn pin(device: &Device, mem: Memory) -> Result<PinnedHostBuffer> {
         device.bind()?;
-        // SAFETY: `mem` is a live mapping of at least `len` bytes, owned by the Pinned below, which unregisters
-        // it before unmapping. PORTABLE makes the pinning visible to every context.
+        // SAFETY: `mem` is a live mapping of `mem.len()` bytes, owned by the Pinned below, which unregisters it
+        // before unmapping. PORTABLE makes the pinning visible to every context.
         check("cuMemHostRegister", unsafe {
             sys::cuMemHostRegister_v2(
                 mem.addr() as *mut c_void,
-                len,
+                mem.len(),
                 sys::CU_MEMHOSTREGISTER_PORTABLE,
             )
         })?;

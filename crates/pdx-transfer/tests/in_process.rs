@@ -239,8 +239,16 @@ fn descriptors_are_validated() {
         .a
         .create_xfer(XferOp::Read, &l, &[1], &r, &[0], opts())
         .is_err());
+    // GPU memory needs CUDA: without a driver it is unavailable (tests/gpu.rs covers machines with one).
+    if pdx_cuda::driver().is_err() {
+        assert!(matches!(
+            p.a.allocate_kind(MemoryKind::Device(0), 4096),
+            Err(TransferError::Cuda(e)) if e.is_unavailable()
+        ));
+    }
+    // Registering GPU kinds through the host-memory entry point is refused.
     assert!(matches!(
-        p.a.allocate_kind(MemoryKind::Device(0), 4096),
+        p.a.register(Memory::from_vec(vec![0; 8]).unwrap(), MemoryKind::Device(0)),
         Err(TransferError::Unavailable(_))
     ));
 }
