@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pdx_cuda::{
@@ -13,6 +14,10 @@ use pdx_cuda::{
     PinnedHostBuffer, Stream,
 };
 use pdx_kvlayout::{BlockLayout, KvLayout, PackSpec};
+use pdx_transfer::{
+    Agent, AgentConfig, MemoryKind, RegisteredMemory, TransportKind, XferDescList, XferOp,
+    XferOptions, XferRequest,
+};
 use rand::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -244,12 +249,22 @@ pub fn run_kv(mem: MemArg, sizes: &str, iters: u32, device: usize, json: bool) -
     let rows = match mem {
         MemArg::Host => bail!("--mem host is the host benchmark"),
         MemArg::Device => {
-            // The exporter: owns the memory, hands the handle to a child that reads it through IPC.
-            let buf = DeviceBuffer::new(&dev, max)?;
-            let s = Stream::new(&dev)?;
-            s.memset(&buf, 0, max, 0x3C)?;
-            s.synchronize()?;
-            let handle = serde_json::to_string(&buf.ipc_handle()?)?;
+            // The exporter: an agent owning a device region; the child reads it through CUDA IPC, raw (the handle)
+            // and through its own agent (the metadata), and compares with a device copy inside its process.
+            let agent = Agent::new(AgentConfig::new("bench-gpu-exporter"))?;
+            let region = agent.allocate_kind(MemoryKind::Device(device as u32), max)?;
+            region.fill(0, max, 0x3C)?;
+            let handle = serde_json::to_string(
+                &region
+                    .device_buffer()
+                    .context("device region")?
+                    .ipc_handle()?,
+            )?;
+            let md: String = agent
+                .local_metadata()?
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             let exe = std::env::current_exe().context("locating the pdx binary")?;
             let sizes_arg = sizes
                 .iter()
@@ -265,7 +280,15 @@ pub fn run_kv(mem: MemArg, sizes: &str, iters: u32, device: usize, json: bool) -
                     "--iters",
                     &iters.to_string(),
                 ])
-                .args(["--sizes", &sizes_arg, "--handle", &handle])
+                .args([
+                    "--sizes",
+                    &sizes_arg,
+                    "--handle",
+                    &handle,
+                    "--metadata",
+                    &md,
+                ])
+                .args(["--region-addr", &region.addr().to_string()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting the IPC target process")?;
@@ -277,10 +300,14 @@ pub fn run_kv(mem: MemArg, sizes: &str, iters: u32, device: usize, json: bool) -
             for line in BufReader::new(&out.stdout[..]).lines() {
                 rows.push(serde_json::from_str::<GpuKvRow>(&line?)?);
             }
-            drop(buf);
+            drop(region);
             rows
         }
-        MemArg::Pinned => pinned_rows(&dev, &sizes, iters)?,
+        MemArg::Pinned => {
+            let mut rows = pinned_rows(&dev, &sizes, iters)?;
+            rows.extend(engine_pinned_rows(device, &sizes, iters)?);
+            rows
+        }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -346,6 +373,97 @@ fn pinned_rows(dev: &Device, sizes: &[u64], iters: u32) -> Result<Vec<GpuKvRow>>
     Ok(rows)
 }
 
+/// Seconds per request of `req` over `iters` posts (one warm-up); every post completes inside the call
+/// (`cuda` requests wait for their stream).
+fn time_requests(req: &XferRequest, iters: u32) -> Result<f64> {
+    req.post()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        req.post()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// Seconds per synchronised copy (`cuMemcpyAsync` + stream synchronise, wall clock), the same-run reference of
+/// engine requests, which also wait for their copy.
+fn time_sync_copies(s: &Stream, iters: u32, mut copy: impl FnMut() -> Result<()>) -> Result<f64> {
+    copy()?;
+    s.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        copy()?;
+        s.synchronize()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+fn whole(m: &RegisteredMemory, len: usize) -> Result<XferDescList> {
+    Ok(XferDescList {
+        kind: m.kind(),
+        descs: vec![m.desc(0, len)?],
+    })
+}
+
+/// Transfer-engine rows of `--mem pinned`: one agent's pinned region ↔ another's device region in this process
+/// (transport `cuda`), against a plain synchronised copy between the same buffers.
+fn engine_pinned_rows(device: usize, sizes: &[u64], iters: u32) -> Result<Vec<GpuKvRow>> {
+    let max = *sizes.iter().max().context("no sizes")? as usize;
+    let a = Agent::new(AgentConfig::new("bench-pinned-a"))?;
+    let b = Agent::new(AgentConfig::new("bench-pinned-b"))?;
+    let pinned = a.allocate_kind(MemoryKind::PinnedHost, max)?;
+    let dev_mem = b.allocate_kind(MemoryKind::Device(device as u32), max)?;
+    a.load_remote(&b.local_metadata()?)?;
+    let dev = Device::new(device)?;
+    let s = Stream::new(&dev)?;
+    // The same buffers, for the reference: the device region's buffer and a pinned buffer of the same size.
+    let dbuf = dev_mem.device_buffer().context("device region")?.clone();
+    let pbuf = PinnedHostBuffer::new(&dev, max)?;
+    let mut rows = Vec::new();
+    for &size in sizes {
+        let n = size as usize;
+        for op in [XferOp::Write, XferOp::Read] {
+            let req = a.create_xfer_from_descs(
+                op,
+                &XferDescList {
+                    kind: MemoryKind::PinnedHost,
+                    descs: vec![pinned.desc(0, n)?],
+                },
+                "bench-pinned-b",
+                &XferDescList {
+                    kind: dev_mem.kind(),
+                    descs: vec![dev_mem.desc(0, n)?],
+                },
+                XferOptions {
+                    transport: Some(TransportKind::Cuda),
+                    ..Default::default()
+                },
+            )?;
+            let engine = time_requests(&req, iters)?;
+            let plain = time_sync_copies(&s, iters, || {
+                match op {
+                    XferOp::Write => s.copy(&dbuf, 0, &pbuf, 0, n)?,
+                    XferOp::Read => s.copy(&pbuf, 0, &dbuf, 0, n)?,
+                }
+                Ok(())
+            })?;
+            let dir = if op == XferOp::Write {
+                "pinned->device"
+            } else {
+                "device->pinned"
+            };
+            rows.push(GpuKvRow {
+                what: format!("engine {dir} (cuda transport)"),
+                bytes: size,
+                gbps: size as f64 / engine / 1e9,
+                reference: format!("{dir} cuMemcpyAsync+sync"),
+                reference_gbps: size as f64 / plain / 1e9,
+                ratio: plain / engine,
+            });
+        }
+    }
+    Ok(rows)
+}
+
 /// Arguments of the hidden IPC target of `pdx bench kv --mem device`.
 #[derive(clap::Args, Debug)]
 pub struct GpuTargetArgs {
@@ -361,6 +479,12 @@ pub struct GpuTargetArgs {
     /// GPU index.
     #[arg(long)]
     device: usize,
+    /// The exporter agent's metadata (hex), for the transfer-engine rows.
+    #[arg(long)]
+    metadata: String,
+    /// Address of the exporter's device region.
+    #[arg(long)]
+    region_addr: u64,
 }
 
 /// The IPC side: opens the exporter's memory and, per size, times copies out of it (IPC D2D) and an in-process
@@ -396,6 +520,53 @@ pub fn run_gpu_target(args: GpuTargetArgs) -> Result<()> {
                 reference: "in-process d2d cuMemcpyAsync".into(),
                 reference_gbps: local,
                 ratio: gbps / local,
+            };
+            println!("{}", serde_json::to_string(&row)?);
+        }
+    }
+    // The same through the transfer engine: an agent here loads the exporter's metadata (CUDA IPC handles, version
+    // 3) and READs/WRITEs its device region with the `cuda` transport; reference: a synchronised in-process copy.
+    let md: Vec<u8> = (0..args.metadata.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(args.metadata.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<std::result::Result<_, _>>()
+        .context("--metadata is not hex")?;
+    let agent = Agent::new(AgentConfig::new("bench-gpu-importer"))?;
+    let exporter = agent.load_remote(&md)?;
+    let mine = agent.allocate_kind(MemoryKind::Device(args.device as u32), max)?;
+    for &size in &sizes {
+        let n = size as usize;
+        let remote = XferDescList {
+            kind: MemoryKind::Device(handle.device()),
+            descs: vec![pdx_transfer::XferDesc {
+                addr: args.region_addr,
+                len: size,
+                dev_id: handle.device(),
+            }],
+        };
+        let plain = time_sync_copies(&s, args.iters, || Ok(s.copy(&b, 0, &a, 0, n)?))?;
+        for op in [XferOp::Read, XferOp::Write] {
+            let req = agent.create_xfer_from_descs(
+                op,
+                &whole(&mine, n)?,
+                &exporter,
+                &remote,
+                XferOptions::default(),
+            )?;
+            if req.transport() != TransportKind::Cuda {
+                bail!("expected the cuda transport, got {}", req.transport());
+            }
+            let engine = time_requests(&req, args.iters)?;
+            let row = GpuKvRow {
+                what: format!(
+                    "engine ipc {} (cuda transport)",
+                    if op == XferOp::Read { "read" } else { "write" }
+                ),
+                bytes: size,
+                gbps: size as f64 / engine / 1e9,
+                reference: "in-process d2d cuMemcpyAsync+sync".into(),
+                reference_gbps: size as f64 / plain / 1e9,
+                ratio: plain / engine,
             };
             println!("{}", serde_json::to_string(&row)?);
         }

@@ -4,6 +4,7 @@
 #   .gpu/pdx            release CLI (pdx bench kernels, pdx bench kv --mem device|pinned)
 #   .gpu/pdx-cuda-gpu   the GPU tests of crates/pdx-cuda/tests/gpu.rs
 #   .gpu/pdx-cuda-unit  pdx-cuda's unit tests; .gpu/pdx-kvlayout  the CPU reference tests
+#   .gpu/pdx-transfer-gpu  the transfer engine's GPU tests (crates/pdx-transfer/tests/gpu.rs)
 # Binaries are stripped of debug info to stay small. Run from anywhere: benches/gpu/prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,11 +13,11 @@ cargo build --release --locked -p pdx
 mkdir -p .gpu
 cp "$target/release/pdx" .gpu/pdx
 # `cargo test --no-run` names each test executable in its JSON messages.
-cargo test --release --locked -p pdx-cuda -p pdx-kvlayout --no-run --message-format=json \
+cargo test --release --locked -p pdx-cuda -p pdx-kvlayout -p pdx-transfer --no-run --message-format=json \
   | python3 -c '
 import json, sys, shutil
 names = {("pdx-cuda", "gpu"): "pdx-cuda-gpu", ("pdx-cuda", "pdx_cuda"): "pdx-cuda-unit",
-         ("pdx-kvlayout", "pdx_kvlayout"): "pdx-kvlayout"}
+         ("pdx-kvlayout", "pdx_kvlayout"): "pdx-kvlayout", ("pdx-transfer", "gpu"): "pdx-transfer-gpu"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:

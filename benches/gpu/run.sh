@@ -15,7 +15,7 @@ status=0
 log() { echo "== $*" | tee -a "$OUT/run.log"; }
 fail() { echo "FAIL: $*" | tee -a "$OUT/run.log"; status=1; }
 
-for f in pdx pdx-cuda-gpu pdx-cuda-unit pdx-kvlayout; do
+for f in pdx pdx-cuda-gpu pdx-cuda-unit pdx-kvlayout pdx-transfer-gpu; do
   [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run benches/gpu/prepare.sh on the build machine first" >&2; exit 2; }
 done
 # NVRTC (libnvrtc.so.13) and libcuda from the toolkit and driver locations, wherever they are.
@@ -50,6 +50,8 @@ run_tests cuda-unit PDX_X=1 "$BIN/pdx-cuda-unit"
 # The same GPU tests twice: kernels from nvcc's PTX, then compiled by NVRTC at run time.
 run_tests gpu-nvcc-ptx PDX_KV_PTX_DIR="$OUT/ptx" "$BIN/pdx-cuda-gpu" --test-threads=1 --nocapture
 run_tests gpu-nvrtc PDX_X=1 "$BIN/pdx-cuda-gpu" --test-threads=1 --nocapture
+# The transfer engine with GPU memory: cuda transport in one process and across two through IPC.
+run_tests transfer-gpu PDX_X=1 "$BIN/pdx-transfer-gpu" --test-threads=1 --nocapture
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   export PDX_KV_PTX_DIR="$OUT/ptx"
