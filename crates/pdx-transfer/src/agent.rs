@@ -748,15 +748,45 @@ impl Agent {
         };
         let mut why_not = Vec::new();
         let (transport, plan) = 'plan: {
-            // GPU memory moves only over `cuda` (host transports would dereference device addresses).
+            // GPU memory moves only over `cuda`, or staged over `tcp` (host transports would dereference
+            // device addresses).
             if pairs
                 .iter()
                 .any(|(l, r)| gpu::needs_gpu(l, rem.md.regions[r.region].kind))
             {
+                // Another host (or `tcp` forced): staged through pinned memory over tcp.
+                let staged = opts.transport == Some(TransportKind::Tcp)
+                    || (matches!(rem.locality, Locality::OtherHost)
+                        && opts.transport.is_none()
+                        && allowed(TransportKind::Tcp));
+                if staged {
+                    if rem.md.listen_addr.is_none() {
+                        return Err(gpu::unavailable(format!(
+                            "agent `{}` runs no listener",
+                            rem.md.name
+                        )));
+                    }
+                    let locals: Vec<(LocalSeg, MemoryKind)> = pairs
+                        .iter()
+                        .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
+                        .collect();
+                    let ctrl: Arc<[u8]> = Ctrl::Segments {
+                        segs: pairs.iter().map(|p| (p.1.addr, p.1.len)).collect(),
+                        notif: opts.notif.clone(),
+                    }
+                    .encode()
+                    .into();
+                    break 'plan (
+                        TransportKind::Tcp,
+                        Plan::Staged(gpu::staged_plan(&locals, ctrl)?),
+                    );
+                }
                 if !allowed(TransportKind::Cuda) {
                     return Err(TransferError::TransportUnavailable {
                         transport: opts.transport.map_or("any", TransportKind::name),
-                        reason: "GPU memory moves only over the cuda transport, which is not allowed here".into(),
+                        reason:
+                            "GPU memory moves only over the cuda transport (or staged over tcp)"
+                                .into(),
                     });
                 }
                 break 'plan (
@@ -1174,6 +1204,15 @@ impl XferRequest {
     /// when it fails inside the call (peer gone, invalidated, memory no longer mapped on the peer).
     pub fn post(&self) -> Result<XferStatus> {
         self.completion.begin()?;
+        if let Plan::Staged(plan) = &self.plan {
+            let result = self.run_staged(plan);
+            let ret = match &result {
+                Ok(()) => Ok(XferStatus::Done),
+                Err(e) => Err(e.duplicate()),
+            };
+            self.completion.finish(result);
+            return ret;
+        }
         if let Plan::Tcp { local, .. } = &self.plan {
             let kind = match self.op {
                 XferOp::Read => FrameKind::ReadRequest,
@@ -1234,6 +1273,39 @@ impl XferRequest {
         ret
     }
 
+    /// The staged path, inside `post`: GPU → staging then `tcp` (WRITE), or `tcp` into staging then staging →
+    /// GPU (READ). The notification rides on the `tcp` request.
+    fn run_staged(&self, plan: &gpu::StagedPlan) -> Result<()> {
+        self.remote.check_alive()?;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| TransferError::Invalid("staged request without a connection".into()))?;
+        let tcp = |kind| -> Result<()> {
+            let done = Completion::new();
+            done.begin()?;
+            conn.submit(
+                kind,
+                plan.ctrl.clone(),
+                plan.tcp_local.clone(),
+                done.clone(),
+            )?;
+            done.wait(None)
+        };
+        // The GPU copies pair each local segment with its staging range, so the request's own direction applies:
+        // WRITE copies local GPU memory → staging, READ copies staging → local GPU memory.
+        match self.op {
+            XferOp::Write => {
+                gpu::run(XferOp::Write, &plan.gpu)?;
+                tcp(FrameKind::WriteRequest)
+            }
+            XferOp::Read => {
+                tcp(FrameKind::ReadRequest)?;
+                gpu::run(XferOp::Read, &plan.gpu)
+            }
+        }
+    }
+
     fn run_inline(&self) -> Result<()> {
         self.remote.check_alive()?;
         if let Some(c) = &self.conn {
@@ -1276,6 +1348,9 @@ impl XferRequest {
                 })?;
             }
             Plan::Cuda(plan) => gpu::run(self.op, plan)?,
+            Plan::Staged(_) => {
+                return Err(TransferError::Invalid("staged requests run in post".into()))
+            }
             Plan::Tcp { .. } => {
                 return Err(TransferError::Invalid(
                     "tcp requests are posted to their connection".into(),

@@ -5,8 +5,10 @@
 //! - same host, another process: the peer's device regions are opened from the CUDA IPC handles of its
 //!   metadata (version 3), once, and cached; its pinned (memfd) regions are mapped and pinned in this process;
 //!   copies then run device to device or by DMA as in one process;
-//! - another host: not here yet. The staged path (device → pinned host → tcp → device) is still to come;
-//!   such requests fail with `TransportUnavailable`.
+//! - another host (or `tcp` forced): the staged path. The request owns a pinned staging buffer; a WRITE copies
+//!   device → staging on the GPU, then sends the staging bytes over `tcp`; a READ receives over `tcp` into
+//!   staging, then copies staging → device. The peer's side must be host or pinned memory (peer-side staging
+//!   of device memory is not implemented: such requests fail with `TransportUnavailable`).
 //!
 //! A request's copies are queued on its own stream at post and waited for inside `post` (the transfer is done
 //! when `post` returns, as with `local`/`shm`), then the notification is sent like any other.
@@ -18,7 +20,7 @@ use pdx_cuda::{Device, GpuMemory, IpcMemory, PinnedHostBuffer, Stream};
 use pdx_sys::Memory;
 
 use crate::error::{Result, TransferError};
-use crate::memory::{MemoryKind, Region};
+use crate::memory::{Backing, MemoryKind, Region};
 use crate::metadata::{AgentMetadata, CudaMetadata};
 use crate::request::XferOp;
 use crate::transport::LocalSeg;
@@ -224,4 +226,68 @@ pub(crate) fn run(op: XferOp, plan: &GpuPlan) -> Result<()> {
         }
     }
     Ok(s.synchronize()?)
+}
+
+/// A staged (`tcp` through pinned host memory) plan: GPU copies between the local segments and a staging
+/// region, and the `tcp` frame that moves the staging bytes.
+#[derive(Debug)]
+pub(crate) struct StagedPlan {
+    /// Segments of the staging region, one per pair, in order (the `tcp` side).
+    pub tcp_local: Arc<[LocalSeg]>,
+    /// The encoded `tcp` request (remote segments and notification).
+    pub ctrl: Arc<[u8]>,
+    /// Local GPU segments ↔ staging.
+    pub gpu: GpuPlan,
+}
+
+/// Builds a staged plan for `locals` (GPU segments) whose remote sides are host memory of the peer; `ctrl` is
+/// the encoded `tcp` request for the remote segments.
+pub(crate) fn staged_plan(
+    locals: &[(LocalSeg, MemoryKind)],
+    ctrl: Arc<[u8]>,
+) -> Result<StagedPlan> {
+    if let Some(i) = locals
+        .iter()
+        .position(|(_, k)| matches!(k, MemoryKind::Device(_)))
+    {
+        return Err(unavailable(format!(
+            "remote descriptor {i} is GPU memory of a peer reached over tcp: peer-side staging is not implemented"
+        )));
+    }
+    let device = plan_device(locals)?;
+    let total: usize = locals.iter().map(|(l, _)| l.len).sum();
+    let staging = Arc::new(Region {
+        id: u64::MAX, // never in a registry: owned by this request
+        kind: MemoryKind::PinnedHost,
+        backing: Backing::Pinned(PinnedHostBuffer::new(&device, total.max(1))?),
+    });
+    let mut off = 0;
+    let mut tcp_local = Vec::with_capacity(locals.len());
+    let mut copies = Vec::with_capacity(locals.len());
+    for (l, _) in locals {
+        if l.region.gpu().is_none() {
+            return Err(unavailable(
+                "a staged transfer needs GPU or pinned local memory".into(),
+            ));
+        }
+        tcp_local.push(LocalSeg {
+            region: staging.clone(),
+            off,
+            len: l.len,
+        });
+        copies.push(GpuCopy {
+            local: l.clone(),
+            remote: GpuTarget::Region(staging.clone()),
+            remote_off: off,
+        });
+        off += l.len;
+    }
+    Ok(StagedPlan {
+        tcp_local: tcp_local.into(),
+        ctrl,
+        gpu: GpuPlan {
+            stream: Stream::new(&device)?,
+            copies,
+        },
+    })
 }

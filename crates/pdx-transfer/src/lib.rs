@@ -11,8 +11,8 @@
 //!   memory ([`wire`] documents the frames);
 //! - `cuda`: GPU memory ([`MemoryKind::Device`], registered with [`Agent::allocate_kind`] or
 //!   [`Agent::register_device`]): device and pinned copies in one process, CUDA IPC (handles in the metadata)
-//!   between processes of one host; without CUDA, allocating GPU memory gives [`TransferError::Cuda`] with
-//!   `CudaError::Unavailable`;
+//!   between processes of one host; to another host (or with `tcp` forced) staged through pinned memory over
+//!   `tcp`; without CUDA, allocating GPU memory gives [`TransferError::Cuda`] with `CudaError::Unavailable`;
 //! - `ucx` (cargo feature `ucx`, off by default): UCX RMA put/get with active-message notifications, through
 //!   `pdx-ucx-sys`; enabled per agent by listing it in `AgentConfig::transports` (the default with the feature).
 //!

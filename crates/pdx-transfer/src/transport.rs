@@ -110,6 +110,8 @@ pub(crate) enum Plan {
     },
     /// `cuda`: copies on a CUDA stream.
     Cuda(crate::gpu::GpuPlan),
+    /// `tcp` with GPU memory: staged through pinned host memory.
+    Staged(crate::gpu::StagedPlan),
     /// `ucx`: a batch of puts or gets and a flush on the peer's endpoint; segments are
     /// `(local, remote address, remote region index)`.
     #[cfg(feature = "ucx")]

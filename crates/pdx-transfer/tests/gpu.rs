@@ -228,3 +228,73 @@ fn ipc_between_two_processes() {
         "the child's WRITE landed in our device memory"
     );
 }
+
+#[test]
+fn staged_over_tcp_between_device_and_host_memory() {
+    if !cuda() {
+        return;
+    }
+    // `tcp` forced: the path a peer on another host takes (device -> pinned staging -> tcp, and back).
+    let a = Agent::new(AgentConfig::new("staged-a")).expect("agent");
+    let b = Agent::new(AgentConfig::new("staged-b")).expect("agent");
+    let n = 3 << 20;
+    let dev = a.allocate_kind(MemoryKind::Device(0), n).expect("device");
+    let host = b.allocate(n).expect("host");
+    let dev_b = b
+        .allocate_kind(MemoryKind::Device(0), 4096)
+        .expect("device b");
+    a.load_remote(&b.local_metadata().expect("md"))
+        .expect("load");
+    let tcp = || XferOptions {
+        transport: Some(TransportKind::Tcp),
+        notif: Some(b"staged".to_vec()),
+    };
+    dev.write(0, &pattern(n, 40)).expect("write");
+    let blocks = [(0, 1 << 20), (2 << 20, 512 << 10)];
+    let req = a
+        .create_xfer_from_descs(
+            XferOp::Write,
+            &list(&dev, &blocks),
+            "staged-b",
+            &list(&host, &[(4096, 1 << 20), (1 << 21, 512 << 10)]),
+            tcp(),
+        )
+        .expect("create write");
+    assert_eq!(req.transport(), TransportKind::Tcp);
+    assert_eq!(req.post().expect("post"), XferStatus::Done);
+    let mut got = vec![0u8; 512 << 10];
+    host.read(1 << 21, &mut got).expect("read");
+    assert!(got == pattern(n, 40)[2 << 20..(2 << 20) + (512 << 10)]);
+    assert!(b
+        .wait_notifications(Duration::from_secs(2))
+        .iter()
+        .any(|x| x.payload == b"staged"));
+    // READ back into other device offsets.
+    host.write(0, &pattern(n, 41)).expect("host write");
+    let req = a
+        .create_xfer_from_descs(
+            XferOp::Read,
+            &list(&dev, &[(n - 8192, 8192)]),
+            "staged-b",
+            &list(&host, &[(100, 8192)]),
+            tcp(),
+        )
+        .expect("create read");
+    req.post().expect("post");
+    let mut got = vec![0u8; 8192];
+    dev.read(n - 8192, &mut got).expect("read");
+    assert!(got == pattern(n, 41)[100..100 + 8192]);
+    // The peer's device memory is not reachable over tcp (no peer-side staging).
+    let r = a.create_xfer_from_descs(
+        XferOp::Read,
+        &list(&dev, &[(0, 4096)]),
+        "staged-b",
+        &list(&dev_b, &[(0, 4096)]),
+        tcp(),
+    );
+    assert!(
+        matches!(r, Err(TransferError::TransportUnavailable { .. })),
+        "{:?}",
+        r.err()
+    );
+}
