@@ -69,6 +69,16 @@ pub struct KvArgs {
     /// Print rows as a JSON array instead of a table.
     #[arg(long)]
     json: bool,
+    /// Memory: host (the host transports), device (two processes on one GPU through CUDA IPC), pinned (pinned
+    /// host <-> GPU). The GPU kinds use `--block-size` as copy sizes and need CUDA.
+    #[arg(long, value_enum, default_value = "host")]
+    mem: crate::bench_gpu::MemArg,
+    /// GPU kinds: timed copies per size (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    iters: u32,
+    /// GPU kinds: the GPU index.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// Arguments of the hidden target process.
@@ -109,13 +119,24 @@ struct Row {
 /// Seed of the target's regions; the initiator's blocks use `LOCAL_SEED` (and the iteration for writes).
 const TARGET_SEED: u64 = 0x007A_26E7;
 
+/// The host memory of a host region (the host benchmark registers nothing else).
+fn host(m: &RegisteredMemory) -> Result<&Memory> {
+    m.memory().context("benchmark region is not host memory")
+}
+
 /// Fills `len` bytes at `offset` of `mem` with the pattern of `seed` (one 64-bit mix per 8 bytes).
 fn fill_pattern(mem: &Memory, offset: usize, len: usize, seed: u64) -> Result<()> {
     fill_pattern_from(mem, offset, len, seed, 0)
 }
 
 /// [`fill_pattern`] for a buffer whose block 0 (pattern offset 0) starts at byte `origin` of `mem`.
-fn fill_pattern_from(mem: &Memory, offset: usize, len: usize, seed: u64, origin: usize) -> Result<()> {
+fn fill_pattern_from(
+    mem: &Memory,
+    offset: usize,
+    len: usize,
+    seed: u64,
+    origin: usize,
+) -> Result<()> {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut done = 0;
     while done < len {
@@ -213,6 +234,15 @@ fn remote_memory_for(t: Option<TransportKind>, forced: Option<RemoteMemory>) -> 
 
 /// Runs `pdx bench kv`.
 pub fn run(args: KvArgs) -> Result<()> {
+    if args.mem != crate::bench_gpu::MemArg::Host {
+        return crate::bench_gpu::run_kv(
+            args.mem,
+            &args.block_size,
+            args.iters,
+            args.device,
+            args.json,
+        );
+    }
     let sizes = parse_sizes(&args.block_size).map_err(anyhow::Error::msg)?;
     let transports = parse_transports(&args.transport)?;
     if args.batch_size == 0 {
@@ -451,7 +481,7 @@ fn run_row(
         )?),
         _ => None,
     };
-    let memcpy_gbps = memcpy_reference(reference_src, local.memory(), spec, batch, args.duration);
+    let memcpy_gbps = memcpy_reference(reference_src, host(local)?, spec, batch, args.duration);
     for _ in 0..2 {
         post_and_wait(&req)?; // warm-up: connections, page tables, caches
     }
@@ -476,7 +506,7 @@ fn run_row(
         // Put the target's pattern back (it is position-based), so later READ rows can check against it.
         for i in 0..batch {
             let off = i * spec.stride;
-            fill_pattern(local.memory(), off, spec.block, TARGET_SEED)?;
+            fill_pattern(host(local)?, off, spec.block, TARGET_SEED)?;
         }
         post_and_wait(&req)?;
     }
@@ -508,7 +538,7 @@ fn prepare_check(local: &RegisteredMemory, spec: &RowSpec, batch: usize, iter: u
         let off = i * spec.stride;
         match spec.op {
             XferOp::Read => local.fill(off, spec.block, 0xEE)?,
-            XferOp::Write => fill_pattern(local.memory(), off, spec.block, iter + 1)?,
+            XferOp::Write => fill_pattern(host(local)?, off, spec.block, iter + 1)?,
         }
     }
     Ok(())
@@ -526,7 +556,7 @@ fn check_blocks(
         (XferOp::Read, _, _) => {
             for i in 0..batch {
                 let off = i * spec.stride;
-                verify(local.memory(), off, spec.block, off, TARGET_SEED)
+                verify(host(local)?, off, spec.block, off, TARGET_SEED)
                     .with_context(|| format!("READ block {i}"))?;
             }
         }
@@ -534,7 +564,7 @@ fn check_blocks(
             post_and_wait(rb)?;
             for i in 0..batch {
                 let off = i * spec.stride;
-                verify(s.memory(), off, spec.block, off, iter + 1)
+                verify(host(s)?, off, spec.block, off, iter + 1)
                     .with_context(|| format!("WRITE block {i}"))?;
             }
         }
@@ -567,10 +597,10 @@ fn target_regions(
         .transpose()?;
     if pattern {
         if let Some(m) = &shared {
-            fill_pattern(m.memory(), 0, m.len(), TARGET_SEED)?;
+            fill_pattern(host(m)?, 0, m.len(), TARGET_SEED)?;
         }
         if let Some(o) = &owned {
-            fill_pattern_from(o.mem.memory(), o.pad, owned_bytes, TARGET_SEED, o.pad)?;
+            fill_pattern_from(host(&o.mem)?, o.pad, owned_bytes, TARGET_SEED, o.pad)?;
         }
     }
     Ok((shared, owned))

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_gpu;
 mod bench_kv;
 mod demo;
 mod units;
@@ -38,6 +39,11 @@ enum BenchCommand {
     /// The target process of `pdx bench kv --procs 2` (started by it).
     #[command(hide = true)]
     KvTarget(bench_kv::TargetArgs),
+    /// KV pack/unpack kernels vs per-block cuMemcpyAsync and the same-run device-to-device copy (needs CUDA).
+    Kernels(bench_gpu::KernelArgs),
+    /// The IPC process of `pdx bench kv --mem device` (started by it).
+    #[command(hide = true)]
+    KvGpuTarget(bench_gpu::GpuTargetArgs),
 }
 
 /// Runs `pdx replay` and prints its report (a table, or JSON with `--json`).
@@ -69,6 +75,8 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
+        Command::Bench(BenchCommand::Kernels(args)) => bench_gpu::run_kernels(args)?,
+        Command::Bench(BenchCommand::KvGpuTarget(args)) => bench_gpu::run_gpu_target(args)?,
     }
     Ok(())
 }

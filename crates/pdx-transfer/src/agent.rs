@@ -10,8 +10,9 @@ use pdx_sys::Memory;
 
 use crate::desc::XferDescList;
 use crate::error::{Result, TransferError};
-use crate::memory::{MemoryKind, Region, RegisteredMemory, Registry};
-use crate::metadata::{AgentMetadata, RegionMetadata, MAX_NAME_BYTES};
+use crate::gpu::{self, GpuPeer, PeerMemory};
+use crate::memory::{Backing, MemoryKind, Region, RegisteredMemory, Registry};
+use crate::metadata::{AgentMetadata, CudaMetadata, RegionMetadata, MAX_NAME_BYTES};
 use crate::request::{Completion, XferCompletion, XferOp, XferStatus};
 use crate::tcp::{self, Notification, NotificationQueue, PeerConn};
 use crate::transport::{CopySeg, LocalSeg, Plan, TransportKind};
@@ -68,6 +69,8 @@ fn default_transports() -> Vec<TransportKind> {
     let mut t = TransportKind::HOST.to_vec();
     #[cfg(feature = "ucx")]
     t.push(TransportKind::Ucx);
+    // GPU memory only ever moves over `cuda`; host memory never does, so listing it costs nothing.
+    t.push(TransportKind::Cuda);
     t
 }
 
@@ -151,9 +154,27 @@ impl Inner {
                 kind: r.kind,
                 addr: r.addr(),
                 len: r.len(),
-                memfd: r.mem.memfd_fd(),
+                memfd: r.host().and_then(|m| m.memfd_fd()),
             })
             .collect();
+        // CUDA IPC handles of the device regions (a region whose export fails is simply not reachable by IPC).
+        let ipc: Vec<_> = live
+            .iter()
+            .filter_map(|r| match &r.backing {
+                Backing::Device(d) => d
+                    .ipc_handle()
+                    .inspect_err(
+                        |e| tracing::warn!(region = r.id, error = %e, "cuIpcGetMemHandle failed"),
+                    )
+                    .ok()
+                    .map(|h| (r.id, h)),
+                _ => None,
+            })
+            .collect();
+        let cuda = live
+            .iter()
+            .any(|r| matches!(r.kind, MemoryKind::Device(_)))
+            .then_some(CudaMetadata { ipc });
         let md = AgentMetadata {
             name: self.name.clone(),
             instance_id: self.instance_id,
@@ -163,14 +184,17 @@ impl Inner {
             transports: TransportKind::HOST.to_vec(),
             regions,
         };
+        let mut md = md;
+        if cuda.is_some() {
+            md.transports.push(TransportKind::Cuda);
+        }
         #[cfg(feature = "ucx")]
         if let Some(u) = &self.ucx {
-            let mut md = md;
             md.transports.push(TransportKind::Ucx);
-            return md.encode_with_ucx(Some(&u.metadata(&live)));
+            return md.encode_ext(Some(&u.metadata(&live)), cuda.as_ref());
         }
         drop(live);
-        md.encode()
+        md.encode_ext(None, cuda.as_ref())
     }
 
     fn remote(&self, name: &str) -> Result<Arc<RemoteAgent>> {
@@ -198,6 +222,10 @@ pub(crate) struct RemoteAgent {
     mapped: Vec<Option<Arc<Region>>>,
     conn: Mutex<Option<Arc<PeerConn>>>,
     invalidated: AtomicBool,
+    /// CUDA IPC handles of the peer's device regions (metadata version 3).
+    cuda_md: Option<CudaMetadata>,
+    /// The peer's GPU memory opened in this process (IPC mappings, pinned memfd mappings), made on first use.
+    gpu_peer: GpuPeer,
     #[cfg(feature = "ucx")]
     ucx_md: Option<crate::metadata::UcxMetadata>,
     #[cfg(feature = "ucx")]
@@ -378,11 +406,11 @@ impl Agent {
         self.inner.listen_addr
     }
 
-    fn add_region(&self, kind: MemoryKind, mem: Memory) -> RegisteredMemory {
+    fn add_region(&self, kind: MemoryKind, backing: Backing) -> RegisteredMemory {
         let region = Arc::new(Region {
             id: self.inner.next_region_id.fetch_add(1, Ordering::Relaxed),
             kind,
-            mem,
+            backing,
         });
         self.inner.registry.insert(region.clone());
         #[cfg(feature = "ucx")]
@@ -402,25 +430,53 @@ impl Agent {
     pub fn allocate(&self, len: usize) -> Result<RegisteredMemory> {
         let name = format!("pdx-{}", self.inner.name);
         let mem = Memory::memfd(&name, len, self.inner.config.populate)?;
-        Ok(self.add_region(MemoryKind::Host, mem))
+        Ok(self.add_region(MemoryKind::Host, Backing::Host(mem)))
     }
 
-    /// Allocates and registers memory of `kind`. Only [`MemoryKind::Host`] is available in this build;
-    /// pinned and device memory give [`TransferError::Unavailable`].
+    /// Allocates and registers memory of `kind`: host memory as [`Agent::allocate`]; pinned host memory (a
+    /// memfd arena page-locked through GPU 0, reachable by host transports and by `cuda`); or `len` bytes of
+    /// GPU `n` (`cuMemAlloc`, zero-filled, exported to same-host peers by CUDA IPC).
+    ///
+    /// Errors: [`TransferError::Cuda`] with `CudaError::Unavailable` on a machine without CUDA (or without
+    /// GPU `n`), out-of-memory and other CUDA errors; [`TransferError::Sys`] for host allocation failures.
     pub fn allocate_kind(&self, kind: MemoryKind, len: usize) -> Result<RegisteredMemory> {
         match kind {
             MemoryKind::Host => self.allocate(len),
-            MemoryKind::PinnedHost => Err(TransferError::Unavailable("pinned host")),
-            MemoryKind::Device(_) => Err(TransferError::Unavailable("device")),
+            MemoryKind::PinnedHost => {
+                let device = pdx_cuda::Device::new(0)?;
+                let buf = pdx_cuda::PinnedHostBuffer::new(&device, len)?;
+                Ok(self.add_region(kind, Backing::Pinned(buf)))
+            }
+            MemoryKind::Device(n) => {
+                let device = pdx_cuda::Device::new(n as usize)?;
+                let buf = pdx_cuda::DeviceBuffer::new(&device, len)?;
+                let s = pdx_cuda::Stream::new(&device)?;
+                s.memset(&buf, 0, len, 0)?;
+                s.synchronize()?;
+                Ok(self.add_region(kind, Backing::Device(buf)))
+            }
         }
+    }
+
+    /// Registers a device buffer (e.g. an engine's KV cache allocated through `pdx-cuda`) as
+    /// [`MemoryKind::Device`] of its GPU. The region keeps the buffer alive.
+    pub fn register_device(&self, buf: pdx_cuda::DeviceBuffer) -> RegisteredMemory {
+        let n = pdx_cuda::GpuMemory::device(&buf).ordinal() as u32;
+        self.add_region(MemoryKind::Device(n), Backing::Device(buf))
+    }
+
+    /// Registers a pinned host buffer as [`MemoryKind::PinnedHost`].
+    pub fn register_pinned(&self, buf: pdx_cuda::PinnedHostBuffer) -> RegisteredMemory {
+        self.add_region(MemoryKind::PinnedHost, Backing::Pinned(buf))
     }
 
     /// Registers caller memory as it is (host memory: an owned `Vec` via [`Memory::from_vec`], or an engine's
     /// buffer via the `unsafe` [`Memory::from_raw_parts`]). Same-host peers reach it with `cma`, others with
-    /// `tcp`. Errors: [`TransferError::Unavailable`] for kinds other than host.
+    /// `tcp`. Errors: [`TransferError::Unavailable`] for kinds other than host (register GPU memory with
+    /// [`Agent::register_device`] / [`Agent::register_pinned`]).
     pub fn register(&self, mem: Memory, kind: MemoryKind) -> Result<RegisteredMemory> {
         match kind {
-            MemoryKind::Host => Ok(self.add_region(kind, mem)),
+            MemoryKind::Host => Ok(self.add_region(kind, Backing::Host(mem))),
             MemoryKind::PinnedHost => Err(TransferError::Unavailable("pinned host")),
             MemoryKind::Device(_) => Err(TransferError::Unavailable("device")),
         }
@@ -444,8 +500,9 @@ impl Agent {
     ///
     /// Errors: [`TransferError::BadMetadata`] for malformed bytes; loading one's own metadata is refused.
     pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
+        let (md, ext) = AgentMetadata::decode_ext(bytes)?;
         #[cfg_attr(not(feature = "ucx"), allow(unused_variables))]
-        let (md, ucx_md) = AgentMetadata::decode_with_ucx(bytes)?;
+        let (ucx_md, cuda_md) = (ext.ucx, ext.cuda);
         if md.instance_id == self.inner.instance_id {
             return Err(TransferError::BadMetadata(
                 "an agent cannot load its own metadata".into(),
@@ -456,7 +513,11 @@ impl Agent {
             let same_ucx = known.ucx_md == ucx_md;
             #[cfg(not(feature = "ucx"))]
             let same_ucx = true;
-            if known.md == md && same_ucx && !known.invalidated.load(Ordering::Acquire) {
+            if known.md == md
+                && same_ucx
+                && known.cuda_md == cuda_md
+                && !known.invalidated.load(Ordering::Acquire)
+            {
                 return Ok(md.name);
             }
         }
@@ -486,7 +547,7 @@ impl Agent {
                             Arc::new(Region {
                                 id: r.id,
                                 kind: r.kind,
-                                mem,
+                                backing: Backing::Host(mem),
                             })
                         })
                 }
@@ -513,6 +574,8 @@ impl Agent {
             mapped,
             conn: Mutex::new(conn),
             invalidated: AtomicBool::new(false),
+            cuda_md,
+            gpu_peer: GpuPeer::default(),
             #[cfg(feature = "ucx")]
             ucx_md,
             #[cfg(feature = "ucx")]
@@ -685,6 +748,52 @@ impl Agent {
         };
         let mut why_not = Vec::new();
         let (transport, plan) = 'plan: {
+            // GPU memory moves only over `cuda`, or staged over `tcp` (host transports would dereference
+            // device addresses).
+            if pairs
+                .iter()
+                .any(|(l, r)| gpu::needs_gpu(l, rem.md.regions[r.region].kind))
+            {
+                // Another host (or `tcp` forced): staged through pinned memory over tcp.
+                let staged = opts.transport == Some(TransportKind::Tcp)
+                    || (matches!(rem.locality, Locality::OtherHost)
+                        && opts.transport.is_none()
+                        && allowed(TransportKind::Tcp));
+                if staged {
+                    if rem.md.listen_addr.is_none() {
+                        return Err(gpu::unavailable(format!(
+                            "agent `{}` runs no listener",
+                            rem.md.name
+                        )));
+                    }
+                    let locals: Vec<(LocalSeg, MemoryKind)> = pairs
+                        .iter()
+                        .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
+                        .collect();
+                    let ctrl: Arc<[u8]> = Ctrl::Segments {
+                        segs: pairs.iter().map(|p| (p.1.addr, p.1.len)).collect(),
+                        notif: opts.notif.clone(),
+                    }
+                    .encode()
+                    .into();
+                    break 'plan (
+                        TransportKind::Tcp,
+                        Plan::Staged(gpu::staged_plan(&locals, ctrl)?),
+                    );
+                }
+                if !allowed(TransportKind::Cuda) {
+                    return Err(TransferError::TransportUnavailable {
+                        transport: opts.transport.map_or("any", TransportKind::name),
+                        reason:
+                            "GPU memory moves only over the cuda transport (or staged over tcp)"
+                                .into(),
+                    });
+                }
+                break 'plan (
+                    TransportKind::Cuda,
+                    Plan::Cuda(self.cuda_plan(&rem, &pairs)?),
+                );
+            }
             if allowed(TransportKind::Local) {
                 match &rem.locality {
                     Locality::SameProcess(peer) => match peer.upgrade() {
@@ -790,6 +899,49 @@ impl Agent {
             completion: Completion::new(),
             me: Arc::downgrade(&self.inner),
         })
+    }
+
+    /// The `cuda` plan of `pairs` with `rem` (see [`crate::gpu`]).
+    fn cuda_plan(
+        &self,
+        rem: &RemoteAgent,
+        pairs: &[(LocalSeg, RemoteSeg)],
+    ) -> Result<gpu::GpuPlan> {
+        let locals: Vec<(LocalSeg, MemoryKind)> = pairs
+            .iter()
+            .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
+            .collect();
+        let peer = match &rem.locality {
+            Locality::SameProcess(p) => {
+                let p = p
+                    .upgrade()
+                    .ok_or_else(|| gpu::unavailable("peer agent dropped".into()))?;
+                PeerMemory::SameProcess(
+                    local_copy_plan(&p, pairs)?
+                        .into_iter()
+                        .map(|c| (c.remote, c.remote_off))
+                        .collect(),
+                )
+            }
+            Locality::SameHost => PeerMemory::SameHost {
+                md: &rem.md,
+                cuda: rem.cuda_md.as_ref(),
+                peer: &rem.gpu_peer,
+                segs: pairs
+                    .iter()
+                    .map(|(_, r)| (r.region, r.off as usize))
+                    .collect(),
+                populate: self.inner.config.populate,
+            },
+            Locality::OtherHost => {
+                return Err(gpu::unavailable(format!(
+                    "agent `{}` is on another host: GPU memory across hosts needs the staged path \
+                     (device -> pinned -> tcp), which is not implemented yet",
+                    rem.md.name
+                )))
+            }
+        };
+        gpu::plan(&locals, peer)
     }
 
     #[cfg(feature = "ucx")]
@@ -938,8 +1090,15 @@ fn local_copy_plan(peer: &Inner, pairs: &[(LocalSeg, RemoteSeg)]) -> Result<Vec<
 
 /// Runs the memcpy of a `local`/`shm` plan, split by bytes across `threads` (the caller's thread included).
 fn copy_segments(op: XferOp, segs: &[CopySeg], total: u64, threads: usize) -> Result<()> {
+    // Plans of host transports only ever hold host memory (checked when they are made).
+    for s in segs {
+        s.local.region.host_mem()?;
+        s.remote.host_mem()?;
+    }
     let copy = |s: &CopySeg, at: usize, len: usize| {
-        let (l, r) = (&s.local.region.mem, &s.remote.mem);
+        let (Some(l), Some(r)) = (s.local.region.host(), s.remote.host()) else {
+            return Err(pdx_sys::SysError::InvalidLength(len as u64));
+        };
         match op {
             XferOp::Read => pdx_sys::copy(r, s.remote_off + at, l, s.local.off + at, len),
             XferOp::Write => pdx_sys::copy(l, s.local.off + at, r, s.remote_off + at, len),
@@ -1045,6 +1204,15 @@ impl XferRequest {
     /// when it fails inside the call (peer gone, invalidated, memory no longer mapped on the peer).
     pub fn post(&self) -> Result<XferStatus> {
         self.completion.begin()?;
+        if let Plan::Staged(plan) = &self.plan {
+            let result = self.run_staged(plan);
+            let ret = match &result {
+                Ok(()) => Ok(XferStatus::Done),
+                Err(e) => Err(e.duplicate()),
+            };
+            self.completion.finish(result);
+            return ret;
+        }
         if let Plan::Tcp { local, .. } = &self.plan {
             let kind = match self.op {
                 XferOp::Read => FrameKind::ReadRequest,
@@ -1105,6 +1273,39 @@ impl XferRequest {
         ret
     }
 
+    /// The staged path, inside `post`: GPU → staging then `tcp` (WRITE), or `tcp` into staging then staging →
+    /// GPU (READ). The notification rides on the `tcp` request.
+    fn run_staged(&self, plan: &gpu::StagedPlan) -> Result<()> {
+        self.remote.check_alive()?;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| TransferError::Invalid("staged request without a connection".into()))?;
+        let tcp = |kind| -> Result<()> {
+            let done = Completion::new();
+            done.begin()?;
+            conn.submit(
+                kind,
+                plan.ctrl.clone(),
+                plan.tcp_local.clone(),
+                done.clone(),
+            )?;
+            done.wait(None)
+        };
+        // The GPU copies pair each local segment with its staging range, so the request's own direction applies:
+        // WRITE copies local GPU memory → staging, READ copies staging → local GPU memory.
+        match self.op {
+            XferOp::Write => {
+                gpu::run(XferOp::Write, &plan.gpu)?;
+                tcp(FrameKind::WriteRequest)
+            }
+            XferOp::Read => {
+                tcp(FrameKind::ReadRequest)?;
+                gpu::run(XferOp::Read, &plan.gpu)
+            }
+        }
+    }
+
     fn run_inline(&self) -> Result<()> {
         self.remote.check_alive()?;
         if let Some(c) = &self.conn {
@@ -1129,8 +1330,8 @@ impl XferRequest {
             Plan::Cma { pid, local, remote } => {
                 let slices = local
                     .iter()
-                    .map(|s| s.region.mem.slice(s.off, s.len))
-                    .collect::<pdx_sys::Result<Vec<_>>>()?;
+                    .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
+                    .collect::<Result<Vec<_>>>()?;
                 let moved = match self.op {
                     XferOp::Read => pdx_sys::cma_read(*pid, &slices, remote),
                     XferOp::Write => pdx_sys::cma_write(*pid, &slices, remote),
@@ -1145,6 +1346,10 @@ impl XferRequest {
                         TransferError::Sys(e)
                     }
                 })?;
+            }
+            Plan::Cuda(plan) => gpu::run(self.op, plan)?,
+            Plan::Staged(_) => {
+                return Err(TransferError::Invalid("staged requests run in post".into()))
             }
             Plan::Tcp { .. } => {
                 return Err(TransferError::Invalid(

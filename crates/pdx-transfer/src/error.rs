@@ -81,6 +81,9 @@ pub enum TransferError {
     /// The agent is shut down.
     #[error("agent is shut down")]
     Shutdown,
+    /// A CUDA operation failed, or CUDA is unavailable on this machine (`CudaError::Unavailable`: no driver).
+    #[error(transparent)]
+    Cuda(#[from] pdx_cuda::CudaError),
     /// A host-memory or socket operation failed.
     #[error(transparent)]
     Sys(#[from] pdx_sys::SysError),
@@ -106,6 +109,7 @@ impl TransferError {
             | TransferError::RegionInUse(..)
             | TransferError::Io { .. } => true,
             TransferError::Sys(e) => e.is_retryable(),
+            TransferError::Cuda(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -153,6 +157,7 @@ impl TransferError {
             }
             TransferError::Unavailable(k) => TransferError::Unavailable(k),
             TransferError::Shutdown => TransferError::Shutdown,
+            TransferError::Cuda(e) => TransferError::Cuda(e.clone()),
             // I/O errors keep their kind and message.
             TransferError::Sys(e) => TransferError::Io {
                 op: "host memory",

@@ -9,6 +9,10 @@
 //! - `cma`: peer on the same host, caller-owned memory, batched `process_vm_readv` / `process_vm_writev`;
 //! - `tcp`: any peer, one connection per peer pair, framed, vectored I/O straight from and into registered
 //!   memory ([`wire`] documents the frames);
+//! - `cuda`: GPU memory ([`MemoryKind::Device`], registered with [`Agent::allocate_kind`] or
+//!   [`Agent::register_device`]): device and pinned copies in one process, CUDA IPC (handles in the metadata)
+//!   between processes of one host; to another host (or with `tcp` forced) staged through pinned memory over
+//!   `tcp`; without CUDA, allocating GPU memory gives [`TransferError::Cuda`] with `CudaError::Unavailable`;
 //! - `ucx` (cargo feature `ucx`, off by default): UCX RMA put/get with active-message notifications, through
 //!   `pdx-ucx-sys`; enabled per agent by listing it in `AgentConfig::transports` (the default with the feature).
 //!
@@ -49,6 +53,7 @@
 mod agent;
 mod desc;
 mod error;
+mod gpu;
 mod memory;
 pub mod metadata;
 mod request;

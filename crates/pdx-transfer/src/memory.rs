@@ -2,17 +2,22 @@
 
 use std::sync::{Arc, RwLock};
 
+use pdx_cuda::{DeviceBuffer, GpuMemory, PinnedHostBuffer, Stream};
 use pdx_sys::Memory;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TransferError};
+
+fn gpu_device(d: &DeviceBuffer) -> &pdx_cuda::Device {
+    GpuMemory::device(d)
+}
 
 /// Where a region lives. Descriptors carry the kind and device id; transports are chosen by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MemoryKind {
     /// Pageable host memory (NIXL `DRAM`).
     Host,
-    /// Page-locked host memory registered with CUDA (needs the CUDA support of the `cuda` feature).
+    /// Page-locked host memory registered with CUDA (needs a CUDA driver at run time).
     PinnedHost,
     /// GPU memory of device `n` (NIXL `VRAM`; needs CUDA).
     Device(u32),
@@ -28,6 +33,26 @@ impl MemoryKind {
     }
 }
 
+/// What backs a region.
+pub(crate) enum Backing {
+    /// Host memory (memfd arena or caller memory).
+    Host(Memory),
+    /// Page-locked host memory (a memfd arena registered with CUDA): host transports and CUDA copies alike.
+    Pinned(PinnedHostBuffer),
+    /// GPU memory: only the `cuda` transport moves it.
+    Device(DeviceBuffer),
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Host(m) => write!(f, "Host({m:?})"),
+            Backing::Pinned(p) => write!(f, "{p:?}"),
+            Backing::Device(d) => write!(f, "{d:?}"),
+        }
+    }
+}
+
 /// One registered region of an agent. Shared by the registry, the user's handle, prepared descriptor lists and
 /// in-flight transfers, so the memory lives until the last of them is gone (never a use-after-free).
 #[derive(Debug)]
@@ -37,15 +62,50 @@ pub(crate) struct Region {
     /// Memory kind.
     pub kind: MemoryKind,
     /// The memory itself.
-    pub mem: Memory,
+    pub backing: Backing,
 }
 
 impl Region {
     pub fn addr(&self) -> u64 {
-        self.mem.addr()
+        match &self.backing {
+            Backing::Host(m) => m.addr(),
+            Backing::Pinned(p) => p.memory().addr(),
+            Backing::Device(d) => d.addr(),
+        }
     }
     pub fn len(&self) -> u64 {
-        self.mem.len() as u64
+        match &self.backing {
+            Backing::Host(m) => m.len() as u64,
+            Backing::Pinned(p) => p.len() as u64,
+            Backing::Device(d) => d.len() as u64,
+        }
+    }
+    /// The host view of the region (host and pinned memory), `None` for GPU memory.
+    pub fn host(&self) -> Option<&Memory> {
+        match &self.backing {
+            Backing::Host(m) => Some(m),
+            Backing::Pinned(p) => Some(p.memory()),
+            Backing::Device(_) => None,
+        }
+    }
+    /// The host view, or the error host transports give for GPU memory.
+    pub fn host_mem(&self) -> Result<&Memory> {
+        self.host()
+            .ok_or_else(|| TransferError::TransportUnavailable {
+                transport: "host",
+                reason: format!(
+                    "region {} is GPU memory; only the cuda transport moves it",
+                    self.id
+                ),
+            })
+    }
+    /// The CUDA view of the region (device and pinned memory), `None` for pageable host memory.
+    pub fn gpu(&self) -> Option<&dyn GpuMemory> {
+        match &self.backing {
+            Backing::Host(_) => None,
+            Backing::Pinned(p) => Some(p),
+            Backing::Device(d) => Some(d),
+        }
     }
     /// Offset of `[addr, addr+len)` inside this region, if it is fully inside.
     pub fn offset_of(&self, addr: u64, len: u64) -> Option<usize> {
@@ -72,7 +132,7 @@ impl RegisteredMemory {
     }
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.region.mem.len()
+        self.region.len() as usize
     }
     /// Always false: regions are never empty.
     pub fn is_empty(&self) -> bool {
@@ -86,25 +146,47 @@ impl RegisteredMemory {
     pub fn id(&self) -> u64 {
         self.region.id
     }
-    /// True when same-host peers reach it by mapping (pdx-allocated memfd memory).
+    /// True when same-host peers reach it by mapping (pdx-allocated memfd memory, pinned included).
     pub fn is_shareable(&self) -> bool {
-        self.region.mem.memfd_fd().is_some()
+        self.region.host().is_some_and(|m| m.memfd_fd().is_some())
     }
-    /// Copies bytes out of the region at `offset`. Errors: out of bounds.
+    /// Copies bytes out of the region at `offset` (GPU memory through a synchronous CUDA copy). Errors: out of
+    /// bounds; CUDA errors.
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        Ok(self.region.mem.read_at(offset, out)?)
+        match &self.region.backing {
+            Backing::Device(d) => Ok(Stream::new(gpu_device(d))?.download(d, offset, out)?),
+            _ => Ok(self.region.host_mem()?.read_at(offset, out)?),
+        }
     }
-    /// Copies `data` into the region at `offset`. Errors: out of bounds.
+    /// Copies `data` into the region at `offset`. Errors: out of bounds; CUDA errors.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        Ok(self.region.mem.write_at(offset, data)?)
+        match &self.region.backing {
+            Backing::Device(d) => Ok(Stream::new(gpu_device(d))?.upload(d, offset, data)?),
+            _ => Ok(self.region.host_mem()?.write_at(offset, data)?),
+        }
     }
-    /// Fills `[offset, offset+len)` with `byte`. Errors: out of bounds.
+    /// Fills `[offset, offset+len)` with `byte`. Errors: out of bounds; CUDA errors.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<()> {
-        Ok(self.region.mem.fill(offset, len, byte)?)
+        match &self.region.backing {
+            Backing::Device(d) => {
+                let s = Stream::new(gpu_device(d))?;
+                s.memset(d, offset, len, byte)?;
+                Ok(s.synchronize()?)
+            }
+            _ => Ok(self.region.host_mem()?.fill(offset, len, byte)?),
+        }
     }
-    /// The underlying memory, for zero-copy I/O by engines linking pdx.
-    pub fn memory(&self) -> &Memory {
-        &self.region.mem
+    /// The host memory of the region, for zero-copy I/O by engines linking pdx; `None` for GPU memory (see
+    /// [`RegisteredMemory::device_buffer`]).
+    pub fn memory(&self) -> Option<&Memory> {
+        self.region.host()
+    }
+    /// The device buffer of a GPU region.
+    pub fn device_buffer(&self) -> Option<&DeviceBuffer> {
+        match &self.region.backing {
+            Backing::Device(d) => Some(d),
+            _ => None,
+        }
     }
     /// A descriptor for `[offset, offset+len)` of this region. Errors: out of bounds or zero length.
     pub fn desc(&self, offset: usize, len: usize) -> Result<crate::XferDesc> {

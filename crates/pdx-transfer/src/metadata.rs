@@ -7,6 +7,10 @@
 //! Version 2 (written only by agents that serve UCX) appends a [`UcxMetadata`] in postcard encoding after the
 //! version 1 body: the UCX worker address and one packed rkey per region. Agents without UCX keep writing
 //! version 1, byte for byte as before, so older peers still read them; this build reads both.
+//!
+//! Version 3 (written only by agents with GPU memory registered) appends `Option<UcxMetadata>` and then a
+//! [`CudaMetadata`] (the CUDA IPC handle of each device region) after the version 1 body. Agents without GPU
+//! regions keep writing version 1 or 2 exactly as before; this build reads all three.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +24,8 @@ pub const METADATA_MAGIC: [u8; 4] = *b"PDXM";
 pub const METADATA_VERSION: u16 = 1;
 /// Metadata format version with the [`UcxMetadata`] extension.
 pub const METADATA_VERSION_UCX: u16 = 2;
+/// Metadata format version with the [`CudaMetadata`] extension (and an optional UCX one).
+pub const METADATA_VERSION_CUDA: u16 = 3;
 /// Upper bound of a UCX worker address or packed rkey, in bytes.
 pub const MAX_UCX_BLOB_BYTES: usize = 64 << 10;
 /// Upper bound of an encoded metadata blob, in bytes (1 MiB).
@@ -73,6 +79,22 @@ pub struct UcxMetadata {
     pub rkeys: Vec<(u64, Vec<u8>)>,
 }
 
+/// What a same-host peer needs to reach an agent's GPU memory (metadata version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaMetadata {
+    /// `(region id, CUDA IPC handle)` of the device regions exported by the agent (`cuIpcGetMemHandle`).
+    pub ipc: Vec<(u64, pdx_cuda::IpcHandle)>,
+}
+
+/// Every extension a metadata blob may carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// UCX (version 2, or inside version 3).
+    pub ucx: Option<UcxMetadata>,
+    /// CUDA IPC (version 3).
+    pub cuda: Option<CudaMetadata>,
+}
+
 fn bad(reason: impl Into<String>) -> TransferError {
     TransferError::BadMetadata(reason.into())
 }
@@ -86,17 +108,35 @@ impl AgentMetadata {
     /// Encodes with an optional UCX extension: version 1 without it (as [`AgentMetadata::encode`]), version 2
     /// with it. Errors: [`TransferError::BadMetadata`] when over the size limit.
     pub fn encode_with_ucx(&self, ucx: Option<&UcxMetadata>) -> Result<Vec<u8>> {
+        self.encode_ext(ucx, None)
+    }
+
+    /// Encodes with optional extensions: version 1 with none, 2 with UCX only, 3 with CUDA (and maybe UCX).
+    /// Errors: [`TransferError::BadMetadata`] when over the size limit.
+    pub fn encode_ext(
+        &self,
+        ucx: Option<&UcxMetadata>,
+        cuda: Option<&CudaMetadata>,
+    ) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(64 + self.regions.len() * 24);
         out.extend_from_slice(&METADATA_MAGIC);
-        let version = if ucx.is_some() {
-            METADATA_VERSION_UCX
-        } else {
-            METADATA_VERSION
+        let version = match (ucx, cuda) {
+            (_, Some(_)) => METADATA_VERSION_CUDA,
+            (Some(_), None) => METADATA_VERSION_UCX,
+            (None, None) => METADATA_VERSION,
         };
         out.extend_from_slice(&version.to_le_bytes());
         let mut out = postcard::to_extend(self, out).map_err(|e| bad(e.to_string()))?;
-        if let Some(u) = ucx {
-            out = postcard::to_extend(u, out).map_err(|e| bad(e.to_string()))?;
+        match cuda {
+            Some(c) => {
+                out = postcard::to_extend(&ucx, out).map_err(|e| bad(e.to_string()))?;
+                out = postcard::to_extend(c, out).map_err(|e| bad(e.to_string()))?;
+            }
+            None => {
+                if let Some(u) = ucx {
+                    out = postcard::to_extend(u, out).map_err(|e| bad(e.to_string()))?;
+                }
+            }
         }
         if out.len() > MAX_METADATA_BYTES {
             return Err(bad(format!(
@@ -115,9 +155,16 @@ impl AgentMetadata {
         Self::decode_with_ucx(bytes).map(|(md, _)| md)
     }
 
-    /// Decodes version 1 or 2 metadata, returning the UCX extension of version 2. Errors as
+    /// Decodes version 1 or 2 metadata, returning the UCX extension of version 2 (or 3). Errors as
     /// [`AgentMetadata::decode`], plus oversized UCX addresses or keys and keys of unknown regions.
     pub fn decode_with_ucx(bytes: &[u8]) -> Result<(AgentMetadata, Option<UcxMetadata>)> {
+        Self::decode_ext(bytes).map(|(md, ext)| (md, ext.ucx))
+    }
+
+    /// Decodes version 1, 2 or 3 metadata with its extensions. Errors as [`AgentMetadata::decode`], plus
+    /// malformed extensions: oversized UCX blobs, keys or IPC handles of unknown regions, IPC handles of
+    /// regions that are not device memory or whose length differs from the region's.
+    pub fn decode_ext(bytes: &[u8]) -> Result<(AgentMetadata, Extensions)> {
         if bytes.len() > MAX_METADATA_BYTES {
             return Err(bad("blob larger than the limit"));
         }
@@ -128,18 +175,36 @@ impl AgentMetadata {
             .split_first_chunk::<2>()
             .ok_or_else(|| bad("truncated version"))?;
         let version = u16::from_le_bytes(*version);
-        if version != METADATA_VERSION && version != METADATA_VERSION_UCX {
+        if ![
+            METADATA_VERSION,
+            METADATA_VERSION_UCX,
+            METADATA_VERSION_CUDA,
+        ]
+        .contains(&version)
+        {
             return Err(bad(format!(
-                "version {version}, this build reads {METADATA_VERSION} and {METADATA_VERSION_UCX}"
+                "version {version}, this build reads {METADATA_VERSION}, {METADATA_VERSION_UCX} and {METADATA_VERSION_CUDA}"
             )));
         }
         let (md, mut rest): (AgentMetadata, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| bad(e.to_string()))?;
-        let mut ucx = None;
+        let mut ext = Extensions::default();
         if version == METADATA_VERSION_UCX {
             let (u, r): (UcxMetadata, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
             rest = r;
+            ext.ucx = Some(u);
+        }
+        if version == METADATA_VERSION_CUDA {
+            let (u, r): (Option<UcxMetadata>, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
+            let (c, r): (CudaMetadata, &[u8]) =
+                postcard::take_from_bytes(r).map_err(|e| bad(e.to_string()))?;
+            rest = r;
+            ext.ucx = u;
+            ext.cuda = Some(c);
+        }
+        if let Some(u) = &ext.ucx {
             if u.worker_address.is_empty()
                 || u.worker_address.len() > MAX_UCX_BLOB_BYTES
                 || u.rkeys.len() > md.regions.len()
@@ -151,13 +216,23 @@ impl AgentMetadata {
             {
                 return Err(bad("malformed UCX extension"));
             }
-            ucx = Some(u);
+        }
+        if let Some(c) = &ext.cuda {
+            if c.ipc.len() > md.regions.len()
+                || c.ipc.iter().any(|(id, h)| {
+                    !md.regions.iter().any(|r| {
+                        r.id == *id && matches!(r.kind, MemoryKind::Device(_)) && r.len == h.len()
+                    })
+                })
+            {
+                return Err(bad("malformed CUDA extension"));
+            }
         }
         if !rest.is_empty() {
             return Err(bad(format!("{} trailing bytes", rest.len())));
         }
         md.validate()?;
-        Ok((md, ucx))
+        Ok((md, ext))
     }
 
     fn validate(&self) -> Result<()> {
@@ -235,18 +310,81 @@ mod tests {
         assert_eq!(AgentMetadata::decode(&md.encode().unwrap()).unwrap(), md);
     }
 
+    /// `sample()` plus a device region, and the CUDA extension naming it.
+    fn with_device() -> (AgentMetadata, CudaMetadata) {
+        let mut md = sample();
+        md.regions.push(RegionMetadata {
+            id: 3,
+            kind: MemoryKind::Device(0),
+            addr: 0x7f00_0000_0000,
+            len: 1 << 20,
+            memfd: None,
+        });
+        let h = pdx_cuda::IpcHandle::from_parts(&[9; 64], 1 << 20, 0).unwrap();
+        (md, CudaMetadata { ipc: vec![(3, h)] })
+    }
+
+    #[test]
+    fn version_3_carries_ipc_handles_and_versions_1_2_are_unchanged() {
+        let (md, cuda) = with_device();
+        let v1 = md.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([v1[4], v1[5]]), METADATA_VERSION);
+        let v3 = md.encode_ext(None, Some(&cuda)).unwrap();
+        assert_eq!(u16::from_le_bytes([v3[4], v3[5]]), METADATA_VERSION_CUDA);
+        // Version 3 is the version 1 body plus the extensions: older readers see the same regions.
+        assert_eq!(v3[6..v1.len()], v1[6..]);
+        let (back, ext) = AgentMetadata::decode_ext(&v3).unwrap();
+        assert_eq!(back, md);
+        assert_eq!(ext.cuda.as_ref(), Some(&cuda));
+        assert_eq!(ext.ucx, None);
+        // With a UCX extension too.
+        let ucx = UcxMetadata {
+            worker_address: vec![1, 2, 3],
+            rkeys: vec![(1, vec![4])],
+        };
+        let both = md.encode_ext(Some(&ucx), Some(&cuda)).unwrap();
+        let (_, ext) = AgentMetadata::decode_ext(&both).unwrap();
+        assert_eq!((ext.ucx, ext.cuda), (Some(ucx), Some(cuda)));
+        // decode() still accepts it, ignoring the extensions.
+        assert_eq!(AgentMetadata::decode(&v3).unwrap(), md);
+    }
+
+    #[test]
+    fn version_3_rejects_handles_of_unknown_host_or_resized_regions() {
+        let (md, cuda) = with_device();
+        let h = cuda.ipc[0].1.clone();
+        for ipc in [
+            vec![(99, h.clone())], // unknown region
+            vec![(1, h.clone())],  // a host region
+            vec![(
+                3,
+                pdx_cuda::IpcHandle::from_parts(&[9; 64], 4096, 0).unwrap(),
+            )], // wrong length
+            vec![(3, h.clone()), (3, h.clone()), (3, h.clone()), (3, h)], // more handles than regions
+        ] {
+            let bytes = md.encode_ext(None, Some(&CudaMetadata { ipc })).unwrap();
+            assert!(AgentMetadata::decode_ext(&bytes).is_err());
+        }
+        let bytes = md.encode_ext(None, Some(&cuda)).unwrap();
+        assert!(AgentMetadata::decode_ext(&bytes[..bytes.len() - 1]).is_err());
+    }
+
     #[test]
     fn rejects_wrong_magic_version_and_trailing_bytes() {
         let bytes = sample().encode().unwrap();
         let mut wrong = bytes.clone();
         wrong[0] = b'X';
         assert!(AgentMetadata::decode(&wrong).is_err());
-        let mut v3 = bytes.clone();
-        v3[4] = 3;
-        assert!(AgentMetadata::decode(&v3)
+        let mut v4 = bytes.clone();
+        v4[4] = 4;
+        assert!(AgentMetadata::decode(&v4)
             .unwrap_err()
             .to_string()
-            .contains("version 3"));
+            .contains("version 4"));
+        // A version 1 body labelled version 3 lacks the CUDA extension.
+        let mut v3 = bytes.clone();
+        v3[4] = 3;
+        assert!(AgentMetadata::decode(&v3).is_err());
         // A version 1 body labelled version 2 lacks the UCX extension.
         let mut v2 = bytes.clone();
         v2[4] = 2;

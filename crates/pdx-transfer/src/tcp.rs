@@ -110,7 +110,7 @@ impl StallClock {
 
 fn slices(segs: &[LocalSeg]) -> Result<Vec<MemSlice<'_>>> {
     segs.iter()
-        .map(|s| Ok(s.region.mem.slice(s.off, s.len)?))
+        .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
         .collect()
 }
 
@@ -619,6 +619,11 @@ fn resolve(inner: &Inner, segs: &[(u64, u64)]) -> std::result::Result<Vec<LocalS
                 .registry
                 .lookup(addr, len)
                 .ok_or_else(|| format!("segment {i} ({addr:#x}+{len}) is not registered"))?;
+            if region.host().is_none() {
+                return Err(format!(
+                    "segment {i} ({addr:#x}+{len}) is GPU memory, not reachable over tcp"
+                ));
+            }
             Ok(LocalSeg {
                 region,
                 off,

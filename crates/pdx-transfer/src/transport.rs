@@ -26,7 +26,8 @@ pub enum TransportKind {
     /// UCX RMA (put/get) over whatever UCX reaches: shared memory, TCP, RDMA, CUDA IPC (cargo feature `ucx`;
     /// without it, choosing it gives `TransportUnavailable`).
     Ucx,
-    /// CUDA IPC and device copies (not in this build yet).
+    /// GPU memory: device and pinned copies in one process, CUDA IPC between processes of one host (the only
+    /// transport that moves device memory; see `crate::gpu`).
     Cuda,
 }
 
@@ -107,6 +108,10 @@ pub(crate) enum Plan {
         local: Arc<[LocalSeg]>,
         remote: Arc<[(u64, u64)]>,
     },
+    /// `cuda`: copies on a CUDA stream.
+    Cuda(crate::gpu::GpuPlan),
+    /// `tcp` with GPU memory: staged through pinned host memory.
+    Staged(crate::gpu::StagedPlan),
     /// `ucx`: a batch of puts or gets and a flush on the peer's endpoint; segments are
     /// `(local, remote address, remote region index)`.
     #[cfg(feature = "ucx")]

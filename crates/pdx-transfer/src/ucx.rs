@@ -36,7 +36,10 @@ pub const NOTIF_AM_ID: u16 = 0x5044; // "PD"
 
 impl HostMemory for Region {
     fn memory(&self) -> &Memory {
-        &self.mem
+        // Device regions are never mapped for UCX nor planned over it (`register`, `Agent::create_xfer`
+        // sends GPU memory to `cuda` first), so every region that gets here has a host view.
+        self.host()
+            .unwrap_or_else(|| unreachable!("GPU region {} reached UCX", self.id))
     }
 }
 
@@ -239,7 +242,10 @@ impl UcxAgent {
         let mut memh = self.memh.lock().unwrap_or_else(|e| e.into_inner());
         // Unmap regions deregistered since.
         memh.retain(|id, _| live.iter().any(|r| r.id == *id));
-        match self.ctx.mem_map(&region.mem) {
+        let Some(mem) = region.host() else {
+            return; // GPU memory: reached over `cuda`, not UCX
+        };
+        match self.ctx.mem_map(mem) {
             Ok(h) => {
                 memh.insert(region.id, h);
             }
