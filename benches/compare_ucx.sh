@@ -2,7 +2,9 @@
 # pdx over UCX vs ucx_perftest (ucp_put_bw / ucp_get, the UCX ceiling) vs NIXL (UCX), two processes, batch 64,
 # in one run, for each UCX_TLS setting.
 #   benches/compare_ucx.sh [OUT_DIR]     (needs libucx-dev + ucx-utils, and ../shared/peers/install.sh for NIXL)
-# Writes pdx-<tls>.json, perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md (the table) into OUT_DIR.
+# Writes pdx-<tls>.json (pdx memfd target), pdx-ucxmem-<tls>.json (UCX-allocated target), pdx-one-<tls>.json (one
+# block per request, perftest's footprint), perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md
+# (the tables) into OUT_DIR.
 # Env: TLS_LIST (default "shm,self tcp"), SIZES (bytes, default 4096,65536,1048576,16777216), SECS (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,15 @@ for tls in $TLS_LIST; do
   tag=${tls//,/+}
   UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
     --transport ucx --duration "$SECS" --json >"$OUT/pdx-$tag.json"
+  # The same with the target's memory allocated by UCX (as ucx_perftest's buffers are): direct RMA over shm.
+  UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
+    --transport ucx --remote-memory ucx --duration "$SECS" --json >"$OUT/pdx-ucxmem-$tag.json"
+  # perftest's footprint: one block-sized buffer on each side, one block per request.
+  : >"$OUT/pdx-one-$tag.json"
+  for size in ${SIZES//,/ }; do
+    UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 1 --block-size "${size}B" --op read,write \
+      --transport ucx --remote-memory ucx --duration "$SECS" --json >>"$OUT/pdx-one-$tag.json"
+  done
   : >"$OUT/perftest-$tag.txt"
   for size in ${SIZES//,/ }; do
     for t in ucp_put_bw ucp_get; do perftest "$tls" "$t" "$size" >>"$OUT/perftest-$tag.txt"; done
