@@ -2,8 +2,11 @@
 # pdx over UCX vs ucx_perftest (ucp_put_bw / ucp_get, the UCX ceiling) vs NIXL (UCX), two processes, batch 64,
 # in one run, for each UCX_TLS setting.
 #   benches/compare_ucx.sh [OUT_DIR]     (needs libucx-dev + ucx-utils, and ../shared/peers/install.sh for NIXL)
-# Writes pdx-<tls>.json, perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md (the table) into OUT_DIR.
-# Env: TLS_LIST (default "shm,self tcp"), SIZES (bytes, default 4096,65536,1048576,16777216), SECS (default 2).
+# Writes pdx-<tls>.json (pdx memfd target), pdx-ucxmem-<tls>.json (UCX-allocated target), pdx-one-<tls>.json (one
+# block per request, perftest's footprint), perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md
+# (the tables) into OUT_DIR.
+# Env: TLS_LIST (default "shm,self tcp"), SIZES (bytes, default 4096,65536,1048576,16777216), SECS (default 2),
+# BENCH_LOCK (a lock file: each measurement step holds it, so other benchmarks on the host never overlap one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-ucx}; mkdir -p "$OUT"
@@ -15,6 +18,9 @@ TLS_LIST=${TLS_LIST:-"shm,self tcp"}
 PORT=${PORT:-13537}
 cargo build --release --locked -q --features ucx
 PDX=${CARGO_TARGET_DIR:-target}/release/pdx
+if [ -n "${BENCH_LOCK:-}" ]; then exec 9>>"$BENCH_LOCK"; fi
+lock() { if [ -n "${BENCH_LOCK:-}" ]; then flock 9; fi; }
+unlock() { if [ -n "${BENCH_LOCK:-}" ]; then flock -u 9; fi; }
 bsizes=$(echo "$SIZES" | tr ',' '\n' | sed 's/$/B/' | paste -sd, -)
 perftest() { # tls test size -> appends the "Final:" line
   local tls=$1 test=$2 size=$3 n
@@ -29,21 +35,36 @@ perftest() { # tls test size -> appends the "Final:" line
 }
 for tls in $TLS_LIST; do
   tag=${tls//,/+}
+  lock
   UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
     --transport ucx --duration "$SECS" --json >"$OUT/pdx-$tag.json"
+  # The same with the target's memory allocated by UCX (as ucx_perftest's buffers are): direct RMA over shm.
+  UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
+    --transport ucx --remote-memory ucx --duration "$SECS" --json >"$OUT/pdx-ucxmem-$tag.json"
+  # perftest's footprint: one block-sized buffer on each side, one block per request.
+  : >"$OUT/pdx-one-$tag.json"
+  for size in ${SIZES//,/ }; do
+    UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 1 --block-size "${size}B" --op read,write \
+      --transport ucx --remote-memory ucx --duration "$SECS" --json >>"$OUT/pdx-one-$tag.json"
+  done
+  unlock; lock
   : >"$OUT/perftest-$tag.txt"
   for size in ${SIZES//,/ }; do
     for t in ucp_put_bw ucp_get; do perftest "$tls" "$t" "$size" >>"$OUT/perftest-$tag.txt"; done
   done
+  unlock; lock
   if [ -x "$PEERS/venv-nixl/bin/python" ]; then
     UCX_TLS=$tls "$PEERS/venv-nixl/bin/python" "$SHARED/nixl_bench.py" --procs 2 --batch 64 --sizes "$SIZES" \
       --secs "$SECS" >"$OUT/nixl-$tag.txt" 2>&1 || echo "(exited with status $?)" >>"$OUT/nixl-$tag.txt"
   fi
+  unlock
 done
 # NIXL refuses UCX_TLS=shm,self (it needs peer-failure handling, which UCX 1.13 shared memory lacks): its default
 # UCX_TLS is the same-host reference then.
 if [ -x "$PEERS/venv-nixl/bin/python" ]; then
+  lock
   "$PEERS/venv-nixl/bin/python" "$SHARED/nixl_bench.py" --procs 2 --batch 64 --sizes "$SIZES" --secs "$SECS" \
     >"$OUT/nixl-default.txt" 2>&1 || echo "(exited with status $?)" >>"$OUT/nixl-default.txt"
+  unlock
 fi
 python3 benches/compare_ucx.py "$OUT" "$TLS_LIST" | tee "$OUT/compare.md"

@@ -28,6 +28,9 @@ pub enum RemoteMemory {
     Shared,
     /// Caller-owned heap memory (reachable by `cma` and `tcp`).
     Owned,
+    /// Memory allocated through UCX (`Agent::allocate_ucx`, needs the `ucx` feature): UCX's shared-memory
+    /// transports reach it with direct RMA, as `ucx_perftest`'s buffers.
+    Ucx,
 }
 
 /// Transfer direction on the command line.
@@ -90,6 +93,9 @@ pub struct TargetArgs {
     /// Bytes of caller-owned memory to register (0: none).
     #[arg(long)]
     owned_bytes: usize,
+    /// Allocate the owned region through UCX instead of the heap (`--remote-memory ucx`).
+    #[arg(long)]
+    owned_ucx: bool,
     /// Fill both regions with the check pattern.
     #[arg(long)]
     pattern: bool,
@@ -257,7 +263,12 @@ pub fn run(args: KvArgs) -> Result<()> {
         .map(|t| remote_memory_for(*t, args.remote_memory))
         .collect();
     let need = |k| if kinds.contains(&k) { region } else { 0 };
-    let (shared_bytes, owned_bytes) = (need(RemoteMemory::Shared), need(RemoteMemory::Owned));
+    let owned_ucx = kinds.contains(&RemoteMemory::Ucx);
+    if owned_ucx && kinds.contains(&RemoteMemory::Owned) {
+        bail!("--remote-memory ucx cannot be combined with owned memory (cma) in one run");
+    }
+    let shared_bytes = need(RemoteMemory::Shared);
+    let owned_bytes = need(RemoteMemory::Owned).max(need(RemoteMemory::Ucx));
     eprintln!(
         "pdx bench kv: {} process(es), batch {}, stride {}, {} per buffer",
         args.procs,
@@ -273,7 +284,8 @@ pub fn run(args: KvArgs) -> Result<()> {
     let initiator = Agent::new(AgentConfig::new("bench-initiator"))?;
     if args.procs == 1 {
         let agent = Agent::new(AgentConfig::new("bench-target"))?;
-        let (shared, owned) = target_regions(&agent, shared_bytes, owned_bytes, args.check)?;
+        let (shared, owned) =
+            target_regions(&agent, shared_bytes, owned_bytes, owned_ucx, args.check)?;
         target = TargetInfo {
             name: agent.name().to_string(),
             shared: shared.as_ref().map_or(0, |m| m.addr()),
@@ -290,6 +302,9 @@ pub fn run(args: KvArgs) -> Result<()> {
             .arg(owned_bytes.to_string());
         if args.check {
             cmd.arg("--pattern");
+        }
+        if owned_ucx {
+            cmd.arg("--owned-ucx");
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -336,7 +351,7 @@ pub fn run(args: KvArgs) -> Result<()> {
         let remote_kind = kinds[ti];
         let remote_base = match remote_kind {
             RemoteMemory::Shared => target.shared,
-            RemoteMemory::Owned => target.owned,
+            RemoteMemory::Owned | RemoteMemory::Ucx => target.owned,
         };
         for &op in &args.op {
             for &bs in &sizes {
@@ -577,6 +592,7 @@ fn target_regions(
     agent: &Agent,
     shared_bytes: usize,
     owned_bytes: usize,
+    owned_ucx: bool,
     pattern: bool,
 ) -> Result<(Option<RegisteredMemory>, Option<OwnedTarget>)> {
     let shared = (shared_bytes > 0)
@@ -584,6 +600,15 @@ fn target_regions(
         .transpose()?;
     let owned = (owned_bytes > 0)
         .then(|| -> Result<OwnedTarget> {
+            if owned_ucx {
+                #[cfg(feature = "ucx")]
+                return Ok(OwnedTarget {
+                    mem: agent.allocate_ucx(owned_bytes)?, // page-aligned and zero-filled: every page is in
+                    pad: 0,
+                });
+                #[cfg(not(feature = "ucx"))]
+                bail!("--remote-memory ucx needs pdx built with --features ucx");
+            }
             // A heap Vec starts 16 bytes into its allocation; the blocks start at the first page boundary
             // instead, as a real KV cache does. The kernel's copy into a destination that is not 64-byte aligned
             // runs about 4x slower (measured: process_vm_writev 2.2 vs 9.3 GB/s), which would make `cma`
@@ -626,8 +651,13 @@ impl OwnedTarget {
 /// serves until its standard input closes.
 pub fn run_target(args: TargetArgs) -> Result<()> {
     let agent = Agent::new(AgentConfig::new("bench-target"))?;
-    let (shared, owned) =
-        target_regions(&agent, args.shared_bytes, args.owned_bytes, args.pattern)?;
+    let (shared, owned) = target_regions(
+        &agent,
+        args.shared_bytes,
+        args.owned_bytes,
+        args.owned_ucx,
+        args.pattern,
+    )?;
     let addr = agent.listen_addr().context("target has no listener")?;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -664,6 +694,7 @@ fn print_table(rows: &[Row]) {
             match r.remote_memory {
                 RemoteMemory::Shared => "shared",
                 RemoteMemory::Owned => "owned",
+                RemoteMemory::Ucx => "ucx",
             },
             format_size(r.block_size),
             r.batch_size,

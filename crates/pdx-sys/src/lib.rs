@@ -105,6 +105,9 @@ enum Backing {
     Heap,
     /// Memory owned by the caller; nothing to release.
     Foreign,
+    /// Memory kept valid by an owner (an allocation of a communication library, say), released when the owner
+    /// drops, which happens after the last use through this `Memory`.
+    Owned(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>),
 }
 
 /// A region of host memory addressed by raw pointer, shared with transfers and peers.
@@ -259,6 +262,24 @@ impl Memory {
         }
     }
 
+    /// Wraps memory that `owner` keeps valid, such as an allocation made by UCX (`ucp_mem_map` with
+    /// `UCP_MEM_MAP_ALLOCATE`): `owner` is dropped with this `Memory`, after its last use, and releases it.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` must be valid for reads and writes for as long as `owner` is alive, and nothing may
+    /// hold Rust references into it while this `Memory` exists.
+    pub unsafe fn from_raw_parts_owned(
+        ptr: NonNull<u8>,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Memory {
+        Memory {
+            ptr,
+            len,
+            backing: Backing::Owned(owner),
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -345,7 +366,7 @@ impl Drop for Memory {
                 // SAFETY: ptr/len came from Box::<[u8]>::into_raw in `from_vec` and are released once here.
                 drop(unsafe { Box::from_raw(slice) });
             }
-            Backing::Foreign => {}
+            Backing::Foreign | Backing::Owned(_) => {}
         }
     }
 }

@@ -433,6 +433,28 @@ impl Agent {
         Ok(self.add_region(MemoryKind::Host, Backing::Host(mem)))
     }
 
+    /// Allocates and registers `len` bytes of host memory through UCX (`ucp_mem_map` with
+    /// `UCP_MEM_MAP_ALLOCATE`, SysV or POSIX shared memory first), zero-filled. Use it for memory that peers
+    /// reach over `ucx` on the same host: UCX 1.13's shared-memory transports do RMA directly (one copy, no work
+    /// on this side) only on memory they allocated, and emulate it through their message queue otherwise. Same-host
+    /// pdx peers reach it with `cma` (not `shm`: it is no memfd), others with `tcp`.
+    ///
+    /// Errors: [`TransferError::TransportUnavailable`] when this agent has no UCX context, or UCX fails to
+    /// allocate; [`TransferError::Invalid`] for 0 bytes.
+    #[cfg(feature = "ucx")]
+    pub fn allocate_ucx(&self, len: usize) -> Result<RegisteredMemory> {
+        let ucx = self
+            .inner
+            .ucx
+            .as_ref()
+            .ok_or_else(|| TransferError::TransportUnavailable {
+                transport: "ucx",
+                reason: "this agent has no UCX context".into(),
+            })?;
+        let mem = ucx.allocate(len)?;
+        Ok(self.add_region(MemoryKind::Host, Backing::Host(mem)))
+    }
+
     /// Allocates and registers memory of `kind`: host memory as [`Agent::allocate`]; pinned host memory (a
     /// memfd arena page-locked through GPU 0, reachable by host transports and by `cuda`); or `len` bytes of
     /// GPU `n` (`cuMemAlloc`, zero-filled, exported to same-host peers by CUDA IPC).
@@ -1391,12 +1413,32 @@ impl XferRequest {
 
     /// The state of the last post. Errors: the failure of the last post, if it failed.
     pub fn status(&self) -> Result<XferStatus> {
+        #[cfg(feature = "ucx")]
+        if let Some(ucx) = self.ucx_driver() {
+            ucx.progress_once();
+        }
         self.completion.status()
     }
 
-    /// Blocks until the current post completes, or `timeout` passes ([`TransferError::InProgress`]).
+    /// Blocks until the current post completes, or `timeout` passes ([`TransferError::InProgress`]). `ucx`
+    /// requests are progressed on the calling thread meanwhile.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
+        #[cfg(feature = "ucx")]
+        if let Some(ucx) = self.ucx_driver() {
+            return ucx.wait(&self.completion, timeout);
+        }
         self.completion.wait(timeout)
+    }
+
+    /// This agent's UCX side when this request is a posted, unfinished `ucx` request.
+    #[cfg(feature = "ucx")]
+    fn ucx_driver(&self) -> Option<Arc<crate::ucx::UcxAgent>> {
+        if !matches!(self.plan, Plan::Ucx { .. })
+            || self.completion.status().ok() != Some(XferStatus::InProgress)
+        {
+            return None;
+        }
+        self.me.upgrade()?.ucx.clone()
     }
 
     /// A future resolving when the current post completes; works under any async runtime.

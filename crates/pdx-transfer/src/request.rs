@@ -113,6 +113,12 @@ impl Completion {
         }
     }
 
+    /// The outcome of the current post if it has one (`None` while in progress), without blocking.
+    #[cfg_attr(not(feature = "ucx"), allow(dead_code))]
+    pub fn try_outcome(&self) -> Option<Result<()>> {
+        Self::outcome(&self.lock().state)
+    }
+
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.lock();

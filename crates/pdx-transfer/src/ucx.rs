@@ -5,9 +5,13 @@
 //! - A request is a batch of `ucp_put_nbx` / `ucp_get_nbx` followed by `ucp_ep_flush_nbx`; the flush's
 //!   completion finishes the request. A notification is then sent as a UCX active message (id
 //!   [`NOTIF_AM_ID`], header = sender name, data = payload), so the peer sees it only after the data.
-//! - A dedicated progress thread per agent drives the worker: it spins while requests are outstanding and
-//!   for a few milliseconds after any event (a target serves emulated RMA from its progress), and otherwise
-//!   blocks on the worker's event fd (`ucp_worker_arm` + poll).
+//! - Progress is caller-driven where there is a caller: [`UcxAgent::wait`] (behind `XferRequest::wait`) and
+//!   [`UcxAgent::progress_once`] (behind `XferRequest::status`) progress the worker themselves, as NIXL's
+//!   status checks do, and the progress thread then stays out of the way (it sleeps, so a 2-core host does
+//!   not run two spinning threads per process). Otherwise a dedicated progress thread per agent drives the
+//!   worker: it spins while requests are outstanding and for a few milliseconds after any event (a target
+//!   serves emulated RMA from its progress), and otherwise blocks on the worker's event fd
+//!   (`ucp_worker_arm` + poll).
 //! - Peer death: endpoints use UCX's peer error handling, and requests are also failed when the pdx TCP
 //!   connection to the peer (opened at request creation when the peer listens) is lost.
 
@@ -30,6 +34,10 @@ use crate::transport::LocalSeg;
 
 /// How long the progress thread keeps spinning after the last event before it sleeps on the event fd.
 const SPIN_AFTER_EVENT: Duration = Duration::from_millis(5);
+
+/// How long the progress thread sleeps between looks while a caller drives the worker (it then only watches
+/// peers and takes over when the caller stops).
+const DRIVEN_SLEEP: Duration = Duration::from_millis(1);
 
 /// Active-message id of transfer notifications.
 pub const NOTIF_AM_ID: u16 = 0x5044; // "PD"
@@ -80,6 +88,10 @@ struct Deferred {
 struct Shared {
     worker: Worker,
     outstanding: AtomicUsize,
+    /// Callers progressing the worker in [`UcxAgent::wait`]; while any does, the progress thread sleeps.
+    drivers: AtomicUsize,
+    /// True while the progress thread blocks on the event fd: only then does a post need to wake it.
+    asleep: AtomicBool,
     inflight: Mutex<Vec<Inflight>>,
     deferred: Mutex<VecDeque<Deferred>>,
     stop: AtomicBool,
@@ -104,6 +116,16 @@ impl Shared {
         let mut last_check = Instant::now();
         let mut last_event = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
+            if self.drivers.load(Ordering::Acquire) > 0 {
+                // A caller is driving the worker: stay off the CPU and the worker lock, but keep watching peers.
+                if last_check.elapsed() >= Duration::from_millis(20) {
+                    last_check = Instant::now();
+                    self.check_peers();
+                }
+                std::thread::sleep(DRIVEN_SLEEP);
+                last_event = Instant::now();
+                continue;
+            }
             match self.worker.progress() {
                 Ok(0) => {}
                 Ok(_) => last_event = Instant::now(),
@@ -124,7 +146,15 @@ impl Shared {
             }
             match (fd, self.worker.arm()) {
                 (Some(fd), Ok(true)) => {
-                    self.worker.wait_event(fd, Duration::from_millis(100));
+                    // SeqCst pairs with `post`: it counts the request, then reads `asleep`; this thread sets `asleep`,
+                    // then reads the count. One of the two sees the other, so a request is never left unsignalled.
+                    self.asleep.store(true, Ordering::SeqCst);
+                    if self.outstanding.load(Ordering::SeqCst) == 0
+                        && self.drivers.load(Ordering::SeqCst) == 0
+                    {
+                        self.worker.wait_event(fd, Duration::from_millis(100));
+                    }
+                    self.asleep.store(false, Ordering::SeqCst);
                 }
                 (_, Ok(false)) => {}
                 _ => std::thread::sleep(Duration::from_millis(1)),
@@ -190,7 +220,10 @@ pub(crate) struct UcxAgent {
     ctx: Context,
     shared: Arc<Shared>,
     address: Vec<u8>,
-    memh: Mutex<HashMap<u64, MemHandle>>,
+    memh: Mutex<HashMap<u64, Arc<MemHandle>>>,
+    /// Allocations made by [`UcxAgent::allocate`] and not registered yet, by address: their registration reuses
+    /// the allocation's handle.
+    allocated: Mutex<HashMap<u64, Weak<MemHandle>>>,
 }
 
 impl UcxAgent {
@@ -217,6 +250,8 @@ impl UcxAgent {
         let shared = Arc::new(Shared {
             worker,
             outstanding: AtomicUsize::new(0),
+            drivers: AtomicUsize::new(0),
+            asleep: AtomicBool::new(false),
             inflight: Mutex::new(Vec::new()),
             deferred: Mutex::new(VecDeque::new()),
             stop: AtomicBool::new(false),
@@ -234,6 +269,7 @@ impl UcxAgent {
             shared,
             address,
             memh: Mutex::new(HashMap::new()),
+            allocated: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -242,15 +278,34 @@ impl UcxAgent {
         let mut memh = self.memh.lock().unwrap_or_else(|e| e.into_inner());
         // Unmap regions deregistered since.
         memh.retain(|id, _| live.iter().any(|r| r.id == *id));
+        let allocated = self
+            .allocated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&region.addr())
+            .and_then(|h| h.upgrade());
+        if let Some(h) = allocated {
+            memh.insert(region.id, h);
+            return;
+        }
         let Some(mem) = region.host() else {
             return; // GPU memory: reached over `cuda`, not UCX
         };
         match self.ctx.mem_map(mem) {
             Ok(h) => {
-                memh.insert(region.id, h);
+                memh.insert(region.id, Arc::new(h));
             }
             Err(e) => tracing::warn!(region = region.id, error = %e, "ucp_mem_map failed"),
         }
+    }
+
+    /// Allocates host memory through UCX ([`Context::allocate`]); registering it (next) reuses that mapping.
+    pub fn allocate(&self, len: usize) -> Result<Memory> {
+        let (mem, handle) = self.ctx.allocate(len).map_err(|e| map_err("local", e))?;
+        let mut allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        allocated.retain(|_, h| h.strong_count() > 0);
+        allocated.insert(mem.addr(), Arc::downgrade(&handle));
+        Ok(mem)
     }
 
     /// The worker address and the packed rkeys of the live regions, for the agent's metadata.
@@ -336,7 +391,7 @@ impl UcxAgent {
             })
             .collect::<Result<_>>()?;
         let once = Arc::new(AtomicBool::new(false));
-        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
         self.shared
             .inflight
             .lock()
@@ -382,8 +437,63 @@ impl UcxAgent {
             self.shared.complete(&once, &completion, Err(e.duplicate()));
             return Err(e);
         }
-        let _ = self.shared.worker.signal();
+        // Wake the progress thread only when it sleeps and the request did not complete inside the post (UCX's
+        // shared memory finishes direct RMA at once): a signal is a syscall and a context switch.
+        if self.shared.asleep.load(Ordering::SeqCst) && !once.load(Ordering::Acquire) {
+            let _ = self.shared.worker.signal();
+        }
         Ok(())
+    }
+
+    /// Waits for `completion` (a request of this agent) while progressing the worker on the calling thread; the
+    /// progress thread sleeps meanwhile. Returns the request's outcome, or [`TransferError::InProgress`] when
+    /// `timeout` passes first.
+    pub fn wait(&self, completion: &Completion, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let shared = &self.shared;
+        shared.drivers.fetch_add(1, Ordering::AcqRel);
+        struct Driving<'a>(&'a AtomicUsize);
+        impl Drop for Driving<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let driving = Driving(&shared.drivers);
+        loop {
+            if let Some(r) = completion.try_outcome() {
+                return r;
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                // Shutting down: the progress thread fails what is left.
+                drop(driving);
+                return completion
+                    .wait(deadline.map(|d| d.saturating_duration_since(Instant::now())));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(TransferError::InProgress);
+            }
+            // Another thread holding the worker (a post, another waiter) makes the progress: just look again.
+            match shared.worker.try_progress() {
+                Ok(Some(n)) if n > 0 => {}
+                Ok(_) => std::thread::yield_now(),
+                Err(e) => {
+                    // Called from inside a UCX callback: only the other threads can progress.
+                    tracing::debug!(error = %e, "cannot progress UCX here; waiting");
+                    drop(driving);
+                    return completion
+                        .wait(deadline.map(|d| d.saturating_duration_since(Instant::now())));
+                }
+            }
+            shared.send_deferred();
+        }
+    }
+
+    /// Progresses the worker once from the calling thread, unless another thread is using it (polling callers
+    /// of `XferRequest::status` drive progress this way, as NIXL's `getXferStatus` does).
+    pub fn progress_once(&self) {
+        if let Ok(Some(_)) = self.shared.worker.try_progress() {
+            self.shared.send_deferred();
+        }
     }
 
     /// Stops the progress thread (outstanding requests fail with `Shutdown`).

@@ -2,7 +2,9 @@
 //! driver (`driver_process`) with a given `UCX_TLS`, so UCX's environment is fixed before any context exists;
 //! the driver starts the target agent (`target_process`) the same way, moves random blocks both ways verified
 //! byte for byte, checks notifications (the target echoes them back), and kills the target to see transfers
-//! fail rather than hang.
+//! fail rather than hang. The target's region is heap memory, or (`PDX_UCX_TARGET_MEMORY=ucx`) memory allocated
+//! through UCX, which UCX's shared-memory transports reach with direct RMA instead of emulating it. Some
+//! requests are followed by polling `status` (which progresses the worker) instead of `wait`.
 
 #![cfg(feature = "ucx")]
 
@@ -43,7 +45,11 @@ fn target_process() {
         return;
     }
     let agent = Agent::new(AgentConfig::new("ucx-target")).unwrap();
-    let region = agent.register_vec(vec![0; REGION]).unwrap();
+    let region = match std::env::var("PDX_UCX_TARGET_MEMORY").as_deref() {
+        Ok("ucx") => agent.allocate_ucx(REGION).unwrap(),
+        _ => agent.register_vec(vec![0; REGION]).unwrap(),
+    };
+    assert!(read_back(&region, 0, REGION).iter().all(|&b| b == 0));
     fill_pattern(&region, SEED);
     println!("READY {} {}", agent.listen_addr().unwrap(), region.addr());
     let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -71,11 +77,15 @@ struct Target {
 
 impl Target {
     fn spawn() -> Target {
-        let mut child = self_exec("target_process", &[("PDX_UCX_TARGET", "1")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let memory = std::env::var("PDX_UCX_TARGET_MEMORY").unwrap_or_default();
+        let mut child = self_exec(
+            "target_process",
+            &[("PDX_UCX_TARGET", "1"), ("PDX_UCX_TARGET_MEMORY", &memory)],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = lines
             .find_map(|l| {
@@ -152,7 +162,18 @@ fn random_traffic() {
             .unwrap();
         assert_eq!(req.transport(), TransportKind::Ucx);
         if req.post().unwrap() == XferStatus::InProgress {
-            req.wait(Some(Duration::from_secs(20))).unwrap();
+            if round % 4 == 3 {
+                // Poll: each status call progresses the worker.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while req.status().unwrap() != XferStatus::Done {
+                    assert!(
+                        Instant::now() < deadline,
+                        "round {round}: status never Done"
+                    );
+                }
+            } else {
+                req.wait(Some(Duration::from_secs(20))).unwrap();
+            }
         }
         if op == XferOp::Read {
             for &(lo, ro, len) in &pairs {
@@ -257,10 +278,14 @@ fn driver_process() {
     killed_peer_fails();
 }
 
-fn run_driver(tls: &str) {
+fn run_driver(tls: &str, target_memory: &str) {
     let out = self_exec(
         "driver_process",
-        &[("PDX_UCX_DRIVER", "1"), ("UCX_TLS", tls)],
+        &[
+            ("PDX_UCX_DRIVER", "1"),
+            ("UCX_TLS", tls),
+            ("PDX_UCX_TARGET_MEMORY", target_memory),
+        ],
     )
     .output()
     .unwrap();
@@ -281,12 +306,22 @@ fn run_driver(tls: &str) {
 
 #[test]
 fn ucx_shm_self_between_processes() {
-    run_driver("shm,self");
+    run_driver("shm,self", "heap");
+}
+
+#[test]
+fn ucx_shm_self_to_ucx_allocated_memory() {
+    run_driver("shm,self", "ucx");
 }
 
 #[test]
 fn ucx_tcp_between_processes() {
-    run_driver("tcp");
+    run_driver("tcp", "heap");
+}
+
+#[test]
+fn ucx_tcp_to_ucx_allocated_memory() {
+    run_driver("tcp", "ucx");
 }
 
 #[test]

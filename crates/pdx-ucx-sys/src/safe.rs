@@ -73,6 +73,38 @@ impl Drop for ContextInner {
     }
 }
 
+/// Settings pdx changes from UCX's defaults, each applied only when the environment does not set it
+/// (`UCX_<NAME>` wins).
+///
+/// - `TCP_TX_SEG_SIZE` / `TCP_RX_SEG_SIZE` (UCX: 8 KiB / 64 KiB): over TCP, UCX 1.13 emulates RMA with active
+///   messages of one TX segment each, so every 8 KiB costs a send, a receive and a handler call on each side.
+///   256 KiB segments made 1 MiB puts about 3× faster on loopback (docs/benchmarks.md, UCX section); the
+///   receive segment must hold a whole send segment and its header.
+const DEFAULTS: &[(&str, &str)] = &[("TCP_RX_SEG_SIZE", "512K"), ("TCP_TX_SEG_SIZE", "256K")];
+
+/// Sets one transport setting (`TCP_TX_SEG_SIZE`) in a UCP configuration. UCX 1.13 takes transport settings
+/// without their transport prefix (`TX_SEG_SIZE`, applied to every transport that has it, here only `tcp`)
+/// and accepts, then ignores, the prefixed name; later versions refuse the short name: try it first.
+fn set_default(config: *mut ffi::ucp_config_t, name: &str, value: &str) {
+    let short = name.split_once('_').map_or(name, |(_, rest)| rest);
+    let Ok(cvalue) = std::ffi::CString::new(value) else {
+        return;
+    };
+    let mut last = ffi::UCS_OK;
+    for key in [short, name] {
+        let Ok(ckey) = std::ffi::CString::new(key) else {
+            return;
+        };
+        // SAFETY: config came from ucp_config_read and is live; both strings are NUL-terminated for the call.
+        last = unsafe { ffi::ucp_config_modify(config, ckey.as_ptr(), cvalue.as_ptr()) };
+        if last == ffi::UCS_OK {
+            return;
+        }
+    }
+    // A UCX without this setting keeps its own default.
+    tracing::debug!(target: "ucx", setting = name, "{}", status_err("ucp_config_modify", last));
+}
+
 /// A UCP context (`ucp_context_h`) with RMA, active messages and wakeup. Configured from the `UCX_*`
 /// environment (`UCX_TLS`, `UCX_NET_DEVICES`, ...), read once at creation.
 #[derive(Clone)]
@@ -94,6 +126,11 @@ impl Context {
         check("ucp_config_read", unsafe {
             ffi::ucp_config_read(ptr::null(), ptr::null(), &mut config)
         })?;
+        for (name, value) in DEFAULTS {
+            if std::env::var_os(format!("UCX_{name}")).is_none() {
+                set_default(config, name, value);
+            }
+        }
         // SAFETY: ucp_params_t is a plain C struct for which all-zero is a valid "no fields set" value.
         let mut params: ffi::ucp_params_t = unsafe { std::mem::zeroed() };
         params.field_mask =
@@ -143,6 +180,65 @@ impl Context {
         check("ucp_mem_map", unsafe {
             ffi::ucp_mem_map(self.inner.h, &params, &mut memh)
         })?;
+        self.finish_map(memh)
+    }
+
+    /// Allocates `len` bytes of host memory through UCX (`ucp_mem_map` with `UCP_MEM_MAP_ALLOCATE`) and
+    /// registers it, zero-filled. UCX takes the memory from its allocators in `UCX_ALLOC_PRIO` order (SysV or
+    /// POSIX shared memory first), so peers on the same host can reach it with direct RMA over UCX's
+    /// shared-memory transports: UCX 1.13's `sysv` and `posix` serve RMA only on memory they allocated, and
+    /// emulate it (through their message FIFO and the target's progress) on any other memory. The returned
+    /// [`pdx_sys::Memory`] owns the handle, so the memory stays valid until the `Memory` and the handle are
+    /// both gone, whichever is dropped last.
+    ///
+    /// Errors: [`UcxError::Invalid`] for 0 bytes; [`UcxError::Status`] from `ucp_mem_map`, `ucp_mem_query` or
+    /// `ucp_rkey_pack`.
+    pub fn allocate(&self, len: usize) -> Result<(pdx_sys::Memory, Arc<MemHandle>)> {
+        if len == 0 {
+            return Err(UcxError::Invalid("cannot allocate 0 bytes".into()));
+        }
+        // SAFETY: all-zero is a valid empty ucp_mem_map_params_t.
+        let mut params: ffi::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
+        params.field_mask = (ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+            | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | ffi::UCP_MEM_MAP_PARAM_FIELD_FLAGS) as u64;
+        params.address = ptr::null_mut();
+        params.length = len;
+        params.flags = ffi::UCP_MEM_MAP_ALLOCATE;
+        let mut memh: ffi::ucp_mem_h = ptr::null_mut();
+        // SAFETY: a null address with ALLOCATE asks UCX for new memory; params and the out pointer are valid.
+        check("ucp_mem_map", unsafe {
+            ffi::ucp_mem_map(self.inner.h, &params, &mut memh)
+        })?;
+        // From here the handle unmaps (and frees) the allocation on every path.
+        let handle = Arc::new(self.finish_map(memh)?);
+        // SAFETY: all-zero is a valid empty ucp_mem_attr_t.
+        let mut attr: ffi::ucp_mem_attr_t = unsafe { std::mem::zeroed() };
+        attr.field_mask = (ffi::UCP_MEM_ATTR_FIELD_ADDRESS | ffi::UCP_MEM_ATTR_FIELD_LENGTH) as u64;
+        // SAFETY: memh is a live handle of this context; attr is a valid out pointer.
+        check("ucp_mem_query", unsafe {
+            ffi::ucp_mem_query(handle.memh, &mut attr)
+        })?;
+        let ptr = std::ptr::NonNull::new(attr.address as *mut u8)
+            .ok_or_else(|| UcxError::Invalid("ucp_mem_query returned no address".into()))?;
+        if attr.length < len {
+            return Err(UcxError::Invalid(format!(
+                "UCX allocated {} of {len} bytes",
+                attr.length
+            )));
+        }
+        // SAFETY: UCX mapped [ptr, ptr+attr.length) ⊇ [ptr, ptr+len) read-write for this process, valid until
+        // ucp_mem_unmap, which runs only when the last Arc of the handle drops; the Memory owns one of them. No
+        // Rust references into it exist.
+        let mem =
+            unsafe { pdx_sys::Memory::from_raw_parts_owned(ptr, len, Box::new(handle.clone())) };
+        // Allocators other than shared memory and mmap (the heap) do not zero.
+        mem.fill(0, len, 0)
+            .map_err(|e| UcxError::Invalid(e.to_string()))?;
+        Ok((mem, handle))
+    }
+
+    fn finish_map(&self, memh: ffi::ucp_mem_h) -> Result<MemHandle> {
         let mut handle = MemHandle {
             ctx: self.inner.clone(),
             memh,
@@ -249,6 +345,23 @@ impl WorkerInner {
         })
     }
 
+    fn try_enter(&self) -> Result<Option<Guard<'_>>> {
+        let me = std::thread::current().id();
+        if *self.holder.lock().unwrap_or_else(|e| e.into_inner()) == Some(me) {
+            return Err(UcxError::Reentrant);
+        }
+        let g = match self.lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
+        Ok(Some(Guard {
+            _g: g,
+            holder: &self.holder,
+        }))
+    }
+
     /// Progresses until `req` (a request of this worker) completes or `limit` passes; then frees it.
     fn wait_and_free(&self, _g: &Guard<'_>, req: ffi::ucs_status_ptr_t, limit: Duration) {
         let start = Instant::now();
@@ -337,6 +450,25 @@ impl Worker {
             let n = unsafe { ffi::ucp_worker_progress(self.inner.h) };
             if n == 0 {
                 return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// Like [`Worker::progress`], but returns `Ok(None)` at once when another thread is using the worker (it
+    /// is making progress, or posting), instead of waiting for it.
+    ///
+    /// Errors: [`UcxError::Reentrant`] from inside a callback.
+    pub fn try_progress(&self) -> Result<Option<u32>> {
+        let Some(_g) = self.inner.try_enter()? else {
+            return Ok(None);
+        };
+        let mut total = 0;
+        loop {
+            // SAFETY: the guard serializes worker access.
+            let n = unsafe { ffi::ucp_worker_progress(self.inner.h) };
+            if n == 0 {
+                return Ok(Some(total));
             }
             total += n;
         }
@@ -959,6 +1091,53 @@ mod tests {
         assert!(worker.connect(&[]).is_err());
         drop(rkey);
         drop(ep);
+    }
+
+    #[test]
+    fn allocated_memory_is_zeroed_and_reachable() {
+        let ctx = Context::new().unwrap();
+        assert!(matches!(ctx.allocate(0), Err(UcxError::Invalid(_))));
+        let (mem, handle) = ctx.allocate(3 << 20).unwrap();
+        assert_eq!(mem.len(), 3 << 20);
+        assert!(!handle.rkey().is_empty());
+        let mut all = vec![1u8; 3 << 20];
+        mem.read_at(0, &mut all).unwrap();
+        assert!(all.iter().all(|&b| b == 0));
+        let worker = Worker::new(&ctx).unwrap();
+        let ep = worker.connect(&worker.address().unwrap()).unwrap();
+        let rkey = ep.unpack_rkey(handle.rkey()).unwrap();
+        let src = mem_pattern(1 << 20);
+        let (tx, rx) = mpsc::channel();
+        let op = RmaOp {
+            local: &src,
+            local_off: 0,
+            len: 1 << 20,
+            remote_addr: mem.addr() + (1 << 20),
+            rkey: &rkey,
+        };
+        ep.rma_batch(
+            Rma::Put,
+            &[op],
+            Box::new(()),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
+        wait(&worker, &rx).unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        mem.read_at(1 << 20, &mut got).unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        src.memory().read_at(0, &mut want).unwrap();
+        assert_eq!(got, want);
+        // The Memory keeps the allocation alive after the handle is dropped.
+        drop((rkey, ep, handle));
+        mem.write_at(0, b"still mapped").unwrap();
+    }
+
+    fn mem_pattern(len: usize) -> Arc<dyn HostMemory> {
+        let v: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        Arc::new(pdx_sys::Memory::from_vec(v).unwrap())
     }
 
     #[test]
