@@ -80,8 +80,16 @@ thread_local! {
     static POOL: RefCell<HashMap<Rc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
 }
 
-/// Idle connections kept per upstream per thread.
-const MAX_IDLE_PER_HOST: usize = 256;
+/// Idle connections kept per upstream per thread. Each idle hyper connection holds about
+/// 20 KiB (buffers, driver task), so the pool is sized for the concurrency of one thread, not
+/// for bursts: a burst opens more and the surplus closes when returned.
+const MAX_IDLE_PER_HOST: usize = 64;
+
+/// Read buffer of an upstream connection, bytes (hyper's exact-size strategy; the default is
+/// adaptive from 8 KiB up to ~400 KiB). Response heads of inference engines are a few hundred
+/// bytes, and forwarded body frames are slices of this buffer (zero-copy), so 4 KiB halves the
+/// per-stream buffer of the decode connection at the cost of one read per 4 KiB of stream.
+pub const UPSTREAM_READ_BUF: usize = 4096;
 
 /// Why getting a connection failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +121,9 @@ pub async fn get(authority: &str, timeout: Duration) -> Result<Conn, ConnectErro
             .map_err(|_| ConnectError::Failed)?;
         let _ = s.set_nodelay(true);
         let io = MonoioIo::new(s.into_poll_io().map_err(|_| ConnectError::Failed)?);
-        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .read_buf_exact_size(Some(UPSTREAM_READ_BUF))
+            .handshake(io)
             .await
             .map_err(|_| ConnectError::Failed)?;
         let kill = Rc::new(KillState::default());
