@@ -11,6 +11,7 @@
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
@@ -229,23 +230,5 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
 }
 
 async fn health_check(authority: &str, timeout: Duration) -> bool {
-    let Ok(mut c) = upstream::get(authority, timeout).await else {
-        return false;
-    };
-    let req = match hyper::Request::get("/health")
-        .header(hyper::header::HOST, authority)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-    {
-        Ok(r) => r,
-        Err(_) => return false,
-    };
-    match monoio::time::timeout(timeout, c.sender.send_request(req)).await {
-        Ok(Ok(r)) => {
-            let ok = r.status().is_success();
-            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
-            upstream::put(c);
-            ok
-        }
-        _ => false,
-    }
+    upstream::health(authority, timeout).await
 }

@@ -4,9 +4,9 @@ use crate::body::{Forward, RouterBody, StreamStats};
 use crate::config::{Config, OrchestrationKind};
 use crate::metrics::{Metrics, PhaseLabel, PoolLabels, RequestLabels};
 use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
-use crate::upstream::{self, ConnectError};
+use crate::upstream::{self, ConnectError, SendError, UpBody};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -494,40 +494,42 @@ pub struct Aggregated;
 #[derive(Debug, Clone, Copy)]
 pub struct VllmNixl;
 
-/// A sent request with its response headers.
+/// A sent request with its response headers (the body owns the connection).
 struct Sent {
-    resp: Response<Incoming>,
-    conn: upstream::Conn,
+    resp: Response<UpBody>,
     guard: LoadGuard,
     pool: Arc<Pool>,
 }
 
-/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was stale.
+/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was closed before it
+/// answered.
 async fn send_to(
     sh: &Shared,
     w: &Arc<Worker>,
     path: &str,
-    body: Bytes,
+    body: &[u8],
     rid: &HeaderValue,
-) -> Result<(Response<Incoming>, upstream::Conn), UpstreamFailure> {
+) -> Result<Response<UpBody>, UpstreamFailure> {
     let timeout = sh.cfg.upstream_timeout;
+    let headers: [(&str, &[u8]); 3] = [
+        ("host", w.authority.as_bytes()),
+        ("content-type", b"application/json"),
+        (REQUEST_ID, rid.as_bytes()),
+    ];
     for _ in 0..2 {
-        let mut conn = upstream::get(&w.authority, timeout)
+        let conn = upstream::get(&w.authority, timeout)
             .await
             .map_err(|e| match e {
                 ConnectError::Failed => UpstreamFailure::Connect,
                 ConnectError::Timeout => UpstreamFailure::Timeout,
             })?;
-        let req = Request::post(path)
-            .header(hyper::header::HOST, w.authority.as_str())
-            .header(CONTENT_TYPE, "application/json")
-            .header(REQUEST_ID, rid.clone())
-            .body(Full::new(body.clone()))
-            .map_err(|_| UpstreamFailure::BadResponse)?;
-        match monoio::time::timeout(timeout, conn.sender.send_request(req)).await {
+        let reused = conn.reused;
+        let sent = upstream::send(conn, "POST", path, &headers, body);
+        match monoio::time::timeout(timeout, sent).await {
             Err(_) => return Err(UpstreamFailure::Timeout),
-            Ok(Ok(r)) => return Ok((r, conn)),
-            Ok(Err(e)) if e.is_canceled() || conn.reused => continue,
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(SendError::Closed)) if reused => continue,
+            Ok(Err(SendError::Decode(_))) => return Err(UpstreamFailure::BadResponse),
             Ok(Err(_)) => return Err(UpstreamFailure::Connect),
         }
     }
@@ -570,23 +572,17 @@ async fn dispatch(
             })
             .inc();
         let guard = LoadGuard::new(w.clone(), job.tokens);
-        let failure = match send_to(sh, &w, job.path, body.clone(), &job.rid).await {
-            Ok((resp, conn)) => {
+        let failure = match send_to(sh, &w, job.path, &body, &job.rid).await {
+            Ok(resp) => {
                 let s = resp.status().as_u16();
                 if resp.status().is_success() || !UpstreamFailure::Status(s).is_retryable() {
                     if !resp.status().is_success() {
                         w.report(true, sh.registry.now_us());
                     }
-                    return Ok(Sent {
-                        resp,
-                        conn,
-                        guard,
-                        pool,
-                    });
+                    return Ok(Sent { resp, guard, pool });
                 }
                 // Retryable status: read the error body so the connection can be reused.
                 let _ = resp.into_body().collect().await;
-                upstream::put(conn);
                 UpstreamFailure::Status(s)
             }
             Err(f) => f,
@@ -633,12 +629,7 @@ fn forward(
     pd: bool,
     headers_at: Instant,
 ) -> Response<RouterBody> {
-    let Sent {
-        resp,
-        conn,
-        guard,
-        pool,
-    } = sent;
+    let Sent { resp, guard, pool } = sent;
     let status = resp.status().as_u16();
     sh.metrics
         .requests
@@ -653,7 +644,6 @@ fn forward(
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
         body: incoming,
-        conn: Some(conn),
         guard: Some(guard),
         stream,
         scanner: SseScanner::new(),
@@ -714,9 +704,7 @@ impl VllmNixl {
         let t0 = Instant::now();
         let failure = match dispatch(sh, job, pools, first, body, "prefill").await {
             Ok(sent) => {
-                let Sent {
-                    resp, conn, guard, ..
-                } = sent;
+                let Sent { resp, guard, .. } = sent;
                 let status = resp.status();
                 let collected =
                     monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect())
@@ -724,7 +712,6 @@ impl VllmNixl {
                 match collected {
                     Ok(Ok(b)) => {
                         let bytes = b.to_bytes();
-                        upstream::put(conn);
                         if !status.is_success() {
                             // Fatal (4xx): the request itself is bad; give the engine's answer.
                             let mut r = full(status.as_u16(), "application/json", bytes);
