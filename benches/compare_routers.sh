@@ -83,6 +83,6 @@ echo "pdx memory (wrk): RSS $r0 KiB idle, $r1 KiB with $inflight in-flight strea
 # The same with allocator statistics (router in the stream_mem process; client without heap use).
 if [ -x "$T/stream_mem" ]; then
   for mode in --sequential ""; do
-    taskset -c 0 "$T/stream_mem" --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18203 --streams "$N" $mode | head -1
+    taskset -c 0 "$T/stream_mem" --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18203 --streams "$N" $mode | grep "in flight"
   done
 fi

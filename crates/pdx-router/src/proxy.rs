@@ -684,6 +684,12 @@ impl Orchestrator for Aggregated {
     }
 }
 
+/// The part of a prefill response the router reads.
+#[derive(serde::Deserialize)]
+struct PrefillAnswer {
+    kv_transfer_params: Option<KvTransferParams>,
+}
+
 impl VllmNixl {
     /// Runs the prefill; `Ok(None)` means decode-only fallback.
     async fn prefill(
@@ -718,10 +724,10 @@ impl VllmNixl {
                             *r.status_mut() = status;
                             return Err(r);
                         }
-                        let kv = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        // Only `kv_transfer_params` is read (the rest is skipped, not built).
+                        let kv = serde_json::from_slice::<PrefillAnswer>(&bytes)
                             .ok()
-                            .and_then(|v| v.get("kv_transfer_params").cloned())
-                            .and_then(|v| serde_json::from_value::<KvTransferParams>(v).ok())
+                            .and_then(|a| a.kv_transfer_params)
                             .filter(|kv| kv.do_remote_prefill);
                         if let Some(kv) = kv {
                             guard.worker.report(true, sh.registry.now_us());

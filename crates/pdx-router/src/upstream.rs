@@ -239,7 +239,14 @@ impl Body for UpBody {
                 return Poll::Ready(None);
             };
             match this.framing.step(&mut c.buf, this.eof) {
-                Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Ok(Step::Data(b)) => {
+                    if this.framing.is_done() {
+                        // Pool the connection now: a reader that trusts `is_end_stream` (hyper
+                        // does, for a known length) never polls for the end.
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
                 Ok(Step::Done) => {
                     this.finish();
                     return Poll::Ready(None);
