@@ -22,7 +22,8 @@ M="--instant --host 127.0.0.1 --kv-noop"
 taskset -c 1 "$T/mock" --role prefill $M --port 18201 >/dev/null 2>&1 & pids+=($!)
 taskset -c 1 "$T/mock" --role decode $M --port 18202 --instant-tokens-per-chunk 1 >/dev/null 2>&1 & pids+=($!)
 taskset -c 1 "$T/mock" --role decode $M --port 18203 --num-blocks 65536 --fault-stall-after-tokens 1 >/dev/null 2>&1 & pids+=($!)
-sleep 2
+wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.2; done; echo "not up: $1" >&2; return 1; }
+for port in 18201 18202 18203; do wait_up "http://127.0.0.1:$port/health"; done
 taskset -c 0 "$T/serve" --host 127.0.0.1 --port 18300 --threads 1 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 & pids+=($!)
 PDX=$!
 taskset -c 0 "$T/serve" --host 127.0.0.1 --port 18301 --threads 1 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18203 & pids+=($!)
@@ -30,7 +31,7 @@ STALL=$!
 "$PEERS" start http://127.0.0.1:18201 http://127.0.0.1:18202 >/dev/null
 SGL=$(cat ~/.cache/pdx-peers/logs/sglang-router.pid); VLR=$(cat ~/.cache/pdx-peers/logs/vllm-router.pid)
 for p in "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null || true; done
-for port in 18300 18301; do for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.2; done; done
+for port in 18300 18301; do wait_up "http://127.0.0.1:$port/ready"; done
 
 CHAT="$ROOT/crates/pdx-mock/bench/chat.lua"
 STREAM="$ROOT/benches/router_stream.lua"

@@ -2,8 +2,9 @@
 //!
 //! Thread per core: each server thread runs its own monoio runtime (io_uring, or epoll where
 //! io_uring is unavailable: monoio's `FusionDriver`) with its own `SO_REUSEPORT` listener,
-//! HTTP/1.1 server connections (hyper 1.x over `monoio_compat::hyper::MonoioIo`) and its own
-//! keep-alive upstream connection pool. Threads share only the registry snapshot
+//! HTTP/1.1 server connections ([`server`]) and its own keep-alive upstream connection pool
+//! ([`upstream`]), both over monoio's readiness-based sockets with pdx's own HTTP/1.1 codec
+//! (`httparse` for heads, [`h1`] for body framing); hyper provides the `http`/`Body` types. Threads share only the registry snapshot
 //! (`arc-swap`), per-worker atomics and the metrics. Routing decisions come from the sans-IO
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
@@ -15,13 +16,13 @@ pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod server;
 pub mod upstream;
 
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
 
 use monoio::io::IntoPollIo;
-use monoio_compat::hyper::{MonoioIo, MonoioTimer};
 use proxy::Shared;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,23 +168,8 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
         let _ = s.set_nodelay(true);
         let sh = sh.clone();
         monoio::spawn(async move {
-            let io = match s.into_poll_io() {
-                Ok(io) => MonoioIo::new(io),
-                Err(_) => return,
-            };
-            // The request future is boxed: hyper keeps one allocation of the service future's
-            // size per connection for the connection's whole life (`Server::in_flight`), and
-            // `handle`'s state machine is ~6.5 KiB; boxed, the connection keeps 8 bytes and the
-            // big state lives only while a request is routed (freed before its body streams).
-            let svc =
-                hyper::service::service_fn(move |req| Box::pin(proxy::handle(sh.clone(), req)));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(MonoioTimer)
-                .keep_alive(true)
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(error = %e, "client connection");
+            if let Ok(io) = s.into_poll_io() {
+                server::serve_conn(io, sh).await;
             }
         });
     }

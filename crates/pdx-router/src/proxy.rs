@@ -6,8 +6,7 @@ use crate::metrics::{Metrics, PhaseLabel, PoolLabels, RequestLabels};
 use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
 use crate::upstream::{self, ConnectError, SendError, UpBody};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransferParams};
@@ -68,7 +67,7 @@ fn new_request_id() -> HeaderValue {
 /// Handles one request (never fails: errors are OpenAI error responses).
 pub async fn handle(
     sh: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
     let rid = match req.headers().get(REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 256 => v.clone(),
@@ -81,7 +80,7 @@ pub async fn handle(
 
 async fn route(
     sh: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
     rid: &HeaderValue,
 ) -> Response<RouterBody> {
     let path = req.uri().path().to_string();
@@ -151,7 +150,7 @@ fn list_workers(sh: &Shared) -> Response<RouterBody> {
     json_response(&serde_json::json!({ "workers": ws }))
 }
 
-async fn read_body(sh: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
     let max = sh.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -177,7 +176,7 @@ async fn read_body(sh: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiErro
     }
 }
 
-async fn workers_api(sh: &Shared, req: Request<Incoming>) -> Response<RouterBody> {
+async fn workers_api(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
     if !sh.cfg.registration {
         return error_response(&ApiError::not_found("registration is disabled"));
     }
@@ -399,7 +398,7 @@ pub struct Job {
 
 async fn completion(
     sh: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
     rid: &HeaderValue,
     chat: bool,
 ) -> Response<RouterBody> {
