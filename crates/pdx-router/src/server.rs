@@ -46,7 +46,7 @@ enum Watch<T> {
 
 impl Conn {
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < want.min(512).max(1) {
+        if self.buf.capacity() - self.buf.len() < want.clamp(1, 512) {
             self.buf.reserve(want);
         }
         let len = self.buf.len();
@@ -255,10 +255,11 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 keep_alive = false;
                 Bytes::new()
             } else {
-                if head.expect_continue && (c.buf.len() as u64) < n {
-                    if c.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                        return;
-                    }
+                if head.expect_continue
+                    && (c.buf.len() as u64) < n
+                    && c.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+                {
+                    return;
                 }
                 while (c.buf.len() as u64) < n {
                     let want = n as usize - c.buf.len();
