@@ -380,7 +380,7 @@ async fn write_response(
         return Ok(true);
     }
     c.write_all(&head).await?;
-    drop(head);
+    drop((head, parts));
     let chunked = exact.is_none();
     let mut written: u64 = 0;
     loop {

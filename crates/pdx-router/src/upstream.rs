@@ -24,10 +24,13 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// Read buffer of an upstream connection, bytes. Response heads of inference engines are a few
-/// hundred bytes and forwarded body frames are slices of this buffer; a stalled stream holds
-/// this much. A read asks for at most the free room of the buffer.
+/// Read buffer of an upstream connection once a response is past its first read, bytes.
+/// Forwarded body frames are slices of this buffer. A read asks for at most its free room.
 pub const READ_BUF: usize = 4096;
+/// The first read of a response gets a buffer of this size, bytes: a response head of an
+/// inference engine and a non-streamed answer or a stream's first events fit, so a stream that
+/// stalls early (or a short answer) holds 1 KiB, not [`READ_BUF`].
+pub const FIRST_READ_BUF: usize = 1024;
 /// Room below which the buffer is refilled to [`READ_BUF`] before a read.
 const MIN_READ_ROOM: usize = 512;
 
@@ -112,7 +115,9 @@ pub enum SendError {
 
 impl Conn {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(FIRST_READ_BUF);
+        } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
             // Reuses the allocation when every frame split off it has been dropped.
             self.buf.reserve(READ_BUF);
         }
