@@ -109,7 +109,7 @@ impl Conn {
         let mut i = 0;
         while i < parts.len() {
             let n = std::future::poll_fn(|cx| {
-                let mut sl = [IoSlice::new(&[]); BATCH * 3 + 1];
+                let mut sl = [IoSlice::new(&[]); BATCH * 3 + 2];
                 let k = (parts.len() - i).min(sl.len());
                 for (s, p) in sl.iter_mut().zip(&parts[i..i + k]) {
                     *s = IoSlice::new(p);
@@ -379,24 +379,29 @@ async fn write_response(
         c.write_parts(&mut [&head[..], &b[..]]).await?;
         return Ok(true);
     }
-    c.write_all(&head).await?;
-    drop((head, parts));
+    drop(parts);
+    // The head goes out with the frames that are ready at once (one segment for a whole
+    // answer), or alone when the first frame is not ready (a stream's client gets it now).
+    let mut head = Some(head);
     let chunked = exact.is_none();
     let mut written: u64 = 0;
     loop {
-        // Wait for the next frame while watching the client.
-        let first = {
-            let mut next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
-            match c.watch(&mut next).await {
-                Watch::Done(f) => f,
-                Watch::Gone => return Ok(false),
-            }
-        };
         let mut frames: [Option<Bytes>; BATCH] = Default::default();
         let mut k = 0;
-        let mut state = take(first, &mut frames, &mut k);
-        // More frames that are ready now go out in the same write (polled with a no-op waker:
-        // a Pending here is followed by the watched poll above, which registers the real one).
+        let mut state = Next::More;
+        if head.is_none() {
+            // Wait for the next frame while watching the client.
+            let first = {
+                let mut next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+                match c.watch(&mut next).await {
+                    Watch::Done(f) => f,
+                    Watch::Gone => return Ok(false),
+                }
+            };
+            state = take(first, &mut frames, &mut k);
+        }
+        // Frames that are ready now go out in the same write (polled with a no-op waker: a
+        // Pending here is followed by the watched poll above, which registers the real one).
         let mut cx = Context::from_waker(std::task::Waker::noop());
         while state == Next::More && k < BATCH {
             match Pin::new(&mut body).poll_frame(&mut cx) {
@@ -411,8 +416,12 @@ async fn write_response(
                 lens[i] = hex_line(&mut sizes[i], frames[i].as_ref().map_or(0, Bytes::len));
             }
         }
-        let mut parts: [&[u8]; BATCH * 3 + 1] = [&[]; BATCH * 3 + 1];
+        let mut parts: [&[u8]; BATCH * 3 + 2] = [&[]; BATCH * 3 + 2];
         let mut np = 0;
+        if let Some(h) = &head {
+            parts[0] = h;
+            np = 1;
+        }
         for (i, d) in frames.iter().take(k).flatten().enumerate() {
             written += d.len() as u64;
             if chunked {
@@ -433,6 +442,7 @@ async fn write_response(
         if np > 0 {
             c.write_parts(&mut parts[..np]).await?;
         }
+        head = None;
         if failed {
             return Ok(false); // the response cannot be completed: close
         }
