@@ -40,6 +40,11 @@ pub struct EngineConfig {
     pub eos_after: Option<u32>,
     /// Profile (model shape, timing, scheduler, faults).
     pub profile: Profile,
+    /// Benchmark mode (`--kv-noop`): a prefill answers `kv_transfer_params` without holding
+    /// its blocks, and a decode takes `do_remote_prefill` params without reading remote KV.
+    pub kv_noop: bool,
+    /// Token events per HTTP chunk of an instant-mode stream (`--instant-tokens-per-chunk`).
+    pub instant_tokens_per_chunk: u32,
 }
 
 /// Generation request after parsing and tokenization.
@@ -323,7 +328,8 @@ impl Engine {
         }
         let kv_params = req.kv.clone().unwrap_or_default();
         let hold_for_remote = kv_params.do_remote_decode && self.transport.is_some();
-        let remote_prefill = kv_params.do_remote_prefill && self.transport.is_some();
+        let remote_prefill =
+            kv_params.do_remote_prefill && self.transport.is_some() && !self.cfg.kv_noop;
         let bootstrap_prefill = req.bootstrap && self.cfg.role == Role::Prefill;
         let bootstrap_decode = req.bootstrap && self.cfg.role == Role::Decode;
         let natural = match (req.ignore_eos, self.cfg.eos_after) {
@@ -438,7 +444,8 @@ impl Engine {
                 t.write_block(b, &mut |bytes| layout.fill(bytes, hashes[i], n));
             }
         }
-        if bootstrap_decode {
+        // The KV "arrived" without a read (bootstrap flow, or the benchmark no-op mode).
+        if bootstrap_decode || (self.cfg.kv_noop && kv_params.do_remote_prefill) {
             computed = n_prompt;
         }
         self.kv
@@ -577,6 +584,20 @@ impl SeqGuard {
         let n_pb = (prompt_tokens as usize)
             .div_ceil(e.cfg.block_size)
             .min(self.blocks.len());
+        if e.cfg.kv_noop {
+            // Benchmark mode: the same answer, nothing held (no decode will read it).
+            return KvTransferParams {
+                do_remote_prefill: true,
+                do_remote_decode: false,
+                remote_engine_id: Some(ep.engine_id),
+                remote_block_ids: Some(self.blocks[..n_pb].to_vec()),
+                remote_host: Some(ep.host),
+                remote_port: Some(ep.port),
+                remote_request_id: Some(request_id.to_string()),
+                tp_size: Some(1),
+                extra: Default::default(),
+            };
+        }
         let held: Vec<u32> = self.blocks.drain(..n_pb).collect();
         e.metrics.held_blocks.inc_by(held.len() as i64);
         let old = e.holds.lock().expect("holds lock").hold(

@@ -157,6 +157,15 @@ pub struct MockArgs {
     /// Seconds between registration heartbeats.
     #[arg(long, default_value_t = 5.0)]
     pub heartbeat_secs: f64,
+    /// Benchmark mode for router comparisons: a prefill answers `kv_transfer_params` without
+    /// holding its blocks, and a decode takes `do_remote_prefill` params without reading remote
+    /// KV (the prompt counts as computed, as on SGLang's bootstrap path). Routers that pass
+    /// `kv_transfer_params` (pdx, vllm-router) then cost the workers what bootstrap routers do.
+    #[arg(long)]
+    pub kv_noop: bool,
+    /// Token events per HTTP chunk of an `--instant` stream (1: one SSE event per chunk).
+    #[arg(long, default_value_t = 64)]
+    pub instant_tokens_per_chunk: u32,
 }
 
 impl Default for MockArgs {
@@ -361,6 +370,8 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         default_max_tokens: args.default_max_tokens.max(1),
         eos_after: args.eos_after,
         profile,
+        kv_noop: args.kv_noop,
+        instant_tokens_per_chunk: args.instant_tokens_per_chunk.max(1),
     };
     let engine = Engine::new(cfg, tokenizer, transport);
     let mut threads = Vec::new();

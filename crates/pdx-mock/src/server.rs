@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 /// Largest request body accepted, bytes.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
-/// Tokens generated per body frame in instant mode.
-const INSTANT_TOKENS_PER_FRAME: u32 = 64;
 
 /// Response body: a full buffer or a lazily generated SSE stream.
 pub enum MockBody {
@@ -639,7 +637,7 @@ impl SseStream {
                         faults.stall_after_tokens
                     };
                     let avail = match self.adm.events.as_mut() {
-                        None => INSTANT_TOKENS_PER_FRAME,
+                        None => self.adm.guard.engine().cfg.instant_tokens_per_chunk,
                         Some(rx) => match rx.poll_recv(cx) {
                             Poll::Ready(Some(_)) => 1,
                             Poll::Ready(None) => {

@@ -9,7 +9,7 @@
 
 use crate::metrics::Metrics;
 use crate::registry::LoadGuard;
-use crate::upstream::{self, Conn};
+use crate::upstream::UpBody;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use pdx_router_core::SseScanner;
@@ -38,10 +38,9 @@ pub struct StreamStats {
 
 /// An upstream body being forwarded.
 pub struct Forward<B> {
-    /// Upstream body.
+    /// Upstream body (it owns its connection: back to the pool at a clean end, closed when
+    /// dropped early).
     pub body: B,
-    /// Its connection (back to the pool at the end).
-    pub conn: Option<Conn>,
     /// In-flight accounting (released at the end or on drop).
     pub guard: Option<LoadGuard>,
     /// SSE scanning on (streamed responses).
@@ -73,7 +72,6 @@ impl<B> Forward<B> {
         let now = Instant::now();
         Self {
             body,
-            conn: None,
             guard: None,
             stream,
             scanner: SseScanner::new(),
@@ -121,11 +119,6 @@ impl<B> Forward<B> {
         if let Some(g) = self.guard.take() {
             g.worker
                 .report(ok, self.registry.as_ref().map_or(0, |r| r.now_us()));
-        }
-        if let Some(c) = self.conn.take() {
-            if ok {
-                upstream::put(c);
-            }
         }
         if let Some(m) = &self.metrics {
             m.e2e.observe(self.stats.start.elapsed().as_secs_f64());
@@ -187,7 +180,7 @@ pub enum RouterBody {
     /// Whole body.
     Full(Option<Bytes>),
     /// Forwarded upstream body.
-    Forward(Box<Forward<hyper::body::Incoming>>),
+    Forward(Box<Forward<UpBody>>),
 }
 
 impl std::fmt::Debug for RouterBody {

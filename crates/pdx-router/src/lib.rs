@@ -2,8 +2,9 @@
 //!
 //! Thread per core: each server thread runs its own monoio runtime (io_uring, or epoll where
 //! io_uring is unavailable: monoio's `FusionDriver`) with its own `SO_REUSEPORT` listener,
-//! HTTP/1.1 server connections (hyper 1.x over `monoio_compat::hyper::MonoioIo`) and its own
-//! keep-alive upstream connection pool. Threads share only the registry snapshot
+//! HTTP/1.1 server connections ([`server`]) and its own keep-alive upstream connection pool
+//! ([`upstream`]), both over monoio's readiness-based sockets with pdx's own HTTP/1.1 codec
+//! (`httparse` for heads, [`h1`] for body framing); hyper provides the `http`/`Body` types. Threads share only the registry snapshot
 //! (`arc-swap`), per-worker atomics and the metrics. Routing decisions come from the sans-IO
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
@@ -11,16 +12,17 @@
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod server;
 pub mod upstream;
 
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
 
 use monoio::io::IntoPollIo;
-use monoio_compat::hyper::{MonoioIo, MonoioTimer};
 use proxy::Shared;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -166,18 +168,8 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
         let _ = s.set_nodelay(true);
         let sh = sh.clone();
         monoio::spawn(async move {
-            let io = match s.into_poll_io() {
-                Ok(io) => MonoioIo::new(io),
-                Err(_) => return,
-            };
-            let svc = hyper::service::service_fn(move |req| proxy::handle(sh.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(MonoioTimer)
-                .keep_alive(true)
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(error = %e, "client connection");
+            if let Ok(io) = s.into_poll_io() {
+                server::serve_conn(io, sh).await;
             }
         });
     }
@@ -224,23 +216,5 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
 }
 
 async fn health_check(authority: &str, timeout: Duration) -> bool {
-    let Ok(mut c) = upstream::get(authority, timeout).await else {
-        return false;
-    };
-    let req = match hyper::Request::get("/health")
-        .header(hyper::header::HOST, authority)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-    {
-        Ok(r) => r,
-        Err(_) => return false,
-    };
-    match monoio::time::timeout(timeout, c.sender.send_request(req)).await {
-        Ok(Ok(r)) => {
-            let ok = r.status().is_success();
-            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
-            upstream::put(c);
-            ok
-        }
-        _ => false,
-    }
+    upstream::health(authority, timeout).await
 }

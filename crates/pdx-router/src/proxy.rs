@@ -4,10 +4,9 @@ use crate::body::{Forward, RouterBody, StreamStats};
 use crate::config::{Config, OrchestrationKind};
 use crate::metrics::{Metrics, PhaseLabel, PoolLabels, RequestLabels};
 use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
-use crate::upstream::{self, ConnectError};
+use crate::upstream::{self, ConnectError, SendError, UpBody};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransferParams};
@@ -68,7 +67,7 @@ fn new_request_id() -> HeaderValue {
 /// Handles one request (never fails: errors are OpenAI error responses).
 pub async fn handle(
     sh: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
     let rid = match req.headers().get(REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 256 => v.clone(),
@@ -81,7 +80,7 @@ pub async fn handle(
 
 async fn route(
     sh: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
     rid: &HeaderValue,
 ) -> Response<RouterBody> {
     let path = req.uri().path().to_string();
@@ -151,7 +150,7 @@ fn list_workers(sh: &Shared) -> Response<RouterBody> {
     json_response(&serde_json::json!({ "workers": ws }))
 }
 
-async fn read_body(sh: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
     let max = sh.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -177,7 +176,7 @@ async fn read_body(sh: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiErro
     }
 }
 
-async fn workers_api(sh: &Shared, req: Request<Incoming>) -> Response<RouterBody> {
+async fn workers_api(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
     if !sh.cfg.registration {
         return error_response(&ApiError::not_found("registration is disabled"));
     }
@@ -399,7 +398,7 @@ pub struct Job {
 
 async fn completion(
     sh: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<Full<Bytes>>,
     rid: &HeaderValue,
     chat: bool,
 ) -> Response<RouterBody> {
@@ -494,40 +493,42 @@ pub struct Aggregated;
 #[derive(Debug, Clone, Copy)]
 pub struct VllmNixl;
 
-/// A sent request with its response headers.
+/// A sent request with its response headers (the body owns the connection).
 struct Sent {
-    resp: Response<Incoming>,
-    conn: upstream::Conn,
+    resp: Response<UpBody>,
     guard: LoadGuard,
     pool: Arc<Pool>,
 }
 
-/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was stale.
+/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was closed before it
+/// answered.
 async fn send_to(
     sh: &Shared,
     w: &Arc<Worker>,
     path: &str,
-    body: Bytes,
+    body: &[u8],
     rid: &HeaderValue,
-) -> Result<(Response<Incoming>, upstream::Conn), UpstreamFailure> {
+) -> Result<Response<UpBody>, UpstreamFailure> {
     let timeout = sh.cfg.upstream_timeout;
+    let headers: [(&str, &[u8]); 3] = [
+        ("host", w.authority.as_bytes()),
+        ("content-type", b"application/json"),
+        (REQUEST_ID, rid.as_bytes()),
+    ];
     for _ in 0..2 {
-        let mut conn = upstream::get(&w.authority, timeout)
+        let conn = upstream::get(&w.authority, timeout)
             .await
             .map_err(|e| match e {
                 ConnectError::Failed => UpstreamFailure::Connect,
                 ConnectError::Timeout => UpstreamFailure::Timeout,
             })?;
-        let req = Request::post(path)
-            .header(hyper::header::HOST, w.authority.as_str())
-            .header(CONTENT_TYPE, "application/json")
-            .header(REQUEST_ID, rid.clone())
-            .body(Full::new(body.clone()))
-            .map_err(|_| UpstreamFailure::BadResponse)?;
-        match monoio::time::timeout(timeout, conn.sender.send_request(req)).await {
+        let reused = conn.reused;
+        let sent = upstream::send(conn, "POST", path, &headers, body);
+        match monoio::time::timeout(timeout, sent).await {
             Err(_) => return Err(UpstreamFailure::Timeout),
-            Ok(Ok(r)) => return Ok((r, conn)),
-            Ok(Err(e)) if e.is_canceled() || conn.reused => continue,
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(SendError::Closed)) if reused => continue,
+            Ok(Err(SendError::Decode(_))) => return Err(UpstreamFailure::BadResponse),
             Ok(Err(_)) => return Err(UpstreamFailure::Connect),
         }
     }
@@ -570,23 +571,17 @@ async fn dispatch(
             })
             .inc();
         let guard = LoadGuard::new(w.clone(), job.tokens);
-        let failure = match send_to(sh, &w, job.path, body.clone(), &job.rid).await {
-            Ok((resp, conn)) => {
+        let failure = match send_to(sh, &w, job.path, &body, &job.rid).await {
+            Ok(resp) => {
                 let s = resp.status().as_u16();
                 if resp.status().is_success() || !UpstreamFailure::Status(s).is_retryable() {
                     if !resp.status().is_success() {
                         w.report(true, sh.registry.now_us());
                     }
-                    return Ok(Sent {
-                        resp,
-                        conn,
-                        guard,
-                        pool,
-                    });
+                    return Ok(Sent { resp, guard, pool });
                 }
                 // Retryable status: read the error body so the connection can be reused.
                 let _ = resp.into_body().collect().await;
-                upstream::put(conn);
                 UpstreamFailure::Status(s)
             }
             Err(f) => f,
@@ -633,12 +628,7 @@ fn forward(
     pd: bool,
     headers_at: Instant,
 ) -> Response<RouterBody> {
-    let Sent {
-        resp,
-        conn,
-        guard,
-        pool,
-    } = sent;
+    let Sent { resp, guard, pool } = sent;
     let status = resp.status().as_u16();
     sh.metrics
         .requests
@@ -653,7 +643,6 @@ fn forward(
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
         body: incoming,
-        conn: Some(conn),
         guard: Some(guard),
         stream,
         scanner: SseScanner::new(),
@@ -694,6 +683,12 @@ impl Orchestrator for Aggregated {
     }
 }
 
+/// The part of a prefill response the router reads.
+#[derive(serde::Deserialize)]
+struct PrefillAnswer {
+    kv_transfer_params: Option<KvTransferParams>,
+}
+
 impl VllmNixl {
     /// Runs the prefill; `Ok(None)` means decode-only fallback.
     async fn prefill(
@@ -714,9 +709,7 @@ impl VllmNixl {
         let t0 = Instant::now();
         let failure = match dispatch(sh, job, pools, first, body, "prefill").await {
             Ok(sent) => {
-                let Sent {
-                    resp, conn, guard, ..
-                } = sent;
+                let Sent { resp, guard, .. } = sent;
                 let status = resp.status();
                 let collected =
                     monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect())
@@ -724,17 +717,16 @@ impl VllmNixl {
                 match collected {
                     Ok(Ok(b)) => {
                         let bytes = b.to_bytes();
-                        upstream::put(conn);
                         if !status.is_success() {
                             // Fatal (4xx): the request itself is bad; give the engine's answer.
                             let mut r = full(status.as_u16(), "application/json", bytes);
                             *r.status_mut() = status;
                             return Err(r);
                         }
-                        let kv = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        // Only `kv_transfer_params` is read (the rest is skipped, not built).
+                        let kv = serde_json::from_slice::<PrefillAnswer>(&bytes)
                             .ok()
-                            .and_then(|v| v.get("kv_transfer_params").cloned())
-                            .and_then(|v| serde_json::from_value::<KvTransferParams>(v).ok())
+                            .and_then(|a| a.kv_transfer_params)
                             .filter(|kv| kv.do_remote_prefill);
                         if let Some(kv) = kv {
                             guard.worker.report(true, sh.registry.now_us());

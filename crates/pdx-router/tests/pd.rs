@@ -174,3 +174,54 @@ async fn decode_failure_mid_stream_sends_error_event() {
     assert!(last.contains("\"error\""), "{last}");
     assert!(!ev.iter().any(|e| e == "[DONE]"));
 }
+
+/// The benchmark-mode workers: `--kv-noop` answers the PD handshake without a KV read or hold,
+/// and `--instant-tokens-per-chunk 1` streams one SSE event per HTTP chunk, which the router
+/// forwards chunk for chunk.
+#[tokio::test(flavor = "current_thread")]
+async fn benchmark_mode_workers_skip_the_kv_read_and_stream_one_event_per_chunk() {
+    let p = mock(&["--role", "prefill", "--instant", "--kv-noop"]);
+    let d = mock(&[
+        "--role",
+        "decode",
+        "--instant",
+        "--kv-noop",
+        "--instant-tokens-per-chunk",
+        "1",
+    ]);
+    let r = pd(&[&p], &[&d], &[]);
+    let (s, v) = post(r.addr, "/v1/chat/completions", &chat(40, false)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    // Without --kv-noop the decode reads the prompt's blocks (pd_non_streaming_and_request_id)
+    // and the prefill holds them until then.
+    assert_eq!(d.metric("pdx:kv_blocks_received_total", ""), Some(0.0));
+    assert_eq!(p.metric("pdx:kv_blocks_held", ""), Some(0.0));
+
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(50, true).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut frames = 0;
+    let mut all = Vec::new();
+    while let Some(f) = body.frame().await {
+        let d = f.expect("frame").into_data().unwrap();
+        // (the mock sends the role event with the first token)
+        assert!(events(&d).len() <= 2, "one token event per chunk: {d:?}");
+        frames += 1;
+        all.extend_from_slice(&d);
+    }
+    let ev = events(&all);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    assert!(
+        frames >= 51 && frames + 1 >= ev.len(),
+        "{frames} frames, {} events",
+        ev.len()
+    );
+}

@@ -1,0 +1,552 @@
+//! HTTP/1.1 server connections over monoio sockets (readiness-based `poll-io`).
+//!
+//! One task per client connection: read a request (head with `httparse`, body by
+//! `Content-Length` or chunked), run [`crate::proxy::handle`], write the response, repeat
+//! (keep-alive). While the request is routed and while its body streams, the client socket is
+//! watched: when the client goes away the request future or the response body is dropped at once,
+//! and with it the upstream connection, so the engine aborts the request.
+//!
+//! Memory: the connection keeps no buffer between requests or while a response streams (the
+//! read buffer is released once the request is taken out of it); response body frames are
+//! written as they are (`writev` of chunk header, the frame's own `Bytes`, CRLF), up to
+//! [`BATCH`] frames per system call, with no copy and no allocation per frame.
+
+use crate::body::RouterBody;
+use crate::h1::{Chunk, Framing, Step};
+use crate::proxy::{self, Shared};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::Full;
+use hyper::body::{Body, Frame};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use hyper::{Request, Response};
+use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Largest request head accepted, bytes (431 above).
+const MAX_HEAD: usize = 64 * 1024;
+/// Response body frames written per `writev` at most.
+pub const BATCH: usize = 16;
+/// First read of a request asks for this much room, bytes.
+const FIRST_READ: usize = 2048;
+
+struct Conn {
+    io: TcpStreamPoll,
+    buf: BytesMut,
+}
+
+enum Watch<T> {
+    Done(T),
+    Gone,
+}
+
+impl Conn {
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < want.clamp(1, 512) {
+            self.buf.reserve(want);
+        }
+        let len = self.buf.len();
+        let cap = self.buf.capacity();
+        // Zero-fill the free room so the read target is initialized memory (no `unsafe`).
+        self.buf.resize(cap, 0);
+        let mut rb = ReadBuf::new(&mut self.buf[len..]);
+        let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        self.buf.truncate(len + n);
+        r.map_ok(|()| n)
+    }
+
+    async fn fill(&mut self, want: usize) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx, want)).await
+    }
+
+    /// Polls `fut`; while it is pending, watches the client socket: EOF or an error means the
+    /// client is gone (`fut` is dropped by the caller). Bytes the client sends meanwhile
+    /// (a pipelined request) are kept in the buffer.
+    async fn watch<F: Future + Unpin>(&mut self, fut: &mut F) -> Watch<F::Output> {
+        let mut scratch = [0u8; 256];
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = Pin::new(&mut *fut).poll(cx) {
+                return Poll::Ready(Watch::Done(v));
+            }
+            loop {
+                let mut rb = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        return Poll::Ready(Watch::Gone)
+                    }
+                    Poll::Ready(Ok(())) => {
+                        if self.buf.len() > MAX_HEAD {
+                            return Poll::Ready(Watch::Gone);
+                        }
+                        self.buf.extend_from_slice(rb.filled());
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Watch::Gone),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, data)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes all of `parts` with vectored writes.
+    async fn write_parts(&mut self, parts: &mut [&[u8]]) -> std::io::Result<()> {
+        let mut i = 0;
+        while i < parts.len() {
+            let n = std::future::poll_fn(|cx| {
+                let mut sl = [IoSlice::new(&[]); BATCH * 3 + 2];
+                let k = (parts.len() - i).min(sl.len());
+                for (s, p) in sl.iter_mut().zip(&parts[i..i + k]) {
+                    *s = IoSlice::new(p);
+                }
+                Pin::new(&mut self.io).poll_write_vectored(cx, &sl[..k])
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let mut left = n;
+            while i < parts.len() && left >= parts[i].len() {
+                left -= parts[i].len();
+                i += 1;
+            }
+            if left > 0 {
+                parts[i] = &parts[i][left..];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed request head.
+struct ReqHead {
+    req: hyper::http::request::Builder,
+    length: Option<u64>,
+    chunked: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+    head_method: bool,
+}
+
+enum HeadError {
+    Bad,
+    TooLarge,
+}
+
+fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadError> {
+    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Request::new(&mut hs);
+    let n = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad),
+    };
+    let method = r.method.ok_or(HeadError::Bad)?;
+    let mut b = Request::builder()
+        .method(method)
+        .uri(r.path.ok_or(HeadError::Bad)?);
+    let mut length = None;
+    let mut chunked = false;
+    let mut keep_alive = r.version == Some(1);
+    let mut expect_continue = false;
+    for h in r.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Bad)?;
+        if name == hyper::header::CONTENT_LENGTH {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(HeadError::Bad)?;
+            if length.is_some_and(|l| l != v) {
+                return Err(HeadError::Bad);
+            }
+            length = Some(v);
+        } else if name == hyper::header::TRANSFER_ENCODING {
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            if !chunked {
+                return Err(HeadError::Bad);
+            }
+        } else if name == hyper::header::CONNECTION {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if name == hyper::header::EXPECT {
+            expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+        }
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad)?;
+        b = b.header(name, value);
+    }
+    let head_method = method == "HEAD";
+    buf.advance(n);
+    Ok(Some(ReqHead {
+        req: b,
+        length: if chunked { None } else { length },
+        chunked,
+        keep_alive,
+        expect_continue,
+        head_method,
+    }))
+}
+
+fn simple(status: u16, reason: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
+    let mut c = Conn {
+        io,
+        buf: BytesMut::new(),
+    };
+    let max_body = sh.cfg.max_body_bytes as u64;
+    loop {
+        // Request head.
+        let head = loop {
+            match parse_head(&mut c.buf) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(HeadError::Bad) => {
+                    let _ = c.write_all(&simple(400, "Bad Request")).await;
+                    return;
+                }
+                Err(HeadError::TooLarge) => {
+                    let _ = c
+                        .write_all(&simple(431, "Request Header Fields Too Large"))
+                        .await;
+                    return;
+                }
+            }
+            match c.fill(FIRST_READ.max(c.buf.len())).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        let mut keep_alive = head.keep_alive;
+        // Request body.
+        let body = if let Some(n) = head.length {
+            if n > max_body {
+                // The router answers 413 from the header; the unread body ends the connection.
+                keep_alive = false;
+                Bytes::new()
+            } else {
+                if head.expect_continue
+                    && (c.buf.len() as u64) < n
+                    && c.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+                {
+                    return;
+                }
+                while (c.buf.len() as u64) < n {
+                    let want = n as usize - c.buf.len();
+                    match c.fill(want).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+                c.buf.split_to(n as usize).freeze()
+            }
+        } else if head.chunked {
+            if head.expect_continue && c.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+            {
+                return;
+            }
+            let mut f = Framing::Chunked(Chunk::Size);
+            let mut out = BytesMut::new();
+            loop {
+                match f.step(&mut c.buf, false) {
+                    Ok(Step::Data(d)) => {
+                        if (out.len() + d.len()) as u64 > max_body {
+                            let _ = c.write_all(&simple(413, "Payload Too Large")).await;
+                            return;
+                        }
+                        out.extend_from_slice(&d);
+                    }
+                    Ok(Step::Done) => break,
+                    Ok(Step::More) => match c.fill(FIRST_READ).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    Err(_) => {
+                        let _ = c.write_all(&simple(400, "Bad Request")).await;
+                        return;
+                    }
+                }
+            }
+            out.freeze()
+        } else {
+            Bytes::new()
+        };
+        if c.buf.is_empty() {
+            // Nothing pipelined: hold no buffer while the request is routed and answered.
+            c.buf = BytesMut::new();
+        }
+        let req = match head.req.body(Full::new(body)) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = c.write_all(&simple(400, "Bad Request")).await;
+                return;
+            }
+        };
+        // Route; the boxed future lives only while the request is routed.
+        let mut fut = Box::pin(proxy::handle(sh.clone(), req));
+        let resp = match c.watch(&mut fut).await {
+            Watch::Done(Ok(r)) => r,
+            Watch::Done(Err(never)) => match never {},
+            Watch::Gone => return,
+        };
+        drop(fut);
+        match write_response(&mut c, resp, keep_alive, head.head_method).await {
+            Ok(true) if keep_alive => {}
+            _ => return,
+        }
+    }
+}
+
+/// Writes `resp`; `Ok(false)` when the connection cannot be reused.
+async fn write_response(
+    c: &mut Conn,
+    resp: Response<RouterBody>,
+    keep_alive: bool,
+    head_method: bool,
+) -> std::io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let exact = body.size_hint().exact();
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+    for (k, v) in parts.headers.iter() {
+        if k == CONTENT_LENGTH || k == hyper::header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(k.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(v.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match exact {
+        Some(n) => {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(n.to_string().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    if head_method {
+        c.write_all(&head).await?;
+        return Ok(keep_alive);
+    }
+    // A whole body goes out with the head in one write.
+    if let RouterBody::Full(b) = &mut body {
+        let b = b.take().unwrap_or_default();
+        c.write_parts(&mut [&head[..], &b[..]]).await?;
+        return Ok(true);
+    }
+    drop(parts);
+    // The head goes out with the frames that are ready at once (one segment for a whole
+    // answer), or alone when the first frame is not ready (a stream's client gets it now).
+    let mut head = Some(head);
+    let chunked = exact.is_none();
+    let mut written: u64 = 0;
+    loop {
+        let mut frames: [Option<Bytes>; BATCH] = Default::default();
+        let mut k = 0;
+        let mut state = Next::More;
+        if head.is_none() {
+            // Wait for the next frame while watching the client.
+            let first = {
+                let mut next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+                match c.watch(&mut next).await {
+                    Watch::Done(f) => f,
+                    Watch::Gone => return Ok(false),
+                }
+            };
+            state = take(first, &mut frames, &mut k);
+        }
+        // Frames that are ready now go out in the same write (polled with a no-op waker: a
+        // Pending here is followed by the watched poll above, which registers the real one).
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while state == Next::More && k < BATCH {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(f) => state = take(f, &mut frames, &mut k),
+                Poll::Pending => break,
+            }
+        }
+        let mut sizes = [[0u8; 18]; BATCH];
+        let mut lens = [0usize; BATCH];
+        if chunked {
+            for i in 0..k {
+                lens[i] = hex_line(&mut sizes[i], frames[i].as_ref().map_or(0, Bytes::len));
+            }
+        }
+        let mut parts: [&[u8]; BATCH * 3 + 2] = [&[]; BATCH * 3 + 2];
+        let mut np = 0;
+        if let Some(h) = &head {
+            parts[0] = h;
+            np = 1;
+        }
+        for (i, d) in frames.iter().take(k).flatten().enumerate() {
+            written += d.len() as u64;
+            if chunked {
+                parts[np] = &sizes[i][..lens[i]];
+                parts[np + 1] = d;
+                parts[np + 2] = b"\r\n";
+                np += 3;
+            } else {
+                parts[np] = d;
+                np += 1;
+            }
+        }
+        let (end, failed) = (state == Next::End, state == Next::Failed);
+        if end && chunked {
+            parts[np] = b"0\r\n\r\n";
+            np += 1;
+        }
+        if np > 0 {
+            c.write_parts(&mut parts[..np]).await?;
+        }
+        head = None;
+        if failed {
+            return Ok(false); // the response cannot be completed: close
+        }
+        if end {
+            return Ok(exact.is_none_or(|n| n == written));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    More,
+    End,
+    Failed,
+}
+
+/// Stores a polled frame's data in `frames[*k]`.
+fn take(
+    f: Option<Result<Frame<Bytes>, std::io::Error>>,
+    frames: &mut [Option<Bytes>; BATCH],
+    k: &mut usize,
+) -> Next {
+    match f {
+        None => Next::End,
+        Some(Err(_)) => Next::Failed,
+        Some(Ok(fr)) => {
+            if let Ok(d) = fr.into_data() {
+                if !d.is_empty() {
+                    frames[*k] = Some(d);
+                    *k += 1;
+                }
+            }
+            Next::More
+        }
+    }
+}
+
+/// Writes `{n:x}\r\n` into `out`; returns its length.
+fn hex_line(out: &mut [u8; 18], mut n: usize) -> usize {
+    let mut tmp = [0u8; 16];
+    let mut i = 16;
+    loop {
+        i -= 1;
+        tmp[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = 16 - i;
+    out[..len].copy_from_slice(&tmp[i..]);
+    out[len] = b'\r';
+    out[len + 1] = b'\n';
+    len + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 18];
+        for (n, s) in [
+            (0, "0\r\n"),
+            (10, "a\r\n"),
+            (255, "ff\r\n"),
+            (4096, "1000\r\n"),
+        ] {
+            let l = hex_line(&mut b, n);
+            assert_eq!(&b[..l], s.as_bytes());
+        }
+        let l = hex_line(&mut b, usize::MAX);
+        assert_eq!(&b[..l], b"ffffffffffffffff\r\n");
+    }
+
+    #[test]
+    fn request_heads() {
+        let mut buf = BytesMut::from(
+            &b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc"[..],
+        );
+        let h = parse_head(&mut buf).ok().flatten().expect("parsed");
+        assert_eq!(
+            (h.length, h.chunked, h.keep_alive, h.expect_continue),
+            (Some(3), false, true, true)
+        );
+        assert_eq!(&buf[..], b"abc");
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]);
+        assert!(!parse_head(&mut buf).ok().flatten().unwrap().keep_alive);
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..]);
+        assert!(!parse_head(&mut buf).ok().flatten().unwrap().keep_alive);
+        assert!(parse_head(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]))
+            .ok()
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            parse_head(&mut BytesMut::from(&b"BAD\x01 / HTTP/1.1\r\n\r\n"[..])),
+            Err(HeadError::Bad)
+        ));
+        assert!(matches!(
+            parse_head(&mut BytesMut::from(
+                &b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"[..]
+            )),
+            Err(HeadError::Bad)
+        ));
+    }
+}
