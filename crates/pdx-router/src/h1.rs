@@ -396,4 +396,65 @@ mod tests {
             assert_eq!(r, Err(DecodeError::Chunk), "{bad:?}");
         }
     }
+
+    /// Encodes `chunks` as a chunked body (with chunk extensions on odd chunks).
+    fn chunked_wire(chunks: &[Vec<u8>]) -> Vec<u8> {
+        let mut w = Vec::new();
+        for (i, c) in chunks.iter().filter(|c| !c.is_empty()).enumerate() {
+            w.extend_from_slice(format!("{:x}", c.len()).as_bytes());
+            if i % 2 == 1 {
+                w.extend_from_slice(b";ext=1");
+            }
+            w.extend_from_slice(b"\r\n");
+            w.extend_from_slice(c);
+            w.extend_from_slice(b"\r\n");
+        }
+        w.extend_from_slice(b"0\r\n\r\n");
+        w
+    }
+
+    proptest::proptest! {
+        /// Any chunked body, delivered in any pieces, decodes to the same bytes and ends exactly at its
+        /// terminator, leaving what follows (a next response) in the buffer.
+        #[test]
+        fn chunked_bodies_decode_whatever_the_read_boundaries(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..8),
+            cuts in proptest::collection::vec(1usize..64, 1..40),
+        ) {
+            let mut wire = chunked_wire(&chunks);
+            wire.extend_from_slice(b"NEXT");
+            let mut f = Framing::Chunked(Chunk::Size);
+            let mut buf = BytesMut::new();
+            let (mut data, mut done, mut at) = (Vec::new(), false, 0usize);
+            let mut cuts = cuts.into_iter().cycle();
+            while !done {
+                let n = cuts.next().unwrap_or(1).min(wire.len() - at);
+                buf.extend_from_slice(&wire[at..at + n]);
+                at += n;
+                let (d, end) = all(&mut f, &mut buf, false);
+                data.extend(d.concat());
+                done = end;
+                proptest::prop_assert!(done || at < wire.len(), "decoder wants more after the whole body");
+            }
+            proptest::prop_assert_eq!(data, chunks.concat());
+            let mut rest = buf.to_vec();
+            rest.extend_from_slice(&wire[at..]);
+            proptest::prop_assert_eq!(rest, b"NEXT".to_vec());
+        }
+
+        /// Arbitrary bytes never panic the head parser or the chunked decoder: they decode, ask for more,
+        /// or give an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_head(&mut BytesMut::from(&bytes[..]), false);
+            let mut f = Framing::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(&bytes[..]);
+            for _ in 0..64 {
+                match f.step(&mut buf, true) {
+                    Ok(Step::Data(_)) => {}
+                    Ok(Step::Done | Step::More) | Err(_) => break,
+                }
+            }
+        }
+    }
 }

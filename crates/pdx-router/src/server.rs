@@ -31,6 +31,8 @@ use std::task::{Context, Poll};
 const MAX_HEAD: usize = 64 * 1024;
 /// Response body frames written per `writev` at most.
 pub const BATCH: usize = 16;
+/// How long a client may take to send a whole request head (as hyper's `header_read_timeout`, 30 s).
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// First read of a request asks for this much room, bytes.
 const FIRST_READ: usize = 2048;
 
@@ -201,6 +203,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadError> {
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad)?;
         b = b.header(name, value);
     }
+    if chunked && length.is_some() {
+        // Both framings: a request-smuggling vector (RFC 9112 §6.3 lets a server reject it); refuse.
+        return Err(HeadError::Bad);
+    }
     let head_method = method == "HEAD";
     buf.advance(n);
     Ok(Some(ReqHead {
@@ -227,6 +233,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
     let max_body = sh.cfg.max_body_bytes as u64;
     loop {
         // Request head.
+        let head_deadline = std::time::Instant::now() + HEAD_TIMEOUT;
         let head = loop {
             match parse_head(&mut c.buf) {
                 Ok(Some(h)) => break h,
@@ -242,9 +249,18 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                     return;
                 }
             }
-            match c.fill(FIRST_READ.max(c.buf.len())).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            // A client gets HEAD_TIMEOUT to send a request head (idle keep-alive connections included),
+            // so slow or silent clients cannot hold connections and memory forever.
+            let left = head_deadline.saturating_duration_since(std::time::Instant::now());
+            match monoio::time::timeout(left, c.fill(FIRST_READ.max(c.buf.len()))).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Err(_elapsed) => {
+                    if !c.buf.is_empty() {
+                        let _ = c.write_all(&simple(408, "Request Timeout")).await;
+                    }
+                    return;
+                }
+                Ok(Ok(_)) => {}
             }
         };
         let mut keep_alive = head.keep_alive;
@@ -547,6 +563,16 @@ mod tests {
                 &b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"[..]
             )),
             Err(HeadError::Bad)
-        ));
+        )); // Content-Length and chunked together (request smuggling) and conflicting lengths are refused.
+        for bad in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            assert!(matches!(
+                parse_head(&mut BytesMut::from(bad)),
+                Err(HeadError::Bad)
+            ));
+        }
     }
 }
