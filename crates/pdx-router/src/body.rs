@@ -13,10 +13,14 @@ use crate::upstream::UpBody;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use pdx_router_core::SseScanner;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+/// The SSE error event sent when the upstream sends nothing for the stream idle timeout (OpenAI error JSON, 504).
+pub const STREAM_TIMEOUT_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"upstream stream idle timeout\",\"type\":\"UpstreamTimeout\",\"param\":null,\"code\":504}}\n\n";
 
 /// The SSE error event sent when the decode stream breaks (OpenAI error JSON, 502).
 pub const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"upstream stream failed\",\"type\":\"UpstreamError\",\"param\":null,\"code\":502}}\n\n";
@@ -55,6 +59,14 @@ pub struct Forward<B> {
     pub registry: Option<Arc<crate::registry::Registry>>,
     /// Finished (end or error event sent).
     pub done: bool,
+    /// Longest gap between upstream frames before the response is ended (`None`: unbounded). The gap is
+    /// detected within one to two times this bound: a frame only marks progress, and the timer is re-armed
+    /// when it fires, so forwarding a frame costs no timer operation.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// The idle timer (monoio), made on the first wait for a frame.
+    pub idle_timer: Option<Pin<Box<monoio::time::Sleep>>>,
+    /// A frame arrived since the idle timer was last armed.
+    pub progressed: bool,
 }
 
 impl<B> std::fmt::Debug for Forward<B> {
@@ -85,7 +97,33 @@ impl<B> Forward<B> {
             metrics: None,
             registry: None,
             done: false,
+            idle_timeout: None,
+            idle_timer: None,
+            progressed: false,
         }
+    }
+
+    /// Polls the idle timer after the upstream body returned `Pending`: `true` when the upstream has sent
+    /// nothing for a whole timer period.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.idle_timeout else {
+            return false;
+        };
+        // The server also polls for frames that are ready with a no-op waker; a monoio timer keeps the first
+        // waker it is polled with, so it must only ever see the task's real one.
+        if cx.waker().will_wake(std::task::Waker::noop()) {
+            return false;
+        }
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(monoio::time::sleep(limit)));
+        while timer.as_mut().poll(cx).is_ready() {
+            if !std::mem::take(&mut self.progressed) {
+                return true;
+            }
+            timer.as_mut().reset(monoio::time::Instant::now() + limit);
+        }
+        false
     }
 
     fn observe(&mut self, data: &[u8]) {
@@ -143,8 +181,23 @@ where
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending if this.idle_expired(cx) => {
+                tracing::warn!(timeout = ?this.idle_timeout, "upstream body idle: ending the response");
+                this.finish(false);
+                if this.stream {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        STREAM_TIMEOUT_EVENT,
+                    )))))
+                } else {
+                    Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "upstream body idle",
+                    ))))
+                }
+            }
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
+                this.progressed = true;
                 if this.stream {
                     if let Some(d) = frame.data_ref() {
                         this.observe(d);

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Seconds until an upstream answers with headers before 504.
     #[arg(long)]
     pub upstream_timeout_secs: Option<f64>,
+    /// Seconds a response body may go without a byte from the upstream before the router ends it (an SSE error
+    /// event on streams) and drops the upstream request (default 300).
+    #[arg(long)]
+    pub stream_idle_timeout_secs: Option<f64>,
     /// Prefill attempts in all (first + retries).
     #[arg(long)]
     pub prefill_attempts: Option<u32>,
@@ -150,6 +154,8 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     /// Seconds until upstream response headers (default 300).
     pub upstream_timeout_secs: Option<f64>,
+    /// Seconds a response body may go without upstream bytes before it is ended (default 300).
+    pub stream_idle_timeout_secs: Option<f64>,
     /// Bearer token for the registration API.
     pub auth_token: Option<String>,
     /// Heartbeat TTL of registered workers, seconds (default 15).
@@ -225,6 +231,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Upstream header timeout.
     pub upstream_timeout: std::time::Duration,
+    /// Longest gap between upstream body bytes before the response is ended.
+    pub stream_idle_timeout: std::time::Duration,
     /// Registration token.
     pub auth_token: Option<String>,
     /// Heartbeat TTL, µs.
@@ -444,6 +452,12 @@ impl Config {
                     .or(file.upstream_timeout_secs)
                     .unwrap_or(300.0),
                 "upstream_timeout_secs",
+            )?,
+            stream_idle_timeout: secs(
+                a.stream_idle_timeout_secs
+                    .or(file.stream_idle_timeout_secs)
+                    .unwrap_or(300.0),
+                "stream_idle_timeout_secs",
             )?,
             auth_token: a.auth_token.clone().or(file.auth_token),
             heartbeat_ttl_us: secs(

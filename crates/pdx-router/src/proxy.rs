@@ -656,6 +656,9 @@ fn forward(
         metrics: Some(sh.metrics.clone()),
         registry: Some(sh.registry.clone()),
         done: false,
+        idle_timeout: Some(sh.cfg.stream_idle_timeout),
+        idle_timer: None,
+        progressed: false,
     })));
     *out.status_mut() = parts.status;
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {

@@ -225,3 +225,49 @@ async fn benchmark_mode_workers_skip_the_kv_read_and_stream_one_event_per_chunk(
         ev.len()
     );
 }
+
+/// A decode that stalls mid-stream: after `--stream-idle-timeout-secs` without a byte, the client gets an
+/// SSE timeout error event and the end of the stream, and the decode worker sees its request aborted.
+#[tokio::test(flavor = "current_thread")]
+async fn stalled_decode_stream_times_out_with_an_error_event() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--fault-stall-after-tokens", "1"]);
+    let r = pd(&[&p], &[&d], &["--stream-idle-timeout-secs", "0.3"]);
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(50, true).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let mut body = resp.into_body();
+    let collected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(f) = body.frame().await {
+            rest.extend_from_slice(
+                &f.expect("router ends the stream cleanly")
+                    .into_data()
+                    .unwrap(),
+            );
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "the stalled stream was not ended");
+    // Ended by the idle bound (0.3–0.6 s), not by some other timeout.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let ev = events(&rest);
+    assert!(ev.len() >= 2, "{ev:?}");
+    let last = ev.last().unwrap();
+    assert!(
+        last.contains("\"UpstreamTimeout\"") && last.contains("504"),
+        "{last}"
+    );
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+    assert!(
+        eventually(|| mock_metric(&d, "vllm:request_success_total", "abort") == 1.0).await,
+        "decode did not see the abort"
+    );
+}
