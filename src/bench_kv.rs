@@ -82,6 +82,25 @@ pub struct KvArgs {
     /// GPU kinds: the GPU index.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// `local`/`shm` copies: `auto` (streaming stores for requests of at least 8 MiB, the agent's default),
+    /// `memcpy` (never streaming stores) or `streaming` (always).
+    #[arg(long, value_enum, default_value = "auto")]
+    copy: CopyArg,
+    /// `local`/`shm` copies: threads sharing one large request (`AgentConfig::copy_threads`; default: the
+    /// agent's, the available cores up to 4).
+    #[arg(long)]
+    copy_threads: Option<usize>,
+}
+
+/// How `local`/`shm` transfers copy (`AgentConfig::streaming_copy_min_bytes`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CopyArg {
+    /// The agent's default threshold.
+    Auto,
+    /// Plain `memcpy` only.
+    Memcpy,
+    /// Non-temporal stores for every request.
+    Streaming,
 }
 
 /// Arguments of the hidden target process.
@@ -281,7 +300,16 @@ pub fn run(args: KvArgs) -> Result<()> {
     let mut in_process_target = None;
     let mut _target_process = None;
     let target: TargetInfo;
-    let initiator = Agent::new(AgentConfig::new("bench-initiator"))?;
+    let mut initiator_config = AgentConfig::new("bench-initiator");
+    match args.copy {
+        CopyArg::Auto => {}
+        CopyArg::Memcpy => initiator_config.streaming_copy_min_bytes = u64::MAX,
+        CopyArg::Streaming => initiator_config.streaming_copy_min_bytes = 0,
+    }
+    if let Some(t) = args.copy_threads {
+        initiator_config.copy_threads = t.max(1);
+    }
+    let initiator = Agent::new(initiator_config)?;
     if args.procs == 1 {
         let agent = Agent::new(AgentConfig::new("bench-target"))?;
         let (shared, owned) =

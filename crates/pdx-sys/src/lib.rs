@@ -23,6 +23,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
+mod stream_copy;
+
 /// Errors of the host-memory layer.
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
@@ -400,6 +402,34 @@ pub fn copy(src: &Memory, src_off: usize, dst: &Memory, dst_off: usize, len: usi
     let d = dst.range(dst_off, len)?;
     // SAFETY: both ranges lie inside live regions (checked); `copy` tolerates overlap.
     unsafe { std::ptr::copy(s, d, len) };
+    Ok(())
+}
+
+/// Copies `len` bytes from `src[src_off..]` to `dst[dst_off..]` with non-temporal (streaming) stores where the
+/// CPU has them (x86-64 with AVX2), for copies larger than the cache whose destination this thread will not read
+/// again: a batch of KV blocks. Faster than [`copy`] out of cache (1.3–1.4× on the reference machine for 1 MiB and
+/// larger blocks), slower for data that would have stayed cached. Overlapping ranges (the same region) fall back
+/// to [`copy`]. The stores are fenced before it returns, so the bytes are visible before anything published
+/// afterwards. See the `stream_copy` module docs.
+///
+/// Errors: [`SysError::OutOfBounds`] for either range.
+pub fn copy_streaming(
+    src: &Memory,
+    src_off: usize,
+    dst: &Memory,
+    dst_off: usize,
+    len: usize,
+) -> Result<()> {
+    let s = src.range(src_off, len)?;
+    let d = dst.range(dst_off, len)?;
+    let (s_addr, d_addr) = (s as usize, d as usize);
+    if s_addr < d_addr + len && d_addr < s_addr + len {
+        // SAFETY: both ranges lie inside live regions (checked); `copy` tolerates overlap.
+        unsafe { std::ptr::copy(s, d, len) };
+        return Ok(());
+    }
+    // SAFETY: both ranges lie inside live regions (checked) and do not overlap (checked just above).
+    unsafe { stream_copy::copy_nonoverlapping_streaming(s, d, len) };
     Ok(())
 }
 
