@@ -40,11 +40,13 @@ def nixl_rows(path):
 main = ["| UCX_TLS | op | block | pdx ucx GB/s | pdx ucx, UCX-allocated target GB/s | ucx_perftest GB/s"
         " | pdx/perftest | pdx (UCX-allocated)/perftest | NIXL (UCX) GB/s | pdx/NIXL | pdx p50 µs/batch |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-one = ["| UCX_TLS | op | block | pdx ucx, 1 block per request GB/s | ucx_perftest GB/s | pdx/perftest | pdx p50 µs |",
-       "|---|---|---|---:|---:|---:|---:|"]
+one = ["| UCX_TLS | op | block | pdx ucx, 64 × the same block per request GB/s | pdx/perftest"
+       " | pdx ucx, 1 block per request GB/s | pdx/perftest | ucx_perftest GB/s | pdx p50 µs (64 / 1 block) |",
+       "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 for tls in tls_list:
     tag = tls.replace(",", "+")
-    pdx, pdxu, pdx1 = (pdx_rows(out / f"{n}-{tag}.json") for n in ("pdx", "pdx-ucxmem", "pdx-one"))
+    pdx, pdxu, pdx1, pdxr = (pdx_rows(out / f"{n}-{tag}.json")
+                             for n in ("pdx", "pdx-ucxmem", "pdx-one", "pdx-reused"))
     perf = {}
     for line in (out / f"perftest-{tag}.txt").read_text().splitlines():
         f = line.split()
@@ -57,15 +59,17 @@ for tls in tls_list:
         nixl, mark = nixl_rows(out / "nixl-default.txt"), "*"
     for op, test in (("write", "ucp_put_bw"), ("read", "ucp_get")):
         for bs in sorted({k[1] for k in pdx if k[0] == op}):
-            r, ru, r1 = pdx.get((op, bs)), pdxu.get((op, bs)), pdx1.get((op, bs))
-            g, gu, g1 = (x["gbps"] if x else None for x in (r, ru, r1))
+            r, ru, r1, rr = (rows.get((op, bs)) for rows in (pdx, pdxu, pdx1, pdxr))
+            g, gu, g1, gr = (x["gbps"] if x else None for x in (r, ru, r1, rr))
             pt, nx = perf.get((test, bs)), nixl.get((op, bs))
             main.append(f"| {tls} | {op} ({test}) | {bs // 1024} KiB | {fmt(g)} | {fmt(gu)} | {fmt(pt)} | {ratio(g, pt)}"
                         f" | {ratio(gu, pt)} | {fmt(nx)}{mark if nx else ''} | {ratio(g, nx)} | {r['p50_us']:.0f} |")
-            if r1:
-                one.append(f"| {tls} | {op} ({test}) | {bs // 1024} KiB | {fmt(g1)} | {fmt(pt)} | {ratio(g1, pt)}"
-                           f" | {r1['p50_us']:.1f} |")
+            if r1 or rr:
+                lat = " / ".join(f"{x['p50_us']:.1f}" if x else "—" for x in (rr, r1))
+                one.append(f"| {tls} | {op} ({test}) | {bs // 1024} KiB | {fmt(gr)} | {ratio(gr, pt)} | {fmt(g1)}"
+                           f" | {ratio(g1, pt)} | {fmt(pt)} | {lat} |")
 print("\n".join(main))
 print("\n\\* NIXL with its default UCX_TLS: it refuses UCX_TLS=shm,self (UCX 1.13 shared memory has no peer-failure handling).\n")
-print("Same footprint as ucx_perftest (one block-sized buffer on each side, UCX-allocated target, one block per request):\n")
+print("Same footprint as ucx_perftest (one block-sized buffer on each side, UCX-allocated target; `--layout reused`"
+      " posts 64 puts or gets of that block per request, as perftest streams them):\n")
 print("\n".join(one))

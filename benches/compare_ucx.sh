@@ -2,8 +2,8 @@
 # pdx over UCX vs ucx_perftest (ucp_put_bw / ucp_get, the UCX ceiling) vs NIXL (UCX), two processes, batch 64,
 # in one run, for each UCX_TLS setting.
 #   benches/compare_ucx.sh [OUT_DIR]     (needs libucx-dev + ucx-utils, and ../shared/peers/install.sh for NIXL)
-# Writes pdx-<tls>.json (pdx memfd target), pdx-ucxmem-<tls>.json (UCX-allocated target), pdx-one-<tls>.json (one
-# block per request, perftest's footprint), perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md
+# Writes pdx-<tls>.json (pdx memfd target), pdx-ucxmem-<tls>.json (UCX-allocated target), pdx-reused-<tls>.json
+# (perftest's footprint: 64 puts of the same block per request), pdx-one-<tls>.json (one block per request), perftest-<tls>.txt, nixl-<tls>.txt, nixl-default.txt and compare.md
 # (the tables) into OUT_DIR.
 # Env: TLS_LIST (default "shm,self tcp"), SIZES (bytes, default 4096,65536,1048576,16777216), SECS (default 2),
 # BENCH_LOCK (a lock file: each measurement step holds it, so other benchmarks on the host never overlap one).
@@ -41,7 +41,10 @@ for tls in $TLS_LIST; do
   # The same with the target's memory allocated by UCX (as ucx_perftest's buffers are): direct RMA over shm.
   UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
     --transport ucx --remote-memory ucx --duration "$SECS" --json >"$OUT/pdx-ucxmem-$tag.json"
-  # perftest's footprint: one block-sized buffer on each side, one block per request.
+  # perftest's footprint and pattern: every block of the batch is the same block-sized buffer on each side.
+  UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 64 --block-size "$bsizes" --op read,write \
+    --transport ucx --remote-memory ucx --layout reused --duration "$SECS" --json >"$OUT/pdx-reused-$tag.json"
+  # perftest's footprint, one block per request.
   : >"$OUT/pdx-one-$tag.json"
   for size in ${SIZES//,/ }; do
     UCX_TLS=$tls "$PDX" bench kv --procs 2 --batch-size 1 --block-size "${size}B" --op read,write \

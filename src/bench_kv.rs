@@ -3,7 +3,8 @@
 //! The initiator posts one transfer request of `batch` blocks per iteration; blocks sit at a stride of the
 //! largest block size in both buffers (scattered, like KV blocks in a cache). Each row reports GB/s (1e9
 //! bytes/s), the p50/p99 latency of one batch from post to done, and the single-thread memcpy bandwidth of the
-//! same blocks measured in the same run just before the row, with the ratio.
+//! same blocks measured in the same run just before the row, with the ratio. `--layout reused` puts every block
+//! of a batch at offset 0 instead (one block's footprint, as `ucx_perftest` measures).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -90,6 +91,21 @@ pub struct KvArgs {
     /// agent's, the available cores up to 4).
     #[arg(long)]
     copy_threads: Option<usize>,
+    /// Where the blocks of a batch sit: `scattered` (a stride of the largest block size apart, in 1 GiB-class
+    /// buffers, as KV blocks in a cache) or `reused` (every block of the batch is the same block at offset 0 on
+    /// both sides: the footprint of one block, as `ucx_perftest` puts one buffer again and again).
+    #[arg(long, value_enum, default_value = "scattered")]
+    layout: LayoutArg,
+}
+
+/// Placement of a batch's blocks (`--layout`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum LayoutArg {
+    /// One block every `stride` bytes.
+    Scattered,
+    /// All blocks at offset 0.
+    Reused,
 }
 
 /// How `local`/`shm` transfers copy (`AgentConfig::streaming_copy_min_bytes`).
@@ -139,6 +155,8 @@ struct Row {
     memcpy_gbps: f64,
     ratio: f64,
     checked: bool,
+    /// `scattered` or `reused` (`--layout`).
+    layout: LayoutArg,
 }
 
 /// Seed of the target's regions; the initiator's blocks use `LOCAL_SEED` (and the iteration for writes).
@@ -289,10 +307,13 @@ pub fn run(args: KvArgs) -> Result<()> {
     let shared_bytes = need(RemoteMemory::Shared);
     let owned_bytes = need(RemoteMemory::Owned).max(need(RemoteMemory::Ucx));
     eprintln!(
-        "pdx bench kv: {} process(es), batch {}, stride {}, {} per buffer",
+        "pdx bench kv: {} process(es), batch {}, {}, {} per buffer",
         args.procs,
         args.batch_size,
-        format_size(stride as u64),
+        match args.layout {
+            LayoutArg::Scattered => format!("stride {}", format_size(stride as u64)),
+            LayoutArg::Reused => "every block at offset 0".to_string(),
+        },
         format_size(region as u64)
     );
 
@@ -397,7 +418,11 @@ pub fn run(args: KvArgs) -> Result<()> {
                     transport,
                     remote_kind,
                     block: bs as usize,
-                    stride,
+                    stride: if args.layout == LayoutArg::Reused {
+                        0
+                    } else {
+                        stride
+                    },
                     remote_base,
                 };
                 let row = run_row(
@@ -572,6 +597,7 @@ fn run_row(
         memcpy_gbps,
         ratio: gbps / memcpy_gbps,
         checked: args.check,
+        layout: args.layout,
     })
 }
 

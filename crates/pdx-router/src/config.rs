@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// event on streams) and drops the upstream request (default 300).
     #[arg(long)]
     pub stream_idle_timeout_secs: Option<f64>,
+    /// On SIGTERM or SIGINT, seconds to let in-flight requests finish (no new connections are accepted, `/ready`
+    /// answers 503) before the router exits anyway (default 30, Kubernetes' default grace period).
+    #[arg(long)]
+    pub shutdown_timeout_secs: Option<f64>,
     /// Prefill attempts in all (first + retries).
     #[arg(long)]
     pub prefill_attempts: Option<u32>,
@@ -156,6 +160,8 @@ pub struct FileConfig {
     pub upstream_timeout_secs: Option<f64>,
     /// Seconds a response body may go without upstream bytes before it is ended (default 300).
     pub stream_idle_timeout_secs: Option<f64>,
+    /// Seconds of graceful shutdown (drain) after SIGTERM/SIGINT (default 30).
+    pub shutdown_timeout_secs: Option<f64>,
     /// Bearer token for the registration API.
     pub auth_token: Option<String>,
     /// Heartbeat TTL of registered workers, seconds (default 15).
@@ -233,6 +239,8 @@ pub struct Config {
     pub upstream_timeout: std::time::Duration,
     /// Longest gap between upstream body bytes before the response is ended.
     pub stream_idle_timeout: std::time::Duration,
+    /// Longest graceful shutdown (drain of in-flight requests) after SIGTERM/SIGINT.
+    pub shutdown_timeout: std::time::Duration,
     /// Registration token.
     pub auth_token: Option<String>,
     /// Heartbeat TTL, µs.
@@ -458,6 +466,12 @@ impl Config {
                     .or(file.stream_idle_timeout_secs)
                     .unwrap_or(300.0),
                 "stream_idle_timeout_secs",
+            )?,
+            shutdown_timeout: secs(
+                a.shutdown_timeout_secs
+                    .or(file.shutdown_timeout_secs)
+                    .unwrap_or(30.0),
+                "shutdown_timeout_secs",
             )?,
             auth_token: a.auth_token.clone().or(file.auth_token),
             heartbeat_ttl_us: secs(

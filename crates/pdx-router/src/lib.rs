@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;
 
 pub use config::{Config, ServeArgs};
@@ -24,7 +25,10 @@ pub use error::RouterError;
 
 use monoio::io::IntoPollIo;
 use proxy::Shared;
+use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,14 +42,35 @@ pub struct RouterServer {
     pub shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// A second handle on each server thread's listening socket, to shut it down from here.
+    listeners: Vec<std::net::TcpListener>,
 }
 
 impl RouterServer {
-    /// Blocks until the server threads end (they run until the process exits).
+    /// Blocks until the server threads end (after a [`RouterServer::shutdown`] from elsewhere, or never).
     pub fn wait(mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+
+    /// Graceful shutdown (see [`shutdown`]): stops accepting, lets requests in flight finish for at most
+    /// `timeout`, then ends the server threads and returns. Returns true when every request finished in time.
+    pub fn shutdown(mut self, timeout: Duration) -> bool {
+        self.shared.drain.begin(timeout);
+        for l in &self.listeners {
+            // A listening socket shut down for reading fails the pending accept at once (EINVAL) and refuses
+            // new connections; the accept loop then sees the drain and stops.
+            let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Read);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let cut_short = self.shared.drain.was_cut_short();
+        if cut_short {
+            tracing::warn!("shutdown deadline passed with requests in flight: they were dropped");
+        }
+        !cut_short
     }
 }
 
@@ -95,11 +120,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
     for _ in 1..cfg.threads {
         listeners.push(bind(addr)?);
     }
+    let listener_handles = listeners
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect::<Result<Vec<_>, _>>()?;
     let registry = registry::Registry::new(&cfg)?;
     let shared = Arc::new(Shared {
         cfg,
         registry,
         metrics: Arc::new(metrics::Metrics::new()),
+        drain: shutdown::Drain::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -137,6 +167,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         shared,
         stop,
         threads,
+        listeners: listener_handles,
     })
 }
 
@@ -144,7 +175,29 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
 ///
 /// Errors: as [`start`].
 pub fn run(args: ServeArgs) -> Result<(), RouterError> {
-    start(args)?.wait();
+    let server = start(args)?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .map_err(|e| RouterError::Io(std::io::Error::other(e)))?;
+    // SIGTERM/SIGINT: drain; a second one ends the process at once.
+    let _ = rx.recv();
+    let timeout = server.shared.cfg.shutdown_timeout;
+    tracing::info!(
+        requests = server.shared.drain.active_requests(),
+        timeout_secs = timeout.as_secs_f64(),
+        "shutting down: draining requests in flight"
+    );
+    std::thread::spawn(move || {
+        if rx.recv().is_ok() {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(130);
+        }
+    });
+    if server.shutdown(timeout) {
+        tracing::info!("drained; exiting");
+    }
     Ok(())
 }
 
@@ -156,22 +209,61 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             return;
         }
     };
+    // Connections open on this thread, so a drain knows when this thread is done, and the switch that ends
+    // those left at the drain deadline.
+    let open = Rc::new(Cell::new(0usize));
+    let kill = Rc::new(shutdown::KillSwitch::default());
     loop {
         let (s, _) = match l.accept().await {
             Ok(x) => x,
+            Err(_) if sh.drain.is_draining() => break,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        // A connection accepted as the drain starts is still served (its answer closes it).
         let _ = s.set_nodelay(true);
-        let sh = sh.clone();
+        let sh2 = sh.clone();
+        let open2 = open.clone();
+        let killed = kill.killed();
+        open.set(open.get() + 1);
         monoio::spawn(async move {
             if let Ok(io) = s.into_poll_io() {
-                server::serve_conn(io, sh).await;
+                let mut conn = std::pin::pin!(server::serve_conn(io, sh2));
+                let mut killed = std::pin::pin!(killed);
+                // The connection ends by itself, or is dropped (with its sockets) at the drain deadline.
+                std::future::poll_fn(|cx| {
+                    if conn.as_mut().poll(cx).is_ready() || killed.as_mut().poll(cx).is_ready() {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
             }
+            open2.set(open2.get() - 1);
         });
+        if sh.drain.is_draining() {
+            break;
+        }
+    }
+    drop(l);
+    // Draining: connections end after their current request (idle ones within IDLE_DRAIN_CHECK).
+    while open.get() > 0 && !sh.drain.past_deadline() {
+        monoio::time::sleep(shutdown::DRAIN_POLL).await;
+    }
+    if open.get() > 0 {
+        // Deadline: drop what is left, so clients and engines see their connections close.
+        sh.drain.note_deadline();
+        kill.kill();
+        for _ in 0..50 {
+            if open.get() == 0 {
+                break;
+            }
+            monoio::time::sleep(shutdown::DRAIN_POLL).await;
+        }
     }
 }
 

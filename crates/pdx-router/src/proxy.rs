@@ -24,6 +24,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Graceful-shutdown state.
+    pub drain: crate::shutdown::Drain,
 }
 
 /// Request id header.
@@ -109,6 +111,9 @@ async fn route(
 }
 
 fn ready(sh: &Shared) -> Response<RouterBody> {
+    if sh.drain.is_draining() {
+        return error_response(&ApiError::unavailable("shutting down"));
+    }
     let now = sh.registry.now_us();
     let snap = sh.registry.snap.load();
     let any = |pools: &[Arc<Pool>]| pools.iter().any(|p| p.eligible_count(&[], now) > 0);

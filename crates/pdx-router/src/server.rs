@@ -14,6 +14,7 @@
 use crate::body::RouterBody;
 use crate::h1::{Chunk, Framing, Step};
 use crate::proxy::{self, Shared};
+use crate::shutdown;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::{Body, Frame};
@@ -231,6 +232,8 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
         buf: BytesMut::new(),
     };
     let max_body = sh.cfg.max_body_bytes as u64;
+    // Whether an answer went out on this connection (a new connection gets one request even while draining).
+    let mut served = false;
     loop {
         // Request head.
         let head_deadline = std::time::Instant::now() + HEAD_TIMEOUT;
@@ -250,10 +253,21 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 }
             }
             // A client gets HEAD_TIMEOUT to send a request head (idle keep-alive connections included),
-            // so slow or silent clients cannot hold connections and memory forever.
+            // so slow or silent clients cannot hold connections and memory forever. An idle connection
+            // waits in slices of IDLE_DRAIN_CHECK, so a graceful shutdown closes it soon.
+            let idle = c.buf.is_empty();
+            if idle && served && sh.drain.is_draining() {
+                return;
+            }
             let left = head_deadline.saturating_duration_since(std::time::Instant::now());
-            match monoio::time::timeout(left, c.fill(FIRST_READ.max(c.buf.len()))).await {
+            let wait = if idle {
+                left.min(shutdown::IDLE_DRAIN_CHECK)
+            } else {
+                left
+            };
+            match monoio::time::timeout(wait, c.fill(FIRST_READ.max(c.buf.len()))).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
+                Err(_elapsed) if wait < left => {} // a drain check, not the head timeout
                 Err(_elapsed) => {
                     if !c.buf.is_empty() {
                         let _ = c.write_all(&simple(408, "Request Timeout")).await;
@@ -263,7 +277,9 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 Ok(Ok(_)) => {}
             }
         };
-        let mut keep_alive = head.keep_alive;
+        let _active = sh.drain.track();
+        // While draining, this answer is the connection's last.
+        let mut keep_alive = head.keep_alive && !sh.drain.is_draining();
         // Request body.
         let body = if let Some(n) = head.length {
             if n > max_body {
@@ -336,8 +352,9 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
             Watch::Gone => return,
         };
         drop(fut);
+        let keep_alive = keep_alive && !sh.drain.is_draining();
         match write_response(&mut c, resp, keep_alive, head.head_method).await {
-            Ok(true) if keep_alive => {}
+            Ok(true) if keep_alive => served = true,
             _ => return,
         }
     }
