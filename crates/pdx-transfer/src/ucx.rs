@@ -85,10 +85,27 @@ struct Deferred {
     peer: String,
 }
 
+/// Counts a thread in [`Shared::drivers`] while it lives.
+struct Driving<'a>(&'a AtomicUsize);
+
+impl<'a> Driving<'a> {
+    fn new(drivers: &'a AtomicUsize) -> Self {
+        drivers.fetch_add(1, Ordering::AcqRel);
+        Driving(drivers)
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Shared {
     worker: Worker,
     outstanding: AtomicUsize,
-    /// Callers progressing the worker in [`UcxAgent::wait`]; while any does, the progress thread sleeps.
+    /// Callers posting to or progressing the worker ([`UcxAgent::post`], [`UcxAgent::wait`]); while any does, the
+    /// progress thread sleeps.
     drivers: AtomicUsize,
     /// True while the progress thread blocks on the event fd: only then does a post need to wake it.
     asleep: AtomicBool,
@@ -363,14 +380,31 @@ impl UcxAgent {
         if let Some(e) = peer.ep.failure() {
             return Err(map_err(peer_name, e));
         }
-        let locals: Vec<Arc<dyn HostMemory>> = ops
-            .iter()
-            .map(|(l, _, _)| l.region.clone() as Arc<dyn HostMemory>)
-            .collect();
+        // A posting thread uses the worker itself: the progress thread stays off the worker lock meanwhile
+        // (over shared memory the whole transfer runs inside this post; contending for the lock then made
+        // 64 KiB batches up to 20% slower).
+        let _driving = Driving::new(&self.shared.drivers);
+        // The distinct local regions (usually one), each referenced once: per-block reference counting would
+        // cost more than the post itself for 64 KiB blocks over shared memory.
+        let mut locals: Vec<Arc<dyn HostMemory>> = Vec::new();
+        let mut local_index = Vec::with_capacity(ops.len());
+        for (l, _, _) in ops {
+            let same =
+                |r: &Arc<dyn HostMemory>| std::ptr::addr_eq(Arc::as_ptr(r), Arc::as_ptr(&l.region));
+            let i = match locals.iter().position(same) {
+                Some(i) => i,
+                None => {
+                    locals.push(l.region.clone() as Arc<dyn HostMemory>);
+                    locals.len() - 1
+                }
+            };
+            local_index.push(i);
+        }
         let rma: Vec<RmaOp<'_>> = ops
             .iter()
-            .zip(&locals)
-            .map(|((l, raddr, region), local)| {
+            .zip(&local_index)
+            .map(|((l, raddr, region), &i)| {
+                let local = &locals[i];
                 let rkey: &RemoteKey = peer
                     .rkeys
                     .get(*region)
@@ -451,14 +485,7 @@ impl UcxAgent {
     pub fn wait(&self, completion: &Completion, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let shared = &self.shared;
-        shared.drivers.fetch_add(1, Ordering::AcqRel);
-        struct Driving<'a>(&'a AtomicUsize);
-        impl Drop for Driving<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let driving = Driving(&shared.drivers);
+        let driving = Driving::new(&shared.drivers);
         loop {
             if let Some(r) = completion.try_outcome() {
                 return r;

@@ -752,7 +752,14 @@ impl Endpoint {
         if let Some(e) = self.failure() {
             return Err(e);
         }
-        let keep_ops: Vec<Arc<dyn HostMemory>> = ops.iter().map(|o| o.local.clone()).collect();
+        // One reference per distinct local region (a batch's blocks are usually in one region): an atomic
+        // increment and decrement per block would cost more than the post itself at 64 KiB over shared memory.
+        let mut keep_ops: Vec<Arc<dyn HostMemory>> = Vec::new();
+        for o in ops {
+            if !keep_ops.iter().any(|k| Arc::ptr_eq(k, o.local)) {
+                keep_ops.push(o.local.clone());
+            }
+        }
         let g = self.inner.worker.enter()?;
         // SAFETY: all-zero is a valid empty ucp_request_param_t (no callback: the request is freed at once).
         let p0: ffi::ucp_request_param_t = unsafe { std::mem::zeroed() };
