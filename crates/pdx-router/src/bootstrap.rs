@@ -60,9 +60,9 @@ thread_local! {
     });
 }
 
-/// A new `bootstrap_room`: uniformly random in `0..2^63` (SGLang draws `random.randint(0, 2**63 - 1)`;
-/// the room is an `i64` on the engine side). splitmix64 over a per-thread random seed, so rooms drawn on
-/// one thread never repeat before 2^63 draws, up to the dropped low bit.
+/// A new `bootstrap_room`: uniformly random in `0..2^63`, as `sglang_router` draws it
+/// (`random.randint(0, 2**63 - 1)`). splitmix64 over a per-thread random seed: the outputs of one thread are
+/// distinct before the low bit is dropped, so a repeat needs two draws that differ only in that bit.
 pub fn new_room() -> u64 {
     ROOM.with(|s| {
         let v = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
