@@ -5,7 +5,7 @@
 //! host = "0.0.0.0"
 //! port = 8000
 //! threads = 0                  # 0: one per core
-//! orchestration = "vllm-nixl"  # or "aggregated"
+//! orchestration = "vllm-nixl"  # or "sglang-bootstrap", "aggregated"
 //! [[models]]
 //! name = "Qwen/Qwen3-0.6B"
 //! global_router_config = "global_router_config.json"   # Dynamo grid (optional)
@@ -13,7 +13,8 @@
 //! name = "prefill_pool_0"
 //! role = "prefill"
 //! policy = "kv_aware"
-//! workers = ["http://10.0.0.1:8100"]
+//! workers = ["http://10.0.0.1:8100", { url = "http://10.0.0.2:8100", bootstrap_port = 9000 }]
+//! bootstrap_port = 8998        # sglang-bootstrap: the pool's default bootstrap port
 //! ```
 
 use crate::RouterError;
@@ -37,8 +38,10 @@ pub struct ServeArgs {
     /// Server threads, one runtime each (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Prefill worker URL (repeatable): quick start, one prefill pool `prefill`.
-    #[arg(long = "prefill")]
+    /// Prefill worker URL, optionally followed by its SGLang bootstrap port (repeatable; default port 8998,
+    /// used by `--orchestration sglang-bootstrap` only), as sglang-router's `--prefill URL [PORT]`: quick start,
+    /// one prefill pool `prefill`.
+    #[arg(long = "prefill", num_args = 1..=2, value_names = ["URL", "BOOTSTRAP_PORT"])]
     pub prefill: Vec<String>,
     /// Decode worker URL (repeatable): quick start, one decode pool `decode`.
     #[arg(long = "decode")]
@@ -46,6 +49,11 @@ pub struct ServeArgs {
     /// Aggregated worker URL (repeatable): quick start without PD.
     #[arg(long = "worker")]
     pub worker: Vec<String>,
+    /// How a request is spread over workers: `vllm-nixl` (default; vLLM NixlConnector prefill, then decode),
+    /// `sglang-bootstrap` (aliases `sglang`, `bootstrap`: SGLang PD, prefill and decode at once with
+    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only). Overrides the file's `orchestration`.
+    #[arg(long)]
+    pub orchestration: Option<String>,
     /// Model name of quick-start workers (default: any model name is accepted).
     #[arg(long)]
     pub model: Option<String>,
@@ -69,10 +77,11 @@ pub struct ServeArgs {
     /// answers 503) before the router exits anyway (default 30, Kubernetes' default grace period).
     #[arg(long)]
     pub shutdown_timeout_secs: Option<f64>,
-    /// Prefill attempts in all (first + retries).
+    /// Prefill attempts in all (first + retries); under `sglang-bootstrap`, attempts of the prefill/decode pair.
     #[arg(long)]
     pub prefill_attempts: Option<u32>,
-    /// After failed prefill attempts: decode_only or fail.
+    /// After failed prefill attempts: decode_only or fail (`vllm-nixl`; `sglang-bootstrap` always fails:
+    /// 503, or 504 after a timeout).
     #[arg(long)]
     pub prefill_fallback: Option<String>,
 }
@@ -92,13 +101,42 @@ pub struct PoolConfig {
     /// Local routing policy (default `round_robin`).
     #[serde(default)]
     pub policy: Option<String>,
-    /// Static worker base URLs (`http://host:port`).
+    /// Static workers: base URLs (`http://host:port`), or tables `{ url, bootstrap_port }`.
     #[serde(default)]
-    pub workers: Vec<String>,
+    pub workers: Vec<WorkerEntry>,
     /// Weight of blocks to prefill in the `kv_aware` cost (default 1).
     #[serde(default)]
     pub overlap_weight: Option<f64>,
+    /// SGLang bootstrap server port of the pool's workers, unless a worker names its own (default
+    /// [`DEFAULT_BOOTSTRAP_PORT`]; read for prefill pools under `orchestration = "sglang-bootstrap"` only).
+    #[serde(default)]
+    pub bootstrap_port: Option<u16>,
 }
+
+/// One entry of a pool's `workers`: a URL, or a table with the worker's own bootstrap port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerEntry {
+    /// `"http://host:port"`.
+    Url(String),
+    /// `{ url = "http://host:port", bootstrap_port = 9000 }`.
+    Table(WorkerTable),
+}
+
+/// The table form of [`WorkerEntry`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerTable {
+    /// Base URL.
+    pub url: String,
+    /// SGLang bootstrap server port (the prefill server's `--disaggregation-bootstrap-port`).
+    #[serde(default)]
+    pub bootstrap_port: Option<u16>,
+}
+
+/// SGLang's default bootstrap server port (`--disaggregation-bootstrap-port`, 8998), sent as `bootstrap_port`
+/// for prefill workers that name no other.
+pub const DEFAULT_BOOTSTRAP_PORT: u16 = 8998;
 
 /// One model of the file.
 #[derive(Debug, Clone, Deserialize)]
@@ -152,7 +190,8 @@ pub struct FileConfig {
     pub port: Option<u16>,
     /// Threads (0: one per core).
     pub threads: Option<usize>,
-    /// `vllm-nixl` (default) or `aggregated` (only aggregated pools are used).
+    /// `vllm-nixl` (default), `sglang-bootstrap` (aliases `sglang`, `bootstrap`) or `aggregated` (only
+    /// aggregated pools are used).
     pub orchestration: Option<String>,
     /// Largest request body, bytes (default 32 MiB).
     pub max_body_bytes: Option<usize>,
@@ -190,8 +229,36 @@ pub enum OrchestrationKind {
     /// vLLM NixlConnector: prefill (`max_tokens=1`, `do_remote_decode`), then decode with the
     /// returned `kv_transfer_params`. Models without PD pools use their aggregated pools.
     VllmNixl,
+    /// SGLang PD (`sgl-router` / `sglang_router` PD mode): the same body, with `bootstrap_host`,
+    /// `bootstrap_port` and a random `bootstrap_room` added, goes to a prefill and a decode worker at
+    /// once; the decode's response goes to the client (see [`crate::bootstrap`]). Models without decode
+    /// pools use their aggregated pools.
+    SglangBootstrap,
     /// Aggregated pools only.
     Aggregated,
+}
+
+impl std::str::FromStr for OrchestrationKind {
+    type Err = RouterError;
+    fn from_str(s: &str) -> Result<Self, RouterError> {
+        Ok(match s {
+            "vllm-nixl" | "vllm_nixl" | "nixl" => OrchestrationKind::VllmNixl,
+            "sglang-bootstrap" | "sglang_bootstrap" | "sglang" | "bootstrap" => {
+                OrchestrationKind::SglangBootstrap
+            }
+            "aggregated" | "none" => OrchestrationKind::Aggregated,
+            o => return Err(RouterError::Config(format!("unknown orchestration `{o}`"))),
+        })
+    }
+}
+
+/// A static worker, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// Base URL.
+    pub url: String,
+    /// SGLang bootstrap server port (sent as `bootstrap_port` when it is a prefill worker).
+    pub bootstrap_port: u16,
 }
 
 /// A pool, resolved.
@@ -204,9 +271,11 @@ pub struct PoolSpec {
     /// Policy.
     pub policy: Policy,
     /// Static workers.
-    pub workers: Vec<String>,
+    pub workers: Vec<WorkerSpec>,
     /// `kv_aware` weight.
     pub overlap_weight: f64,
+    /// Bootstrap port of workers that join the pool by registration without naming one.
+    pub bootstrap_port: u16,
 }
 
 /// A model, resolved.
@@ -286,6 +355,46 @@ pub fn authority_of(url: &str) -> Result<String, RouterError> {
     })
 }
 
+fn bootstrap_port(p: u16, url: &str) -> Result<u16, RouterError> {
+    if p == 0 {
+        return Err(RouterError::Config(format!(
+            "bootstrap port of {url} must be 1-65535"
+        )));
+    }
+    Ok(p)
+}
+
+/// Groups quick-start `--prefill` values, `URL [BOOTSTRAP_PORT]` each (clap hands them over flat), into
+/// workers. A value that starts with `http://` begins a worker; a number after a URL is its bootstrap port.
+fn prefill_flags(values: &[String]) -> Result<Vec<WorkerSpec>, RouterError> {
+    let mut out: Vec<WorkerSpec> = Vec::new();
+    let mut has_port = false;
+    for v in values {
+        if v.starts_with("http://") {
+            authority_of(v)?;
+            out.push(WorkerSpec {
+                url: v.clone(),
+                bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+            });
+            has_port = false;
+            continue;
+        }
+        let port = v.parse::<u16>().ok();
+        match (out.last_mut(), port) {
+            (Some(w), Some(p)) if !has_port => {
+                w.bootstrap_port = bootstrap_port(p, &w.url)?;
+                has_port = true;
+            }
+            _ => {
+                return Err(RouterError::Config(format!(
+                    "--prefill takes `URL [BOOTSTRAP_PORT]` (URL http://host:port, port 1-65535); got `{v}`"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn secs(v: f64, name: &str) -> Result<std::time::Duration, RouterError> {
     std::time::Duration::try_from_secs_f64(v).map_err(|_| {
         RouterError::Config(format!("{name} must be a non-negative number of seconds"))
@@ -315,6 +424,15 @@ impl Config {
             .as_ref()
             .and_then(|p| p.parent())
             .map(|p| p.to_path_buf());
+        Self::resolve(a, file, base)
+    }
+
+    /// Resolves flags over a parsed file; `base` is the file's directory (relative grid paths).
+    fn resolve(
+        a: &ServeArgs,
+        file: FileConfig,
+        base: Option<PathBuf>,
+    ) -> Result<Self, RouterError> {
         let default_policy: Policy = file
             .default_policy
             .as_deref()
@@ -336,8 +454,21 @@ impl Config {
             };
             let mut pools = Vec::new();
             for p in &m.pools {
+                let pool_port = bootstrap_port(
+                    p.bootstrap_port.unwrap_or(DEFAULT_BOOTSTRAP_PORT),
+                    &format!("pool {}", p.name),
+                )?;
+                let mut workers = Vec::new();
                 for w in &p.workers {
-                    authority_of(w)?;
+                    let (url, port) = match w {
+                        WorkerEntry::Url(u) => (u, None),
+                        WorkerEntry::Table(t) => (&t.url, t.bootstrap_port),
+                    };
+                    authority_of(url)?;
+                    workers.push(WorkerSpec {
+                        url: url.clone(),
+                        bootstrap_port: bootstrap_port(port.unwrap_or(pool_port), url)?,
+                    });
                 }
                 pools.push(PoolSpec {
                     name: p.name.clone(),
@@ -346,8 +477,9 @@ impl Config {
                         Some(s) => s.parse()?,
                         None => default_policy,
                     },
-                    workers: p.workers.clone(),
+                    workers,
                     overlap_weight: p.overlap_weight.unwrap_or(1.0),
+                    bootstrap_port: pool_port,
                 });
             }
             if let Some(g) = &grid {
@@ -380,23 +512,40 @@ impl Config {
                 None => default_policy,
             };
             let mut pools = Vec::new();
-            for (name, role, urls) in [
-                ("prefill", pdx_protocol::Role::Prefill, &a.prefill),
-                ("decode", pdx_protocol::Role::Decode, &a.decode),
-                ("aggregated", pdx_protocol::Role::Aggregated, &a.worker),
+            let plain = |urls: &[String]| -> Result<Vec<WorkerSpec>, RouterError> {
+                urls.iter()
+                    .map(|u| {
+                        authority_of(u)?;
+                        Ok(WorkerSpec {
+                            url: u.clone(),
+                            bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+                        })
+                    })
+                    .collect()
+            };
+            for (name, role, workers) in [
+                (
+                    "prefill",
+                    pdx_protocol::Role::Prefill,
+                    prefill_flags(&a.prefill)?,
+                ),
+                ("decode", pdx_protocol::Role::Decode, plain(&a.decode)?),
+                (
+                    "aggregated",
+                    pdx_protocol::Role::Aggregated,
+                    plain(&a.worker)?,
+                ),
             ] {
-                if urls.is_empty() {
+                if workers.is_empty() {
                     continue;
-                }
-                for w in urls.iter() {
-                    authority_of(w)?;
                 }
                 pools.push(PoolSpec {
                     name: name.into(),
                     role,
                     policy,
-                    workers: urls.clone(),
+                    workers,
                     overlap_weight: 1.0,
+                    bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                 });
             }
             models = vec![ModelSpec {
@@ -406,11 +555,12 @@ impl Config {
                 pools,
             }];
         }
-        let orchestration = match file.orchestration.as_deref().unwrap_or("vllm-nixl") {
-            "vllm-nixl" | "vllm_nixl" | "nixl" => OrchestrationKind::VllmNixl,
-            "aggregated" | "none" => OrchestrationKind::Aggregated,
-            o => return Err(RouterError::Config(format!("unknown orchestration `{o}`"))),
-        };
+        let orchestration: OrchestrationKind = a
+            .orchestration
+            .as_deref()
+            .or(file.orchestration.as_deref())
+            .unwrap_or("vllm-nixl")
+            .parse()?;
         let mut retry = pdx_router_core::RetryPolicy::default();
         if let Some(v) = a.prefill_attempts.or(file.retry.max_attempts) {
             retry.max_attempts = v.max(1);
@@ -492,5 +642,178 @@ impl Config {
             breaker,
             models,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(flags: &[&str]) -> ServeArgs {
+        ServeArgs::try_parse_from(std::iter::once("pdx-serve").chain(flags.iter().copied()))
+            .expect("flags parse")
+    }
+
+    fn from_toml(flags: &[&str], toml_text: &str) -> Result<Config, RouterError> {
+        let file: FileConfig =
+            toml::from_str(toml_text).map_err(|e| RouterError::Config(e.to_string()))?;
+        Config::resolve(&args(flags), file, None)
+    }
+
+    #[test]
+    fn orchestration_names_aliases_and_flag() {
+        for (name, kind) in [
+            ("vllm-nixl", OrchestrationKind::VllmNixl),
+            ("sglang-bootstrap", OrchestrationKind::SglangBootstrap),
+            ("sglang_bootstrap", OrchestrationKind::SglangBootstrap),
+            ("sglang", OrchestrationKind::SglangBootstrap),
+            ("bootstrap", OrchestrationKind::SglangBootstrap),
+            ("aggregated", OrchestrationKind::Aggregated),
+        ] {
+            let c = from_toml(&[], &format!("orchestration = \"{name}\"")).unwrap();
+            assert_eq!(c.orchestration, kind, "{name}");
+        }
+        assert_eq!(
+            from_toml(&[], "").unwrap().orchestration,
+            OrchestrationKind::VllmNixl
+        );
+        // The flag overrides the file.
+        let c = from_toml(
+            &["--orchestration", "sglang"],
+            "orchestration = \"vllm-nixl\"",
+        )
+        .unwrap();
+        assert_eq!(c.orchestration, OrchestrationKind::SglangBootstrap);
+        let e = from_toml(&["--orchestration", "sglang-pd"], "").unwrap_err();
+        assert!(
+            e.to_string().contains("unknown orchestration `sglang-pd`"),
+            "{e}"
+        );
+        assert!(from_toml(&[], "orchestration = \"mooncake\"").is_err());
+    }
+
+    #[test]
+    fn bootstrap_ports_in_the_file() {
+        let c = from_toml(
+            &[],
+            r#"
+            orchestration = "sglang-bootstrap"
+            [[models]]
+            name = "m"
+            [[models.pools]]
+            name = "p0"
+            role = "prefill"
+            workers = ["http://10.0.0.1:30000", { url = "http://10.0.0.2:30000", bootstrap_port = 9001 }]
+            [[models.pools]]
+            name = "p1"
+            role = "prefill"
+            bootstrap_port = 9100
+            workers = ["http://10.0.0.3:30000", { url = "http://10.0.0.4:30000" }]
+            [[models.pools]]
+            name = "d"
+            role = "decode"
+            workers = ["http://10.0.0.5:30000"]
+            "#,
+        )
+        .unwrap();
+        let ports: Vec<Vec<(&str, u16)>> = c.models[0]
+            .pools
+            .iter()
+            .map(|p| {
+                p.workers
+                    .iter()
+                    .map(|w| (w.url.as_str(), w.bootstrap_port))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                vec![
+                    ("http://10.0.0.1:30000", DEFAULT_BOOTSTRAP_PORT),
+                    ("http://10.0.0.2:30000", 9001)
+                ],
+                vec![
+                    ("http://10.0.0.3:30000", 9100),
+                    ("http://10.0.0.4:30000", 9100)
+                ],
+                vec![("http://10.0.0.5:30000", DEFAULT_BOOTSTRAP_PORT)],
+            ]
+        );
+        assert_eq!(c.models[0].pools[0].bootstrap_port, 8998);
+        assert_eq!(c.models[0].pools[1].bootstrap_port, 9100);
+    }
+
+    #[test]
+    fn bad_bootstrap_ports_in_the_file_are_errors() {
+        let pool = |extra: &str, worker: &str| {
+            format!("[[models]]\nname = \"m\"\n[[models.pools]]\nname = \"p\"\nrole = \"prefill\"\n{extra}\nworkers = [{worker}]\n")
+        };
+        for (extra, worker) in [
+            ("bootstrap_port = 0", "\"http://h:1\""),
+            ("bootstrap_port = 70000", "\"http://h:1\""),
+            ("", "{ url = \"http://h:1\", bootstrap_port = 0 }"),
+            ("", "{ url = \"http://h:1\", bootstrap_port = \"x\" }"),
+            ("", "{ url = \"http://h:1\", bootstrap = 9000 }"),
+            ("", "{ url = \"h:1\", bootstrap_port = 9000 }"),
+        ] {
+            assert!(
+                from_toml(&[], &pool(extra, worker)).is_err(),
+                "accepted {extra} {worker}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefill_flag_takes_an_optional_bootstrap_port() {
+        let c = from_toml(
+            &[
+                "--prefill",
+                "http://p1:30000",
+                "9001",
+                "--prefill",
+                "http://p2:30000",
+                "--decode",
+                "http://d1:30000",
+                "--orchestration",
+                "sglang-bootstrap",
+            ],
+            "",
+        )
+        .unwrap();
+        let p = &c.models[0].pools[0];
+        assert_eq!(p.role, pdx_protocol::Role::Prefill);
+        assert_eq!(
+            p.workers,
+            vec![
+                WorkerSpec {
+                    url: "http://p1:30000".into(),
+                    bootstrap_port: 9001
+                },
+                WorkerSpec {
+                    url: "http://p2:30000".into(),
+                    bootstrap_port: DEFAULT_BOOTSTRAP_PORT
+                },
+            ]
+        );
+        assert_eq!(c.models[0].pools[1].workers[0].url, "http://d1:30000");
+        for bad in [
+            &["--prefill", "http://p1:30000", "0"][..],
+            &["--prefill", "http://p1:30000", "x"],
+            &["--prefill", "http://p1:30000", "65536"],
+            &["--prefill", "9000"],
+        ] {
+            assert!(from_toml(bad, "").is_err(), "accepted {bad:?}");
+        }
+        // Two ports for one URL: clap takes at most two values per `--prefill`.
+        assert!(ServeArgs::try_parse_from([
+            "pdx-serve",
+            "--prefill",
+            "http://p1:30000",
+            "9001",
+            "9002"
+        ])
+        .is_err());
     }
 }

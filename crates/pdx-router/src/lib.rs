@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod h1;

@@ -7,7 +7,8 @@
 //!   observation per chunk), and request duration;
 //! * `pdx_pd_phase_seconds{phase}`: `prefill` (prefill request), `kv_handoff` (prefill
 //!   response → decode response headers: the decode engine pulls the KV), `decode_first_token`
-//!   (decode headers → first token event);
+//!   (decode headers → first token event; under `sglang-bootstrap`, from the hand-over once the
+//!   prefill has ended and the decode head arrived, and no `kv_handoff`);
 //! * `pdx_retries_total{phase}`, `pdx_fallbacks_total{kind}`;
 //! * `pdx_worker_state{worker,role,pool,state}` (1 for the current state) and
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;

@@ -31,7 +31,11 @@ pub struct Shared {
 /// Request id header.
 pub const REQUEST_ID: &str = "x-request-id";
 
-fn full(status: u16, ctype: &'static str, body: impl Into<Bytes>) -> Response<RouterBody> {
+pub(crate) fn full(
+    status: u16,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<RouterBody> {
     let mut r = Response::new(RouterBody::Full(Some(body.into())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut()
@@ -147,6 +151,7 @@ fn list_workers(sh: &Shared) -> Response<RouterBody> {
         .map(|w| {
             serde_json::json!({
                 "id": w.id, "url": w.url, "role": w.role.as_str(), "pool": w.pool, "model": w.model,
+                "bootstrap_port": w.bootstrap_port,
                 "state": w.state(now), "registered": w.registered,
                 "in_flight": w.in_flight.load(std::sync::atomic::Ordering::Relaxed),
             })
@@ -239,7 +244,22 @@ async fn workers_api(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterB
             )))
         }
     };
-    match sh.registry.register(&reg) {
+    /// An optional field of the registration body beside `pdx_protocol::Registration`'s.
+    #[derive(serde::Deserialize)]
+    struct BootstrapPort {
+        #[serde(default)]
+        bootstrap_port: Option<u16>,
+    }
+    let port = match serde_json::from_slice::<BootstrapPort>(&body) {
+        Ok(p) => p.bootstrap_port,
+        Err(_) => {
+            return error_response(&ApiError::invalid_param(
+                "bootstrap_port",
+                "bootstrap_port must be a port number (1-65535)",
+            ))
+        }
+    };
+    match sh.registry.register_with_bootstrap_port(&reg, port) {
         Ok((id, created)) => json_response(&serde_json::json!({"id": id, "created": created})),
         Err(e) => error_response(&ApiError::bad_request(e.to_string())),
     }
@@ -470,18 +490,21 @@ async fn completion(
         itl_ms,
         start,
     };
-    let pd = sh.cfg.orchestration == OrchestrationKind::VllmNixl && !job.model.decode.is_empty();
-    if pd {
-        VllmNixl.run(sh, job).await
-    } else {
-        Aggregated.run(sh, job).await
+    // Models without decode pools are served by their aggregated pools under every orchestration.
+    let pd = !job.model.decode.is_empty();
+    match sh.cfg.orchestration {
+        OrchestrationKind::VllmNixl if pd => VllmNixl.run(sh, job).await,
+        OrchestrationKind::SglangBootstrap if pd => {
+            crate::bootstrap::SglangBootstrap.run(sh, job).await
+        }
+        _ => Aggregated.run(sh, job).await,
     }
 }
 
 /// How one request is spread over workers. Implementations: [`VllmNixl`] (prefill then
-/// decode with NixlConnector `kv_transfer_params`) and [`Aggregated`]. SGLang's bootstrap
-/// flow (prefill and decode at once with `bootstrap_host/port/room`) and KsanaLLM's
-/// communication-id flow fit the same shape.
+/// decode with NixlConnector `kv_transfer_params`), [`crate::bootstrap::SglangBootstrap`]
+/// (prefill and decode at once with SGLang's `bootstrap_host/port/room`) and [`Aggregated`].
+/// KsanaLLM's communication-id flow fits the same shape.
 #[allow(async_fn_in_trait)]
 pub trait Orchestrator {
     /// Name (logs).
@@ -499,15 +522,18 @@ pub struct Aggregated;
 pub struct VllmNixl;
 
 /// A sent request with its response headers (the body owns the connection).
-struct Sent {
-    resp: Response<UpBody>,
-    guard: LoadGuard,
-    pool: Arc<Pool>,
+pub(crate) struct Sent {
+    /// Response head; the body reads from the connection.
+    pub(crate) resp: Response<UpBody>,
+    /// In-flight accounting on the worker.
+    pub(crate) guard: LoadGuard,
+    /// The worker's pool (metrics).
+    pub(crate) pool: Arc<Pool>,
 }
 
 /// Sends `body` to `w`; one retry on a fresh connection if a pooled one was closed before it
 /// answered.
-async fn send_to(
+pub(crate) async fn send_to(
     sh: &Shared,
     w: &Arc<Worker>,
     path: &str,
@@ -615,7 +641,7 @@ async fn dispatch(
     }
 }
 
-fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
+pub(crate) fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
     match f {
         UpstreamFailure::Timeout => {
             error_response(&ApiError::new(504, "GatewayTimeout", "upstream timed out"))
@@ -625,8 +651,8 @@ fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
     }
 }
 
-/// Wraps the chosen worker's response for the client.
-fn forward(
+/// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase).
+pub(crate) fn forward(
     sh: &Arc<Shared>,
     job: &Job,
     sent: Sent,

@@ -5,7 +5,7 @@
 //! (registration, drain, heartbeat expiry) take the registry's edit lock, build new lists
 //! and swap them in; pools (and their selection state, e.g. the KV index) survive changes.
 
-use crate::config::{authority_of, Config, ModelSpec, PoolSpec};
+use crate::config::{authority_of, Config, ModelSpec, PoolSpec, DEFAULT_BOOTSTRAP_PORT};
 use crate::RouterError;
 use arc_swap::ArcSwap;
 use pdx_protocol::Role;
@@ -33,6 +33,9 @@ pub struct Worker {
     pub pool: String,
     /// Model name.
     pub model: String,
+    /// SGLang bootstrap server port (`bootstrap_port` of the `sglang-bootstrap` orchestration when this is
+    /// the prefill worker; the server's `--disaggregation-bootstrap-port`).
+    pub bootstrap_port: u16,
     /// Requests in flight through this router.
     pub in_flight: AtomicU64,
     /// Tokens in flight (prompt estimate + output limit).
@@ -125,6 +128,8 @@ pub struct Pool {
     pub selector: Mutex<Selector>,
     /// Workers.
     pub workers: ArcSwap<Vec<Arc<Worker>>>,
+    /// Bootstrap port of workers registered into this pool without one.
+    pub bootstrap_port: u16,
 }
 
 impl Pool {
@@ -135,6 +140,7 @@ impl Pool {
         overlap_weight: f64,
         block_size: usize,
         seed: u64,
+        bootstrap_port: u16,
     ) -> Self {
         let mut s = Selector::new(policy, seed);
         s.overlap_weight = overlap_weight;
@@ -144,6 +150,7 @@ impl Pool {
             role,
             selector: Mutex::new(s),
             workers: ArcSwap::from_pointee(Vec::new()),
+            bootstrap_port,
         }
     }
 
@@ -280,22 +287,26 @@ impl Registry {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new_worker(
         &self,
+        id: u64,
         url: &str,
         role: Role,
         pool: &str,
         model: &str,
         registered: bool,
+        bootstrap_port: u16,
     ) -> Result<Arc<Worker>, RouterError> {
         let now = self.now_us();
         Ok(Arc::new(Worker {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             url: url.trim_end_matches('/').to_string(),
             authority: authority_of(url)?,
             role,
             pool: pool.into(),
             model: model.into(),
+            bootstrap_port,
             in_flight: AtomicU64::new(0),
             in_flight_tokens: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -344,11 +355,15 @@ impl Registry {
             p.overlap_weight,
             block_size,
             0x9e37 + seed,
+            p.bootstrap_port,
         );
         let ws = p
             .workers
             .iter()
-            .map(|u| self.new_worker(u, p.role, &p.name, model, false))
+            .map(|w| {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.new_worker(id, &w.url, p.role, &p.name, model, false, w.bootstrap_port)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         pool.workers.store(Arc::new(ws));
         Ok(Arc::new(pool))
@@ -370,6 +385,21 @@ impl Registry {
     ///
     /// Errors: [`RouterError::Config`] for a bad role or URL.
     pub fn register(&self, reg: &Registration) -> Result<(u64, bool), RouterError> {
+        self.register_with_bootstrap_port(reg, None)
+    }
+
+    /// [`Registry::register`] with the worker's SGLang bootstrap port (`None`: its pool's, else
+    /// [`DEFAULT_BOOTSTRAP_PORT`]). A heartbeat keeps the port the worker was created with.
+    ///
+    /// Errors: [`RouterError::Config`] for a bad role or URL, or port 0.
+    pub fn register_with_bootstrap_port(
+        &self,
+        reg: &Registration,
+        bootstrap_port: Option<u16>,
+    ) -> Result<(u64, bool), RouterError> {
+        if bootstrap_port == Some(0) {
+            return Err(RouterError::Config("bootstrap_port must be 1-65535".into()));
+        }
         let role = match reg.role.as_str() {
             "prefill" => Role::Prefill,
             "decode" => Role::Decode,
@@ -397,8 +427,7 @@ impl Registry {
                 }
             }
         }
-        let worker = self.new_worker(url, role, &reg.pool, &reg.model, true)?;
-        let id = worker.id;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut models = snap.models.clone();
         let old = models.get(&reg.model).cloned();
         let mut topo = match &old {
@@ -434,11 +463,14 @@ impl Registry {
                     1.0,
                     topo.block_size,
                     id,
+                    DEFAULT_BOOTSTRAP_PORT,
                 ));
                 list.push(p.clone());
                 p
             }
         };
+        let port = bootstrap_port.unwrap_or(pool.bootstrap_port);
+        let worker = self.new_worker(id, url, role, &reg.pool, &reg.model, true, port)?;
         let mut ws: Vec<Arc<Worker>> = pool.workers.load().as_ref().clone();
         ws.push(worker);
         pool.workers.store(Arc::new(ws));
