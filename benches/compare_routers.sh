@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Side-by-side router benchmark: pdx serve vs sglang-router vs vllm-router in PD mode, in front of the same
+# Side-by-side router benchmark: pdx serve (vllm-nixl, and sglang-bootstrap as row pdx-sgl) vs sglang-router vs
+# vllm-router in PD mode, in front of the same
 # `--instant` mock prefill (:18201) and decode (:18202) workers. Prints the numbers of docs/benchmarks.md "## Router".
 # Needs: wrk, the peers installed by /work/shared/peers/routers.sh (~/.cache/pdx-peers), release builds of
 #   cargo build --release -p pdx-mock --example mock && cargo build --release -p pdx-router --example serve --example stream_mem
@@ -26,12 +27,14 @@ wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 
 for port in 18201 18202 18203; do wait_up "http://127.0.0.1:$port/health"; done
 taskset -c 0 "$T/serve" --host 127.0.0.1 --port 18300 --threads 1 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 & pids+=($!)
 PDX=$!
+taskset -c 0 "$T/serve" --host 127.0.0.1 --port 18302 --threads 1 --orchestration sglang-bootstrap --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 & pids+=($!)
+PDXB=$!
 taskset -c 0 "$T/serve" --host 127.0.0.1 --port 18301 --threads 1 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18203 & pids+=($!)
 STALL=$!
 "$PEERS" start http://127.0.0.1:18201 http://127.0.0.1:18202 >/dev/null
 SGL=$(cat ~/.cache/pdx-peers/logs/sglang-router.pid); VLR=$(cat ~/.cache/pdx-peers/logs/vllm-router.pid)
 for p in "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null || true; done
-for port in 18300 18301; do wait_up "http://127.0.0.1:$port/ready"; done
+for port in 18300 18301 18302; do wait_up "http://127.0.0.1:$port/ready"; done
 
 CHAT="$ROOT/crates/pdx-mock/bench/chat.lua"
 STREAM="$ROOT/benches/router_stream.lua"
@@ -60,7 +63,7 @@ dp=$(p50 http://127.0.0.1:18201/v1/chat/completions "$tmp/prefill.lua")
 dd=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
 echo "direct p50 (1 conn): prefill ${dp} us, decode ${dd} us; sum $(echo "$dp+$dd" | bc) us"
 printf "%-7s %9s %9s %9s %10s %10s %12s %11s %12s\n" router p50_us added_us rps_c64 cpu_s req/cpu_s stream_rps cpu_s chunks/cpu_s
-for r in pdx=18300=$PDX sglang=18000=$SGL vllm=18100=$VLR; do
+for r in pdx=18300=$PDX pdx-sgl=18302=$PDXB sglang=18000=$SGL vllm=18100=$VLR; do
   IFS== read -r name port pid <<<"$r"; url=http://127.0.0.1:$port
   p=$(p50 "$url/v1/chat/completions" "$CHAT")
   read -r n c w < <(run "$url/v1/chat/completions" 64 "$CHAT" "$pid")
@@ -70,6 +73,21 @@ for r in pdx=18300=$PDX sglang=18000=$SGL vllm=18100=$VLR; do
 done
 echo "(added = p50 - direct prefill p50 - direct decode p50; stream: 1000-token SSE completions, 16 connections," \
      "one token event per HTTP chunk, chunks counted as 1000 per response)"
+
+# The same p50s with every process on core 1: no cross-core wakeups, which on this VM cost about 18 µs each (a
+# sequential PD router crosses cores 6 times per request, sglang-router's parallel flow 4 times).
+for p in "${pids[@]}" "$SGL" "$VLR"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done
+dp1=$(p50 http://127.0.0.1:18201/v1/chat/completions "$tmp/prefill.lua")
+dd1=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
+printf "one core: direct prefill %s us + decode %s us;" "$dp1" "$dd1"
+for r in pdx=18300 pdx-sgl=18302 sglang=18000 vllm=18100; do
+  IFS== read -r name port <<<"$r"
+  p=$(p50 "http://127.0.0.1:$port/v1/chat/completions" "$CHAT")
+  printf " %s p50 %.0f added %.0f;" "$name" "$p" "$(echo "$p-$dp1-$dd1" | bc -l)"
+done
+echo
+for p in "$PDX" "$PDXB" "$STALL" "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null 2>&1 || true; done
+for p in "${pids[@]:0:3}"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done
 
 # Memory per in-flight stream: N streams stalled after 1 token on :18203 (wrk, all at once).
 rss() { awk '/VmRSS/{print $2}' /proc/"$1"/status; }
