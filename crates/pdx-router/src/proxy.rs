@@ -494,8 +494,10 @@ async fn completion(
     let pd = !job.model.decode.is_empty();
     match sh.cfg.orchestration {
         OrchestrationKind::VllmNixl if pd => VllmNixl.run(sh, job).await,
+        // Boxed: its two upstream requests in flight at once make a large future, which would otherwise
+        // size every request's routing future under every orchestration.
         OrchestrationKind::SglangBootstrap if pd => {
-            crate::bootstrap::SglangBootstrap.run(sh, job).await
+            Box::pin(crate::bootstrap::SglangBootstrap.run(sh, job)).await
         }
         _ => Aggregated.run(sh, job).await,
     }
