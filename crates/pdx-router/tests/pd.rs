@@ -110,11 +110,7 @@ async fn prefill_retry_on_another_worker() {
         assert_eq!(s, 200, "{v}");
     }
     assert_eq!(mock_metric(&good, "vllm:generation_tokens_total", ""), 4.0);
-    let m = router_metrics(&r);
-    assert!(
-        sample(&m, "pdx_retries_total", "phase=\"prefill\"") >= 1.0,
-        "{m}"
-    );
+    assert_prefill_retried(&r);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -420,11 +420,7 @@ async fn mock_prefill_fault_is_retried_on_another_prefill() {
     }
     assert_eq!(mock_metric(&good, "vllm:generation_tokens_total", ""), 4.0);
     assert_eq!(mock_metric(&bad, "vllm:generation_tokens_total", ""), 0.0);
-    let m = router_metrics(&r);
-    assert!(
-        sample(&m, "pdx_retries_total", "phase=\"prefill\"") >= 1.0,
-        "{m}"
-    );
+    assert_prefill_retried(&r);
 }
 
 /// No prefill worker that can be reached (or none at all): 503 OpenAI error JSON, also with the

@@ -18,29 +18,29 @@ fn shutdown_in_background(
     })
 }
 
+/// A router in front of an instant prefill mock and an instant decode mock with the `stall` fault options.
+fn pd_with_stalling_decode(
+    stall: &[&str],
+) -> (
+    pdx_mock::MockServer,
+    pdx_mock::MockServer,
+    pdx_router::RouterServer,
+) {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let mut args = vec!["--role", "decode", "--instant"];
+    args.extend_from_slice(stall);
+    let d = mock(&args);
+    let r = pd(&[&p], &[&d], &[]);
+    (p, d, r)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn shutdown_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
-    let p = mock(&["--role", "prefill", "--instant"]);
     // The decode pauses 1 s after 2 tokens, so the stream is in flight while the drain starts.
-    let d = mock(&[
-        "--role",
-        "decode",
-        "--instant",
-        "--fault-stall-after-tokens",
-        "2",
-        "--fault-stall-secs",
-        "1",
-    ]);
-    let r = pd(&[&p], &[&d], &[]);
+    let (_p, _d, r) =
+        pd_with_stalling_decode(&["--fault-stall-after-tokens", "2", "--fault-stall-secs", "1"]);
     let addr = r.addr;
-    let resp = send(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        chat(6, true).to_string(),
-    )
-    .await;
+    let resp = chat_request(addr, 6, true).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut got = body
@@ -76,24 +76,9 @@ async fn shutdown_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn shutdown_deadline_ends_a_stalled_stream_and_aborts_the_decode() {
-    let p = mock(&["--role", "prefill", "--instant"]);
     // The decode stalls for good after 1 token.
-    let d = mock(&[
-        "--role",
-        "decode",
-        "--instant",
-        "--fault-stall-after-tokens",
-        "1",
-    ]);
-    let r = pd(&[&p], &[&d], &[]);
-    let resp = send(
-        r.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        chat(50, true).to_string(),
-    )
-    .await;
+    let (_p, d, r) = pd_with_stalling_decode(&["--fault-stall-after-tokens", "1"]);
+    let resp = chat_request(r.addr, 50, true).await;
     let mut body = resp.into_body();
     body.frame().await.unwrap().unwrap();
     let done = shutdown_in_background(r, Duration::from_millis(300));

@@ -87,6 +87,31 @@ pub async fn send(
         .expect("response")
 }
 
+/// A chat completion of `max_tokens` tokens (streamed or not) to the router at `addr`; the body is left unread.
+pub async fn chat_request(
+    addr: SocketAddr,
+    max_tokens: u32,
+    stream: bool,
+) -> hyper::Response<Incoming> {
+    send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(max_tokens, stream).to_string(),
+    )
+    .await
+}
+
+/// Asserts that the router's metrics count at least one prefill retry.
+pub fn assert_prefill_retried(r: &RouterServer) {
+    let m = router_metrics(r);
+    assert!(
+        sample(&m, "pdx_retries_total", "phase=\"prefill\"") >= 1.0,
+        "{m}"
+    );
+}
+
 pub async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Bytes) {
     let r = send(addr, method, path, &[], body.to_string()).await;
     let s = r.status().as_u16();
