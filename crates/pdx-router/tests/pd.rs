@@ -58,14 +58,7 @@ async fn pd_streaming_forwards_every_event() {
     let p = mock(&["--role", "prefill", "--instant"]);
     let d = mock(&["--role", "decode", "--instant"]);
     let r = pd(&[&p], &[&d], &["--policy", "kv_aware"]);
-    let mut body = chat(300, true);
-    body["stream_options"] = serde_json::json!({"include_usage": true});
-    let (s, b) = call(r.addr, "POST", "/v1/chat/completions", &body.to_string()).await;
-    assert_eq!(s, 200);
-    let ev = events(&b);
-    assert_eq!(ev.last().unwrap(), "[DONE]");
-    let usage: serde_json::Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
-    assert_eq!(usage["usage"]["completion_tokens"], 300);
+    let ev = stream_with_usage(r.addr, 300).await;
     // Same bytes as the decode worker's own stream for the same prompt (text is a function of it).
     let text: String = ev[..ev.len() - 2]
         .iter()

@@ -244,14 +244,7 @@ async fn sglang_bootstrap_through_mock_workers() {
     assert_eq!(v["usage"]["completion_tokens"], 8);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 
-    let mut body = chat(300, true);
-    body["stream_options"] = serde_json::json!({"include_usage": true});
-    let (s, b) = call(r.addr, "POST", "/v1/chat/completions", &body.to_string()).await;
-    assert_eq!(s, 200);
-    let ev = events(&b);
-    assert_eq!(ev.last().unwrap(), "[DONE]");
-    let usage: serde_json::Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
-    assert_eq!(usage["usage"]["completion_tokens"], 300);
+    stream_with_usage(r.addr, 300).await;
 
     // Each request ran once on each worker: 1 token on the prefill, the rest on the decode.
     assert_eq!(mock_metric(&p, "vllm:generation_tokens_total", ""), 2.0);

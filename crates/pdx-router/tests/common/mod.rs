@@ -103,6 +103,20 @@ pub async fn chat_request(
     .await
 }
 
+/// Streams a chat completion of `max_tokens` tokens with `include_usage`, asserts a 200, the final `[DONE]` and
+/// the usage event's `completion_tokens`, and returns the SSE events.
+pub async fn stream_with_usage(addr: SocketAddr, max_tokens: u32) -> Vec<String> {
+    let mut body = chat(max_tokens, true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let (s, b) = call(addr, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(s, 200);
+    let ev = events(&b);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    let usage: serde_json::Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], max_tokens);
+    ev
+}
+
 /// Asserts that the router's metrics count at least one prefill retry.
 pub fn assert_prefill_retried(r: &RouterServer) {
     let m = router_metrics(r);
