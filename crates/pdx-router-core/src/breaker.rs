@@ -1,7 +1,9 @@
 //! Per-worker circuit breaker (closed → open → half-open), the pattern of Nygard's
 //! "Release It!" as sglang-router and vllm-router implement it: `failure_threshold`
 //! consecutive failures open it; after `open_us` one probe request is let through
-//! (half-open); its success closes the breaker, its failure opens it again.
+//! (half-open); its success closes the breaker, its failure opens it again. A probe that ends with neither
+//! (its client went away, the other half of a prefill/decode pair failed first) would hold the breaker
+//! half-open for good, so a probe older than `open_us` no longer blocks the next one.
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum BreakerState {
     HalfOpen {
         /// A probe is in flight.
         probing: bool,
+        /// When the last probe was let through, µs.
+        since_us: u64,
     },
 }
 
@@ -67,7 +71,9 @@ impl CircuitBreaker {
         match self.state {
             BreakerState::Closed { .. } => true,
             BreakerState::Open { until_us } => now_us >= until_us,
-            BreakerState::HalfOpen { probing } => !probing,
+            BreakerState::HalfOpen { probing, since_us } => {
+                !probing || self.probe_expired(since_us, now_us)
+            }
         }
     }
 
@@ -76,19 +82,32 @@ impl CircuitBreaker {
         match self.state {
             BreakerState::Closed { .. } => true,
             BreakerState::Open { until_us } if now_us >= until_us => {
-                self.state = BreakerState::HalfOpen { probing: true };
+                self.state = BreakerState::HalfOpen {
+                    probing: true,
+                    since_us: now_us,
+                };
                 true
             }
             BreakerState::Open { .. } => false,
-            BreakerState::HalfOpen { probing: false } => {
-                self.state = BreakerState::HalfOpen { probing: true };
+            BreakerState::HalfOpen { probing, since_us }
+                if !probing || self.probe_expired(since_us, now_us) =>
+            {
+                self.state = BreakerState::HalfOpen {
+                    probing: true,
+                    since_us: now_us,
+                };
                 true
             }
-            BreakerState::HalfOpen { probing: true } => false,
+            BreakerState::HalfOpen { .. } => false,
         }
     }
 
     /// A request succeeded.
+    /// A probe let through at `since_us` that has reported nothing for `open_us` is taken as abandoned.
+    fn probe_expired(&self, since_us: u64, now_us: u64) -> bool {
+        now_us >= since_us.saturating_add(self.cfg.open_us)
+    }
+
     pub fn on_success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };
     }
@@ -144,6 +163,23 @@ mod tests {
         b.on_failure(1010);
         assert_eq!(b.state(), BreakerState::Open { until_us: 2010 });
         assert!(b.acquire(2010));
+        b.on_success();
+        assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+    }
+
+    #[test]
+    fn abandoned_probe_does_not_hold_the_breaker_half_open() {
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 1,
+            open_us: 1000,
+        });
+        b.on_failure(0);
+        assert!(b.acquire(1000)); // the probe: it never reports (its client went away)
+        assert!(!b.can_send(1500) && !b.acquire(1500));
+        // After another open period without an outcome, a new probe goes through; it decides.
+        assert!(b.can_send(2000));
+        assert!(b.acquire(2000));
+        assert!(!b.acquire(2001));
         b.on_success();
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
     }
