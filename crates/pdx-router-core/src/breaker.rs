@@ -102,12 +102,12 @@ impl CircuitBreaker {
         }
     }
 
-    /// A request succeeded.
     /// A probe let through at `since_us` that has reported nothing for `open_us` is taken as abandoned.
     fn probe_expired(&self, since_us: u64, now_us: u64) -> bool {
         now_us >= since_us.saturating_add(self.cfg.open_us)
     }
 
+    /// A request succeeded.
     pub fn on_success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };
     }
