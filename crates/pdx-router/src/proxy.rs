@@ -305,6 +305,14 @@ impl CompletionBody {
             Self::Text(r) => r.kv_transfer_params = p,
         }
     }
+    /// Removes SGLang bootstrap fields: only the router pairs workers (a client's `bootstrap_room` would
+    /// make engines wait for a KV handoff nobody set up).
+    fn clear_bootstrap(&mut self) {
+        match self {
+            Self::Chat(r) => r.bootstrap = Default::default(),
+            Self::Text(r) => r.bootstrap = Default::default(),
+        }
+    }
     /// Prompt token ids under the mock's built-in tokenizer and chat template.
     fn tokens(&self) -> Vec<u32> {
         let t = pdx_tokens::Tokenizer::Builtin;
@@ -453,7 +461,9 @@ async fn completion(
         Ok(t) => t,
         Err(e) => return error_response(&e),
     };
+    // Client-supplied transfer and pairing fields are the router's to set, under every orchestration.
     body.set_kv(None);
+    body.clear_bootstrap();
     let snap = sh.registry.snap.load();
     let Some(model) = snap.model(body.model()).cloned() else {
         return error_response(&ApiError::not_found(format!(

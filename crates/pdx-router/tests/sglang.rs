@@ -509,3 +509,27 @@ async fn registered_prefill_worker_brings_its_bootstrap_port() {
     assert_eq!(p.seen()[0].body["bootstrap_port"], 9555);
     assert_eq!(p.seen()[0].body, d.seen()[0].body);
 }
+
+/// Under the other orchestrations the router pairs nobody: client `bootstrap_*` fields never reach a worker
+/// (an engine would wait for a KV handoff that no one set up).
+#[tokio::test(flavor = "current_thread")]
+async fn client_bootstrap_fields_are_removed_under_other_orchestrations() {
+    let worker = fake(Mode::Hold, Arc::new(Pairing::default())).await;
+    let r = router(&["--worker", &worker.url()]);
+    let mut body = chat(4, false);
+    body["bootstrap_host"] = serde_json::json!("10.0.0.9");
+    body["bootstrap_port"] = serde_json::json!(1);
+    body["bootstrap_room"] = serde_json::json!(7);
+    let addr = r.addr;
+    let client = tokio::spawn(async move { post(addr, "/v1/chat/completions", &body).await });
+    assert!(
+        eventually(|| !worker.seen().is_empty()).await,
+        "the worker got no request"
+    );
+    client.abort();
+    let got = &worker.seen()[0].body;
+    for k in ["bootstrap_host", "bootstrap_port", "bootstrap_room"] {
+        assert!(got.get(k).is_none(), "{k} reached the worker: {got}");
+    }
+    assert_eq!(got["max_tokens"], 4);
+}
