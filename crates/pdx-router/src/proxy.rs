@@ -578,17 +578,43 @@ pub(crate) async fn send_to(
     Err(UpstreamFailure::Connect)
 }
 
-/// Picks a worker of `pools` (preferring `pools[first]`) and sends; retries other workers
-/// on retryable failures under the retry policy. `Err` is the client's response.
+/// What a [`dispatch`] sends: the phase (its metrics label) and how the KV reaches a decode worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A prefill request (`max_tokens=1`, `do_remote_decode`).
+    Prefill,
+    /// A decode request. With `kv_from_prefill` the decode reads the prompt's KV from the prefill worker
+    /// (NixlConnector `kv_transfer_params`): a 502 then means the KV could not be read (vLLM NixlConnector,
+    /// `KVTransferError`), the prefill worker's fault, not the decode's, so another decode worker would fail
+    /// the same way. Without it the decode computes the prompt itself (decode-only fallback).
+    Decode { kv_from_prefill: bool },
+    /// A request to an aggregated worker.
+    Aggregated,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode { .. } => "decode",
+            Phase::Aggregated => "aggregated",
+        }
+    }
+}
+
+/// Picks a worker of `pools` (preferring `pools[first]`, skipping the ids in `exclude`) and sends;
+/// retries other workers on retryable failures under the retry policy. `Err` is the client's response,
+/// or the last failure. For a decode that reads its KV from the prefill worker, a 502 ends the dispatch at
+/// once, without counting against the decode worker, so the caller can redo the prefill.
 async fn dispatch(
     sh: &Shared,
     job: &Job,
     pools: &[Arc<Pool>],
     first: usize,
     body: Bytes,
-    phase: &'static str,
+    phase: Phase,
+    mut exclude: Vec<u64>,
 ) -> Result<Sent, Result<Response<RouterBody>, UpstreamFailure>> {
-    let mut exclude: Vec<u64> = Vec::new();
     let mut attempt = 1;
     loop {
         let now = sh.registry.now_us();
@@ -625,6 +651,15 @@ async fn dispatch(
                 }
                 // Retryable status: read the error body so the connection can be reused.
                 let _ = resp.into_body().collect().await;
+                if s == 502
+                    && phase
+                        == (Phase::Decode {
+                            kv_from_prefill: true,
+                        })
+                {
+                    w.report(true, sh.registry.now_us());
+                    return Err(Err(UpstreamFailure::Status(s)));
+                }
                 UpstreamFailure::Status(s)
             }
             Err(f) => f,
@@ -642,7 +677,9 @@ async fn dispatch(
             PrefillDecision::Retry { backoff_us } => {
                 sh.metrics
                     .retries
-                    .get_or_create(&PhaseLabel { phase })
+                    .get_or_create(&PhaseLabel {
+                        phase: phase.label(),
+                    })
                     .inc();
                 tracing::debug!(worker = %w.url, ?failure, attempt, "retrying");
                 monoio::time::sleep(std::time::Duration::from_micros(backoff_us)).await;
@@ -721,7 +758,8 @@ impl Orchestrator for Aggregated {
         if pools.is_empty() {
             return error_response(&ApiError::unavailable("no aggregated pool for this model"));
         }
-        match dispatch(sh, &job, pools, 0, job.body.to_bytes(), "aggregated").await {
+        let body = job.body.to_bytes();
+        match dispatch(sh, &job, pools, 0, body, Phase::Aggregated, Vec::new()).await {
             Ok(sent) => forward(sh, &job, sent, false, Instant::now()),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
@@ -736,12 +774,14 @@ struct PrefillAnswer {
 }
 
 impl VllmNixl {
-    /// Runs the prefill; `Ok(None)` means decode-only fallback.
+    /// Runs the prefill on a worker not in `exclude`; `Ok(None)` means decode-only fallback, else the
+    /// returned `kv_transfer_params` and the worker that holds the KV.
     async fn prefill(
         &self,
         sh: &Arc<Shared>,
         job: &Job,
-    ) -> Result<Option<KvTransferParams>, Response<RouterBody>> {
+        exclude: &[u64],
+    ) -> Result<Option<(KvTransferParams, Arc<Worker>)>, Response<RouterBody>> {
         let pools = &job.model.prefill;
         if pools.is_empty() {
             return Ok(None);
@@ -753,7 +793,17 @@ impl VllmNixl {
             .map_or(0, |g| g.select_prefill_pool(job.isl, job.ttft_ms));
         let body = job.body.prefill_bytes();
         let t0 = Instant::now();
-        let failure = match dispatch(sh, job, pools, first, body, "prefill").await {
+        let failure = match dispatch(
+            sh,
+            job,
+            pools,
+            first,
+            body,
+            Phase::Prefill,
+            exclude.to_vec(),
+        )
+        .await
+        {
             Ok(sent) => {
                 let Sent { resp, guard, .. } = sent;
                 let status = resp.status();
@@ -780,7 +830,7 @@ impl VllmNixl {
                                 .phase
                                 .get_or_create(&PhaseLabel { phase: "prefill" })
                                 .observe(t0.elapsed().as_secs_f64());
-                            return Ok(Some(kv));
+                            return Ok(Some((kv, guard.worker.clone())));
                         }
                         guard.worker.report(false, sh.registry.now_us());
                         UpstreamFailure::BadResponse
@@ -825,34 +875,79 @@ impl Orchestrator for VllmNixl {
         "vllm-nixl"
     }
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
-        let kv = match self.prefill(sh, &job).await {
-            Ok(kv) => kv,
-            Err(r) => return r,
-        };
-        let handoff = Instant::now();
-        let had_kv = kv.is_some();
-        job.body.set_kv(kv);
-        let first = job
-            .model
-            .grid
-            .as_ref()
-            .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
-        let decode = job.model.decode.clone();
-        match dispatch(sh, &job, &decode, first, job.body.to_bytes(), "decode").await {
-            Ok(sent) => {
-                let now = Instant::now();
-                if had_kv {
-                    sh.metrics
-                        .phase
-                        .get_or_create(&PhaseLabel {
-                            phase: "kv_handoff",
-                        })
-                        .observe((now - handoff).as_secs_f64());
+        // Prefill workers whose KV the decode could not read (a 502 from the decode): the pair is redone
+        // on another prefill worker, within the prefill attempts.
+        let mut failed_prefill: Vec<u64> = Vec::new();
+        loop {
+            let (kv, holder) = match self.prefill(sh, &job, &failed_prefill).await {
+                Ok(Some((kv, w))) => (Some(kv), Some(w)),
+                Ok(None) => (None, None),
+                Err(r) => return r,
+            };
+            let handoff = Instant::now();
+            let had_kv = kv.is_some();
+            job.body.set_kv(kv);
+            let first = job
+                .model
+                .grid
+                .as_ref()
+                .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
+            let decode = job.model.decode.clone();
+            let phase = Phase::Decode {
+                kv_from_prefill: had_kv,
+            };
+            let body = job.body.to_bytes();
+            match dispatch(sh, &job, &decode, first, body, phase, Vec::new()).await {
+                Ok(sent) => {
+                    let now = Instant::now();
+                    if had_kv {
+                        sh.metrics
+                            .phase
+                            .get_or_create(&PhaseLabel {
+                                phase: "kv_handoff",
+                            })
+                            .observe((now - handoff).as_secs_f64());
+                    }
+                    return forward(sh, &job, sent, had_kv, now);
                 }
-                forward(sh, &job, sent, had_kv, now)
+                Err(Err(UpstreamFailure::Status(502))) if had_kv => {
+                    let Some(w) = holder else {
+                        return failure_response(UpstreamFailure::Status(502));
+                    };
+                    w.report(false, sh.registry.now_us());
+                    failed_prefill.push(w.id);
+                    let left: usize = job
+                        .model
+                        .prefill
+                        .iter()
+                        .map(|p| p.eligible_count(&failed_prefill, sh.registry.now_us()))
+                        .sum();
+                    let attempt = failed_prefill.len() as u32;
+                    let failure = UpstreamFailure::Status(502);
+                    match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
+                        PrefillDecision::Retry { backoff_us } => {
+                            tracing::debug!(prefill = %w.url, attempt, "decode could not read the KV: prefill again");
+                            sh.metrics
+                                .retries
+                                .get_or_create(&PhaseLabel {
+                                    phase: "kv_handoff",
+                                })
+                                .inc();
+                            let backoff = std::time::Duration::from_micros(backoff_us);
+                            monoio::time::sleep(backoff).await;
+                        }
+                        _ => {
+                            return error_response(&ApiError::new(
+                                502,
+                                "KVTransferError",
+                                "the decode could not read the prompt's KV from any prefill worker",
+                            ))
+                        }
+                    }
+                }
+                Err(Ok(r)) => return r,
+                Err(Err(f)) => return failure_response(f),
             }
-            Err(Ok(r)) => r,
-            Err(Err(f)) => failure_response(f),
         }
     }
 }

@@ -260,3 +260,124 @@ async fn stalled_decode_stream_times_out_with_an_error_event() {
         "decode did not see the abort"
     );
 }
+
+/// A prefill worker whose KV cannot be read: it answers every request with `kv` (whose engine the decode
+/// does not know, so the decode answers 502 `KVTransferError`). Returns its URL.
+async fn prefill_with_lost_kv(kv: serde_json::Value) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let answer = serde_json::json!({
+        "id": "chatcmpl-lost", "object": "chat.completion", "created": 0, "model": "mock",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "kv_transfer_params": kv,
+    })
+    .to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request per connection: head, then `content-length` bytes of body.
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                    answer.len(),
+                    answer
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A decode that cannot read the prompt's KV (502 `KVTransferError`: the prefill worker lost it) makes the
+/// router prefill again on another worker; the decode worker is not blamed.
+#[tokio::test(flavor = "current_thread")]
+async fn unreadable_kv_reruns_the_prefill_on_another_worker() {
+    let good = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--instant"]);
+    // Real `kv_transfer_params` for this prompt, pointing at an engine the decode does not know.
+    let mut pb = chat(3, false);
+    pb["max_tokens"] = serde_json::json!(1);
+    pb["kv_transfer_params"] = serde_json::json!({"do_remote_decode": true});
+    let (_, pv) = post(good.addr, "/v1/chat/completions", &pb).await;
+    let mut kv = pv["kv_transfer_params"].clone();
+    kv["remote_engine_id"] = serde_json::json!("lost-engine");
+    let lost = prefill_with_lost_kv(kv.clone()).await;
+    let d2 = mock(&["--role", "decode", "--instant"]);
+    let r = router(&[
+        "--prefill",
+        &lost,
+        "--prefill",
+        &url(&good),
+        "--decode",
+        &url(&d),
+        "--decode",
+        &url(&d2),
+        "--prefill-fallback",
+        "fail",
+    ]);
+    for _ in 0..4 {
+        let (s, v) = post(r.addr, "/v1/chat/completions", &chat(3, false)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+    }
+    let m = router_metrics(&r);
+    assert!(
+        sample(&m, "pdx_retries_total", "phase=\"kv_handoff\"") >= 1.0,
+        "{m}"
+    );
+    // Another decode worker would fail the same way: no decode retry, no failure held against it.
+    assert_eq!(
+        sample(&m, "pdx_retries_total", "phase=\"decode\""),
+        0.0,
+        "{m}"
+    );
+    let now = r.shared.registry.now_us();
+    assert!(r
+        .shared
+        .registry
+        .workers()
+        .iter()
+        .all(|w| w.state(now) == "healthy"));
+
+    // With every prefill worker losing its KV: 502 KVTransferError JSON after the attempts.
+    let lost2 = prefill_with_lost_kv(kv).await;
+    let r2 = router(&[
+        "--prefill",
+        &lost,
+        "--prefill",
+        &lost2,
+        "--decode",
+        &url(&d),
+        "--prefill-fallback",
+        "fail",
+    ]);
+    let (s, v) = post(r2.addr, "/v1/chat/completions", &chat(3, false)).await;
+    assert_eq!(s, 502, "{v}");
+    assert_eq!(v["error"]["type"], "KVTransferError", "{v}");
+}
