@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// event on streams) and drops the upstream request (default 300).
     #[arg(long)]
     pub stream_idle_timeout_secs: Option<f64>,
+    /// Seconds a client gets to send a request head (idle keep-alive connections included), and the longest
+    /// gap between bytes of a request body; then 408 and the connection closes (default 30).
+    #[arg(long)]
+    pub client_timeout_secs: Option<f64>,
     /// On SIGTERM or SIGINT, seconds to let in-flight requests finish (no new connections are accepted, `/ready`
     /// answers 503) before the router exits anyway (default 30, Kubernetes' default grace period).
     #[arg(long)]
@@ -201,6 +205,8 @@ pub struct FileConfig {
     pub stream_idle_timeout_secs: Option<f64>,
     /// Seconds of graceful shutdown (drain) after SIGTERM/SIGINT (default 30).
     pub shutdown_timeout_secs: Option<f64>,
+    /// Seconds for a client's request head, and between its body bytes (default 30).
+    pub client_timeout_secs: Option<f64>,
     /// Bearer token for the registration API.
     pub auth_token: Option<String>,
     /// Heartbeat TTL of registered workers, seconds (default 15).
@@ -310,6 +316,8 @@ pub struct Config {
     pub stream_idle_timeout: std::time::Duration,
     /// Longest graceful shutdown (drain of in-flight requests) after SIGTERM/SIGINT.
     pub shutdown_timeout: std::time::Duration,
+    /// Time a client gets for a request head, and between request body bytes.
+    pub client_timeout: std::time::Duration,
     /// Registration token.
     pub auth_token: Option<String>,
     /// Heartbeat TTL, µs.
@@ -623,6 +631,14 @@ impl Config {
                     .unwrap_or(30.0),
                 "shutdown_timeout_secs",
             )?,
+            client_timeout: match a.client_timeout_secs.or(file.client_timeout_secs) {
+                Some(v) if v <= 0.0 => {
+                    return Err(RouterError::Config(
+                        "client_timeout_secs must be more than 0 seconds".into(),
+                    ))
+                }
+                v => secs(v.unwrap_or(30.0), "client_timeout_secs")?,
+            },
             auth_token: a.auth_token.clone().or(file.auth_token),
             heartbeat_ttl_us: secs(
                 a.heartbeat_ttl_secs

@@ -32,8 +32,6 @@ use std::task::{Context, Poll};
 const MAX_HEAD: usize = 64 * 1024;
 /// Response body frames written per `writev` at most.
 pub const BATCH: usize = 16;
-/// How long a client may take to send a whole request head (as hyper's `header_read_timeout`, 30 s).
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// First read of a request asks for this much room, bytes.
 const FIRST_READ: usize = 2048;
 
@@ -236,7 +234,8 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
     let mut served = false;
     loop {
         // Request head.
-        let head_deadline = std::time::Instant::now() + HEAD_TIMEOUT;
+        let client_timeout = sh.cfg.client_timeout;
+        let head_deadline = std::time::Instant::now() + client_timeout;
         let head = loop {
             match parse_head(&mut c.buf) {
                 Ok(Some(h)) => break h,
@@ -252,7 +251,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                     return;
                 }
             }
-            // A client gets HEAD_TIMEOUT to send a request head (idle keep-alive connections included),
+            // A client gets `client_timeout` to send a request head (idle keep-alive connections included),
             // so slow or silent clients cannot hold connections and memory forever. An idle connection
             // waits in slices of IDLE_DRAIN_CHECK, so a graceful shutdown closes it soon.
             let idle = c.buf.is_empty();
@@ -295,9 +294,14 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 }
                 while (c.buf.len() as u64) < n {
                     let want = n as usize - c.buf.len();
-                    match c.fill(want).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
+                    // A body may take as long as it needs, but not `client_timeout` without a byte.
+                    match monoio::time::timeout(client_timeout, c.fill(want)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return,
+                        Err(_elapsed) => {
+                            let _ = c.write_all(&simple(408, "Request Timeout")).await;
+                            return;
+                        }
+                        Ok(Ok(_)) => {}
                     }
                 }
                 c.buf.split_to(n as usize).freeze()
@@ -319,10 +323,16 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                         out.extend_from_slice(&d);
                     }
                     Ok(Step::Done) => break,
-                    Ok(Step::More) => match c.fill(FIRST_READ).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    },
+                    Ok(Step::More) => {
+                        match monoio::time::timeout(client_timeout, c.fill(FIRST_READ)).await {
+                            Ok(Ok(0)) | Ok(Err(_)) => return,
+                            Err(_elapsed) => {
+                                let _ = c.write_all(&simple(408, "Request Timeout")).await;
+                                return;
+                            }
+                            Ok(Ok(_)) => {}
+                        }
+                    }
                     Err(_) => {
                         let _ = c.write_all(&simple(400, "Bad Request")).await;
                         return;

@@ -194,3 +194,51 @@ fn example_config_parses_with_its_grid() {
     assert_eq!(g.select_prefill_pool(100, Some(50.0)), 0);
     assert_eq!(g.select_prefill_pool(100, None), 1);
 }
+
+/// A client that stops sending part-way through a request head or body gets 408 and the connection closes
+/// after `--client-timeout-secs`, so slow clients cannot hold connections and memory.
+#[test]
+fn slow_request_head_or_body_gets_408() {
+    use std::io::{Read, Write};
+    let w = mock(&["--role", "aggregated", "--instant"]);
+    let r = router(&["--worker", &url(&w), "--client-timeout-secs", "0.3"]);
+    let partial_body = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":",
+        r.addr
+    );
+    let chunked_body = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"mod",
+        r.addr
+    );
+    for (what, sent) in [
+        (
+            "head",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n".to_string(),
+        ),
+        ("content-length body", partial_body),
+        ("chunked body", chunked_body),
+    ] {
+        let mut c = std::net::TcpStream::connect(r.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(sent.as_bytes()).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap(); // ends: the router closes the connection
+        assert!(answer.starts_with("HTTP/1.1 408"), "{what}: {answer:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
+    }
+    assert!(
+        pdx_router::Config::from_args(&<pdx_router::ServeArgs as clap::Parser>::parse_from([
+            "pdx-serve",
+            "--worker",
+            "http://127.0.0.1:1",
+            "--client-timeout-secs",
+            "0",
+        ]))
+        .is_err()
+    );
+}
