@@ -94,6 +94,19 @@ impl Conn {
         .await
     }
 
+    /// Reads more of a request body. A body may take as long as it needs, but not `timeout` without a byte:
+    /// then it answers 408. False when the connection must end (closed, failed, or timed out).
+    async fn fill_body(&mut self, want: usize, timeout: std::time::Duration) -> bool {
+        match monoio::time::timeout(timeout, self.fill(want)).await {
+            Ok(Ok(n)) => n > 0,
+            Ok(Err(_)) => false,
+            Err(_elapsed) => {
+                let _ = self.write_all(&simple(408, "Request Timeout")).await;
+                false
+            }
+        }
+    }
+
     async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             let n = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, data)).await?;
@@ -294,14 +307,8 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 }
                 while (c.buf.len() as u64) < n {
                     let want = n as usize - c.buf.len();
-                    // A body may take as long as it needs, but not `client_timeout` without a byte.
-                    match monoio::time::timeout(client_timeout, c.fill(want)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return,
-                        Err(_elapsed) => {
-                            let _ = c.write_all(&simple(408, "Request Timeout")).await;
-                            return;
-                        }
-                        Ok(Ok(_)) => {}
+                    if !c.fill_body(want, client_timeout).await {
+                        return;
                     }
                 }
                 c.buf.split_to(n as usize).freeze()
@@ -324,13 +331,8 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                     }
                     Ok(Step::Done) => break,
                     Ok(Step::More) => {
-                        match monoio::time::timeout(client_timeout, c.fill(FIRST_READ)).await {
-                            Ok(Ok(0)) | Ok(Err(_)) => return,
-                            Err(_elapsed) => {
-                                let _ = c.write_all(&simple(408, "Request Timeout")).await;
-                                return;
-                            }
-                            Ok(Ok(_)) => {}
+                        if !c.fill_body(FIRST_READ, client_timeout).await {
+                            return;
                         }
                     }
                     Err(_) => {
