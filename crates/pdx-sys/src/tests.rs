@@ -206,3 +206,60 @@ fn streaming_copy_checks_bounds_and_falls_back_on_overlap() {
     a.read_at(100, &mut out).unwrap();
     assert_eq!(out, pattern(1024, 3)[..900]);
 }
+
+fn sockopt_int(fd: RawFd, name: libc::c_int) -> libc::c_int {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live local `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0);
+    v
+}
+
+#[test]
+fn large_socket_reads_never_wait_for_a_low_water_mark_the_sender_cannot_fill() {
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (rx, _) = l.accept().unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_millis(700)))
+        .unwrap();
+    let len = 8 << 20;
+    let data = pattern(len, 9);
+    // The sender stops for 300 ms after 1.5 MiB, less than the mark's 2 MiB: the reader must take what came
+    // and go on, and the whole read must finish.
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut tx = tx;
+        tx.write_all(&sent[..3 << 19]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tx.write_all(&sent[3 << 19..]).unwrap();
+    });
+    let mem = Memory::memfd("lowat", len, true).unwrap();
+    let mut stalls = 0;
+    let t0 = std::time::Instant::now();
+    read_exact_into(rx.as_raw_fd(), &[mem.slice(0, len).unwrap()], &mut |_| {
+        stalls += 1;
+        true
+    })
+    .unwrap();
+    writer.join().unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    let mut out = vec![0; len];
+    mem.read_at(0, &mut out).unwrap();
+    assert!(out == data, "bytes differ");
+    // The socket is as it was: no mark, the caller's timeout.
+    assert_eq!(sockopt_int(rx.as_raw_fd(), libc::SO_RCVLOWAT), 1);
+    assert_eq!(
+        rx.read_timeout().unwrap(),
+        Some(std::time::Duration::from_millis(700))
+    );
+}
