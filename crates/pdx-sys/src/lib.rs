@@ -424,9 +424,7 @@ pub fn copy_streaming(
     let d = dst.range(dst_off, len)?;
     let (s_addr, d_addr) = (s as usize, d as usize);
     if s_addr < d_addr + len && d_addr < s_addr + len {
-        // SAFETY: both ranges lie inside live regions (checked); `copy` tolerates overlap.
-        unsafe { std::ptr::copy(s, d, len) };
-        return Ok(());
+        return copy(src, src_off, dst, dst_off, len);
     }
     // SAFETY: both ranges lie inside live regions (checked) and do not overlap (checked just above).
     unsafe { stream_copy::copy_nonoverlapping_streaming(s, d, len) };

@@ -384,8 +384,9 @@ impl UcxAgent {
         // (over shared memory the whole transfer runs inside this post; contending for the lock then made
         // 64 KiB batches up to 20% slower).
         let _driving = Driving::new(&self.shared.drivers);
-        // The distinct local regions (usually one), each referenced once: per-block reference counting would
-        // cost more than the post itself for 64 KiB blocks over shared memory.
+        // The distinct local regions (usually one), which the operations borrow (the endpoint keeps them alive
+        // until the flush): per-block reference counting would cost more than the post itself for 64 KiB
+        // blocks over shared memory.
         let mut locals: Vec<Arc<dyn HostMemory>> = Vec::new();
         let mut local_index = Vec::with_capacity(ops.len());
         for (l, _, _) in ops {
@@ -463,9 +464,7 @@ impl UcxAgent {
             XferOp::Read => Rma::Get,
             XferOp::Write => Rma::Put,
         };
-        let posted = peer
-            .ep
-            .rma_batch(kind, &rma, Box::new(locals.clone()), done);
+        let posted = peer.ep.rma_batch(kind, &rma, Box::new(()), done);
         if let Err(e) = posted {
             let e = map_err(peer_name, e);
             self.shared.complete(&once, &completion, Err(e.duplicate()));

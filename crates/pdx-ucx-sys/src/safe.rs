@@ -722,8 +722,8 @@ impl Endpoint {
     }
 
     /// Posts a batch of puts or gets and then a flush (`ucp_ep_flush_nbx`); `done` runs once every operation
-    /// of the batch is complete at the peer (or failed). `keep` is dropped after `done` runs: put what the
-    /// operations use in it. Returns after posting; completion comes from [`Worker::progress`], or at once
+    /// of the batch is complete at the peer (or failed). The operations' local memory is held until then by
+    /// the endpoint itself; `keep` is dropped after `done` runs, for anything else the caller wants held. Returns after posting; completion comes from [`Worker::progress`], or at once
     /// (inside this call) when UCX finished everything immediately.
     ///
     /// Errors (then `done` is not called): [`UcxError::Invalid`] for a range outside its local memory or a key
@@ -756,7 +756,10 @@ impl Endpoint {
         // increment and decrement per block would cost more than the post itself at 64 KiB over shared memory.
         let mut keep_ops: Vec<Arc<dyn HostMemory>> = Vec::new();
         for o in ops {
-            if !keep_ops.iter().any(|k| Arc::ptr_eq(k, o.local)) {
+            if !keep_ops
+                .iter()
+                .any(|k| std::ptr::addr_eq(Arc::as_ptr(k), Arc::as_ptr(o.local)))
+            {
                 keep_ops.push(o.local.clone());
             }
         }
