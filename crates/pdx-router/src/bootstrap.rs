@@ -18,18 +18,18 @@
 //! prefill. See `docs/router.md`, "SGLang bootstrap orchestration".
 
 use crate::body::RouterBody;
-use crate::metrics::{PhaseLabel, PoolLabels};
+use crate::metrics::PhaseLabel;
 use crate::proxy::{
-    error_response, failure_response, forward, full, send_to, CompletionBody, Job, Orchestrator,
-    Sent, Shared,
+    count_pool_choice, eligible, error_response, failure_response, forward, full, pick_worker,
+    retry_after, send_to, CompletionBody, Job, Orchestrator, Sent, Shared,
 };
-use crate::registry::{LoadGuard, Pool, Worker};
+use crate::registry::{LoadGuard, Worker};
 use crate::upstream::UpBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Response;
 use pdx_protocol::{ApiError, BootstrapParams};
-use pdx_router_core::{PrefillDecision, UpstreamFailure};
+use pdx_router_core::UpstreamFailure;
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::Arc;
@@ -218,24 +218,6 @@ async fn pair(sh: &Shared, job: &Job, wp: &Arc<Worker>, wd: &Arc<Worker>, body: 
     }
 }
 
-/// Picks a worker of `pools`, trying `pools[first]` first.
-fn pick(
-    pools: &[Arc<Pool>],
-    first: usize,
-    hashes: &[u64],
-    exclude: &[u64],
-    now: u64,
-) -> Option<(Arc<Pool>, Arc<Worker>)> {
-    std::iter::once(first)
-        .chain((0..pools.len()).filter(|&i| i != first))
-        .filter_map(|i| pools.get(i))
-        .find_map(|p| Some((p.clone(), p.pick(hashes, exclude, now)?)))
-}
-
-fn eligible(pools: &[Arc<Pool>], exclude: &[u64], now: u64) -> usize {
-    pools.iter().map(|p| p.eligible_count(exclude, now)).sum()
-}
-
 /// The answer once no pair is left to try: 504 after a timeout, else 503.
 fn give_up(last: Option<UpstreamFailure>, side: &str) -> Response<RouterBody> {
     match last {
@@ -280,20 +262,13 @@ impl Orchestrator for SglangBootstrap {
                 }
             }
             let (Some((pp, wp)), Some((dp, wd))) = (
-                pick(prefill_pools, first_p, &job.hashes, &p_ex, now),
-                pick(decode_pools, first_d, &job.hashes, &d_ex, now),
+                pick_worker(prefill_pools, first_p, &job.hashes, &p_ex, now),
+                pick_worker(decode_pools, first_d, &job.hashes, &d_ex, now),
             ) else {
                 return give_up(last.map(|(f, _)| f), "prefill or decode");
             };
-            for (pool, role) in [(&pp, "prefill"), (&dp, "decode")] {
-                sh.metrics
-                    .pool_choices
-                    .get_or_create(&PoolLabels {
-                        model: model.name.clone(),
-                        role,
-                        pool: pool.name.clone(),
-                    })
-                    .inc();
+            for pool in [&pp, &dp] {
+                count_pool_choice(sh, &model.name, pool);
             }
             let body = pair_body(
                 &mut job.body,
@@ -358,18 +333,11 @@ impl Orchestrator for SglangBootstrap {
             };
             let left = eligible(pools, ex, sh.registry.now_us());
             tracing::debug!(prefill = %wp.url, decode = %wd.url, ?failure, side, attempt, "bootstrap pair failed");
-            match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
-                PrefillDecision::Retry { backoff_us } => {
-                    sh.metrics
-                        .retries
-                        .get_or_create(&PhaseLabel { phase: side })
-                        .inc();
-                    monoio::time::sleep(std::time::Duration::from_micros(backoff_us)).await;
-                    attempt += 1;
-                }
+            if !retry_after(sh, side, attempt, failure, left).await {
                 // Out of attempts or workers (the decode-only fallback does not apply here).
-                _ => return give_up(Some(failure), side),
+                return give_up(Some(failure), side);
             }
+            attempt += 1;
         }
     }
 }

@@ -618,27 +618,10 @@ async fn dispatch(
     let mut attempt = 1;
     loop {
         let now = sh.registry.now_us();
-        let order = std::iter::once(first).chain((0..pools.len()).filter(|&i| i != first));
-        let mut picked = None;
-        for i in order {
-            if let Some(p) = pools.get(i) {
-                if let Some(w) = p.pick(&job.hashes, &exclude, now) {
-                    picked = Some((p.clone(), w));
-                    break;
-                }
-            }
-        }
-        let Some((pool, w)) = picked else {
+        let Some((pool, w)) = pick_worker(pools, first, &job.hashes, &exclude, now) else {
             return Err(Err(UpstreamFailure::Status(503)));
         };
-        sh.metrics
-            .pool_choices
-            .get_or_create(&PoolLabels {
-                model: job.model.name.clone(),
-                role: pool.role.as_str(),
-                pool: pool.name.clone(),
-            })
-            .inc();
+        count_pool_choice(sh, &job.model.name, &pool);
         let guard = LoadGuard::new(w.clone(), job.tokens);
         let failure = match send_to(sh, &w, job.path, &body, &job.rid).await {
             Ok(resp) => {
@@ -669,24 +652,68 @@ async fn dispatch(
             w.report(false, sh.registry.now_us());
         }
         exclude.push(w.id);
-        let left: usize = pools
-            .iter()
-            .map(|p| p.eligible_count(&exclude, sh.registry.now_us()))
-            .sum();
-        match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
-            PrefillDecision::Retry { backoff_us } => {
-                sh.metrics
-                    .retries
-                    .get_or_create(&PhaseLabel {
-                        phase: phase.label(),
-                    })
-                    .inc();
-                tracing::debug!(worker = %w.url, ?failure, attempt, "retrying");
-                monoio::time::sleep(std::time::Duration::from_micros(backoff_us)).await;
-                attempt += 1;
-            }
-            _ => return Err(Err(failure)),
+        let left = eligible(pools, &exclude, sh.registry.now_us());
+        tracing::debug!(worker = %w.url, ?failure, attempt, "attempt failed");
+        if !retry_after(sh, phase.label(), attempt, failure, left).await {
+            return Err(Err(failure));
         }
+        attempt += 1;
+    }
+}
+
+/// A worker of `pools` for a request, trying `pools[first]` first and leaving out the ids in `exclude`.
+pub(crate) fn pick_worker(
+    pools: &[Arc<Pool>],
+    first: usize,
+    hashes: &[u64],
+    exclude: &[u64],
+    now_us: u64,
+) -> Option<(Arc<Pool>, Arc<Worker>)> {
+    std::iter::once(first)
+        .chain((0..pools.len()).filter(|&i| i != first))
+        .filter_map(|i| pools.get(i))
+        .find_map(|p| Some((p.clone(), p.pick(hashes, exclude, now_us)?)))
+}
+
+/// Counts a pool choice (`pdx_pool_choices_total`).
+pub(crate) fn count_pool_choice(sh: &Shared, model: &str, pool: &Pool) {
+    sh.metrics
+        .pool_choices
+        .get_or_create(&PoolLabels {
+            model: model.to_string(),
+            role: pool.role.as_str(),
+            pool: pool.name.clone(),
+        })
+        .inc();
+}
+
+/// Workers of `pools` that could take a request now, leaving out the ids in `exclude`.
+pub(crate) fn eligible(pools: &[Arc<Pool>], exclude: &[u64], now_us: u64) -> usize {
+    pools
+        .iter()
+        .map(|p| p.eligible_count(exclude, now_us))
+        .sum()
+}
+
+/// After failed attempt number `attempt` (`left` workers still eligible), asks the retry policy; on a retry,
+/// counts it under `phase` (`pdx_retries_total`) and sleeps the backoff. True to try again.
+pub(crate) async fn retry_after(
+    sh: &Shared,
+    phase: &'static str,
+    attempt: u32,
+    failure: UpstreamFailure,
+    left: usize,
+) -> bool {
+    match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
+        PrefillDecision::Retry { backoff_us } => {
+            sh.metrics
+                .retries
+                .get_or_create(&PhaseLabel { phase })
+                .inc();
+            monoio::time::sleep(std::time::Duration::from_micros(backoff_us)).await;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -875,32 +902,32 @@ impl Orchestrator for VllmNixl {
         "vllm-nixl"
     }
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
+        let first = job
+            .model
+            .grid
+            .as_ref()
+            .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
+        let decode = job.model.decode.clone();
         // Prefill workers whose KV the decode could not read (a 502 from the decode): the pair is redone
         // on another prefill worker, within the prefill attempts.
         let mut failed_prefill: Vec<u64> = Vec::new();
         loop {
+            // `holder`: the prefill worker that holds the KV (none: decode-only fallback).
             let (kv, holder) = match self.prefill(sh, &job, &failed_prefill).await {
                 Ok(Some((kv, w))) => (Some(kv), Some(w)),
                 Ok(None) => (None, None),
                 Err(r) => return r,
             };
             let handoff = Instant::now();
-            let had_kv = kv.is_some();
             job.body.set_kv(kv);
-            let first = job
-                .model
-                .grid
-                .as_ref()
-                .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
-            let decode = job.model.decode.clone();
             let phase = Phase::Decode {
-                kv_from_prefill: had_kv,
+                kv_from_prefill: holder.is_some(),
             };
             let body = job.body.to_bytes();
-            match dispatch(sh, &job, &decode, first, body, phase, Vec::new()).await {
+            let failure = match dispatch(sh, &job, &decode, first, body, phase, Vec::new()).await {
                 Ok(sent) => {
                     let now = Instant::now();
-                    if had_kv {
+                    if holder.is_some() {
                         sh.metrics
                             .phase
                             .get_or_create(&PhaseLabel {
@@ -908,45 +935,25 @@ impl Orchestrator for VllmNixl {
                             })
                             .observe((now - handoff).as_secs_f64());
                     }
-                    return forward(sh, &job, sent, had_kv, now);
-                }
-                Err(Err(UpstreamFailure::Status(502))) if had_kv => {
-                    let Some(w) = holder else {
-                        return failure_response(UpstreamFailure::Status(502));
-                    };
-                    w.report(false, sh.registry.now_us());
-                    failed_prefill.push(w.id);
-                    let left: usize = job
-                        .model
-                        .prefill
-                        .iter()
-                        .map(|p| p.eligible_count(&failed_prefill, sh.registry.now_us()))
-                        .sum();
-                    let attempt = failed_prefill.len() as u32;
-                    let failure = UpstreamFailure::Status(502);
-                    match sh.cfg.retry.on_prefill_failure(attempt, failure, left) {
-                        PrefillDecision::Retry { backoff_us } => {
-                            tracing::debug!(prefill = %w.url, attempt, "decode could not read the KV: prefill again");
-                            sh.metrics
-                                .retries
-                                .get_or_create(&PhaseLabel {
-                                    phase: "kv_handoff",
-                                })
-                                .inc();
-                            let backoff = std::time::Duration::from_micros(backoff_us);
-                            monoio::time::sleep(backoff).await;
-                        }
-                        _ => {
-                            return error_response(&ApiError::new(
-                                502,
-                                "KVTransferError",
-                                "the decode could not read the prompt's KV from any prefill worker",
-                            ))
-                        }
-                    }
+                    return forward(sh, &job, sent, holder.is_some(), now);
                 }
                 Err(Ok(r)) => return r,
-                Err(Err(f)) => return failure_response(f),
+                Err(Err(f)) => f,
+            };
+            let Some(w) = holder.filter(|_| failure == UpstreamFailure::Status(502)) else {
+                return failure_response(failure);
+            };
+            w.report(false, sh.registry.now_us());
+            failed_prefill.push(w.id);
+            let left = eligible(&job.model.prefill, &failed_prefill, sh.registry.now_us());
+            let attempt = failed_prefill.len() as u32;
+            tracing::debug!(prefill = %w.url, attempt, "decode could not read the KV: prefill again");
+            if !retry_after(sh, "kv_handoff", attempt, failure, left).await {
+                return error_response(&ApiError::new(
+                    502,
+                    "KVTransferError",
+                    "the decode could not read the prompt's KV from any prefill worker",
+                ));
             }
         }
     }

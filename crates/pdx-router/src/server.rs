@@ -243,11 +243,11 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
         buf: BytesMut::new(),
     };
     let max_body = sh.cfg.max_body_bytes as u64;
+    let client_timeout = sh.cfg.client_timeout;
     // Whether an answer went out on this connection (a new connection gets one request even while draining).
     let mut served = false;
     loop {
         // Request head.
-        let client_timeout = sh.cfg.client_timeout;
         let head_deadline = std::time::Instant::now() + client_timeout;
         let head = loop {
             match parse_head(&mut c.buf) {
@@ -290,8 +290,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
             }
         };
         let _active = sh.drain.track();
-        // While draining, this answer is the connection's last.
-        let mut keep_alive = head.keep_alive && !sh.drain.is_draining();
+        let mut keep_alive = head.keep_alive;
         // Request body.
         let body = if let Some(n) = head.length {
             if n > max_body {
@@ -364,6 +363,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
             Watch::Gone => return,
         };
         drop(fut);
+        // While draining, this answer is the connection's last.
         let keep_alive = keep_alive && !sh.drain.is_draining();
         match write_response(&mut c, resp, keep_alive, head.head_method).await {
             Ok(true) if keep_alive => served = true,

@@ -50,13 +50,11 @@ impl Drain {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// Records that the deadline passed with requests in flight, if there are any now. Returns true if so.
-    pub(crate) fn note_deadline(&self) -> bool {
-        let left = self.active_requests() > 0;
-        if left {
+    /// Records that the deadline passed with requests in flight, if there are any now.
+    pub(crate) fn note_deadline(&self) {
+        if self.active_requests() > 0 {
             self.cut_short.store(true, Ordering::Relaxed);
         }
-        left
     }
 
     /// True when requests were still in flight at the deadline.
