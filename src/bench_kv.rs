@@ -292,9 +292,13 @@ pub fn run(args: KvArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let stride = *sizes.iter().max().context("no block sizes")? as usize;
-    let region = stride
-        .checked_mul(args.batch_size)
-        .context("batch × block size overflows")?;
+    // `reused` puts every block at offset 0: one block of room is enough.
+    let region = match args.layout {
+        LayoutArg::Scattered => stride
+            .checked_mul(args.batch_size)
+            .context("batch × block size overflows")?,
+        LayoutArg::Reused => stride,
+    };
     let kinds: Vec<RemoteMemory> = transports
         .iter()
         .map(|t| remote_memory_for(*t, args.remote_memory))
