@@ -1,0 +1,397 @@
+//! `pd_floor`: the floor: the socket work a sequential PD router cannot avoid; `benches/compare_routers.sh`
+//! measures it next to pdx and the peers.
+//!
+//! A benchmark reference, not a router. Per client connection (HTTP/1.1 keep-alive), for every request it:
+//! reads the request (head up to `\r\n\r\n`, then `Content-Length` bytes of body, which it ignores); writes a
+//! fixed, prebuilt prefill request (`max_tokens: 1`, `kv_transfer_params.do_remote_decode`) on the connection's
+//! own keep-alive connection to the prefill upstream and reads the whole response; writes a fixed decode request
+//! (`do_remote_prefill`) on its own connection to the decode upstream and reads the whole response; writes that
+//! decode response back to the client byte for byte. No routing, no JSON, no per-request allocation: one thread,
+//! one epoll loop (mio, edge-triggered), kernel TCP sockets with `TCP_NODELAY`, fixed buffers reused across
+//! requests. Upstream connections open on a client connection's first request and are kept; an upstream that
+//! closed is reconnected once per exchange; any other error closes the client connection.
+//!
+//! Each socket is registered once for read and write readiness and never re-registered. Reads stop at a short
+//! read (the socket was drained at that moment, so later data raises a new edge) and a per-socket flag remembers
+//! read edges that arrive while the connection waits on another socket: no `epoll_ctl` and no `EAGAIN` read per
+//! request.
+//!
+//! ```text
+//! cargo build --release -p pdx-router --example pd_floor
+//! target/release/examples/pd_floor --port 18304 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202
+//! ```
+//! Flags: `--host` (default 127.0.0.1), `--port` (default 18304), `--prefill URL`, `--decode URL`
+//! (`http://host:port`, any path ignored).
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token};
+
+const BUF: usize = 16 * 1024;
+const LISTENER: Token = Token(usize::MAX);
+const CLIENT: usize = 0;
+const PREFILL: usize = 1;
+const DECODE: usize = 2;
+
+const PREFILL_BODY: &str = r#"{"model":"mock","messages":[{"role":"user","content":"the quick brown fox jumps over the lazy dog"}],"max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false}}"#;
+const DECODE_BODY: &str = r#"{"model":"mock","messages":[{"role":"user","content":"the quick brown fox jumps over the lazy dog"}],"max_tokens":16,"kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true}}"#;
+
+/// Where a connection is in its request cycle; `Send`/`Recv` carry the upstream (`PREFILL` or `DECODE`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    ReadClient,
+    Send(usize),
+    Recv(usize),
+    WriteClient,
+}
+
+/// One client connection and its two upstream connections (`up[PREFILL]`, `up[DECODE]`; `up[CLIENT]` unused).
+struct Conn {
+    client: TcpStream,
+    up: [Option<TcpStream>; 3],
+    /// A read edge arrived on socket `i` (client, prefill, decode) and it has not been drained since.
+    readable: [bool; 3],
+    state: State,
+    /// Client request bytes (a pipelined next request may follow the current one).
+    cbuf: Vec<u8>,
+    clen: usize,
+    /// Upstream response bytes: the prefill response (dropped), then the decode response (sent to the client).
+    ubuf: Vec<u8>,
+    ulen: usize,
+    /// Length of the complete decode response in `ubuf`.
+    resp: usize,
+    /// Bytes of the current write done.
+    wpos: usize,
+    /// The current upstream exchange already reconnected once.
+    retried: bool,
+}
+
+/// The upstreams and the prebuilt requests, shared by all connections.
+struct Upstreams {
+    addr: [SocketAddr; 3],
+    req: [Vec<u8>; 3],
+}
+
+fn main() -> io::Result<()> {
+    let (mut host, mut port) = ("127.0.0.1".to_string(), 18304u16);
+    let (mut prefill, mut decode) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| invalid(format!("{flag} needs a value")))?;
+        match flag.as_str() {
+            "--host" => host = value,
+            "--port" => {
+                port = value
+                    .parse()
+                    .map_err(|_| invalid(format!("bad --port {value}")))?
+            }
+            "--prefill" => prefill = Some(value),
+            "--decode" => decode = Some(value),
+            _ => {
+                return Err(invalid(format!(
+                    "unknown flag {flag} (--host, --port, --prefill, --decode)"
+                )))
+            }
+        }
+    }
+    let (pa, pre) = upstream(
+        &prefill.ok_or_else(|| invalid("--prefill URL is required".into()))?,
+        PREFILL_BODY,
+    )?;
+    let (da, dec) = upstream(
+        &decode.ok_or_else(|| invalid("--decode URL is required".into()))?,
+        DECODE_BODY,
+    )?;
+    let ups = Upstreams {
+        addr: [pa, pa, da],
+        req: [Vec::new(), pre, dec],
+    };
+
+    let bind = (host.as_str(), port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| invalid(format!("no address for {host}")))?;
+    // mio's `TcpListener::bind` listens with a backlog of 128: too few for hundreds of connections at once.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&bind.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(socket.into());
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    eprintln!("pd_floor listening on {bind}: prefill {pa}, decode {da}");
+
+    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for ev in events.iter() {
+            if ev.token() == LISTENER {
+                accept(&listener, poll.registry(), &mut conns, &mut free);
+                continue;
+            }
+            let (idx, sock) = (ev.token().0 / 3, ev.token().0 % 3);
+            let Some(Some(c)) = conns.get_mut(idx) else {
+                continue;
+            };
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                c.readable[sock] = true;
+            }
+            if drive(c, idx, &ups, poll.registry()).is_err() {
+                conns[idx] = None; // drops (and so closes) the client and both upstream sockets
+                free.push(idx);
+            }
+        }
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(ErrorKind::InvalidInput, msg)
+}
+
+/// `http://host:port[/...]` -> the address and the prebuilt POST for `body`, with `Host: host:port`.
+fn upstream(url: &str, body: &str) -> io::Result<(SocketAddr, Vec<u8>)> {
+    let authority = url
+        .strip_prefix("http://")
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let addr = authority
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| invalid(format!("no address for {url}")))?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Ok((addr, req.into_bytes()))
+}
+
+fn accept(
+    listener: &TcpListener,
+    registry: &Registry,
+    conns: &mut Vec<Option<Conn>>,
+    free: &mut Vec<usize>,
+) {
+    loop {
+        let mut client = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e)
+                if e.kind() == ErrorKind::Interrupted
+                    || e.kind() == ErrorKind::ConnectionAborted =>
+            {
+                continue
+            }
+            Err(e) => {
+                eprintln!("accept: {e}");
+                return;
+            }
+        };
+        let idx = free.pop().unwrap_or_else(|| {
+            conns.push(None);
+            conns.len() - 1
+        });
+        // Registering an already-readable socket queues its edge, so `readable` starts false.
+        if client.set_nodelay(true).is_err()
+            || registry
+                .register(
+                    &mut client,
+                    Token(idx * 3 + CLIENT),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+        {
+            free.push(idx);
+            continue;
+        }
+        conns[idx] = Some(Conn {
+            client,
+            up: [None, None, None],
+            readable: [false; 3],
+            state: State::ReadClient,
+            cbuf: vec![0; BUF],
+            clen: 0,
+            ubuf: vec![0; BUF],
+            ulen: 0,
+            resp: 0,
+            wpos: 0,
+            retried: false,
+        });
+    }
+}
+
+/// Advances `c` until it has to wait for a socket. `Err`: close the client connection.
+fn drive(c: &mut Conn, idx: usize, ups: &Upstreams, registry: &Registry) -> io::Result<()> {
+    loop {
+        match c.state {
+            State::ReadClient => {
+                let n = loop {
+                    if let Some(n) = message_len(&c.cbuf[..c.clen], false)? {
+                        break n;
+                    }
+                    if !c.readable[CLIENT] {
+                        return Ok(());
+                    }
+                    if fill(
+                        &mut c.client,
+                        &mut c.cbuf,
+                        &mut c.clen,
+                        &mut c.readable[CLIENT],
+                    )? {
+                        return Err(ErrorKind::UnexpectedEof.into()); // client closed (between requests or not)
+                    }
+                };
+                c.cbuf.copy_within(n..c.clen, 0); // keep a pipelined next request
+                c.clen -= n;
+                (c.state, c.wpos, c.retried) = (State::Send(PREFILL), 0, false);
+            }
+            State::Send(u) => {
+                if c.up[u].is_none() {
+                    let mut s = TcpStream::connect(ups.addr[u])?;
+                    s.set_nodelay(true)?;
+                    registry.register(
+                        &mut s,
+                        Token(idx * 3 + u),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    (c.up[u], c.readable[u]) = (Some(s), false);
+                }
+                let s = c.up[u].as_mut().expect("connected above");
+                match write_all(s, &ups.req[u], &mut c.wpos) {
+                    Ok(true) => (c.state, c.ulen) = (State::Recv(u), 0),
+                    Ok(false) => return Ok(()),
+                    Err(e) => reconnect(c, u, e)?,
+                }
+            }
+            State::Recv(u) => {
+                if !c.readable[u] {
+                    return Ok(());
+                }
+                let s = c.up[u].as_mut().expect("sent on it");
+                if fill(s, &mut c.ubuf, &mut c.ulen, &mut c.readable[u])? {
+                    // Closed before answering: a keep-alive connection the upstream had dropped.
+                    if c.ulen == 0 {
+                        reconnect(c, u, ErrorKind::UnexpectedEof.into())?;
+                        continue;
+                    }
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                if let Some(n) = message_len(&c.ubuf[..c.ulen], true)? {
+                    if u == PREFILL {
+                        (c.state, c.wpos, c.retried) = (State::Send(DECODE), 0, false);
+                    } else {
+                        (c.state, c.wpos, c.resp) = (State::WriteClient, 0, n);
+                    }
+                }
+            }
+            State::WriteClient => {
+                if !write_all(&mut c.client, &c.ubuf[..c.resp], &mut c.wpos)? {
+                    return Ok(());
+                }
+                c.state = State::ReadClient;
+            }
+        }
+    }
+}
+
+/// Drops upstream `u` after `err` and starts its exchange over on a new connection, once per exchange.
+fn reconnect(c: &mut Conn, u: usize, err: io::Error) -> io::Result<()> {
+    if c.retried {
+        return Err(err);
+    }
+    (c.up[u], c.readable[u], c.retried, c.wpos, c.state) = (None, false, true, 0, State::Send(u));
+    Ok(())
+}
+
+/// One read into `buf[*len..]` (grown when full). Clears `readable` unless the read filled the buffer: a short
+/// read or `WouldBlock` means the socket was drained, and data arriving later raises a new edge. `Ok(true)`: EOF.
+fn fill(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    len: &mut usize,
+    readable: &mut bool,
+) -> io::Result<bool> {
+    if *len == buf.len() {
+        buf.resize(buf.len() * 2, 0);
+    }
+    loop {
+        return match s.read(&mut buf[*len..]) {
+            Ok(0) => Ok(true),
+            Ok(n) => {
+                *readable = *len + n == buf.len();
+                *len += n;
+                Ok(false)
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                *readable = false;
+                Ok(false)
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
+}
+
+/// Writes `data[*pos..]`; `Ok(true)` when all of it is written, `Ok(false)` on `WouldBlock` (a write edge follows).
+fn write_all(s: &mut TcpStream, data: &[u8], pos: &mut usize) -> io::Result<bool> {
+    while *pos < data.len() {
+        match s.write(&data[*pos..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => *pos += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Length of the first complete HTTP/1.1 message in `buf`, if it is all there: head, then `Content-Length` bytes
+/// (none without the header), or for a `Transfer-Encoding: chunked` response everything up to the `0\r\n\r\n`
+/// last chunk (minimal: trailers are not supported and the terminator must end what was read).
+/// `Err`: an unreadable `Content-Length`.
+fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
+    let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        return Ok(None);
+    };
+    let mut body = 0;
+    for line in buf[..head - 4].split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            body = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| invalid("bad Content-Length".into()))?;
+        } else if response
+            && name.eq_ignore_ascii_case(b"transfer-encoding")
+            && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"))
+        {
+            let rest = &buf[head..];
+            let done = rest == b"0\r\n\r\n" || rest.ends_with(b"\r\n0\r\n\r\n");
+            return Ok(done.then_some(buf.len()));
+        }
+    }
+    Ok((buf.len() >= head + body).then_some(head + body))
+}
