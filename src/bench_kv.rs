@@ -154,6 +154,10 @@ struct Row {
     /// Single-thread memcpy of the same blocks, same run.
     memcpy_gbps: f64,
     ratio: f64,
+    /// The machine's copy ceiling in the same run: the same blocks copied with streaming stores by one thread per
+    /// core, in one process (no transfer engine). Rows of host-copy transports (`local`, `shm`, `cma`) whose
+    /// request is at least the default `streaming_copy_min_bytes` (8 MiB) only.
+    ceiling_gbps: Option<f64>,
     checked: bool,
     /// `scattered` or `reused` (`--layout`).
     layout: LayoutArg,
@@ -521,6 +525,41 @@ fn memcpy_reference(src: &Memory, dst: &Memory, spec: &RowSpec, batch: usize, se
     (n * (batch * spec.block) as u64) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
+/// The same copy as [`memcpy_reference`] with streaming stores on every core at once: each of `threads` threads
+/// copies its share of every block, batch after batch, for `secs`; GB/s of all of them together. On a VM whose
+/// memory bandwidth varies with its neighbours this moves run to run, and every host-copy row moves with it.
+fn ceiling_reference(
+    src: &Memory,
+    dst: &Memory,
+    spec: &RowSpec,
+    batch: usize,
+    secs: f64,
+) -> Result<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = spec.block.div_ceil(threads);
+    let start = Instant::now();
+    let bytes: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (at, len) = (t * share, share.min(spec.block.saturating_sub(t * share)));
+                scope.spawn(move || {
+                    let mut done = 0u64;
+                    while done == 0 || start.elapsed().as_secs_f64() < secs {
+                        for i in 0..batch {
+                            let off = i * spec.stride + at;
+                            let _ = pdx_transfer::copy_host_streaming(src, off, dst, off, len);
+                        }
+                        done += (batch * len) as u64;
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
 fn run_row(
     args: &KvArgs,
     initiator: &Agent,
@@ -554,6 +593,17 @@ fn run_row(
         _ => None,
     };
     let memcpy_gbps = memcpy_reference(reference_src, host(local)?, spec, batch, args.duration);
+    // Only where the engine itself copies with streaming stores by default (requests of 8 MiB or more): smaller
+    // batches stay in the cache, where plain `memcpy` is the reference.
+    let streamed =
+        (batch * spec.block) as u64 >= AgentConfig::new("reference").streaming_copy_min_bytes;
+    let host_copy = matches!(
+        req.transport(),
+        TransportKind::Local | TransportKind::Shm | TransportKind::Cma
+    );
+    let ceiling_gbps = (host_copy && streamed)
+        .then(|| ceiling_reference(reference_src, host(local)?, spec, batch, args.duration))
+        .transpose()?;
     for _ in 0..2 {
         post_and_wait(&req)?; // warm-up: connections, page tables, caches
     }
@@ -600,6 +650,7 @@ fn run_row(
         p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
         memcpy_gbps,
         ratio: gbps / memcpy_gbps,
+        ceiling_gbps,
         checked: args.check,
         layout: args.layout,
     })
@@ -732,7 +783,7 @@ pub fn run_target(args: TargetArgs) -> Result<()> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9} {:>10} {:>10} {:>11} {:>6}",
+        "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9} {:>10} {:>10} {:>11} {:>6} {:>12}",
         "op",
         "transport",
         "remote",
@@ -742,11 +793,12 @@ fn print_table(rows: &[Row]) {
         "p50 µs",
         "p99 µs",
         "memcpy GB/s",
-        "ratio"
+        "ratio",
+        "ceiling GB/s"
     );
     for r in rows {
         println!(
-            "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9.2} {:>10.1} {:>10.1} {:>11.2} {:>6.2}",
+            "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9.2} {:>10.1} {:>10.1} {:>11.2} {:>6.2} {:>12}",
             r.op,
             r.transport,
             match r.remote_memory {
@@ -760,7 +812,9 @@ fn print_table(rows: &[Row]) {
             r.p50_us,
             r.p99_us,
             r.memcpy_gbps,
-            r.ratio
+            r.ratio,
+            r.ceiling_gbps
+                .map_or("-".to_string(), |c| format!("{c:.2}"))
         );
     }
 }

@@ -68,7 +68,7 @@ pub use desc::{XferDesc, XferDescList};
 pub use error::{Result, TransferError};
 pub use memory::{MemoryKind, RegisteredMemory};
 pub use metadata::AgentMetadata;
-pub use pdx_sys::{copy as copy_host, Memory};
+pub use pdx_sys::{copy as copy_host, copy_streaming as copy_host_streaming, Memory};
 pub use request::{XferCompletion, XferOp, XferStatus};
 pub use tcp::{fetch_metadata, Notification};
 pub use transport::TransportKind;
