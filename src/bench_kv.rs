@@ -542,21 +542,27 @@ fn ceiling_reference(
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let (at, len) = (t * share, share.min(spec.block.saturating_sub(t * share)));
-                scope.spawn(move || {
+                scope.spawn(move || -> Result<u64> {
                     let mut done = 0u64;
                     while done == 0 || start.elapsed().as_secs_f64() < secs {
                         for i in 0..batch {
                             let off = i * spec.stride + at;
-                            let _ = pdx_transfer::copy_host_streaming(src, off, dst, off, len);
+                            pdx_transfer::copy_host_streaming(src, off, dst, off, len)?;
                         }
                         done += (batch * len) as u64;
                     }
-                    done
+                    Ok(done)
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
-    });
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("copy ceiling thread panicked"))?
+            })
+            .sum::<Result<u64>>()
+    })?;
     Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
