@@ -842,4 +842,26 @@ mod tests {
         assert!(verify(&mem, 5, 90, 6, 9).is_err());
         assert!(verify(&mem, 5, 90, 5, 10).is_err());
     }
+
+    #[test]
+    fn copy_ceiling_copies_every_block_and_reports_bad_ranges() {
+        let spec = |block, stride| RowSpec {
+            op: XferOp::Read,
+            transport: Some(TransportKind::Shm),
+            remote_kind: RemoteMemory::Shared,
+            block,
+            stride,
+            remote_base: 0,
+        };
+        let src = Memory::from_vec(vec![0; 4096]).unwrap();
+        fill_pattern(&src, 0, 4096, 3).unwrap();
+        let dst = Memory::from_vec(vec![0; 4096]).unwrap();
+        // Four blocks of 1000 bytes at a 1024-byte stride, shared among the threads by byte ranges.
+        assert!(ceiling_reference(&src, &dst, &spec(1000, 1024), 4, 0.0).unwrap() > 0.0);
+        for i in 0..4 {
+            verify(&dst, i * 1024, 1000, i * 1024, 3).unwrap();
+        }
+        // A batch that runs past the buffers is an error, not a figure.
+        assert!(ceiling_reference(&src, &dst, &spec(1000, 1024), 5, 0.0).is_err());
+    }
 }
