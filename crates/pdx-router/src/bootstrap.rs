@@ -74,19 +74,9 @@ pub fn new_room() -> u64 {
 /// The body sent to both workers: the client's, with `kv_transfer_params` removed and the bootstrap
 /// fields set to `b` (client values are overwritten).
 pub fn pair_body(body: &mut CompletionBody, b: BootstrapParams) -> Bytes {
-    let v = match body {
-        CompletionBody::Chat(r) => {
-            r.kv_transfer_params = None;
-            r.bootstrap = b;
-            serde_json::to_vec(r)
-        }
-        CompletionBody::Text(r) => {
-            r.kv_transfer_params = None;
-            r.bootstrap = b;
-            serde_json::to_vec(r)
-        }
-    };
-    Bytes::from(v.unwrap_or_default())
+    body.set_kv(None);
+    body.set_bootstrap(b);
+    body.to_bytes()
 }
 
 /// How one prefill request ended before the pair was committed.
@@ -246,7 +236,7 @@ impl Orchestrator for SglangBootstrap {
         };
         let mut p_ex: Vec<u64> = Vec::new();
         let mut d_ex: Vec<u64> = Vec::new();
-        let mut last: Option<(UpstreamFailure, &'static str)> = None;
+        let mut last: Option<UpstreamFailure> = None;
         let mut attempt = 1;
         loop {
             let now = sh.registry.now_us();
@@ -258,14 +248,14 @@ impl Orchestrator for SglangBootstrap {
                 (decode_pools, &d_ex, "decode"),
             ] {
                 if eligible(pools, ex, now) == 0 {
-                    return give_up(last.map(|(f, _)| f), side);
+                    return give_up(last, side);
                 }
             }
             let (Some((pp, wp)), Some((dp, wd))) = (
                 pick_worker(prefill_pools, first_p, &job.hashes, &p_ex, now),
                 pick_worker(decode_pools, first_d, &job.hashes, &d_ex, now),
             ) else {
-                return give_up(last.map(|(f, _)| f), "prefill or decode");
+                return give_up(last, "prefill or decode");
             };
             for pool in [&pp, &dp] {
                 count_pool_choice(sh, &model.name, pool);
@@ -325,7 +315,7 @@ impl Orchestrator for SglangBootstrap {
                 }
             };
             drop((p_guard, d_guard));
-            last = Some((failure, side));
+            last = Some(failure);
             let (pools, ex) = if side == "prefill" {
                 (prefill_pools, &p_ex)
             } else {

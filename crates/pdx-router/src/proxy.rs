@@ -299,18 +299,18 @@ impl CompletionBody {
             Self::Text(r) => r.max_tokens.unwrap_or(16),
         })
     }
-    fn set_kv(&mut self, p: Option<KvTransferParams>) {
+    pub(crate) fn set_kv(&mut self, p: Option<KvTransferParams>) {
         match self {
             Self::Chat(r) => r.kv_transfer_params = p,
             Self::Text(r) => r.kv_transfer_params = p,
         }
     }
-    /// Removes SGLang bootstrap fields: only the router pairs workers (a client's `bootstrap_room` would
-    /// make engines wait for a KV handoff nobody set up).
-    fn clear_bootstrap(&mut self) {
+    /// Sets the SGLang bootstrap fields; `Default` removes them (only the router pairs workers: a client's
+    /// `bootstrap_room` would make engines wait for a KV handoff nobody set up).
+    pub(crate) fn set_bootstrap(&mut self, b: pdx_protocol::BootstrapParams) {
         match self {
-            Self::Chat(r) => r.bootstrap = Default::default(),
-            Self::Text(r) => r.bootstrap = Default::default(),
+            Self::Chat(r) => r.bootstrap = b,
+            Self::Text(r) => r.bootstrap = b,
         }
     }
     /// Prompt token ids under the mock's built-in tokenizer and chat template.
@@ -370,7 +370,7 @@ impl CompletionBody {
         };
         Bytes::from(v.unwrap_or_default())
     }
-    fn to_bytes(&self) -> Bytes {
+    pub(crate) fn to_bytes(&self) -> Bytes {
         Bytes::from(
             match self {
                 Self::Chat(r) => serde_json::to_vec(r),
@@ -463,7 +463,7 @@ async fn completion(
     };
     // Client-supplied transfer and pairing fields are the router's to set, under every orchestration.
     body.set_kv(None);
-    body.clear_bootstrap();
+    body.set_bootstrap(Default::default());
     let snap = sh.registry.snap.load();
     let Some(model) = snap.model(body.model()).cloned() else {
         return error_response(&ApiError::not_found(format!(
