@@ -221,15 +221,11 @@ fn slow_request_head_or_body_gets_408() {
         let mut c = std::net::TcpStream::connect(r.addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         c.write_all(sent.as_bytes()).unwrap();
-        let t0 = std::time::Instant::now();
         let mut answer = String::new();
-        c.read_to_string(&mut answer).unwrap(); // ends: the router closes the connection
+        // Ends when the router closes the connection: with the 0.3 s client timeout, not the default 30 s,
+        // which would run into this socket's 10 s read timeout and fail the read.
+        c.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 408"), "{what}: {answer:?}");
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "{what}: {:?}",
-            t0.elapsed()
-        );
     }
     assert!(
         pdx_router::Config::from_args(&<pdx_router::ServeArgs as clap::Parser>::parse_from([
