@@ -464,7 +464,7 @@ impl UcxAgent {
             XferOp::Read => Rma::Get,
             XferOp::Write => Rma::Put,
         };
-        let posted = peer.ep.rma_batch(kind, &rma, Box::new(()), done);
+        let posted = peer.ep.rma_batch(kind, &rma, done);
         if let Err(e) = posted {
             let e = map_err(peer_name, e);
             self.shared.complete(&once, &completion, Err(e.duplicate()));

@@ -723,18 +723,12 @@ impl Endpoint {
 
     /// Posts a batch of puts or gets and then a flush (`ucp_ep_flush_nbx`); `done` runs once every operation
     /// of the batch is complete at the peer (or failed). The operations' local memory is held until then by
-    /// the endpoint itself; `keep` is dropped after `done` runs, for anything else the caller wants held. Returns after posting; completion comes from [`Worker::progress`], or at once
+    /// the endpoint itself. Returns after posting; completion comes from [`Worker::progress`], or at once
     /// (inside this call) when UCX finished everything immediately.
     ///
     /// Errors (then `done` is not called): [`UcxError::Invalid`] for a range outside its local memory or a key
     /// of another endpoint; [`UcxError::Status`] when posting fails (e.g. the endpoint has failed).
-    pub fn rma_batch(
-        &self,
-        kind: Rma,
-        ops: &[RmaOp<'_>],
-        keep: Box<dyn Any + Send>,
-        done: DoneFn,
-    ) -> Result<()> {
+    pub fn rma_batch(&self, kind: Rma, ops: &[RmaOp<'_>], done: DoneFn) -> Result<()> {
         for (i, op) in ops.iter().enumerate() {
             let mem_len = op.local.memory().len();
             if op.local_off.checked_add(op.len).is_none_or(|e| e > mem_len) || op.len == 0 {
@@ -806,7 +800,7 @@ impl Endpoint {
         }
         let pending = Box::new(Pending {
             done,
-            _keep: Box::new((keep, keep_ops)),
+            _keep: Box::new(keep_ops),
         });
         self.post_with_callback(&g, "ucp_ep_flush_nbx", pending, |p| {
             // SAFETY: the guard serializes worker access; the endpoint is live; p is a valid param.
@@ -1043,7 +1037,6 @@ mod tests {
         ep.rma_batch(
             Rma::Put,
             &[op],
-            Box::new(()),
             Box::new(move |r| {
                 let _ = tx2.send(r);
             }),
@@ -1065,7 +1058,6 @@ mod tests {
         ep.rma_batch(
             Rma::Get,
             &[op],
-            Box::new(()),
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -1084,7 +1076,7 @@ mod tests {
             rkey: &rkey,
         };
         assert!(matches!(
-            ep.rma_batch(Rma::Put, &[bad], Box::new(()), Box::new(|_| {})),
+            ep.rma_batch(Rma::Put, &[bad], Box::new(|_| {})),
             Err(UcxError::Invalid(_))
         ));
         // Active message.
@@ -1128,7 +1120,6 @@ mod tests {
         ep.rma_batch(
             Rma::Put,
             &[op],
-            Box::new(()),
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
