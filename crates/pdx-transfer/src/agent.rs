@@ -1132,14 +1132,14 @@ fn copy_segments(
         s.local.region.host_mem()?;
         s.remote.host_mem()?;
     }
+    let copy_fn = if streaming {
+        pdx_sys::copy_streaming
+    } else {
+        pdx_sys::copy
+    };
     let copy = |s: &CopySeg, at: usize, len: usize| {
         let (Some(l), Some(r)) = (s.local.region.host(), s.remote.host()) else {
             return Err(pdx_sys::SysError::InvalidLength(len as u64));
-        };
-        let copy_fn = if streaming {
-            pdx_sys::copy_streaming
-        } else {
-            pdx_sys::copy
         };
         match op {
             XferOp::Read => copy_fn(r, s.remote_off + at, l, s.local.off + at, len),
