@@ -296,13 +296,15 @@ pub fn run(args: KvArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let stride = *sizes.iter().max().context("no block sizes")? as usize;
-    // `reused` puts every block at offset 0: one block of room is enough.
-    let region = match args.layout {
-        LayoutArg::Scattered => stride
-            .checked_mul(args.batch_size)
-            .context("batch × block size overflows")?,
-        LayoutArg::Reused => stride,
+    // Distance between the blocks of a batch; `reused` puts every block at offset 0, in one block of room.
+    let block_stride = match args.layout {
+        LayoutArg::Scattered => stride,
+        LayoutArg::Reused => 0,
     };
+    let region = block_stride
+        .checked_mul(args.batch_size)
+        .context("batch × block size overflows")?
+        .max(stride);
     let kinds: Vec<RemoteMemory> = transports
         .iter()
         .map(|t| remote_memory_for(*t, args.remote_memory))
@@ -426,11 +428,7 @@ pub fn run(args: KvArgs) -> Result<()> {
                     transport,
                     remote_kind,
                     block: bs as usize,
-                    stride: if args.layout == LayoutArg::Reused {
-                        0
-                    } else {
-                        stride
-                    },
+                    stride: block_stride,
                     remote_base,
                 };
                 let row = run_row(
