@@ -23,6 +23,8 @@
 //! Flags: `--host` (default 127.0.0.1), `--port` (default 18304), `--prefill URL`, `--decode URL`
 //! (`http://host:port`, any path ignored).
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 
