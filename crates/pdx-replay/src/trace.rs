@@ -88,6 +88,10 @@ fn parse_time_secs(s: &str) -> Option<f64> {
         t.next()?.parse::<f64>().ok()?,
     );
     let ss = t.next().unwrap_or("0").parse::<f64>().ok()?;
+    // A calendar date, not any integers: keeps the day arithmetic below in range (fuzz finding).
+    if !(1..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
     // Days from civil (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -158,6 +162,21 @@ mod tests {
         assert!(parse("{\"timestamp\": -1, \"input_length\": 1, \"output_length\": 1}").is_err());
         let err = parse("{}\n").unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn azure_dates_out_of_calendar_range_are_errors_not_overflows() {
+        // Found by the `trace` fuzz target: a year of 17 digits overflowed the day arithmetic.
+        let err = parse(
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+             204444444440000023-11-16 18:15:46,374,44\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(
+            parse("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-13-01 00:00:00,1,1\n").is_err()
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod body;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h1;
 pub mod metrics;
 pub mod proxy;

@@ -148,21 +148,21 @@ impl Conn {
 }
 
 /// A parsed request head.
-struct ReqHead {
+pub(crate) struct ReqHead {
     req: hyper::http::request::Builder,
-    length: Option<u64>,
-    chunked: bool,
+    pub(crate) length: Option<u64>,
+    pub(crate) chunked: bool,
     keep_alive: bool,
     expect_continue: bool,
     head_method: bool,
 }
 
-enum HeadError {
+pub(crate) enum HeadError {
     Bad,
     TooLarge,
 }
 
-fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadError> {
+pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Request::new(&mut hs);
     let n = match r.parse(buf) {
