@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub kv_noop: bool,
     /// Token events per HTTP chunk of an instant-mode stream (`--instant-tokens-per-chunk`).
     pub instant_tokens_per_chunk: u32,
+    /// Keys accepted on `/v1/*` as `Authorization: Bearer KEY` (`--api-key`; empty: no check).
+    pub api_keys: Vec<String>,
 }
 
 /// Generation request after parsing and tokenization.

@@ -166,6 +166,11 @@ pub struct MockArgs {
     /// Token events per HTTP chunk of an `--instant` stream (1: one SSE event per chunk).
     #[arg(long, default_value_t = 64)]
     pub instant_tokens_per_chunk: u32,
+    /// Require `Authorization: Bearer KEY` on `/v1/*` (repeatable: any of the keys), as vLLM's `--api-key`:
+    /// 401 `{"error":"Unauthorized"}` otherwise. The first key is also sent in the registration body, so a
+    /// router sends it upstream.
+    #[arg(long = "api-key")]
+    pub api_key: Vec<String>,
 }
 
 impl Default for MockArgs {
@@ -372,6 +377,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         profile,
         kv_noop: args.kv_noop,
         instant_tokens_per_chunk: args.instant_tokens_per_chunk.max(1),
+        api_keys: args.api_key.clone(),
     };
     let engine = Engine::new(cfg, tokenizer, transport);
     let mut threads = Vec::new();

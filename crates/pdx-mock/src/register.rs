@@ -30,6 +30,7 @@ pub fn registration(args: &MockArgs, addr: SocketAddr) -> Registration {
             .clone()
             .unwrap_or_else(|| format!("http://{host}:{}", addr.port())),
         model: args.model.clone(),
+        api_key: args.api_key.first().cloned(),
     }
 }
 

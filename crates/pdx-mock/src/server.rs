@@ -91,6 +91,22 @@ pub async fn handle(
 ) -> Result<Response<MockBody>, Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    // vLLM's `--api-key` (`AuthenticationMiddleware`): `/v1` routes need one of the keys; health and metrics
+    // stay open.
+    if !engine.cfg.api_keys.is_empty() && (path == "/v1" || path.starts_with("/v1/")) {
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| engine.cfg.api_keys.iter().any(|k| k == g)) {
+            return Ok(full(
+                StatusCode::UNAUTHORIZED,
+                "application/json",
+                r#"{"error":"Unauthorized"}"#,
+            ));
+        }
+    }
     let r = match (method.clone(), path.as_str()) {
         (Method::POST, "/v1/chat/completions") => completions(engine, req, true).await,
         (Method::POST, "/v1/completions") => completions(engine, req, false).await,

@@ -11,6 +11,8 @@
 //!   status.
 //! * [`sse`]: server-sent-event framing (`data: ...\n\n`, `data: [DONE]\n\n`).
 //! * [`worker`]: worker roles and the registration body.
+//! * [`validate`]: the request checks vLLM runs before scheduling (`max_tokens ≥ 1`, sampling ranges and
+//!   types, `stream_options` only with `stream`), for a router to answer 400 before any worker is touched.
 //!
 //! This crate does no I/O.
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@ pub mod error;
 pub mod kv;
 pub mod openai;
 pub mod sse;
+pub mod validate;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorResponse};

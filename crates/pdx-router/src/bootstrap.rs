@@ -95,8 +95,9 @@ async fn prefill(
     path: &str,
     body: &[u8],
     rid: &hyper::header::HeaderValue,
+    auth: Option<&hyper::header::HeaderValue>,
 ) -> Result<(), PrefillEnd> {
-    let resp = send_to(sh, w, path, body, rid)
+    let resp = send_to(sh, w, path, body, rid, auth)
         .await
         .map_err(PrefillEnd::Failed)?;
     let status = resp.status();
@@ -154,10 +155,10 @@ enum PairEnd {
 async fn pair(sh: &Shared, job: &Job, wp: &Arc<Worker>, wd: &Arc<Worker>, body: &Bytes) -> PairEnd {
     let t0 = Instant::now();
     let mut pf = std::pin::pin!(async {
-        let r = prefill(sh, wp, job.path, body, &job.rid).await;
+        let r = prefill(sh, wp, job.path, body, &job.rid, job.auth.as_ref()).await;
         (r, t0.elapsed().as_secs_f64())
     });
-    let mut df = std::pin::pin!(send_to(sh, wd, job.path, body, &job.rid));
+    let mut df = std::pin::pin!(send_to(sh, wd, job.path, body, &job.rid, job.auth.as_ref()));
     let mut p: Option<(Result<(), PrefillEnd>, f64)> = None;
     let mut d: Option<Result<Response<UpBody>, UpstreamFailure>> = None;
     std::future::poll_fn(|cx| {

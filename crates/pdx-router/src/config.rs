@@ -6,6 +6,7 @@
 //! port = 8000
 //! threads = 0                  # 0: one per core
 //! orchestration = "vllm-nixl"  # or "sglang-bootstrap", "aggregated"
+//! api_key = ["sk-a", "sk-b"]   # clients' `Authorization: Bearer` keys (or one string; none: open)
 //! [[models]]
 //! name = "Qwen/Qwen3-0.6B"
 //! global_router_config = "global_router_config.json"   # Dynamo grid (optional)
@@ -15,6 +16,7 @@
 //! policy = "kv_aware"
 //! workers = ["http://10.0.0.1:8100", { url = "http://10.0.0.2:8100", bootstrap_port = 9000 }]
 //! bootstrap_port = 8998        # sglang-bootstrap: the pool's default bootstrap port
+//! api_key = "sk-upstream"      # sent upstream instead of the client's key (a worker table may name its own)
 //! ```
 
 use crate::RouterError;
@@ -88,6 +90,11 @@ pub struct ServeArgs {
     /// 503, or 504 after a timeout).
     #[arg(long)]
     pub prefill_fallback: Option<String>,
+    /// Key clients must send as `Authorization: Bearer KEY` on `/v1/chat/completions`, `/v1/completions` and
+    /// `/v1/models*` (repeatable: any of the keys; 401 otherwise), as vLLM's `--api-key`. Adds to the file's
+    /// `api_key`.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_key: Vec<crate::front_auth::ApiKey>,
 }
 
 fn default_true() -> bool {
@@ -115,6 +122,10 @@ pub struct PoolConfig {
     /// [`DEFAULT_BOOTSTRAP_PORT`]; read for prefill pools under `orchestration = "sglang-bootstrap"` only).
     #[serde(default)]
     pub bootstrap_port: Option<u16>,
+    /// Key sent upstream as `Authorization: Bearer KEY` to the pool's workers (started with `--api-key`)
+    /// instead of the client's `Authorization`, unless a worker names its own.
+    #[serde(default)]
+    pub api_key: Option<crate::front_auth::ApiKey>,
 }
 
 /// One entry of a pool's `workers`: a URL, or a table with the worker's own bootstrap port.
@@ -136,6 +147,9 @@ pub struct WorkerTable {
     /// SGLang bootstrap server port (the prefill server's `--disaggregation-bootstrap-port`).
     #[serde(default)]
     pub bootstrap_port: Option<u16>,
+    /// Key sent upstream as `Authorization: Bearer KEY` (the worker's `--api-key`).
+    #[serde(default)]
+    pub api_key: Option<crate::front_auth::ApiKey>,
 }
 
 /// SGLang's default bootstrap server port (`--disaggregation-bootstrap-port`, 8998), sent as `bootstrap_port`
@@ -209,6 +223,9 @@ pub struct FileConfig {
     pub client_timeout_secs: Option<f64>,
     /// Bearer token for the registration API.
     pub auth_token: Option<String>,
+    /// Client API key(s) of the OpenAI routes: a string or a list of strings (see `--api-key`).
+    #[serde(default, deserialize_with = "crate::front_auth::one_or_many")]
+    pub api_key: Vec<crate::front_auth::ApiKey>,
     /// Heartbeat TTL of registered workers, seconds (default 15).
     pub heartbeat_ttl_secs: Option<f64>,
     /// Interval of active `GET /health` checks, seconds (default 5; 0 disables).
@@ -265,6 +282,8 @@ pub struct WorkerSpec {
     pub url: String,
     /// SGLang bootstrap server port (sent as `bootstrap_port` when it is a prefill worker).
     pub bootstrap_port: u16,
+    /// Key sent upstream as `Authorization: Bearer KEY` (the worker's, else its pool's `api_key`).
+    pub api_key: Option<crate::front_auth::ApiKey>,
 }
 
 /// A pool, resolved.
@@ -282,6 +301,8 @@ pub struct PoolSpec {
     pub overlap_weight: f64,
     /// Bootstrap port of workers that join the pool by registration without naming one.
     pub bootstrap_port: u16,
+    /// Upstream key of workers that join the pool by registration without naming one.
+    pub api_key: Option<crate::front_auth::ApiKey>,
 }
 
 /// A model, resolved.
@@ -320,6 +341,8 @@ pub struct Config {
     pub client_timeout: std::time::Duration,
     /// Registration token.
     pub auth_token: Option<String>,
+    /// Client API keys of the OpenAI routes (`--api-key` and the file's `api_key`; empty: no check).
+    pub api_keys: Vec<crate::front_auth::ApiKey>,
     /// Heartbeat TTL, µs.
     pub heartbeat_ttl_us: u64,
     /// Active health-check interval (`None`: off).
@@ -383,6 +406,7 @@ fn prefill_flags(values: &[String]) -> Result<Vec<WorkerSpec>, RouterError> {
             out.push(WorkerSpec {
                 url: v.clone(),
                 bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+                api_key: None,
             });
             has_port = false;
             continue;
@@ -468,14 +492,15 @@ impl Config {
                 )?;
                 let mut workers = Vec::new();
                 for w in &p.workers {
-                    let (url, port) = match w {
-                        WorkerEntry::Url(u) => (u, None),
-                        WorkerEntry::Table(t) => (&t.url, t.bootstrap_port),
+                    let (url, port, key) = match w {
+                        WorkerEntry::Url(u) => (u, None, None),
+                        WorkerEntry::Table(t) => (&t.url, t.bootstrap_port, t.api_key.as_ref()),
                     };
                     authority_of(url)?;
                     workers.push(WorkerSpec {
                         url: url.clone(),
                         bootstrap_port: bootstrap_port(port.unwrap_or(pool_port), url)?,
+                        api_key: key.or(p.api_key.as_ref()).cloned(),
                     });
                 }
                 pools.push(PoolSpec {
@@ -488,6 +513,7 @@ impl Config {
                     workers,
                     overlap_weight: p.overlap_weight.unwrap_or(1.0),
                     bootstrap_port: pool_port,
+                    api_key: p.api_key.clone(),
                 });
             }
             if let Some(g) = &grid {
@@ -527,6 +553,7 @@ impl Config {
                         Ok(WorkerSpec {
                             url: u.clone(),
                             bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+                            api_key: None,
                         })
                     })
                     .collect()
@@ -554,6 +581,7 @@ impl Config {
                     workers,
                     overlap_weight: 1.0,
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+                    api_key: None,
                 });
             }
             models = vec![ModelSpec {
@@ -640,6 +668,7 @@ impl Config {
                 v => secs(v.unwrap_or(30.0), "client_timeout_secs")?,
             },
             auth_token: a.auth_token.clone().or(file.auth_token),
+            api_keys: crate::front_auth::client_keys(&a.api_key, &file.api_key)?,
             heartbeat_ttl_us: secs(
                 a.heartbeat_ttl_secs
                     .or(file.heartbeat_ttl_secs)
@@ -805,11 +834,13 @@ mod tests {
             vec![
                 WorkerSpec {
                     url: "http://p1:30000".into(),
-                    bootstrap_port: 9001
+                    bootstrap_port: 9001,
+                    api_key: None,
                 },
                 WorkerSpec {
                     url: "http://p2:30000".into(),
-                    bootstrap_port: DEFAULT_BOOTSTRAP_PORT
+                    bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
+                    api_key: None,
                 },
             ]
         );

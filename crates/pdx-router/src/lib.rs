@@ -13,10 +13,13 @@ pub mod body;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod front;
+pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
 pub mod metrics;
+pub mod models;
 pub mod proxy;
 pub mod registry;
 pub mod server;
@@ -113,6 +116,7 @@ fn runtime() -> std::io::Result<
 /// [`RouterError::Io`] when the port cannot be bound or a runtime cannot start.
 pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
     let cfg = Config::from_args(&args)?;
+    front::check_topology(&cfg)?;
     let ip: std::net::IpAddr = cfg
         .host
         .parse()
@@ -128,11 +132,13 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         .map(std::net::TcpListener::try_clone)
         .collect::<Result<Vec<_>, _>>()?;
     let registry = registry::Registry::new(&cfg)?;
+    let models = models::Catalog::new(&registry, &cfg.api_keys);
     let shared = Arc::new(Shared {
         cfg,
         registry,
         metrics: Arc::new(metrics::Metrics::new()),
         drain: shutdown::Drain::default(),
+        models,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -271,7 +277,7 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
 }
 
 /// Control loop: heartbeat expiry and drain removal (every 100 ms), worker-state gauges,
-/// active `GET /health` checks.
+/// active `GET /health` checks, the workers' `GET /v1/models` ([`models::refresh`]).
 async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
     let mut last_check: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -306,6 +312,8 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
                 }
             }
         }
+        // The workers' own model lists, due ones only (`models` keeps the interval).
+        models::refresh(&sh).await;
         monoio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -1,7 +1,9 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text via `prometheus-client`).
 //!
-//! * `pdx_requests_total{model,pool,worker,status}`: finished requests by the pool and worker
-//!   that produced the response (decode or aggregated) and HTTP status;
+//! * `pdx_requests_total{model,pool,worker,status,class}`: every answer of the completion routes, by model
+//!   (a name the router lists, else `other`: see [`crate::models::Catalog::label`]), the pool and worker
+//!   that produced it (decode or aggregated; empty for the router's own answers, 400/401/404/503..., and a
+//!   prefill's 4xx passed on), HTTP status and status class (`2xx`, `4xx`, `5xx`);
 //! * `pdx_ttft_seconds`, `pdx_itl_seconds`, `pdx_e2e_seconds`: client-side time to the first
 //!   streamed token event, mean gap between token events of one upstream chunk (one
 //!   observation per chunk), and request duration;
@@ -32,6 +34,8 @@ pub struct RequestLabels {
     pub worker: String,
     /// HTTP status.
     pub status: u16,
+    /// Status class: `2xx`, `4xx`, `5xx` (see [`crate::front::status_class`]).
+    pub class: &'static str,
 }
 
 /// A single `phase`/`kind` label.
@@ -120,7 +124,7 @@ impl Metrics {
         let pool_choices = Family::<PoolLabels, Counter>::default();
         registry.register(
             "pdx_requests",
-            "Requests by pool, worker and status",
+            "Answers of the completion routes by model, pool, worker, status and status class",
             requests.clone(),
         );
         registry.register("pdx_ttft_seconds", "Time to first token", ttft.clone());

@@ -2,7 +2,7 @@
 
 use crate::body::{Forward, RouterBody, StreamStats};
 use crate::config::{Config, OrchestrationKind};
-use crate::metrics::{Metrics, PhaseLabel, PoolLabels, RequestLabels};
+use crate::metrics::{Metrics, PhaseLabel, PoolLabels};
 use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
 use crate::upstream::{self, ConnectError, SendError, UpBody};
 use bytes::Bytes;
@@ -26,6 +26,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Graceful-shutdown state.
     pub drain: crate::shutdown::Drain,
+    /// The models listed on `/v1/models` (refreshed by the control loop).
+    pub models: crate::models::Catalog,
 }
 
 /// Request id header.
@@ -91,6 +93,22 @@ async fn route(
 ) -> Response<RouterBody> {
     let path = req.uri().path().to_string();
     let m = req.method().clone();
+    if crate::front_auth::guards(&path) {
+        if let Err(e) = crate::front_auth::authorize(&sh.cfg.api_keys, req.headers()) {
+            let mut r = error_response(&e);
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            if matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions") {
+                crate::front::count(sh, crate::models::OTHER.into(), &r);
+            }
+            return r;
+        }
+    }
+    if let (Some(id), &Method::GET) = (path.strip_prefix("/v1/models/"), &m) {
+        return crate::models::retrieve(sh, id);
+    }
     match (path.as_str(), &m) {
         ("/health", &Method::GET) => full(200, "text/plain", Bytes::new()),
         ("/ready", &Method::GET) => ready(sh),
@@ -99,7 +117,7 @@ async fn route(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             sh.metrics.encode(),
         ),
-        ("/v1/models", &Method::GET) => models(sh),
+        ("/v1/models", &Method::GET) => crate::models::list(sh),
         ("/v1/chat/completions", &Method::POST) => completion(sh, req, rid, true).await,
         ("/v1/completions", &Method::POST) => completion(sh, req, rid, false).await,
         ("/v1/workers", &Method::GET) => list_workers(sh),
@@ -129,17 +147,6 @@ fn ready(sh: &Shared) -> Response<RouterBody> {
     } else {
         error_response(&ApiError::unavailable("no healthy worker"))
     }
-}
-
-fn models(sh: &Shared) -> Response<RouterBody> {
-    let snap = sh.registry.snap.load();
-    let mut names: Vec<&String> = snap.models.keys().filter(|n| n.as_str() != "*").collect();
-    names.sort();
-    let data: Vec<serde_json::Value> = names
-        .iter()
-        .map(|n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "pdx"}))
-        .collect();
-    json_response(&serde_json::json!({"object": "list", "data": data}))
 }
 
 fn list_workers(sh: &Shared) -> Response<RouterBody> {
@@ -415,6 +422,9 @@ pub struct Job {
     pub path: &'static str,
     /// Request id.
     pub rid: HeaderValue,
+    /// The client's `Authorization`, sent upstream to workers without their own key
+    /// ([`crate::front_auth::upstream`]).
+    pub auth: Option<HeaderValue>,
     /// Prompt block hashes (`kv_aware` pools only).
     pub hashes: Vec<u64>,
     /// Prompt tokens (tokenized when a grid or `kv_aware` needs them, else bytes / 4).
@@ -429,13 +439,30 @@ pub struct Job {
     pub start: Instant,
 }
 
+/// A completion request; every answer is counted in `pdx_requests_total` ([`crate::front::count`]).
 async fn completion(
     sh: &Arc<Shared>,
     req: Request<Full<Bytes>>,
     rid: &HeaderValue,
     chat: bool,
 ) -> Response<RouterBody> {
+    let mut label = None;
+    let resp = run_completion(sh, req, rid, chat, &mut label).await;
+    let label = label.unwrap_or_else(|| crate::models::OTHER.to_string());
+    crate::front::count(sh, label, &resp);
+    resp
+}
+
+/// [`completion`]; sets `label` to the request's model label once the body is parsed.
+async fn run_completion(
+    sh: &Arc<Shared>,
+    req: Request<Full<Bytes>>,
+    rid: &HeaderValue,
+    chat: bool,
+    label: &mut Option<String>,
+) -> Response<RouterBody> {
     let start = Instant::now();
+    let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();
     let raw = match read_body(sh, req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
@@ -449,13 +476,14 @@ async fn completion(
         Ok(b) => b,
         Err(e) => return error_response(&ApiError::bad_request(format!("malformed request: {e}"))),
     };
-    if let CompletionBody::Chat(r) = &body {
-        if r.messages.is_empty() {
-            return error_response(&ApiError::invalid_param(
-                "messages",
-                "messages must not be empty",
-            ));
-        }
+    *label = Some(sh.models.label(&sh.registry.snap.load(), body.model()));
+    // Validated once here, so a bad request costs no worker anything (not a prefill, then a decode's 400).
+    let checked = match &body {
+        CompletionBody::Chat(r) => pdx_protocol::validate::chat(r),
+        CompletionBody::Text(r) => pdx_protocol::validate::completion(r),
+    };
+    if let Err(e) = checked {
+        return error_response(&e);
     }
     let (ttft_ms, itl_ms) = match take_slo(&mut body) {
         Ok(t) => t,
@@ -466,6 +494,9 @@ async fn completion(
     body.set_bootstrap(Default::default());
     let snap = sh.registry.snap.load();
     let Some(model) = snap.model(body.model()).cloned() else {
+        if !crate::front::has_workers(&snap) {
+            return error_response(&crate::front::no_workers());
+        }
         return error_response(&ApiError::not_found(format!(
             "the model `{}` does not exist",
             body.model().unwrap_or("")
@@ -493,6 +524,7 @@ async fn completion(
             "/v1/completions"
         },
         rid: rid.clone(),
+        auth,
         hashes,
         isl,
         tokens,
@@ -551,13 +583,17 @@ pub(crate) async fn send_to(
     path: &str,
     body: &[u8],
     rid: &HeaderValue,
+    client_auth: Option<&HeaderValue>,
 ) -> Result<Response<UpBody>, UpstreamFailure> {
     let timeout = sh.cfg.upstream_timeout;
-    let headers: [(&str, &[u8]); 3] = [
+    let auth = crate::front_auth::upstream(w, client_auth);
+    let all: [(&str, &[u8]); 4] = [
         ("host", w.authority.as_bytes()),
         ("content-type", b"application/json"),
         (REQUEST_ID, rid.as_bytes()),
+        ("authorization", auth.map_or(&[][..], HeaderValue::as_bytes)),
     ];
+    let headers = &all[..if auth.is_some() { 4 } else { 3 }];
     for _ in 0..2 {
         let conn = upstream::get(&w.authority, timeout)
             .await
@@ -566,7 +602,7 @@ pub(crate) async fn send_to(
                 ConnectError::Timeout => UpstreamFailure::Timeout,
             })?;
         let reused = conn.reused;
-        let sent = upstream::send(conn, "POST", path, &headers, body);
+        let sent = upstream::send(conn, "POST", path, headers, body);
         match monoio::time::timeout(timeout, sent).await {
             Err(_) => return Err(UpstreamFailure::Timeout),
             Ok(Ok(r)) => return Ok(r),
@@ -623,7 +659,7 @@ async fn dispatch(
         };
         count_pool_choice(sh, &job.model.name, &pool);
         let guard = LoadGuard::new(w.clone(), job.tokens);
-        let failure = match send_to(sh, &w, job.path, &body, &job.rid).await {
+        let failure = match send_to(sh, &w, job.path, &body, &job.rid, job.auth.as_ref()).await {
             Ok(resp) => {
                 let s = resp.status().as_u16();
                 if resp.status().is_success() || !UpstreamFailure::Status(s).is_retryable() {
@@ -736,16 +772,11 @@ pub(crate) fn forward(
     headers_at: Instant,
 ) -> Response<RouterBody> {
     let Sent { resp, guard, pool } = sent;
-    let status = resp.status().as_u16();
-    sh.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            model: job.model.name.clone(),
-            pool: pool.name.clone(),
-            worker: guard.worker.url.clone(),
-            status,
-        })
-        .inc();
+    // Counted with the answer's model label by the front ([`crate::front::count`]).
+    let served = crate::front::Served {
+        pool: pool.name.clone(),
+        worker: guard.worker.url.clone(),
+    };
     let stream = job.body.is_stream() && resp.status().is_success();
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
@@ -768,6 +799,7 @@ pub(crate) fn forward(
         progressed: false,
     })));
     *out.status_mut() = parts.status;
+    out.extensions_mut().insert(served);
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {
         if let Some(v) = parts.headers.get(&h) {
             out.headers_mut().insert(h, v.clone());

@@ -50,6 +50,9 @@ pub struct Worker {
     pub breaker: Mutex<CircuitBreaker>,
     /// Heartbeat state.
     pub liveness: Mutex<Liveness>,
+    /// `Bearer KEY` sent upstream instead of the client's `Authorization` (the worker's `--api-key`; see
+    /// [`crate::front_auth`]).
+    pub upstream_auth: Option<hyper::header::HeaderValue>,
 }
 
 impl Worker {
@@ -130,6 +133,8 @@ pub struct Pool {
     pub workers: ArcSwap<Vec<Arc<Worker>>>,
     /// Bootstrap port of workers registered into this pool without one.
     pub bootstrap_port: u16,
+    /// Upstream key of workers registered into this pool without one.
+    pub api_key: Option<crate::front_auth::ApiKey>,
 }
 
 impl Pool {
@@ -151,6 +156,7 @@ impl Pool {
             selector: Mutex::new(s),
             workers: ArcSwap::from_pointee(Vec::new()),
             bootstrap_port,
+            api_key: None,
         }
     }
 
@@ -297,8 +303,10 @@ impl Registry {
         model: &str,
         registered: bool,
         bootstrap_port: u16,
+        api_key: Option<&str>,
     ) -> Result<Arc<Worker>, RouterError> {
         let now = self.now_us();
+        let upstream_auth = crate::front_auth::bearer(api_key, &format!("worker {url}"))?;
         Ok(Arc::new(Worker {
             id,
             url: url.trim_end_matches('/').to_string(),
@@ -318,6 +326,7 @@ impl Registry {
             } else {
                 Liveness::fixed()
             }),
+            upstream_auth,
         }))
     }
 
@@ -348,7 +357,7 @@ impl Registry {
         block_size: usize,
         seed: u64,
     ) -> Result<Arc<Pool>, RouterError> {
-        let pool = Pool::new(
+        let mut pool = Pool::new(
             &p.name,
             p.role,
             p.policy,
@@ -357,12 +366,25 @@ impl Registry {
             0x9e37 + seed,
             p.bootstrap_port,
         );
+        if let Some(k) = &p.api_key {
+            crate::front_auth::check_key(k.expose(), &format!("pool {}", p.name))?;
+        }
+        pool.api_key = p.api_key.clone();
         let ws = p
             .workers
             .iter()
             .map(|w| {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                self.new_worker(id, &w.url, p.role, &p.name, model, false, w.bootstrap_port)
+                self.new_worker(
+                    id,
+                    &w.url,
+                    p.role,
+                    &p.name,
+                    model,
+                    false,
+                    w.bootstrap_port,
+                    w.api_key.as_ref().map(crate::front_auth::ApiKey::expose),
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         pool.workers.store(Arc::new(ws));
@@ -470,7 +492,11 @@ impl Registry {
             }
         };
         let port = bootstrap_port.unwrap_or(pool.bootstrap_port);
-        let worker = self.new_worker(id, url, role, &reg.pool, &reg.model, true, port)?;
+        let key = reg
+            .api_key
+            .as_deref()
+            .or(pool.api_key.as_ref().map(crate::front_auth::ApiKey::expose));
+        let worker = self.new_worker(id, url, role, &reg.pool, &reg.model, true, port, key)?;
         let mut ws: Vec<Arc<Worker>> = pool.workers.load().as_ref().clone();
         ws.push(worker);
         pool.workers.store(Arc::new(ws));
