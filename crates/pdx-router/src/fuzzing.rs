@@ -47,12 +47,15 @@ fn drain(mut framing: Framing, buf: &mut BytesMut, eof: bool) -> bool {
     panic!("body decoder made no progress");
 }
 
-/// Parses `data` as a completion body, chat when `chat`; returns whether it parsed.
+/// Parses and validates `data` as a completion body, chat when `chat`; returns whether it is a valid request.
 pub fn completion_body(data: &[u8], chat: bool) -> bool {
+    // Parsed, then checked as the front checks it before any worker sees it.
     if chat {
-        serde_json::from_slice::<pdx_protocol::ChatCompletionRequest>(data).is_ok()
+        serde_json::from_slice::<pdx_protocol::ChatCompletionRequest>(data)
+            .is_ok_and(|r| pdx_protocol::validate::chat(&r).is_ok())
     } else {
-        serde_json::from_slice::<pdx_protocol::CompletionRequest>(data).is_ok()
+        serde_json::from_slice::<pdx_protocol::CompletionRequest>(data)
+            .is_ok_and(|r| pdx_protocol::validate::completion(&r).is_ok())
     }
 }
 
