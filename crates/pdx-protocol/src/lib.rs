@@ -24,4 +24,4 @@ pub mod worker;
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use kv::{BootstrapParams, KvTransferParams};
 pub use openai::*;
-pub use worker::{Registration, Role};
+pub use worker::{parse_registration, Registration, Role};
