@@ -9,11 +9,13 @@
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod h1;
+pub mod handoff;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
@@ -94,12 +96,13 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RouterError> {
     Ok(s.into())
 }
 
-fn runtime() -> std::io::Result<
-    monoio::FusionRuntime<
-        monoio::time::TimeDriver<monoio::IoUringDriver>,
-        monoio::time::TimeDriver<monoio::LegacyDriver>,
-    >,
-> {
+/// The runtime of every router thread.
+pub(crate) type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+pub(crate) fn runtime() -> std::io::Result<Runtime> {
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
@@ -162,6 +165,14 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
                 }
             })?;
     }
+    if shared.cfg.admin_token.is_none() && shared.cfg.registration && !ip.is_loopback() {
+        tracing::warn!(
+            %addr,
+            "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register \
+             workers (and receive user traffic), list them and drain them; set --admin-token (and \
+             --worker-allow-cidr), or registration = false in the file"
+        );
+    }
     tracing::info!(%addr, threads = shared.cfg.threads, "pdx serve listening");
     Ok(RouterServer {
         addr,
@@ -210,6 +221,18 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             return;
         }
     };
+    handoff::set_live(true);
+    // Idle upstream connections that are too old or closed by their server are closed about once a second.
+    let serving = Rc::new(Cell::new(true));
+    {
+        let serving = serving.clone();
+        monoio::spawn(async move {
+            while serving.get() {
+                monoio::time::sleep(Duration::from_secs(1)).await;
+                upstream::prune();
+            }
+        });
+    }
     // Connections open on this thread, so a drain knows when this thread is done, and the switch that ends
     // those left at the drain deadline.
     let open = Rc::new(Cell::new(0usize));
@@ -266,14 +289,31 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             monoio::time::sleep(shutdown::DRAIN_POLL).await;
         }
     }
+    serving.set(false);
+    handoff::set_live(false);
 }
 
-/// Control loop: heartbeat expiry and drain removal (every 100 ms), worker-state gauges,
-/// active `GET /health` checks.
+/// A worker that is down, or whose breaker is open, is checked this often (at most every health-check
+/// interval): a worker that comes back serves again within it.
+pub const RECHECK: Duration = Duration::from_millis(500);
+
+/// Control loop: heartbeat expiry and drain removal (every 100 ms; the metric series of removed workers
+/// and pools are deleted), worker gauges, and active `GET /health` checks, each in a task of its own so a
+/// worker that does not answer delays no other check (every interval; every [`RECHECK`] while a worker is
+/// down or its breaker open).
 async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
-    let mut last_check: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        sh.registry.sweep();
+        let swept = sh.registry.sweep();
+        for w in &swept.workers {
+            sh.metrics.remove_worker(w);
+        }
+        for (model, role, pool) in swept.pools {
+            sh.metrics.pool_choices.remove(&metrics::PoolLabels {
+                model,
+                role: role.as_str(),
+                pool,
+            });
+        }
         let now = sh.registry.now_us();
         sh.metrics.worker_state.clear();
         for w in sh.registry.workers() {
@@ -286,28 +326,30 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
                     state: w.state(now),
                 })
                 .set(1);
+            let label = metrics::WorkerLabel {
+                worker: w.url.clone(),
+            };
             sh.metrics
                 .worker_in_flight
-                .get_or_create(&metrics::WorkerLabel {
-                    worker: w.url.clone(),
-                })
+                .get_or_create(&label)
                 .set(w.in_flight.load(Ordering::Relaxed) as i64);
-        }
-        if let Some(every) = sh.cfg.health_interval {
-            if last_check.is_none_or(|t| t.elapsed() >= every) {
-                last_check = Some(std::time::Instant::now());
-                for w in sh.registry.workers() {
-                    let ok = health_check(&w.authority, every.min(Duration::from_secs(2))).await;
-                    if w.healthy.swap(ok, Ordering::Relaxed) != ok {
-                        tracing::info!(url = %w.url, healthy = ok, "worker health changed");
-                    }
+            if w.role == pdx_protocol::Role::Prefill {
+                sh.metrics
+                    .worker_kv_pending
+                    .get_or_create(&label)
+                    .set(w.kv_pending.load(Ordering::Relaxed) as i64);
+            }
+            if let Some(every) = sh.cfg.health_interval {
+                let interval_us = every.as_micros() as u64;
+                if w.start_check(now, interval_us, RECHECK.as_micros() as u64) {
+                    let timeout = every.min(Duration::from_secs(2));
+                    monoio::spawn(async move {
+                        let ok = upstream::health(&w.authority, timeout).await;
+                        w.on_check(ok);
+                    });
                 }
             }
         }
         monoio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn health_check(authority: &str, timeout: Duration) -> bool {
-    upstream::health(authority, timeout).await
 }
