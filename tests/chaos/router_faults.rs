@@ -325,14 +325,22 @@ fn failures_sent_after(samples: &[Sample], t: Instant) -> Vec<u16> {
 /// Health-check interval of the restart tests, seconds.
 const INTERVAL: f64 = 2.0;
 
-/// Kills the `victim` worker (index into `workers`) under load, restarts it on its port after 1 s, and
-/// returns (time from restart to the first success through it or, `through_victim` false, through the
-/// router; failures of requests sent after that success; the samples).
-fn restart_under_load(
-    roles: &[&str],
-    victim: usize,
-    extra_router: &[&str],
-) -> (Duration, Vec<u16>, usize) {
+/// What a restart under load measured.
+struct Restart {
+    /// From the restart to the first request the router served through the restarted worker.
+    back_after: Duration,
+    /// Requests sent after that which failed (their statuses).
+    failed_after: Vec<u16>,
+    /// Requests sent between the kill and that point which failed.
+    failed_during: usize,
+    /// Requests in all.
+    total: usize,
+}
+
+/// Kills the `victim` worker (index into `roles`) under load, restarts it on its port after 1 s, and
+/// measures when the router serves through it again and what failed. The router must serve through it
+/// within a generous bound of three health intervals (it rechecks a down worker every 0.5 s).
+fn restart_under_load(roles: &[&str], victim: usize, extra_router: &[&str]) -> Restart {
     let ports: Vec<u16> = roles.iter().map(|_| free_port()).collect();
     let rp = free_port();
     let mut workers: Vec<Proc> = roles
@@ -373,6 +381,7 @@ fn restart_under_load(
     std::thread::sleep(Duration::from_millis(1500));
     let before = load.samples().len();
     assert!(before > 0, "no traffic before the restart");
+    let killed = Instant::now();
     workers[victim].kill();
     std::thread::sleep(Duration::from_secs(1));
     workers[victim] = mock(roles[victim], ports[victim], &[]);
@@ -383,67 +392,73 @@ fn restart_under_load(
     );
     // The restarted process counts from 0: its first success is the router serving through it again.
     let vport = ports[victim];
-    let served = wait_until(Duration::from_secs(30), || {
+    let bound = Duration::from_secs_f64(3.0 * INTERVAL);
+    let served = wait_until(bound, || {
         metric(vport, "vllm:request_success_total").unwrap_or(0.0) > 0.0
     });
     let back_after = restarted.elapsed();
     assert!(
         served,
-        "the router never served through the restarted worker again"
+        "the router did not serve through the restarted worker within {bound:?}"
     );
     let back = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let samples = load.finish();
-    let failed_after = failures_sent_after(&samples, back);
-    let n = samples.len();
+    let failed_during = samples
+        .iter()
+        .filter(|s| s.start >= killed && s.start <= back && s.status != 200)
+        .count();
     drop(workers);
-    (back_after, failed_after, n)
+    Restart {
+        back_after,
+        failed_after: failures_sent_after(&samples, back),
+        failed_during,
+        total: samples.len(),
+    }
+}
+
+fn report(what: &str, r: &Restart) {
+    eprintln!(
+        "{what}: restart -> first request through it {:.2} s (health interval {INTERVAL} s); {} failed between kill and then, {} after; {} requests",
+        r.back_after.as_secs_f64(),
+        r.failed_during,
+        r.failed_after.len(),
+        r.total
+    );
 }
 
 #[test]
 fn decode_restart_under_load_1p1d() {
-    let (back, failed, n) = restart_under_load(&["prefill", "decode"], 1, &[]);
-    eprintln!(
-        "1P1D decode restart: restart -> first request through it {:.2} s (health interval {INTERVAL} s); {} failures after; {n} requests",
-        back.as_secs_f64(),
-        failed.len()
-    );
+    let r = restart_under_load(&["prefill", "decode"], 1, &[]);
+    report("1P1D decode restart", &r);
     assert!(
-        failed.is_empty(),
-        "requests failed after the decode was back: {failed:?}"
+        r.failed_after.is_empty(),
+        "requests failed after the decode was back: {:?}",
+        r.failed_after
     );
 }
 
 #[test]
 fn prefill_restart_under_load_1p1d() {
     // Without the decode-only fallback, a prefill outage is visible to clients, and so is its end.
-    let (back, failed, n) =
-        restart_under_load(&["prefill", "decode"], 0, &["--prefill-fallback", "fail"]);
-    eprintln!(
-        "1P1D prefill restart: restart -> first request through it {:.2} s (health interval {INTERVAL} s); {} failures after; {n} requests",
-        back.as_secs_f64(),
-        failed.len()
-    );
+    let r = restart_under_load(&["prefill", "decode"], 0, &["--prefill-fallback", "fail"]);
+    report("1P1D prefill restart", &r);
     assert!(
-        failed.is_empty(),
-        "requests failed after the prefill was back: {failed:?}"
+        r.failed_after.is_empty(),
+        "requests failed after the prefill was back: {:?}",
+        r.failed_after
     );
 }
 
 #[test]
 fn decode_and_prefill_restart_under_load_2p2d() {
-    for victim in [2, 0] {
-        let (back, failed, n) =
-            restart_under_load(&["prefill", "prefill", "decode", "decode"], victim, &[]);
-        eprintln!(
-            "2P2D {} restart: restart -> first request through it {:.2} s; {} failures after; {n} requests",
-            if victim == 0 { "prefill" } else { "decode" },
-            back.as_secs_f64(),
-            failed.len()
-        );
+    for (victim, what) in [(2, "2P2D decode restart"), (0, "2P2D prefill restart")] {
+        let r = restart_under_load(&["prefill", "prefill", "decode", "decode"], victim, &[]);
+        report(what, &r);
         assert!(
-            failed.is_empty(),
-            "requests failed after the worker was back: {failed:?}"
+            r.failed_after.is_empty(),
+            "requests failed after the worker was back: {:?}",
+            r.failed_after
         );
     }
 }
@@ -603,9 +618,9 @@ fn router_restart_with_registered_workers() {
     assert!(served, "the restarted router did not get its workers back");
 }
 
-/// A prompt of about `tokens` tokens under the mock's built-in tokenizer.
-fn long_prompt(tokens: usize) -> String {
-    pdx_mock::synthetic_prompt(tokens, 7)
+/// A prompt of about `tokens` tokens under the mock's built-in tokenizer, different for each `seed`.
+fn long_prompt(tokens: usize, seed: u64) -> String {
+    pdx_mock::synthetic_prompt(tokens, seed)
 }
 
 #[test]
@@ -633,17 +648,26 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
         ]),
     );
     assert!(wait_until(Duration::from_secs(20), || ready(rp)));
-    let body = serde_json::json!({"model": "mock", "prompt": long_prompt(3000), "max_tokens": 8})
-        .to_string();
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let req: &'static str = Box::leak(req.into_boxed_str());
-    let body: &'static str = Box::leak(body.into_boxed_str());
+    // Distinct prompts (no prefix-cache sharing): each one holds its own ~188 blocks once prefilled.
+    let request = |seed: u64| -> &'static str {
+        let body = serde_json::json!({"model": "mock", "prompt": long_prompt(3000, seed), "max_tokens": 8})
+            .to_string();
+        Box::leak(body.into_boxed_str())
+    };
+    let reqs: Vec<&'static str> = (0..150u64)
+        .map(|i| {
+            let body = request(100 + i);
+            let r = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            &*Box::leak(r.into_boxed_str())
+        })
+        .collect();
     // Clients that stay must get their answer before their deadline while the storm runs.
-    let stayers: Vec<_> = (0..4)
-        .map(|_| {
+    let stayers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let body = request(i);
             std::thread::spawn(move || {
                 http(
                     rp,
@@ -660,7 +684,8 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
     let held = |p: u16| metric(p, "pdx:kv_blocks_held").unwrap_or(0.0);
     let storm_start = Instant::now();
     let storm: Vec<_> = (0..150u64)
-        .map(|i| {
+        .zip(reqs)
+        .map(|(i, req)| {
             std::thread::spawn(move || {
                 if let Ok(mut s) = TcpStream::connect(("127.0.0.1", rp)) {
                     let _ = s.write_all(req.as_bytes());
