@@ -165,13 +165,8 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
                 }
             })?;
     }
-    if shared.cfg.admin_token.is_none() && shared.cfg.registration && !ip.is_loopback() {
-        tracing::warn!(
-            %addr,
-            "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register \
-             workers (and receive user traffic), list them and drain them; set --admin-token (and \
-             --worker-allow-cidr), or registration = false in the file"
-        );
+    if let Some(w) = open_admin_warning(&shared.cfg, ip) {
+        tracing::warn!(%addr, "{w}");
     }
     tracing::info!(%addr, threads = shared.cfg.threads, "pdx serve listening");
     Ok(RouterServer {
@@ -181,6 +176,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         threads,
         listeners: listener_handles,
     })
+}
+
+/// The warning `pdx serve` logs at start when its admin API is open to more than this host: it listens
+/// beyond loopback, accepts registrations, and has no admin token.
+pub fn open_admin_warning(cfg: &Config, ip: std::net::IpAddr) -> Option<&'static str> {
+    (cfg.admin_token.is_none() && cfg.registration && !ip.is_loopback()).then_some(
+        "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register workers \
+         (and receive user traffic), list them and drain them; set --admin-token (and --worker-allow-cidr), \
+         or registration = false in the file",
+    )
 }
 
 /// Runs `pdx serve` until the process is killed.
@@ -351,5 +356,31 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
             }
         }
         monoio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn an_open_admin_api_beyond_loopback_is_warned_about() {
+        let cfg = |flags: &[&str]| {
+            Config::from_args(
+                &ServeArgs::try_parse_from(
+                    std::iter::once("pdx-serve").chain(flags.iter().copied()),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let any: std::net::IpAddr = "0.0.0.0".parse().unwrap();
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let w = open_admin_warning(&cfg(&[]), any).expect("warned");
+        assert!(w.contains("--admin-token"), "{w}");
+        assert!(open_admin_warning(&cfg(&[]), "::".parse().unwrap()).is_some());
+        assert!(open_admin_warning(&cfg(&[]), lo).is_none());
+        assert!(open_admin_warning(&cfg(&["--admin-token", "t"]), any).is_none());
     }
 }

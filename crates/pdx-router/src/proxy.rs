@@ -584,6 +584,10 @@ pub(crate) async fn dispatch(
 ) -> Result<Sent, Result<Response<RouterBody>, UpstreamFailure>> {
     let mut attempt = 1;
     loop {
+        if abandon.is_some_and(upstream::Abandon::is_fired) {
+            // The client left during a backoff: no new attempt.
+            return Err(Err(UpstreamFailure::Connect));
+        }
         let now = sh.registry.now_us();
         let Some((pool, w)) = pick_worker(pools, first, job.hashes, &exclude, now) else {
             return Err(Err(UpstreamFailure::Status(503)));
