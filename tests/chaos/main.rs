@@ -3,3 +3,4 @@
 //! The fuzz targets of every parser of untrusted input live in `fuzz/` (`fuzz/run.sh`).
 
 mod front;
+mod router_faults;

@@ -27,4 +27,4 @@ pub mod worker;
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use kv::{BootstrapParams, KvTransferParams};
 pub use openai::*;
-pub use worker::{Registration, Role};
+pub use worker::{parse_registration, Registration, Role};

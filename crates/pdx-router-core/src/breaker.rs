@@ -4,6 +4,14 @@
 //! (half-open); its success closes the breaker, its failure opens it again. A probe that ends with neither
 //! (its client went away, the other half of a prefill/decode pair failed first) would hold the breaker
 //! half-open for good, so a probe older than `open_us` no longer blocks the next one.
+//!
+//! Failures have a cause. A *reachability* failure (connect refused, the connection broke, no answer in
+//! time) says the worker could not be reached; a *service* failure (5xx, 429, a response that cannot be
+//! used) says it answered badly. A breaker opened by reachability failures alone is closed by an active
+//! health check that reaches the worker again ([`CircuitBreaker::on_reachable`]): a restarted worker
+//! serves again within one health-check interval instead of waiting out `open_us` and a probe. A breaker
+//! opened by a service failure ignores health checks (`GET /health` says nothing about whether
+//! completions work) and waits for its probe.
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,11 +53,22 @@ pub enum BreakerState {
     },
 }
 
+/// Why a request failed, for the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The worker could not be reached: connect failed, the connection broke, or no answer in time.
+    Unreachable,
+    /// The worker answered, badly: 5xx, 429, a response that cannot be used.
+    Service,
+}
+
 /// A circuit breaker, fed the time in µs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitBreaker {
     cfg: BreakerConfig,
     state: BreakerState,
+    /// Every failure since the last success was [`FailureCause::Unreachable`].
+    unreachable_only: bool,
 }
 
 impl CircuitBreaker {
@@ -58,6 +77,7 @@ impl CircuitBreaker {
         Self {
             cfg,
             state: BreakerState::Closed { failures: 0 },
+            unreachable_only: true,
         }
     }
 
@@ -110,12 +130,46 @@ impl CircuitBreaker {
     /// A request succeeded.
     pub fn on_success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };
+        self.unreachable_only = true;
     }
 
-    /// A request failed at `now_us` (only failures that count against the worker).
+    /// A half-open probe got a good response head: the worker answers again, so the breaker closes now
+    /// rather than when the probe's body ends (a streamed decode may run for minutes, and while the probe
+    /// is out no other request may use the worker). True when it closed.
+    pub fn on_probe_answered(&mut self) -> bool {
+        if let BreakerState::HalfOpen { .. } = self.state {
+            self.on_success();
+            return true;
+        }
+        false
+    }
+
+    /// An active health check reached the worker. Closes a breaker that only reachability failures
+    /// opened (the worker is back: restarted, or its network healed); a breaker opened by a service
+    /// failure stays as it is. True when it closed.
+    pub fn on_reachable(&mut self) -> bool {
+        match self.state {
+            BreakerState::Closed { .. } => false,
+            _ if self.unreachable_only => {
+                self.on_success();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A request failed at `now_us` with a service failure (only failures that count against the worker).
     pub fn on_failure(&mut self, now_us: u64) {
+        self.on_failure_cause(now_us, FailureCause::Service);
+    }
+
+    /// A request failed at `now_us` for `cause` (only failures that count against the worker).
+    pub fn on_failure_cause(&mut self, now_us: u64, cause: FailureCause) {
         if self.cfg.failure_threshold == 0 {
             return;
+        }
+        if cause == FailureCause::Service {
+            self.unreachable_only = false;
         }
         self.state = match self.state {
             BreakerState::Closed { failures } if failures + 1 < self.cfg.failure_threshold => {
@@ -182,6 +236,55 @@ mod tests {
         assert!(!b.acquire(2001));
         b.on_success();
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+    }
+
+    #[test]
+    fn a_health_check_closes_a_breaker_only_unreachability_opened() {
+        let cfg = BreakerConfig {
+            failure_threshold: 2,
+            open_us: 10_000_000,
+        };
+        let mut b = CircuitBreaker::new(cfg);
+        assert!(!b.on_reachable(), "a closed breaker stays closed");
+        b.on_failure_cause(0, FailureCause::Unreachable);
+        b.on_failure_cause(1, FailureCause::Unreachable);
+        assert!(b.is_open(2));
+        // The worker restarted: the health check reaches it long before open_us is over.
+        assert!(b.on_reachable());
+        assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+        assert!(b.acquire(3));
+
+        // One 500 in the streak: the health check says nothing about completions; wait for the probe.
+        b.on_failure_cause(10, FailureCause::Unreachable);
+        b.on_failure_cause(11, FailureCause::Service);
+        assert!(b.is_open(12));
+        assert!(!b.on_reachable());
+        assert!(b.is_open(12));
+        // A success resets the cause.
+        assert!(b.acquire(11 + cfg.open_us));
+        b.on_success();
+        b.on_failure_cause(20, FailureCause::Unreachable);
+        b.on_failure_cause(21, FailureCause::Unreachable);
+        assert!(b.on_reachable());
+    }
+
+    #[test]
+    fn a_probe_that_answers_closes_the_breaker_at_its_head() {
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 1,
+            open_us: 1000,
+        });
+        assert!(!b.on_probe_answered(), "closed: nothing to do");
+        b.on_failure(0);
+        assert!(!b.on_probe_answered(), "open, no probe out: stays open");
+        assert!(b.is_open(1));
+        assert!(b.acquire(1000));
+        assert!(!b.acquire(1001), "the probe is out");
+        assert!(b.on_probe_answered());
+        assert!(
+            b.acquire(1002),
+            "closed: requests flow while the probe's body streams"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   index built from the router's own decisions).
 //! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
 //! * [`breaker`]: per-worker circuit breaker (closed → open → half-open).
-//! * [`liveness`]: heartbeat TTL bookkeeping for registered workers.
+//! * [`liveness`]: heartbeat TTL bookkeeping for registered workers, active health-check state.
 //! * [`sse`]: allocation-free SSE event-boundary scanner used to count streamed tokens.
 #![forbid(unsafe_code)]
 
@@ -23,10 +23,10 @@ pub mod policy;
 pub mod retry;
 pub mod sse;
 
-pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
 pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
-pub use liveness::Liveness;
+pub use liveness::{Health, HealthCheck, Liveness};
 pub use policy::{Candidate, KvIndex, Policy, Selector};
 pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};
 pub use sse::SseScanner;

@@ -33,6 +33,17 @@ impl UpstreamFailure {
     pub fn counts_against_worker(self) -> bool {
         self.is_retryable()
     }
+    /// The breaker's view: connect failures and timeouts are [`crate::FailureCause::Unreachable`]
+    /// (an active health check that reaches the worker clears them), statuses and unusable responses
+    /// [`crate::FailureCause::Service`].
+    pub fn cause(self) -> crate::FailureCause {
+        match self {
+            UpstreamFailure::Connect | UpstreamFailure::Timeout => crate::FailureCause::Unreachable,
+            UpstreamFailure::Status(_) | UpstreamFailure::BadResponse => {
+                crate::FailureCause::Service
+            }
+        }
+    }
 }
 
 /// What to do once prefill is out of attempts.

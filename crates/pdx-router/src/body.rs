@@ -152,11 +152,16 @@ impl<B> Forward<B> {
         self.stats.events += events;
     }
 
-    fn finish(&mut self, ok: bool) {
+    /// The response ended: well (`None`), or with `failure` (a broken or silent upstream is a
+    /// reachability failure for the breaker, which a passing health check clears).
+    fn finish(&mut self, failure: Option<pdx_router_core::UpstreamFailure>) {
         self.done = true;
         if let Some(g) = self.guard.take() {
-            g.worker
-                .report(ok, self.registry.as_ref().map_or(0, |r| r.now_us()));
+            let now = self.registry.as_ref().map_or(0, |r| r.now_us());
+            match failure {
+                None => g.worker.report(true, now),
+                Some(f) => g.worker.report_failure(f, now),
+            }
         }
         if let Some(m) = &self.metrics {
             m.e2e.observe(self.stats.start.elapsed().as_secs_f64());
@@ -183,7 +188,7 @@ where
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Pending if this.idle_expired(cx) => {
                 tracing::warn!(timeout = ?this.idle_timeout, "upstream body idle: ending the response");
-                this.finish(false);
+                this.finish(Some(pdx_router_core::UpstreamFailure::Timeout));
                 if this.stream {
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         STREAM_TIMEOUT_EVENT,
@@ -207,7 +212,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(error = %e, "upstream body failed");
-                this.finish(false);
+                this.finish(Some(pdx_router_core::UpstreamFailure::Connect));
                 if this.stream {
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         STREAM_ERROR_EVENT,
@@ -217,7 +222,7 @@ where
                 }
             }
             Poll::Ready(None) => {
-                this.finish(true);
+                this.finish(None);
                 Poll::Ready(None)
             }
         }

@@ -302,14 +302,14 @@ impl Orchestrator for SglangBootstrap {
                 }
                 PairEnd::Prefill(PrefillEnd::Failed(f)) => {
                     if f.counts_against_worker() {
-                        wp.report(false, sh.registry.now_us());
+                        wp.report_failure(f, sh.registry.now_us());
                     }
                     p_ex.push(wp.id);
                     (f, "prefill")
                 }
                 PairEnd::DecodeFailed(f) => {
                     if f.counts_against_worker() {
-                        wd.report(false, sh.registry.now_us());
+                        wd.report_failure(f, sh.registry.now_us());
                     }
                     d_ex.push(wd.id);
                     (f, "decode")

@@ -62,9 +62,29 @@ pub struct ServeArgs {
     /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware.
     #[arg(long)]
     pub policy: Option<String>,
-    /// Bearer token required by `POST/DELETE /v1/workers`.
+    /// Bearer token of the admin API: `GET`, `POST` and `DELETE /v1/workers` need `Authorization: Bearer
+    /// TOKEN` when it is set (alias `--auth-token`). Without it, anyone who reaches the router can register
+    /// workers; `pdx serve` warns when it listens beyond loopback without one.
+    #[arg(long = "admin-token", alias = "auth-token")]
+    pub admin_token: Option<String>,
+    /// Registered worker URLs must name an IP address inside one of these networks (`10.0.0.0/8`,
+    /// `fd00::/8`, or one address; repeatable). Default: any address.
+    #[arg(long = "worker-allow-cidr")]
+    pub worker_allow_cidr: Vec<String>,
+    /// Most registered workers at once; registrations beyond it are refused with 429 (default 1024).
     #[arg(long)]
-    pub auth_token: Option<String>,
+    pub max_workers: Option<usize>,
+    /// Most requests whose prefill finished on one prefill worker and whose decode has not taken the KV
+    /// yet; at the limit the worker takes no new prefill (default 1024; 0: no limit).
+    #[arg(long)]
+    pub max_pending_kv_requests: Option<u64>,
+    /// Most prompt tokens of such requests per prefill worker (default 0: no limit).
+    #[arg(long)]
+    pub max_pending_kv_tokens: Option<u64>,
+    /// Seconds between active `GET /health` checks of each worker (default 5; 0: off). A worker that is
+    /// down, or whose breaker is open, is checked every 0.5 s (at most every interval).
+    #[arg(long)]
+    pub health_check_interval_secs: Option<f64>,
     /// Seconds without a heartbeat after which a registered worker is removed.
     #[arg(long)]
     pub heartbeat_ttl_secs: Option<f64>,
@@ -221,8 +241,18 @@ pub struct FileConfig {
     pub shutdown_timeout_secs: Option<f64>,
     /// Seconds for a client's request head, and between its body bytes (default 30).
     pub client_timeout_secs: Option<f64>,
-    /// Bearer token for the registration API.
-    pub auth_token: Option<String>,
+    /// Bearer token of the admin API (`GET`/`POST`/`DELETE /v1/workers`); `auth_token` is an alias.
+    #[serde(alias = "auth_token")]
+    pub admin_token: Option<String>,
+    /// Networks registered worker URLs must point into (CIDR strings); empty: any.
+    #[serde(default)]
+    pub worker_allow_cidrs: Vec<String>,
+    /// Most registered workers at once (default 1024).
+    pub max_workers: Option<usize>,
+    /// Most prefilled requests not yet taken by a decode, per prefill worker (default 1024; 0: no limit).
+    pub max_pending_kv_requests: Option<u64>,
+    /// Most prompt tokens of such requests per prefill worker (default 0: no limit).
+    pub max_pending_kv_tokens: Option<u64>,
     /// Client API key(s) of the OpenAI routes: a string or a list of strings (see `--api-key`).
     #[serde(default, deserialize_with = "crate::front_auth::one_or_many")]
     pub api_key: Vec<crate::front_auth::ApiKey>,
@@ -339,8 +369,16 @@ pub struct Config {
     pub shutdown_timeout: std::time::Duration,
     /// Time a client gets for a request head, and between request body bytes.
     pub client_timeout: std::time::Duration,
-    /// Registration token.
-    pub auth_token: Option<String>,
+    /// Admin API bearer token (`/v1/workers`).
+    pub admin_token: Option<String>,
+    /// Networks registered workers must be in (empty: any).
+    pub worker_allow: Vec<Cidr>,
+    /// Most registered workers at once.
+    pub max_workers: usize,
+    /// Per prefill worker: most requests holding prefilled KV not yet taken by a decode (0: no limit).
+    pub max_pending_kv_requests: u64,
+    /// Per prefill worker: most prompt tokens of such requests (0: no limit).
+    pub max_pending_kv_tokens: u64,
     /// Client API keys of the OpenAI routes (`--api-key` and the file's `api_key`; empty: no check).
     pub api_keys: Vec<crate::front_auth::ApiKey>,
     /// Heartbeat TTL, µs.
@@ -368,22 +406,152 @@ fn parse_role(s: &str) -> Result<pdx_protocol::Role, RouterError> {
     })
 }
 
-/// Parses a worker URL into `host:port` (only `http://`).
-pub fn authority_of(url: &str) -> Result<String, RouterError> {
+/// A checked worker URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUrl {
+    /// The URL as given, without a trailing `/`.
+    pub url: String,
+    /// `host:port` (port 80 when the URL names none; IPv6 in brackets), the upstream pool key.
+    pub authority: String,
+    /// The host when it is an IP address.
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// Parses and checks a worker URL: `http://HOST[:PORT][/]`, nothing else. HOST is a DNS name (letters,
+/// digits, `-`, `.`), an IPv4 address or a bracketed IPv6 address; PORT is 1-65535 (80 when absent). No
+/// user info, path, query, fragment, whitespace, control or non-ASCII characters: the URL becomes the
+/// `Host` header, a metric label and a log field, and the router connects to it.
+///
+/// Errors: [`RouterError::BadWorkerUrl`] saying what is wrong.
+pub fn parse_worker_url(url: &str) -> Result<WorkerUrl, RouterError> {
+    let bad = |why: &str| RouterError::BadWorkerUrl(format!("{why}: {}", url.escape_debug()));
+    if url.len() > pdx_protocol::worker::MAX_URL_BYTES {
+        return Err(bad("worker URL too long"));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "worker URL has whitespace, control or non-ASCII characters",
+        ));
+    }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| RouterError::Config(format!("worker URL must start with http://: {url}")))?;
-    let auth = rest.split('/').next().unwrap_or_default();
-    if auth.is_empty() {
-        return Err(RouterError::Config(format!(
-            "worker URL has no host: {url}"
-        )));
+        .ok_or_else(|| bad("worker URL must start with http:// (no TLS to workers)"))?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(end);
+    if !(tail.is_empty() || tail == "/") {
+        return Err(bad(
+            "worker URL must have no path, query or fragment (only http://host:port)",
+        ));
     }
-    Ok(if auth.contains(':') {
-        auth.to_string()
+    if auth.contains('@') {
+        return Err(bad("worker URL must not carry user info"));
+    }
+    let (host, port) = if let Some(v6) = auth.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("worker URL has an unclosed IPv6 bracket"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| bad("worker URL has junk after the IPv6 address"))?,
+            ),
+        };
+        let ip: std::net::Ipv6Addr = h
+            .parse()
+            .map_err(|_| bad("worker URL has a bad IPv6 address"))?;
+        (format!("[{ip}]"), port)
     } else {
-        format!("{auth}:80")
+        match auth.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (auth.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("worker URL has no host"));
+    }
+    if !host.starts_with('[') {
+        let ok = host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !host.starts_with(['-', '.']);
+        if !ok {
+            return Err(bad("worker URL has a bad host name"));
+        }
+    }
+    let port = match port {
+        None => 80,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(bad("worker URL port must be 1-65535")),
+            }
+        }
+        Some(_) => return Err(bad("worker URL port must be 1-65535")),
+    };
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok();
+    Ok(WorkerUrl {
+        url: url.trim_end_matches('/').to_string(),
+        authority: format!("{host}:{port}"),
+        ip,
     })
+}
+
+/// Parses a worker URL into `host:port` ([`parse_worker_url`]).
+///
+/// Errors: as [`parse_worker_url`].
+pub fn authority_of(url: &str) -> Result<String, RouterError> {
+    Ok(parse_worker_url(url)?.authority)
+}
+
+/// A network: an address and a prefix length (`10.0.0.0/8`; an address alone is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = RouterError;
+    fn from_str(s: &str) -> Result<Self, RouterError> {
+        let bad = || RouterError::Config(format!("bad network `{s}` (e.g. 10.0.0.0/8, fd00::/8)"));
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|&n| n <= max).ok_or_else(bad)?,
+        };
+        Ok(Self { net, prefix })
+    }
+}
+
+impl Cidr {
+    /// True when `ip` is inside (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let bits = |a: IpAddr| -> (u128, u32) {
+            match a.to_canonical() {
+                IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
+                IpAddr::V6(v) => (u128::from(v), 128),
+            }
+        };
+        let (n, nw) = bits(self.net);
+        let (x, xw) = bits(ip);
+        if nw != xw {
+            return false;
+        }
+        let shift = nw - u32::from(self.prefix);
+        shift >= nw || (n >> shift) == (x >> shift)
+    }
 }
 
 fn bootstrap_port(p: u16, url: &str) -> Result<u16, RouterError> {
@@ -630,7 +798,10 @@ impl Config {
         } else {
             threads
         };
-        let hc = file.health_check_interval_secs.unwrap_or(5.0);
+        let hc = a
+            .health_check_interval_secs
+            .or(file.health_check_interval_secs)
+            .unwrap_or(5.0);
         Ok(Config {
             host: a
                 .host
@@ -667,7 +838,22 @@ impl Config {
                 }
                 v => secs(v.unwrap_or(30.0), "client_timeout_secs")?,
             },
-            auth_token: a.auth_token.clone().or(file.auth_token),
+            admin_token: a.admin_token.clone().or(file.admin_token),
+            worker_allow: a
+                .worker_allow_cidr
+                .iter()
+                .chain(&file.worker_allow_cidrs)
+                .map(|c| c.parse())
+                .collect::<Result<_, _>>()?,
+            max_workers: a.max_workers.or(file.max_workers).unwrap_or(1024),
+            max_pending_kv_requests: a
+                .max_pending_kv_requests
+                .or(file.max_pending_kv_requests)
+                .unwrap_or(1024),
+            max_pending_kv_tokens: a
+                .max_pending_kv_tokens
+                .or(file.max_pending_kv_tokens)
+                .unwrap_or(0),
             api_keys: crate::front_auth::client_keys(&a.api_key, &file.api_key)?,
             heartbeat_ttl_us: secs(
                 a.heartbeat_ttl_secs
@@ -704,6 +890,86 @@ mod tests {
         let file: FileConfig =
             toml::from_str(toml_text).map_err(|e| RouterError::Config(e.to_string()))?;
         Config::resolve(&args(flags), file, None)
+    }
+
+    #[test]
+    fn worker_urls_are_checked() {
+        for (url, auth) in [
+            ("http://10.0.0.1:8000", "10.0.0.1:8000"),
+            ("http://10.0.0.1:8000/", "10.0.0.1:8000"),
+            ("http://worker-1.pool.svc:30000", "worker-1.pool.svc:30000"),
+            ("http://h", "h:80"),
+            ("http://[::1]:9", "[::1]:9"),
+            ("http://[fd00::1]", "[fd00::1]:80"),
+        ] {
+            assert_eq!(parse_worker_url(url).unwrap().authority, auth, "{url}");
+        }
+        assert_eq!(parse_worker_url("http://h:1/").unwrap().url, "http://h:1");
+        for bad in [
+            "https://h:1",
+            "h:1",
+            "ftp://h:1",
+            "http://",
+            "http://:80",
+            "http://h:0",
+            "http://h:65536",
+            "http://h:",
+            "http://h:+1",
+            "http://h:1/v1",
+            "http://h:1/v1/chat/completions",
+            "http://h:1?x=y",
+            "http://h:1/?x=y",
+            "http://h:1#f",
+            "http://user:pw@h:1",
+            "http://@h:1",
+            "http://h:1\r\nHost: evil",
+            "http://h:1\r\n",
+            "http://h :1",
+            "http://h\u{0}:1",
+            "http://hé:1",
+            "http://-h:1",
+            "http://h_1:1",
+            "http://[::1:1",
+            "http://[::1]x:1",
+            "http://[zz::1]:1",
+        ] {
+            assert!(
+                matches!(parse_worker_url(bad), Err(RouterError::BadWorkerUrl(_))),
+                "accepted {bad:?}"
+            );
+        }
+        // Static workers of the file go through the same check.
+        assert!(from_toml(&["--decode", "http://d:1/v1"], "").is_err());
+    }
+
+    #[test]
+    fn cidr_allow_list() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            c.contains("::ffff:10.0.0.1".parse().unwrap()),
+            "IPv4-mapped"
+        );
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::3".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0/8", "x", "10.0.0.0/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let c = from_toml(
+            &["--worker-allow-cidr", "10.0.0.0/8"],
+            "worker_allow_cidrs = [\"192.168.0.0/16\"]\nauth_token = \"t\"",
+        )
+        .unwrap();
+        assert_eq!(c.worker_allow.len(), 2);
+        assert_eq!(c.admin_token.as_deref(), Some("t"));
     }
 
     #[test]

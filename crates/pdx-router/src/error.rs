@@ -9,6 +9,18 @@ pub enum RouterError {
     /// A core (grid, policy) error (fatal).
     #[error(transparent)]
     Core(#[from] pdx_router_core::CoreError),
+    /// A worker URL that is not `http://host:port` (registration: 400; config: fatal).
+    #[error("{0}")]
+    BadWorkerUrl(String),
+    /// A registration outside `--worker-allow-cidr` (403).
+    #[error("{0}")]
+    WorkerNotAllowed(String),
+    /// The registry holds `--max-workers` registered workers already (429).
+    #[error("worker registry is full ({max} registered workers, --max-workers)")]
+    RegistryFull {
+        /// The limit.
+        max: usize,
+    },
     /// Socket or runtime error (listen, spawn): fatal at start.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

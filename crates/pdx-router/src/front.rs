@@ -9,6 +9,7 @@ use crate::metrics::RequestLabels;
 use crate::proxy::Shared;
 use crate::registry::Snapshot;
 use crate::RouterError;
+use std::sync::Arc;
 use hyper::Response;
 use pdx_protocol::{ApiError, Role};
 
@@ -78,8 +79,8 @@ pub fn no_workers() -> ApiError {
 pub struct Served {
     /// Pool name.
     pub pool: String,
-    /// Worker URL.
-    pub worker: String,
+    /// The worker (its URL is the `worker` label; it keeps the label sets to delete when it leaves).
+    pub worker: Arc<crate::registry::Worker>,
 }
 
 /// `1xx` … `5xx`.
@@ -97,11 +98,13 @@ pub fn status_class(status: u16) -> &'static str {
 /// [`crate::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
 pub fn count(sh: &Shared, model: String, resp: &Response<RouterBody>) {
     let status = resp.status().as_u16();
-    let (pool, worker) = resp
-        .extensions()
-        .get::<Served>()
-        .map(|s| (s.pool.clone(), s.worker.clone()))
-        .unwrap_or_default();
+    let (pool, worker) = match resp.extensions().get::<Served>() {
+        Some(s) => {
+            s.worker.note_series(&model, status);
+            (s.pool.clone(), s.worker.url.clone())
+        }
+        None => Default::default(),
+    };
     sh.metrics
         .requests
         .get_or_create(&RequestLabels {

@@ -9,6 +9,7 @@
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod bootstrap;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
+pub mod handoff;
 pub mod metrics;
 pub mod models;
 pub mod proxy;
@@ -99,12 +101,13 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RouterError> {
     Ok(s.into())
 }
 
-fn runtime() -> std::io::Result<
-    monoio::FusionRuntime<
-        monoio::time::TimeDriver<monoio::IoUringDriver>,
-        monoio::time::TimeDriver<monoio::LegacyDriver>,
-    >,
-> {
+/// The runtime of every router thread.
+pub(crate) type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+pub(crate) fn runtime() -> std::io::Result<Runtime> {
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
@@ -170,6 +173,9 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
                 }
             })?;
     }
+    if let Some(w) = open_admin_warning(&shared.cfg, ip) {
+        tracing::warn!(%addr, "{w}");
+    }
     tracing::info!(%addr, threads = shared.cfg.threads, "pdx serve listening");
     Ok(RouterServer {
         addr,
@@ -178,6 +184,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         threads,
         listeners: listener_handles,
     })
+}
+
+/// The warning `pdx serve` logs at start when its admin API is open to more than this host: it listens
+/// beyond loopback, accepts registrations, and has no admin token.
+pub fn open_admin_warning(cfg: &Config, ip: std::net::IpAddr) -> Option<&'static str> {
+    (cfg.admin_token.is_none() && cfg.registration && !ip.is_loopback()).then_some(
+        "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register workers \
+         (and receive user traffic), list them and drain them; set --admin-token (and --worker-allow-cidr), \
+         or registration = false in the file",
+    )
 }
 
 /// Runs `pdx serve` until the process is killed.
@@ -218,6 +234,18 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             return;
         }
     };
+    handoff::set_live(true);
+    // Idle upstream connections that are too old or closed by their server are closed about once a second.
+    let serving = Rc::new(Cell::new(true));
+    {
+        let serving = serving.clone();
+        monoio::spawn(async move {
+            while serving.get() {
+                monoio::time::sleep(Duration::from_secs(1)).await;
+                upstream::prune();
+            }
+        });
+    }
     // Connections open on this thread, so a drain knows when this thread is done, and the switch that ends
     // those left at the drain deadline.
     let open = Rc::new(Cell::new(0usize));
@@ -274,14 +302,32 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             monoio::time::sleep(shutdown::DRAIN_POLL).await;
         }
     }
+    serving.set(false);
+    handoff::set_live(false);
 }
 
-/// Control loop: heartbeat expiry and drain removal (every 100 ms), worker-state gauges,
-/// active `GET /health` checks, the workers' `GET /v1/models` ([`models::refresh`]).
+/// A worker that is down, or whose breaker is open, is checked this often (at most every health-check
+/// interval): a worker that comes back serves again within it.
+pub const RECHECK: Duration = Duration::from_millis(500);
+
+/// Control loop: heartbeat expiry and drain removal (every 100 ms; the metric series of removed workers
+/// and pools are deleted), worker gauges, and active `GET /health` checks, each in a task of its own so a
+/// worker that does not answer delays no other check (every interval; every [`RECHECK`] while a worker is
+/// down or its breaker open), and the workers' `GET /v1/models` ([`models::refresh`], in a task of its own).
 async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
-    let mut last_check: Option<std::time::Instant> = None;
+    let refreshing = Rc::new(Cell::new(false));
     while !stop.load(Ordering::Relaxed) {
-        sh.registry.sweep();
+        let swept = sh.registry.sweep();
+        for w in &swept.workers {
+            sh.metrics.remove_worker(w);
+        }
+        for (model, role, pool) in swept.pools {
+            sh.metrics.pool_choices.remove(&metrics::PoolLabels {
+                model,
+                role: role.as_str(),
+                pool,
+            });
+        }
         let now = sh.registry.now_us();
         sh.metrics.worker_state.clear();
         for w in sh.registry.workers() {
@@ -294,30 +340,66 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
                     state: w.state(now),
                 })
                 .set(1);
+            let label = metrics::WorkerLabel {
+                worker: w.url.clone(),
+            };
             sh.metrics
                 .worker_in_flight
-                .get_or_create(&metrics::WorkerLabel {
-                    worker: w.url.clone(),
-                })
+                .get_or_create(&label)
                 .set(w.in_flight.load(Ordering::Relaxed) as i64);
-        }
-        if let Some(every) = sh.cfg.health_interval {
-            if last_check.is_none_or(|t| t.elapsed() >= every) {
-                last_check = Some(std::time::Instant::now());
-                for w in sh.registry.workers() {
-                    let ok = health_check(&w.authority, every.min(Duration::from_secs(2))).await;
-                    if w.healthy.swap(ok, Ordering::Relaxed) != ok {
-                        tracing::info!(url = %w.url, healthy = ok, "worker health changed");
-                    }
+            if w.role == pdx_protocol::Role::Prefill {
+                sh.metrics
+                    .worker_kv_pending
+                    .get_or_create(&label)
+                    .set(w.kv_pending.load(Ordering::Relaxed) as i64);
+            }
+            if let Some(every) = sh.cfg.health_interval {
+                let interval_us = every.as_micros() as u64;
+                if w.start_check(now, interval_us, RECHECK.as_micros() as u64) {
+                    let timeout = every.min(Duration::from_secs(2));
+                    monoio::spawn(async move {
+                        let ok = upstream::health(&w.authority, timeout).await;
+                        w.on_check(ok);
+                    });
                 }
             }
         }
-        // The workers' own model lists, due ones only (`models` keeps the interval).
-        models::refresh(&sh).await;
+        // The workers' own model lists, due ones only (`models` keeps the interval), off this loop: a worker
+        // that does not answer must not hold back heartbeat expiry or health checks.
+        if !refreshing.get() {
+            refreshing.set(true);
+            let (sh, refreshing) = (sh.clone(), refreshing.clone());
+            monoio::spawn(async move {
+                models::refresh(&sh).await;
+                refreshing.set(false);
+            });
+        }
         monoio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn health_check(authority: &str, timeout: Duration) -> bool {
-    upstream::health(authority, timeout).await
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn an_open_admin_api_beyond_loopback_is_warned_about() {
+        let cfg = |flags: &[&str]| {
+            Config::from_args(
+                &ServeArgs::try_parse_from(
+                    std::iter::once("pdx-serve").chain(flags.iter().copied()),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let any: std::net::IpAddr = "0.0.0.0".parse().unwrap();
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let w = open_admin_warning(&cfg(&[]), any).expect("warned");
+        assert!(w.contains("--admin-token"), "{w}");
+        assert!(open_admin_warning(&cfg(&[]), "::".parse().unwrap()).is_some());
+        assert!(open_admin_warning(&cfg(&[]), lo).is_none());
+        assert!(open_admin_warning(&cfg(&["--admin-token", "t"]), any).is_none());
+    }
 }

@@ -14,7 +14,11 @@
 //! * `pdx_retries_total{phase}`, `pdx_fallbacks_total{kind}`;
 //! * `pdx_worker_state{worker,role,pool,state}` (1 for the current state) and
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
-//! * `pdx_pool_choices_total{model,role,pool}`.
+//! * `pdx_pool_choices_total{model,role,pool}`;
+//! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
+//!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
+//!
+//! The series of a removed worker (and of a pool registration created, once empty) are deleted.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +47,13 @@ pub struct RequestLabels {
 pub struct PhaseLabel {
     /// Phase name.
     pub phase: &'static str,
+}
+
+/// A single `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Outcome name.
+    pub outcome: &'static str,
 }
 
 /// Labels of `pdx_worker_state`.
@@ -101,6 +112,10 @@ pub struct Metrics {
     pub worker_in_flight: Family<WorkerLabel, Gauge>,
     /// Pool choices.
     pub pool_choices: Family<PoolLabels, Counter>,
+    /// Releases of prefilled KV no decode took, by outcome.
+    pub kv_releases: Family<OutcomeLabel, Counter>,
+    /// Requests with prefilled KV not yet taken by a decode, per prefill worker.
+    pub worker_kv_pending: Family<WorkerLabel, Gauge>,
 }
 
 fn latency() -> Histogram {
@@ -122,6 +137,8 @@ impl Metrics {
         let worker_state = Family::<WorkerStateLabels, Gauge>::default();
         let worker_in_flight = Family::<WorkerLabel, Gauge>::default();
         let pool_choices = Family::<PoolLabels, Counter>::default();
+        let kv_releases = Family::<OutcomeLabel, Counter>::default();
+        let worker_kv_pending = Family::<WorkerLabel, Gauge>::default();
         registry.register(
             "pdx_requests",
             "Answers of the completion routes by model, pool, worker, status and status class",
@@ -144,6 +161,16 @@ impl Metrics {
             worker_in_flight.clone(),
         );
         registry.register("pdx_pool_choices", "Pool selections", pool_choices.clone());
+        registry.register(
+            "pdx_kv_releases",
+            "Releases of prefilled KV that no decode took, by outcome (released, refused, failed, timeout, no_decode)",
+            kv_releases.clone(),
+        );
+        registry.register(
+            "pdx_worker_kv_pending",
+            "Requests whose prefill finished on this worker and whose KV no decode has taken yet",
+            worker_kv_pending.clone(),
+        );
         Self {
             registry,
             requests,
@@ -156,7 +183,29 @@ impl Metrics {
             worker_state,
             worker_in_flight,
             pool_choices,
+            kv_releases,
+            worker_kv_pending,
         }
+    }
+
+    /// Deletes every series of a removed worker (`pdx_requests_total` with each status it produced,
+    /// `pdx_worker_in_flight`, `pdx_worker_kv_pending`; `pdx_worker_state` is rebuilt every sweep).
+    pub fn remove_worker(&self, w: &crate::registry::Worker) {
+        let series = w.series.lock().map(|v| v.clone()).unwrap_or_default();
+        for (model, status) in series {
+            self.requests.remove(&RequestLabels {
+                model,
+                pool: w.pool.clone(),
+                worker: w.url.clone(),
+                status,
+                class: crate::front::status_class(status),
+            });
+        }
+        let label = WorkerLabel {
+            worker: w.url.clone(),
+        };
+        self.worker_in_flight.remove(&label);
+        self.worker_kv_pending.remove(&label);
     }
 
     /// OpenMetrics text.

@@ -191,7 +191,7 @@ pub async fn refresh(sh: &Shared) {
         let Ok(st) = c.state.lock() else { return };
         workers
             .iter()
-            .filter(|w| w.healthy.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|w| w.usable())
             .filter(|w| {
                 st.workers
                     .get(&w.id)

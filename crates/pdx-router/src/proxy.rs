@@ -3,7 +3,7 @@
 use crate::body::{Forward, RouterBody, StreamStats};
 use crate::config::{Config, OrchestrationKind};
 use crate::metrics::{Metrics, PhaseLabel, PoolLabels};
-use crate::registry::{LoadGuard, ModelTopo, Pool, Registration, Registry, Worker};
+use crate::registry::{LoadGuard, ModelTopo, Pool, Registry, Worker};
 use crate::upstream::{self, ConnectError, SendError, UpBody};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -45,13 +45,15 @@ pub(crate) fn full(
     r
 }
 
-/// The OpenAI error response for `e`.
+/// The OpenAI error response for `e`. A 503 says when to come back (`Retry-After: 1`, seconds): the
+/// conditions behind it (no worker up, none with room) are expected to clear within a health-check recheck.
 pub fn error_response(e: &ApiError) -> Response<RouterBody> {
-    full(e.status, "application/json", e.to_json())
-}
-
-fn json_response(v: &serde_json::Value) -> Response<RouterBody> {
-    full(200, "application/json", v.to_string())
+    let mut r = full(e.status, "application/json", e.to_json());
+    if e.status == 503 {
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 thread_local! {
@@ -120,9 +122,8 @@ async fn route(
         ("/v1/models", &Method::GET) => crate::models::list(sh),
         ("/v1/chat/completions", &Method::POST) => completion(sh, req, rid, true).await,
         ("/v1/completions", &Method::POST) => completion(sh, req, rid, false).await,
-        ("/v1/workers", &Method::GET) => list_workers(sh),
-        ("/v1/workers", &Method::POST) | ("/v1/workers", &Method::DELETE) => {
-            workers_api(sh, req).await
+        ("/v1/workers", &Method::GET | &Method::POST | &Method::DELETE) => {
+            crate::admin::workers(sh, req).await
         }
         ("/health" | "/ready" | "/metrics" | "/v1/models", _)
         | ("/v1/chat/completions" | "/v1/completions" | "/v1/workers", _) => error_response(
@@ -149,24 +150,6 @@ fn ready(sh: &Shared) -> Response<RouterBody> {
     }
 }
 
-fn list_workers(sh: &Shared) -> Response<RouterBody> {
-    let now = sh.registry.now_us();
-    let ws: Vec<serde_json::Value> = sh
-        .registry
-        .workers()
-        .iter()
-        .map(|w| {
-            serde_json::json!({
-                "id": w.id, "url": w.url, "role": w.role.as_str(), "pool": w.pool, "model": w.model,
-                "bootstrap_port": w.bootstrap_port,
-                "state": w.state(now), "registered": w.registered,
-                "in_flight": w.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-            })
-        })
-        .collect();
-    json_response(&serde_json::json!({ "workers": ws }))
-}
-
 async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
     let max = sh.cfg.max_body_bytes;
     let too_large = || {
@@ -190,85 +173,6 @@ async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiE
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
-    }
-}
-
-async fn workers_api(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
-    if !sh.cfg.registration {
-        return error_response(&ApiError::not_found("registration is disabled"));
-    }
-    if let Some(tok) = &sh.cfg.auth_token {
-        let ok = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|v| v == tok);
-        if !ok {
-            return error_response(&ApiError::new(
-                401,
-                "AuthenticationError",
-                "missing or wrong bearer token",
-            ));
-        }
-    }
-    let delete = req.method() == Method::DELETE;
-    let query_url = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("url=")))
-        .map(str::to_string);
-    let body = match read_body(sh, req).await {
-        Ok(b) => b,
-        Err(e) => return error_response(&e),
-    };
-    if delete {
-        let url = match query_url {
-            Some(u) => u,
-            None => match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(v) => match v.get("url").and_then(|u| u.as_str()) {
-                    Some(u) => u.to_string(),
-                    None => {
-                        return error_response(&ApiError::invalid_param("url", "url is required"))
-                    }
-                },
-                Err(e) => {
-                    return error_response(&ApiError::bad_request(format!("malformed JSON: {e}")))
-                }
-            },
-        };
-        let n = sh.registry.drain(&url);
-        if n == 0 {
-            return error_response(&ApiError::not_found(format!("no worker {url}")));
-        }
-        return json_response(&serde_json::json!({"draining": n, "url": url}));
-    }
-    let reg: Registration = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_response(&ApiError::bad_request(format!(
-                "malformed registration: {e}"
-            )))
-        }
-    };
-    /// An optional field of the registration body beside `pdx_protocol::Registration`'s.
-    #[derive(serde::Deserialize)]
-    struct BootstrapPort {
-        #[serde(default)]
-        bootstrap_port: Option<u16>,
-    }
-    let port = match serde_json::from_slice::<BootstrapPort>(&body) {
-        Ok(p) => p.bootstrap_port,
-        Err(_) => {
-            return error_response(&ApiError::invalid_param(
-                "bootstrap_port",
-                "bootstrap_port must be a port number (1-65535)",
-            ))
-        }
-    };
-    match sh.registry.register_with_bootstrap_port(&reg, port) {
-        Ok((id, created)) => json_response(&serde_json::json!({"id": id, "created": created})),
-        Err(e) => error_response(&ApiError::bad_request(e.to_string())),
     }
 }
 
@@ -344,7 +248,7 @@ impl CompletionBody {
         }
     }
     /// The prefill request of the vLLM NixlConnector flow (vLLM `toy_proxy_server.py`).
-    fn prefill_bytes(&self) -> Bytes {
+    pub(crate) fn prefill_bytes(&self) -> Bytes {
         let mut kv = KvTransferParams::for_prefill();
         for k in [
             "remote_engine_id",
@@ -575,8 +479,11 @@ pub(crate) struct Sent {
     pub(crate) pool: Arc<Pool>,
 }
 
-/// Sends `body` to `w`; one retry on a fresh connection if a pooled one was closed before it
-/// answered.
+/// Sends `body` to `w`. A request that never fully left, or that a reused (pooled) connection dropped
+/// before any response byte, is sent once more on a new connection, never on another pooled one (after a
+/// worker restart every pooled connection to it may be dead). A failed connect flushes the worker's pool
+/// and, with health checks on, marks it down until a check passes. A 2xx head marks it answering
+/// ([`Worker::on_answered`]).
 pub(crate) async fn send_to(
     sh: &Shared,
     w: &Arc<Worker>,
@@ -584,6 +491,19 @@ pub(crate) async fn send_to(
     body: &[u8],
     rid: &HeaderValue,
     client_auth: Option<&HeaderValue>,
+) -> Result<Response<UpBody>, UpstreamFailure> {
+    send_to_abandonable(sh, w, path, body, rid, client_auth, None).await
+}
+
+/// [`send_to`], watching `abandon` while it waits for the response head ([`upstream::Abandon`]).
+pub(crate) async fn send_to_abandonable(
+    sh: &Shared,
+    w: &Arc<Worker>,
+    path: &str,
+    body: &[u8],
+    rid: &HeaderValue,
+    client_auth: Option<&HeaderValue>,
+    abandon: Option<&upstream::Abandon>,
 ) -> Result<Response<UpBody>, UpstreamFailure> {
     let timeout = sh.cfg.upstream_timeout;
     let auth = crate::front_auth::upstream(w, client_auth);
@@ -594,29 +514,73 @@ pub(crate) async fn send_to(
         ("authorization", auth.map_or(&[][..], HeaderValue::as_bytes)),
     ];
     let headers = &all[..if auth.is_some() { 4 } else { 3 }];
-    for _ in 0..2 {
-        let conn = upstream::get(&w.authority, timeout)
-            .await
-            .map_err(|e| match e {
-                ConnectError::Failed => UpstreamFailure::Connect,
-                ConnectError::Timeout => UpstreamFailure::Timeout,
-            })?;
+    let mut fresh = false;
+    loop {
+        let got = if fresh {
+            upstream::connect(&w.authority, timeout).await
+        } else {
+            upstream::get(&w.authority, timeout).await
+        };
+        let conn = match got {
+            Ok(c) => c,
+            Err(ConnectError::Failed) => {
+                w.on_connect_failed(sh.cfg.health_interval.is_some());
+                return Err(UpstreamFailure::Connect);
+            }
+            Err(ConnectError::Timeout) => return Err(UpstreamFailure::Timeout),
+        };
         let reused = conn.reused;
-        let sent = upstream::send(conn, "POST", path, headers, body);
+        let sent = upstream::send_abandonable(conn, "POST", path, headers, body, abandon);
+        let abandoned = || abandon.is_some_and(upstream::Abandon::is_fired);
         match monoio::time::timeout(timeout, sent).await {
             Err(_) => return Err(UpstreamFailure::Timeout),
-            Ok(Ok(r)) => return Ok(r),
-            Ok(Err(SendError::Closed)) if reused => continue,
+            Ok(Ok(r)) => {
+                if r.status().is_success() {
+                    w.on_answered();
+                }
+                return Ok(r);
+            }
+            Ok(Err(SendError::NotSent)) if !fresh && !abandoned() => fresh = true,
+            Ok(Err(SendError::Closed)) if reused && !fresh && !abandoned() => fresh = true,
             Ok(Err(SendError::Decode(_))) => return Err(UpstreamFailure::BadResponse),
             Ok(Err(_)) => return Err(UpstreamFailure::Connect),
         }
     }
-    Err(UpstreamFailure::Connect)
+}
+
+/// What [`dispatch`] needs of a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    /// Model name (metrics).
+    pub(crate) model: &'a str,
+    /// Prompt block hashes (`kv_aware`).
+    pub(crate) hashes: &'a [u64],
+    /// Load accounting, tokens.
+    pub(crate) tokens: u64,
+    /// Upstream path.
+    pub(crate) path: &'static str,
+    /// Request id.
+    pub(crate) rid: &'a HeaderValue,
+    /// The client's `Authorization` ([`crate::front_auth::upstream`]).
+    pub(crate) auth: Option<&'a HeaderValue>,
+}
+
+impl Job {
+    pub(crate) fn target(&self) -> Target<'_> {
+        Target {
+            model: &self.model.name,
+            hashes: &self.hashes,
+            tokens: self.tokens,
+            path: self.path,
+            rid: &self.rid,
+            auth: self.auth.as_ref(),
+        }
+    }
 }
 
 /// What a [`dispatch`] sends: the phase (its metrics label) and how the KV reaches a decode worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     /// A prefill request (`max_tokens=1`, `do_remote_decode`).
     Prefill,
     /// A decode request. With `kv_from_prefill` the decode reads the prompt's KV from the prefill worker
@@ -641,25 +605,34 @@ impl Phase {
 /// Picks a worker of `pools` (preferring `pools[first]`, skipping the ids in `exclude`) and sends;
 /// retries other workers on retryable failures under the retry policy. `Err` is the client's response,
 /// or the last failure. For a decode that reads its KV from the prefill worker, a 502 ends the dispatch at
-/// once, without counting against the decode worker, so the caller can redo the prefill.
-async fn dispatch(
+/// once, without counting against the decode worker, so the caller can redo the prefill. Once `abandon`
+/// fires (the client went away) a failure ends the dispatch without a retry or a count against the worker.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn dispatch(
     sh: &Shared,
-    job: &Job,
+    job: Target<'_>,
     pools: &[Arc<Pool>],
     first: usize,
     body: Bytes,
     phase: Phase,
     mut exclude: Vec<u64>,
+    abandon: Option<&upstream::Abandon>,
 ) -> Result<Sent, Result<Response<RouterBody>, UpstreamFailure>> {
     let mut attempt = 1;
     loop {
+        if abandon.is_some_and(upstream::Abandon::is_fired) {
+            // The client left during a backoff: no new attempt.
+            return Err(Err(UpstreamFailure::Connect));
+        }
         let now = sh.registry.now_us();
-        let Some((pool, w)) = pick_worker(pools, first, &job.hashes, &exclude, now) else {
+        let Some((pool, w)) = pick_worker(pools, first, job.hashes, &exclude, now) else {
             return Err(Err(UpstreamFailure::Status(503)));
         };
-        count_pool_choice(sh, &job.model.name, &pool);
+        count_pool_choice(sh, job.model, &pool);
         let guard = LoadGuard::new(w.clone(), job.tokens);
-        let failure = match send_to(sh, &w, job.path, &body, &job.rid, job.auth.as_ref()).await {
+        let sent =
+            send_to_abandonable(sh, &w, job.path, &body, job.rid, job.auth, abandon).await;
+        let failure = match sent {
             Ok(resp) => {
                 let s = resp.status().as_u16();
                 if resp.status().is_success() || !UpstreamFailure::Status(s).is_retryable() {
@@ -684,8 +657,11 @@ async fn dispatch(
             Err(f) => f,
         };
         drop(guard);
+        if abandon.is_some_and(upstream::Abandon::is_fired) {
+            return Err(Err(failure));
+        }
         if failure.counts_against_worker() {
-            w.report(false, sh.registry.now_us());
+            w.report_failure(failure, sh.registry.now_us());
         }
         exclude.push(w.id);
         let left = eligible(pools, &exclude, sh.registry.now_us());
@@ -775,7 +751,7 @@ pub(crate) fn forward(
     // Counted with the answer's model label by the front ([`crate::front::count`]).
     let served = crate::front::Served {
         pool: pool.name.clone(),
-        worker: guard.worker.url.clone(),
+        worker: guard.worker.clone(),
     };
     let stream = job.body.is_stream() && resp.status().is_success();
     let (parts, incoming) = resp.into_parts();
@@ -818,113 +794,11 @@ impl Orchestrator for Aggregated {
             return error_response(&ApiError::unavailable("no aggregated pool for this model"));
         }
         let body = job.body.to_bytes();
-        match dispatch(sh, &job, pools, 0, body, Phase::Aggregated, Vec::new()).await {
+        let t = job.target();
+        match dispatch(sh, t, pools, 0, body, Phase::Aggregated, Vec::new(), None).await {
             Ok(sent) => forward(sh, &job, sent, false, Instant::now()),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
-        }
-    }
-}
-
-/// The part of a prefill response the router reads.
-#[derive(serde::Deserialize)]
-struct PrefillAnswer {
-    kv_transfer_params: Option<KvTransferParams>,
-}
-
-impl VllmNixl {
-    /// Runs the prefill on a worker not in `exclude`; `Ok(None)` means decode-only fallback, else the
-    /// returned `kv_transfer_params` and the worker that holds the KV.
-    async fn prefill(
-        &self,
-        sh: &Arc<Shared>,
-        job: &Job,
-        exclude: &[u64],
-    ) -> Result<Option<(KvTransferParams, Arc<Worker>)>, Response<RouterBody>> {
-        let pools = &job.model.prefill;
-        if pools.is_empty() {
-            return Ok(None);
-        }
-        let first = job
-            .model
-            .grid
-            .as_ref()
-            .map_or(0, |g| g.select_prefill_pool(job.isl, job.ttft_ms));
-        let body = job.body.prefill_bytes();
-        let t0 = Instant::now();
-        let failure = match dispatch(
-            sh,
-            job,
-            pools,
-            first,
-            body,
-            Phase::Prefill,
-            exclude.to_vec(),
-        )
-        .await
-        {
-            Ok(sent) => {
-                let Sent { resp, guard, .. } = sent;
-                let status = resp.status();
-                let collected =
-                    monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect())
-                        .await;
-                match collected {
-                    Ok(Ok(b)) => {
-                        let bytes = b.to_bytes();
-                        if !status.is_success() {
-                            // Fatal (4xx): the request itself is bad; give the engine's answer.
-                            let mut r = full(status.as_u16(), "application/json", bytes);
-                            *r.status_mut() = status;
-                            return Err(r);
-                        }
-                        // Only `kv_transfer_params` is read (the rest is skipped, not built).
-                        let kv = serde_json::from_slice::<PrefillAnswer>(&bytes)
-                            .ok()
-                            .and_then(|a| a.kv_transfer_params)
-                            .filter(|kv| kv.do_remote_prefill);
-                        if let Some(kv) = kv {
-                            guard.worker.report(true, sh.registry.now_us());
-                            sh.metrics
-                                .phase
-                                .get_or_create(&PhaseLabel { phase: "prefill" })
-                                .observe(t0.elapsed().as_secs_f64());
-                            return Ok(Some((kv, guard.worker.clone())));
-                        }
-                        guard.worker.report(false, sh.registry.now_us());
-                        UpstreamFailure::BadResponse
-                    }
-                    Ok(Err(_)) => {
-                        guard.worker.report(false, sh.registry.now_us());
-                        UpstreamFailure::Connect
-                    }
-                    Err(_) => {
-                        guard.worker.report(false, sh.registry.now_us());
-                        UpstreamFailure::Timeout
-                    }
-                }
-            }
-            Err(Ok(r)) => return Err(r),
-            Err(Err(f)) => f,
-        };
-        // `dispatch` already retried other workers; what is left is the fallback rule.
-        match sh.cfg.retry.exhausted(failure == UpstreamFailure::Timeout) {
-            PrefillDecision::DecodeOnly => {
-                tracing::debug!(?failure, "prefill failed: decode-only fallback");
-                sh.metrics
-                    .fallbacks
-                    .get_or_create(&PhaseLabel {
-                        phase: "decode_only",
-                    })
-                    .inc();
-                Ok(None)
-            }
-            PrefillDecision::Fail { status: 504 } => {
-                Err(failure_response(UpstreamFailure::Timeout))
-            }
-            _ => Err(error_response(&ApiError::unavailable(
-                "prefill failed on every worker",
-            ))),
         }
     }
 }
@@ -940,25 +814,46 @@ impl Orchestrator for VllmNixl {
             .as_ref()
             .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
         let decode = job.model.decode.clone();
+        // No prefill without a decode worker to take its KV: the blocks would wait for a decode that
+        // cannot come (until the engine's own timeout, 480 s in vLLM).
+        if eligible(&decode, &[], sh.registry.now_us()) == 0 {
+            return error_response(&ApiError::unavailable(
+                "no decode worker can take a request now",
+            ));
+        }
         // Prefill workers whose KV the decode could not read (a 502 from the decode): the pair is redone
         // on another prefill worker, within the prefill attempts.
         let mut failed_prefill: Vec<u64> = Vec::new();
         loop {
-            // `holder`: the prefill worker that holds the KV (none: decode-only fallback).
-            let (kv, holder) = match self.prefill(sh, &job, &failed_prefill).await {
-                Ok(Some((kv, w))) => (Some(kv), Some(w)),
-                Ok(None) => (None, None),
+            // `lease`: the prefill worker holds the KV for this request until a decode takes it; dropped
+            // untaken (the client went away, no decode would take the request), it is released.
+            let prefilled = match crate::handoff::prefill(sh, &job, &failed_prefill, first).await {
+                Ok(p) => p,
                 Err(r) => return r,
             };
             let handoff = Instant::now();
+            let (kv, mut lease) = match prefilled {
+                Some((kv, lease)) => (Some(kv), Some(lease)),
+                None => (None, None),
+            };
+            let holder = lease.as_ref().map(|l| l.holder().clone());
             job.body.set_kv(kv);
             let phase = Phase::Decode {
                 kv_from_prefill: holder.is_some(),
             };
             let body = job.body.to_bytes();
-            let failure = match dispatch(sh, &job, &decode, first, body, phase, Vec::new()).await {
+            let t = job.target();
+            let failure = match dispatch(sh, t, &decode, first, body, phase, Vec::new(), None).await
+            {
                 Ok(sent) => {
                     let now = Instant::now();
+                    if sent.resp.status().is_success() {
+                        // The decode engine has the request: it reads the KV (the prefill frees it on
+                        // the read's notification), or, aborted, notifies the prefill itself.
+                        if let Some(l) = lease.take() {
+                            l.taken();
+                        }
+                    }
                     if holder.is_some() {
                         sh.metrics
                             .phase
@@ -975,6 +870,10 @@ impl Orchestrator for VllmNixl {
             let Some(w) = holder.filter(|_| failure == UpstreamFailure::Status(502)) else {
                 return failure_response(failure);
             };
+            // The decode could not read the KV: the prefill worker lost it (or died); nothing to release.
+            if let Some(l) = lease.take() {
+                l.taken();
+            }
             w.report(false, sh.registry.now_us());
             failed_prefill.push(w.id);
             let left = eligible(&job.model.prefill, &failed_prefill, sh.registry.now_us());

@@ -4,14 +4,18 @@
 //! worker lists (also `ArcSwap`). Per-worker load is a pair of atomics. Changes
 //! (registration, drain, heartbeat expiry) take the registry's edit lock, build new lists
 //! and swap them in; pools (and their selection state, e.g. the KV index) survive changes.
+//!
+//! Registration is bounded: at most `max_workers` registered workers, URLs checked
+//! ([`crate::config::parse_worker_url`]) and, with an allow-list, inside it; pools and models created by
+//! registration are removed once their last worker is.
 
-use crate::config::{authority_of, Config, ModelSpec, PoolSpec, DEFAULT_BOOTSTRAP_PORT};
+use crate::config::{parse_worker_url, Cidr, Config, ModelSpec, PoolSpec, DEFAULT_BOOTSTRAP_PORT};
 use crate::RouterError;
 use arc_swap::ArcSwap;
 use pdx_protocol::Role;
 use pdx_router_core::{
-    BreakerConfig, BreakerState, Candidate, CircuitBreaker, GlobalRouterConfig, Liveness, Policy,
-    Selector,
+    BreakerConfig, BreakerState, Candidate, CircuitBreaker, GlobalRouterConfig, Health,
+    HealthCheck, Liveness, Policy, Selector, UpstreamFailure,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,8 +44,20 @@ pub struct Worker {
     pub in_flight: AtomicU64,
     /// Tokens in flight (prompt estimate + output limit).
     pub in_flight_tokens: AtomicU64,
-    /// Last active health check passed (true until one fails).
-    pub healthy: AtomicBool,
+    /// Active health-check state (unknown until the first check; down after a failed check or connect).
+    pub health: Mutex<HealthCheck>,
+    /// `health` is not down (read on the request path without the lock).
+    usable: AtomicBool,
+    /// Prefill worker: requests whose prefill finished here and whose KV no decode has taken yet (the
+    /// blocks the engine holds for them).
+    pub kv_pending: AtomicU64,
+    /// Prompt tokens of those requests.
+    pub kv_pending_tokens: AtomicU64,
+    /// Limits of `kv_pending` and `kv_pending_tokens` (0: none); at either the worker takes no prefill.
+    kv_limits: (u64, u64),
+    /// Model label and HTTP status of each of this worker's `pdx_requests_total` series (deleted with the
+    /// worker).
+    pub series: Mutex<Vec<(String, u16)>>,
     /// `DELETE` received: no new requests; removed once idle.
     pub draining: AtomicBool,
     /// Came from the registration API (heartbeat TTL applies).
@@ -56,10 +72,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Whether new requests may go to it at `now_us`.
+    /// Whether new requests may go to it at `now_us`: not down, not draining, its breaker lets a request
+    /// through, and (a prefill worker) under its limits of prefilled KV not yet taken by a decode.
     pub fn eligible(&self, now_us: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.usable.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
+            && !self.kv_full()
             && self
                 .breaker
                 .lock()
@@ -67,7 +85,19 @@ impl Worker {
                 .unwrap_or(false)
     }
 
-    /// Records the outcome of a request for the breaker.
+    /// True when the prefilled KV it holds for decodes is at one of its limits.
+    pub fn kv_full(&self) -> bool {
+        let (reqs, toks) = self.kv_limits;
+        (reqs > 0 && self.kv_pending.load(Ordering::Relaxed) >= reqs)
+            || (toks > 0 && self.kv_pending_tokens.load(Ordering::Relaxed) >= toks)
+    }
+
+    /// True unless an active health check (or a failed connect) found it down.
+    pub fn usable(&self) -> bool {
+        self.usable.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a request for the breaker (a failure as a service failure).
     pub fn report(&self, ok: bool, now_us: u64) {
         if let Ok(mut b) = self.breaker.lock() {
             if ok {
@@ -78,17 +108,120 @@ impl Worker {
         }
     }
 
-    /// `healthy`, `unhealthy`, `open` (breaker), `draining`.
+    /// Records a failed request for the breaker, with its cause (connect failures and timeouts are
+    /// reachability failures, which a passing health check clears).
+    pub fn report_failure(&self, f: UpstreamFailure, now_us: u64) {
+        if let Ok(mut b) = self.breaker.lock() {
+            b.on_failure_cause(now_us, f.cause());
+        }
+    }
+
+    /// The worker answered a request with a good response head: an unknown worker is up, and a half-open
+    /// breaker whose probe this was closes now.
+    pub fn on_answered(&self) {
+        if let Ok(mut h) = self.health.lock() {
+            h.on_answered();
+        }
+        if let Ok(mut b) = self.breaker.lock() {
+            if b.on_probe_answered() {
+                tracing::info!(url = %self.url, "worker answers again: breaker closed");
+            }
+        }
+    }
+
+    /// A connect to it failed on the request path: with health checks on, it is down (no requests) until a
+    /// check passes (within the recheck period), so requests stop going to a worker that is not there.
+    pub fn on_connect_failed(&self, health_checks: bool) {
+        if !health_checks {
+            return;
+        }
+        if let Ok(mut h) = self.health.lock() {
+            if h.on_unreachable() != Health::Down {
+                tracing::warn!(url = %self.url, "worker unreachable: down until a health check passes");
+            }
+            self.usable.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an active check is due at `now_us` (see [`HealthCheck::due`]; urgent while the breaker is
+    /// not closed); if so, marks it started.
+    pub fn start_check(&self, now_us: u64, interval_us: u64, recheck_us: u64) -> bool {
+        let urgent = self
+            .breaker
+            .lock()
+            .map(|b| !matches!(b.state(), BreakerState::Closed { .. }))
+            .unwrap_or(false);
+        let Ok(mut h) = self.health.lock() else {
+            return false;
+        };
+        if !h.due(now_us, interval_us, recheck_us, urgent) {
+            return false;
+        }
+        h.start(now_us);
+        true
+    }
+
+    /// The result of an active check. A worker that passes after being down starts afresh: its breaker
+    /// closes (the failures it counted belong to the process or network that went away); one that passes
+    /// while up closes a breaker that only reachability failures opened
+    /// ([`CircuitBreaker::on_reachable`]). Returns the previous health.
+    pub fn on_check(&self, ok: bool) -> Health {
+        let old = match self.health.lock() {
+            Ok(mut h) => {
+                let old = h.finish(ok);
+                self.usable.store(h.usable(), Ordering::Relaxed);
+                old
+            }
+            Err(_) => return Health::Unknown,
+        };
+        if ok {
+            if let Ok(mut b) = self.breaker.lock() {
+                let closed = if old == Health::Down {
+                    let was_closed = matches!(b.state(), BreakerState::Closed { .. });
+                    b.on_success();
+                    !was_closed
+                } else {
+                    b.on_reachable()
+                };
+                if closed {
+                    tracing::info!(url = %self.url, "worker reachable again: breaker closed");
+                }
+            }
+        }
+        let new = if ok { Health::Up } else { Health::Down };
+        if old != new && !(old == Health::Unknown && ok) {
+            tracing::info!(url = %self.url, up = ok, "worker health changed");
+        }
+        old
+    }
+
+    /// `healthy`, `unknown` (not checked yet), `unhealthy` (down), `open` / `half_open` (breaker),
+    /// `draining`.
     pub fn state(&self, now_us: u64) -> &'static str {
         if self.draining.load(Ordering::Relaxed) {
-            "draining"
-        } else if !self.healthy.load(Ordering::Relaxed) {
-            "unhealthy"
-        } else {
-            match self.breaker.lock().map(|b| b.state()) {
-                Ok(BreakerState::Closed { .. }) => "healthy",
-                Ok(BreakerState::Open { until_us }) if now_us < until_us => "open",
-                _ => "half_open",
+            return "draining";
+        }
+        let health = self
+            .health
+            .lock()
+            .map(|h| h.state())
+            .unwrap_or(Health::Unknown);
+        if health == Health::Down {
+            return "unhealthy";
+        }
+        match self.breaker.lock().map(|b| b.state()) {
+            Ok(BreakerState::Closed { .. }) if health == Health::Unknown => "unknown",
+            Ok(BreakerState::Closed { .. }) => "healthy",
+            Ok(BreakerState::Open { until_us }) if now_us < until_us => "open",
+            _ => "half_open",
+        }
+    }
+
+    /// Notes that a `pdx_requests_total` series with `model` and `status` exists for this worker.
+    pub fn note_series(&self, model: &str, status: u16) {
+        if let Ok(mut v) = self.series.lock() {
+            if !v.iter().any(|(m, s)| *s == status && m == model) {
+                v.push((model.to_string(), status));
             }
         }
     }
@@ -133,6 +266,10 @@ pub struct Pool {
     pub workers: ArcSwap<Vec<Arc<Worker>>>,
     /// Bootstrap port of workers registered into this pool without one.
     pub bootstrap_port: u16,
+    /// Created by a registration (removed a heartbeat TTL after its last worker).
+    pub dynamic: bool,
+    /// When it lost its last worker, µs (`u64::MAX`: it has workers).
+    empty_since_us: AtomicU64,
     /// Upstream key of workers registered into this pool without one.
     pub api_key: Option<crate::front_auth::ApiKey>,
 }
@@ -156,6 +293,8 @@ impl Pool {
             selector: Mutex::new(s),
             workers: ArcSwap::from_pointee(Vec::new()),
             bootstrap_port,
+            dynamic: false,
+            empty_since_us: AtomicU64::new(u64::MAX),
             api_key: None,
         }
     }
@@ -219,6 +358,8 @@ pub struct ModelTopo {
     pub grid: Option<GlobalRouterConfig>,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Created by a registration (removed with its last pool).
+    pub dynamic: bool,
 }
 
 impl ModelTopo {
@@ -264,6 +405,18 @@ pub struct Registry {
     breaker: BreakerConfig,
     ttl_us: u64,
     default_policy: Policy,
+    kv_limits: (u64, u64),
+    max_workers: usize,
+    allow: Vec<Cidr>,
+}
+
+/// What a [`Registry::sweep`] removed.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Workers removed (heartbeat expired, or drained and idle).
+    pub workers: Vec<Arc<Worker>>,
+    /// Pools created by registration that lost their last worker: `(model, role, pool)`.
+    pub pools: Vec<(String, Role, String)>,
 }
 
 impl Registry {
@@ -279,6 +432,9 @@ impl Registry {
             breaker: cfg.breaker,
             ttl_us: cfg.heartbeat_ttl_us,
             default_policy: cfg.default_policy,
+            kv_limits: (cfg.max_pending_kv_requests, cfg.max_pending_kv_tokens),
+            max_workers: cfg.max_workers,
+            allow: cfg.worker_allow.clone(),
         });
         let mut models = HashMap::new();
         for m in &cfg.models {
@@ -306,18 +462,28 @@ impl Registry {
         api_key: Option<&str>,
     ) -> Result<Arc<Worker>, RouterError> {
         let now = self.now_us();
+        let u = parse_worker_url(url)?;
         let upstream_auth = crate::front_auth::bearer(api_key, &format!("worker {url}"))?;
         Ok(Arc::new(Worker {
             id,
-            url: url.trim_end_matches('/').to_string(),
-            authority: authority_of(url)?,
+            url: u.url,
+            authority: u.authority,
             role,
             pool: pool.into(),
             model: model.into(),
             bootstrap_port,
             in_flight: AtomicU64::new(0),
             in_flight_tokens: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
+            health: Mutex::new(HealthCheck::new()),
+            usable: AtomicBool::new(true),
+            kv_pending: AtomicU64::new(0),
+            kv_pending_tokens: AtomicU64::new(0),
+            kv_limits: if role == Role::Prefill {
+                self.kv_limits
+            } else {
+                (0, 0)
+            },
+            series: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             registered,
             breaker: Mutex::new(CircuitBreaker::new(self.breaker)),
@@ -338,6 +504,7 @@ impl Registry {
             aggregated: vec![],
             grid: m.grid.clone(),
             block_size: m.block_size,
+            dynamic: false,
         };
         for (i, p) in m.pools.iter().enumerate() {
             let pool = self.build_pool(p, &m.name, m.block_size, i as u64)?;
@@ -413,7 +580,10 @@ impl Registry {
     /// [`Registry::register`] with the worker's SGLang bootstrap port (`None`: its pool's, else
     /// [`DEFAULT_BOOTSTRAP_PORT`]). A heartbeat keeps the port the worker was created with.
     ///
-    /// Errors: [`RouterError::Config`] for a bad role or URL, or port 0.
+    /// Errors: [`RouterError::Config`] for a bad role or field, or port 0; [`RouterError::BadWorkerUrl`];
+    /// [`RouterError::WorkerNotAllowed`] for an address outside the allow-list (or a host name while one
+    /// is set: a name could resolve anywhere later); [`RouterError::RegistryFull`] for a new worker when
+    /// `max_workers` are registered.
     pub fn register_with_bootstrap_port(
         &self,
         reg: &Registration,
@@ -422,14 +592,20 @@ impl Registry {
         if bootstrap_port == Some(0) {
             return Err(RouterError::Config("bootstrap_port must be 1-65535".into()));
         }
-        let role = match reg.role.as_str() {
-            "prefill" => Role::Prefill,
-            "decode" => Role::Decode,
-            "aggregated" => Role::Aggregated,
-            o => return Err(RouterError::Config(format!("unknown role `{o}`"))),
-        };
-        authority_of(&reg.url)?;
-        let url = reg.url.trim_end_matches('/');
+        let role = reg.validate().map_err(|e| RouterError::Config(e.message))?;
+        let checked = parse_worker_url(&reg.url)?;
+        if !self.allow.is_empty() {
+            let ok = checked
+                .ip
+                .is_some_and(|ip| self.allow.iter().any(|c| c.contains(ip)));
+            if !ok {
+                return Err(RouterError::WorkerNotAllowed(format!(
+                    "worker URL {} is not an address inside --worker-allow-cidr",
+                    checked.url
+                )));
+            }
+        }
+        let url = checked.url.as_str();
         let _g = self
             .edit
             .lock()
@@ -449,6 +625,17 @@ impl Registry {
                 }
             }
         }
+        let registered = snap
+            .models
+            .values()
+            .flat_map(|m| m.prefill.iter().chain(&m.decode).chain(&m.aggregated))
+            .map(|p| p.workers.load().iter().filter(|w| w.registered).count())
+            .sum::<usize>();
+        if registered >= self.max_workers {
+            return Err(RouterError::RegistryFull {
+                max: self.max_workers,
+            });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut models = snap.models.clone();
         let old = models.get(&reg.model).cloned();
@@ -460,6 +647,7 @@ impl Registry {
                 aggregated: m.aggregated.clone(),
                 grid: m.grid.clone(),
                 block_size: m.block_size,
+                dynamic: m.dynamic,
             },
             None => ModelTopo {
                 name: reg.model.clone(),
@@ -468,6 +656,7 @@ impl Registry {
                 aggregated: vec![],
                 grid: None,
                 block_size: 16,
+                dynamic: true,
             },
         };
         let list = match role {
@@ -478,7 +667,7 @@ impl Registry {
         let pool = match list.iter().find(|p| p.name == reg.pool) {
             Some(p) => p.clone(),
             None => {
-                let p = Arc::new(Pool::new(
+                let mut p = Pool::new(
                     &reg.pool,
                     role,
                     self.default_policy,
@@ -486,7 +675,9 @@ impl Registry {
                     topo.block_size,
                     id,
                     DEFAULT_BOOTSTRAP_PORT,
-                ));
+                );
+                p.dynamic = true;
+                let p = Arc::new(p);
                 list.push(p.clone());
                 p
             }
@@ -500,6 +691,7 @@ impl Registry {
         let mut ws: Vec<Arc<Worker>> = pool.workers.load().as_ref().clone();
         ws.push(worker);
         pool.workers.store(Arc::new(ws));
+        pool.empty_since_us.store(u64::MAX, Ordering::Relaxed);
         models.insert(reg.model.clone(), Arc::new(topo));
         self.snap.store(Arc::new(Snapshot { models }));
         tracing::info!(
@@ -525,15 +717,23 @@ impl Registry {
         n
     }
 
-    /// Removes workers whose heartbeat expired and drained workers with nothing in flight.
-    /// Returns the URLs removed.
-    pub fn sweep(&self) -> Vec<String> {
+    /// Registered workers (heartbeat TTL applies).
+    pub fn registered_count(&self) -> usize {
+        self.workers().iter().filter(|w| w.registered).count()
+    }
+
+    /// Removes workers whose heartbeat expired and drained workers with nothing in flight, and then pools
+    /// and models created by registration that have had no worker for a heartbeat TTL (until then requests
+    /// for the model get 503, as while its workers restart, not 404). Returns what it removed (its metric
+    /// series are the caller's to delete).
+    pub fn sweep(&self) -> Swept {
         let now = self.now_us();
         let Ok(_g) = self.edit.lock() else {
-            return vec![];
+            return Swept::default();
         };
-        let snap = self.snap.load();
-        let mut removed = Vec::new();
+        let snap = self.snap.load_full();
+        let mut out = Swept::default();
+        let mut expired = false;
         for m in snap.models.values() {
             for p in m.prefill.iter().chain(&m.decode).chain(&m.aggregated) {
                 let ws = p.workers.load();
@@ -545,7 +745,7 @@ impl Registry {
                 if ws.iter().any(dead) {
                     let keep: Vec<Arc<Worker>> = ws.iter().filter(|w| !dead(w)).cloned().collect();
                     for w in ws.iter().filter(|w| dead(w)) {
-                        removed.push(w.url.clone());
+                        out.workers.push(w.clone());
                         if let Ok(mut s) = p.selector.lock() {
                             s.index.remove_worker(w.id);
                         }
@@ -553,8 +753,120 @@ impl Registry {
                     }
                     p.workers.store(Arc::new(keep));
                 }
+                if p.dynamic && p.workers.load().is_empty() {
+                    let since = match p.empty_since_us.load(Ordering::Relaxed) {
+                        u64::MAX => {
+                            p.empty_since_us.store(now, Ordering::Relaxed);
+                            now
+                        }
+                        t => t,
+                    };
+                    expired |= now.saturating_sub(since) > self.ttl_us;
+                }
             }
         }
-        removed
+        if expired {
+            // Pools (and models) that registration created and that lost their last worker go too: a
+            // registration per pool name must not grow the router without bound.
+            let mut models = HashMap::new();
+            for (name, m) in &snap.models {
+                let mut keep = |pools: &[Arc<Pool>]| -> Vec<Arc<Pool>> {
+                    pools
+                        .iter()
+                        .filter(|p| {
+                            let since = p.empty_since_us.load(Ordering::Relaxed);
+                            let gone = p.dynamic
+                                && p.workers.load().is_empty()
+                                && since != u64::MAX
+                                && now.saturating_sub(since) > self.ttl_us;
+                            if gone {
+                                out.pools.push((name.clone(), p.role, p.name.clone()));
+                            }
+                            !gone
+                        })
+                        .cloned()
+                        .collect()
+                };
+                let topo = ModelTopo {
+                    name: m.name.clone(),
+                    prefill: keep(&m.prefill),
+                    decode: keep(&m.decode),
+                    aggregated: keep(&m.aggregated),
+                    grid: m.grid.clone(),
+                    block_size: m.block_size,
+                    dynamic: m.dynamic,
+                };
+                let empty =
+                    topo.prefill.is_empty() && topo.decode.is_empty() && topo.aggregated.is_empty();
+                if !(topo.dynamic && empty) {
+                    models.insert(name.clone(), Arc::new(topo));
+                }
+            }
+            self.snap.store(Arc::new(Snapshot { models }));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn registry(flags: &[&str]) -> Arc<Registry> {
+        let args = crate::ServeArgs::try_parse_from(
+            std::iter::once("pdx-serve").chain(flags.iter().copied()),
+        )
+        .expect("flags");
+        Registry::new(&Config::from_args(&args).expect("config")).expect("registry")
+    }
+
+    #[test]
+    fn a_prefill_worker_at_its_pending_kv_limit_takes_no_prefill() {
+        let r = registry(&[
+            "--prefill",
+            "http://127.0.0.1:1",
+            "--decode",
+            "http://127.0.0.1:2",
+            "--max-pending-kv-requests",
+            "2",
+            "--max-pending-kv-tokens",
+            "1000",
+        ]);
+        let ws = r.workers();
+        let p = ws.iter().find(|w| w.role == Role::Prefill).unwrap();
+        let d = ws.iter().find(|w| w.role == Role::Decode).unwrap();
+        assert!(p.eligible(0));
+        p.kv_pending.store(2, Ordering::Relaxed);
+        assert!(!p.eligible(0), "at the request limit");
+        p.kv_pending.store(1, Ordering::Relaxed);
+        assert!(p.eligible(0));
+        p.kv_pending_tokens.store(1000, Ordering::Relaxed);
+        assert!(!p.eligible(0), "at the token limit");
+        d.kv_pending.store(100, Ordering::Relaxed);
+        assert!(d.eligible(0), "limits apply to prefill workers only");
+    }
+
+    #[test]
+    fn health_checks_and_connect_failures_decide_usability() {
+        let r = registry(&["--decode", "http://127.0.0.1:2"]);
+        let w = r.workers()[0].clone();
+        assert_eq!(w.state(0), "unknown");
+        assert!(w.eligible(0), "unknown workers take requests");
+        w.on_connect_failed(true);
+        assert!(!w.eligible(0));
+        assert_eq!(w.state(0), "unhealthy");
+        // Reachability failures open the breaker too; the passing check that brings the worker back
+        // closes it.
+        for t in 0..5 {
+            w.report_failure(UpstreamFailure::Connect, t);
+        }
+        assert!(w.start_check(10, 5_000_000, 500_000));
+        assert_eq!(w.on_check(true), Health::Down);
+        assert!(w.eligible(11), "back within one check, breaker closed");
+        assert_eq!(w.state(11), "healthy");
+        // Without health checks a failed connect does not take the worker out (nothing would bring it back).
+        w.on_connect_failed(false);
+        assert!(w.eligible(12));
     }
 }

@@ -9,6 +9,14 @@
 //! back to the pool (its read buffer is released while idle); when the body is dropped early
 //! (client disconnect, error) the socket closes with it, so the engine sees the disconnect and
 //! aborts the request (vLLM and the mock free its KV then).
+//!
+//! A pooled connection is only reused while it is known good: one idle for [`MAX_IDLE`] or longer is
+//! closed, and one the server has closed meanwhile (EOF, or anything readable on an idle keep-alive
+//! connection) is dropped when it is taken from the pool, without a request on it. A worker that restarts
+//! on the same address leaves every pooled connection to its old process half closed (CLOSE-WAIT); they
+//! are all skipped, and a failed connect flushes the address's pool. [`send`] tells a request that never
+//! fully left ([`SendError::NotSent`]) and one a reused connection dropped before answering
+//! ([`SendError::Closed`]): both are safe to send again, on a new connection ([`connect`]).
 
 use crate::h1::{self, DecodeError, Framing, Step};
 use bytes::{Bytes, BytesMut};
@@ -22,7 +30,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Read buffer of an upstream connection once a response is past its first read, bytes.
 /// Forwarded body frames are slices of this buffer. A read asks for at most its free room.
@@ -43,14 +51,22 @@ pub struct Conn {
     pub authority: Rc<str>,
     /// Taken from the pool (it may have been closed by the server meanwhile).
     pub reused: bool,
+    /// When it went back to the pool.
+    idle_since: Instant,
 }
 
 thread_local! {
+    /// Idle connections per authority, oldest first.
     static POOL: RefCell<HashMap<Rc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
 }
 
 /// Idle connections kept per upstream per thread (an idle connection holds its socket only).
 const MAX_IDLE_PER_HOST: usize = 256;
+
+/// An idle connection is reused for at most this long, then closed. Below the keep-alive timeout of
+/// uvicorn (5 s by default), the HTTP server of vLLM and SGLang: the router never writes a request on a
+/// connection the engine is closing at that moment.
+pub const MAX_IDLE: Duration = Duration::from_secs(4);
 
 /// Why getting a connection failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,12 +77,77 @@ pub enum ConnectError {
     Timeout,
 }
 
-/// A pooled connection to `authority`, or a new one (connect within `timeout`).
+/// A pooled connection to `authority` that is still good, or a new one (connect within `timeout`).
+///
+/// Errors: as [`connect`].
 pub async fn get(authority: &str, timeout: Duration) -> Result<Conn, ConnectError> {
-    let pooled = POOL.with(|p| p.borrow_mut().get_mut(authority)?.pop());
-    if let Some(c) = pooled {
-        return Ok(Conn { reused: true, ..c });
+    if let Some(c) = take_pooled(authority) {
+        return Ok(c);
     }
+    connect(authority, timeout).await
+}
+
+/// The most recently pooled connection to `authority` that is still good. Connections idle for
+/// [`MAX_IDLE`] or more, or closed by the server, are dropped on the way.
+fn take_pooled(authority: &str) -> Option<Conn> {
+    let now = Instant::now();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.get_mut(authority)?;
+        drop_expired(list, now);
+        let mut found = None;
+        while let Some(mut c) = list.pop() {
+            if !c.peer_closed() {
+                c.reused = true;
+                found = Some(c);
+                break;
+            }
+        }
+        if list.is_empty() {
+            p.remove(authority);
+        }
+        found
+    })
+}
+
+/// Drops the connections of `list` (oldest first) idle for [`MAX_IDLE`] or more.
+fn drop_expired(list: &mut Vec<Conn>, now: Instant) {
+    let n = list
+        .iter()
+        .take_while(|c| now.saturating_duration_since(c.idle_since) >= MAX_IDLE)
+        .count();
+    list.drain(..n);
+}
+
+/// Closes this thread's idle connections that are too old or that their server closed (called about once
+/// a second by each server thread, so sockets of a worker that went away do not sit in CLOSE-WAIT).
+pub fn prune() {
+    let now = Instant::now();
+    POOL.with(|p| {
+        p.borrow_mut().retain(|_, list| {
+            drop_expired(list, now);
+            list.retain_mut(|c| !c.peer_closed());
+            !list.is_empty()
+        });
+    });
+}
+
+/// Drops every idle connection to `authority` on this thread (its worker refused a connect: the pooled
+/// ones belong to a process that is gone).
+pub fn flush(authority: &str) {
+    POOL.with(|p| p.borrow_mut().remove(authority));
+}
+
+/// Idle connections to `authority` on this thread (tests).
+pub fn idle_count(authority: &str) -> usize {
+    POOL.with(|p| p.borrow().get(authority).map_or(0, Vec::len))
+}
+
+/// A new connection to `authority` (connect within `timeout`), never a pooled one. A failed connect
+/// flushes the authority's pool on this thread.
+///
+/// Errors: [`ConnectError::Failed`] (refused, unreachable, bad address), [`ConnectError::Timeout`].
+pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, ConnectError> {
     let fut = async {
         let s = monoio::net::TcpStream::connect(authority)
             .await
@@ -78,12 +159,17 @@ pub async fn get(authority: &str, timeout: Duration) -> Result<Conn, ConnectErro
             buf: BytesMut::new(),
             authority: Rc::from(authority),
             reused: false,
+            idle_since: Instant::now(),
         })
     };
-    match monoio::time::timeout(timeout, fut).await {
+    let r = match monoio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
+    };
+    if r.is_err() {
+        flush(authority);
     }
+    r
 }
 
 /// Returns a connection whose last response was read to the end.
@@ -92,6 +178,7 @@ pub fn put(mut c: Conn) {
         return; // bytes beyond the response: not a clean keep-alive connection
     }
     c.buf = BytesMut::new();
+    c.idle_since = Instant::now();
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.entry(c.authority.clone()).or_default();
@@ -104,8 +191,11 @@ pub fn put(mut c: Conn) {
 /// Why an exchange failed.
 #[derive(Debug)]
 pub enum SendError {
-    /// Writing failed, or the connection closed before any response byte (on a pooled
-    /// connection: most likely closed by the server while idle; safe to retry on a new one).
+    /// Writing the request failed: it never fully left, so no server acted on it (safe to send again, on
+    /// a new connection).
+    NotSent,
+    /// The connection closed before any response byte (on a pooled connection: most likely closed by the
+    /// server while idle, so safe to retry on a new one; after [`Abandon`]: the server aborted the request).
     Closed,
     /// I/O error after response bytes arrived.
     Io(std::io::Error),
@@ -113,7 +203,74 @@ pub enum SendError {
     Decode(DecodeError),
 }
 
+/// A request the caller no longer wants, signalled while [`send_abandonable`] waits for its answer.
+///
+/// HTTP/1.1 has no way to cancel one request but closing; a close in the instant the server finishes
+/// would lose its answer, and with a prefill's answer the KV blocks it holds for a decode (vLLM keeps them
+/// until `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`). So an abandoned request half-closes its connection instead
+/// (FIN: the server sees the client go and aborts a request still running) and keeps reading for
+/// [`ABANDON_GRACE`]: an answer already on its way still arrives and is returned, and the caller can undo it.
+#[derive(Default)]
+pub struct Abandon {
+    fired: std::cell::Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl std::fmt::Debug for Abandon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Abandon")
+            .field("fired", &self.fired.get())
+            .finish()
+    }
+}
+
+/// How long an abandoned request waits for an answer already on its way (see [`Abandon`]).
+pub const ABANDON_GRACE: Duration = Duration::from_secs(2);
+
+impl Abandon {
+    /// Signals the request's owner.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+    /// True once fired.
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+    fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut w = self.waker.borrow_mut();
+        match w.as_ref() {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
 impl Conn {
+    /// True when the server closed the connection (EOF or an error is readable) or sent bytes nobody
+    /// asked for: either way it is not a clean idle keep-alive connection. Costs no system call unless
+    /// the socket is readable (the runtime keeps readiness).
+    fn peer_closed(&mut self) -> bool {
+        let mut scratch = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut scratch);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        !matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
+            Poll::Pending
+        )
+    }
+
+    async fn shutdown_write(&mut self) {
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+    }
+
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.buf.capacity() == 0 {
             self.buf.reserve(FIRST_READ_BUF);
@@ -156,11 +313,25 @@ impl Conn {
 /// pairs written as given; `Content-Length` is added for a body. The response body reads from
 /// the connection; a clean end returns it to the pool.
 pub async fn send(
+    conn: Conn,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> Result<Response<UpBody>, SendError> {
+    send_abandonable(conn, method, path, headers, body, None).await
+}
+
+/// [`send`], watching `abandon` while it waits for the response head (see [`Abandon`]): once it fires, the
+/// connection is half closed and the head is awaited for at most [`ABANDON_GRACE`] more
+/// ([`SendError::Closed`] when the server closes or nothing comes).
+pub async fn send_abandonable(
     mut conn: Conn,
     method: &str,
     path: &str,
     headers: &[(&str, &[u8])],
     body: &[u8],
+    abandon: Option<&Abandon>,
 ) -> Result<Response<UpBody>, SendError> {
     let mut req = Vec::with_capacity(128 + path.len() + body.len());
     req.extend_from_slice(method.as_bytes());
@@ -181,18 +352,44 @@ pub async fn send(
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
     if conn.write_all(&req).await.is_err() {
-        return Err(SendError::Closed);
+        return Err(SendError::NotSent);
     }
     drop(req);
     let head_request = method == "HEAD";
     let mut got_bytes = false;
+    let mut grace_until: Option<monoio::time::Instant> = None;
     let head = loop {
         match h1::parse_head(&mut conn.buf, head_request) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
             Err(e) => return Err(SendError::Decode(e)),
         }
-        match conn.fill().await {
+        let filled = match (abandon, grace_until) {
+            (Some(a), None) => {
+                let ev = std::future::poll_fn(|cx| {
+                    if a.poll_fired(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    conn.poll_fill(cx).map(Some)
+                })
+                .await;
+                match ev {
+                    Some(r) => r,
+                    None => {
+                        // Abandoned: FIN to the server, then keep reading for an answer on its way.
+                        conn.shutdown_write().await;
+                        grace_until = Some(monoio::time::Instant::now() + ABANDON_GRACE);
+                        continue;
+                    }
+                }
+            }
+            (_, Some(until)) => match monoio::time::timeout_at(until, conn.fill()).await {
+                Ok(r) => r,
+                Err(_) => return Err(SendError::Closed),
+            },
+            (None, None) => conn.fill().await,
+        };
+        match filled {
             Ok(0) if !got_bytes => return Err(SendError::Closed),
             Ok(0) => return Err(SendError::Io(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => got_bytes = true,
@@ -293,13 +490,16 @@ impl Body for UpBody {
     }
 }
 
-/// `GET /health` on `authority`: true for a 2xx within `timeout`.
+/// `GET /health` on `authority`, on a new connection (closed after: a check must reach the worker as a
+/// request would, not ride a connection to a process that is gone): true for a 2xx within `timeout`.
 pub async fn health(authority: &str, timeout: Duration) -> bool {
     let fut = async {
-        let Ok(c) = get(authority, timeout).await else {
+        let Ok(c) = connect(authority, timeout).await else {
             return false;
         };
-        let Ok(r) = send(c, "GET", "/health", &[("host", authority.as_bytes())], &[]).await else {
+        let headers: [(&str, &[u8]); 2] =
+            [("host", authority.as_bytes()), ("connection", b"close")];
+        let Ok(r) = send(c, "GET", "/health", &headers, &[]).await else {
             return false;
         };
         let ok = r.status().is_success();
@@ -308,4 +508,168 @@ pub async fn health(authority: &str, timeout: Duration) -> bool {
             .is_ok()
     };
     monoio::time::timeout(timeout, fut).await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Serves `answers` requests on each accepted connection, then closes it; returns the listener port.
+    fn server(answers_per_conn: usize, conns: usize) -> (u16, std::thread::JoinHandle<usize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let mut accepted = 0;
+            for _ in 0..conns {
+                let Ok((mut s, _)) = l.accept() else { break };
+                accepted += 1;
+                for _ in 0..answers_per_conn {
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return accepted,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+                // Dropped: the server closes the connection (a restart does this to every idle one).
+            }
+            accepted
+        });
+        (port, t)
+    }
+
+    async fn exchange(authority: &str) -> bool {
+        let c = get(authority, Duration::from_secs(2)).await.unwrap();
+        let reused = c.reused;
+        let r = send(c, "GET", "/", &[("host", authority.as_bytes())], &[])
+            .await
+            .unwrap();
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+        reused
+    }
+
+    fn rt() -> crate::Runtime {
+        crate::runtime().expect("runtime")
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_is_never_reused() {
+        rt().block_on(async {
+            // One answer per connection, then the server closes it.
+            let (port, t) = server(1, 2);
+            let auth = format!("127.0.0.1:{port}");
+            assert!(!exchange(&auth).await);
+            assert_eq!(idle_count(&auth), 1, "a clean keep-alive answer is pooled");
+            // Let the FIN arrive and the runtime see it.
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                !exchange(&auth).await,
+                "the closed connection was taken from the pool"
+            );
+            POOL.with(|p| p.borrow_mut().clear());
+            assert_eq!(t.join().unwrap(), 2);
+
+            // A server that keeps its connections: the pooled one is reused.
+            let (port, t) = server(2, 1);
+            let auth = format!("127.0.0.1:{port}");
+            assert!(!exchange(&auth).await);
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            assert!(exchange(&auth).await, "a live pooled connection is reused");
+            POOL.with(|p| p.borrow_mut().clear());
+            assert_eq!(t.join().unwrap(), 1);
+        });
+    }
+
+    #[test]
+    fn a_failed_connect_flushes_the_pool_and_prune_drops_closed_ones() {
+        rt().block_on(async {
+            let (port, t) = server(1, 1);
+            let auth = format!("127.0.0.1:{port}");
+            assert!(!exchange(&auth).await);
+            assert_eq!(idle_count(&auth), 1);
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            prune();
+            assert_eq!(
+                idle_count(&auth),
+                0,
+                "prune drops connections the server closed"
+            );
+            assert_eq!(t.join().unwrap(), 1);
+
+            // A pooled connection to an address that then refuses connects is flushed by the failure.
+            let (port, t) = server(2, 1);
+            let auth = format!("127.0.0.1:{port}");
+            assert!(!exchange(&auth).await);
+            assert_eq!(idle_count(&auth), 1);
+            let dead = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            let dead = format!("127.0.0.1:{dead}");
+            // Fake a pooled entry under the dead address by moving the live one there.
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                let c = p.remove(auth.as_str()).unwrap();
+                p.insert(Rc::from(dead.as_str()), c);
+            });
+            assert_eq!(idle_count(&dead), 1);
+            assert_eq!(
+                connect(&dead, Duration::from_secs(2)).await.unwrap_err(),
+                ConnectError::Failed
+            );
+            assert_eq!(idle_count(&dead), 0, "the failed connect flushed the pool");
+            drop(t);
+        });
+    }
+
+    #[test]
+    fn abandon_half_closes_and_still_reads_an_answer_on_its_way() {
+        rt().block_on(async {
+            // The server answers only once it sees the client's FIN (a prefill finishing as the client
+            // goes away): the answer must still be read.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            let t = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut buf = [0u8; 4096];
+                let mut saw_eof = false;
+                let mut got = Vec::new();
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            saw_eof = true;
+                            break;
+                        }
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nkept");
+                saw_eof
+            });
+            let auth = format!("127.0.0.1:{port}");
+            let c = connect(&auth, Duration::from_secs(2)).await.unwrap();
+            let abandon = Rc::new(Abandon::default());
+            let a2 = abandon.clone();
+            monoio::spawn(async move {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+                a2.fire();
+            });
+            let r = send_abandonable(c, "POST", "/", &[("host", b"x")], b"{}", Some(&abandon))
+                .await
+                .expect("the answer sent after the FIN arrives");
+            let body = http_body_util::BodyExt::collect(r.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(&body[..], b"kept");
+            assert!(t.join().unwrap(), "the server saw the half close");
+        });
+    }
 }

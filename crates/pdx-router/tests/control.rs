@@ -238,3 +238,106 @@ fn slow_request_head_or_body_gets_408() {
         .is_err()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn registration_urls_are_checked_and_the_registry_is_bounded() {
+    let r = router(&[
+        "--admin-token",
+        "t0k",
+        "--max-workers",
+        "2",
+        "--worker-allow-cidr",
+        "127.0.0.0/8",
+        "--heartbeat-ttl-secs",
+        "0.5",
+    ]);
+    let auth = [("authorization", "Bearer t0k")];
+    let post_reg = |url: &str, pool: &str| {
+        let body =
+            serde_json::json!({"role":"decode","pool":pool,"url":url,"model":"m"}).to_string();
+        let addr = r.addr;
+        async move {
+            let resp = send(addr, "POST", "/v1/workers", &auth, body).await;
+            let s = resp.status().as_u16();
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            (s, String::from_utf8_lossy(&b).to_string())
+        }
+    };
+    // Reads need the token too.
+    let resp = send(r.addr, "GET", "/v1/workers", &[], "").await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_some());
+    // Every malformed URL is a 400 naming `url`.
+    for bad in [
+        "https://127.0.0.1:1",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:65536",
+        "http://127.0.0.1:1/v1/completions",
+        "http://127.0.0.1:1?a=b",
+        "http://127.0.0.1:1#x",
+        "http://u:p@127.0.0.1:1",
+        "http://127.0.0.1:1\r\nX-Injected: 1",
+        "http://127.0.0.1:1\u{7f}",
+        "http://",
+        "127.0.0.1:1",
+    ] {
+        let (s, b) = post_reg(bad, "d").await;
+        assert_eq!(s, 400, "{bad:?}: {b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["code"], 400, "{b}");
+    }
+    // Outside the allow-list (or a name that could resolve anywhere): 403.
+    for outside in ["http://10.0.0.1:8000", "http://worker.example:8000"] {
+        let (s, b) = post_reg(outside, "d").await;
+        assert_eq!(s, 403, "{outside}: {b}");
+        assert!(b.contains("PermissionDeniedError"), "{b}");
+    }
+    assert!(r.shared.registry.workers().is_empty());
+    // The cap: two registered workers, the third is refused; a heartbeat of a known one is not.
+    assert_eq!(post_reg("http://127.0.0.1:1", "d1").await.0, 200);
+    assert_eq!(post_reg("http://127.0.0.1:2", "d2").await.0, 200);
+    let (s, b) = post_reg("http://127.0.0.1:3", "d3").await;
+    assert_eq!(s, 429, "{b}");
+    assert!(b.contains("--max-workers"), "{b}");
+    assert_eq!(
+        post_reg("http://127.0.0.1:1", "d1").await.0,
+        200,
+        "heartbeat"
+    );
+    // Their metric series exist, then go with them (and so do the pools registration created).
+    for w in r.shared.registry.workers() {
+        w.note_series(&w.model, 200);
+        r.shared
+            .metrics
+            .requests
+            .get_or_create(&pdx_router::metrics::RequestLabels {
+                model: w.model.clone(),
+                pool: w.pool.clone(),
+                worker: w.url.clone(),
+                status: 200,
+                class: "2xx",
+            })
+            .inc();
+    }
+    assert!(eventually(|| router_metrics(&r).contains("pdx_worker_state{worker=\"http://127.0.0.1:2\"")).await);
+    let m = router_metrics(&r);
+    assert!(m.contains("worker=\"http://127.0.0.1:2\""), "{m}");
+    // Heartbeats stop: both expire, their series are deleted, and after another TTL their pools too.
+    assert!(
+        eventually(|| {
+            let m = router_metrics(&r);
+            r.shared.registry.workers().is_empty()
+                && !m.contains("127.0.0.1:1\"")
+                && !m.contains("127.0.0.1:2\"")
+        })
+        .await,
+        "{}",
+        router_metrics(&r)
+    );
+    assert!(
+        eventually(|| r.shared.registry.snap.load().models.is_empty()).await,
+        "pools and models created by registration are removed"
+    );
+    // Room again.
+    assert_eq!(post_reg("http://127.0.0.1:3", "d3").await.0, 200);
+}

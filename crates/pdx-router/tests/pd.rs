@@ -381,3 +381,51 @@ async fn unreadable_kv_reruns_the_prefill_on_another_worker() {
     assert_eq!(s, 502, "{v}");
     assert_eq!(v["error"]["type"], "KVTransferError", "{v}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_prefill_runs_without_an_eligible_decode() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    // A decode worker that is not there: the first failed health check marks it down.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let r = router(&[
+        "--prefill",
+        &url(&p),
+        "--decode",
+        &format!("http://127.0.0.1:{dead}"),
+    ]);
+    let now = || r.shared.registry.now_us();
+    assert!(
+        eventually(|| r
+            .shared
+            .registry
+            .workers()
+            .iter()
+            .any(|w| w.state(now()) == "unhealthy"))
+        .await
+    );
+    let resp = send(
+        r.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(3, false).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], 503, "{v}");
+    assert_eq!(
+        mock_metric(&p, "vllm:prompt_tokens_total", ""),
+        0.0,
+        "the prefill ran without a decode to take its KV"
+    );
+    assert_eq!(mock_metric(&p, "pdx:kv_blocks_held", ""), 0.0);
+}
