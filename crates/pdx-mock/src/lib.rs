@@ -269,18 +269,6 @@ fn build_profile(a: &MockArgs) -> Result<Profile, MockError> {
     Ok(p)
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MockError> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    #[cfg(unix)]
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
-}
-
 /// Starts a mock server in background threads and returns once it listens.
 ///
 /// Errors: [`MockError::Config`] for bad flags/profile/tokenizer, [`MockError::Io`] when the
@@ -301,12 +289,10 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         .host
         .parse()
         .map_err(|e| MockError::Config(format!("bad --host {}: {e}", args.host)))?;
-    let first = bind(SocketAddr::new(ip, args.port))?;
-    let addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..args.threads {
-        listeners.push(bind(addr)?);
-    }
+    // One SO_REUSEPORT listener per thread, refusing an address another process holds (a second mock on the
+    // same port would otherwise take part of this one's requests; see `pdx-listen`).
+    let listeners = pdx_listen::bind_set(SocketAddr::new(ip, args.port), args.threads, 1024)?;
+    let addr = listeners[0].local_addr()?;
     let m = &profile.model;
     let per_token_layer =
         (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
@@ -402,7 +388,16 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             })?;
         threads.push(t);
     }
-    tracing::info!(%addr, role = args.role.as_str(), model = %args.model, instant = args.instant, "pdx mock listening");
+    let kv = engine
+        .kv_endpoint()
+        .map(|e| format!("{}:{} ({})", e.host, e.port, e.engine_id));
+    tracing::info!(
+        role = args.role.as_str(),
+        model = %args.model,
+        instant = args.instant,
+        kv_side_channel = kv.as_deref().unwrap_or("none"),
+        "pdx mock listening on http://{addr}"
+    );
     Ok(MockServer {
         addr,
         engine,

@@ -10,7 +10,10 @@ pub enum RouterError {
     /// A core (grid, policy) error (fatal).
     #[error(transparent)]
     Core(#[from] pdx_router_core::CoreError),
-    /// Socket or runtime error (listen, spawn): fatal at start.
+    /// The listen address is held by another process, or cannot be bound: fatal at start.
+    #[error(transparent)]
+    Listen(#[from] pdx_listen::ListenError),
+    /// Socket or runtime error (spawn): fatal at start.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
