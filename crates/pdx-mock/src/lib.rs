@@ -72,18 +72,20 @@ pub struct MockArgs {
     /// Served model name.
     #[arg(long, default_value = "mock")]
     pub model: String,
-    /// Profile file (TOML or JSON): model shape, timing, scheduler limits, faults.
+    /// Profile file (TOML or JSON): model shape, timing, scheduler limits, faults [default: built-in, Qwen3-0.6B on
+    /// one H100]
     #[arg(long)]
     pub profile: Option<std::path::PathBuf>,
-    /// Hugging Face `tokenizer.json` (default: the built-in tokenizer).
+    /// Hugging Face `tokenizer.json` [default: the built-in tokenizer]
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
     /// No modelled delay: answer as fast as possible (router overhead benchmarks).
     #[arg(long)]
     pub instant: bool,
-    /// Divide every modelled step time by this factor.
-    #[arg(long, default_value_t = 1.0)]
-    pub speedup: f64,
+    /// Time factor of the timing model: 2 runs every modelled step twice as fast (the same word as
+    /// `pdx replay --speed`).
+    #[arg(long, alias = "speedup", default_value_t = 1.0)]
+    pub speed: f64,
     /// Server threads, each a current-thread runtime on its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -106,25 +108,25 @@ pub struct MockArgs {
     /// Listen address of the KV agent (side channel + transfers) of prefill/decode workers.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
-    /// Host advertised as `remote_host` and in registration (default: the KV listen IP).
+    /// Host advertised as `remote_host` and in registration [default: the KV listen IP]
     #[arg(long)]
     pub advertise_host: Option<String>,
-    /// KV engine id, the `remote_engine_id` (default: `pdx-mock-<role>-<pid>-<port>`).
+    /// KV engine id, the `remote_engine_id` [default: pdx-mock-<role>-<pid>-<port>]
     #[arg(long)]
     pub engine_id: Option<String>,
     /// Output tokens when a request sets no `max_tokens`.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: u32,
-    /// The model emits EOS after this many tokens (unless `ignore_eos`); default: never.
+    /// The model emits EOS after this many tokens (unless `ignore_eos`) [default: never]
     #[arg(long)]
     pub eos_after: Option<u32>,
-    /// Context length (overrides the profile).
+    /// Context length, tokens [default: the profile's, 40960]
     #[arg(long)]
     pub max_model_len: Option<u32>,
-    /// Scheduler token budget per step (overrides the profile).
+    /// Scheduler token budget per step [default: the profile's, 8192]
     #[arg(long)]
     pub max_num_batched_tokens: Option<u32>,
-    /// Running sequences at most (overrides the profile).
+    /// Running sequences at most [default: the profile's, 256]
     #[arg(long)]
     pub max_num_seqs: Option<u32>,
     /// Fault: fraction of completion requests answered 500.
@@ -142,16 +144,16 @@ pub struct MockArgs {
     /// Fault: streams stall after this many tokens.
     #[arg(long)]
     pub fault_stall_after_tokens: Option<u32>,
-    /// Fault: stalls last this many seconds (default: forever).
+    /// Fault: stalls last this many seconds [default: forever]
     #[arg(long)]
     pub fault_stall_secs: Option<f64>,
     /// Router URL to self-register with (`POST URL/v1/workers`, repeated as a heartbeat).
     #[arg(long)]
     pub register: Option<String>,
-    /// Pool name sent when registering (default: the role).
+    /// Pool name sent when registering [default: the role]
     #[arg(long)]
     pub pool: Option<String>,
-    /// URL of this worker sent when registering (default: `http://<advertise host>:<port>`).
+    /// URL of this worker sent when registering [default: http://<advertise host>:<port>]
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// Seconds between registration heartbeats.
@@ -351,7 +353,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         block_size: args.block_size,
         num_blocks: args.num_blocks,
         instant: args.instant,
-        speedup: args.speedup,
+        speedup: args.speed,
         kv_hold_timeout: Duration::from_secs_f64(args.kv_hold_timeout_secs.max(0.0)),
         default_max_tokens: args.default_max_tokens.max(1),
         eos_after: args.eos_after,

@@ -22,20 +22,21 @@ use pdx_router_core::{FallbackMode, GlobalRouterConfig, Policy};
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// `pdx serve` flags.
+/// `pdx serve` flags. Every flag overrides the same setting of the file; the `[default: …]` in each help line
+/// is what applies when neither sets it (the flags stay `Option`s so that the file can set them).
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(name = "pdx-serve", about = "disaggregated prefill/decode router")]
 pub struct ServeArgs {
     /// TOML config file (`pdx.toml`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Listen address (default 0.0.0.0).
+    /// Listen address [default: 0.0.0.0]
     #[arg(long)]
     pub host: Option<String>,
-    /// Listen port (default 8000; 0: ephemeral).
+    /// Listen port (0: ephemeral) [default: 8000]
     #[arg(long)]
     pub port: Option<u16>,
-    /// Server threads, one runtime each (default: one per core).
+    /// Server threads, one runtime each (0: one per core) [default: 0]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Prefill worker URL, optionally followed by its SGLang bootstrap port (repeatable; default port 8998,
@@ -49,43 +50,45 @@ pub struct ServeArgs {
     /// Aggregated worker URL (repeatable): quick start without PD.
     #[arg(long = "worker")]
     pub worker: Vec<String>,
-    /// How a request is spread over workers: `vllm-nixl` (default; vLLM NixlConnector prefill, then decode),
+    /// How a request is spread over workers: `vllm-nixl` (vLLM NixlConnector prefill, then decode),
     /// `sglang-bootstrap` (aliases `sglang`, `bootstrap`: SGLang PD, prefill and decode at once with
-    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only). Overrides the file's `orchestration`.
+    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only) [default: vllm-nixl]
     #[arg(long)]
     pub orchestration: Option<String>,
-    /// Model name of quick-start workers (default: any model name is accepted).
+    /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware.
+    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware
+    /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
-    /// Bearer token required by `POST/DELETE /v1/workers`.
+    /// Bearer token required by `POST/DELETE /v1/workers` [default: none]
     #[arg(long)]
     pub auth_token: Option<String>,
-    /// Seconds without a heartbeat after which a registered worker is removed.
+    /// Seconds without a heartbeat after which a registered worker is removed [default: 15]
     #[arg(long)]
     pub heartbeat_ttl_secs: Option<f64>,
-    /// Seconds until an upstream answers with headers before 504.
+    /// Seconds until an upstream answers with headers before 504 [default: 300]
     #[arg(long)]
     pub upstream_timeout_secs: Option<f64>,
     /// Seconds a response body may go without a byte from the upstream before the router ends it (an SSE error
-    /// event on streams) and drops the upstream request (default 300).
+    /// event on streams) and drops the upstream request [default: 300]
     #[arg(long)]
     pub stream_idle_timeout_secs: Option<f64>,
     /// Seconds a client gets to send a request head (idle keep-alive connections included), and the longest
-    /// gap between bytes of a request body; then 408 and the connection closes (default 30).
+    /// gap between bytes of a request body; then 408 and the connection closes [default: 30]
     #[arg(long)]
     pub client_timeout_secs: Option<f64>,
     /// On SIGTERM or SIGINT, seconds to let in-flight requests finish (no new connections are accepted, `/ready`
-    /// answers 503) before the router exits anyway (default 30, Kubernetes' default grace period).
+    /// answers 503) before the router exits anyway (30 is Kubernetes' default grace period) [default: 30]
     #[arg(long)]
     pub shutdown_timeout_secs: Option<f64>,
-    /// Prefill attempts in all (first + retries); under `sglang-bootstrap`, attempts of the prefill/decode pair.
+    /// Prefill attempts in all (first + retries); under `sglang-bootstrap`, attempts of the prefill/decode pair
+    /// [default: 3]
     #[arg(long)]
     pub prefill_attempts: Option<u32>,
     /// After failed prefill attempts: decode_only or fail (`vllm-nixl`; `sglang-bootstrap` always fails:
-    /// 503, or 504 after a timeout).
+    /// 503, or 504 after a timeout) [default: decode_only]
     #[arg(long)]
     pub prefill_fallback: Option<String>,
 }
