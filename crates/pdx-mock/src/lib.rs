@@ -20,6 +20,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod kv_cache;
 pub mod metrics;
 #[cfg(feature = "pdx-transfer")]

@@ -9,6 +9,8 @@
 //!   and SGLang's bootstrap fields.
 //! * [`error`]: OpenAI error JSON (`{"error":{"message","type","param","code"}}`) with its HTTP
 //!   status.
+//! * [`sampling`]: request validation as vLLM's server does it (field types, sampling ranges, `n`, `stop`,
+//!   `logprobs`, `seed`, `tools`/`tool_choice`, `response_format`), with vLLM's messages.
 //! * [`sse`]: server-sent-event framing (`data: ...\n\n`, `data: [DONE]\n\n`).
 //! * [`worker`]: worker roles and the registration body.
 //!
@@ -18,6 +20,7 @@
 pub mod error;
 pub mod kv;
 pub mod openai;
+pub mod sampling;
 pub mod sse;
 pub mod worker;
 
