@@ -45,6 +45,9 @@ pub struct EngineConfig {
     pub kv_noop: bool,
     /// Token events per HTTP chunk of an instant-mode stream (`--instant-tokens-per-chunk`).
     pub instant_tokens_per_chunk: u32,
+    /// This worker's name in the `x-pdx-worker` response header (the engine id), so a client such as
+    /// `pdx replay --export` can tell which worker served a request.
+    pub worker_id: String,
 }
 
 /// Generation request after parsing and tokenization.

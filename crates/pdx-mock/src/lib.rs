@@ -314,6 +314,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             addr.port()
         )
     });
+    let engine_id_for_header = engine_id.clone();
     let transport: Option<Arc<dyn transport::KvTransport>> = match args.role {
         Role::Aggregated => None,
         _ => Some(match args.kv_transport {
@@ -361,6 +362,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         profile,
         kv_noop: args.kv_noop,
         instant_tokens_per_chunk: args.instant_tokens_per_chunk.max(1),
+        worker_id: engine_id_for_header,
     };
     let engine = Engine::new(cfg, tokenizer, transport);
     let mut threads = Vec::new();

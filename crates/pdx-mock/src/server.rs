@@ -93,8 +93,12 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let r = match (method.clone(), path.as_str()) {
-        (Method::POST, "/v1/chat/completions") => completions(engine, req, true).await,
-        (Method::POST, "/v1/completions") => completions(engine, req, false).await,
+        (Method::POST, "/v1/chat/completions") => {
+            with_worker(&engine, completions(engine.clone(), req, true).await)
+        }
+        (Method::POST, "/v1/completions") => {
+            with_worker(&engine, completions(engine.clone(), req, false).await)
+        }
         (Method::GET, "/health") | (Method::GET, "/health_generate") | (Method::GET, "/ping") => {
             if engine.loading() {
                 error_response(&ApiError::unavailable(
@@ -134,6 +138,14 @@ pub async fn handle(
         ))),
     };
     Ok(r)
+}
+
+/// Names the worker in `x-pdx-worker` (not a vLLM header; clients that do not know it ignore it).
+fn with_worker(engine: &Engine, mut r: Response<MockBody>) -> Response<MockBody> {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&engine.cfg.worker_id) {
+        r.headers_mut().insert("x-pdx-worker", v);
+    }
+    r
 }
 
 fn models(e: &Engine) -> ModelList {

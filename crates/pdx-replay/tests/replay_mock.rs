@@ -178,7 +178,10 @@ fn export_writes_one_json_line_per_request_and_plot_draws() {
             "one gap between each pair of tokens (the instant mock streams them in one chunk or more)"
         );
         assert!(l["sent_s"].as_f64().unwrap() >= 0.0);
-        assert!(l.get("worker").is_some());
+        assert!(
+            l["worker"].as_str().is_some_and(|w| w.starts_with("pdx-mock-aggregated-")),
+            "the mock names itself in x-pdx-worker: {l}"
+        );
     }
     if fonts {
         let png = std::fs::read(dir.join("replay.png")).unwrap();
