@@ -41,7 +41,12 @@ fn replay_takes_the_openai_base_url_and_exports_every_request() {
     assert_eq!(lines.len(), 4);
     for l in &lines {
         assert_eq!(l["status"], 200);
-        assert!(l["worker"].as_str().is_some_and(|w| w.starts_with("pdx-mock-")), "{l}");
+        assert!(
+            l["worker"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("pdx-mock-")),
+            "{l}"
+        );
         assert!(l["error"].is_null());
         for key in [
             "sent_s",

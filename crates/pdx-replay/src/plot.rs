@@ -85,18 +85,19 @@ pub fn write_png(
         .collect();
     if ok.is_empty() {
         let (_, h) = root.dim_in_pixel();
-        let first = records
-            .iter()
-            .find_map(|r| {
-                r.error
-                    .as_ref()
-                    .map(|e| format!("{e}: {}", r.message.as_deref().unwrap_or("")))
-            })
-            .unwrap_or_default();
-        let lines = [
-            format!("All {} requests failed: nothing to plot.", records.len()),
-            format!("First failure: {first}"),
-        ];
+        // The failures as the report groups them, most frequent first.
+        let report = crate::report::build(records, 0.0, Slo::default());
+        let mut lines = vec![format!(
+            "All {} requests failed: nothing to plot.",
+            records.len()
+        )];
+        lines.extend(
+            report
+                .failures
+                .iter()
+                .take(5)
+                .map(|g| format!("{} × {g}", g.count)),
+        );
         for (i, line) in lines.iter().enumerate() {
             let shown: String = line.chars().take(110).collect();
             root.draw(&Text::new(

@@ -274,14 +274,13 @@ impl Report {
                 String::new()
             }
         );
-        s += &format!(
-            "latency (ms){}      mean      p50      p90      p99\n",
-            if failed > 0 {
-                format!(", {} succeeded requests", self.succeeded)
-            } else {
-                String::new()
-            }
-        );
+        if failed > 0 {
+            s += &format!(
+                "latency below: the {} succeeded requests only\n",
+                self.succeeded
+            );
+        }
+        s += "latency (ms)      mean      p50      p90      p99\n";
         for (name, p) in [
             ("TTFT", &self.ttft_ms),
             ("ITL", &self.itl_ms),
@@ -359,7 +358,7 @@ mod tests {
         assert_eq!(no_slo.slo_attainment, None);
         let table = r.to_table();
         assert!(table.contains("attainment 25.0%"), "{table}");
-        assert!(table.contains("3 succeeded requests"), "{table}");
+        assert!(table.contains("the 3 succeeded requests only"), "{table}");
     }
 
     #[test]

@@ -179,7 +179,9 @@ fn export_writes_one_json_line_per_request_and_plot_draws() {
         );
         assert!(l["sent_s"].as_f64().unwrap() >= 0.0);
         assert!(
-            l["worker"].as_str().is_some_and(|w| w.starts_with("pdx-mock-aggregated-")),
+            l["worker"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("pdx-mock-aggregated-")),
             "the mock names itself in x-pdx-worker: {l}"
         );
     }
