@@ -494,7 +494,18 @@ fn bad(param: &str, msg: impl Into<String>) -> ApiError {
 }
 
 /// The checks that need several fields or ranges, on a body whose types are right.
-fn check_values(body: &serde_json::Map<String, Value>, api: Api) -> Result<Sampling, ApiError> {
+/// What the value checks need of the typed fields.
+#[derive(Clone, Copy)]
+struct Typed {
+    stream: bool,
+    stream_options: bool,
+}
+
+fn check_values(
+    body: &serde_json::Map<String, Value>,
+    typed: Typed,
+    api: Api,
+) -> Result<Sampling, ApiError> {
     let f = |k: &str| body.get(k).and_then(Value::as_f64);
     let i = |k: &str| {
         body.get(k)
@@ -502,7 +513,7 @@ fn check_values(body: &serde_json::Map<String, Value>, api: Api) -> Result<Sampl
     };
     let b = |k: &str| body.get(k).and_then(Value::as_bool).unwrap_or(false);
     // Model validators (`mode="before"`).
-    if body.get("stream_options").is_some_and(|v| !v.is_null()) && !b("stream") {
+    if typed.stream_options && !typed.stream {
         return Err(bad(
             "stream_options",
             "Stream options can only be defined when `stream=True`.",
@@ -845,8 +856,11 @@ pub fn parse_chat(body: &[u8]) -> Result<(ChatCompletionRequest, Sampling), ApiE
         Ok(r) => r,
         Err(e) => explain::<ChatCompletionRequest>(body, Api::Chat, e)?.0,
     };
-    let mut extra = r.extra.clone();
-    let sampling = validate_extra(&mut extra, &typed_chat(&r), Api::Chat)?;
+    let typed = Typed {
+        stream: r.is_stream(),
+        stream_options: r.stream_options.is_some(),
+    };
+    let sampling = validate_extra(&r.extra, typed, Api::Chat)?;
     Ok((r, sampling))
 }
 
@@ -858,41 +872,23 @@ pub fn parse_completion(body: &[u8]) -> Result<(CompletionRequest, Sampling), Ap
         Ok(r) => r,
         Err(e) => explain::<CompletionRequest>(body, Api::Completions, e)?.0,
     };
-    let mut extra = r.extra.clone();
-    let sampling = validate_extra(&mut extra, &typed_completion(&r), Api::Completions)?;
+    let typed = Typed {
+        stream: r.is_stream(),
+        stream_options: r.stream_options.is_some(),
+    };
+    let sampling = validate_extra(&r.extra, typed, Api::Completions)?;
     Ok((r, sampling))
 }
 
-/// The typed fields that the value checks read (`stream`, `stream_options`), as JSON.
-fn typed_chat(r: &ChatCompletionRequest) -> Extra {
-    let mut m = Extra::new();
-    if let Some(s) = r.stream {
-        m.insert("stream".into(), s.into());
+/// Type-checks the untyped fields (`extra`) and runs the value checks over them. Lax values (`"0.5"`) are
+/// converted in a copy: the request keeps the client's JSON, and a body without such fields costs no copy.
+fn validate_extra(extra: &Extra, typed: Typed, api: Api) -> Result<Sampling, ApiError> {
+    if extra.is_empty() {
+        return check_values(extra, typed, api);
     }
-    if r.stream_options.is_some() {
-        m.insert("stream_options".into(), Value::Object(Extra::new()));
-    }
-    m
-}
-
-fn typed_completion(r: &CompletionRequest) -> Extra {
-    let mut m = Extra::new();
-    if let Some(s) = r.stream {
-        m.insert("stream".into(), s.into());
-    }
-    if r.stream_options.is_some() {
-        m.insert("stream_options".into(), Value::Object(Extra::new()));
-    }
-    m
-}
-
-/// Type-checks the untyped fields (`extra`) and runs the value checks over them and `typed`.
-fn validate_extra(extra: &mut Extra, typed: &Extra, api: Api) -> Result<Sampling, ApiError> {
-    check_types(extra, api, false)?;
-    for (k, v) in typed {
-        extra.insert(k.clone(), v.clone());
-    }
-    check_values(extra, api)
+    let mut body = extra.clone();
+    check_types(&mut body, api, false)?;
+    check_values(&body, typed, api)
 }
 
 #[cfg(test)]
