@@ -78,15 +78,15 @@ struct DemoResult<'a> {
     cluster: &'a ClusterCounters,
 }
 
-/// Child processes of the demo, killed on drop and by the Ctrl-C handler.
-static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+/// Child processes of the demo with their log files, killed on drop and by the Ctrl-C handler.
+static CHILDREN: Mutex<Vec<(Child, PathBuf)>> = Mutex::new(Vec::new());
 
 fn stop_children() {
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
-    for c in children.iter_mut() {
+    for (c, _) in children.iter_mut() {
         let _ = c.kill();
     }
-    for mut c in children.drain(..) {
+    for (mut c, _) in children.drain(..) {
         let _ = c.wait();
     }
 }
@@ -142,28 +142,34 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<()> {
     CHILDREN
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push(child);
+        .push((child, log.to_path_buf()));
     Ok(())
 }
 
-/// Errors when a child process has already exited (it failed to start: its log says why).
-fn check_children_alive(dir: &Path) -> Result<()> {
+/// Errors when a child process has already exited (it failed to start), with the error its log ends with.
+fn check_children_alive() -> Result<()> {
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
-    for c in children.iter_mut() {
+    for (c, log) in children.iter_mut() {
         if let Ok(Some(status)) = c.try_wait() {
-            bail!(
-                "a demo process exited at start ({status}); its log in {} says why",
-                dir.display()
-            );
+            let text = std::fs::read_to_string(&*log).unwrap_or_default();
+            let why = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("pdx: error:"))
+                .map_or_else(
+                    || format!("{status}"),
+                    |l| l.trim_start_matches("pdx: error: ").to_string(),
+                );
+            bail!("a demo process exited at start ({}): {why}", log.display());
         }
     }
     Ok(())
 }
 
-fn wait_healthy(port: u16, what: &str, deadline: Instant, dir: &Path) -> Result<()> {
+fn wait_healthy(port: u16, what: &str, deadline: Instant) -> Result<()> {
     use std::io::Read;
     loop {
-        check_children_alive(dir)?;
+        check_children_alive()?;
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
             let req = format!(
@@ -359,9 +365,9 @@ pub fn run(args: DemoArgs, log: &crate::logging::LogArgs) -> Result<()> {
     )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for w in &workers {
-        wait_healthy(w.port, "mock worker", deadline, &dir)?;
+        wait_healthy(w.port, "mock worker", deadline)?;
     }
-    wait_healthy(router_port, "pdx serve", deadline, &dir)?;
+    wait_healthy(router_port, "pdx serve", deadline)?;
 
     let replay = pdx_replay::ReplayArgs {
         url: format!("http://127.0.0.1:{router_port}"),

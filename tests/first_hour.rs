@@ -240,4 +240,14 @@ fn demo_port_base_is_checked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("--port-base 65533"), "{err}");
+    // A port of the range taken: the demo stops at once with the worker's own error, not after a 30 s wait.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = taken.local_addr().unwrap().port().to_string(); // ephemeral ports end well below 65531
+    let out = run(&["demo", "--port-base", &base, "--max-requests", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("exited at start") && err.contains("is already in use"),
+        "{err}"
+    );
 }
