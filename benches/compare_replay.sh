@@ -18,14 +18,15 @@ pids=()
 cleanup() { "$SHARED/routers.sh" stop >/dev/null 2>&1 || true; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 start_workers() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pids=()
+  # Wait for the old workers to exit: a new `pdx mock` refuses a port another process still holds.
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=()
   $PDX mock --role prefill --host 127.0.0.1 --port $P --num-blocks 16384 >"$OUT/prefill.log" 2>&1 & pids+=($!)
   $PDX mock --role decode --host 127.0.0.1 --port $D --num-blocks 16384 >"$OUT/decode.log" 2>&1 & pids+=($!)
   for port in $P $D; do for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done; done
 }
 replay() { # name url
   $PDX replay --url "$2" --max-requests "$REQUESTS" --scale-tokens "$SCALE" --speed "$SPEED" \
-    --slo-ttft-ms "$SLO_TTFT_MS" --slo-itl-ms "$SLO_ITL_MS" --json --quiet >"$OUT/$1.json"
+    --slo-ttft-ms "$SLO_TTFT_MS" --slo-itl-ms "$SLO_ITL_MS" --max-failed-fraction 1 --json --quiet >"$OUT/$1.json"
   curl -s "http://127.0.0.1:$P/metrics" >"$OUT/$1.prefill.metrics"; curl -s "http://127.0.0.1:$D/metrics" >"$OUT/$1.decode.metrics"
 }
 names=()

@@ -724,7 +724,7 @@ fn target_regions(
             }
             // A heap Vec starts 16 bytes into its allocation; the blocks start at the first page boundary
             // instead, as a real KV cache does. The kernel's copy into a destination that is not 64-byte aligned
-            // runs about 4x slower (measured: process_vm_writev 2.2 vs 9.3 GB/s), which would make `cma`
+            // runs several times slower (docs/benchmarks.md, the `cma` WRITE alignment note), which would make `cma`
             // WRITE rows measure the allocator, not the transport.
             let buf = vec![0u8; owned_bytes + PAGE];
             let pad = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;

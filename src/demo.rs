@@ -20,13 +20,13 @@ use anyhow::{bail, Context, Result};
 /// `pdx demo` arguments.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Trace to replay (Mooncake jsonl or Azure CSV). Default: the Mooncake conversation slice shipped
-    /// with pdx.
+    /// Trace to replay (Mooncake jsonl or Azure CSV, told apart by content) [default: the Mooncake
+    /// conversation slice shipped with pdx]
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Requests to replay.
-    #[arg(long, default_value_t = 300)]
-    requests: usize,
+    /// Requests to replay (the first ones of the trace).
+    #[arg(long, alias = "requests", default_value_t = 300)]
+    max_requests: usize,
     /// Replay speed factor (the conversation trace has about 3.4 requests/s).
     #[arg(long, default_value_t = 4.0)]
     speed: f64,
@@ -39,9 +39,14 @@ pub struct DemoArgs {
     /// ITL target, ms (for SLO attainment).
     #[arg(long, default_value_t = 30.0)]
     slo_itl_ms: f64,
-    /// Keep the generated config and the processes' logs in this folder.
+    /// Keep the generated config and the processes' logs in this folder [default: a new folder in the
+    /// system's temporary directory]
     #[arg(long)]
     workdir: Option<PathBuf>,
+    /// Listen on fixed ports: the four workers on PORT_BASE..PORT_BASE+3 and the router on PORT_BASE+4
+    /// (127.0.0.1) [default: free ports chosen by the system]
+    #[arg(long)]
+    port_base: Option<u16>,
     /// Print the result as JSON (the replay report plus the cluster's counters).
     #[arg(long)]
     json: bool,
@@ -73,15 +78,15 @@ struct DemoResult<'a> {
     cluster: &'a ClusterCounters,
 }
 
-/// Child processes of the demo, killed on drop and by the Ctrl-C handler.
-static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+/// Child processes of the demo with their log files, killed on drop and by the Ctrl-C handler.
+static CHILDREN: Mutex<Vec<(Child, PathBuf)>> = Mutex::new(Vec::new());
 
 fn stop_children() {
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
-    for c in children.iter_mut() {
+    for (c, _) in children.iter_mut() {
         let _ = c.kill();
     }
-    for mut c in children.drain(..) {
+    for (mut c, _) in children.drain(..) {
         let _ = c.wait();
     }
 }
@@ -97,6 +102,25 @@ impl Drop for Cleanup {
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The demo's five ports (four workers, then the router): `--port-base` and the four after it, or free ones.
+fn ports(base: Option<u16>) -> Result<[u16; 5]> {
+    match base {
+        Some(b) => {
+            if b == 0 || b.checked_add(4).is_none() {
+                bail!("--port-base {b}: the demo needs ports {b}..{b}+4, within 1..=65535");
+            }
+            Ok([b, b + 1, b + 2, b + 3, b + 4])
+        }
+        None => Ok([
+            free_port()?,
+            free_port()?,
+            free_port()?,
+            free_port()?,
+            free_port()?,
+        ]),
+    }
 }
 
 /// One worker of the demo cluster.
@@ -118,13 +142,34 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<()> {
     CHILDREN
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push(child);
+        .push((child, log.to_path_buf()));
+    Ok(())
+}
+
+/// Errors when a child process has already exited (it failed to start), with the error its log ends with.
+fn check_children_alive() -> Result<()> {
+    let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    for (c, log) in children.iter_mut() {
+        if let Ok(Some(status)) = c.try_wait() {
+            let text = std::fs::read_to_string(&*log).unwrap_or_default();
+            let why = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("pdx: error:"))
+                .map_or_else(
+                    || format!("{status}"),
+                    |l| l.trim_start_matches("pdx: error: ").to_string(),
+                );
+            bail!("a demo process exited at start ({}): {why}", log.display());
+        }
+    }
     Ok(())
 }
 
 fn wait_healthy(port: u16, what: &str, deadline: Instant) -> Result<()> {
     use std::io::Read;
     loop {
+        check_children_alive()?;
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
             let req = format!(
@@ -229,8 +274,8 @@ workers = [{decode}]
     )
 }
 
-/// Runs `pdx demo`.
-pub fn run(args: DemoArgs) -> Result<()> {
+/// Runs `pdx demo`; its child processes log with the same `--log-level` and `--log-format`.
+pub fn run(args: DemoArgs, log: &crate::logging::LogArgs) -> Result<()> {
     let _cleanup = Cleanup;
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: stopping the demo cluster");
@@ -246,34 +291,41 @@ pub fn run(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let started = Instant::now();
 
+    let ports = ports(args.port_base)?;
     let workers = vec![
         Worker {
             pool: "short",
             role: "prefill",
-            port: free_port()?,
+            port: ports[0],
         },
         Worker {
             pool: "long",
             role: "prefill",
-            port: free_port()?,
+            port: ports[1],
         },
         Worker {
             pool: "decode",
             role: "decode",
-            port: free_port()?,
+            port: ports[2],
         },
         Worker {
             pool: "decode",
             role: "decode",
-            port: free_port()?,
+            port: ports[3],
         },
+    ];
+    let log_flags = [
+        "--log-level".to_string(),
+        log.log_level.clone(),
+        "--log-format".to_string(),
+        log.log_format.as_str().to_string(),
     ];
     eprintln!(
         "pdx demo: 2 prefill pools (short, long), 1 decode pool of 2 workers, router on loopback; logs in {}",
         dir.display()
     );
     for (i, w) in workers.iter().enumerate() {
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "mock",
             "--role",
             w.role,
@@ -289,20 +341,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(log_flags.iter().cloned());
         spawn(&exe, &args, &dir.join(format!("{}-{i}.log", w.pool)))?;
     }
     let grid = dir.join("global_router_config.json");
     std::fs::write(&grid, GRID_JSON)?;
-    let router_port = free_port()?;
+    let router_port = ports[4];
     let config = dir.join("pdx.toml");
     std::fs::write(&config, router_config(router_port, &grid, &workers))?;
     spawn(
         &exe,
         &[
-            "serve".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ],
+            [
+                "serve".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ]
+            .as_slice(),
+            log_flags.as_slice(),
+        ]
+        .concat(),
         &dir.join("router.log"),
     )?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -318,23 +376,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
         endpoint: pdx_replay::Endpoint::Chat,
         speed: args.speed,
         duration: None,
-        max_requests: Some(args.requests),
+        max_requests: Some(args.max_requests),
         concurrency_limit: None,
         scale_tokens: args.scale_tokens,
         corpus: Vec::new(),
         slo_ttft_ms: Some(args.slo_ttft_ms),
         slo_itl_ms: Some(args.slo_itl_ms),
-        timeout: 60.0,
+        timeout_secs: 60.0,
         no_ignore_eos: false,
         json: false,
         quiet: args.json,
         plot: None,
+        export: None,
+        max_failed_fraction: 0.0,
     };
     eprintln!(
-        "replaying {} requests of the Mooncake conversation trace at {}x speed, lengths × {}",
-        args.requests, args.speed, args.scale_tokens
+        "replaying {} requests at {}x speed, lengths × {}",
+        args.max_requests, args.speed, args.scale_tokens
     );
-    let (report, _) = pdx_replay::run(&replay)?;
+    let report = pdx_replay::run(&replay)?.report;
     let cluster = collect(&workers)?;
     if args.json {
         println!(
@@ -352,7 +412,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "demo finished in {:.1} s; every process stopped",
         started.elapsed().as_secs_f64()
     );
-    let failed: u64 = report.errors.values().sum();
+    let failed = report.failed();
     if failed > 0 {
         bail!("{failed} requests failed (logs in {})", dir.display());
     }

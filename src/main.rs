@@ -1,18 +1,21 @@
-//! `pdx`: the command-line entry point (router, mock engine, benchmarks).
+//! `pdx`: the command-line entry point (router, mock engine, trace replay, demo, benchmarks).
 
 #![forbid(unsafe_code)]
 
 mod bench_gpu;
 mod bench_kv;
 mod demo;
+mod logging;
 mod units;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// pdx — prefill/decode exchange: router and KV-transfer data plane for disaggregated LLM serving.
 #[derive(Parser)]
 #[command(name = "pdx", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    log: logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,7 +28,8 @@ enum Command {
     Mock(Box<pdx_mock::MockArgs>),
     /// The disaggregated prefill/decode router (thread per core, vLLM NixlConnector flow).
     Serve(Box<pdx_router::ServeArgs>),
-    /// Replay a request trace (Mooncake jsonl, Azure CSV) against an OpenAI-compatible endpoint.
+    /// Replay a request trace (Mooncake jsonl or Azure CSV, told apart by content) against an
+    /// OpenAI-compatible endpoint.
     Replay(Box<pdx_replay::ReplayArgs>),
     /// Benchmarks.
     #[command(subcommand)]
@@ -46,32 +50,24 @@ enum BenchCommand {
     KvGpuTarget(bench_gpu::GpuTargetArgs),
 }
 
-/// Runs `pdx replay` and prints its report (a table, or JSON with `--json`).
+/// Runs `pdx replay` and prints its report (a table, or JSON with `--json`); errors when more requests
+/// failed than `--max-failed-fraction` allows.
 fn replay(args: &pdx_replay::ReplayArgs) -> anyhow::Result<()> {
-    let (report, points) = pdx_replay::run(args)?;
-    if let Some(path) = &args.plot {
-        pdx_replay::plot::write_png(path, &points, &format!("pdx replay: {}", args.url))?;
-    }
+    let replay = pdx_replay::run(args)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&replay.report)?);
     } else {
-        print!("{}", report.to_table());
+        print!("{}", replay.report.to_table());
     }
+    replay.check_failures(args.max_failed_fraction)?;
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Mock(args) => pdx_mock::run(*args)?,
         Command::Serve(args) => pdx_router::run(*args)?,
-        Command::Demo(args) => demo::run(*args)?,
+        Command::Demo(args) => demo::run(*args, &cli.log)?,
         Command::Replay(args) => replay(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
@@ -79,4 +75,23 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::KvGpuTarget(args)) => bench_gpu::run_gpu_target(args)?,
     }
     Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let matches = Cli::command().get_matches();
+    let level_given =
+        matches.value_source("log_level") == Some(clap::parser::ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = logging::init(&cli.log, level_given).and_then(|()| run(cli));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes (`{:#}`), never Rust's debug format.
+            eprintln!("pdx: error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

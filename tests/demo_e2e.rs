@@ -9,7 +9,7 @@ fn demo_serves_every_request_with_verified_kv_through_both_prefill_pools() {
         .args([
             "demo",
             "--json",
-            "--requests",
+            "--max-requests",
             "60",
             "--speed",
             "20",
@@ -38,7 +38,9 @@ fn demo_serves_every_request_with_verified_kv_through_both_prefill_pools() {
     // The demo's grid sends ISL < 1024 tokens to prefill pool `short`, the rest to `long`. The replay gives
     // each request ISL = max(round(input_length × 0.05), 1 + the chat template's tokens), so the split
     // follows from the trace itself.
-    let trace = pdx_replay::trace::parse(pdx_replay::MOONCAKE_CONVERSATION_SLICE).unwrap();
+    let trace = pdx_replay::trace::parse(pdx_replay::MOONCAKE_CONVERSATION_SLICE)
+        .unwrap()
+        .requests;
     let overhead = pdx_mock::CHAT_OVERHEAD_TOKENS as u32;
     let short_expected = trace[..60]
         .iter()

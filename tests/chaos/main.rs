@@ -1,6 +1,11 @@
 //! The chaos suite (issue 13): one regression test per fault a user or a peer can cause, run against the real
-//! `pdx` binary or the library crates, each bounded in time and cleaning up its child processes on failure.
-//! The fuzz targets of every parser of untrusted input live in `fuzz/` (`fuzz/run.sh`).
+//! `pdx` binary or the library crates, one module per area, each test bounded in time and killing its child
+//! processes even when it fails. The fuzz targets of every parser of untrusted input live in `fuzz/`
+//! (`fuzz/run.sh`).
 
+#[path = "../support/mod.rs"]
+mod support;
+
+mod first_hour;
 mod front;
 mod router_faults;

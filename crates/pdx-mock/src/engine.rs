@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub instant_tokens_per_chunk: u32,
     /// Keys accepted on `/v1/*` as `Authorization: Bearer KEY` (`--api-key`; empty: no check).
     pub api_keys: Vec<String>,
+    /// This worker's name in the `x-pdx-worker` response header (the engine id), so a client such as
+    /// `pdx replay --export` can tell which worker served a request.
+    pub worker_id: String,
 }
 
 /// Generation request after parsing and tokenization.
@@ -66,6 +69,8 @@ pub struct GenRequest {
     pub bootstrap: bool,
     /// Response id, also the `remote_request_id` of a held prefill.
     pub request_id: String,
+    /// Choices, seed and stop strings ([`crate::generation`]); `n` 0 counts as 1.
+    pub params: crate::generation::GenParams,
 }
 
 /// Event from the scheduler thread to one request: a token came out of a step.
@@ -130,12 +135,10 @@ pub struct Admitted {
     pub prompt_tokens: u32,
     /// Prompt tokens found in the local prefix cache.
     pub cached_tokens: u32,
-    /// Tokens that will be generated.
+    /// Steps that generate tokens: the longest choice's tokens (each step gives every unfinished choice one).
     pub output_tokens: u32,
-    /// Finish reason once they are.
-    pub finish: FinishReason,
-    /// Seed of the generated text (from the prompt).
-    pub seed: u64,
+    /// The choices, in index order.
+    pub choices: Vec<crate::generation::ChoicePlan>,
     /// Timed mode: one event per generated token.
     pub events: Option<mpsc::UnboundedReceiver<TokenEvent>>,
     /// Prefill for a remote decode: hold the prompt blocks at the end.
@@ -346,12 +349,25 @@ impl Engine {
         if bootstrap_prefill {
             (output, finish) = (1, FinishReason::Length);
         }
-
         let bs = self.cfg.block_size;
         let hashes = block_hashes(&req.prompt, bs);
+        // The text's seed is the prompt's last block hash: the same prompt, the same text, on any worker.
+        let prompt_seed = hashes.last().copied().unwrap_or(0);
+        let choices = crate::generation::plan(
+            &self.tokenizer,
+            prompt_seed,
+            output,
+            finish,
+            min_tokens,
+            &req.params,
+        );
+        // Every step gives each unfinished choice a token, so the longest choice sets the steps.
+        output = choices.iter().map(|c| c.tokens).max().unwrap_or(output);
         let n_full = req.prompt.len() / bs;
         let n_pb = hashes.len();
-        let total = (n_prompt as usize + output as usize).div_ceil(bs);
+        // The choices share the prompt's blocks; each further choice needs blocks for its own output.
+        let total = (n_prompt as usize + output as usize).div_ceil(bs)
+            + (choices.len().saturating_sub(1)) * (output as usize).div_ceil(bs);
         // Validate the remote params before taking blocks.
         let remote = if remote_prefill {
             Some(self.remote_source(&kv_params, n_pb)?)
@@ -476,14 +492,12 @@ impl Engine {
                 None
             }
         };
-        let seed = hashes.last().copied().unwrap_or(0);
         Ok(Admitted {
             guard,
             prompt_tokens: n_prompt,
             cached_tokens,
             output_tokens: output,
-            finish,
-            seed,
+            choices,
             events,
             hold_for_remote,
         })

@@ -9,7 +9,10 @@ pub enum MockError {
     /// Bad configuration (flags, profile file, tokenizer file). Fatal.
     #[error("configuration error: {0}")]
     Config(String),
-    /// I/O error (bind, accept, profile read). Fatal at startup.
+    /// The HTTP listen address is held by another process, or cannot be bound. Fatal at startup.
+    #[error(transparent)]
+    Listen(#[from] pdx_listen::ListenError),
+    /// I/O error (accept, profile read). Fatal at startup.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     /// The tokenizer failed on an input. Fatal for that request (400).

@@ -20,6 +20,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod kv_cache;
 pub mod metrics;
 #[cfg(feature = "pdx-transfer")]
@@ -72,18 +73,20 @@ pub struct MockArgs {
     /// Served model name.
     #[arg(long, default_value = "mock")]
     pub model: String,
-    /// Profile file (TOML or JSON): model shape, timing, scheduler limits, faults.
+    /// Profile file (TOML or JSON): model shape, timing, scheduler limits, faults [default: built-in, Qwen3-0.6B on
+    /// one H100]
     #[arg(long)]
     pub profile: Option<std::path::PathBuf>,
-    /// Hugging Face `tokenizer.json` (default: the built-in tokenizer).
+    /// Hugging Face `tokenizer.json` [default: the built-in tokenizer]
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
     /// No modelled delay: answer as fast as possible (router overhead benchmarks).
     #[arg(long)]
     pub instant: bool,
-    /// Divide every modelled step time by this factor.
-    #[arg(long, default_value_t = 1.0)]
-    pub speedup: f64,
+    /// Time factor of the timing model: 2 runs every modelled step twice as fast (the same word as
+    /// `pdx replay --speed`).
+    #[arg(long, alias = "speedup", default_value_t = 1.0)]
+    pub speed: f64,
     /// Server threads, each a current-thread runtime on its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -106,25 +109,25 @@ pub struct MockArgs {
     /// Listen address of the KV agent (side channel + transfers) of prefill/decode workers.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
-    /// Host advertised as `remote_host` and in registration (default: the KV listen IP).
+    /// Host advertised as `remote_host` and in registration [default: the KV listen IP]
     #[arg(long)]
     pub advertise_host: Option<String>,
-    /// KV engine id, the `remote_engine_id` (default: `pdx-mock-<role>-<pid>-<port>`).
+    /// KV engine id, the `remote_engine_id` [default: pdx-mock-<role>-<pid>-<port>]
     #[arg(long)]
     pub engine_id: Option<String>,
     /// Output tokens when a request sets no `max_tokens`.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: u32,
-    /// The model emits EOS after this many tokens (unless `ignore_eos`); default: never.
+    /// The model emits EOS after this many tokens (unless `ignore_eos`) [default: never]
     #[arg(long)]
     pub eos_after: Option<u32>,
-    /// Context length (overrides the profile).
+    /// Context length, tokens [default: the profile's, 40960]
     #[arg(long)]
     pub max_model_len: Option<u32>,
-    /// Scheduler token budget per step (overrides the profile).
+    /// Scheduler token budget per step [default: the profile's, 8192]
     #[arg(long)]
     pub max_num_batched_tokens: Option<u32>,
-    /// Running sequences at most (overrides the profile).
+    /// Running sequences at most [default: the profile's, 256]
     #[arg(long)]
     pub max_num_seqs: Option<u32>,
     /// Fault: fraction of completion requests answered 500.
@@ -142,16 +145,16 @@ pub struct MockArgs {
     /// Fault: streams stall after this many tokens.
     #[arg(long)]
     pub fault_stall_after_tokens: Option<u32>,
-    /// Fault: stalls last this many seconds (default: forever).
+    /// Fault: stalls last this many seconds [default: forever]
     #[arg(long)]
     pub fault_stall_secs: Option<f64>,
     /// Router URL to self-register with (`POST URL/v1/workers`, repeated as a heartbeat).
     #[arg(long)]
     pub register: Option<String>,
-    /// Pool name sent when registering (default: the role).
+    /// Pool name sent when registering [default: the role]
     #[arg(long)]
     pub pool: Option<String>,
-    /// URL of this worker sent when registering (default: `http://<advertise host>:<port>`).
+    /// URL of this worker sent when registering [default: http://<advertise host>:<port>]
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// Seconds between registration heartbeats.
@@ -274,18 +277,6 @@ fn build_profile(a: &MockArgs) -> Result<Profile, MockError> {
     Ok(p)
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MockError> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    #[cfg(unix)]
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
-}
-
 /// Starts a mock server in background threads and returns once it listens.
 ///
 /// Errors: [`MockError::Config`] for bad flags/profile/tokenizer, [`MockError::Io`] when the
@@ -306,12 +297,10 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         .host
         .parse()
         .map_err(|e| MockError::Config(format!("bad --host {}: {e}", args.host)))?;
-    let first = bind(SocketAddr::new(ip, args.port))?;
-    let addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..args.threads {
-        listeners.push(bind(addr)?);
-    }
+    // One SO_REUSEPORT listener per thread, refusing an address another process holds (a second mock on the
+    // same port would otherwise take part of this one's requests; see `pdx-listen`).
+    let listeners = pdx_listen::bind_set(SocketAddr::new(ip, args.port), args.threads, 1024)?;
+    let addr = listeners[0].local_addr()?;
     let m = &profile.model;
     let per_token_layer =
         (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
@@ -330,6 +319,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             addr.port()
         )
     });
+    let engine_id_for_header = engine_id.clone();
     let transport: Option<Arc<dyn transport::KvTransport>> = match args.role {
         Role::Aggregated => None,
         _ => Some(match args.kv_transport {
@@ -370,7 +360,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         block_size: args.block_size,
         num_blocks: args.num_blocks,
         instant: args.instant,
-        speedup: args.speedup,
+        speedup: args.speed,
         kv_hold_timeout: Duration::from_secs_f64(args.kv_hold_timeout_secs.max(0.0)),
         default_max_tokens: args.default_max_tokens.max(1),
         eos_after: args.eos_after,
@@ -378,6 +368,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         kv_noop: args.kv_noop,
         instant_tokens_per_chunk: args.instant_tokens_per_chunk.max(1),
         api_keys: args.api_key.clone(),
+        worker_id: engine_id_for_header,
     };
     let engine = Engine::new(cfg, tokenizer, transport);
     let mut threads = Vec::new();
@@ -408,7 +399,16 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             })?;
         threads.push(t);
     }
-    tracing::info!(%addr, role = args.role.as_str(), model = %args.model, instant = args.instant, "pdx mock listening");
+    let kv = engine
+        .kv_endpoint()
+        .map(|e| format!("{}:{} ({})", e.host, e.port, e.engine_id));
+    tracing::info!(
+        role = args.role.as_str(),
+        model = %args.model,
+        instant = args.instant,
+        kv_side_channel = kv.as_deref().unwrap_or("none"),
+        "pdx mock listening on http://{addr}"
+    );
     Ok(MockServer {
         addr,
         engine,

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Method, Request, Response, StatusCode};
+use pdx_protocol::sampling::{Sampling, ToolChoice};
 use pdx_protocol::*;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -108,8 +109,12 @@ pub async fn handle(
         }
     }
     let r = match (method.clone(), path.as_str()) {
-        (Method::POST, "/v1/chat/completions") => completions(engine, req, true).await,
-        (Method::POST, "/v1/completions") => completions(engine, req, false).await,
+        (Method::POST, "/v1/chat/completions") => {
+            with_worker(&engine, completions(engine.clone(), req, true).await)
+        }
+        (Method::POST, "/v1/completions") => {
+            with_worker(&engine, completions(engine.clone(), req, false).await)
+        }
         (Method::GET, "/health") | (Method::GET, "/health_generate") | (Method::GET, "/ping") => {
             if engine.loading() {
                 error_response(&ApiError::unavailable(
@@ -151,6 +156,14 @@ pub async fn handle(
     Ok(r)
 }
 
+/// Names the worker in `x-pdx-worker` (not a vLLM header; clients that do not know it ignore it).
+fn with_worker(engine: &Engine, mut r: Response<MockBody>) -> Response<MockBody> {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&engine.cfg.worker_id) {
+        r.headers_mut().insert("x-pdx-worker", v);
+    }
+    r
+}
+
 fn models(e: &Engine) -> ModelList {
     ModelList {
         object: "list".into(),
@@ -189,11 +202,69 @@ fn server_info(e: &Engine) -> serde_json::Value {
 struct Parsed {
     stream: bool,
     include_usage: bool,
+    /// Log-probabilities per token: the sampled token's and this many top ones.
+    logprobs: Option<u32>,
     gen: GenRequest,
 }
 
+/// What vLLM would accept but the mock cannot imitate, or would let a request cost it too much: refused
+/// with 400 rather than ignored.
+fn mock_limits(s: &Sampling) -> Result<(), ApiError> {
+    use crate::generation::{MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+    match &s.tool_choice {
+        ToolChoice::None => {}
+        // vLLM without --enable-auto-tool-choice/--tool-call-parser, which is what the mock is.
+        ToolChoice::Auto => {
+            return Err(ApiError::bad_request(
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+            ))
+        }
+        ToolChoice::Required | ToolChoice::Named(_) => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "pdx mock does not generate tool calls (tool_choice \"required\" or a named function): \
+                 send no tools, or tool_choice \"none\"",
+            ))
+        }
+    }
+    if let Some(rf) = s.response_format.as_deref().filter(|rf| *rf != "text") {
+        return Err(ApiError::invalid_param(
+            "response_format",
+            format!("pdx mock does not implement structured outputs (response_format type `{rf}`)"),
+        ));
+    }
+    if s.n > MAX_CHOICES {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "pdx mock serves at most {MAX_CHOICES} choices per request, got n={}",
+                s.n
+            ),
+        ));
+    }
+    if s.stop.len() > MAX_STOP_STRINGS || s.stop.iter().any(|x| x.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "pdx mock takes at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn gen_params(s: &Sampling) -> crate::generation::GenParams {
+    crate::generation::GenParams {
+        n: s.n.max(1),
+        seed: s.seed,
+        stop: s.stop.clone(),
+        include_stop_str: s.include_stop_str_in_output,
+    }
+}
+
+/// Parses and validates a completion body as vLLM does (`pdx_protocol::sampling`), then what the mock adds
+/// ([`mock_limits`]), and tokenizes the prompt.
 fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
-    let bad = |e: serde_json::Error| ApiError::bad_request(format!("invalid request body: {e}"));
     let check_model = |m: &Option<String>| match m {
         Some(m) if *m != engine.cfg.model => {
             Err(ApiError::not_found(format!("The model `{m}` does not exist.")).with_param("model"))
@@ -202,7 +273,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
     };
     let tok = |e: pdx_tokens::TokenizerError| crate::MockError::from(e).to_api();
     if chat {
-        let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(bad)?;
+        let (r, sampling) = pdx_protocol::sampling::parse_chat(body)?;
         check_model(&r.model)?;
         if r.messages.is_empty() {
             return Err(ApiError::invalid_param(
@@ -210,6 +281,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 "messages must not be empty",
             ));
         }
+        mock_limits(&sampling)?;
         let prompt = engine.tokenizer.chat_prompt(&r.messages).map_err(tok)?;
         Ok(Parsed {
             stream: r.is_stream(),
@@ -218,6 +290,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            logprobs: sampling.logprobs,
             gen: GenRequest {
                 prompt,
                 max_tokens: r.output_limit(),
@@ -226,11 +299,13 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 kv: r.kv_transfer_params,
                 bootstrap: r.bootstrap.is_set(),
                 request_id: String::new(),
+                params: gen_params(&sampling),
             },
         })
     } else {
-        let r: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
+        let (r, sampling) = pdx_protocol::sampling::parse_completion(body)?;
         check_model(&r.model)?;
+        mock_limits(&sampling)?;
         let prompt = match &r.prompt {
             Prompt::Text(s) => {
                 let mut v = Vec::new();
@@ -258,6 +333,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            logprobs: sampling.logprobs,
             gen: GenRequest {
                 prompt,
                 max_tokens: r.max_tokens,
@@ -266,6 +342,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 kv: r.kv_transfer_params,
                 bootstrap: r.bootstrap.is_set(),
                 request_id: String::new(),
+                params: gen_params(&sampling),
             },
         })
     }
@@ -326,11 +403,21 @@ async fn completions(
         Err(e) => return error_response(&e),
     };
     let fmt = ChunkFormat::new(&id, &engine.cfg.model, chat);
+    // The pre-formatted fast path serves one choice without log-probabilities or a stop cut; anything else
+    // goes through serde, chunk by chunk.
+    let plain = adm.choices.len() == 1
+        && p.logprobs.is_none()
+        && adm.choices[0].text_len.is_none()
+        && adm.choices[0].stop_reason.is_none();
+    let offsets = vec![0; adm.choices.len()];
     let mut st = SseStream {
         fmt,
         adm,
         chat,
         include_usage: p.include_usage,
+        logprobs: p.logprobs,
+        plain,
+        offsets,
         sent: 0,
         phase: Phase::Start,
         arrival,
@@ -368,25 +455,31 @@ async fn completions(
     } else {
         st.observe_token(true);
     }
-    let text = st.text();
     let kv = st.finish_request();
     let usage = Some(st.usage());
     let (created, model) = (unix_now(), engine.cfg.model.clone());
+    let n = st.adm.choices.len();
     if chat {
         json(&ChatCompletionResponse {
             id,
             object: "chat.completion".into(),
             created,
             model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatResponseMessage {
-                    role: "assistant".into(),
-                    content: Some(text),
-                },
-                logprobs: None,
-                finish_reason: Some(st.adm.finish),
-            }],
+            choices: (0..n)
+                .map(|c| {
+                    let plan = &st.adm.choices[c];
+                    ChatChoice {
+                        index: c as u32,
+                        message: ChatResponseMessage {
+                            role: "assistant".into(),
+                            content: Some(st.text(c)),
+                        },
+                        logprobs: st.all_logprobs(c),
+                        finish_reason: Some(plan.finish),
+                        stop_reason: plan.stop_reason.clone().map(serde_json::Value::String),
+                    }
+                })
+                .collect(),
             usage,
             kv_transfer_params: kv,
             extra: Default::default(),
@@ -397,12 +490,18 @@ async fn completions(
             object: "text_completion".into(),
             created,
             model,
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: Some(st.adm.finish),
-            }],
+            choices: (0..n)
+                .map(|c| {
+                    let plan = &st.adm.choices[c];
+                    CompletionChoice {
+                        index: c as u32,
+                        text: st.text(c),
+                        logprobs: st.all_logprobs(c),
+                        finish_reason: Some(plan.finish),
+                        stop_reason: plan.stop_reason.clone().map(serde_json::Value::String),
+                    }
+                })
+                .collect(),
             usage,
             kv_transfer_params: kv,
             extra: Default::default(),
@@ -463,6 +562,13 @@ pub struct SseStream {
     adm: Admitted,
     chat: bool,
     include_usage: bool,
+    /// Log-probabilities per token (the sampled token's and this many top ones).
+    logprobs: Option<u32>,
+    /// One choice, no log-probabilities, no stop cut: the pre-formatted fast path.
+    plain: bool,
+    /// Per choice, bytes of its text sent so far.
+    offsets: Vec<usize>,
+    /// Steps sent (each gives every unfinished choice one token).
     sent: u32,
     phase: Phase,
     arrival: Instant,
@@ -473,24 +579,59 @@ pub struct SseStream {
 }
 
 impl SseStream {
+    /// JSON-escaped piece of token `i` of choice 0 (the fast path).
     fn piece(&self, i: u32) -> &str {
         let t = &self.adm.guard.engine().tokenizer;
-        t.output_piece(output_choice(self.adm.seed, i, t.output_len()))
+        t.output_piece(output_choice(self.adm.choices[0].seed, i, t.output_len()))
     }
 
-    fn text(&self) -> String {
-        // Pieces are JSON-escaped; unescape via serde for the non-streamed response.
-        let mut s = String::with_capacity(self.adm.output_tokens as usize * 8 + 2);
-        s.push('"');
-        for i in 0..self.adm.output_tokens {
-            s.push_str(self.piece(i));
+    /// The whole text of choice `c` (for the non-streamed response).
+    fn text(&self, c: usize) -> String {
+        let plan = &self.adm.choices[c];
+        if self.plain {
+            // Pieces are JSON-escaped; unescape via serde.
+            let mut s = String::with_capacity(plan.tokens as usize * 8 + 2);
+            s.push('"');
+            for i in 0..plan.tokens {
+                s.push_str(self.piece(i));
+            }
+            s.push('"');
+            return serde_json::from_str(&s).unwrap_or_default();
         }
-        s.push('"');
-        serde_json::from_str(&s).unwrap_or_default()
+        let t = &self.adm.guard.engine().tokenizer;
+        let mut offset = 0;
+        (0..plan.tokens)
+            .map(|i| crate::generation::visible_piece(t, plan, i, &mut offset))
+            .collect()
+    }
+
+    /// Log-probabilities of token `i` of choice `c`, when asked for.
+    fn token_logprobs(&self, c: usize, i: u32) -> Option<crate::generation::TokenLogprobs> {
+        let t = &self.adm.guard.engine().tokenizer;
+        self.logprobs
+            .map(|k| crate::generation::logprobs(t, self.adm.choices[c].seed, i, k))
+    }
+
+    /// `logprobs` of every token of choice `c` (non-streamed response), in the API's shape.
+    fn all_logprobs(&self, c: usize) -> Option<serde_json::Value> {
+        self.logprobs?;
+        let entries: Vec<_> = (0..self.adm.choices[c].tokens)
+            .filter_map(|i| self.token_logprobs(c, i))
+            .collect();
+        Some(if self.chat {
+            serde_json::json!({"content": entries.iter().map(crate::generation::chat_entry).collect::<Vec<_>>()})
+        } else {
+            crate::generation::completion_logprobs(&entries, 0)
+        })
+    }
+
+    /// Output tokens of all choices.
+    fn completion_tokens(&self) -> u32 {
+        self.adm.choices.iter().map(|c| c.tokens).sum()
     }
 
     fn usage(&self) -> Usage {
-        let mut u = Usage::new(self.adm.prompt_tokens, self.adm.output_tokens);
+        let mut u = Usage::new(self.adm.prompt_tokens, self.completion_tokens());
         u.prompt_tokens_details = Some(PromptTokensDetails {
             cached_tokens: self.adm.cached_tokens,
         });
@@ -513,7 +654,7 @@ impl SseStream {
         let m = &self.adm.guard.engine().metrics;
         m.prompt_tokens.inc_by(u64::from(self.adm.prompt_tokens));
         m.generation_tokens
-            .inc_by(u64::from(self.adm.output_tokens));
+            .inc_by(u64::from(self.completion_tokens()));
         m.e2e.observe(self.arrival.elapsed().as_secs_f64());
         let kv = if self.adm.hold_for_remote {
             Some(
@@ -524,13 +665,13 @@ impl SseStream {
         } else {
             None
         };
-        self.adm.guard.finish(self.adm.finish);
+        self.adm.guard.finish(self.adm.choices[0].finish);
         kv
     }
 
     fn last_chunk(&mut self, piece: String, buf: &mut BytesMut) {
         let kv = self.finish_request();
-        let fr = Some(self.adm.finish);
+        let fr = Some(self.adm.choices[0].finish);
         let v = if self.chat {
             serde_json::to_vec(&ChatCompletionChunk {
                 id: self.fmt.id.clone(),
@@ -545,6 +686,7 @@ impl SseStream {
                     },
                     logprobs: None,
                     finish_reason: fr,
+                    stop_reason: None,
                 }],
                 usage: None,
                 kv_transfer_params: kv,
@@ -560,6 +702,7 @@ impl SseStream {
                     text: piece,
                     logprobs: None,
                     finish_reason: fr,
+                    stop_reason: None,
                 }],
                 usage: None,
                 kv_transfer_params: kv,
@@ -568,7 +711,96 @@ impl SseStream {
         sse::put_event(buf, &v.expect("chunk serializes"));
     }
 
+    /// One step of the general path: a chunk per unfinished choice (its piece, cut at a stop string; its
+    /// log-probabilities; `finish_reason` and `stop_reason` when it ends). The last step also finishes the
+    /// request and carries `kv_transfer_params` on its last chunk.
+    fn emit_step(&mut self, buf: &mut BytesMut) {
+        let j = self.sent;
+        self.observe_token(j == 0);
+        let last_step = j + 1 == self.adm.output_tokens;
+        let mut kv = if last_step {
+            self.finish_request()
+        } else {
+            None
+        };
+        let last_choice = self
+            .adm
+            .choices
+            .iter()
+            .rposition(|c| c.tokens == self.adm.output_tokens)
+            .unwrap_or(0);
+        let engine = self.adm.guard.engine().clone();
+        let t = &engine.tokenizer;
+        for c in 0..self.adm.choices.len() {
+            let plan = &self.adm.choices[c];
+            if j >= plan.tokens {
+                continue;
+            }
+            let before = self.offsets[c];
+            let text = crate::generation::visible_piece(t, plan, j, &mut self.offsets[c]);
+            let ends = j + 1 == plan.tokens;
+            let (finish_reason, stop_reason) = if ends {
+                (
+                    Some(plan.finish),
+                    plan.stop_reason.clone().map(serde_json::Value::String),
+                )
+            } else {
+                (None, None)
+            };
+            let lp = self.token_logprobs(c, j);
+            let kv = if last_step && c == last_choice {
+                kv.take()
+            } else {
+                None
+            };
+            let v = if self.chat {
+                serde_json::to_vec(&ChatCompletionChunk {
+                    id: self.fmt.id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created: self.fmt.created,
+                    model: self.fmt.model.clone(),
+                    choices: vec![ChatChunkChoice {
+                        index: c as u32,
+                        delta: ChatDelta {
+                            role: None,
+                            content: Some(text),
+                        },
+                        logprobs: lp.map(|lp| {
+                            serde_json::json!({"content": [crate::generation::chat_entry(&lp)]})
+                        }),
+                        finish_reason,
+                        stop_reason,
+                    }],
+                    usage: None,
+                    kv_transfer_params: kv,
+                })
+            } else {
+                serde_json::to_vec(&CompletionChunk {
+                    id: self.fmt.id.clone(),
+                    object: "text_completion".into(),
+                    created: self.fmt.created,
+                    model: self.fmt.model.clone(),
+                    choices: vec![CompletionChunkChoice {
+                        index: c as u32,
+                        text,
+                        logprobs: lp
+                            .map(|lp| crate::generation::completion_logprobs(&[lp], before)),
+                        finish_reason,
+                        stop_reason,
+                    }],
+                    usage: None,
+                    kv_transfer_params: kv,
+                })
+            };
+            sse::put_event(buf, &v.expect("chunk serializes"));
+        }
+        self.sent += 1;
+    }
+
     fn emit_token(&mut self, buf: &mut BytesMut) {
+        if !self.plain {
+            return self.emit_step(buf);
+        }
         let i = self.sent;
         self.observe_token(i == 0);
         if i + 1 == self.adm.output_tokens {
@@ -598,20 +830,25 @@ impl SseStream {
         loop {
             match self.phase {
                 Phase::Start => {
-                    if self.chat {
+                    // vLLM opens a chat stream with one role chunk per choice.
+                    for c in 0..self.adm.choices.len() {
+                        if !self.chat {
+                            break;
+                        }
                         let v = serde_json::to_vec(&ChatCompletionChunk {
                             id: self.fmt.id.clone(),
                             object: "chat.completion.chunk".into(),
                             created: self.fmt.created,
                             model: self.fmt.model.clone(),
                             choices: vec![ChatChunkChoice {
-                                index: 0,
+                                index: c as u32,
                                 delta: ChatDelta {
                                     role: Some("assistant".into()),
                                     content: Some(String::new()),
                                 },
                                 logprobs: None,
                                 finish_reason: None,
+                                stop_reason: None,
                             }],
                             usage: None,
                             kv_transfer_params: None,

@@ -5,9 +5,11 @@
 //! delivered to that engine (NIXL READ with `notif_msg`, as vLLM's NixlConnector does), and
 //! hands back notifications received (`take_notifications`, NIXL `get_new_notifs`).
 //!
-//! [`InProcTransport`] moves blocks between engines of the same process through a
-//! process-wide registry keyed by engine id (tests, single-process demos). A cross-process
-//! implementation goes on top of pdx's transfer engine (`pdx-transfer`).
+//! Two implementations: [`InProcTransport`] moves blocks between engines of the same process
+//! through a process-wide registry keyed by engine id (`--kv-transport inproc`: tests,
+//! single-process demos), and `pdx_transport::PdxTransport` (cargo feature `pdx-transfer`, on by
+//! default; `--kv-transport pdx`) moves them between processes and hosts with pdx's transfer
+//! engine.
 
 use crate::error::MockError;
 use crate::kv_cache::KvLayout;

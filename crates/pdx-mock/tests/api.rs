@@ -157,7 +157,7 @@ async fn check_stream(
 
 #[tokio::test]
 async fn streaming_instant_and_timed() {
-    for flags in [&["--instant"][..], &["--speedup", "1000"][..]] {
+    for flags in [&["--instant"][..], &["--speed", "1000"][..]] {
         let s = start(flags);
         let opts =
             json!({"stream": true, "stream_options": {"include_usage": true}, "max_tokens": 150});
@@ -200,7 +200,7 @@ async fn streaming_instant_and_timed() {
 
 #[tokio::test]
 async fn client_disconnect_mid_stream_aborts_and_frees_blocks() {
-    let s = start(&["--speedup", "10"]);
+    let s = start(&["--speed", "10"]);
     let body = chat(64, json!({"stream": true, "max_tokens": 5000}));
     let r = send(
         s.addr,
@@ -368,7 +368,7 @@ async fn probes_models_and_metrics() {
 #[tokio::test]
 async fn kv_cache_full_requests_wait_then_run() {
     // 4 blocks of 16 tokens; each request needs 3 blocks, so they run one at a time.
-    let s = start(&["--speedup", "100", "--num-blocks", "4"]);
+    let s = start(&["--speed", "100", "--num-blocks", "4"]);
     let body = json!({"prompt": synthetic_prompt(40, 5), "max_tokens": 8});
     let mut tasks = Vec::new();
     for i in 0..3 {

@@ -98,7 +98,7 @@ async fn slow_start_answers_503_until_loaded() {
 
 #[tokio::test]
 async fn stream_stalls_after_n_tokens() {
-    for flags in [&["--instant"][..], &["--speedup", "1000"][..]] {
+    for flags in [&["--instant"][..], &["--speed", "1000"][..]] {
         let s = start(&[flags, &["--fault-stall-after-tokens", "3"]].concat());
         let body = json!({"prompt": "a b c", "max_tokens": 10, "stream": true});
         let r = send(s.addr, "POST", "/v1/completions", Some(&body.to_string())).await;

@@ -9,10 +9,10 @@
 //!   and SGLang's bootstrap fields.
 //! * [`error`]: OpenAI error JSON (`{"error":{"message","type","param","code"}}`) with its HTTP
 //!   status.
+//! * [`sampling`]: request validation as vLLM's server does it (field types, sampling ranges, `n`, `stop`,
+//!   `logprobs`, `seed`, `tools`/`tool_choice`, `response_format`), with vLLM's messages.
 //! * [`sse`]: server-sent-event framing (`data: ...\n\n`, `data: [DONE]\n\n`).
 //! * [`worker`]: worker roles and the registration body.
-//! * [`validate`]: the request checks vLLM runs before scheduling (`max_tokens ≥ 1`, sampling ranges and
-//!   types, `stream_options` only with `stream`), for a router to answer 400 before any worker is touched.
 //!
 //! This crate does no I/O.
 #![forbid(unsafe_code)]
@@ -20,8 +20,8 @@
 pub mod error;
 pub mod kv;
 pub mod openai;
+pub mod sampling;
 pub mod sse;
-pub mod validate;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorResponse};

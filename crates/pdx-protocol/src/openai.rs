@@ -109,7 +109,8 @@ pub struct ChatCompletionRequest {
     /// SGLang PD-router bootstrap fields.
     #[serde(flatten)]
     pub bootstrap: BootstrapParams,
-    /// Unknown fields (temperature, top_p, stop, tools, ...), preserved.
+    /// Unknown fields (temperature, top_p, stop, tools, ...), preserved; [`crate::sampling::parse_chat`]
+    /// validates them as vLLM does.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -254,11 +255,14 @@ pub struct ChatChoice {
     pub index: u32,
     /// Message.
     pub message: ChatResponseMessage,
-    /// Log-probabilities (not produced by the mock).
+    /// Log-probabilities, when asked for (vLLM's shape; see [`crate::sampling`]).
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Why generation stopped.
     pub finish_reason: Option<FinishReason>,
+    /// vLLM: the stop string (or stop token id) that ended generation, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
 }
 
 /// `chat.completion` response.
@@ -292,11 +296,14 @@ pub struct CompletionChoice {
     pub index: u32,
     /// Generated text.
     pub text: String,
-    /// Log-probabilities (not produced by the mock).
+    /// Log-probabilities, when asked for (vLLM's shape; see [`crate::sampling`]).
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Why generation stopped.
     pub finish_reason: Option<FinishReason>,
+    /// vLLM: the stop string (or stop token id) that ended generation, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
 }
 
 /// `text_completion` response.
@@ -341,12 +348,15 @@ pub struct ChatChunkChoice {
     pub index: u32,
     /// Delta.
     pub delta: ChatDelta,
-    /// Log-probabilities.
+    /// Log-probabilities of this chunk's tokens, when asked for.
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Set on the last content chunk.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// vLLM: the stop string that ended generation, on the last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
 }
 
 /// `chat.completion.chunk` event.
@@ -377,12 +387,15 @@ pub struct CompletionChunkChoice {
     pub index: u32,
     /// Text piece.
     pub text: String,
-    /// Log-probabilities.
+    /// Log-probabilities of this chunk's tokens, when asked for.
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Set on the last content chunk.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// vLLM: the stop string that ended generation, on the last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
 }
 
 /// Streamed `text_completion` event.

@@ -1,11 +1,9 @@
-//! Aggregation of outcomes into the replay report.
+//! Aggregation of the per-request records into the replay report.
 
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-
-use crate::client::Outcome;
 
 /// Percentiles of a latency, in ms.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -43,6 +41,73 @@ pub struct Slo {
     pub itl_ms: Option<f64>,
 }
 
+/// One request of the replay: what was asked and what came back (also one line of `--export`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestRecord {
+    /// Position in the replayed trace (0-based, in order of arrival).
+    pub index: usize,
+    /// When it was sent, s from the start of the replay.
+    pub sent_s: f64,
+    /// Time to first token, ms (`None` when no token came).
+    pub ttft_ms: Option<f64>,
+    /// Every gap between consecutive token events, ms.
+    pub itl_ms: Vec<f64>,
+    /// Time per output token after the first, ms (vLLM's TPOT; `None` below 2 tokens).
+    pub tpot_ms: Option<f64>,
+    /// End-to-end latency, ms.
+    pub e2e_ms: f64,
+    /// Prompt length sent, tokens (the trace's, after `--scale-tokens`).
+    pub input_tokens: u32,
+    /// Prompt length as the server counted it (`usage.prompt_tokens`), if it said.
+    pub prompt_tokens: Option<u32>,
+    /// Output length asked for (`max_tokens`), tokens.
+    pub output_tokens_requested: u32,
+    /// Output tokens received.
+    pub output_tokens: u32,
+    /// HTTP status, when a response came.
+    pub status: Option<u16>,
+    /// Failure kind (`connect`, `http_503`, `timeout`, `stream_error`, `incomplete`, …); `None` on success.
+    pub error: Option<String>,
+    /// What the server or the connection said about the failure.
+    pub message: Option<String>,
+    /// The worker that served it, when a response header named it.
+    pub worker: Option<String>,
+}
+
+impl RequestRecord {
+    /// True when the request completed with a full stream.
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// Failed requests of one kind, status and message.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FailureGroup {
+    /// Failure kind (`connect`, `http_404`, `timeout`, …).
+    pub kind: String,
+    /// HTTP status, when a response came.
+    pub status: Option<u16>,
+    /// The message, when there was one.
+    pub message: Option<String>,
+    /// Requests that failed so.
+    pub count: u64,
+}
+
+impl std::fmt::Display for FailureGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) if self.kind == format!("http_{s}") => write!(f, "HTTP {s}")?,
+            Some(s) => write!(f, "{} (HTTP {s})", self.kind)?,
+            None => write!(f, "{}", self.kind)?,
+        }
+        if let Some(m) = &self.message {
+            write!(f, ": {m}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The replay's results (also the `--json` schema).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -52,6 +117,8 @@ pub struct Report {
     pub succeeded: u64,
     /// Requests that failed, by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Requests that failed, by kind, status and message, most frequent first.
+    pub failures: Vec<FailureGroup>,
     /// Wall time from the first send to the last completion, s.
     pub duration_s: f64,
     /// Completed requests per second.
@@ -66,13 +133,13 @@ pub struct Report {
     pub output_tokens_received: u64,
     /// Requests whose received output length differs from the requested one.
     pub length_mismatches: u64,
-    /// Time to first token.
+    /// Time to first token, of the succeeded requests.
     pub ttft_ms: Percentiles,
-    /// Gaps between consecutive tokens.
+    /// Gaps between consecutive tokens, of the succeeded requests.
     pub itl_ms: Percentiles,
-    /// Time per output token after the first, per request.
+    /// Time per output token after the first, per succeeded request.
     pub tpot_ms: Percentiles,
-    /// End-to-end latency.
+    /// End-to-end latency, of the succeeded requests.
     pub e2e_ms: Percentiles,
     /// SLO targets given.
     pub slo: Slo,
@@ -82,65 +149,67 @@ pub struct Report {
     pub goodput_rps: Option<f64>,
 }
 
-/// Per-request points for plots: (send time from start s, TTFT ms, TPOT ms).
-pub type Points = Vec<(f64, f64, Option<f64>)>;
+/// True when `r` succeeded within `slo`.
+pub fn attains(r: &RequestRecord, slo: &Slo) -> bool {
+    r.succeeded()
+        && slo
+            .ttft_ms
+            .is_none_or(|s| r.ttft_ms.is_some_and(|t| t <= s))
+        && slo.itl_ms.is_none_or(|s| r.tpot_ms.is_none_or(|t| t <= s))
+}
 
-/// Builds the report. `sent_at_s[i]` is when request `i` was sent; `requested[i]` its `max_tokens` and prompt
-/// tokens.
-pub fn build(
-    outcomes: &[Outcome],
-    sent_at_s: &[f64],
-    requested: &[(u32, u32)],
-    duration_s: f64,
-    slo: Slo,
-) -> (Report, Points) {
+/// Builds the report from every request's record.
+pub fn build(records: &[RequestRecord], duration_s: f64, slo: Slo) -> Report {
     let hist = || Histogram::<u64>::new(3).expect("3 significant figures is a valid precision");
     let (mut ttft, mut itl, mut tpot, mut e2e) = (hist(), hist(), hist(), hist());
+    let us = |ms: f64| ((ms * 1e3).round() as u64).max(1);
     let mut r = Report {
-        requests: outcomes.len() as u64,
+        requests: records.len() as u64,
         duration_s,
         slo,
         ..Default::default()
     };
-    let mut points = Vec::with_capacity(outcomes.len());
+    let mut groups: BTreeMap<(String, Option<u16>, Option<String>), u64> = BTreeMap::new();
     let mut attained = 0u64;
-    for (i, o) in outcomes.iter().enumerate() {
-        let (osl, isl) = requested.get(i).copied().unwrap_or_default();
-        r.input_tokens += u64::from(isl);
-        r.output_tokens_requested += u64::from(osl);
+    for o in records {
+        r.input_tokens += u64::from(o.input_tokens);
+        r.output_tokens_requested += u64::from(o.output_tokens_requested);
         if let Some(kind) = &o.error {
             *r.errors.entry(kind.clone()).or_default() += 1;
+            *groups
+                .entry((kind.clone(), o.status, o.message.clone()))
+                .or_default() += 1;
             continue;
         }
         r.succeeded += 1;
-        r.output_tokens_received += u64::from(o.tokens);
-        if o.tokens != osl {
+        r.output_tokens_received += u64::from(o.output_tokens);
+        if o.output_tokens != o.output_tokens_requested {
             r.length_mismatches += 1;
         }
-        let _ = e2e.record(o.e2e_us.max(1));
-        if let Some(t) = o.ttft_us {
-            let _ = ttft.record(t.max(1));
+        let _ = e2e.record(us(o.e2e_ms));
+        if let Some(t) = o.ttft_ms {
+            let _ = ttft.record(us(t));
         }
-        for &g in &o.itl_us {
-            let _ = itl.record(g.max(1));
+        for &g in &o.itl_ms {
+            let _ = itl.record(us(g));
         }
-        let tp = o.tpot_us();
-        if let Some(t) = tp {
-            let _ = tpot.record((t as u64).max(1));
+        if let Some(t) = o.tpot_ms {
+            let _ = tpot.record(us(t));
         }
-        let ok_ttft = slo
-            .ttft_ms
-            .is_none_or(|s| o.ttft_us.is_some_and(|t| t as f64 / 1e3 <= s));
-        let ok_itl = slo.itl_ms.is_none_or(|s| tp.is_none_or(|t| t / 1e3 <= s));
-        if ok_ttft && ok_itl {
+        if attains(o, &slo) {
             attained += 1;
         }
-        points.push((
-            sent_at_s.get(i).copied().unwrap_or_default(),
-            o.ttft_us.unwrap_or_default() as f64 / 1e3,
-            tp.map(|t| t / 1e3),
-        ));
     }
+    r.failures = groups
+        .into_iter()
+        .map(|((kind, status, message), count)| FailureGroup {
+            kind,
+            status,
+            message,
+            count,
+        })
+        .collect();
+    r.failures.sort_by_key(|g| std::cmp::Reverse(g.count));
     r.ttft_ms = percentiles(&ttft);
     r.itl_ms = percentiles(&itl);
     r.tpot_ms = percentiles(&tpot);
@@ -161,25 +230,36 @@ pub fn build(
             0.0
         });
     }
-    (r, points)
+    r
 }
 
 impl Report {
-    /// The report as a human-readable table.
+    /// Requests that failed.
+    pub fn failed(&self) -> u64 {
+        self.requests - self.succeeded
+    }
+
+    /// The report as a human-readable table. Failures are listed by kind, status and message; latency rows
+    /// cover the succeeded requests only, and are left out when none succeeded.
     pub fn to_table(&self) -> String {
         let mut s = String::new();
-        let failed: u64 = self.errors.values().sum();
+        let failed = self.failed();
         s += &format!(
-            "requests {}  succeeded {}  failed {}{}\n",
-            self.requests,
-            self.succeeded,
-            failed,
-            if self.errors.is_empty() {
-                String::new()
-            } else {
-                format!(" {:?}", self.errors)
-            }
+            "requests {}  succeeded {}  failed {}\n",
+            self.requests, self.succeeded, failed
         );
+        for g in &self.failures {
+            s += &format!("  failed {:>6} × {g}\n", g.count);
+        }
+        if self.succeeded == 0 {
+            if self.requests > 0 {
+                s += &format!(
+                    "all {} requests failed: no latency to report\n",
+                    self.requests
+                );
+            }
+            return s;
+        }
         s += &format!(
             "duration {:.1} s  throughput {:.2} req/s, {:.0} output tok/s  tokens in {} / out {} of {} requested{}\n",
             self.duration_s,
@@ -194,6 +274,12 @@ impl Report {
                 String::new()
             }
         );
+        if failed > 0 {
+            s += &format!(
+                "latency below: the {} succeeded requests only\n",
+                self.succeeded
+            );
+        }
         s += "latency (ms)      mean      p50      p90      p99\n";
         for (name, p) in [
             ("TTFT", &self.ttft_ms),
@@ -223,51 +309,83 @@ impl Report {
 mod tests {
     use super::*;
 
-    fn ok(ttft: u64, e2e: u64, tokens: u32) -> Outcome {
-        Outcome {
-            ttft_us: Some(ttft),
-            e2e_us: e2e,
-            tokens,
-            itl_us: vec![
-                (e2e - ttft) / u64::from(tokens.max(2) - 1);
-                tokens.saturating_sub(1) as usize
-            ],
+    fn ok(ttft: f64, e2e: f64, tokens: u32) -> RequestRecord {
+        let tpot = (e2e - ttft) / f64::from(tokens.max(2) - 1);
+        RequestRecord {
+            ttft_ms: Some(ttft),
+            e2e_ms: e2e,
+            output_tokens: tokens,
+            output_tokens_requested: tokens,
+            input_tokens: 100,
+            itl_ms: vec![tpot; tokens.saturating_sub(1) as usize],
+            tpot_ms: (tokens > 1).then_some(tpot),
+            ..Default::default()
+        }
+    }
+
+    fn failed(kind: &str, status: Option<u16>, message: &str) -> RequestRecord {
+        RequestRecord {
+            error: Some(kind.into()),
+            status,
+            message: Some(message.into()),
+            output_tokens_requested: 11,
+            input_tokens: 100,
             ..Default::default()
         }
     }
 
     #[test]
     fn slo_attainment_and_goodput() {
-        let outs = vec![
-            ok(50_000, 150_000, 11),  // TTFT 50 ms, TPOT 10 ms: attains
-            ok(300_000, 400_000, 11), // TTFT too slow
-            ok(50_000, 550_000, 11),  // TPOT 50 ms: too slow
-            Outcome {
-                error: Some("http_503".into()),
-                ..Default::default()
-            },
+        let recs = vec![
+            ok(50.0, 150.0, 11),  // TTFT 50 ms, TPOT 10 ms: attains
+            ok(300.0, 400.0, 11), // TTFT too slow
+            ok(50.0, 550.0, 11),  // TPOT 50 ms: too slow
+            failed("http_503", Some(503), "overloaded"),
         ];
-        let req = vec![(11, 100); 4];
-        let (r, points) = build(
-            &outs,
-            &[0.0, 1.0, 2.0, 3.0],
-            &req,
-            2.0,
-            Slo {
-                ttft_ms: Some(100.0),
-                itl_ms: Some(20.0),
-            },
-        );
+        let slo = Slo {
+            ttft_ms: Some(100.0),
+            itl_ms: Some(20.0),
+        };
+        let r = build(&recs, 2.0, slo);
         assert_eq!((r.requests, r.succeeded), (4, 3));
         assert_eq!(r.errors.get("http_503"), Some(&1));
         assert_eq!(r.slo_attainment, Some(0.25));
         assert_eq!(r.goodput_rps, Some(0.5));
         assert_eq!(r.output_tokens_received, 33);
         assert_eq!(r.length_mismatches, 0);
-        assert_eq!(points.len(), 3);
         assert!((r.ttft_ms.p50 - 50.0).abs() < 0.1);
-        let (no_slo, _) = build(&outs, &[0.0; 4], &req, 2.0, Slo::default());
+        let no_slo = build(&recs, 2.0, Slo::default());
         assert_eq!(no_slo.slo_attainment, None);
-        assert!(r.to_table().contains("attainment 25.0%"));
+        let table = r.to_table();
+        assert!(table.contains("attainment 25.0%"), "{table}");
+        assert!(table.contains("the 3 succeeded requests only"), "{table}");
+    }
+
+    #[test]
+    fn failures_are_grouped_by_status_and_message() {
+        let recs = vec![
+            failed("http_404", Some(404), "Not Found"),
+            failed("connect", None, "Connection refused (os error 111)"),
+            failed("http_404", Some(404), "Not Found"),
+            failed("http_404", Some(404), "The model `x` does not exist."),
+        ];
+        let r = build(&recs, 1.0, Slo::default());
+        assert_eq!(r.failures.len(), 3);
+        assert_eq!(r.failures[0].count, 2, "most frequent first");
+        assert_eq!(r.failures[0].to_string(), "HTTP 404: Not Found");
+        let table = r.to_table();
+        assert!(
+            table.contains("failed      2 × HTTP 404: Not Found"),
+            "{table}"
+        );
+        assert!(
+            table.contains("connect: Connection refused (os error 111)"),
+            "{table}"
+        );
+        // Before: an all-failed run printed percentile rows of 0.00.
+        assert!(
+            table.contains("all 4 requests failed") && !table.contains("p50"),
+            "{table}"
+        );
     }
 }

@@ -18,10 +18,3 @@ pub enum CoreError {
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 }
-
-impl CoreError {
-    /// Always false: core errors are deterministic.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
-}

@@ -24,20 +24,21 @@ use pdx_router_core::{FallbackMode, GlobalRouterConfig, Policy};
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// `pdx serve` flags.
+/// `pdx serve` flags. Every flag overrides the same setting of the file; the `[default: …]` in each help line
+/// is what applies when neither sets it (the flags stay `Option`s so that the file can set them).
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(name = "pdx-serve", about = "disaggregated prefill/decode router")]
 pub struct ServeArgs {
     /// TOML config file (`pdx.toml`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Listen address (default 0.0.0.0).
+    /// Listen address [default: 0.0.0.0]
     #[arg(long)]
     pub host: Option<String>,
-    /// Listen port (default 8000; 0: ephemeral).
+    /// Listen port (0: ephemeral) [default: 8000]
     #[arg(long)]
     pub port: Option<u16>,
-    /// Server threads, one runtime each (default: one per core).
+    /// Server threads, one runtime each (0: one per core) [default: 0]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Prefill worker URL, optionally followed by its SGLang bootstrap port (repeatable; default port 8998,
@@ -51,63 +52,65 @@ pub struct ServeArgs {
     /// Aggregated worker URL (repeatable): quick start without PD.
     #[arg(long = "worker")]
     pub worker: Vec<String>,
-    /// How a request is spread over workers: `vllm-nixl` (default; vLLM NixlConnector prefill, then decode),
+    /// How a request is spread over workers: `vllm-nixl` (vLLM NixlConnector prefill, then decode),
     /// `sglang-bootstrap` (aliases `sglang`, `bootstrap`: SGLang PD, prefill and decode at once with
-    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only). Overrides the file's `orchestration`.
+    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only) [default: vllm-nixl]
     #[arg(long)]
     pub orchestration: Option<String>,
-    /// Model name of quick-start workers (default: any model name is accepted).
+    /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware.
+    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware
+    /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
     /// Bearer token of the admin API: `GET`, `POST` and `DELETE /v1/workers` need `Authorization: Bearer
     /// TOKEN` when it is set (alias `--auth-token`). Without it, anyone who reaches the router can register
-    /// workers; `pdx serve` warns when it listens beyond loopback without one.
+    /// workers; `pdx serve` warns when it listens beyond loopback without one [default: none]
     #[arg(long = "admin-token", alias = "auth-token")]
     pub admin_token: Option<String>,
     /// Registered worker URLs must name an IP address inside one of these networks (`10.0.0.0/8`,
-    /// `fd00::/8`, or one address; repeatable). Default: any address.
+    /// `fd00::/8`, or one address; repeatable) [default: any address]
     #[arg(long = "worker-allow-cidr")]
     pub worker_allow_cidr: Vec<String>,
-    /// Most registered workers at once; registrations beyond it are refused with 429 (default 1024).
+    /// Most registered workers at once; registrations beyond it are refused with 429 [default: 1024]
     #[arg(long)]
     pub max_workers: Option<usize>,
     /// Most requests whose prefill finished on one prefill worker and whose decode has not taken the KV
-    /// yet; at the limit the worker takes no new prefill (default 1024; 0: no limit).
+    /// yet; at the limit the worker takes no new prefill (0: no limit) [default: 1024]
     #[arg(long)]
     pub max_pending_kv_requests: Option<u64>,
-    /// Most prompt tokens of such requests per prefill worker (default 0: no limit).
+    /// Most prompt tokens of such requests per prefill worker (0: no limit) [default: 0]
     #[arg(long)]
     pub max_pending_kv_tokens: Option<u64>,
-    /// Seconds between active `GET /health` checks of each worker (default 5; 0: off). A worker that is
-    /// down, or whose breaker is open, is checked every 0.5 s (at most every interval).
+    /// Seconds between active `GET /health` checks of each worker (0: off). A worker that is down, or whose
+    /// breaker is open, is checked every 0.5 s (at most every interval) [default: 5]
     #[arg(long)]
     pub health_check_interval_secs: Option<f64>,
-    /// Seconds without a heartbeat after which a registered worker is removed.
+    /// Seconds without a heartbeat after which a registered worker is removed [default: 15]
     #[arg(long)]
     pub heartbeat_ttl_secs: Option<f64>,
-    /// Seconds until an upstream answers with headers before 504.
+    /// Seconds until an upstream answers with headers before 504 [default: 300]
     #[arg(long)]
     pub upstream_timeout_secs: Option<f64>,
     /// Seconds a response body may go without a byte from the upstream before the router ends it (an SSE error
-    /// event on streams) and drops the upstream request (default 300).
+    /// event on streams) and drops the upstream request [default: 300]
     #[arg(long)]
     pub stream_idle_timeout_secs: Option<f64>,
     /// Seconds a client gets to send a request head (idle keep-alive connections included), and the longest
-    /// gap between bytes of a request body; then 408 and the connection closes (default 30).
+    /// gap between bytes of a request body; then 408 and the connection closes [default: 30]
     #[arg(long)]
     pub client_timeout_secs: Option<f64>,
     /// On SIGTERM or SIGINT, seconds to let in-flight requests finish (no new connections are accepted, `/ready`
-    /// answers 503) before the router exits anyway (default 30, Kubernetes' default grace period).
+    /// answers 503) before the router exits anyway (30 is Kubernetes' default grace period) [default: 30]
     #[arg(long)]
     pub shutdown_timeout_secs: Option<f64>,
-    /// Prefill attempts in all (first + retries); under `sglang-bootstrap`, attempts of the prefill/decode pair.
+    /// Prefill attempts in all (first + retries); under `sglang-bootstrap`, attempts of the prefill/decode pair
+    /// [default: 3]
     #[arg(long)]
     pub prefill_attempts: Option<u32>,
     /// After failed prefill attempts: decode_only or fail (`vllm-nixl`; `sglang-bootstrap` always fails:
-    /// 503, or 504 after a timeout).
+    /// 503, or 504 after a timeout) [default: decode_only]
     #[arg(long)]
     pub prefill_fallback: Option<String>,
     /// Key clients must send as `Authorization: Bearer KEY` on `/v1/chat/completions`, `/v1/completions` and

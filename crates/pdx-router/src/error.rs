@@ -1,6 +1,7 @@
 //! The router's error type.
 
-/// Errors of `pdx serve`.
+/// Errors of `pdx serve` (all fatal at start: a failed upstream request is not an error of the router but
+/// a [`pdx_router_core::UpstreamFailure`] handled by the core's retry rules).
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     /// Bad flags or config file (fatal).
@@ -21,22 +22,10 @@ pub enum RouterError {
         /// The limit.
         max: usize,
     },
-    /// Socket or runtime error (listen, spawn): fatal at start.
+    /// The listen address is held by another process, or cannot be bound: fatal at start.
+    #[error(transparent)]
+    Listen(#[from] pdx_listen::ListenError),
+    /// Socket or runtime error (spawn): fatal at start.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    /// An upstream request failed (retryable on another worker).
-    #[error("upstream {worker}: {reason}")]
-    Upstream {
-        /// Worker URL.
-        worker: String,
-        /// What failed.
-        reason: String,
-    },
-}
-
-impl RouterError {
-    /// True for errors another attempt (another worker) may not hit.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, RouterError::Upstream { .. })
-    }
 }

@@ -9,9 +9,9 @@ use crate::metrics::RequestLabels;
 use crate::proxy::Shared;
 use crate::registry::Snapshot;
 use crate::RouterError;
-use std::sync::Arc;
 use hyper::Response;
 use pdx_protocol::{ApiError, Role};
+use std::sync::Arc;
 
 /// Refuses a configuration under which a model's requests could only ever get 503:
 /// * prefill pools with neither a decode nor an aggregated pool (a prefill worker computes the prompt's KV

@@ -51,11 +51,9 @@ fn drain(mut framing: Framing, buf: &mut BytesMut, eof: bool) -> bool {
 pub fn completion_body(data: &[u8], chat: bool) -> bool {
     // Parsed, then checked as the front checks it before any worker sees it.
     if chat {
-        serde_json::from_slice::<pdx_protocol::ChatCompletionRequest>(data)
-            .is_ok_and(|r| pdx_protocol::validate::chat(&r).is_ok())
+        pdx_protocol::sampling::parse_chat(data).is_ok()
     } else {
-        serde_json::from_slice::<pdx_protocol::CompletionRequest>(data)
-            .is_ok_and(|r| pdx_protocol::validate::completion(&r).is_ok())
+        pdx_protocol::sampling::parse_completion(data).is_ok()
     }
 }
 

@@ -89,16 +89,15 @@ impl Drop for RouterServer {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RouterError> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nodelay(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+/// One `SO_REUSEPORT` listener per server thread on `addr`, refusing an address another process holds (a second
+/// router on the same port would otherwise take part of this one's connections; see `pdx-listen`).
+fn bind(addr: SocketAddr, threads: usize) -> Result<Vec<std::net::TcpListener>, RouterError> {
+    let listeners = pdx_listen::bind_set(addr, threads, 4096)?;
+    for l in &listeners {
+        // Accepted sockets inherit TCP_NODELAY from the listener.
+        socket2::SockRef::from(l).set_nodelay(true)?;
+    }
+    Ok(listeners)
 }
 
 /// The runtime of every router thread.
@@ -116,7 +115,8 @@ pub(crate) fn runtime() -> std::io::Result<Runtime> {
 /// Starts the router in background threads and returns once it listens.
 ///
 /// Errors: [`RouterError::Config`]/[`RouterError::Core`] for a bad configuration,
-/// [`RouterError::Io`] when the port cannot be bound or a runtime cannot start.
+/// [`RouterError::Listen`] when another process holds the address or it cannot be bound, [`RouterError::Io`] when a
+/// runtime cannot start.
 pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
     let cfg = Config::from_args(&args)?;
     front::check_topology(&cfg)?;
@@ -124,12 +124,8 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         .host
         .parse()
         .map_err(|e| RouterError::Config(format!("bad host {}: {e}", cfg.host)))?;
-    let first = bind(SocketAddr::new(ip, cfg.port))?;
-    let addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..cfg.threads {
-        listeners.push(bind(addr)?);
-    }
+    let listeners = bind(SocketAddr::new(ip, cfg.port), cfg.threads)?;
+    let addr = listeners[0].local_addr()?;
     let listener_handles = listeners
         .iter()
         .map(std::net::TcpListener::try_clone)
@@ -176,7 +172,10 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
     if let Some(w) = open_admin_warning(&shared.cfg, ip) {
         tracing::warn!(%addr, "{w}");
     }
-    tracing::info!(%addr, threads = shared.cfg.threads, "pdx serve listening");
+    tracing::info!(
+        threads = shared.cfg.threads,
+        "pdx serve listening on http://{addr}"
+    );
     Ok(RouterServer {
         addr,
         shared,

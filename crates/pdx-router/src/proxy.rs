@@ -371,24 +371,30 @@ async fn run_completion(
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
+    // Parsed and validated once here, as vLLM's server does it (`pdx_protocol::sampling`), so a bad request
+    // costs no worker anything (not a prefill, then a decode's 400). What an engine may or may not support
+    // (tool parsers, structured outputs) is left to the engine.
     let parsed = if chat {
-        serde_json::from_slice(&raw).map(CompletionBody::Chat)
+        pdx_protocol::sampling::parse_chat(&raw).map(|(r, _)| CompletionBody::Chat(r))
     } else {
-        serde_json::from_slice(&raw).map(CompletionBody::Text)
+        pdx_protocol::sampling::parse_completion(&raw).map(|(r, _)| CompletionBody::Text(r))
     };
     let mut body = match parsed {
         Ok(b) => b,
-        Err(e) => return error_response(&ApiError::bad_request(format!("malformed request: {e}"))),
+        Err(e) => {
+            // Counted under the model the client named, when the body says (a second parse, on errors only).
+            #[derive(serde::Deserialize)]
+            struct Named {
+                model: Option<String>,
+            }
+            let named = serde_json::from_slice::<Named>(&raw)
+                .ok()
+                .and_then(|n| n.model);
+            *label = Some(sh.models.label(&sh.registry.snap.load(), named.as_deref()));
+            return error_response(&e);
+        }
     };
     *label = Some(sh.models.label(&sh.registry.snap.load(), body.model()));
-    // Validated once here, so a bad request costs no worker anything (not a prefill, then a decode's 400).
-    let checked = match &body {
-        CompletionBody::Chat(r) => pdx_protocol::validate::chat(r),
-        CompletionBody::Text(r) => pdx_protocol::validate::completion(r),
-    };
-    if let Err(e) = checked {
-        return error_response(&e);
-    }
     let (ttft_ms, itl_ms) = match take_slo(&mut body) {
         Ok(t) => t,
         Err(e) => return error_response(&e),
@@ -630,8 +636,7 @@ pub(crate) async fn dispatch(
         };
         count_pool_choice(sh, job.model, &pool);
         let guard = LoadGuard::new(w.clone(), job.tokens);
-        let sent =
-            send_to_abandonable(sh, &w, job.path, &body, job.rid, job.auth, abandon).await;
+        let sent = send_to_abandonable(sh, &w, job.path, &body, job.rid, job.auth, abandon).await;
         let failure = match sent {
             Ok(resp) => {
                 let s = resp.status().as_u16();

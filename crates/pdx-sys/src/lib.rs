@@ -407,8 +407,8 @@ pub fn copy(src: &Memory, src_off: usize, dst: &Memory, dst_off: usize, len: usi
 
 /// Copies `len` bytes from `src[src_off..]` to `dst[dst_off..]` with non-temporal (streaming) stores where the
 /// CPU has them (x86-64 with AVX2), for copies larger than the cache whose destination this thread will not read
-/// again: a batch of KV blocks. Faster than [`copy`] out of cache (1.3–1.4× on the reference machine for 1 MiB and
-/// larger blocks), slower for data that would have stayed cached. Overlapping ranges (the same region) fall back
+/// again: a batch of KV blocks. Faster than [`copy`] out of cache, slower for data that would have stayed cached
+/// (figures: `docs/benchmarks.md`, "KV transfer"). Overlapping ranges (the same region) fall back
 /// to [`copy`]. The stores are fenced before it returns, so the bytes are visible before anything published
 /// afterwards. See the `stream_copy` module docs.
 ///
@@ -646,11 +646,11 @@ const RCVLOWAT_WAIT: libc::timeval = libc::timeval {
 
 /// A receive low-water mark (`SO_RCVLOWAT`) for one large socket read.
 ///
-/// By default a blocked reader wakes for every few segments that arrive: on the reference VM each wake-up of a
-/// thread on the other core costs about 18 µs, and a 1 GiB transfer over loopback made about 10k context
-/// switches a second with a quarter of the CPU time idle. With the mark, the kernel wakes the reader only when
-/// `bytes` are queued (or the receive window is nearly closed), and each `readv` copies that much:
-/// `pdx bench kv --transport tcp`, batch 64, went from 3.5–5 to about 6 GB/s for 64 KiB–16 MiB blocks.
+/// By default a blocked reader wakes for every few segments that arrive, and each wake-up of a thread on another
+/// core is expensive: large loopback transfers spent much of their CPU time idle between wake-ups. With the mark,
+/// the kernel wakes the reader only when `bytes` are queued (or the receive window is nearly closed), and each
+/// `readv` copies that much (before/after figures: `docs/benchmarks.md`, "Third session, TCP: a receive
+/// low-water mark").
 ///
 /// The mark is a quarter of the read, at most 2 MiB, for reads of 1 MiB or more. It must never hold data back:
 /// when the sender cannot fill the mark (slow start after an idle connection, the last bytes of a read), the
@@ -768,8 +768,9 @@ pub fn read_exact_into(fd: RawFd, segments: &[MemSlice<'_>], on_stall: OnStall<'
     drive_vectored(fd, Vectored::Read, iov, on_stall)
 }
 
-/// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID
-/// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping and CMA.
+/// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's PID and mount
+/// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping (the mount
+/// namespace decides what `/proc/<pid>/fd` resolves) and CMA (the PID namespace decides what a pid means).
 pub fn host_id() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let ns = |p: &str| {

@@ -3,10 +3,10 @@
 //!
 //! A plain `memcpy` of data that does not fit in the cache reads every destination cache line before writing it
 //! (read for ownership) and leaves the written lines in this core's cache, evicting what was there. Streaming
-//! stores write whole lines through write-combining buffers instead: on the reference machine a batch of
-//! 64 × 1 MiB or 64 × 16 MiB blocks (1 GiB apart, so nothing stays cached) copies 1.3–1.4× faster than glibc's
-//! `memcpy` on one thread (`docs/benchmarks.md`, "KV transfer"). glibc switches to streaming stores itself only
-//! for single copies above roughly three quarters of the last-level cache, which one KV block never is.
+//! stores write whole lines through write-combining buffers instead, so a batch of large blocks that does not
+//! stay cached copies faster than with glibc's `memcpy` on one thread (figures: `docs/benchmarks.md`, "KV
+//! transfer", "Third session: streaming stores"). glibc switches to streaming stores itself only for single
+//! copies above roughly three quarters of the last-level cache, which one KV block never is.
 //!
 //! Streaming stores are weakly ordered, so [`copy_nonoverlapping_streaming`] ends with `sfence`: when it
 //! returns, the bytes are visible to other cores and processes in the usual order, and a completion or

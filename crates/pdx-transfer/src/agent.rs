@@ -40,18 +40,17 @@ pub struct AgentConfig {
     /// Default true.
     pub populate: bool,
     /// Threads that share one `local`/`shm` copy of at least `parallel_copy_min_bytes` (the posting thread is
-    /// one of them). One core does not saturate memory bandwidth: on the 2-core reference machine two threads
-    /// copy batches of 256 KiB–16 MiB blocks 1.1–1.5× faster than one. Default: available cores, at most 4.
+    /// one of them). One core does not saturate memory bandwidth, so two threads copy large batches faster than
+    /// one (A/B figures: `docs/benchmarks.md`, "Third session: streaming stores"). Default: available cores, at
+    /// most 4.
     pub copy_threads: usize,
     /// Smallest transfer (bytes) split across `copy_threads`; smaller ones stay on the posting thread, where
-    /// starting the threads (tens of µs) costs more than it saves: a 64 × 64 KiB batch ran at 0.6× of one
-    /// thread's speed when split. Default 16 MiB.
+    /// starting the threads costs more than it saves (the same A/B table). Default 16 MiB.
     pub parallel_copy_min_bytes: u64,
     /// Smallest `local`/`shm` transfer (bytes) copied with non-temporal stores (`pdx_sys::copy_streaming`)
     /// instead of `memcpy`. A batch this large does not stay in this core's caches anyway, and the bytes are
-    /// for the peer, not this core; streaming stores skip reading each destination line first (1.4–1.7×
-    /// `memcpy` for batches of 64 blocks of 256 KiB–16 MiB on the reference machine). Smaller batches keep
-    /// `memcpy`, which wins while source and destination stay cached. Default 8 MiB; `u64::MAX` turns it off.
+    /// for the peer, not this core; streaming stores skip reading each destination line first. Smaller batches
+    /// keep `memcpy`, which wins while source and destination stay cached (the same A/B table). Default 8 MiB; `u64::MAX` turns it off.
     pub streaming_copy_min_bytes: u64,
 }
 
@@ -965,8 +964,8 @@ impl Agent {
             },
             Locality::OtherHost => {
                 return Err(gpu::unavailable(format!(
-                    "agent `{}` is on another host: GPU memory across hosts needs the staged path \
-                     (device -> pinned -> tcp), which is not implemented yet",
+                    "agent `{}` is on another host: GPU memory across hosts moves only over the staged \
+                     path (device -> pinned -> tcp); allow the `tcp` transport instead of forcing `cuda`",
                     rem.md.name
                 )))
             }

@@ -58,7 +58,8 @@ pub struct AgentMetadata {
     pub name: String,
     /// Random id of this agent instance: a restarted agent with the same name has a new one.
     pub instance_id: u64,
-    /// Host identity (boot id and namespaces): equal ids can use memfd mapping and CMA.
+    /// Host identity (`pdx_sys::host_id`: boot id plus PID and mount namespaces): agents with equal ids can use
+    /// memfd mapping and CMA; up to 1024 bytes.
     pub host_id: String,
     /// Owner process id.
     pub pid: u32,

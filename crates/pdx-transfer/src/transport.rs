@@ -32,7 +32,8 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    /// Every transport this build implements, in order of preference.
+    /// The host-memory transports every build has, in order of preference. `ucx` (cargo feature) and `cuda`
+    /// (GPU memory) come on top of these where the build and the machine have them.
     pub const HOST: [TransportKind; 4] = [
         TransportKind::Local,
         TransportKind::Shm,

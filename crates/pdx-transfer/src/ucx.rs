@@ -381,8 +381,8 @@ impl UcxAgent {
             return Err(map_err(peer_name, e));
         }
         // A posting thread uses the worker itself: the progress thread stays off the worker lock meanwhile
-        // (over shared memory the whole transfer runs inside this post; contending for the lock then made
-        // 64 KiB batches up to 20% slower).
+        // (over shared memory the whole transfer runs inside this post, and contending for the lock made small
+        // batches measurably slower).
         let _driving = Driving::new(&self.shared.drivers);
         // The distinct local regions (usually one), which the operations borrow (the endpoint keeps them alive
         // until the flush): per-block reference counting would cost more than the post itself for 64 KiB

@@ -78,8 +78,8 @@ impl Drop for ContextInner {
 ///
 /// - `TCP_TX_SEG_SIZE` / `TCP_RX_SEG_SIZE` (UCX: 8 KiB / 64 KiB): over TCP, UCX 1.13 emulates RMA with active
 ///   messages of one TX segment each, so every 8 KiB costs a send, a receive and a handler call on each side.
-///   256 KiB segments made 1 MiB puts about 3× faster on loopback (docs/benchmarks.md, UCX section); the
-///   receive segment must hold a whole send segment and its header.
+///   larger segments make large puts several times faster on loopback (figures: `docs/benchmarks.md`, "UCX",
+///   "TCP segments"); the receive segment must hold a whole send segment and its header.
 const DEFAULTS: &[(&str, &str)] = &[("TCP_RX_SEG_SIZE", "512K"), ("TCP_TX_SEG_SIZE", "256K")];
 
 /// Sets one transport setting (`TCP_TX_SEG_SIZE`) in a UCP configuration. UCX 1.13 takes transport settings
