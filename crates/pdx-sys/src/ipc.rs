@@ -45,7 +45,8 @@ pub struct PeerCred {
 
 /// The peer credentials of a connected Unix socket. Errors: [`SysError::Io`] from `getsockopt`.
 pub fn peer_cred(sock: &UnixStream) -> Result<PeerCred> {
-    let c = rustix::net::sockopt::socket_peercred(sock).map_err(io_err("getsockopt(SO_PEERCRED)"))?;
+    let c =
+        rustix::net::sockopt::socket_peercred(sock).map_err(io_err("getsockopt(SO_PEERCRED)"))?;
     Ok(PeerCred {
         pid: c.pid.as_raw_pid() as u32,
         uid: c.uid.as_raw(),

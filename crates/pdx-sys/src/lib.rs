@@ -200,8 +200,9 @@ impl Memory {
         };
         let cname = CString::new(name.replace('\0', "_")).unwrap_or_default();
         // SAFETY: cname is a valid NUL-terminated string for the duration of the call.
-        let raw =
-            unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if raw < 0 {
             return Err(SysError::last("memfd_create"));
         }
@@ -211,9 +212,11 @@ impl Memory {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), map_len as libc::off_t) } != 0 {
             return Err(SysError::last("ftruncate"));
         }
-        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK).map_err(|e| SysError::Io {
-            op: "fcntl(F_ADD_SEALS)",
-            source: e.into(),
+        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK).map_err(|e| {
+            SysError::Io {
+                op: "fcntl(F_ADD_SEALS)",
+                source: e.into(),
+            }
         })?;
         let ptr = mmap_shared(fd.as_raw_fd(), map_len, populate)?;
         Ok(Memory {

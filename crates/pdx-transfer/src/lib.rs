@@ -51,12 +51,15 @@
 #![deny(missing_docs)]
 
 mod agent;
+pub mod auth;
 mod desc;
 mod error;
 mod gpu;
 mod memory;
 pub mod metadata;
+mod peer;
 mod request;
+mod server;
 mod tcp;
 mod transport;
 #[cfg(feature = "ucx")]
@@ -64,11 +67,12 @@ mod ucx;
 pub mod wire;
 
 pub use agent::{Agent, AgentConfig, PreparedLocal, PreparedRemote, XferOptions, XferRequest};
+pub use auth::AgentSecret;
 pub use desc::{XferDesc, XferDescList};
 pub use error::{Result, TransferError};
 pub use memory::{MemoryKind, RegisteredMemory};
 pub use metadata::AgentMetadata;
 pub use pdx_sys::{copy as copy_host, copy_streaming as copy_host_streaming, Memory};
 pub use request::{XferCompletion, XferOp, XferStatus};
-pub use tcp::{fetch_metadata, Notification};
+pub use tcp::{fetch_metadata, fetch_metadata_with, Notification};
 pub use transport::TransportKind;
