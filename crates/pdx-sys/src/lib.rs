@@ -792,6 +792,24 @@ pub fn read_exact_into(fd: RawFd, segments: &[MemSlice<'_>], on_stall: OnStall<'
     drive_vectored(fd, Vectored::Read, iov, on_stall)
 }
 
+/// Waits up to `timeout` for `fd` to have something to read (data, end of stream, or an error), without reading
+/// it (`poll` for `POLLIN`). False on timeout or when `fd` cannot be polled.
+pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID
 /// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping and CMA.
 pub fn host_id() -> String {

@@ -651,7 +651,11 @@ impl Agent {
                 Ok((p, md, ext)) => (Locality::SameHost(p), md, ext),
                 Err(e) => {
                     tracing::debug!(peer = %wire.name, error = %e, "same-host peer not vouched for; tcp only");
-                    (Locality::Remote(e.to_string()), wire.clone(), ext)
+                    let why = match e {
+                        TransferError::TransportUnavailable { reason, .. } => reason,
+                        e => format!("the kernel does not vouch for agent `{}`: {e}", wire.name),
+                    };
+                    (Locality::Remote(why), wire.clone(), ext)
                 }
             }
         };

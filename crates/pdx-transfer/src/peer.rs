@@ -111,23 +111,32 @@ fn exchange(me: &Inner, name: &str, instance_id: u64) -> Result<Exchange> {
         .and_then(|()| link.set_write_timeout(Some(STALL_TICK)))
         .map_err(tcp::io_err("configuring a Unix socket"))?;
     let (process, _cred) = PeerProcess::of_unix_peer(&link).map_err(|e| not_vouched(name, e))?;
+    let mut request = Vec::new();
     match &me.config.secret {
         Some(secret) => tcp::authenticate(&link, secret, &me.name, me.instance_id, name, timeout)?,
-        None => (&link)
-            .write_all(&encode_frame(
+        None => {
+            request = encode_frame(
                 FrameKind::Hello,
                 0,
                 &Ctrl::Hello {
                     name: me.name.clone(),
                     instance_id: me.instance_id,
                 },
-            ))
-            .map_err(tcp::io_err("writing to a Unix socket"))?,
+            )
+        }
     }
-    (&link)
-        .write_all(&encode_frame(FrameKind::ShareMemory, 0, &Ctrl::Empty))
-        .map_err(tcp::io_err("writing to a Unix socket"))?;
-    let (metadata, count) = match read_reply(&link, name, timeout)? {
+    request.extend_from_slice(&encode_frame(FrameKind::ShareMemory, 0, &Ctrl::Empty));
+    // One write: a peer that refuses the Hello (it wants a secret) answers before it closes, and that answer,
+    // not a broken pipe, is the error.
+    let written = (&link)
+        .write_all(&request)
+        .map_err(tcp::io_err("writing to a Unix socket"));
+    let reply = read_reply(&link, name, timeout);
+    written.or_else(|e| match &reply {
+        Err(TransferError::Unauthenticated { .. }) => Ok(()),
+        _ => Err(e),
+    })?;
+    let (metadata, count) = match reply? {
         (_, Ctrl::SharedMemory { metadata, memfds }) => (metadata, memfds as usize),
         (h, _) => {
             return Err(TransferError::Protocol {
