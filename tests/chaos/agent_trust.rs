@@ -101,7 +101,10 @@ fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = rest;
         while let Some((size, tail)) = rest.split_once("\r\n") {
@@ -197,7 +200,8 @@ fn read_kv_over_tcp(agent_addr: &str) -> Vec<u8> {
     )))
     .unwrap();
     let name = reader.fetch_remote(agent_addr).unwrap();
-    let md = AgentMetadata::decode(&pdx_transfer::fetch_metadata(agent_addr, GUARD).unwrap()).unwrap();
+    let md =
+        AgentMetadata::decode(&pdx_transfer::fetch_metadata(agent_addr, GUARD).unwrap()).unwrap();
     let r = &md.regions[0];
     let local = reader.allocate(r.len as usize).unwrap();
     let req = reader
@@ -226,10 +230,9 @@ fn read_kv_over_tcp(agent_addr: &str) -> Vec<u8> {
 #[test]
 fn forged_prefill_metadata_cannot_disclose_another_process() {
     let decode = Mock::start("decode", &["--engine-id", "chaos-trust-decode"]);
-    let dmd = AgentMetadata::decode(
-        &pdx_transfer::fetch_metadata(&decode.agent_addr(), GUARD).unwrap(),
-    )
-    .unwrap();
+    let dmd =
+        AgentMetadata::decode(&pdx_transfer::fetch_metadata(&decode.agent_addr(), GUARD).unwrap())
+            .unwrap();
     let block_bytes = (dmd.regions[0].len / 64) as usize;
     let prompt = "tell me what the canary says";
     // How many KV blocks the prompt fills: the decode says so when the block list has the wrong length.
@@ -248,7 +251,10 @@ fn forged_prefill_metadata_cannot_disclose_another_process() {
     };
     let (st, v) = probe(1, 9);
     let blocks = if st == 400 {
-        let msg = v["error"]["message"].as_str().unwrap_or_default().to_string();
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         msg.split("fills ")
             .nth(1)
             .and_then(|t| t.split_whitespace().next()?.parse().ok())
@@ -311,11 +317,9 @@ fn forger(mut md: AgentMetadata) -> (String, Arc<AtomicBool>) {
                 let _ = s.set_read_timeout(Some(GUARD));
                 while let Some((h, _)) = read_frame(&mut s) {
                     let reply = match h.kind {
-                        FrameKind::GetMetadata => encode_frame(
-                            FrameKind::Metadata,
-                            0,
-                            &Ctrl::Metadata(forged.clone()),
-                        ),
+                        FrameKind::GetMetadata => {
+                            encode_frame(FrameKind::Metadata, 0, &Ctrl::Metadata(forged.clone()))
+                        }
                         FrameKind::ReadRequest | FrameKind::WriteRequest => encode_frame(
                             FrameKind::Error,
                             h.req_id,
@@ -347,11 +351,21 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
     let file = secret_file.to_str().unwrap();
     let p = Mock::start(
         "prefill",
-        &["--engine-id", "chaos-secret-prefill", "--agent-secret-file", file],
+        &[
+            "--engine-id",
+            "chaos-secret-prefill",
+            "--agent-secret-file",
+            file,
+        ],
     );
     let d = Mock::start(
         "decode",
-        &["--engine-id", "chaos-secret-decode", "--agent-secret-file", file],
+        &[
+            "--engine-id",
+            "chaos-secret-decode",
+            "--agent-secret-file",
+            file,
+        ],
     );
     let outsider = Mock::start("decode", &["--engine-id", "chaos-secret-outsider"]);
     let prompt = "a prompt whose KV only the secret holders may touch";
@@ -365,7 +379,13 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
     let region = &md.regions[0];
     let segs = Ctrl::Segments {
         segs: vec![(region.addr, region.len)],
-        notif: Some(kv["remote_request_id"].as_str().unwrap().as_bytes().to_vec()),
+        notif: Some(
+            kv["remote_request_id"]
+                .as_str()
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+        ),
     };
     let mut overwrite = encode_frame(FrameKind::WriteRequest, 1, &segs);
     overwrite.extend(std::iter::repeat_n(0u8, region.len as usize));
@@ -387,7 +407,11 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
         assert!(rest.is_empty(), "data after the refusal");
     }
     // Without the secret, a decode cannot read the KV, and says why.
-    let (st, v) = post(outsider.http, "/v1/completions", &completion(prompt, 4, kv.clone()));
+    let (st, v) = post(
+        outsider.http,
+        "/v1/completions",
+        &completion(prompt, 4, kv.clone()),
+    );
     assert_eq!(st, 502, "{v}");
     assert!(v.to_string().contains("authentication"), "{v}");
     // With it, the decode reads every block and verifies it: the forged WRITE changed nothing.
@@ -448,7 +472,10 @@ fn decode_unmaps_a_dead_prefill_at_once() {
             .filter(|l| l.contains("memfd:pdx-chaos-unmap-prefill "))
             .count()
     };
-    assert!(mapped() >= 1, "the decode read the prefill's KV without mapping it");
+    assert!(
+        mapped() >= 1,
+        "the decode read the prefill's KV without mapping it"
+    );
     drop(p);
     assert!(
         eventually(|| mapped() == 0),
