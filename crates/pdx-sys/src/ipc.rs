@@ -5,8 +5,9 @@
 //!
 //! The transfer engine uses it for its same-host transports: a peer's memfds arrive over the peer's Unix socket
 //! and are mapped with [`crate::Memory::map_memfd`]; `cma` copies go through [`PeerProcess`], built from the
-//! connected socket. Descriptor passing and the socket options go through `rustix` (safe wrappers); the one raw
-//! `getsockopt` (`SO_PEERPIDFD`, which `rustix` does not wrap yet) is here.
+//! connected socket. Descriptor passing, pidfds and `poll` go through `rustix` (safe wrappers); the two
+//! `getsockopt` calls (`SO_PEERCRED`, whose pid may be 0, and `SO_PEERPIDFD`, which `rustix` does not wrap) are
+//! here.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -44,13 +45,35 @@ pub struct PeerCred {
 }
 
 /// The peer credentials of a connected Unix socket. Errors: [`SysError::Io`] from `getsockopt`.
+///
+/// Read with `libc` rather than `rustix`, whose `UCred` holds a non-zero `Pid`: the kernel reports pid 0 for a
+/// peer outside this process's pid namespace, which must be a value here, not undefined behaviour.
 pub fn peer_cred(sock: &UnixStream) -> Result<PeerCred> {
-    let c =
-        rustix::net::sockopt::socket_peercred(sock).map_err(io_err("getsockopt(SO_PEERCRED)"))?;
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes (one `ucred`, plain integers) into the live local `cred`
+    // and updates `len`; a bad socket is an error return.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(SysError::last("getsockopt(SO_PEERCRED)"));
+    }
     Ok(PeerCred {
-        pid: c.pid.as_raw_pid() as u32,
-        uid: c.uid.as_raw(),
-        gid: c.gid.as_raw(),
+        pid: cred.pid.max(0) as u32,
+        uid: cred.uid,
+        gid: cred.gid,
     })
 }
 
@@ -218,6 +241,10 @@ impl PeerProcess {
     /// already gone.
     pub fn of_unix_peer(sock: &UnixStream) -> Result<(PeerProcess, PeerCred)> {
         let cred = peer_cred(sock)?;
+        if cred.pid == 0 {
+            // Outside our pid namespace: no pid of ours names it (and pid 0 would mean this process).
+            return Err(SysError::ProcessExited { pid: 0 });
+        }
         let pidfd = match peer_pidfd(sock) {
             Some(fd) => fd,
             None => {
