@@ -491,7 +491,7 @@ fn closed_by_peer(s: &mut TcpStream) -> bool {
 }
 
 /// Finding 5: idle connections wait in epoll, not on threads. 300 idle connections (past their handshake) add
-/// no thread to the agent's process, stay open, and the agent keeps serving transfers meanwhile.
+/// no thread per connection to the agent's process, stay open, and the agent keeps serving transfers meanwhile.
 #[test]
 fn idle_connections_cost_no_threads() {
     let target = Helper::spawn("trust-idle", None);
@@ -507,8 +507,10 @@ fn idle_connections_cost_no_threads() {
     // Let the agent accept and read them all (a handler serves each Hello, then hands it back).
     std::thread::sleep(Duration::from_millis(1500));
     let during = target.status("Threads");
+    // The handlers that served the burst of Hellos may still be there (they leave after 10 s without work);
+    // a thread per connection would be 300 more.
     assert!(
-        during <= before + 4,
+        during <= before + 16,
         "{before} threads before, {during} with 300 idle connections"
     );
     assert!(conns.iter_mut().all(|s| !closed_by_peer(s)));
