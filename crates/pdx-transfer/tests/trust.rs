@@ -587,7 +587,7 @@ fn silent_and_idle_connections_are_closed() {
     assert!(eventually(|| closed_by_peer(&mut half)));
     // An authenticated peer that goes quiet is closed after the idle timeout (real peers send keepalives).
     let mut plain_cfg = AgentConfig::new("trust-timeouts-plain");
-    plain_cfg.idle_timeout = Duration::from_secs(1);
+    plain_cfg.idle_timeout = Duration::from_secs(3);
     let b = Agent::new(plain_cfg).unwrap();
     let mut quiet = TcpStream::connect(b.listen_addr().unwrap()).unwrap();
     quiet.write_all(&hello("quiet")).unwrap();
