@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod agent_trust;
 mod first_hour;
 mod front;
 mod router_faults;

@@ -112,6 +112,13 @@ pub struct MockArgs {
     /// Host advertised as `remote_host` and in registration [default: the KV listen IP]
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// File holding the KV agents' shared secret (16..=1024 bytes; a trailing newline is
+    /// ignored). Without it the secret comes from `PDX_AGENT_SECRET`, if set. With a secret,
+    /// only agents holding the same one can fetch this engine's metadata or read and write its
+    /// KV (mutual HMAC-SHA256 challenge–response per connection). Not a plain flag value, so it
+    /// never shows in the process list.
+    #[arg(long)]
+    pub agent_secret_file: Option<std::path::PathBuf>,
     /// KV engine id, the `remote_engine_id` [default: pdx-mock-<role>-<pid>-<port>]
     #[arg(long)]
     pub engine_id: Option<String>,
@@ -343,6 +350,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                 &engine_id,
                 &args.kv_listen,
                 args.advertise_host.clone(),
+                agent_secret(&args)?,
                 layout,
                 args.num_blocks,
             )?),
@@ -414,6 +422,24 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         engine,
         threads,
     })
+}
+
+/// The KV agents' shared secret: `--agent-secret-file`, else `PDX_AGENT_SECRET`, else none.
+#[cfg(feature = "pdx-transfer")]
+fn agent_secret(args: &MockArgs) -> Result<Option<pdx_transfer::AgentSecret>, MockError> {
+    let bad = |e: pdx_transfer::TransferError| MockError::Config(format!("agent secret: {e}"));
+    match &args.agent_secret_file {
+        Some(path) => {
+            let mut bytes = std::fs::read(path).map_err(|e| {
+                MockError::Config(format!("--agent-secret-file {}: {e}", path.display()))
+            })?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            pdx_transfer::AgentSecret::new(bytes).map(Some).map_err(bad)
+        }
+        None => pdx_transfer::AgentSecret::from_env().map_err(bad),
+    }
 }
 
 /// Runs `pdx mock` until it is killed (or crashes by fault injection).

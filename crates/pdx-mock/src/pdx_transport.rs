@@ -2,17 +2,24 @@
 //! uses NIXL: the KV blocks live in one region allocated and registered by the engine's
 //! [`Agent`] (memfd-backed host memory); the agent's listener is the metadata side channel
 //! advertised as `remote_host:remote_port`; a decode engine fetches the prefill agent's
-//! metadata once (`fetch_metadata` + `load_remote`, cached per engine id), takes the KV
-//! region's base address from it (NixlConnector exchanges `kv_caches_base_addr` in its
-//! handshake), and posts one READ with a descriptor per block and the prefill's request id as
-//! the notification, which the prefill engine picks up with `take_notifications`.
+//! metadata once (`Agent::fetch_metadata` + `load_remote`, cached per engine id), takes the KV
+//! region's base address from the metadata the agent vouched for (`Agent::remote_metadata`:
+//! for a same-host prefill, what its Unix socket sent; NixlConnector exchanges
+//! `kv_caches_base_addr` in its handshake), and posts one READ with a descriptor per block and
+//! the prefill's request id as the notification, which the prefill engine picks up with
+//! `take_notifications`.
+//!
+//! With a shared secret (`--agent-secret-file`, or `PDX_AGENT_SECRET`), every agent connection
+//! runs the mutual challenge–response of `pdx_transfer::auth` first; engines without the same
+//! secret can neither read nor write this engine's KV, nor fetch its metadata.
 
 use crate::error::MockError;
 use crate::kv_cache::KvLayout;
 use crate::transport::{KvEndpoint, KvTransport, TransferFuture};
 use pdx_transfer::metadata::AgentMetadata;
 use pdx_transfer::{
-    Agent, AgentConfig, RegisteredMemory, XferDescList, XferOp, XferOptions, XferStatus,
+    Agent, AgentConfig, AgentSecret, RegisteredMemory, XferDescList, XferOp, XferOptions,
+    XferStatus,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,7 +58,8 @@ fn terr(engine: &str, e: impl std::fmt::Display) -> MockError {
 
 impl PdxTransport {
     /// Starts an agent named `engine_id` listening on `listen` (`host:port`, port 0 =
-    /// ephemeral) and allocates `num_blocks` blocks of `layout` in registered memory.
+    /// ephemeral), with the agent protocol's shared `secret` if any, and allocates `num_blocks`
+    /// blocks of `layout` in registered memory.
     ///
     /// Errors: [`MockError::Config`] for a bad address; [`MockError::Transfer`] when the agent
     /// or the memory cannot be created.
@@ -59,6 +67,7 @@ impl PdxTransport {
         engine_id: &str,
         listen: &str,
         advertise_host: Option<String>,
+        secret: Option<AgentSecret>,
         layout: KvLayout,
         num_blocks: u32,
     ) -> Result<Self, MockError> {
@@ -69,6 +78,7 @@ impl PdxTransport {
         cfg.listen = Some(addr);
         cfg.advertise_host = advertise_host.clone();
         cfg.populate = false;
+        cfg.secret = secret;
         let agent = Agent::new(cfg).map_err(|e| terr(engine_id, e))?;
         let mem = agent
             .allocate(layout.block_bytes() * num_blocks as usize)
@@ -132,7 +142,9 @@ impl Inner {
             Some(r) => r,
             None => {
                 let addr = format!("{}:{}", remote.host, remote.port);
-                let bytes = pdx_transfer::fetch_metadata(&addr, TRANSFER_TIMEOUT)
+                let bytes = self
+                    .agent
+                    .fetch_metadata(&addr)
                     .map_err(|e| terr(name, e))?;
                 let md = AgentMetadata::decode(&bytes).map_err(|e| terr(name, e))?;
                 if md.name != *name {
@@ -141,6 +153,13 @@ impl Inner {
                         format!("side channel {addr} belongs to engine {}", md.name),
                     ));
                 }
+                self.agent.load_remote(&bytes).map_err(|e| terr(name, e))?;
+                // The region as the agent vouched for it (for a same-host prefill: what its Unix
+                // socket sent), not as the side channel claimed it.
+                let md = self
+                    .agent
+                    .remote_metadata(name)
+                    .map_err(|e| terr(name, e))?;
                 let r = md
                     .regions
                     .first()
@@ -149,7 +168,6 @@ impl Inner {
                     addr: r.addr,
                     len: r.len,
                 };
-                self.agent.load_remote(&bytes).map_err(|e| terr(name, e))?;
                 self.remotes
                     .lock()
                     .expect("remotes lock")

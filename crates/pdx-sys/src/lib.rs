@@ -2,11 +2,13 @@
 //!
 //! The transfer engine (`pdx-transfer`) is `#![forbid(unsafe_code)]`; what it cannot do in safe Rust lives here:
 //! - [`Memory`]: a region of host memory addressed by raw pointer: a memfd arena that same-host peers can map
-//!   ([`Memory::memfd`]), a heap buffer owned by the region ([`Memory::from_vec`]), caller memory registered as it
-//!   is ([`Memory::from_raw_parts`], `unsafe`), or a peer's memfd mapped into this process
-//!   ([`Memory::map_peer_memfd`]);
+//!   ([`Memory::memfd`], sealed against shrinking), a heap buffer owned by the region ([`Memory::from_vec`]), caller
+//!   memory registered as it is ([`Memory::from_raw_parts`], `unsafe`), or a peer's memfd, received over a Unix
+//!   socket, mapped into this process ([`Memory::map_memfd`]);
 //! - copies between regions with every access bounds-checked ([`copy`]);
-//! - cross-process copies with `process_vm_readv` / `process_vm_writev` ([`cma_read`], [`cma_write`]);
+//! - the same-host identity the kernel vouches for ([`ipc`]): Unix-socket peer credentials, memfds passed with
+//!   `SCM_RIGHTS`, and a peer process held by pidfd ([`ipc::PeerProcess`]), through which alone
+//!   `process_vm_readv` / `process_vm_writev` are reached ([`ipc::PeerProcess::read`], [`ipc::PeerProcess::write`]);
 //! - socket I/O straight out of and into registered memory ([`write_all_vectored`], [`read_exact_into`]).
 //!
 //! # Shared-memory model
@@ -20,9 +22,10 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
+pub mod ipc;
 mod stream_copy;
 
 /// Errors of the host-memory layer.
@@ -58,6 +61,16 @@ pub enum SysError {
         /// Bytes expected.
         expected: u64,
     },
+    /// A descriptor offered for mapping is not a memfd sealed against shrinking (`F_SEAL_SHRINK`): a file that can
+    /// shrink under a mapping turns later accesses into `SIGBUS`, so it is refused.
+    #[error("descriptor cannot be mapped safely: {0}")]
+    UnsafeDescriptor(&'static str),
+    /// The peer process exited (or its pid could not be pinned with a pidfd) around a cross-process copy.
+    #[error("process {pid} has exited")]
+    ProcessExited {
+        /// The process id it had.
+        pid: u32,
+    },
     /// The kernel moved fewer bytes than asked without an error (the remote range is partly unmapped).
     #[error("cross-process copy moved {moved} of {expected} bytes")]
     ShortCopy {
@@ -78,7 +91,11 @@ impl SysError {
 
     /// True when a cross-process copy failed because the peer process no longer exists (`ESRCH`).
     pub fn is_process_gone(&self) -> bool {
-        matches!(self, SysError::Io { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+        match self {
+            SysError::Io { source, .. } => source.raw_os_error() == Some(libc::ESRCH),
+            SysError::ProcessExited { .. } => true,
+            _ => false,
+        }
     }
 
     /// True when retrying the same operation later may succeed (interrupted or would-block I/O, timeouts).
@@ -101,7 +118,7 @@ pub type Result<T> = std::result::Result<T, SysError>;
 enum Backing {
     /// A memfd mapped `MAP_SHARED`; `map_len` is the page-rounded mapping length.
     Memfd { fd: OwnedFd, map_len: usize },
-    /// A peer's memfd mapped into this process; no fd is kept.
+    /// A peer's memfd (received over a Unix socket) mapped into this process; no fd is kept.
     PeerMapping { map_len: usize },
     /// A heap allocation owned by the region, from `Box<[u8]>::into_raw`.
     Heap,
@@ -168,11 +185,14 @@ fn mmap_shared(fd: RawFd, map_len: usize, populate: bool) -> Result<NonNull<u8>>
 impl Memory {
     /// Allocates `len` bytes (> 0) in a new memfd named `name` (shown in `/proc/<pid>/maps`), mapped shared.
     ///
-    /// Peers on the same host map it through `/proc/<pid>/fd/<fd>` ([`Memory::map_peer_memfd`]). With `populate`
-    /// every page is faulted in now, so later copies take no page faults. The mapping length is rounded up to
-    /// whole pages; [`Memory::len`] is `len`.
+    /// Same-host peers map it from the descriptor this agent passes them over a Unix socket
+    /// ([`Memory::memfd_handle`], [`ipc::send_with_fds`], [`Memory::map_memfd`]). The file is sealed against
+    /// shrinking (`F_SEAL_SHRINK`), so no peer mapping can ever fault past its end. With `populate` every page is
+    /// faulted in now, so later copies take no page faults. The mapping length is rounded up to whole pages;
+    /// [`Memory::len`] is `len`.
     ///
-    /// Errors: [`SysError::InvalidLength`] for 0; [`SysError::Io`] from `memfd_create`, `ftruncate` or `mmap`.
+    /// Errors: [`SysError::InvalidLength`] for 0; [`SysError::Io`] from `memfd_create`, `ftruncate`, `fcntl` or
+    /// `mmap`.
     pub fn memfd(name: &str, len: usize, populate: bool) -> Result<Memory> {
         let map_len = match round_up_to_page(len) {
             Some(l) if len > 0 && l <= isize::MAX as usize => l,
@@ -180,7 +200,9 @@ impl Memory {
         };
         let cname = CString::new(name.replace('\0', "_")).unwrap_or_default();
         // SAFETY: cname is a valid NUL-terminated string for the duration of the call.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if raw < 0 {
             return Err(SysError::last("memfd_create"));
         }
@@ -190,6 +212,12 @@ impl Memory {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), map_len as libc::off_t) } != 0 {
             return Err(SysError::last("ftruncate"));
         }
+        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK).map_err(|e| {
+            SysError::Io {
+                op: "fcntl(F_ADD_SEALS)",
+                source: e.into(),
+            }
+        })?;
         let ptr = mmap_shared(fd.as_raw_fd(), map_len, populate)?;
         Ok(Memory {
             ptr,
@@ -198,36 +226,36 @@ impl Memory {
         })
     }
 
-    /// Maps `len` bytes of the memfd that process `pid` holds as descriptor `fd`, through `/proc/<pid>/fd/<fd>`.
+    /// Maps `len` bytes of a memfd a same-host peer passed over a Unix socket ([`ipc::recv_with_fds`]).
     ///
-    /// Needs the same permissions as reading the peer's `/proc/<pid>/fd` (same user, or root). The mapping keeps
-    /// the file alive: it stays valid (and harmless) even after the peer exits or unmaps it.
+    /// Only a memfd sealed against shrinking is accepted (as [`Memory::memfd`] makes them): the peer cannot then
+    /// truncate the file under this mapping, which would turn a later copy into `SIGBUS`. The mapping keeps the
+    /// file alive; it stays valid (and harmless) after the peer exits, until this value is dropped.
     ///
-    /// Errors: [`SysError::Io`] from `open` (peer gone, no permission) or `mmap`; [`SysError::InvalidLength`]
-    /// when the file is shorter than `len`.
-    pub fn map_peer_memfd(pid: u32, fd: i32, len: usize, populate: bool) -> Result<Memory> {
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|source| SysError::Io {
-                op: "open peer memfd",
-                source,
-            })?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| SysError::Io {
+    /// Errors: [`SysError::UnsafeDescriptor`] for a descriptor that is not a sealed memfd;
+    /// [`SysError::InvalidLength`] when `len` is 0 or the file is shorter than `len`; [`SysError::Io`] from
+    /// `fstat` or `mmap`.
+    pub fn map_memfd(fd: BorrowedFd<'_>, len: usize, populate: bool) -> Result<Memory> {
+        let seals = rustix::fs::fcntl_get_seals(fd)
+            .map_err(|_| SysError::UnsafeDescriptor("not a memfd"))?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(SysError::UnsafeDescriptor(
+                "memfd is not sealed against shrinking",
+            ));
+        }
+        let file_len = rustix::fs::fstat(fd)
+            .map_err(|e| SysError::Io {
                 op: "fstat peer memfd",
-                source,
+                source: e.into(),
             })?
-            .len();
+            .st_size;
+        let file_len = u64::try_from(file_len).unwrap_or(0);
         if len == 0 || (len as u64) > file_len {
             return Err(SysError::InvalidLength(len as u64));
         }
         let map_len = round_up_to_page(len).ok_or(SysError::InvalidLength(len as u64))?;
         let map_len = map_len.min(file_len as usize);
-        let ptr = mmap_shared(file.as_raw_fd(), map_len, populate)?;
+        let ptr = mmap_shared(fd.as_raw_fd(), map_len, populate)?;
         Ok(Memory {
             ptr,
             len,
@@ -297,10 +325,20 @@ impl Memory {
         self.ptr.as_ptr() as u64
     }
 
-    /// The memfd descriptor number when this region is a memfd arena (peers map `/proc/<pid>/fd/<n>`).
+    /// The memfd descriptor number when this region is a memfd arena (informational: peers receive the
+    /// descriptor itself over a Unix socket, see [`Memory::memfd_handle`]).
     pub fn memfd_fd(&self) -> Option<RawFd> {
         match &self.backing {
             Backing::Memfd { fd, .. } => Some(fd.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// The memfd of a memfd arena, to pass to a same-host peer with [`ipc::send_with_fds`]; `None` for any other
+    /// memory.
+    pub fn memfd_handle(&self) -> Option<BorrowedFd<'_>> {
+        match &self.backing {
+            Backing::Memfd { fd, .. } => Some(fd.as_fd()),
             _ => None,
         }
     }
@@ -443,11 +481,13 @@ fn iovec_of(ptr: *mut u8, len: usize) -> libc::iovec {
 
 /// Direction of a cross-process copy.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CmaDir {
+pub(crate) enum CmaDir {
     Read,
     Write,
 }
 
+/// One batched cross-process copy with process `pid`. Private: only [`ipc::PeerProcess`], whose pid the kernel
+/// vouched for, reaches it.
 fn cma(dir: CmaDir, pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
     let total_local: usize = local.iter().map(|s| s.len).sum();
     let total_remote: usize = remote.iter().map(|r| r.1).sum();
@@ -525,22 +565,6 @@ fn advance(iov: &mut [libc::iovec], i: &mut usize, mut n: usize) {
     while *i < iov.len() && iov[*i].iov_len == 0 {
         *i += 1;
     }
-}
-
-/// Reads the peer's `remote` ranges `(address, length)` of process `pid` into `local`, in order, with batched
-/// `process_vm_readv` calls (up to 1024 iovecs each). The total lengths must match.
-///
-/// Needs ptrace-read permission on the peer (same user, or `CAP_SYS_PTRACE`; Yama scope 0).
-/// Errors: [`SysError::Io`] (`ESRCH` when the peer is gone, `EFAULT` for unmapped remote ranges, `EPERM`);
-/// [`SysError::ShortCopy`]; [`SysError::InvalidLength`] when totals differ.
-pub fn cma_read(pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
-    cma(CmaDir::Read, pid, local, remote)
-}
-
-/// Writes `local` into the peer's `remote` ranges of process `pid` with batched `process_vm_writev`. See
-/// [`cma_read`] for permissions and errors.
-pub fn cma_write(pid: u32, local: &[MemSlice<'_>], remote: &[(u64, usize)]) -> Result<()> {
-    cma(CmaDir::Write, pid, local, remote)
 }
 
 /// Called when a blocking socket call times out (`SO_SNDTIMEO` / `SO_RCVTIMEO`) with whether any byte moved since
@@ -768,9 +792,26 @@ pub fn read_exact_into(fd: RawFd, segments: &[MemSlice<'_>], on_stall: OnStall<'
     drive_vectored(fd, Vectored::Read, iov, on_stall)
 }
 
-/// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's PID and mount
-/// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping (the mount
-/// namespace decides what `/proc/<pid>/fd` resolves) and CMA (the PID namespace decides what a pid means).
+/// Waits up to `timeout` for `fd` to have something to read (data, end of stream, or an error), without reading
+/// it (`poll` for `POLLIN`). False on timeout or when `fd` cannot be polled.
+pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID
+/// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping and CMA.
 pub fn host_id() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let ns = |p: &str| {

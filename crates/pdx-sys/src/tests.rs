@@ -1,5 +1,6 @@
 use super::*;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -33,18 +34,100 @@ fn memfd_read_write_roundtrip_and_bounds() {
 }
 
 #[test]
-fn peer_mapping_sees_owner_writes() {
+fn peer_mapping_of_a_passed_memfd_sees_owner_writes() {
     let owner = Memory::memfd("owner", 8192, true).unwrap();
-    let fd = owner.memfd_fd().unwrap();
-    let peer = Memory::map_peer_memfd(std::process::id(), fd, 8192, true).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    ipc::send_with_fds(&a, b"M", &[owner.memfd_handle().unwrap()]).unwrap();
+    let (mut buf, mut fds) = ([0u8; 8], Vec::new());
+    assert_eq!(ipc::recv_with_fds(&b, &mut buf, 4, &mut fds).unwrap(), 1);
+    assert_eq!(fds.len(), 1);
+    let peer = Memory::map_memfd(fds[0].as_fd(), 8192, true).unwrap();
     owner.write_at(4000, b"hello").unwrap();
     let mut out = [0u8; 5];
     peer.read_at(4000, &mut out).unwrap();
     assert_eq!(&out, b"hello");
+    // Longer than the file: refused.
+    assert!(matches!(
+        Memory::map_memfd(fds[0].as_fd(), 8193 + 4096, false),
+        Err(SysError::InvalidLength(_))
+    ));
     // The mapping outlives the owner's mapping and descriptor.
     drop(owner);
+    drop(fds);
     peer.write_at(0, b"still mapped").unwrap();
-    assert!(Memory::map_peer_memfd(std::process::id(), 999_999, 10, false).is_err());
+}
+
+#[test]
+fn only_sealed_memfds_are_mapped() {
+    // A memfd without the shrink seal: its owner could truncate it under our mapping (SIGBUS on access).
+    let unsealed = rustix::fs::memfd_create("unsealed", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&unsealed, 8192).unwrap();
+    assert!(matches!(
+        Memory::map_memfd(unsealed.as_fd(), 4096, false),
+        Err(SysError::UnsafeDescriptor(_))
+    ));
+    // Not a memfd at all.
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    assert!(matches!(
+        Memory::map_memfd(file.as_fd(), 16, false),
+        Err(SysError::UnsafeDescriptor(_))
+    ));
+    // Our own arenas are sealed, so they cannot shrink either.
+    let mem = Memory::memfd("sealed", 4096, false).unwrap();
+    assert!(rustix::fs::ftruncate(mem.memfd_handle().unwrap(), 0).is_err());
+}
+
+#[test]
+fn descriptors_beyond_the_limit_are_refused() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mems: Vec<_> = (0..3)
+        .map(|_| Memory::memfd("many", 4096, false).unwrap())
+        .collect();
+    let fds: Vec<_> = mems.iter().map(|m| m.memfd_handle().unwrap()).collect();
+    ipc::send_with_fds(&a, b"XYZ", &fds).unwrap();
+    let (mut buf, mut got) = ([0u8; 8], Vec::new());
+    assert!(ipc::recv_with_fds(&b, &mut buf, 2, &mut got).is_err());
+    assert!(got.is_empty());
+}
+
+#[test]
+fn unix_peer_identity_comes_from_the_kernel() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (process, cred) = ipc::PeerProcess::of_unix_peer(&a).unwrap();
+    assert_eq!(process.pid(), std::process::id());
+    assert_eq!(cred.uid, ipc::effective_uid());
+    assert!(process.is_alive());
+    assert!(ipc::is_connected(&a));
+    drop(b);
+    assert!(!ipc::is_connected(&a));
+}
+
+#[test]
+fn exited_peer_process_fails_copies_and_leaves_no_bytes() {
+    // A child held by a pidfd, then gone: the pidfd reports it, and a READ is refused and scrubbed.
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let process = ipc::PeerProcess::from_parts_for_test(child.id(), pidfd);
+    assert!(process.is_alive());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!process.is_alive());
+    let local = Memory::from_vec(vec![7; 64]).unwrap();
+    let err = process
+        .read(&[local.slice(0, 64).unwrap()], &[(0x1000, 64)])
+        .unwrap_err();
+    assert!(err.is_process_gone(), "{err}");
+    let mut out = [1u8; 64];
+    local.read_at(0, &mut out).unwrap();
+    assert_eq!(out, [0u8; 64]);
 }
 
 #[test]
@@ -68,23 +151,23 @@ fn cma_read_and_write_own_process() {
     // CMA on our own pid exercises the same batching code as a peer process.
     let remote = Memory::from_vec(pattern(3 * 4096, 7)).unwrap();
     let local = Memory::memfd("l", 3 * 4096, false).unwrap();
-    let pid = std::process::id();
+    let me = ipc::PeerProcess::this_process();
     let segs = [
         local.slice(0, 100).unwrap(),
         local.slice(4096, 4096).unwrap(),
     ];
     let ranges = [(remote.addr() + 10, 100), (remote.addr() + 8192, 4096)];
-    cma_read(pid, &segs, &ranges).unwrap();
+    me.read(&segs, &ranges).unwrap();
     let mut out = vec![0; 100];
     local.read_at(0, &mut out).unwrap();
     assert_eq!(out, pattern(3 * 4096, 7)[10..110]);
     local.write_at(0, &[9; 100]).unwrap();
-    cma_write(pid, &segs[..1], &ranges[..1]).unwrap();
+    me.write(&segs[..1], &ranges[..1]).unwrap();
     remote.read_at(10, &mut out).unwrap();
     assert_eq!(out, vec![9; 100]);
     // Mismatched totals and unmapped remote ranges are errors.
-    assert!(cma_read(pid, &segs[..1], &ranges).is_err());
-    assert!(cma_read(pid, &segs[..1], &[(8, 100)]).is_err());
+    assert!(me.read(&segs[..1], &ranges).is_err());
+    assert!(me.read(&segs[..1], &[(8, 100)]).is_err());
 }
 
 #[test]
@@ -94,7 +177,9 @@ fn many_iovecs_go_through_in_batches() {
     let dst = Memory::from_vec(vec![0; n * 8]).unwrap();
     let segs: Vec<_> = (0..n).map(|i| dst.slice(i * 8, 8).unwrap()).collect();
     let ranges: Vec<_> = (0..n).map(|i| (src.addr() + (i * 8) as u64, 8)).collect();
-    cma_read(std::process::id(), &segs, &ranges).unwrap();
+    ipc::PeerProcess::this_process()
+        .read(&segs, &ranges)
+        .unwrap();
     let mut out = vec![0; n * 8];
     dst.read_at(0, &mut out).unwrap();
     assert_eq!(out, pattern(n * 8, 5));

@@ -1,22 +1,26 @@
 //! The agent: registrations, remote agents, transport choice, transfer requests and notifications.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use pdx_sys::Memory;
 
+use crate::auth::AgentSecret;
 use crate::desc::XferDescList;
 use crate::error::{Result, TransferError};
 use crate::gpu::{self, GpuPeer, PeerMemory};
 use crate::memory::{Backing, MemoryKind, Region, RegisteredMemory, Registry};
 use crate::metadata::{AgentMetadata, CudaMetadata, RegionMetadata, MAX_NAME_BYTES};
-use crate::request::{Completion, XferCompletion, XferOp, XferStatus};
+use crate::peer::LocalPeer;
+use crate::request::{Completion, XferOp};
+use crate::server::{Limits, Listeners, Server};
 use crate::tcp::{self, Notification, NotificationQueue, PeerConn};
-use crate::transport::{CopySeg, LocalSeg, Plan, TransportKind};
-use crate::wire::{Ctrl, FrameKind};
+use crate::transport::{CmaTarget, CopySeg, LocalSeg, Plan, ShmSeg, TransportKind};
+use crate::wire::Ctrl;
+use crate::xfer::XferRequest;
 
 /// Configuration of an [`Agent`].
 #[derive(Clone, Debug)]
@@ -52,6 +56,24 @@ pub struct AgentConfig {
     /// for the peer, not this core; streaming stores skip reading each destination line first. Smaller batches
     /// keep `memcpy`, which wins while source and destination stay cached (the same A/B table). Default 8 MiB; `u64::MAX` turns it off.
     pub streaming_copy_min_bytes: u64,
+    /// Shared secret of the agent protocol (see [`crate::auth`]). With one, the listener and the Unix socket
+    /// serve only connections that prove they hold the same secret (HMAC-SHA256 challenge–response, both ways),
+    /// and this agent connects only to peers that prove it too. Default: none (every peer that can reach the
+    /// listener is trusted; see docs/transfer.md, Trust model).
+    pub secret: Option<AgentSecret>,
+    /// Most incoming connections (TCP and Unix together) open at once; more are closed as they are accepted.
+    /// Idle connections cost no thread (they wait in epoll), only a socket. Default 1024.
+    pub max_connections: usize,
+    /// Most threads serving incoming connections at once (started on demand, gone after 10 s idle); connections
+    /// with a frame to serve wait for a free one. Default 64.
+    pub max_handler_threads: usize,
+    /// An incoming connection that sends no frame for this long is closed. Initiators send a keepalive every
+    /// 30 s while idle, so keep this above a minute. Unix links of same-host peers are exempt (they are the
+    /// peers' liveness signal). Default 120 s.
+    pub idle_timeout: Duration,
+    /// An incoming connection must complete its first frame (with a secret: the whole handshake) within this.
+    /// Default 5 s.
+    pub handshake_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -67,6 +89,11 @@ impl AgentConfig {
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             parallel_copy_min_bytes: 16 << 20,
             streaming_copy_min_bytes: 8 << 20,
+            secret: None,
+            max_connections: 1024,
+            max_handler_threads: 64,
+            idle_timeout: Duration::from_secs(120),
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -123,10 +150,10 @@ pub(crate) struct Inner {
     listen_addr: Option<SocketAddr>,
     advertised: Option<String>,
     shutdown: AtomicBool,
-    server_conns: Mutex<HashMap<u64, TcpStream>>,
-    next_conn_id: AtomicU64,
+    /// The listener side: I/O thread, handler pool, watched same-host peers.
+    pub server: Arc<Server>,
     #[cfg(feature = "ucx")]
-    ucx: Option<Arc<crate::ucx::UcxAgent>>,
+    pub(crate) ucx: Option<Arc<crate::ucx::UcxAgent>>,
 }
 
 impl Inner {
@@ -134,26 +161,13 @@ impl Inner {
         self.shutdown.load(Ordering::Acquire)
     }
 
-    pub fn track_server_conn(&self, stream: &TcpStream) -> u64 {
-        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        if let Ok(clone) = stream.try_clone() {
-            self.server_conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, clone);
-        }
-        id
-    }
-
-    pub fn untrack_server_conn(&self, id: u64) {
-        self.server_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-    }
-
     pub fn local_metadata(&self) -> Result<Vec<u8>> {
-        let live = self.registry.snapshot();
+        self.metadata_of(&self.registry.snapshot())
+    }
+
+    /// The metadata of the regions `live` (a registry snapshot), so the Unix socket can send exactly the memfds
+    /// of the regions it describes.
+    pub fn metadata_of(&self, live: &[Arc<Region>]) -> Result<Vec<u8>> {
         let regions = live
             .iter()
             .map(|r| RegionMetadata {
@@ -198,9 +212,8 @@ impl Inner {
         #[cfg(feature = "ucx")]
         if let Some(u) = &self.ucx {
             md.transports.push(TransportKind::Ucx);
-            return md.encode_ext(Some(&u.metadata(&live)), cuda.as_ref());
+            return md.encode_ext(Some(&u.metadata(live)), cuda.as_ref());
         }
-        drop(live);
         md.encode_ext(None, cuda.as_ref())
     }
 
@@ -214,19 +227,24 @@ impl Inner {
     }
 }
 
-/// Where a remote agent is relative to this one.
-enum Locality {
+/// Where a remote agent is relative to this one, as far as something other than its own metadata vouches for it.
+pub(crate) enum Locality {
+    /// An agent of this process (its instance id is registered here): its live regions are reached directly.
     SameProcess(Weak<Inner>),
-    SameHost,
-    OtherHost,
+    /// A process of this host that the kernel named over the agent's Unix socket ([`crate::peer`]).
+    SameHost(Arc<LocalPeer>),
+    /// Anything else (another host, or this host without a Unix socket to vouch for it): `tcp` (or `ucx`) only.
+    /// Holds why same-host transports are not available, for errors.
+    Remote(String),
 }
 
 /// A remote agent loaded from its metadata.
 pub(crate) struct RemoteAgent {
-    md: AgentMetadata,
-    locality: Locality,
-    /// Same-host memfd regions mapped into this process, by metadata region index.
-    mapped: Vec<Option<Arc<Region>>>,
+    /// The metadata requests are validated against: for a same-host peer, what it sent over its Unix socket.
+    pub(crate) md: AgentMetadata,
+    /// The metadata as loaded (to recognise the same bytes loaded again).
+    announced: AgentMetadata,
+    pub(crate) locality: Locality,
     conn: Mutex<Option<Arc<PeerConn>>>,
     invalidated: AtomicBool,
     /// CUDA IPC handles of the peer's device regions (metadata version 3).
@@ -240,8 +258,11 @@ pub(crate) struct RemoteAgent {
 }
 
 impl RemoteAgent {
-    fn same_host(&self) -> bool {
-        !matches!(self.locality, Locality::OtherHost)
+    fn local_peer(&self) -> Option<&Arc<LocalPeer>> {
+        match &self.locality {
+            Locality::SameHost(p) => Some(p),
+            _ => None,
+        }
     }
 
     /// The connection to the peer's listener, made on first use. Once lost it stays lost.
@@ -263,7 +284,7 @@ impl RemoteAgent {
         Ok(c)
     }
 
-    fn check_alive(&self) -> Result<()> {
+    pub(crate) fn check_alive(&self) -> Result<()> {
         if self.invalidated.load(Ordering::Acquire) {
             return Err(TransferError::UnknownRemote(self.md.name.clone()));
         }
@@ -274,6 +295,9 @@ impl RemoteAgent {
         self.invalidated.store(true, Ordering::Release);
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
             c.fail_all(TransferError::UnknownRemote(self.md.name.clone()));
+        }
+        if let Some(p) = self.local_peer() {
+            p.gone("invalidated");
         }
     }
 }
@@ -346,13 +370,51 @@ impl Agent {
         if config.transports.is_empty() {
             return Err(TransferError::Invalid("no transport enabled".into()));
         }
+        if config.max_connections == 0
+            || config.max_handler_threads == 0
+            || config.idle_timeout.is_zero()
+            || config.handshake_timeout.is_zero()
+        {
+            return Err(TransferError::Invalid(
+                "max_connections, max_handler_threads, idle_timeout and handshake_timeout must be > 0".into(),
+            ));
+        }
         let (listener, listen_addr) = match config.listen {
             Some(addr) => {
-                let (l, a) = tcp::bind(addr)?;
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(tcp::io_err("binding agent listener"))?;
+                let a = l.local_addr().map_err(tcp::io_err("listener address"))?;
+                l.set_nonblocking(true)
+                    .map_err(tcp::io_err("configuring agent listener"))?;
                 (Some(l), Some(a))
             }
             None => (None, None),
         };
+        // The Unix socket that same-host peers reach this agent through is named after the instance id, so the id
+        // is one whose name this agent could take.
+        let mut instance_id = random_u64();
+        let mut unix = None;
+        for _ in 0..4 {
+            match crate::peer::bind_listener(instance_id) {
+                Ok(l) => {
+                    unix = Some(l);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => instance_id = random_u64(),
+                Err(e) => {
+                    tracing::warn!(agent = %config.name, error = %e,
+                        "no Unix socket: same-host peers will reach this agent over tcp only");
+                    break;
+                }
+            }
+        }
+        let limits = Limits {
+            max_connections: config.max_connections,
+            max_handlers: config.max_handler_threads,
+            idle_timeout: config.idle_timeout,
+            handshake_timeout: config.handshake_timeout,
+        };
+        let (server, poll) = Server::new(&config.name, limits)?;
         let advertised = listen_addr.map(|a| match &config.advertise_host {
             Some(h) => format!("{h}:{}", a.port()),
             None => a.to_string(),
@@ -370,7 +432,7 @@ impl Agent {
         };
         let inner = Arc::new(Inner {
             name: config.name.clone(),
-            instance_id: random_u64(),
+            instance_id,
             config,
             host_id: pdx_sys::host_id(),
             pid: std::process::id(),
@@ -381,8 +443,7 @@ impl Agent {
             listen_addr,
             advertised,
             shutdown: AtomicBool::new(false),
-            server_conns: Mutex::new(HashMap::new()),
-            next_conn_id: AtomicU64::new(1),
+            server: server.clone(),
             #[cfg(feature = "ucx")]
             ucx,
         });
@@ -390,16 +451,14 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(inner.instance_id, Arc::downgrade(&inner));
-        if let Some(listener) = listener {
-            let weak = Arc::downgrade(&inner);
-            std::thread::Builder::new()
-                .name(format!("pdx-accept-{}", inner.name))
-                .spawn(move || tcp::accept_loop(listener, weak))
-                .map_err(|source| TransferError::Io {
-                    op: "spawning accept thread",
-                    source,
-                })?;
-        }
+        server.spawn(
+            poll,
+            Listeners {
+                tcp: listener,
+                unix,
+            },
+            Arc::downgrade(&inner),
+        )?;
         Ok(Agent { inner })
     }
 
@@ -521,68 +580,87 @@ impl Agent {
         self.inner.local_metadata()
     }
 
-    /// Loads a peer's metadata and returns the peer's name. Same-host memfd regions are mapped now, once.
+    /// Loads a peer's metadata and returns the peer's name.
+    ///
+    /// The bytes are untrusted: they never select local memory to touch. A peer in this process is recognised by
+    /// its instance id (its live registrations are then used); a peer on this host only through its Unix socket,
+    /// where the kernel names the process and the peer passes its memfds and the metadata that `shm`/`cma`
+    /// requests are then checked against (see docs/transfer.md, Trust model). Otherwise the peer is reached over `tcp` (or `ucx`),
+    /// whose target checks every request against its own registrations.
     ///
     /// Loading the same peer instance again is safe while transfers run: identical metadata is a no-op, and
-    /// newer metadata of the same instance (more registrations) keeps the existing connection. Metadata of a
-    /// new instance under the same name (a restarted peer) replaces the old entry, whose transfers then fail.
+    /// newer metadata of the same instance (more registrations) keeps the existing connection and mappings. Metadata
+    /// of a new instance under the same name (a restarted peer) replaces the old entry, whose transfers then fail
+    /// and whose memory is unmapped.
     ///
     /// Errors: [`TransferError::BadMetadata`] for malformed bytes; loading one's own metadata is refused.
     pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
-        let (md, ext) = AgentMetadata::decode_ext(bytes)?;
-        #[cfg_attr(not(feature = "ucx"), allow(unused_variables))]
-        let (ucx_md, cuda_md) = (ext.ucx, ext.cuda);
-        if md.instance_id == self.inner.instance_id {
+        let (wire, ext) = AgentMetadata::decode_ext(bytes)?;
+        if wire.instance_id == self.inner.instance_id {
             return Err(TransferError::BadMetadata(
                 "an agent cannot load its own metadata".into(),
             ));
         }
-        if let Ok(known) = self.inner.remote(&md.name) {
+        let old = self.inner.remote(&wire.name).ok();
+        if let Some(known) = &old {
             #[cfg(feature = "ucx")]
-            let same_ucx = known.ucx_md == ucx_md;
+            let same_ucx = known.ucx_md == ext.ucx;
             #[cfg(not(feature = "ucx"))]
             let same_ucx = true;
-            if known.md == md
+            let alive = known.local_peer().is_none_or(|p| p.is_alive());
+            if known.announced == wire
                 && same_ucx
-                && known.cuda_md == cuda_md
+                && (known.cuda_md == ext.cuda || known.local_peer().is_some())
                 && !known.invalidated.load(Ordering::Acquire)
+                && alive
             {
-                return Ok(md.name);
+                return Ok(wire.name);
             }
         }
-        let locality = if md.host_id != self.inner.host_id {
-            Locality::OtherHost
-        } else if md.pid == self.inner.pid {
-            match process_agents()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&md.instance_id)
-            {
-                Some(w) => Locality::SameProcess(w.clone()),
-                None => Locality::SameHost,
-            }
+        let same_instance = old.filter(|o| {
+            o.md.instance_id == wire.instance_id && !o.invalidated.load(Ordering::Acquire)
+        });
+        let in_process = process_agents()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&wire.instance_id)
+            .filter(|w| w.upgrade().is_some_and(|p| p.name == wire.name))
+            .cloned();
+        let (locality, md, ext) = if let Some(peer) = in_process {
+            (Locality::SameProcess(peer), wire.clone(), ext)
+        } else if wire.host_id != self.inner.host_id {
+            (
+                Locality::Remote(format!("agent `{}` is on another host", wire.name)),
+                wire.clone(),
+                ext,
+            )
         } else {
-            Locality::SameHost
-        };
-        let mapped = md
-            .regions
-            .iter()
-            .map(|r| match (r.memfd, &locality) {
-                (Some(fd), Locality::SameHost | Locality::SameProcess(_)) => {
-                    Memory::map_peer_memfd(md.pid, fd, r.len as usize, self.inner.config.populate)
-                        .inspect_err(|e| tracing::debug!(peer = %md.name, error = %e, "cannot map peer memfd"))
-                        .ok()
-                        .map(|mem| {
-                            Arc::new(Region {
-                                id: r.id,
-                                kind: r.kind,
-                                backing: Backing::Host(mem),
-                            })
-                        })
+            // Same host by its own account: only its Unix socket can vouch for it. A peer already vouched for
+            // (the same instance, loaded again) keeps its link and mappings and adds the new ones.
+            let reuse = same_instance
+                .as_ref()
+                .and_then(|o| o.local_peer().cloned())
+                .filter(|p| p.is_alive());
+            let vouched = match reuse {
+                Some(p) => p
+                    .refresh(&self.inner, wire.instance_id)
+                    .map(|(md, ext)| (p, md, ext)),
+                None => LocalPeer::connect(&self.inner, &wire),
+            };
+            match vouched {
+                Ok((p, md, ext)) => (Locality::SameHost(p), md, ext),
+                Err(e) => {
+                    tracing::debug!(peer = %wire.name, error = %e, "same-host peer not vouched for; tcp only");
+                    let why = match e {
+                        TransferError::TransportUnavailable { reason, .. } => reason,
+                        e => format!("the kernel does not vouch for agent `{}`: {e}", wire.name),
+                    };
+                    (Locality::Remote(why), wire.clone(), ext)
                 }
-                _ => None,
-            })
-            .collect();
+            }
+        };
+        #[cfg_attr(not(feature = "ucx"), allow(unused_variables))]
+        let (ucx_md, cuda_md) = (ext.ucx, ext.cuda);
         let name = md.name.clone();
         let mut remotes = self
             .inner
@@ -596,11 +674,15 @@ impl Agent {
         let conn = same_instance
             .and_then(|old| old.conn.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .filter(|c| !c.is_closed());
-        let keep_old = same_instance.is_some();
+        let keep_old = same_instance.is_some_and(|old| match (&old.locality, &locality) {
+            (Locality::SameHost(a), Locality::SameHost(b)) => Arc::ptr_eq(a, b),
+            (Locality::SameHost(_), _) => false,
+            _ => true,
+        });
         let remote = Arc::new(RemoteAgent {
             md,
+            announced: wire,
             locality,
-            mapped,
             conn: Mutex::new(conn),
             invalidated: AtomicBool::new(false),
             cuda_md,
@@ -618,10 +700,38 @@ impl Agent {
         Ok(name)
     }
 
+    /// The metadata of a loaded remote agent, as this agent uses it: for a same-host peer, the metadata its Unix
+    /// socket sent (so region addresses taken from it are ones the kernel-vouched peer registered).
+    /// Errors: [`TransferError::UnknownRemote`].
+    pub fn remote_metadata(&self, name: &str) -> Result<AgentMetadata> {
+        let r = self.inner.remote(name)?;
+        r.check_alive()?;
+        Ok(r.md.clone())
+    }
+
+    /// Fetches a peer's metadata from its listener (`host:port`) without loading it, authenticating with this
+    /// agent's secret when it has one. Errors: as [`tcp::fetch_metadata_with`].
+    pub fn fetch_metadata(&self, addr: &str) -> Result<Vec<u8>> {
+        tcp::fetch_metadata_with(
+            addr,
+            self.inner.config.peer_timeout,
+            self.inner.config.secret.as_ref(),
+        )
+    }
+
+    /// Incoming connections open now, and connections refused so far because
+    /// [`AgentConfig::max_connections`] were open.
+    pub fn connection_stats(&self) -> (usize, u64) {
+        (
+            self.inner.server.live_connections(),
+            self.inner.server.refused_connections(),
+        )
+    }
+
     /// Fetches a peer's metadata from its listener (`host:port`) and loads it; returns the peer's name.
     /// Errors: as [`tcp::fetch_metadata`] and [`Agent::load_remote`].
     pub fn fetch_remote(&self, addr: &str) -> Result<String> {
-        let bytes = tcp::fetch_metadata(addr, self.inner.config.peer_timeout)?;
+        let bytes = self.fetch_metadata(addr)?;
         self.load_remote(&bytes)
     }
 
@@ -775,7 +885,7 @@ impl Agent {
             Some(forced) => forced == t,
             None => self.inner.config.transports.contains(&t),
         };
-        let mut why_not = Vec::new();
+        let mut why_not: Vec<String> = Vec::new();
         let (transport, plan) = 'plan: {
             // GPU memory moves only over `cuda`, or staged over `tcp` (host transports would dereference
             // device addresses).
@@ -785,7 +895,7 @@ impl Agent {
             {
                 // Another host (or `tcp` forced): staged through pinned memory over tcp.
                 let staged = opts.transport == Some(TransportKind::Tcp)
-                    || (matches!(rem.locality, Locality::OtherHost)
+                    || (matches!(rem.locality, Locality::Remote(_))
                         && opts.transport.is_none()
                         && allowed(TransportKind::Tcp));
                 if staged {
@@ -832,42 +942,22 @@ impl Agent {
                                 Plan::Copy(local_copy_plan(&peer, &pairs)?),
                             )
                         }
-                        None => why_not.push("local: peer agent dropped"),
+                        None => why_not.push("local: peer agent dropped".into()),
                     },
-                    _ => why_not.push("local: peer is in another process"),
+                    _ => why_not.push("local: peer is in another process".into()),
                 }
             }
             if allowed(TransportKind::Shm) {
-                let mapped: Option<Vec<CopySeg>> = pairs
-                    .iter()
-                    .map(|(l, r)| {
-                        let region = rem.mapped.get(r.region)?.clone()?;
-                        Some(CopySeg {
-                            local: l.clone(),
-                            remote: region,
-                            remote_off: r.off as usize,
-                        })
-                    })
-                    .collect();
-                match mapped {
-                    Some(segs) if rem.same_host() => {
-                        break 'plan (TransportKind::Shm, Plan::Copy(segs))
-                    }
-                    _ => why_not.push("shm: remote memory is not a mapped same-host memfd"),
+                match self.shm_plan(&rem, &pairs) {
+                    Ok(plan) => break 'plan (TransportKind::Shm, plan),
+                    Err(why) => why_not.push(why),
                 }
             }
             if allowed(TransportKind::Cma) {
-                if rem.same_host() {
-                    break 'plan (
-                        TransportKind::Cma,
-                        Plan::Cma {
-                            pid: rem.md.pid,
-                            local: pairs.iter().map(|p| p.0.clone()).collect(),
-                            remote: pairs.iter().map(|p| (p.1.addr, p.1.len as usize)).collect(),
-                        },
-                    );
+                match self.cma_plan(&rem, &pairs) {
+                    Ok(plan) => break 'plan (TransportKind::Cma, plan),
+                    Err(why) => why_not.push(why),
                 }
-                why_not.push("cma: peer is on another host");
             }
             if allowed(TransportKind::Tcp) {
                 if rem.md.listen_addr.is_some() {
@@ -879,14 +969,14 @@ impl Agent {
                         },
                     );
                 }
-                why_not.push("tcp: peer runs no listener");
+                why_not.push("tcp: peer runs no listener".into());
             }
             #[cfg(feature = "ucx")]
             if allowed(TransportKind::Ucx) {
                 match self.ucx_plan(&rem, &pairs) {
                     Ok(plan) => break 'plan (TransportKind::Ucx, plan),
                     Err(e) if opts.transport == Some(TransportKind::Ucx) => return Err(e),
-                    Err(_) => why_not.push("ucx: not available to both agents"),
+                    Err(_) => why_not.push("ucx: not available to both agents".into()),
                 }
             }
             return Err(TransferError::TransportUnavailable {
@@ -930,6 +1020,86 @@ impl Agent {
         })
     }
 
+    /// The `shm` plan of `pairs`: memcpy into the peer's memfds, live regions for an agent of this process,
+    /// regions mapped from the descriptors its Unix socket passed for a same-host peer. Errors: why not.
+    fn shm_plan(
+        &self,
+        rem: &RemoteAgent,
+        pairs: &[(LocalSeg, RemoteSeg)],
+    ) -> std::result::Result<Plan, String> {
+        let not_memfd = "shm: remote memory is not a pdx-allocated (memfd) region".to_string();
+        match &rem.locality {
+            Locality::SameProcess(peer) => {
+                let peer = peer.upgrade().ok_or("shm: peer agent dropped")?;
+                let segs = local_copy_plan(&peer, pairs).map_err(|e| format!("shm: {e}"))?;
+                if segs
+                    .iter()
+                    .any(|c| c.remote.host().is_none_or(|m| m.memfd_fd().is_none()))
+                {
+                    return Err(not_memfd);
+                }
+                Ok(Plan::Copy(segs))
+            }
+            Locality::SameHost(peer) => {
+                let map = peer
+                    .maps()
+                    .ok_or_else(|| format!("shm: {}", peer.gone_error()))?;
+                let segs = pairs
+                    .iter()
+                    .map(|(l, r)| {
+                        let slot = map.slot(rem.md.regions[r.region].id)?;
+                        Some(ShmSeg {
+                            local: l.clone(),
+                            slot,
+                            off: r.off as usize,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(not_memfd)?;
+                Ok(Plan::Shm {
+                    peer: peer.clone(),
+                    segs,
+                })
+            }
+            Locality::Remote(why) => Err(format!("shm: {why}")),
+        }
+    }
+
+    /// The `cma` plan of `pairs`: this process (ranges resolved against the peer agent's live registrations, which
+    /// the plan keeps alive), or the same-host process the kernel named (ranges checked against the metadata that
+    /// process sent). Errors: why not.
+    fn cma_plan(
+        &self,
+        rem: &RemoteAgent,
+        pairs: &[(LocalSeg, RemoteSeg)],
+    ) -> std::result::Result<Plan, String> {
+        let local = pairs.iter().map(|p| p.0.clone()).collect();
+        let remote = pairs.iter().map(|p| (p.1.addr, p.1.len as usize)).collect();
+        match &rem.locality {
+            Locality::SameProcess(peer) => {
+                let peer = peer.upgrade().ok_or("cma: peer agent dropped")?;
+                let segs = local_copy_plan(&peer, pairs).map_err(|e| format!("cma: {e}"))?;
+                if segs.iter().any(|c| c.remote.host().is_none()) {
+                    return Err("cma: remote memory is not host memory".into());
+                }
+                Ok(Plan::Cma {
+                    target: CmaTarget::ThisProcess(
+                        pdx_sys::ipc::PeerProcess::this_process(),
+                        segs.into_iter().map(|c| c.remote).collect(),
+                    ),
+                    local,
+                    remote,
+                })
+            }
+            Locality::SameHost(peer) => Ok(Plan::Cma {
+                target: CmaTarget::Peer(peer.clone()),
+                local,
+                remote,
+            }),
+            Locality::Remote(why) => Err(format!("cma: {why}")),
+        }
+    }
+
     /// The `cuda` plan of `pairs` with `rem` (see [`crate::gpu`]).
     fn cuda_plan(
         &self,
@@ -952,9 +1122,10 @@ impl Agent {
                         .collect(),
                 )
             }
-            Locality::SameHost => PeerMemory::SameHost {
+            Locality::SameHost(local) => PeerMemory::SameHost {
                 md: &rem.md,
                 cuda: rem.cuda_md.as_ref(),
+                local,
                 peer: &rem.gpu_peer,
                 segs: pairs
                     .iter()
@@ -962,11 +1133,10 @@ impl Agent {
                     .collect(),
                 populate: self.inner.config.populate,
             },
-            Locality::OtherHost => {
+            Locality::Remote(why) => {
                 return Err(gpu::unavailable(format!(
-                    "agent `{}` is on another host: GPU memory across hosts moves only over the staged \
-                     path (device -> pinned -> tcp); allow the `tcp` transport instead of forcing `cuda`",
-                    rem.md.name
+                    "{why}: GPU memory of another host (or of a peer the kernel does not vouch for) needs the \
+                     staged path (device -> pinned -> tcp), which is not implemented for the peer's device memory"
                 )))
             }
         };
@@ -1074,23 +1244,8 @@ impl Drop for Agent {
         {
             remote.1.shutdown();
         }
-        for (_, s) in inner
-            .server_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        // Wake the accept loop so it sees the shutdown flag.
-        if let Some(addr) = inner.listen_addr {
-            let wake = if addr.ip().is_unspecified() {
-                SocketAddr::from(([127, 0, 0, 1], addr.port()))
-            } else {
-                addr
-            };
-            let _ = TcpStream::connect_timeout(&wake, Duration::from_millis(200));
-        }
+        // Closes idle connections and the listeners; handlers serving a connection notice within a tick.
+        inner.server.shutdown();
     }
 }
 
@@ -1115,362 +1270,4 @@ fn local_copy_plan(peer: &Inner, pairs: &[(LocalSeg, RemoteSeg)]) -> Result<Vec<
             })
         })
         .collect()
-}
-
-/// Runs the memcpy of a `local`/`shm` plan, split by bytes across `threads` (the caller's thread included), with
-/// streaming stores when `streaming`.
-fn copy_segments(
-    op: XferOp,
-    segs: &[CopySeg],
-    total: u64,
-    threads: usize,
-    streaming: bool,
-) -> Result<()> {
-    // Plans of host transports only ever hold host memory (checked when they are made).
-    for s in segs {
-        s.local.region.host_mem()?;
-        s.remote.host_mem()?;
-    }
-    let copy_fn = if streaming {
-        pdx_sys::copy_streaming
-    } else {
-        pdx_sys::copy
-    };
-    let copy = |s: &CopySeg, at: usize, len: usize| {
-        let (Some(l), Some(r)) = (s.local.region.host(), s.remote.host()) else {
-            return Err(pdx_sys::SysError::InvalidLength(len as u64));
-        };
-        match op {
-            XferOp::Read => copy_fn(r, s.remote_off + at, l, s.local.off + at, len),
-            XferOp::Write => copy_fn(l, s.local.off + at, r, s.remote_off + at, len),
-        }
-    };
-    if threads <= 1 {
-        for s in segs {
-            copy(s, 0, s.local.len)?;
-        }
-        return Ok(());
-    }
-    // Cut the segments into `threads` shares of about equal bytes: (segment, offset in it, length).
-    let share = total.div_ceil(threads as u64) as usize;
-    let mut shares: Vec<Vec<(&CopySeg, usize, usize)>> = vec![Vec::new(); threads];
-    let (mut t, mut filled) = (0, 0);
-    for s in segs {
-        let mut at = 0;
-        while at < s.local.len {
-            // The last share takes whatever is left, so the loop always advances.
-            let room = if t + 1 == threads {
-                usize::MAX
-            } else {
-                share - filled
-            };
-            let n = (s.local.len - at).min(room);
-            shares[t].push((s, at, n));
-            at += n;
-            filled += n;
-            if filled == share && t + 1 < threads {
-                t += 1;
-                filled = 0;
-            }
-        }
-    }
-    let run = |pieces: &[(&CopySeg, usize, usize)]| -> pdx_sys::Result<()> {
-        pieces.iter().try_for_each(|&(s, at, n)| copy(s, at, n))
-    };
-    let Some((mine, others)) = shares.split_first() else {
-        return Ok(());
-    };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = others
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| scope.spawn(move || run(p)))
-            .collect();
-        let first = run(mine);
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(pdx_sys::SysError::Io {
-                        op: "parallel copy",
-                        source: std::io::Error::other("copy thread panicked"),
-                    })
-                })
-            })
-            .fold(first, |acc, r| acc.and(r))
-    })?;
-    Ok(())
-}
-
-/// A READ or WRITE between local and remote descriptors, with an optional notification (NIXL
-/// `nixlXferReqH`). Post it with [`XferRequest::post`]; follow it with [`XferRequest::status`] (polling),
-/// [`XferRequest::wait`] (blocking) or [`XferRequest::completion`] (async).
-///
-/// `local` and `shm` copies and `cma` calls run inside `post` on the caller's thread and are done when it
-/// returns; `tcp` requests complete on the connection's thread. Dropping (or [`XferRequest::release`]) an
-/// in-flight request lets it finish in the background: the memory it uses stays alive until then.
-pub struct XferRequest {
-    op: XferOp,
-    plan: Plan,
-    transport: TransportKind,
-    total_bytes: u64,
-    remote: Arc<RemoteAgent>,
-    conn: Option<Arc<PeerConn>>,
-    notif: Option<Vec<u8>>,
-    tcp_ctrl: Option<Arc<[u8]>>,
-    completion: Arc<Completion>,
-    me: Weak<Inner>,
-}
-
-impl XferRequest {
-    /// The transport chosen for this request.
-    pub fn transport(&self) -> TransportKind {
-        self.transport
-    }
-
-    /// Bytes moved by one post.
-    pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
-    }
-
-    /// The direction.
-    pub fn op(&self) -> XferOp {
-        self.op
-    }
-
-    /// Starts (or restarts) the transfer. Returns [`XferStatus::Done`] when it completed inside the call and
-    /// [`XferStatus::InProgress`] otherwise.
-    ///
-    /// Errors: [`TransferError::InProgress`] when the previous post has not completed; the transfer's own error
-    /// when it fails inside the call (peer gone, invalidated, memory no longer mapped on the peer).
-    pub fn post(&self) -> Result<XferStatus> {
-        self.completion.begin()?;
-        if let Plan::Staged(plan) = &self.plan {
-            let result = self.run_staged(plan);
-            let ret = match &result {
-                Ok(()) => Ok(XferStatus::Done),
-                Err(e) => Err(e.duplicate()),
-            };
-            self.completion.finish(result);
-            return ret;
-        }
-        if let Plan::Tcp { local, .. } = &self.plan {
-            let kind = match self.op {
-                XferOp::Read => FrameKind::ReadRequest,
-                XferOp::Write => FrameKind::WriteRequest,
-            };
-            let (Some(conn), Some(ctrl)) = (&self.conn, &self.tcp_ctrl) else {
-                let e = TransferError::Invalid("tcp request without a connection".into());
-                self.completion.finish(Err(e.duplicate()));
-                return Err(e);
-            };
-            let submitted = self.remote.check_alive().and_then(|()| {
-                conn.submit(kind, ctrl.clone(), local.clone(), self.completion.clone())
-            });
-            return match submitted {
-                Ok(()) => Ok(XferStatus::InProgress),
-                Err(e) => {
-                    self.completion.finish(Err(e.duplicate()));
-                    Err(e)
-                }
-            };
-        }
-        #[cfg(feature = "ucx")]
-        if let Plan::Ucx { peer, ops } = &self.plan {
-            let posted = self.remote.check_alive().and_then(|()| {
-                let me = self.me.upgrade().ok_or(TransferError::Shutdown)?;
-                let ucx = me.ucx.as_ref().ok_or(TransferError::Shutdown)?;
-                if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
-                    return Err(TransferError::PeerDisconnected {
-                        peer: self.remote.md.name.clone(),
-                        reason: "connection to the peer was lost".into(),
-                    });
-                }
-                ucx.post(
-                    &me.name,
-                    &self.remote.md.name,
-                    peer,
-                    self.op,
-                    ops,
-                    self.notif.clone(),
-                    self.conn.clone(),
-                    self.completion.clone(),
-                )
-            });
-            return match posted {
-                Ok(()) => Ok(XferStatus::InProgress),
-                Err(e) => {
-                    self.completion.finish(Err(e.duplicate()));
-                    Err(e)
-                }
-            };
-        }
-        let result = self.run_inline();
-        let ret = match &result {
-            Ok(()) => Ok(XferStatus::Done),
-            Err(e) => Err(e.duplicate()),
-        };
-        self.completion.finish(result);
-        ret
-    }
-
-    /// The staged path, inside `post`: GPU → staging then `tcp` (WRITE), or `tcp` into staging then staging →
-    /// GPU (READ). The notification rides on the `tcp` request.
-    fn run_staged(&self, plan: &gpu::StagedPlan) -> Result<()> {
-        self.remote.check_alive()?;
-        let conn = self
-            .conn
-            .as_ref()
-            .ok_or_else(|| TransferError::Invalid("staged request without a connection".into()))?;
-        let tcp = |kind| -> Result<()> {
-            let done = Completion::new();
-            done.begin()?;
-            conn.submit(
-                kind,
-                plan.ctrl.clone(),
-                plan.tcp_local.clone(),
-                done.clone(),
-            )?;
-            done.wait(None)
-        };
-        // The GPU copies pair each local segment with its staging range, so the request's own direction applies:
-        // WRITE copies local GPU memory → staging, READ copies staging → local GPU memory.
-        match self.op {
-            XferOp::Write => {
-                gpu::run(XferOp::Write, &plan.gpu)?;
-                tcp(FrameKind::WriteRequest)
-            }
-            XferOp::Read => {
-                tcp(FrameKind::ReadRequest)?;
-                gpu::run(XferOp::Read, &plan.gpu)
-            }
-        }
-    }
-
-    fn run_inline(&self) -> Result<()> {
-        self.remote.check_alive()?;
-        if let Some(c) = &self.conn {
-            if c.is_closed() {
-                return Err(TransferError::PeerDisconnected {
-                    peer: self.remote.md.name.clone(),
-                    reason: "connection to the peer was lost".into(),
-                });
-            }
-        }
-        match &self.plan {
-            Plan::Copy(segs) => {
-                let (threads, streaming) = self.me.upgrade().map_or((1, false), |me| {
-                    let threads = if self.total_bytes >= me.config.parallel_copy_min_bytes {
-                        me.config.copy_threads.max(1)
-                    } else {
-                        1
-                    };
-                    (
-                        threads,
-                        self.total_bytes >= me.config.streaming_copy_min_bytes,
-                    )
-                });
-                copy_segments(self.op, segs, self.total_bytes, threads, streaming)?;
-            }
-            Plan::Cma { pid, local, remote } => {
-                let slices = local
-                    .iter()
-                    .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
-                    .collect::<Result<Vec<_>>>()?;
-                let moved = match self.op {
-                    XferOp::Read => pdx_sys::cma_read(*pid, &slices, remote),
-                    XferOp::Write => pdx_sys::cma_write(*pid, &slices, remote),
-                };
-                moved.map_err(|e| {
-                    if e.is_process_gone() {
-                        TransferError::PeerDisconnected {
-                            peer: self.remote.md.name.clone(),
-                            reason: "process is gone".into(),
-                        }
-                    } else {
-                        TransferError::Sys(e)
-                    }
-                })?;
-            }
-            Plan::Cuda(plan) => gpu::run(self.op, plan)?,
-            Plan::Staged(_) => {
-                return Err(TransferError::Invalid("staged requests run in post".into()))
-            }
-            Plan::Tcp { .. } => {
-                return Err(TransferError::Invalid(
-                    "tcp requests are posted to their connection".into(),
-                ))
-            }
-            #[cfg(feature = "ucx")]
-            Plan::Ucx { .. } => {
-                return Err(TransferError::Invalid(
-                    "ucx requests are posted to their endpoint".into(),
-                ))
-            }
-        }
-        if let Some(payload) = &self.notif {
-            self.send_notif(payload.clone())?;
-        }
-        Ok(())
-    }
-
-    fn send_notif(&self, payload: Vec<u8>) -> Result<()> {
-        if let Locality::SameProcess(peer) = &self.remote.locality {
-            let (Some(peer), Some(me)) = (peer.upgrade(), self.me.upgrade()) else {
-                return Err(TransferError::Shutdown);
-            };
-            peer.notifications.push(Notification {
-                from: me.name.clone(),
-                payload,
-            });
-            return Ok(());
-        }
-        match &self.conn {
-            Some(c) => c.notify(payload),
-            None => Err(TransferError::TransportUnavailable {
-                transport: "tcp",
-                reason: "a notification needs the peer's listener".into(),
-            }),
-        }
-    }
-
-    /// The state of the last post. Errors: the failure of the last post, if it failed.
-    pub fn status(&self) -> Result<XferStatus> {
-        #[cfg(feature = "ucx")]
-        if let Some(ucx) = self.ucx_driver() {
-            ucx.progress_once();
-        }
-        self.completion.status()
-    }
-
-    /// Blocks until the current post completes, or `timeout` passes ([`TransferError::InProgress`]). `ucx`
-    /// requests are progressed on the calling thread meanwhile.
-    pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
-        #[cfg(feature = "ucx")]
-        if let Some(ucx) = self.ucx_driver() {
-            return ucx.wait(&self.completion, timeout);
-        }
-        self.completion.wait(timeout)
-    }
-
-    /// This agent's UCX side when this request is a posted, unfinished `ucx` request.
-    #[cfg(feature = "ucx")]
-    fn ucx_driver(&self) -> Option<Arc<crate::ucx::UcxAgent>> {
-        if !matches!(self.plan, Plan::Ucx { .. })
-            || self.completion.status().ok() != Some(XferStatus::InProgress)
-        {
-            return None;
-        }
-        self.me.upgrade()?.ucx.clone()
-    }
-
-    /// A future resolving when the current post completes; works under any async runtime.
-    pub fn completion(&self) -> XferCompletion {
-        XferCompletion {
-            completion: self.completion.clone(),
-        }
-    }
-
-    /// Releases the request (NIXL `releaseXferReq`). An in-flight transfer finishes in the background.
-    pub fn release(self) {}
 }

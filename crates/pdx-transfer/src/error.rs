@@ -45,6 +45,15 @@ pub enum TransferError {
         /// The remote's error message.
         message: String,
     },
+    /// A peer refused this agent, or this agent refused a peer, for want of the shared agent secret (one side has
+    /// none, the secrets differ, or the peer could not prove it holds it). Not retryable: fix the configuration.
+    #[error("authentication with `{peer}` failed: {reason}")]
+    Unauthenticated {
+        /// Peer agent name (or address).
+        peer: String,
+        /// What failed.
+        reason: String,
+    },
     /// The connection to a peer was lost (the peer exited or the network failed).
     #[error("peer `{peer}` disconnected: {reason}")]
     PeerDisconnected {
@@ -130,6 +139,10 @@ impl TransferError {
                 message: message.clone(),
             },
             TransferError::Protocol { peer, reason } => TransferError::Protocol {
+                peer: peer.clone(),
+                reason: reason.clone(),
+            },
+            TransferError::Unauthenticated { peer, reason } => TransferError::Unauthenticated {
                 peer: peer.clone(),
                 reason: reason.clone(),
             },

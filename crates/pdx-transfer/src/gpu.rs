@@ -98,10 +98,12 @@ impl GpuPeer {
         Ok(m)
     }
 
-    /// The peer's memfd region `id` mapped into this process and pinned (cached).
+    /// The peer's memfd region `id` mapped into this process (from the descriptor its Unix socket passed) and
+    /// pinned (cached).
     fn pinned(
         &self,
         device: &Device,
+        local: &crate::peer::LocalPeer,
         md: &AgentMetadata,
         idx: usize,
         populate: bool,
@@ -111,13 +113,17 @@ impl GpuPeer {
         if let Some(p) = map.get(&r.id) {
             return Ok(p.clone());
         }
-        let fd = r.memfd.ok_or_else(|| {
-            unavailable(format!(
-                "region {} of the peer is not a shareable memfd",
-                r.id
-            ))
-        })?;
-        let mem = Memory::map_peer_memfd(md.pid, fd, r.len as usize, populate)?;
+        let maps = local.maps().ok_or_else(|| local.gone_error())?;
+        let fd = maps
+            .slot(r.id)
+            .map(|slot| &maps.regions[slot].fd)
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "region {} of the peer is not a shareable memfd",
+                    r.id
+                ))
+            })?;
+        let mem = Memory::map_memfd(std::os::fd::AsFd::as_fd(fd), r.len as usize, populate)?;
         let p = PinnedHostBuffer::pin(device, mem)?;
         map.insert(r.id, p.clone());
         Ok(p)
@@ -150,6 +156,8 @@ pub(crate) enum PeerMemory<'a> {
     SameHost {
         md: &'a AgentMetadata,
         cuda: Option<&'a CudaMetadata>,
+        /// The peer as the kernel vouched for it: its memfds came over its Unix socket.
+        local: &'a crate::peer::LocalPeer,
         peer: &'a GpuPeer,
         /// `(metadata region index, offset)` per pair.
         segs: Vec<(usize, usize)>,
@@ -180,6 +188,7 @@ pub(crate) fn plan(locals: &[(LocalSeg, MemoryKind)], peer: PeerMemory<'_>) -> R
         PeerMemory::SameHost {
             md,
             cuda,
+            local,
             peer,
             segs,
             populate,
@@ -191,7 +200,7 @@ pub(crate) fn plan(locals: &[(LocalSeg, MemoryKind)], peer: PeerMemory<'_>) -> R
                     MemoryKind::Device(_) => {
                         GpuTarget::Ipc(peer.ipc(&device, cuda, md.regions[idx].id)?)
                     }
-                    _ => GpuTarget::Pinned(peer.pinned(&device, md, idx, populate)?),
+                    _ => GpuTarget::Pinned(peer.pinned(&device, local, md, idx, populate)?),
                 };
                 Ok(GpuCopy {
                     local: l.clone(),

@@ -5,8 +5,10 @@
 //!
 //! Transports (chosen per request by locality and memory, or forced; see [`Agent::create_xfer`]):
 //! - `local`: peer agent in the same process, memcpy;
-//! - `shm`: peer on the same host, pdx-allocated (memfd) memory mapped once, then memcpy with no system call;
-//! - `cma`: peer on the same host, caller-owned memory, batched `process_vm_readv` / `process_vm_writev`;
+//! - `shm`: peer on the same host (vouched for by the kernel over its Unix socket), pdx-allocated (memfd) memory
+//!   passed with `SCM_RIGHTS` and mapped once, then memcpy with no system call;
+//! - `cma`: peer on the same host (the process the kernel named, held by a pidfd), caller-owned memory, batched
+//!   `process_vm_readv` / `process_vm_writev`;
 //! - `tcp`: any peer, one connection per peer pair, framed, vectored I/O straight from and into registered
 //!   memory ([`wire`] documents the frames);
 //! - `cuda`: GPU memory ([`MemoryKind::Device`], registered with [`Agent::allocate_kind`] or
@@ -16,8 +18,12 @@
 //! - `ucx` (cargo feature `ucx`, off by default): UCX RMA put/get with active-message notifications, through
 //!   `pdx-ucx-sys`; enabled per agent by listing it in `AgentConfig::transports` (the default with the feature).
 //!
-//! Every remote access is checked against the owner's registrations; malformed metadata and frames give
-//! errors; a peer that dies fails its outstanding transfers within `AgentConfig::peer_timeout` (2 s).
+//! Every remote access is checked against the owner's registrations; metadata never selects local memory (no pid,
+//! path or descriptor number from the wire is used); malformed metadata and frames give errors (the parsers,
+//! [`wire::decode_frame`] and [`metadata::AgentMetadata::decode_ext`], take `&[u8]`); with
+//! [`AgentConfig::secret`] every connection is mutually authenticated ([`auth`]); the listener serves idle
+//! connections from one epoll thread within bounded limits; a peer that dies fails its outstanding transfers
+//! within `AgentConfig::peer_timeout` (2 s), and a same-host peer's memory is unmapped as soon as it is gone.
 //!
 //! ```
 //! use pdx_transfer::{Agent, AgentConfig, XferDescList, XferOp, XferOptions, XferStatus};
@@ -51,24 +57,30 @@
 #![deny(missing_docs)]
 
 mod agent;
+pub mod auth;
 mod desc;
 mod error;
 mod gpu;
 mod memory;
 pub mod metadata;
+mod peer;
 mod request;
+mod server;
 mod tcp;
 mod transport;
 #[cfg(feature = "ucx")]
 mod ucx;
 pub mod wire;
+mod xfer;
 
-pub use agent::{Agent, AgentConfig, PreparedLocal, PreparedRemote, XferOptions, XferRequest};
+pub use agent::{Agent, AgentConfig, PreparedLocal, PreparedRemote, XferOptions};
+pub use auth::AgentSecret;
 pub use desc::{XferDesc, XferDescList};
 pub use error::{Result, TransferError};
 pub use memory::{MemoryKind, RegisteredMemory};
 pub use metadata::AgentMetadata;
 pub use pdx_sys::{copy as copy_host, copy_streaming as copy_host_streaming, Memory};
 pub use request::{XferCompletion, XferOp, XferStatus};
-pub use tcp::{fetch_metadata, Notification};
+pub use tcp::{fetch_metadata, fetch_metadata_with, Notification};
 pub use transport::TransportKind;
+pub use xfer::XferRequest;

@@ -1,5 +1,8 @@
 //! Agent metadata: what a peer needs to reach an agent's registered memory.
 //!
+//! Metadata from the network is untrusted: [`AgentMetadata::decode`] (or [`AgentMetadata::decode_ext`]) checks its
+//! form and limits (they are the fuzzing entry points), and nothing in it selects local memory to touch.
+//!
 //! Wire format (version 1): `b"PDXM"`, version `u16` little endian, then the [`AgentMetadata`] struct in
 //! postcard encoding. The whole blob is at most [`MAX_METADATA_BYTES`]. Decoding checks every limit, so
 //! malformed or hostile bytes give [`TransferError::BadMetadata`], never a panic.
@@ -46,8 +49,9 @@ pub struct RegionMetadata {
     pub addr: u64,
     /// Length in bytes (> 0).
     pub len: u64,
-    /// memfd descriptor number in the owner, for same-host mapping (`/proc/<pid>/fd/<n>`); `None` for
-    /// caller-owned memory, reached by CMA or TCP instead.
+    /// `Some` for a memfd arena the owner shares with same-host peers over its Unix socket (the number is the
+    /// owner's descriptor, informational only: peers receive the descriptor itself, never open it by number);
+    /// `None` for caller-owned memory, reached by CMA or TCP instead.
     pub memfd: Option<i32>,
 }
 
@@ -58,10 +62,11 @@ pub struct AgentMetadata {
     pub name: String,
     /// Random id of this agent instance: a restarted agent with the same name has a new one.
     pub instance_id: u64,
-    /// Host identity (`pdx_sys::host_id`: boot id plus PID and mount namespaces): agents with equal ids can use
-    /// memfd mapping and CMA; up to 1024 bytes.
+    /// Host identity (boot id and namespaces). A hint: an agent with an equal id tries the peer's Unix socket,
+    /// where the kernel, not this field, says whether the peer is on this host.
     pub host_id: String,
-    /// Owner process id.
+    /// Owner process id, informational: no agent uses it to reach memory (same-host peers are identified by the
+    /// kernel over their Unix socket, see `crate::peer`).
     pub pid: u32,
     /// `ip:port` of the agent's listener (TCP transport, notifications, metadata side channel).
     pub listen_addr: Option<String>,

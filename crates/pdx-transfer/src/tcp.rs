@@ -1,31 +1,35 @@
-//! The TCP side of an agent: outgoing peer connections (TCP transport and notifications) and the listener that
-//! serves them and the metadata side channel. Blocking sockets on dedicated threads, so the engine works under
-//! any async runtime or none.
+//! The initiator side of the agent protocol over TCP: outgoing peer connections (TCP transport and
+//! notifications), the connection handshake (with the agent secret when one is configured, see [`crate::auth`])
+//! and the metadata side channel's client. Blocking sockets on dedicated threads, so the engine works under any
+//! async runtime or none. The listener side is in `server.rs`.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pdx_sys::MemSlice;
 
 use crate::agent::Inner;
+use crate::auth::{self, AgentSecret};
 use crate::error::{Result, TransferError};
-use crate::memory::Region;
 use crate::request::Completion;
 use crate::transport::LocalSeg;
 use crate::wire::{encode_frame, Ctrl, FrameKind, Header, HEADER_LEN};
 
 /// How often a blocked socket call wakes to check the stall bound and shutdown.
-const STALL_TICK: Duration = Duration::from_millis(100);
-/// A WRITE to invalid target memory is drained (then refused) up to this size; beyond it the connection closes.
-const MAX_DRAIN_BYTES: u64 = 256 << 20;
+pub(crate) const STALL_TICK: Duration = Duration::from_millis(100);
+/// An idle initiator connection sends a `Ping` this often, so the target's idle timeout
+/// ([`crate::AgentConfig::idle_timeout`], 120 s by default) never closes a live peer's connection.
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Agent name an anonymous side-channel client gives in its `AuthHello`.
+const SIDE_CHANNEL_NAME: &str = "pdx-side-channel";
 
-fn configure(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn configure(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(STALL_TICK))?;
     stream.set_write_timeout(Some(STALL_TICK))?;
@@ -34,13 +38,13 @@ fn configure(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> TransferError {
+pub(crate) fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> TransferError {
     move |source| TransferError::Io { op, source }
 }
 
 /// Reads exactly `buf.len()` bytes, asking `on_stall` (as in `pdx_sys::OnStall`) whenever a read times out.
-fn read_full(
-    mut stream: &TcpStream,
+pub(crate) fn read_full(
+    mut stream: impl Read,
     buf: &mut [u8],
     on_stall: &mut dyn FnMut(bool) -> bool,
 ) -> io::Result<()> {
@@ -69,38 +73,76 @@ fn read_full(
     Ok(())
 }
 
-/// Reads one header and control body. `idle` is consulted while no byte of the frame has arrived yet; once the
-/// frame has started, `busy` bounds the stall.
-fn read_frame(
-    stream: &TcpStream,
+/// Why no frame was read.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// No byte of a frame arrived before the idle rule gave up: the connection is in sync, just quiet.
+    Idle,
+    /// The stream ended or failed (the reason), possibly in the middle of a frame.
+    Closed(String),
+    /// The bytes are not a valid frame: the connection is out of sync.
+    Bad(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Idle => f.write_str("timed out waiting for a frame"),
+            FrameError::Closed(r) | FrameError::Bad(r) => f.write_str(r),
+        }
+    }
+}
+
+/// Reads one header and control body (checked as [`crate::wire::decode_frame`] checks them). `idle` is consulted
+/// while no byte of the frame has arrived yet; once the frame has started, `busy` bounds the stall.
+pub(crate) fn read_frame(
+    stream: impl Read + Copy,
     idle: &mut dyn FnMut() -> bool,
     busy: &mut dyn FnMut(bool) -> bool,
-) -> std::result::Result<(Header, Ctrl), String> {
+) -> std::result::Result<(Header, Ctrl), FrameError> {
     let mut hdr = [0u8; HEADER_LEN];
     // Wait for the first byte with the idle rule, then read the rest of the header with the busy rule.
-    read_full(stream, &mut hdr[..1], &mut |_| idle()).map_err(|e| e.to_string())?;
-    read_full(stream, &mut hdr[1..], busy).map_err(|e| e.to_string())?;
-    let header = Header::decode(&hdr).map_err(|e| e.0)?;
+    read_full(stream, &mut hdr[..1], &mut |_| idle()).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => FrameError::Idle,
+        _ => FrameError::Closed(e.to_string()),
+    })?;
+    read_full(stream, &mut hdr[1..], busy).map_err(|e| FrameError::Closed(e.to_string()))?;
+    read_frame_rest(stream, &hdr, busy)
+}
+
+/// The rest of a frame whose header is in `hdr`: decodes it, reads and checks the control body.
+pub(crate) fn read_frame_rest(
+    stream: impl Read,
+    hdr: &[u8; HEADER_LEN],
+    busy: &mut dyn FnMut(bool) -> bool,
+) -> std::result::Result<(Header, Ctrl), FrameError> {
+    let header = Header::decode(hdr).map_err(|e| FrameError::Bad(e.0))?;
     let mut body = vec![0u8; header.ctrl_len as usize];
-    read_full(stream, &mut body, busy).map_err(|e| e.to_string())?;
-    let ctrl = Ctrl::decode(&body).map_err(|e| e.0)?;
+    read_full(stream, &mut body, busy).map_err(|e| FrameError::Closed(e.to_string()))?;
+    let ctrl = Ctrl::decode(&body).map_err(|e| FrameError::Bad(e.0))?;
+    if !ctrl.fits(header.kind) {
+        return Err(FrameError::Bad(format!(
+            "{:?} frame with a mismatched body",
+            header.kind
+        )));
+    }
     Ok((header, ctrl))
 }
 
 /// Tracks progress against the peer timeout.
-struct StallClock {
+pub(crate) struct StallClock {
     last: Instant,
     limit: Duration,
 }
 
 impl StallClock {
-    fn new(limit: Duration) -> Self {
+    pub(crate) fn new(limit: Duration) -> Self {
         StallClock {
             last: Instant::now(),
             limit,
         }
     }
-    fn tick(&mut self, progressed: bool) -> bool {
+    pub(crate) fn tick(&mut self, progressed: bool) -> bool {
         if progressed {
             self.last = Instant::now();
         }
@@ -108,7 +150,7 @@ impl StallClock {
     }
 }
 
-fn slices(segs: &[LocalSeg]) -> Result<Vec<MemSlice<'_>>> {
+pub(crate) fn slices(segs: &[LocalSeg]) -> Result<Vec<MemSlice<'_>>> {
     segs.iter()
         .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
         .collect()
@@ -169,17 +211,24 @@ impl PeerConn {
         let stream = TcpStream::connect_timeout(&sockaddr, timeout)
             .map_err(|e| disconnected(format!("connecting to {addr}: {e}")))?;
         configure(&stream).map_err(io_err("configuring socket"))?;
-        let hello = encode_frame(
-            FrameKind::Hello,
-            0,
-            &Ctrl::Hello {
-                name: me.name.clone(),
-                instance_id: me.instance_id,
-            },
-        );
-        (&stream)
-            .write_all(&hello)
-            .map_err(|e| disconnected(format!("hello: {e}")))?;
+        match &me.config.secret {
+            Some(secret) => {
+                authenticate(&stream, secret, &me.name, me.instance_id, peer, timeout)?;
+            }
+            None => {
+                let hello = encode_frame(
+                    FrameKind::Hello,
+                    0,
+                    &Ctrl::Hello {
+                        name: me.name.clone(),
+                        instance_id: me.instance_id,
+                    },
+                );
+                (&stream)
+                    .write_all(&hello)
+                    .map_err(|e| disconnected(format!("hello: {e}")))?;
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let conn = Arc::new(PeerConn {
             peer: peer.to_string(),
@@ -354,6 +403,22 @@ impl PeerConn {
         })
     }
 
+    /// Sends a keepalive frame.
+    fn ping(&self) -> Result<()> {
+        let body: Arc<[u8]> = Ctrl::Empty.encode().into();
+        let header = Header {
+            kind: FrameKind::Ping,
+            req_id: 0,
+            ctrl_len: body.len() as u32,
+        }
+        .encode();
+        self.send(Outgoing {
+            header,
+            ctrl: body,
+            data: None,
+        })
+    }
+
     /// Marks the connection lost and fails every outstanding op with `err`.
     pub fn fail_all(&self, err: TransferError) {
         let ops = {
@@ -408,16 +473,26 @@ impl PeerConn {
                 &mut || {
                     // Waiting for a response: bounded only while something is outstanding.
                     let waiting = !self.lock_pending().ops.is_empty();
+                    if !waiting && self.idle_for() >= KEEPALIVE {
+                        // Quiet but alive: keep the target's idle timeout from closing us.
+                        let _ = self.ping();
+                    }
                     !self.is_closed() && (!waiting || self.idle_for() < self.timeout)
                 },
                 &mut |p| self.busy_stall(p),
             );
             let (header, ctrl) = match frame {
                 Ok(f) => f,
-                Err(reason) => break self.loss(reason),
+                Err(reason) => break self.loss(reason.to_string()),
             };
             self.touch();
             match (header.kind, ctrl) {
+                (FrameKind::AuthError, Ctrl::Error(reason)) => {
+                    break TransferError::Unauthenticated {
+                        peer: self.peer.clone(),
+                        reason,
+                    }
+                }
                 (FrameKind::Notify, Ctrl::Notify(payload)) => notifications.push(Notification {
                     from: self.peer.clone(),
                     payload,
@@ -541,12 +616,135 @@ impl NotificationQueue {
     }
 }
 
+/// Runs the initiator's side of the secret handshake ([`crate::auth`]) on a fresh connection to `peer`.
+///
+/// Errors: [`TransferError::Unauthenticated`] when the peer refuses this agent (no secret there, or another one)
+/// or cannot prove it holds the secret; [`TransferError::PeerDisconnected`] / [`TransferError::Timeout`] when the
+/// connection fails or stalls for `timeout`.
+pub(crate) fn authenticate(
+    stream: impl Read + Write + Copy,
+    secret: &AgentSecret,
+    name: &str,
+    instance_id: u64,
+    peer: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let refused = |reason: String| TransferError::Unauthenticated {
+        peer: peer.to_string(),
+        reason,
+    };
+    let nonce_i = auth::nonce()?;
+    send_all(
+        stream,
+        &encode_frame(
+            FrameKind::AuthHello,
+            0,
+            &Ctrl::AuthHello {
+                name: name.to_string(),
+                instance_id,
+                nonce: nonce_i,
+            },
+        ),
+        peer,
+    )?;
+    let nonce_t = match read_reply(stream, peer, timeout)? {
+        (_, Ctrl::Challenge { nonce, proof }) => {
+            if !secret.verify_target(&nonce_i, &nonce, &proof) {
+                return Err(refused(
+                    "the peer could not prove it holds the agent secret".into(),
+                ));
+            }
+            nonce
+        }
+        (h, _) => return Err(refused(format!("expected a challenge, got {:?}", h.kind))),
+    };
+    let proof = secret.initiator_proof(&nonce_i, &nonce_t, name);
+    send_all(
+        stream,
+        &encode_frame(FrameKind::Auth, 0, &Ctrl::Auth { proof }),
+        peer,
+    )?;
+    match read_reply(stream, peer, timeout)? {
+        (h, _) if h.kind == FrameKind::AuthOk => Ok(()),
+        (h, _) => Err(refused(format!("expected AuthOk, got {:?}", h.kind))),
+    }
+}
+
+fn send_all(mut stream: impl Write, bytes: &[u8], peer: &str) -> Result<()> {
+    stream
+        .write_all(bytes)
+        .map_err(|e| TransferError::PeerDisconnected {
+            peer: peer.to_string(),
+            reason: format!("sending: {e}"),
+        })
+}
+
+/// Reads the reply to a handshake or side-channel frame, within `timeout`. An `AuthError` (or `Error`) answer
+/// becomes [`TransferError::Unauthenticated`] (or [`TransferError::Remote`]).
+pub(crate) fn read_reply(
+    stream: impl Read + Copy,
+    peer: &str,
+    timeout: Duration,
+) -> Result<(Header, Ctrl)> {
+    let deadline = Instant::now() + timeout;
+    let mut clock = StallClock::new(timeout);
+    let frame = read_frame(stream, &mut || Instant::now() < deadline, &mut |p| {
+        clock.tick(p)
+    });
+    match frame {
+        Ok((h, Ctrl::Error(reason))) if h.kind == FrameKind::AuthError => {
+            Err(TransferError::Unauthenticated {
+                peer: peer.to_string(),
+                reason,
+            })
+        }
+        Ok((h, Ctrl::Error(message))) if h.kind == FrameKind::Error => Err(TransferError::Remote {
+            peer: peer.to_string(),
+            message,
+        }),
+        Ok(f) => Ok(f),
+        Err(FrameError::Idle) => Err(TransferError::Timeout {
+            peer: peer.to_string(),
+            after: timeout,
+        }),
+        Err(FrameError::Closed(r)) if r.contains("timed out") => Err(TransferError::Timeout {
+            peer: peer.to_string(),
+            after: timeout,
+        }),
+        Err(FrameError::Closed(reason)) => Err(TransferError::PeerDisconnected {
+            peer: peer.to_string(),
+            reason,
+        }),
+        Err(FrameError::Bad(reason)) => Err(TransferError::Protocol {
+            peer: peer.to_string(),
+            reason,
+        }),
+    }
+}
+
 /// Fetches an agent's encoded metadata from its listener at `addr` (`host:port`): the side channel, in the
-/// spirit of NIXL's (vLLM's NixlConnector uses port 5600 for it).
+/// spirit of NIXL's (vLLM's NixlConnector uses port 5600 for it). For agents without a secret; see
+/// [`fetch_metadata_with`].
+///
+/// The bytes are untrusted: [`crate::Agent::load_remote`] uses them only to reach the peer over `tcp`, and a
+/// same-host peer's memory only through what its Unix socket hands over.
 ///
 /// Errors: [`TransferError::PeerDisconnected`] when it cannot connect or the connection drops;
-/// [`TransferError::Timeout`] after `timeout` without an answer; [`TransferError::Protocol`] for a bad reply.
+/// [`TransferError::Timeout`] after `timeout` without an answer; [`TransferError::Protocol`] for a bad reply;
+/// [`TransferError::Unauthenticated`] when the agent requires a secret.
 pub fn fetch_metadata(addr: &str, timeout: Duration) -> Result<Vec<u8>> {
+    fetch_metadata_with(addr, timeout, None)
+}
+
+/// [`fetch_metadata`] from an agent that may require the shared secret: with `secret`, the connection first runs
+/// the handshake of [`crate::auth`] (and fails unless the agent proves the same secret).
+///
+/// Errors: as [`fetch_metadata`], plus [`TransferError::Unauthenticated`] when the handshake fails.
+pub fn fetch_metadata_with(
+    addr: &str,
+    timeout: Duration,
+    secret: Option<&AgentSecret>,
+) -> Result<Vec<u8>> {
     let disconnected = |reason: String| TransferError::PeerDisconnected {
         peer: addr.to_string(),
         reason,
@@ -559,186 +757,19 @@ pub fn fetch_metadata(addr: &str, timeout: Duration) -> Result<Vec<u8>> {
     let stream = TcpStream::connect_timeout(&sockaddr, timeout)
         .map_err(|e| disconnected(format!("connecting: {e}")))?;
     configure(&stream).map_err(io_err("configuring socket"))?;
-    (&stream)
-        .write_all(&encode_frame(FrameKind::GetMetadata, 0, &Ctrl::GetMetadata))
-        .map_err(|e| disconnected(e.to_string()))?;
-    let mut clock = StallClock::new(timeout);
-    let mut clock2 = StallClock::new(timeout);
-    let frame = read_frame(&stream, &mut || clock.tick(false), &mut |p| clock2.tick(p));
-    match frame {
-        Ok((_, Ctrl::Metadata(bytes))) => Ok(bytes),
-        Ok((h, _)) => Err(TransferError::Protocol {
+    if let Some(secret) = secret {
+        authenticate(&stream, secret, SIDE_CHANNEL_NAME, 0, addr, timeout)?;
+    }
+    send_all(
+        &stream,
+        &encode_frame(FrameKind::GetMetadata, 0, &Ctrl::GetMetadata),
+        addr,
+    )?;
+    match read_reply(&stream, addr, timeout)? {
+        (_, Ctrl::Metadata(bytes)) => Ok(bytes),
+        (h, _) => Err(TransferError::Protocol {
             peer: addr.to_string(),
             reason: format!("expected metadata, got {:?}", h.kind),
         }),
-        Err(reason) if reason.contains("timed out") => Err(TransferError::Timeout {
-            peer: addr.to_string(),
-            after: timeout,
-        }),
-        Err(reason) => Err(disconnected(reason)),
-    }
-}
-
-/// Binds the agent's listener. Returns it with its bound address.
-pub(crate) fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).map_err(io_err("binding agent listener"))?;
-    let local = listener.local_addr().map_err(io_err("listener address"))?;
-    Ok((listener, local))
-}
-
-/// Accepts connections until the agent shuts down (woken by a connection to itself).
-pub(crate) fn accept_loop(listener: TcpListener, agent: Weak<Inner>) {
-    for stream in listener.incoming() {
-        let Some(inner) = agent.upgrade() else { break };
-        if inner.is_shut_down() {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        if configure(&stream).is_err() {
-            continue;
-        }
-        let id = inner.track_server_conn(&stream);
-        let spawned = std::thread::Builder::new()
-            .name(format!("pdx-srv-{}", inner.name))
-            .spawn(move || {
-                serve_conn(&inner, &stream);
-                inner.untrack_server_conn(id);
-            });
-        if spawned.is_err() {
-            tracing::warn!("could not spawn a connection thread");
-        }
-    }
-}
-
-/// Resolves target segments against this agent's registrations.
-fn resolve(inner: &Inner, segs: &[(u64, u64)]) -> std::result::Result<Vec<LocalSeg>, String> {
-    segs.iter()
-        .enumerate()
-        .map(|(i, &(addr, len))| {
-            let (region, off): (Arc<Region>, usize) = inner
-                .registry
-                .lookup(addr, len)
-                .ok_or_else(|| format!("segment {i} ({addr:#x}+{len}) is not registered"))?;
-            if region.host().is_none() {
-                return Err(format!(
-                    "segment {i} ({addr:#x}+{len}) is GPU memory, not reachable over tcp"
-                ));
-            }
-            Ok(LocalSeg {
-                region,
-                off,
-                len: len as usize,
-            })
-        })
-        .collect()
-}
-
-fn send_error(stream: &TcpStream, req_id: u64, message: String) -> io::Result<()> {
-    let mut s = stream;
-    s.write_all(&encode_frame(
-        FrameKind::Error,
-        req_id,
-        &Ctrl::Error(message),
-    ))
-}
-
-/// Serves one incoming connection: side-channel metadata, READ/WRITE requests and notifications.
-fn serve_conn(inner: &Inner, stream: &TcpStream) {
-    let mut peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let fd = stream.as_raw_fd();
-    loop {
-        let mut clock = StallClock::new(inner.config.peer_timeout);
-        let frame = read_frame(stream, &mut || !inner.is_shut_down(), &mut |p| {
-            clock.tick(p)
-        });
-        let (header, ctrl) = match frame {
-            Ok(f) => f,
-            Err(reason) => {
-                tracing::debug!(%peer, %reason, "agent connection closed");
-                return;
-            }
-        };
-        let mut clock = StallClock::new(inner.config.peer_timeout);
-        let mut stall = |p| clock.tick(p) && !inner.is_shut_down();
-        let outcome: std::result::Result<(), String> = match (header.kind, ctrl) {
-            (FrameKind::Hello, Ctrl::Hello { name, .. }) => {
-                peer = name;
-                Ok(())
-            }
-            (FrameKind::GetMetadata, _) => inner
-                .local_metadata()
-                .map_err(|e| e.to_string())
-                .and_then(|md| {
-                    (&*stream)
-                        .write_all(&encode_frame(FrameKind::Metadata, 0, &Ctrl::Metadata(md)))
-                        .map_err(|e| e.to_string())
-                }),
-            (FrameKind::Notify, Ctrl::Notify(payload)) => {
-                inner.notifications.push(Notification {
-                    from: peer.clone(),
-                    payload,
-                });
-                Ok(())
-            }
-            (FrameKind::ReadRequest, Ctrl::Segments { segs, notif }) => match resolve(inner, &segs)
-            {
-                Err(msg) => send_error(stream, header.req_id, msg).map_err(|e| e.to_string()),
-                Ok(local) => {
-                    let prefix = encode_frame(FrameKind::ReadResponse, header.req_id, &Ctrl::Empty);
-                    let sent = slices(&local).and_then(|s| {
-                        Ok(pdx_sys::write_all_vectored(fd, &prefix, &s, &mut stall)?)
-                    });
-                    if let (Ok(()), Some(payload)) = (&sent, notif) {
-                        inner.notifications.push(Notification {
-                            from: peer.clone(),
-                            payload,
-                        });
-                    }
-                    sent.map_err(|e| e.to_string())
-                }
-            },
-            (FrameKind::WriteRequest, Ctrl::Segments { segs, notif }) => {
-                match resolve(inner, &segs) {
-                    Err(msg) => {
-                        let total: u64 = segs.iter().map(|s| s.1).sum();
-                        if total > MAX_DRAIN_BYTES {
-                            let _ = send_error(stream, header.req_id, msg);
-                            return;
-                        }
-                        let mut sink = vec![0u8; total as usize];
-                        read_full(stream, &mut sink, &mut stall)
-                            .and_then(|()| send_error(stream, header.req_id, msg))
-                            .map_err(|e| e.to_string())
-                    }
-                    Ok(local) => {
-                        let received = slices(&local)
-                            .and_then(|s| Ok(pdx_sys::read_exact_into(fd, &s, &mut stall)?));
-                        match received {
-                            Ok(()) => {
-                                let ack =
-                                    encode_frame(FrameKind::WriteAck, header.req_id, &Ctrl::Empty);
-                                let acked = (&*stream).write_all(&ack).map_err(|e| e.to_string());
-                                if let Some(payload) = notif {
-                                    inner.notifications.push(Notification {
-                                        from: peer.clone(),
-                                        payload,
-                                    });
-                                }
-                                acked
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                }
-            }
-            (kind, _) => Err(format!("unexpected {kind:?} frame")),
-        };
-        if let Err(reason) = outcome {
-            tracing::debug!(%peer, %reason, "closing agent connection");
-            return;
-        }
     }
 }

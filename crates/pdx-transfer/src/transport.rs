@@ -93,14 +93,50 @@ pub(crate) struct CopySeg {
     pub remote_off: usize,
 }
 
+/// One memcpy between a local range and a same-host peer's memfd mapped here (`shm`).
+#[derive(Clone, Debug)]
+pub(crate) struct ShmSeg {
+    pub local: LocalSeg,
+    /// Slot of the remote region in the peer's [`crate::peer::PeerMap`].
+    pub slot: usize,
+    /// Offset in the remote region.
+    pub off: usize,
+}
+
+/// The process a `cma` request copies to or from.
+pub(crate) enum CmaTarget {
+    /// This process (a peer agent of it), with the peer's regions the ranges lie in, kept alive by the plan.
+    ThisProcess(
+        pdx_sys::ipc::PeerProcess,
+        #[allow(dead_code)] Vec<Arc<Region>>,
+    ),
+    /// The same-host process the kernel named on the peer's Unix socket.
+    Peer(Arc<crate::peer::LocalPeer>),
+}
+
+impl fmt::Debug for CmaTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CmaTarget::ThisProcess(p, _) => write!(f, "ThisProcess({})", p.pid()),
+            CmaTarget::Peer(p) => write!(f, "Peer({})", p.process().pid()),
+        }
+    }
+}
+
 /// How one transfer request is carried out.
 #[derive(Debug)]
 pub(crate) enum Plan {
-    /// `local` and `shm`: memcpy per segment.
+    /// `local` (and `shm` between agents of one process): memcpy per segment, remote regions held live.
     Copy(Vec<CopySeg>),
+    /// `shm` to a same-host peer: memcpy per segment into its memfds mapped here. The plan holds no mapping; each
+    /// post takes the peer's current ones, so a peer that goes away is unmapped at once.
+    Shm {
+        peer: Arc<crate::peer::LocalPeer>,
+        segs: Vec<ShmSeg>,
+    },
     /// `cma`: one batched cross-process call.
     Cma {
-        pid: u32,
+        target: CmaTarget,
         local: Vec<LocalSeg>,
         remote: Vec<(u64, usize)>,
     },

@@ -1,5 +1,6 @@
 //! The agent wire protocol: framed messages over TCP for the metadata side channel, the TCP transport and
-//! notifications.
+//! notifications, and over the agent's Unix socket for same-host peers (authentication, then the agent's metadata
+//! and its memfds passed with `SCM_RIGHTS`).
 //!
 //! Every frame is a 24-byte header, a control body of `ctrl_len` bytes (postcard-encoded [`Ctrl`]), and, for
 //! `ReadResponse` and `WriteRequest`, raw data whose length is the sum of the request's segment lengths:
@@ -16,6 +17,9 @@
 //!
 //! Data never goes through a buffer: the sender `writev`s straight from registered memory and the receiver
 //! `readv`s straight into it, after validating every segment against its registrations.
+//!
+//! [`decode_frame`] parses a frame's header and control body from bytes (what a fuzz target calls); the agent's
+//! connections run the same checks as they read.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +35,8 @@ pub const MAX_CTRL_BYTES: u32 = 2 << 20;
 pub const MAX_SEGMENTS: usize = 1 << 16;
 /// Upper bound of a notification payload, in bytes (64 KiB).
 pub const MAX_NOTIF_BYTES: usize = 64 << 10;
+/// Most memfds one `Memfds` frame carries (the kernel passes at most 253 descriptors per message).
+pub const MAX_FDS_PER_FRAME: usize = pdx_sys::ipc::MAX_FDS_PER_MESSAGE;
 
 /// Kind of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +60,25 @@ pub enum FrameKind {
     Notify = 8,
     /// The request failed on the target.
     Error = 9,
+    /// Initiator → target, first frame when the initiator has a secret: who is calling, and its nonce
+    /// ([`crate::auth`]).
+    AuthHello = 10,
+    /// Target → initiator: the target's nonce and its proof of the secret.
+    Challenge = 11,
+    /// Initiator → target: the initiator's proof of the secret.
+    Auth = 12,
+    /// Target → initiator: the initiator is authenticated.
+    AuthOk = 13,
+    /// Unix socket only: send your metadata and memfds.
+    ShareMemory = 14,
+    /// Unix socket only: the agent's metadata; `Memfds` frames with the descriptors follow.
+    SharedMemory = 15,
+    /// Unix socket only: memfds of these regions, attached to the frame with `SCM_RIGHTS`, in order.
+    Memfds = 16,
+    /// Keeps an idle connection from being closed by the peer's idle timeout; no answer.
+    Ping = 17,
+    /// Target → initiator: the connection is refused for want of the agent secret (body: `Error`); it closes.
+    AuthError = 18,
 }
 
 impl FrameKind {
@@ -69,6 +94,15 @@ impl FrameKind {
             WriteAck,
             Notify,
             Error,
+            AuthHello,
+            Challenge,
+            Auth,
+            AuthOk,
+            ShareMemory,
+            SharedMemory,
+            Memfds,
+            Ping,
+            AuthError,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -152,6 +186,39 @@ pub enum Ctrl {
     Notify(Vec<u8>),
     /// `Error`: what failed.
     Error(String),
+    /// `AuthHello`: the initiator's agent name, instance id and nonce.
+    AuthHello {
+        /// Agent name.
+        name: String,
+        /// Agent instance id.
+        instance_id: u64,
+        /// The initiator's random nonce.
+        nonce: [u8; crate::auth::NONCE_LEN],
+    },
+    /// `Challenge`: the target's nonce and proof.
+    Challenge {
+        /// The target's random nonce.
+        nonce: [u8; crate::auth::NONCE_LEN],
+        /// HMAC-SHA256 proof of the secret over both nonces.
+        proof: [u8; crate::auth::PROOF_LEN],
+    },
+    /// `Auth`: the initiator's proof.
+    Auth {
+        /// HMAC-SHA256 proof of the secret over both nonces and the initiator's name.
+        proof: [u8; crate::auth::PROOF_LEN],
+    },
+    /// `SharedMemory`: encoded [`crate::AgentMetadata`] and how many memfds follow in `Memfds` frames.
+    SharedMemory {
+        /// The agent's metadata (the same bytes as [`crate::Agent::local_metadata`]).
+        metadata: Vec<u8>,
+        /// Memfds that follow.
+        memfds: u32,
+    },
+    /// `Memfds`: the region ids of the descriptors attached to this frame, in order.
+    Memfds {
+        /// Region ids (1..=[`MAX_FDS_PER_FRAME`]).
+        region_ids: Vec<u64>,
+    },
 }
 
 impl Ctrl {
@@ -189,13 +256,85 @@ impl Ctrl {
             Ctrl::Notify(p) if p.len() > MAX_NOTIF_BYTES => {
                 return Err(HeaderError("notification too large".into()))
             }
-            Ctrl::Hello { name, .. } if name.is_empty() || name.len() > 256 => {
+            Ctrl::Hello { name, .. } | Ctrl::AuthHello { name, .. }
+                if name.is_empty() || name.len() > 256 =>
+            {
                 return Err(HeaderError("bad agent name".into()))
+            }
+            Ctrl::Metadata(md) | Ctrl::SharedMemory { metadata: md, .. }
+                if md.len() > crate::metadata::MAX_METADATA_BYTES =>
+            {
+                return Err(HeaderError("metadata too large".into()))
+            }
+            Ctrl::SharedMemory { memfds, .. }
+                if *memfds as usize > crate::metadata::MAX_REGIONS =>
+            {
+                return Err(HeaderError(format!("{memfds} memfds")))
+            }
+            Ctrl::Memfds { region_ids }
+                if region_ids.is_empty() || region_ids.len() > MAX_FDS_PER_FRAME =>
+            {
+                return Err(HeaderError(format!(
+                    "{} memfds in one frame",
+                    region_ids.len()
+                )))
+            }
+            Ctrl::Error(m) if m.len() > MAX_NOTIF_BYTES => {
+                return Err(HeaderError("error message too large".into()))
             }
             _ => {}
         }
         Ok(ctrl)
     }
+
+    /// True when this body is what a frame of `kind` carries.
+    pub fn fits(&self, kind: FrameKind) -> bool {
+        use FrameKind as K;
+        matches!(
+            (kind, self),
+            (K::Hello, Ctrl::Hello { .. })
+                | (K::GetMetadata, Ctrl::GetMetadata | Ctrl::Empty)
+                | (K::Metadata, Ctrl::Metadata(_))
+                | (K::ReadRequest | K::WriteRequest, Ctrl::Segments { .. })
+                | (
+                    K::ReadResponse | K::WriteAck | K::AuthOk | K::ShareMemory | K::Ping,
+                    Ctrl::Empty
+                )
+                | (K::Notify, Ctrl::Notify(_))
+                | (K::Error | K::AuthError, Ctrl::Error(_))
+                | (K::AuthHello, Ctrl::AuthHello { .. })
+                | (K::Challenge, Ctrl::Challenge { .. })
+                | (K::Auth, Ctrl::Auth { .. })
+                | (K::SharedMemory, Ctrl::SharedMemory { .. })
+                | (K::Memfds, Ctrl::Memfds { .. })
+        )
+    }
+}
+
+/// Decodes one frame's header and control body from the start of `bytes`, with every check a connection applies:
+/// magic, version, kind, the control body's size and limits, and a body that fits the kind. Returns the header,
+/// the body, and the bytes consumed (raw data of `ReadResponse`/`WriteRequest` follows them and is not read).
+/// The entry point for fuzzing the agent protocol.
+///
+/// Errors: [`HeaderError`] for anything malformed or truncated; never a panic.
+pub fn decode_frame(bytes: &[u8]) -> Result<(Header, Ctrl, usize), HeaderError> {
+    let hdr: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| HeaderError("truncated header".into()))?;
+    let header = Header::decode(hdr)?;
+    let end = HEADER_LEN + header.ctrl_len as usize;
+    let body = bytes
+        .get(HEADER_LEN..end)
+        .ok_or_else(|| HeaderError("truncated control body".into()))?;
+    let ctrl = Ctrl::decode(body)?;
+    if !ctrl.fits(header.kind) {
+        return Err(HeaderError(format!(
+            "{:?} frame with a mismatched body",
+            header.kind
+        )));
+    }
+    Ok((header, ctrl, end))
 }
 
 /// Encodes a whole control frame (header and body) into one buffer.
@@ -239,6 +378,29 @@ mod tests {
     }
 
     #[test]
+    fn decode_frame_checks_kind_body_and_truncation() {
+        let f = encode_frame(
+            FrameKind::Auth,
+            0,
+            &Ctrl::Auth {
+                proof: [7; crate::auth::PROOF_LEN],
+            },
+        );
+        let (h, c, n) = decode_frame(&f).unwrap();
+        assert_eq!((h.kind, n), (FrameKind::Auth, f.len()));
+        assert!(matches!(c, Ctrl::Auth { .. }));
+        assert!(decode_frame(&f[..f.len() - 1]).is_err());
+        assert!(decode_frame(&f[..10]).is_err());
+        // A body that does not fit its kind: a WriteRequest without segments.
+        assert!(decode_frame(&encode_frame(FrameKind::WriteRequest, 1, &Ctrl::Empty)).is_err());
+        // Memfd frames carry 1..=128 ids.
+        let many = Ctrl::Memfds {
+            region_ids: (0..MAX_FDS_PER_FRAME as u64 + 1).collect(),
+        };
+        assert!(decode_frame(&encode_frame(FrameKind::Memfds, 0, &many)).is_err());
+    }
+
+    #[test]
     fn segments_limits() {
         let ok = Ctrl::Segments {
             segs: vec![(10, 5)],
@@ -277,6 +439,30 @@ mod tests {
         #[test]
         fn ctrl_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Ctrl::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_frame_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes);
+        }
+
+        #[test]
+        fn decode_frame_never_panics_on_mutated_frames(
+            which in 0usize..4, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)
+        ) {
+            let mut f = match which {
+                0 => encode_frame(FrameKind::AuthHello, 0, &Ctrl::AuthHello {
+                    name: "decode".into(), instance_id: 9, nonce: [3; 32] }),
+                1 => encode_frame(FrameKind::Challenge, 0, &Ctrl::Challenge { nonce: [1; 32], proof: [2; 32] }),
+                2 => encode_frame(FrameKind::Memfds, 0, &Ctrl::Memfds { region_ids: vec![1, 2, 3] }),
+                _ => encode_frame(FrameKind::WriteRequest, 5, &Ctrl::Segments {
+                    segs: vec![(4096, 64)], notif: Some(b"n".to_vec()) }),
+            };
+            for (at, x) in flips {
+                let i = at % f.len();
+                f[i] ^= x;
+            }
+            let _ = decode_frame(&f);
         }
 
         #[test]
