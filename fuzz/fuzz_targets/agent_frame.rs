@@ -1,12 +1,12 @@
-//! A KV agent frame from a peer: the fixed header, then the control payload.
+//! A KV agent frame from a peer, with every check a connection applies (`wire::decode_frame`), and the control
+//! body alone.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pdx_transfer::wire::{Ctrl, Header, HEADER_LEN};
+use pdx_transfer::wire::{decode_frame, Ctrl};
 
 fuzz_target!(|data: &[u8]| {
-    if let Some(h) = data.first_chunk::<HEADER_LEN>() {
-        let _ = Header::decode(h);
-        let _ = Ctrl::decode(&data[HEADER_LEN..]);
+    if let Ok((_header, _ctrl, used)) = decode_frame(data) {
+        assert!(used <= data.len(), "consumed past the input");
     }
     let _ = Ctrl::decode(data);
 });
