@@ -389,25 +389,19 @@ impl PeerConn {
 
     /// Queues a notification frame.
     pub fn notify(&self, payload: Vec<u8>) -> Result<()> {
-        let body: Arc<[u8]> = Ctrl::Notify(payload).encode().into();
-        let header = Header {
-            kind: FrameKind::Notify,
-            req_id: 0,
-            ctrl_len: body.len() as u32,
-        }
-        .encode();
-        self.send(Outgoing {
-            header,
-            ctrl: body,
-            data: None,
-        })
+        self.send_ctrl(FrameKind::Notify, Ctrl::Notify(payload))
     }
 
     /// Sends a keepalive frame.
     fn ping(&self) -> Result<()> {
-        let body: Arc<[u8]> = Ctrl::Empty.encode().into();
+        self.send_ctrl(FrameKind::Ping, Ctrl::Empty)
+    }
+
+    /// Queues a frame of `kind` that carries only a control body (no request id, no data).
+    fn send_ctrl(&self, kind: FrameKind, ctrl: Ctrl) -> Result<()> {
+        let body: Arc<[u8]> = ctrl.encode().into();
         let header = Header {
-            kind: FrameKind::Ping,
+            kind,
             req_id: 0,
             ctrl_len: body.len() as u32,
         }
