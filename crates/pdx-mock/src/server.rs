@@ -671,7 +671,23 @@ impl SseStream {
 
     fn last_chunk(&mut self, piece: String, buf: &mut BytesMut) {
         let kv = self.finish_request();
-        let fr = Some(self.adm.choices[0].finish);
+        let finish_reason = Some(self.adm.choices[0].finish);
+        self.put_chunk(
+            buf,
+            ChunkParts {
+                index: 0,
+                text: piece,
+                logprobs: None,
+                finish_reason,
+                stop_reason: None,
+                kv,
+            },
+        );
+    }
+
+    /// Writes one stream chunk of one choice, in the request's shape (chat or text completion), as an SSE
+    /// event. `logprobs` is already in that shape.
+    fn put_chunk(&self, buf: &mut BytesMut, p: ChunkParts) {
         let v = if self.chat {
             serde_json::to_vec(&ChatCompletionChunk {
                 id: self.fmt.id.clone(),
@@ -679,17 +695,17 @@ impl SseStream {
                 created: self.fmt.created,
                 model: self.fmt.model.clone(),
                 choices: vec![ChatChunkChoice {
-                    index: 0,
+                    index: p.index,
                     delta: ChatDelta {
                         role: None,
-                        content: Some(piece),
+                        content: Some(p.text),
                     },
-                    logprobs: None,
-                    finish_reason: fr,
-                    stop_reason: None,
+                    logprobs: p.logprobs,
+                    finish_reason: p.finish_reason,
+                    stop_reason: p.stop_reason,
                 }],
                 usage: None,
-                kv_transfer_params: kv,
+                kv_transfer_params: p.kv,
             })
         } else {
             serde_json::to_vec(&CompletionChunk {
@@ -698,14 +714,14 @@ impl SseStream {
                 created: self.fmt.created,
                 model: self.fmt.model.clone(),
                 choices: vec![CompletionChunkChoice {
-                    index: 0,
-                    text: piece,
-                    logprobs: None,
-                    finish_reason: fr,
-                    stop_reason: None,
+                    index: p.index,
+                    text: p.text,
+                    logprobs: p.logprobs,
+                    finish_reason: p.finish_reason,
+                    stop_reason: p.stop_reason,
                 }],
                 usage: None,
-                kv_transfer_params: kv,
+                kv_transfer_params: p.kv,
             })
         };
         sse::put_event(buf, &v.expect("chunk serializes"));
@@ -753,46 +769,24 @@ impl SseStream {
             } else {
                 None
             };
-            let v = if self.chat {
-                serde_json::to_vec(&ChatCompletionChunk {
-                    id: self.fmt.id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created: self.fmt.created,
-                    model: self.fmt.model.clone(),
-                    choices: vec![ChatChunkChoice {
-                        index: c as u32,
-                        delta: ChatDelta {
-                            role: None,
-                            content: Some(text),
-                        },
-                        logprobs: lp.map(|lp| {
-                            serde_json::json!({"content": [crate::generation::chat_entry(&lp)]})
-                        }),
-                        finish_reason,
-                        stop_reason,
-                    }],
-                    usage: None,
-                    kv_transfer_params: kv,
-                })
-            } else {
-                serde_json::to_vec(&CompletionChunk {
-                    id: self.fmt.id.clone(),
-                    object: "text_completion".into(),
-                    created: self.fmt.created,
-                    model: self.fmt.model.clone(),
-                    choices: vec![CompletionChunkChoice {
-                        index: c as u32,
-                        text,
-                        logprobs: lp
-                            .map(|lp| crate::generation::completion_logprobs(&[lp], before)),
-                        finish_reason,
-                        stop_reason,
-                    }],
-                    usage: None,
-                    kv_transfer_params: kv,
-                })
-            };
-            sse::put_event(buf, &v.expect("chunk serializes"));
+            let logprobs = lp.map(|lp| {
+                if self.chat {
+                    serde_json::json!({"content": [crate::generation::chat_entry(&lp)]})
+                } else {
+                    crate::generation::completion_logprobs(&[lp], before)
+                }
+            });
+            self.put_chunk(
+                buf,
+                ChunkParts {
+                    index: c as u32,
+                    text,
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                    kv,
+                },
+            );
         }
         self.sent += 1;
     }
@@ -959,3 +953,14 @@ impl SseStream {
 }
 
 use std::future::Future;
+
+
+/// The fields of one stream chunk that differ between chunks ([`SseStream::put_chunk`]).
+struct ChunkParts {
+    index: u32,
+    text: String,
+    logprobs: Option<serde_json::Value>,
+    finish_reason: Option<FinishReason>,
+    stop_reason: Option<serde_json::Value>,
+    kv: Option<KvTransferParams>,
+}
