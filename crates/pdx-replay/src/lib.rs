@@ -13,6 +13,7 @@
 pub mod client;
 pub mod plot;
 pub mod prompt;
+pub mod rate;
 pub mod report;
 pub mod trace;
 

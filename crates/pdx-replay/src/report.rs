@@ -94,74 +94,119 @@ pub fn build(
     duration_s: f64,
     slo: Slo,
 ) -> (Report, Points) {
-    let hist = || Histogram::<u64>::new(3).expect("3 significant figures is a valid precision");
-    let (mut ttft, mut itl, mut tpot, mut e2e) = (hist(), hist(), hist(), hist());
-    let mut r = Report {
-        requests: outcomes.len() as u64,
-        duration_s,
-        slo,
-        ..Default::default()
-    };
-    let mut points = Vec::with_capacity(outcomes.len());
-    let mut attained = 0u64;
+    let mut acc = Accumulator::new(slo);
     for (i, o) in outcomes.iter().enumerate() {
         let (osl, isl) = requested.get(i).copied().unwrap_or_default();
+        acc.add(o, sent_at_s.get(i).copied().unwrap_or_default(), osl, isl);
+    }
+    acc.finish(duration_s)
+}
+
+/// The report built one request at a time (what [`build`] does over a slice), for sources that
+/// do not keep every outcome, such as `pdx sim`: its inter-token gaps can go straight to
+/// [`Accumulator::record_itl_us`] instead of each outcome's `itl_us`.
+pub struct Accumulator {
+    ttft: Histogram<u64>,
+    itl: Histogram<u64>,
+    tpot: Histogram<u64>,
+    e2e: Histogram<u64>,
+    r: Report,
+    points: Points,
+    attained: u64,
+}
+
+impl Accumulator {
+    /// An empty report for SLO `slo`.
+    pub fn new(slo: Slo) -> Self {
+        let hist = || Histogram::<u64>::new(3).expect("3 significant figures is a valid precision");
+        Self {
+            ttft: hist(),
+            itl: hist(),
+            tpot: hist(),
+            e2e: hist(),
+            r: Report {
+                slo,
+                ..Default::default()
+            },
+            points: Vec::new(),
+            attained: 0,
+        }
+    }
+
+    /// Records one gap between consecutive tokens of some request, µs.
+    pub fn record_itl_us(&mut self, gap_us: u64) {
+        let _ = self.itl.record(gap_us.max(1));
+    }
+
+    /// Adds one request: its outcome, when it was sent (s from the start), its requested output
+    /// (`max_tokens`) and prompt tokens.
+    pub fn add(&mut self, o: &Outcome, sent_at_s: f64, osl: u32, isl: u32) {
+        let slo = self.r.slo;
+        let r = &mut self.r;
+        r.requests += 1;
         r.input_tokens += u64::from(isl);
         r.output_tokens_requested += u64::from(osl);
         if let Some(kind) = &o.error {
             *r.errors.entry(kind.clone()).or_default() += 1;
-            continue;
+            return;
         }
         r.succeeded += 1;
         r.output_tokens_received += u64::from(o.tokens);
         if o.tokens != osl {
             r.length_mismatches += 1;
         }
-        let _ = e2e.record(o.e2e_us.max(1));
+        let _ = self.e2e.record(o.e2e_us.max(1));
         if let Some(t) = o.ttft_us {
-            let _ = ttft.record(t.max(1));
+            let _ = self.ttft.record(t.max(1));
         }
         for &g in &o.itl_us {
-            let _ = itl.record(g.max(1));
+            let _ = self.itl.record(g.max(1));
         }
         let tp = o.tpot_us();
         if let Some(t) = tp {
-            let _ = tpot.record((t as u64).max(1));
+            let _ = self.tpot.record((t as u64).max(1));
         }
         let ok_ttft = slo
             .ttft_ms
             .is_none_or(|s| o.ttft_us.is_some_and(|t| t as f64 / 1e3 <= s));
         let ok_itl = slo.itl_ms.is_none_or(|s| tp.is_none_or(|t| t / 1e3 <= s));
         if ok_ttft && ok_itl {
-            attained += 1;
+            self.attained += 1;
         }
-        points.push((
-            sent_at_s.get(i).copied().unwrap_or_default(),
+        self.points.push((
+            sent_at_s,
             o.ttft_us.unwrap_or_default() as f64 / 1e3,
             tp.map(|t| t / 1e3),
         ));
     }
-    r.ttft_ms = percentiles(&ttft);
-    r.itl_ms = percentiles(&itl);
-    r.tpot_ms = percentiles(&tpot);
-    r.e2e_ms = percentiles(&e2e);
-    if duration_s > 0.0 {
-        r.request_throughput = r.succeeded as f64 / duration_s;
-        r.output_token_throughput = r.output_tokens_received as f64 / duration_s;
+
+    /// The report over `duration_s` seconds, and the per-request points.
+    pub fn finish(self, duration_s: f64) -> (Report, Points) {
+        let mut r = self.r;
+        let slo = r.slo;
+        r.duration_s = duration_s;
+        r.ttft_ms = percentiles(&self.ttft);
+        r.itl_ms = percentiles(&self.itl);
+        r.tpot_ms = percentiles(&self.tpot);
+        r.e2e_ms = percentiles(&self.e2e);
+        if duration_s > 0.0 {
+            r.request_throughput = r.succeeded as f64 / duration_s;
+            r.output_token_throughput = r.output_tokens_received as f64 / duration_s;
+        }
+        if slo.ttft_ms.is_some() || slo.itl_ms.is_some() {
+            r.slo_attainment = Some(if r.requests == 0 {
+                0.0
+            } else {
+                self.attained as f64 / r.requests as f64
+            });
+            r.goodput_rps = Some(if duration_s > 0.0 {
+                self.attained as f64 / duration_s
+            } else {
+                0.0
+            });
+        }
+        (r, self.points)
     }
-    if slo.ttft_ms.is_some() || slo.itl_ms.is_some() {
-        r.slo_attainment = Some(if r.requests == 0 {
-            0.0
-        } else {
-            attained as f64 / r.requests as f64
-        });
-        r.goodput_rps = Some(if duration_s > 0.0 {
-            attained as f64 / duration_s
-        } else {
-            0.0
-        });
-    }
-    (r, points)
 }
 
 impl Report {

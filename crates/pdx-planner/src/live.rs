@@ -1,0 +1,1 @@
+//! `pdx plan`: the standalone driver (filled in below).
