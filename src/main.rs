@@ -5,6 +5,7 @@
 mod bench_gpu;
 mod bench_kv;
 mod demo;
+mod sim;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Command {
     Serve(Box<pdx_router::ServeArgs>),
     /// Replay a request trace (Mooncake jsonl, Azure CSV) against an OpenAI-compatible endpoint.
     Replay(Box<pdx_replay::ReplayArgs>),
+    /// Simulate a cluster on a trace in virtual time (pdx's own routing, scheduling, planner).
+    Sim(Box<pdx_sim::SimArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => pdx_router::run(*args)?,
         Command::Demo(args) => demo::run(*args)?,
         Command::Replay(args) => replay(&args)?,
+        Command::Sim(args) => sim::run(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
         Command::Bench(BenchCommand::Kernels(args)) => bench_gpu::run_kernels(args)?,
