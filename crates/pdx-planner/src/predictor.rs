@@ -107,9 +107,15 @@ impl Predictor {
 
     /// The forecast for the next interval; `None` before the first observation.
     pub fn predict(&self) -> Option<f64> {
+        self.predict_ahead(1.0)
+    }
+
+    /// The forecast `h` intervals ahead (Holt: `level + h·trend`; constant: the last value).
+    /// Planners look past the next interval when new workers take that long to start.
+    pub fn predict_ahead(&self, h: f64) -> Option<f64> {
         match self.kind {
             PredictorKind::Constant => self.last,
-            PredictorKind::Holt { .. } => self.level.map(|l| (l + self.trend).max(0.0)),
+            PredictorKind::Holt { .. } => self.level.map(|l| (l + h * self.trend).max(0.0)),
         }
     }
 }
@@ -140,6 +146,7 @@ mod tests {
         // After 30 points of y = 10 + 2t the next value is 70; the constant predictor says 68.
         let f = p.predict().unwrap();
         assert!((f - 70.0).abs() < 0.1, "{f}");
+        assert!((p.predict_ahead(3.0).unwrap() - 74.0).abs() < 0.2);
         // A steep fall is extrapolated but floored at 0.
         for y in [40.0, 10.0, 0.0, 0.0] {
             p.observe(y);

@@ -440,6 +440,25 @@ impl<'a> Sim<'a> {
             last_ns: 0,
             tokens: 0,
         });
+        // The offered load: each request counts for the pools the grid gives it on arrival
+        // (what the planner must provision for), even if it waits elsewhere first.
+        let (isl, osl) = (f64::from(q.isl), f64::from(q.osl));
+        let roles: &[(PoolRole, usize)] = if self.cluster.disaggregated() {
+            &[(PoolRole::Prefill, p_first), (PoolRole::Decode, d_first)]
+        } else {
+            &[(PoolRole::Aggregated, 0)]
+        };
+        for &(role, k) in roles {
+            if let Some(pi) = (0..self.pools.len())
+                .filter(|&i| self.pools[i].role == role)
+                .nth(k)
+            {
+                let win = &mut self.pools[pi].window;
+                win.requests += 1.0;
+                win.isl += isl;
+                win.osl += osl;
+            }
+        }
         if self.cluster.disaggregated() {
             if let Some(w) = self.pick(PoolRole::Prefill, p_first, r) {
                 self.rt[r as usize].p_pool = self.workers[w as usize].pool as u16;
@@ -491,10 +510,6 @@ impl<'a> Sim<'a> {
                 let wk = &mut self.workers[w as usize];
                 wk.in_req += 1;
                 wk.in_tok += u64::from(q.isl) + u64::from(q.osl);
-                let win = &mut self.pools[pi].window;
-                win.requests += 1.0;
-                win.isl += f64::from(q.isl);
-                win.osl += f64::from(q.osl);
                 self.pools[pi].requests += 1;
                 return Some(w);
             }
@@ -647,6 +662,11 @@ impl<'a> Sim<'a> {
                     wk.kv.free(&blocks);
                     wk.holds += 1;
                     self.unload(w, r);
+                    // The prefill pool's latency: arrival to the prefill's answer (queue,
+                    // KV-block wait and prompt steps), what it can act on.
+                    let win = &mut self.pools[pool].window;
+                    win.ttft_ms += (self.now - q.arrival_ns) as f64 / 1e6;
+                    win.ttft_n += 1.0;
                     self.dispatch_decode(r, Admit::RemoteDecode);
                 }
                 Phase::Decode => {
@@ -656,16 +676,10 @@ impl<'a> Sim<'a> {
                     if st.first_ns == 0 {
                         st.first_ns = now.max(1);
                         let ttft_ms = (now - q.arrival_ns) as f64 / 1e6;
-                        // The pool that computed the prompt (none for a decode-only fallback).
-                        let tp = if st.p_worker != NONE {
-                            Some(st.p_pool as usize)
-                        } else if !self.cluster.disaggregated() {
-                            Some(pool)
-                        } else {
-                            None
-                        };
-                        if let Some(tp) = tp {
-                            let win = &mut self.pools[tp].window;
+                        // An aggregated pool sees the TTFT; a prefill pool observes its own
+                        // answer time (below), as its workers' TTFT metric does.
+                        if !self.cluster.disaggregated() {
+                            let win = &mut self.pools[pool].window;
                             win.ttft_ms += ttft_ms;
                             win.ttft_n += 1.0;
                         }
@@ -787,6 +801,14 @@ impl<'a> Sim<'a> {
                     ttft_ms: (w.ttft_n > 0.0).then(|| w.ttft_ms / w.ttft_n),
                     itl_ms: (w.itl_n > 0.0).then(|| w.itl_ms / w.itl_n),
                     replicas: self.active(pi),
+                    queued: self.pools[pi]
+                        .workers
+                        .iter()
+                        .map(|&w| {
+                            let wk = &self.workers[w as usize];
+                            (wk.waiting.len() + wk.sched.num_waiting()) as f64
+                        })
+                        .sum(),
                 }
             })
             .collect();
