@@ -335,8 +335,8 @@ impl LocalPlanner {
         let osl = self.osl.predict().unwrap_or(0.0).max(1.0);
         let needed = self.replicas_for(rate, isl, osl);
         let p = &self.plan;
-        let desired = (needed.ceil().min(f64::from(u32::MAX)) as u32)
-            .clamp(p.min_replicas, p.max_replicas);
+        let desired =
+            (needed.ceil().min(f64::from(u32::MAX)) as u32).clamp(p.min_replicas, p.max_replicas);
         ReplicaRequest {
             pool: p.name.clone(),
             needed,

@@ -73,7 +73,13 @@ fn interp(points: &[(f64, f64)], x: f64) -> f64 {
             } else if i >= points.len() {
                 points[points.len() - 1].1
             } else {
-                lerp(x, points[i - 1].0, points[i].0, points[i - 1].1, points[i].1)
+                lerp(
+                    x,
+                    points[i - 1].0,
+                    points[i].0,
+                    points[i - 1].1,
+                    points[i].1,
+                )
             }
         }
     }

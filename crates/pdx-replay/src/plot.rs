@@ -181,7 +181,10 @@ mod tests {
         assert!(bytes.len() > 5_000, "a drawn chart, not an empty image");
         let lines = dir.join("lines.png");
         let panels: Vec<Panel> = vec![
-            ("rate".into(), vec![("req/s".into(), vec![(0.0, 1.0), (10.0, 4.0)])]),
+            (
+                "rate".into(),
+                vec![("req/s".into(), vec![(0.0, 1.0), (10.0, 4.0)])],
+            ),
             (
                 "replicas".into(),
                 vec![

@@ -47,8 +47,13 @@ impl std::str::FromStr for RateCurve {
             .split(',')
             .filter(|p| !p.trim().is_empty())
             .map(|p| {
-                let (k, v) = p.split_once('=').ok_or_else(|| bad(spec, "want KEY=VALUE"))?;
-                let v: f64 = v.trim().parse().map_err(|_| bad(spec, "a value is no number"))?;
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| bad(spec, "want KEY=VALUE"))?;
+                let v: f64 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(spec, "a value is no number"))?;
                 if !v.is_finite() {
                     return Err(bad(spec, "values must be finite"));
                 }
@@ -79,7 +84,9 @@ impl std::str::FromStr for RateCurve {
                 let mut steps: Vec<(f64, f64)> = pairs
                     .iter()
                     .map(|&(k, m)| {
-                        let t: f64 = k.parse().map_err(|_| bad(spec, "a step time is no number"))?;
+                        let t: f64 = k
+                            .parse()
+                            .map_err(|_| bad(spec, "a step time is no number"))?;
                         if !(t >= 0.0 && m > 0.0) {
                             return Err(bad(spec, "step times must be >= 0, multipliers > 0"));
                         }

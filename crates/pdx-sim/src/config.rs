@@ -277,7 +277,10 @@ impl Cluster {
             Some(GridSpec::Path(p)) => {
                 let t = std::fs::read_to_string(base.join(p))
                     .map_err(|e| SimError::Config(format!("grid {}: {e}", p.display())))?;
-                Some(GlobalRouterConfig::from_json(&t).map_err(|e| SimError::Config(e.to_string()))?)
+                Some(
+                    GlobalRouterConfig::from_json(&t)
+                        .map_err(|e| SimError::Config(e.to_string()))?,
+                )
             }
         };
         if let Some(g) = &grid {
@@ -290,7 +293,10 @@ impl Cluster {
         }
         if let Some(pl) = &f.planner {
             for pp in &pl.pools {
-                if !pools.iter().any(|q| q.spec.name == pp.name && q.spec.role == pp.role) {
+                if !pools
+                    .iter()
+                    .any(|q| q.spec.name == pp.name && q.spec.role == pp.role)
+                {
                     return Err(SimError::Config(format!(
                         "planner pool {} ({:?}) is not a pool of the cluster",
                         pp.name, pp.role

@@ -222,9 +222,10 @@ fn block_bytes(p: &Profile, block_size: u32, scale_down: u32) -> u64 {
     // As `pdx mock` lays out a block: per token and layer, K and V of every KV head, scaled
     // down and rounded up to 8 bytes.
     let m = &p.model;
-    let per_token_layer = (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
-        .div_ceil(u64::from(scale_down.max(1)))
-        .next_multiple_of(8);
+    let per_token_layer =
+        (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
+            .div_ceil(u64::from(scale_down.max(1)))
+            .next_multiple_of(8);
     u64::from(block_size) * u64::from(m.layers) * per_token_layer
 }
 
@@ -499,12 +500,12 @@ impl<'a> Sim<'a> {
                     eligible: w.state == WState::Active,
                 });
             }
-            let hashes: &[u64] = if self.pools[pi].selector.policy == pdx_router_core::Policy::KvAware
-            {
-                &self.rt[r as usize].hashes
-            } else {
-                &[]
-            };
+            let hashes: &[u64] =
+                if self.pools[pi].selector.policy == pdx_router_core::Policy::KvAware {
+                    &self.rt[r as usize].hashes
+                } else {
+                    &[]
+                };
             if let Some(i) = self.pools[pi].selector.choose(&self.cands, hashes, now_us) {
                 let w = self.pools[pi].workers[i];
                 let wk = &mut self.workers[w as usize];
@@ -733,7 +734,10 @@ impl<'a> Sim<'a> {
             // Still out of blocks: it went to the back; keep the others' order and stop when
             // the first waiter does not fit (the rest need at least as many blocks in FIFO).
             if self.workers[w as usize].waiting.len() > before {
-                let back = self.workers[w as usize].waiting.pop_back().expect("just pushed");
+                let back = self.workers[w as usize]
+                    .waiting
+                    .pop_back()
+                    .expect("just pushed");
                 self.workers[w as usize].waiting.push_front(back);
                 break;
             }
@@ -796,8 +800,16 @@ impl<'a> Sim<'a> {
                 Observation {
                     interval_s: interval,
                     requests: w.requests,
-                    isl: if w.requests > 0.0 { w.isl / w.requests } else { 0.0 },
-                    osl: if w.requests > 0.0 { w.osl / w.requests } else { 0.0 },
+                    isl: if w.requests > 0.0 {
+                        w.isl / w.requests
+                    } else {
+                        0.0
+                    },
+                    osl: if w.requests > 0.0 {
+                        w.osl / w.requests
+                    } else {
+                        0.0
+                    },
                     ttft_ms: (w.ttft_n > 0.0).then(|| w.ttft_ms / w.ttft_n),
                     itl_ms: (w.itl_n > 0.0).then(|| w.itl_ms / w.itl_n),
                     replicas: self.active(pi),
@@ -852,8 +864,9 @@ impl<'a> Sim<'a> {
             .collect();
         for w in &self.workers {
             let until = w.gone_ns.unwrap_or(end);
-            pools[w.pool].gpu_hours +=
-                f64::from(self.pools[w.pool].gpus) * until.saturating_sub(w.added_ns) as f64 / 3.6e12;
+            pools[w.pool].gpu_hours += f64::from(self.pools[w.pool].gpus)
+                * until.saturating_sub(w.added_ns) as f64
+                / 3.6e12;
         }
         let gpu_hours = pools.iter().map(|p| p.gpu_hours).sum();
         let (report, points) = self.acc.finish(end as f64 / 1e9);

@@ -117,9 +117,10 @@ pub struct SimArgs {
 pub fn workload(a: &SimArgs) -> Result<Vec<workload::SimRequest>, SimError> {
     let mut trace = match (&a.synthetic, &a.trace) {
         (Some(spec), _) => spec.parse::<workload::Synthetic>()?.trace(),
-        (None, Some(p)) => pdx_replay::trace::parse(&std::fs::read_to_string(p).map_err(|e| {
-            pdx_replay::ReplayError::Trace(format!("{}: {e}", p.display()))
-        })?)?,
+        (None, Some(p)) => pdx_replay::trace::parse(
+            &std::fs::read_to_string(p)
+                .map_err(|e| pdx_replay::ReplayError::Trace(format!("{}: {e}", p.display())))?,
+        )?,
         (None, None) => pdx_replay::trace::parse(pdx_replay::MOONCAKE_CONVERSATION_SLICE)?,
     };
     if let Some(spec) = &a.rate_curve {

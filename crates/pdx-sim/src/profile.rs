@@ -38,7 +38,10 @@ pub fn derive(p: &Profile, num_blocks: u32, block_size: u32) -> PoolProfile {
     let max_len = u64::from(p.model.max_model_len);
     let new = || Scheduler::new(p.scheduler.clone(), p.timing.clone());
     let mut prefill = Vec::new();
-    for &isl in ISL_GRID.iter().filter(|&&i| u64::from(i) + 1 < max_len.min(cap_tokens)) {
+    for &isl in ISL_GRID
+        .iter()
+        .filter(|&&i| u64::from(i) + 1 < max_len.min(cap_tokens))
+    {
         let mut s = new();
         s.add(SeqSpec {
             id: 0,
@@ -66,7 +69,10 @@ pub fn derive(p: &Profile, num_blocks: u32, block_size: u32) -> PoolProfile {
         });
     }
     let mut decode = Vec::new();
-    for &ctx in CTX_GRID.iter().filter(|&&c| u64::from(c) + 2 < max_len.min(cap_tokens)) {
+    for &ctx in CTX_GRID
+        .iter()
+        .filter(|&&c| u64::from(c) + 2 < max_len.min(cap_tokens))
+    {
         let per_seq = (u64::from(ctx) + 2).div_ceil(u64::from(block_size.max(1)));
         let max_batch = (u64::from(num_blocks) / per_seq.max(1))
             .min(u64::from(p.scheduler.max_num_seqs.max(1)))
@@ -117,7 +123,8 @@ mod tests {
         // Busy throughput beats one-at-a-time (batching amortises the step overhead).
         assert!(prof.prefill_tokens_per_s(1024.0) > 1024.0 / (one / 1e6));
         // Decode: 8 sequences at 1024 tokens → overhead + 8 · seq + 8 · 1025 · ctx ns.
-        let step = t.step_overhead_us + 8.0 * t.decode_seq_us + 8.0 * 1025.0 * t.decode_ctx_ns / 1e3;
+        let step =
+            t.step_overhead_us + 8.0 * t.decode_seq_us + 8.0 * 1025.0 * t.decode_ctx_ns / 1e3;
         assert!((prof.decode_itl_ms(1024.0, 8.0) - step / 1e3).abs() < 1e-6);
         // KV capacity bounds the batch: 2048 blocks of 16 tokens hold 31 sequences of 1026.
         let max_b = prof

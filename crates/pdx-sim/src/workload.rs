@@ -49,7 +49,8 @@ impl Default for Shaping {
 ///
 /// Errors: [`SimError::Invalid`] for a non-positive speed or scale, or no request left.
 pub fn from_trace(trace: Vec<TraceRequest>, s: &Shaping) -> Result<Vec<SimRequest>, SimError> {
-    if !(s.speed > 0.0 && s.speed.is_finite()) || !(s.scale_tokens > 0.0 && s.scale_tokens.is_finite())
+    if !(s.speed > 0.0 && s.speed.is_finite())
+        || !(s.scale_tokens > 0.0 && s.scale_tokens.is_finite())
     {
         return Err(SimError::Invalid(
             "--speed and --scale-tokens must be positive".into(),
@@ -292,9 +293,10 @@ mod tests {
 
     #[test]
     fn synthetic_spec_and_rate() {
-        let s: Synthetic = "requests=20000,rate=100,isl=100,long_isl=1000,long_fraction=0.25,osl=10"
-            .parse()
-            .unwrap();
+        let s: Synthetic =
+            "requests=20000,rate=100,isl=100,long_isl=1000,long_fraction=0.25,osl=10"
+                .parse()
+                .unwrap();
         let t = s.trace();
         let span = t.last().unwrap().arrival_ms / 1e3;
         assert!((t.len() as f64 / span - 100.0).abs() < 5.0, "{span}");

@@ -49,13 +49,26 @@ fn aggregated_single_request_times_are_the_mock_formula() {
     let reqs = vec![req(0.0, 1000, 4)];
     let out = Sim::new(&c, &reqs, None, &opts()).unwrap().run();
     let r = &out.report;
-    assert_eq!((r.requests, r.succeeded, r.output_tokens_received), (1, 1, 4));
+    assert_eq!(
+        (r.requests, r.succeeded, r.output_tokens_received),
+        (1, 1, 4)
+    );
     let ttft = step_us(1000.0, 1000.0, 0.0, 0.0);
-    assert!((r.ttft_ms.mean - ttft / 1e3).abs() < 0.01, "{}", r.ttft_ms.mean);
+    assert!(
+        (r.ttft_ms.mean - ttft / 1e3).abs() < 0.01,
+        "{}",
+        r.ttft_ms.mean
+    );
     // Decode steps at contexts 1001, 1002, 1003 (prompt + generated so far).
-    let gaps: Vec<f64> = (1..4).map(|g| step_us(0.0, 0.0, 1.0, 1000.0 + g as f64)).collect();
+    let gaps: Vec<f64> = (1..4)
+        .map(|g| step_us(0.0, 0.0, 1.0, 1000.0 + g as f64))
+        .collect();
     let e2e = ttft + gaps.iter().sum::<f64>();
-    assert!((r.e2e_ms.mean - e2e / 1e3).abs() < 0.01, "{}", r.e2e_ms.mean);
+    assert!(
+        (r.e2e_ms.mean - e2e / 1e3).abs() < 0.01,
+        "{}",
+        r.e2e_ms.mean
+    );
     assert!((r.itl_ms.p50 - gaps[1] / 1e3).abs() < 0.01);
     assert_eq!(out.pools[0].requests, 1);
 }
@@ -75,7 +88,11 @@ fn disaggregated_ttft_is_prefill_plus_handoff_plus_first_decode_step() {
     // The decode engine computes the prompt's last token (1 token at context 1600).
     let first = step_us(1.0, 1600.0, 0.0, 0.0);
     let want = (prefill + handoff + first) / 1e3;
-    assert!((out.report.ttft_ms.mean - want).abs() < 0.01, "{} vs {want}", out.report.ttft_ms.mean);
+    assert!(
+        (out.report.ttft_ms.mean - want).abs() < 0.01,
+        "{} vs {want}",
+        out.report.ttft_ms.mean
+    );
     assert_eq!(out.pools[0].requests, 1);
     assert_eq!(out.pools[1].requests, 1);
     // About 21 ms TTFT and 2 ms ITL: within the 100 ms / 10 ms SLO.
@@ -117,9 +134,8 @@ fn every_request_ends_once_and_prefix_hits_save_prefill() {
 #[test]
 fn kv_capacity_makes_requests_wait_and_oversized_ones_fail() {
     // 64 blocks of 16 tokens: one 600-token request at a time; 2000 tokens never fit.
-    let c = cluster(
-        "[[pools]]\nname = \"a\"\nrole = \"aggregated\"\nworkers = 1\nnum_blocks = 64\n",
-    );
+    let c =
+        cluster("[[pools]]\nname = \"a\"\nrole = \"aggregated\"\nworkers = 1\nnum_blocks = 64\n");
     let reqs = vec![req(0.0, 600, 50), req(0.0, 600, 50), req(0.0, 2000, 5)];
     let out = Sim::new(&c, &reqs, None, &opts()).unwrap().run();
     let r = &out.report;
@@ -143,7 +159,11 @@ fn planner_scales_a_step_up_then_down_without_losing_requests() {
     let mut t = 0.0;
     while t < 240.0 {
         reqs.push(req(t, 4000, 100));
-        t += if (60.0..120.0).contains(&t) { 1.0 / 60.0 } else { 0.2 };
+        t += if (60.0..120.0).contains(&t) {
+            1.0 / 60.0
+        } else {
+            0.2
+        };
     }
     let planner = pdx_sim::planner(&c, None).unwrap();
     let out = Sim::new(&c, &reqs, planner, &opts()).unwrap().run();
@@ -157,5 +177,9 @@ fn planner_scales_a_step_up_then_down_without_losing_requests() {
     assert!(!out.decisions.is_empty());
     // Fewer GPU-hours than keeping the peak for the whole run.
     let peak_hours = f64::from(p.max_workers + out.pools[1].max_workers) * r.duration_s / 3600.0;
-    assert!(out.gpu_hours < peak_hours, "{} vs {peak_hours}", out.gpu_hours);
+    assert!(
+        out.gpu_hours < peak_hours,
+        "{} vs {peak_hours}",
+        out.gpu_hours
+    );
 }
