@@ -54,7 +54,7 @@ impl PredictorKind {
         match *self {
             PredictorKind::Constant => Ok(()),
             PredictorKind::Holt { alpha, beta } => {
-                if !(alpha > 0.0 && alpha <= 1.0) || !(0.0..=1.0).contains(&beta) {
+                if !(alpha > 0.0 && alpha <= 1.0 && (0.0..=1.0).contains(&beta)) {
                     Err(format!(
                         "holt predictor needs 0 < alpha <= 1 and 0 <= beta <= 1 (alpha {alpha}, beta {beta})"
                     ))

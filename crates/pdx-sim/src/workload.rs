@@ -49,9 +49,8 @@ impl Default for Shaping {
 ///
 /// Errors: [`SimError::Invalid`] for a non-positive speed or scale, or no request left.
 pub fn from_trace(trace: Vec<TraceRequest>, s: &Shaping) -> Result<Vec<SimRequest>, SimError> {
-    if !(s.speed > 0.0 && s.speed.is_finite())
-        || !(s.scale_tokens > 0.0 && s.scale_tokens.is_finite())
-    {
+    let ok = |v: f64| v > 0.0 && v.is_finite();
+    if !(ok(s.speed) && ok(s.scale_tokens)) {
         return Err(SimError::Invalid(
             "--speed and --scale-tokens must be positive".into(),
         ));
