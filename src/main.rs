@@ -5,6 +5,7 @@
 mod bench_gpu;
 mod bench_kv;
 mod demo;
+mod plan;
 mod sim;
 mod units;
 
@@ -30,6 +31,8 @@ enum Command {
     Replay(Box<pdx_replay::ReplayArgs>),
     /// Simulate a cluster on a trace in virtual time (pdx's own routing, scheduling, planner).
     Sim(Box<pdx_sim::SimArgs>),
+    /// Scale pools of a live `pdx serve` with the planner (local `pdx mock` workers).
+    Plan(Box<plan::PlanArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -77,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(*args)?,
         Command::Replay(args) => replay(&args)?,
         Command::Sim(args) => sim::run(&args)?,
+        Command::Plan(args) => plan::run(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
         Command::Bench(BenchCommand::Kernels(args)) => bench_gpu::run_kernels(args)?,

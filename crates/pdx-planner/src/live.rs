@@ -1,1 +1,0 @@
-//! `pdx plan`: the standalone driver (filled in below).
