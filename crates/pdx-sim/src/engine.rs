@@ -185,8 +185,6 @@ pub struct SimOutput {
 pub struct RunOptions {
     /// SLO of the report.
     pub slo: Slo,
-    /// Token-length factor the trace was scaled by (prefix-block size of Mooncake ids).
-    pub scale_tokens: f64,
     /// Show a progress bar.
     pub progress: bool,
     /// Seed of `power_of_two`.
@@ -214,7 +212,6 @@ pub struct Sim<'a> {
     arrivals_in_window: u64,
     last_tick: u64,
     cands: Vec<Candidate>,
-    scale_tokens: f64,
     bar: indicatif::ProgressBar,
 }
 
@@ -259,11 +256,6 @@ impl<'a> Sim<'a> {
             arrivals_in_window: 0,
             last_tick: 0,
             cands: Vec::new(),
-            scale_tokens: if opts.scale_tokens > 0.0 {
-                opts.scale_tokens
-            } else {
-                1.0
-            },
             bar: if opts.progress {
                 indicatif::ProgressBar::new(reqs.len() as u64)
             } else {
@@ -414,13 +406,7 @@ impl<'a> Sim<'a> {
     fn arrive(&mut self, r: u32, scratch: &mut Vec<u64>) {
         let q = &self.reqs[r as usize];
         self.arrivals_in_window += 1;
-        block_hashes(
-            q,
-            self.cluster.block_size,
-            self.scale_tokens,
-            u64::from(r) + 1,
-            scratch,
-        );
+        block_hashes(q, self.cluster.block_size, u64::from(r) + 1, scratch);
         let (p_first, d_first) = match &self.cluster.grid {
             Some(g) => (
                 g.select_prefill_pool(u64::from(q.isl), None),

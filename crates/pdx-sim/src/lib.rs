@@ -185,7 +185,6 @@ pub fn run(a: &SimArgs) -> Result<SimOutput, SimError> {
             ttft_ms: a.slo_ttft_ms,
             itl_ms: a.slo_itl_ms,
         },
-        scale_tokens: a.scale_tokens,
         progress: !(a.quiet || a.json),
         seed: a.seed,
     };

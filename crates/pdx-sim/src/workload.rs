@@ -193,21 +193,16 @@ impl Synthetic {
 }
 
 /// Chained hashes of a prompt's full KV blocks (`block_size` tokens each), standing in for
-/// `pdx_tokens::block_hashes` of the prompt `pdx replay` would build: tokens of Mooncake block
-/// `hash_ids[j]` (`512 × scale_tokens` tokens each) are the same text in every request that
-/// has that id at that place, so a 16-token block is identified by the id of the Mooncake
-/// block holding its last token, chained on its parent like the real hashes. Requests without
-/// ids get hashes of their own (`unique` salts them).
-pub fn block_hashes(
-    r: &SimRequest,
-    block_size: u32,
-    scale_tokens: f64,
-    unique: u64,
-    out: &mut Vec<u64>,
-) {
+/// `pdx_tokens::block_hashes` of the prompt `pdx replay` would build: the replayer writes 512
+/// tokens of the same text for Mooncake id `hash_ids[j]` in every request that has it at that
+/// place (scaled traces too: `pdx_replay::prompt`), so a 16-token block is identified by the
+/// id of the 512-token run holding its last token, chained on its parent like the real
+/// hashes. Tokens past the ids, and requests without ids, get hashes of their own (`unique`
+/// salts them).
+pub fn block_hashes(r: &SimRequest, block_size: u32, unique: u64, out: &mut Vec<u64>) {
     out.clear();
     let bs = u64::from(block_size.max(1));
-    let seg = ((MOONCAKE_BLOCK_TOKENS as f64 * scale_tokens).round() as u64).max(1);
+    let seg = MOONCAKE_BLOCK_TOKENS as u64;
     let mut h = 0x5044_5853_494d_u64; // "PDXSIM"
     for b in 0..u64::from(r.isl) / bs {
         let last = b * bs + bs - 1;
@@ -273,8 +268,8 @@ mod tests {
             ..a.clone()
         };
         let (mut ha, mut hb) = (Vec::new(), Vec::new());
-        block_hashes(&a, 16, 1.0, 1, &mut ha);
-        block_hashes(&b, 16, 1.0, 2, &mut hb);
+        block_hashes(&a, 16, 1, &mut ha);
+        block_hashes(&b, 16, 2, &mut hb);
         assert_eq!(ha.len(), 68);
         // The first 512 tokens (32 blocks) are the same text; from there on they differ,
         // including after the third id (chained on the parent).
@@ -286,7 +281,7 @@ mod tests {
             ..a.clone()
         };
         let mut hc = Vec::new();
-        block_hashes(&c, 16, 1.0, 3, &mut hc);
+        block_hashes(&c, 16, 3, &mut hc);
         assert_ne!(hc[0], ha[0]);
     }
 

@@ -26,7 +26,6 @@ fn opts() -> RunOptions {
             ttft_ms: Some(100.0),
             itl_ms: Some(10.0),
         },
-        scale_tokens: 1.0,
         progress: false,
         seed: 1,
     }
