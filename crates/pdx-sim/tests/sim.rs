@@ -182,3 +182,24 @@ fn planner_scales_a_step_up_then_down_without_losing_requests() {
         out.gpu_hours
     );
 }
+
+/// The speed benchmark of docs/planner.md, timed once by hand (no assertion on time):
+/// `cargo test --release -p pdx-sim --test sim -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: 100,000 requests on 256 workers"]
+fn bench_100k_requests_on_256_workers() {
+    let c = Cluster::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("clusters/bench-256.toml"))
+        .unwrap();
+    let spec: pdx_sim::workload::Synthetic = "requests=100000,rate=1000,isl=1024,osl=256"
+        .parse()
+        .unwrap();
+    let reqs = pdx_sim::workload::from_trace(spec.trace(), &Default::default()).unwrap();
+    let t = std::time::Instant::now();
+    let out = Sim::new(&c, &reqs, None, &opts()).unwrap().run();
+    let wall = t.elapsed().as_secs_f64();
+    assert_eq!(out.report.succeeded, 100_000);
+    println!(
+        "100,000 requests on 256 workers: {wall:.2} s wall, {:.1} s virtual, {} output tokens",
+        out.report.duration_s, out.report.output_tokens_received
+    );
+}
