@@ -32,11 +32,19 @@ pub fn run(args: &pdx_sim::SimArgs) -> anyhow::Result<()> {
             &out.planner_panels(&names),
         )?;
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&out)? + "\n"
     } else {
-        print!("{}", out.to_table());
-        println!("simulated in {wall:.2} s of wall time");
+        format!("{}simulated in {wall:.2} s of wall time\n", out.to_table())
+    };
+    // A reader that went away (`| head`) is not an error worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
     Ok(())
 }

@@ -203,3 +203,46 @@ fn bench_100k_requests_on_256_workers() {
         out.report.duration_s, out.report.output_tokens_received
     );
 }
+
+fn shipped(name: &str) -> Cluster {
+    Cluster::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("clusters")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn hierarchical_planner_beats_one_pooled_planner_at_the_same_budget() {
+    // A shorter run of docs/planner.md's comparison: 90 % short and 10 % long prompts.
+    let spec: pdx_sim::workload::Synthetic =
+        "requests=9000,rate=60,isl=512,long_isl=12000,long_fraction=0.1,osl=128,seed=3"
+            .parse()
+            .unwrap();
+    let mut trace = spec.trace();
+    let curve: pdx_replay::rate::RateCurve = "diurnal:period=150,ratio=4".parse().unwrap();
+    pdx_replay::rate::reshape(&mut trace, &curve, None).unwrap();
+    let reqs = pdx_sim::workload::from_trace(trace, &Default::default()).unwrap();
+    let o = RunOptions {
+        slo: Slo {
+            ttft_ms: Some(500.0),
+            itl_ms: Some(25.0),
+        },
+        ..opts()
+    };
+    let run = |name: &str| {
+        let c = shipped(name);
+        let planner = pdx_sim::planner(&c, None).unwrap();
+        assert_eq!(planner.as_ref().unwrap().config().budget_gpus, 24);
+        Sim::new(&c, &reqs, planner, &o).unwrap().run()
+    };
+    let (h, p) = (run("hierarchical.toml"), run("pooled.toml"));
+    let (ah, ap) = (
+        h.report.slo_attainment.unwrap(),
+        p.report.slo_attainment.unwrap(),
+    );
+    assert!(ah > ap + 0.1, "hierarchical {ah:.3} vs pooled {ap:.3}");
+    // Both pools of the hierarchy served their share: the grid split by ISL.
+    assert!(h.pools[0].requests > 5 * h.pools[1].requests && h.pools[1].requests > 0);
+}
