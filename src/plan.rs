@@ -35,6 +35,13 @@ pub struct PlanArgs {
     /// Write decisions here, one JSON object per interval (default: standard output).
     #[arg(long)]
     pub log: Option<std::path::PathBuf>,
+    /// Serve the last decision as Prometheus gauges on `GET /metrics` at this port (loopback
+    /// unless `--metrics-host`).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Address of the metrics listener.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub metrics_host: String,
 }
 
 #[derive(Deserialize)]
@@ -113,10 +120,22 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<()> {
         Some(p) => Box::new(std::fs::File::create(p)?),
         None => Box::new(std::io::stdout()),
     };
+    let export = match a.metrics_port {
+        Some(port) => {
+            let x = pdx_planner::live::export::Exported::default();
+            x.serve(std::net::TcpListener::bind((
+                a.metrics_host.as_str(),
+                port,
+            ))?)?;
+            Some(x)
+        }
+        None => None,
+    };
     let opts = LiveOptions {
         duration: a.duration_secs.map(std::time::Duration::from_secs_f64),
         stop,
         log,
+        export,
     };
     let collector = Collector::new(&router);
     match f.connector.as_str() {

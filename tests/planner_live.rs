@@ -313,6 +313,7 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
     let _r = spawn(&["serve", "--config", "pdx.toml"], &dir);
     wait_for(&format!("{router}/health"));
     let log = dir.join("plan.jsonl");
+    let mp = free_port();
     let _plan = spawn(
         &[
             "plan",
@@ -322,6 +323,8 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
             "60",
             "--log",
             log.to_str().unwrap(),
+            "--metrics-port",
+            &mp.to_string(),
         ],
         &dir,
     );
@@ -378,6 +381,12 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
     assert!(
         added.iter().any(|u| served(u) > 0.0),
         "an added worker served requests: {metrics}"
+    );
+    // The planner's last decision is exported as gauges.
+    let exported = get(&format!("http://127.0.0.1:{mp}/metrics")).expect("planner metrics");
+    assert!(
+        exported.contains("pdx_planner_target_replicas{pool=\"decode\"}"),
+        "{exported}"
     );
     // After the load falls the pool shrinks back, and the stopped workers no longer listen.
     let t = Instant::now();

@@ -12,6 +12,7 @@
 //! [`crate::Planner`] decides; the [`LocalConnector`] starts and stops `pdx mock` workers.
 //! Decisions and their inputs are written one JSON object per interval.
 
+pub mod export;
 pub mod http;
 pub mod prom;
 
@@ -486,6 +487,8 @@ pub struct LiveOptions {
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Decisions, one JSON object per line.
     pub log: Box<dyn std::io::Write + Send>,
+    /// Where the last decision is published as Prometheus gauges, if anywhere.
+    pub export: Option<export::Exported>,
 }
 
 /// Runs the planner against the router until `opts` says stop: brings every pool to its
@@ -514,6 +517,7 @@ pub fn run(
         tracing::warn!(error = %e, "first collection failed");
     }
     let mut next = Instant::now() + interval;
+    let mut decisions = 0u64;
     let stop = |o: &LiveOptions| {
         o.stop.load(std::sync::atomic::Ordering::Relaxed)
             || o.duration.is_some_and(|d| start.elapsed() >= d)
@@ -541,6 +545,10 @@ pub fn run(
         let d = planner.step(start.elapsed().as_secs_f64(), &obs);
         if let Some(c) = conn.as_deref_mut() {
             planner.apply(&d, c);
+        }
+        decisions += 1;
+        if let Some(x) = &opts.export {
+            x.set(export::render(&d, decisions));
         }
         let line = serde_json::to_string(&d).map_err(|e| PlannerError::Connector(e.to_string()))?;
         writeln!(opts.log, "{line}")
