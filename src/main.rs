@@ -6,6 +6,7 @@ mod bench_gpu;
 mod bench_kv;
 mod demo;
 mod plan;
+mod profile;
 mod sim;
 mod units;
 
@@ -33,6 +34,8 @@ enum Command {
     Sim(Box<pdx_sim::SimArgs>),
     /// Scale pools of a live `pdx serve` with the planner (local `pdx mock` workers).
     Plan(Box<plan::PlanArgs>),
+    /// Measure a worker's planner profile (prefill TTFT and throughput, decode ITL) as TOML.
+    Profile(Box<profile::ProfileArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay(&args)?,
         Command::Sim(args) => sim::run(&args)?,
         Command::Plan(args) => plan::run(&args)?,
+        Command::Profile(args) => profile::run(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
         Command::Bench(BenchCommand::Kernels(args)) => bench_gpu::run_kernels(args)?,

@@ -423,3 +423,82 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
     let _ = std::io::stderr().flush();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pdx_profile_of_a_live_mock_matches_the_profile_derived_from_its_timing_model() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("profile");
+    std::fs::write(dir.join("cmp.toml"), COMPARE).unwrap();
+    let port = free_port();
+    let _m = spawn(
+        &[
+            "mock",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--profile",
+            "cmp.toml",
+        ],
+        &dir,
+    );
+    wait_for(&format!("http://127.0.0.1:{port}/health"));
+    let out = Command::new(PDX)
+        .args([
+            "profile",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--isl",
+            "128,512",
+            "--context",
+            "256,1024",
+            "--batch",
+            "1,8",
+            "--output-tokens",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let measured: pdx_planner::PoolProfile =
+        toml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("profile TOML");
+    let measured = measured.validated().unwrap();
+    let model: pdx_mock::Profile = toml::from_str(COMPARE).unwrap();
+    let derived = pdx_sim::profile::derive(&model, 2048, 16);
+    for isl in [128.0, 512.0] {
+        let (m, d) = (
+            measured.prefill_service_ms(isl),
+            derived.prefill_service_ms(isl),
+        );
+        println!("prefill {isl}: TTFT measured {m:.1} ms, model {d:.1} ms");
+        assert!(
+            (m - d).abs() <= 0.25 * d + 15.0,
+            "TTFT at {isl}: {m} vs {d}"
+        );
+        let (m, d) = (
+            measured.prefill_tokens_per_s(isl),
+            derived.prefill_tokens_per_s(isl),
+        );
+        println!("prefill {isl}: measured {m:.0} tok/s, model {d:.0} tok/s (busy)");
+        assert!(
+            m > 0.3 * d && m < 1.2 * d,
+            "throughput at {isl}: {m} vs {d}"
+        );
+    }
+    for (ctx, b) in [(256.0, 1.0), (256.0, 8.0), (1024.0, 1.0), (1024.0, 8.0)] {
+        let (m, d) = (
+            measured.decode_itl_ms(ctx, b),
+            derived.decode_itl_ms(ctx, b),
+        );
+        println!("decode {ctx} × {b}: ITL measured {m:.2} ms, model {d:.2} ms");
+        assert!(
+            (m - d).abs() <= 0.15 * d + 3.0,
+            "ITL at {ctx} × {b}: {m} vs {d}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
