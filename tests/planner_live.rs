@@ -446,6 +446,27 @@ fn pdx_profile_of_a_live_mock_matches_the_profile_derived_from_its_timing_model(
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tmpdir("profile");
     std::fs::write(dir.join("cmp.toml"), COMPARE).unwrap();
+    let model: pdx_mock::Profile = toml::from_str(COMPARE).unwrap();
+    let derived = pdx_sim::profile::derive(&model, 2048, 16);
+    // As in the agreement test: a measurement disturbed by other processes is taken again on
+    // a fresh worker, up to three times; one must agree.
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        match profile_once(&dir, &derived) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+            Err(why) => {
+                println!("{why}");
+                failures.push(why);
+            }
+        }
+    }
+    panic!("pdx profile disagrees with the timing model: {failures:?}");
+}
+
+fn profile_once(dir: &Path, derived: &pdx_planner::PoolProfile) -> Result<(), String> {
     let port = free_port();
     let _m = spawn(
         &[
@@ -457,7 +478,7 @@ fn pdx_profile_of_a_live_mock_matches_the_profile_derived_from_its_timing_model(
             "--profile",
             "cmp.toml",
         ],
-        &dir,
+        dir,
     );
     wait_for(&format!("http://127.0.0.1:{port}/health"));
     let out = Command::new(PDX)
@@ -476,35 +497,33 @@ fn pdx_profile_of_a_live_mock_matches_the_profile_derived_from_its_timing_model(
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(format!(
+            "pdx profile failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
     let measured: pdx_planner::PoolProfile =
         toml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("profile TOML");
     let measured = measured.validated().unwrap();
-    let model: pdx_mock::Profile = toml::from_str(COMPARE).unwrap();
-    let derived = pdx_sim::profile::derive(&model, 2048, 16);
     for isl in [128.0, 512.0] {
         let (m, d) = (
             measured.prefill_service_ms(isl),
             derived.prefill_service_ms(isl),
         );
         println!("prefill {isl}: TTFT measured {m:.1} ms, model {d:.1} ms");
-        assert!(
-            (m - d).abs() <= 0.25 * d + 15.0,
-            "TTFT at {isl}: {m} vs {d}"
-        );
+        if (m - d).abs() > 0.25 * d + 15.0 {
+            return Err(format!("TTFT at {isl}: {m} vs {d}"));
+        }
+        // The derivation keeps up to 32 prompts busy, the measurement 8: lower, same scale.
         let (m, d) = (
             measured.prefill_tokens_per_s(isl),
             derived.prefill_tokens_per_s(isl),
         );
         println!("prefill {isl}: measured {m:.0} tok/s, model {d:.0} tok/s (busy)");
-        assert!(
-            m > 0.3 * d && m < 1.2 * d,
-            "throughput at {isl}: {m} vs {d}"
-        );
+        if !(m > 0.3 * d && m < 1.2 * d) {
+            return Err(format!("throughput at {isl}: {m} vs {d}"));
+        }
     }
     for (ctx, b) in [(256.0, 1.0), (256.0, 8.0), (1024.0, 1.0), (1024.0, 8.0)] {
         let (m, d) = (
@@ -512,10 +531,9 @@ fn pdx_profile_of_a_live_mock_matches_the_profile_derived_from_its_timing_model(
             derived.decode_itl_ms(ctx, b),
         );
         println!("decode {ctx} × {b}: ITL measured {m:.2} ms, model {d:.2} ms");
-        assert!(
-            (m - d).abs() <= 0.15 * d + 3.0,
-            "ITL at {ctx} × {b}: {m} vs {d}"
-        );
+        if (m - d).abs() > 0.15 * d + 3.0 {
+            return Err(format!("ITL at {ctx} × {b}: {m} vs {d}"));
+        }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
