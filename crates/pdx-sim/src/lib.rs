@@ -144,7 +144,8 @@ pub fn workload(a: &SimArgs) -> Result<Vec<workload::SimRequest>, SimError> {
 }
 
 /// The planner of a cluster, its pools' missing profiles derived from their workers' timing
-/// models ([`profile::derive`]); `None` without a `[planner]`.
+/// models ([`profile::derive`]) and a `gpus_per_replica` left at its default of 1 taken from
+/// the pool's `gpus_per_worker`; `None` without a `[planner]`.
 ///
 /// Errors: [`SimError::Planner`] for an invalid planner config.
 pub fn planner(cluster: &Cluster, budget: Option<u64>) -> Result<Option<Planner>, SimError> {
