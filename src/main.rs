@@ -6,6 +6,9 @@ mod bench_gpu;
 mod bench_kv;
 mod demo;
 mod logging;
+mod plan;
+mod profile;
+mod sim;
 mod units;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -31,6 +34,12 @@ enum Command {
     /// Replay a request trace (Mooncake jsonl or Azure CSV, told apart by content) against an
     /// OpenAI-compatible endpoint.
     Replay(Box<pdx_replay::ReplayArgs>),
+    /// Simulate a cluster on a trace in virtual time (pdx's own routing, scheduling, planner).
+    Sim(Box<pdx_sim::SimArgs>),
+    /// Scale pools of a live `pdx serve` with the planner (local `pdx mock` workers).
+    Plan(Box<plan::PlanArgs>),
+    /// Measure a worker's planner profile (prefill TTFT and throughput, decode ITL) as TOML.
+    Profile(Box<profile::ProfileArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -69,6 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => pdx_router::run(*args)?,
         Command::Demo(args) => demo::run(*args, &cli.log)?,
         Command::Replay(args) => replay(&args)?,
+        Command::Sim(args) => sim::run(&args)?,
+        Command::Plan(args) => plan::run(&args)?,
+        Command::Profile(args) => profile::run(&args)?,
         Command::Bench(BenchCommand::Kv(args)) => bench_kv::run(args)?,
         Command::Bench(BenchCommand::KvTarget(args)) => bench_kv::run_target(args)?,
         Command::Bench(BenchCommand::Kernels(args)) => bench_gpu::run_kernels(args)?,

@@ -9,4 +9,5 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod planner;
 mod router_faults;

@@ -954,7 +954,6 @@ impl SseStream {
 
 use std::future::Future;
 
-
 /// The fields of one stream chunk that differ between chunks ([`SseStream::put_chunk`]).
 struct ChunkParts {
     index: u32,

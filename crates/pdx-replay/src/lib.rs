@@ -17,6 +17,7 @@
 pub mod client;
 pub mod plot;
 pub mod prompt;
+pub mod rate;
 pub mod report;
 pub mod trace;
 
@@ -589,23 +590,7 @@ async fn send_all(
             )
         });
         let (isl, osl) = requested[index];
-        let ms = |us: u64| us as f64 / 1e3;
-        records.push(RequestRecord {
-            index,
-            sent_s: sent,
-            ttft_ms: o.ttft_us.map(ms),
-            itl_ms: o.itl_us.iter().map(|&g| ms(g)).collect(),
-            tpot_ms: o.tpot_us().map(|t| t / 1e3),
-            e2e_ms: ms(o.e2e_us),
-            input_tokens: isl,
-            prompt_tokens: o.prompt_tokens,
-            output_tokens_requested: osl,
-            output_tokens: o.tokens,
-            status: o.status,
-            error: o.error,
-            message: o.message,
-            worker: o.worker,
-        });
+        records.push(RequestRecord::from_outcome(index, sent, o, isl, osl));
     }
     let duration = Instant::now()
         .duration_since(start.into_std())

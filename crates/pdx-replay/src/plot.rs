@@ -232,6 +232,75 @@ pub fn utc_now() -> String {
     )
 }
 
+/// One panel of [`write_lines_png`]: its y label and its named series of `(x, y)` points.
+pub type Panel = (String, Vec<(String, Vec<(f64, f64)>)>);
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws panels of line series stacked vertically (shared x axis labelled `x_label`) into a
+/// 1200 × 400·panels PNG at `path` (`pdx sim --planner-plot`: request rate, replicas per pool).
+///
+/// Errors: no font available, or the file cannot be written.
+pub fn write_lines_png(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    panels: &[Panel],
+) -> Result<(), ReplayError> {
+    check_font()?;
+    let h = 40 + 380 * panels.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (1200, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    let x_max = panels
+        .iter()
+        .flat_map(|p| p.1.iter().flat_map(|s| s.1.iter().map(|q| q.0)))
+        .fold(1.0, f64::max);
+    for (area, (label, series)) in areas.iter().zip(panels) {
+        let y_max = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|q| q.1))
+            .fold(1.0, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(label.as_str())
+            .draw()
+            .map_err(err)?;
+        for (k, (name, pts)) in series.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +330,31 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         bytes
+    }
+
+    #[test]
+    fn writes_line_panels() {
+        let dir = std::env::temp_dir().join(format!("pdx-plot-{}-lines", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = dir.join("lines.png");
+        let panels: Vec<Panel> = vec![
+            (
+                "rate".into(),
+                vec![("req/s".into(), vec![(0.0, 1.0), (10.0, 4.0)])],
+            ),
+            (
+                "replicas".into(),
+                vec![
+                    ("prefill".into(), vec![(0.0, 1.0), (10.0, 3.0)]),
+                    ("decode".into(), vec![(0.0, 2.0), (10.0, 2.0)]),
+                ],
+            ),
+        ];
+        write_lines_png(&lines, "planner", "time (s)", &panels).unwrap();
+        let bytes = std::fs::read(&lines).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(bytes.len() > 5_000, "a drawn chart, not an empty image");
     }
 
     #[test]

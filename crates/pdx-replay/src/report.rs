@@ -75,6 +75,34 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// The record of request `index`, sent at `sent_s` (s from the start) with `input_tokens` of prompt and
+    /// `output_tokens_requested` of `max_tokens`, from what the client saw of it.
+    pub fn from_outcome(
+        index: usize,
+        sent_s: f64,
+        o: crate::client::Outcome,
+        input_tokens: u32,
+        output_tokens_requested: u32,
+    ) -> Self {
+        let ms = |us: u64| us as f64 / 1e3;
+        Self {
+            index,
+            sent_s,
+            ttft_ms: o.ttft_us.map(ms),
+            itl_ms: o.itl_us.iter().map(|&g| ms(g)).collect(),
+            tpot_ms: o.tpot_us().map(|t| t / 1e3),
+            e2e_ms: ms(o.e2e_us),
+            input_tokens,
+            prompt_tokens: o.prompt_tokens,
+            output_tokens_requested,
+            output_tokens: o.tokens,
+            status: o.status,
+            error: o.error,
+            message: o.message,
+            worker: o.worker,
+        }
+    }
+
     /// True when the request completed with a full stream.
     pub fn succeeded(&self) -> bool {
         self.error.is_none()
@@ -160,77 +188,126 @@ pub fn attains(r: &RequestRecord, slo: &Slo) -> bool {
 
 /// Builds the report from every request's record.
 pub fn build(records: &[RequestRecord], duration_s: f64, slo: Slo) -> Report {
-    let hist = || Histogram::<u64>::new(3).expect("3 significant figures is a valid precision");
-    let (mut ttft, mut itl, mut tpot, mut e2e) = (hist(), hist(), hist(), hist());
-    let us = |ms: f64| ((ms * 1e3).round() as u64).max(1);
-    let mut r = Report {
-        requests: records.len() as u64,
-        duration_s,
-        slo,
-        ..Default::default()
-    };
-    let mut groups: BTreeMap<(String, Option<u16>, Option<String>), u64> = BTreeMap::new();
-    let mut attained = 0u64;
+    let mut acc = Accumulator::new(slo);
     for o in records {
+        acc.add(o);
+    }
+    acc.finish(duration_s)
+}
+
+/// The report built one request at a time (what [`build`] does over a slice), for sources that do not keep
+/// every record whole, such as `pdx sim`: its inter-token gaps can go straight to
+/// [`Accumulator::record_itl_us`] instead of each record's `itl_ms`.
+pub struct Accumulator {
+    ttft: Histogram<u64>,
+    itl: Histogram<u64>,
+    tpot: Histogram<u64>,
+    e2e: Histogram<u64>,
+    r: Report,
+    groups: BTreeMap<(String, Option<u16>, Option<String>), u64>,
+    attained: u64,
+}
+
+/// ms to whole µs, at least 1 (the histograms' unit).
+fn us(ms: f64) -> u64 {
+    ((ms * 1e3).round() as u64).max(1)
+}
+
+impl Accumulator {
+    /// An empty report for SLO `slo`.
+    pub fn new(slo: Slo) -> Self {
+        let hist = || Histogram::<u64>::new(3).expect("3 significant figures is a valid precision");
+        Self {
+            ttft: hist(),
+            itl: hist(),
+            tpot: hist(),
+            e2e: hist(),
+            r: Report {
+                slo,
+                ..Default::default()
+            },
+            groups: BTreeMap::new(),
+            attained: 0,
+        }
+    }
+
+    /// Records one gap between consecutive tokens of some request, µs.
+    pub fn record_itl_us(&mut self, gap_us: u64) {
+        let _ = self.itl.record(gap_us.max(1));
+    }
+
+    /// Adds one request.
+    pub fn add(&mut self, o: &RequestRecord) {
+        let r = &mut self.r;
+        r.requests += 1;
         r.input_tokens += u64::from(o.input_tokens);
         r.output_tokens_requested += u64::from(o.output_tokens_requested);
         if let Some(kind) = &o.error {
             *r.errors.entry(kind.clone()).or_default() += 1;
-            *groups
+            *self
+                .groups
                 .entry((kind.clone(), o.status, o.message.clone()))
                 .or_default() += 1;
-            continue;
+            return;
         }
         r.succeeded += 1;
         r.output_tokens_received += u64::from(o.output_tokens);
         if o.output_tokens != o.output_tokens_requested {
             r.length_mismatches += 1;
         }
-        let _ = e2e.record(us(o.e2e_ms));
+        let _ = self.e2e.record(us(o.e2e_ms));
         if let Some(t) = o.ttft_ms {
-            let _ = ttft.record(us(t));
+            let _ = self.ttft.record(us(t));
         }
         for &g in &o.itl_ms {
-            let _ = itl.record(us(g));
+            let _ = self.itl.record(us(g));
         }
         if let Some(t) = o.tpot_ms {
-            let _ = tpot.record(us(t));
+            let _ = self.tpot.record(us(t));
         }
-        if attains(o, &slo) {
-            attained += 1;
+        if attains(o, &r.slo) {
+            self.attained += 1;
         }
     }
-    r.failures = groups
-        .into_iter()
-        .map(|((kind, status, message), count)| FailureGroup {
-            kind,
-            status,
-            message,
-            count,
-        })
-        .collect();
-    r.failures.sort_by_key(|g| std::cmp::Reverse(g.count));
-    r.ttft_ms = percentiles(&ttft);
-    r.itl_ms = percentiles(&itl);
-    r.tpot_ms = percentiles(&tpot);
-    r.e2e_ms = percentiles(&e2e);
-    if duration_s > 0.0 {
-        r.request_throughput = r.succeeded as f64 / duration_s;
-        r.output_token_throughput = r.output_tokens_received as f64 / duration_s;
+
+    /// The report over `duration_s` seconds.
+    pub fn finish(self, duration_s: f64) -> Report {
+        let mut r = self.r;
+        let slo = r.slo;
+        r.duration_s = duration_s;
+        r.failures = self
+            .groups
+            .into_iter()
+            .map(|((kind, status, message), count)| FailureGroup {
+                kind,
+                status,
+                message,
+                count,
+            })
+            .collect();
+        r.failures.sort_by_key(|g| std::cmp::Reverse(g.count));
+        r.ttft_ms = percentiles(&self.ttft);
+        r.itl_ms = percentiles(&self.itl);
+        r.tpot_ms = percentiles(&self.tpot);
+        r.e2e_ms = percentiles(&self.e2e);
+        if duration_s > 0.0 {
+            r.request_throughput = r.succeeded as f64 / duration_s;
+            r.output_token_throughput = r.output_tokens_received as f64 / duration_s;
+        }
+        if slo.ttft_ms.is_some() || slo.itl_ms.is_some() {
+            r.slo_attainment = Some(if r.requests == 0 {
+                0.0
+            } else {
+                self.attained as f64 / r.requests as f64
+            });
+            r.goodput_rps = Some(if duration_s > 0.0 {
+                self.attained as f64 / duration_s
+            } else {
+                0.0
+            });
+        }
+        r
     }
-    if slo.ttft_ms.is_some() || slo.itl_ms.is_some() {
-        r.slo_attainment = Some(if r.requests == 0 {
-            0.0
-        } else {
-            attained as f64 / r.requests as f64
-        });
-        r.goodput_rps = Some(if duration_s > 0.0 {
-            attained as f64 / duration_s
-        } else {
-            0.0
-        });
-    }
-    r
 }
 
 impl Report {
