@@ -375,6 +375,8 @@ pub fn run(args: DemoArgs, log: &crate::logging::LogArgs) -> Result<()> {
         model: Some("mock".into()),
         endpoint: pdx_replay::Endpoint::Chat,
         speed: args.speed,
+        rate_curve: None,
+        mean_rate: None,
         duration: None,
         max_requests: Some(args.max_requests),
         concurrency_limit: None,

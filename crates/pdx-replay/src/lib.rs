@@ -121,6 +121,13 @@ pub struct ReplayArgs {
     /// Time factor: 2 replays twice as fast as recorded.
     #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
+    /// Re-time the trace's arrivals to a rate curve before `--speed`: `diurnal:period=S,ratio=K[,phase=F]`
+    /// or `steps:T0=M0,T1=M1,...` (see `docs/planner.md`) [default: as recorded]
+    #[arg(long)]
+    pub rate_curve: Option<String>,
+    /// Mean arrival rate after `--rate-curve`, req/s [default: the trace's own]
+    #[arg(long, requires = "rate_curve")]
+    pub mean_rate: Option<f64>,
     /// Replay only requests that arrive within this many seconds (after `--speed`) [default: all]
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
@@ -457,10 +464,15 @@ pub fn run(args: &ReplayArgs) -> Result<Replay, ReplayError> {
             .map_err(|e| ReplayError::Trace(format!("{}: {e}", p.display())))?,
         None => MOONCAKE_CONVERSATION_SLICE.to_string(),
     };
-    let trace = trace::parse(&text).map_err(|e| match e {
+    let mut trace = trace::parse(&text).map_err(|e| match e {
         ReplayError::Trace(m) => ReplayError::Trace(format!("{trace_name}: {m}")),
         other => other,
     })?;
+    if let Some(spec) = &args.rate_curve {
+        let curve: rate::RateCurve = spec.parse()?;
+        rate::reshape(&mut trace.requests, &curve, args.mean_rate)?;
+        trace.notes.push(format!("arrivals re-timed to {spec}"));
+    }
     let chosen = choose(args, &trace)?;
     let corpus = if args.corpus.is_empty() {
         default_corpus()?

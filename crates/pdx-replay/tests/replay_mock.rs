@@ -31,6 +31,8 @@ fn args(url: String, endpoint: Endpoint) -> ReplayArgs {
         model: None,
         endpoint,
         speed: 100.0,
+        rate_curve: None,
+        mean_rate: None,
         duration: None,
         max_requests: Some(24),
         concurrency_limit: Some(8),
@@ -190,4 +192,38 @@ fn export_writes_one_json_line_per_request_and_plot_draws() {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_rate_curve_retimes_the_arrivals() {
+    let server = mock();
+    // Evenly spaced arrivals (a time warp keeps a trace's bursts, so start without any).
+    let trace = std::env::temp_dir().join(format!("pdx-rate-{}.jsonl", std::process::id()));
+    let lines: String = (0..24)
+        .map(|i| {
+            format!(
+                "{{\"timestamp\": {}, \"input_length\": 64, \"output_length\": 2}}\n",
+                i * 100
+            )
+        })
+        .collect();
+    std::fs::write(&trace, lines).unwrap();
+    let mut a = args(format!("http://{}", server.addr), Endpoint::Completions);
+    a.trace = Some(trace.clone());
+    a.speed = 1.0;
+    a.max_requests = Some(24);
+    a.rate_curve = Some("steps:0=1,0.4=4".into());
+    a.mean_rate = Some(40.0);
+    let pdx_replay::Replay { report, records } = pdx_replay::run(&a).unwrap();
+    let _ = std::fs::remove_file(&trace);
+    assert_eq!(report.succeeded, 24, "{:?}", report.errors);
+    let mut sent: Vec<f64> = records.iter().map(|r| r.sent_s).collect();
+    sent.sort_by(f64::total_cmp);
+    // 24 requests at a mean of 40 req/s span about 0.6 s, whatever the recorded trace's span.
+    assert!(sent[23] < 2.0, "span {} s", sent[23]);
+    // After 0.4 s the rate is 4× the rate before: arrivals come closer together.
+    let gap = |w: &[f64]| (w[w.len() - 1] - w[0]) / (w.len() - 1) as f64;
+    let (before, after): (Vec<f64>, Vec<f64>) = sent.iter().partition(|&&t| t < 0.4);
+    assert!(before.len() >= 3 && after.len() >= 3, "{sent:?}");
+    assert!(gap(&after) < gap(&before), "{sent:?}");
 }
