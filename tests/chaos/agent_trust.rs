@@ -9,10 +9,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pdx_transfer::metadata::{AgentMetadata, RegionMetadata};
 use pdx_transfer::wire::{encode_frame, Ctrl, FrameKind, Header, HEADER_LEN};
@@ -20,128 +19,70 @@ use pdx_transfer::{
     Agent, AgentConfig, MemoryKind, TransportKind, XferDescList, XferOp, XferOptions, XferStatus,
 };
 
+use crate::support::*;
+
 /// Bytes of this test process that no agent registered.
 const CANARY: &[u8] = b"chaos-canary/not-registered-by-any-agent/51d2";
-const GUARD: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `pdx mock` child process, killed on drop.
-struct Mock {
-    child: Child,
-    http: u16,
-    kv: u16,
+/// A `pdx mock` engine with a KV agent (64 blocks, a 64th of the real KV size), killed on drop.
+pub(crate) struct Mock {
+    pub proc: Proc,
+    /// Its HTTP port.
+    pub http: u16,
+    /// Its KV agent's port.
+    pub kv: u16,
 }
 
 impl Mock {
-    fn start(role: &str, extra: &[&str]) -> Mock {
+    pub fn start(role: &str, extra: &[&str]) -> Mock {
+        Mock::with_blocks(role, 64, 64, extra)
+    }
+
+    /// `blocks` KV blocks of a `scale_down`th of the real size.
+    pub fn with_blocks(role: &str, blocks: u32, scale_down: u32, extra: &[&str]) -> Mock {
         let (http, kv) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_pdx"))
-            .args(["mock", "--role", role, "--host", "127.0.0.1"])
-            .args(["--port", &http.to_string()])
-            .args(["--kv-listen", &format!("127.0.0.1:{kv}")])
-            .args(["--instant", "--num-blocks", "64", "--kv-scale-down", "64"])
-            .args(extra)
-            .env_remove("PDX_AGENT_SECRET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pdx mock starts");
-        let mut m = Mock { child, http, kv };
-        let deadline = Instant::now() + GUARD;
-        loop {
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("pdx mock --role {role} {extra:?} exited: {st}");
-            }
-            if matches!(http_call(m.http, "GET", "/health", None), Some((200, _))) {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "pdx mock did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
+        let listen = format!("127.0.0.1:{kv}");
+        let (blocks, scale_down) = (blocks.to_string(), scale_down.to_string());
+        let args = [
+            &["--role", role, "--kv-listen", &listen][..],
+            &["--num-blocks", &blocks, "--kv-scale-down", &scale_down],
+            extra,
+        ]
+        .concat();
+        Mock {
+            proc: mock(http, &args),
+            http,
+            kv,
         }
     }
 
-    fn agent_addr(&self) -> String {
+    pub fn agent_addr(&self) -> String {
         format!("127.0.0.1:{}", self.kv)
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
 
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request (`Connection: close`); `None` when the server cannot be reached.
-fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(GUARD)).ok()?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = rest;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n)?);
-            rest = tail.get(n + 2..)?;
-        }
-        out
-    } else {
-        rest.to_string()
-    };
-    Some((status, body))
-}
-
-fn post(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let (st, text) = http_call(port, "POST", path, Some(&body.to_string())).expect("HTTP answer");
-    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    (st, v)
-}
-
-fn completion(prompt: &str, max_tokens: u32, kv: serde_json::Value) -> serde_json::Value {
-    serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": kv})
+/// `POST /v1/completions` of `prompt` with `kv_transfer_params` `kv`: the status and the JSON body.
+pub(crate) fn complete(
+    port: u16,
+    prompt: &str,
+    max_tokens: u32,
+    kv: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": kv});
+    post_json(port, "/v1/completions", &body)
 }
 
 /// The prefill half of vLLM's proxy flow: the `kv_transfer_params` a decode needs.
-fn prefill(p: &Mock, prompt: &str) -> serde_json::Value {
-    let (st, v) = post(
+pub(crate) fn prefill(p: &Mock, prompt: &str) -> serde_json::Value {
+    let (st, v) = complete(
         p.http,
-        "/v1/completions",
-        &completion(
-            prompt,
-            1,
-            serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
-        ),
+        prompt,
+        1,
+        serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
     );
     assert_eq!(st, 200, "{v}");
     v["kv_transfer_params"].clone()
@@ -158,17 +99,6 @@ fn status_of(pid: u32, field: &str) -> u64 {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn hello() -> Vec<u8> {
@@ -237,16 +167,13 @@ fn forged_prefill_metadata_cannot_disclose_another_process() {
     let prompt = "tell me what the canary says";
     // How many KV blocks the prompt fills: the decode says so when the block list has the wrong length.
     let probe = |n: usize, port: u16| {
-        post(
+        complete(
             decode.http,
-            "/v1/completions",
-            &completion(
-                prompt,
-                2,
-                serde_json::json!({"do_remote_prefill": true, "do_remote_decode": false,
-                    "remote_engine_id": "forged-prefill", "remote_block_ids": (0..n).collect::<Vec<_>>(),
-                    "remote_host": "127.0.0.1", "remote_port": port, "remote_request_id": "forged"}),
-            ),
+            prompt,
+            2,
+            serde_json::json!({"do_remote_prefill": true, "do_remote_decode": false,
+                "remote_engine_id": "forged-prefill", "remote_block_ids": (0..n).collect::<Vec<_>>(),
+                "remote_host": "127.0.0.1", "remote_port": port, "remote_request_id": "forged"}),
         )
     };
     let (st, v) = probe(1, 9);
@@ -343,9 +270,8 @@ fn forger(mut md: AgentMetadata) -> (String, Arc<AtomicBool>) {
 /// verifies every block.
 #[test]
 fn kv_agents_with_a_secret_refuse_forged_frames() {
-    let dir = std::env::temp_dir().join(format!("pdx-chaos-trust-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let secret_file = dir.join("agent-secret");
+    let dir = TempDir::new("chaos-trust");
+    let secret_file = dir.0.join("agent-secret");
     let secret = b"chaos-trust-secret-0123456789abcdef";
     std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
     let file = secret_file.to_str().unwrap();
@@ -407,18 +333,13 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
         assert!(rest.is_empty(), "data after the refusal");
     }
     // Without the secret, a decode cannot read the KV, and says why.
-    let (st, v) = post(
-        outsider.http,
-        "/v1/completions",
-        &completion(prompt, 4, kv.clone()),
-    );
+    let (st, v) = complete(outsider.http, prompt, 4, kv.clone());
     assert_eq!(st, 502, "{v}");
     assert!(v.to_string().contains("authentication"), "{v}");
     // With it, the decode reads every block and verifies it: the forged WRITE changed nothing.
-    let (st, v) = post(d.http, "/v1/completions", &completion(prompt, 4, kv));
+    let (st, v) = complete(d.http, prompt, 4, kv);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 4);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Finding 5: idle connections to an engine's KV agent wait in epoll, not on threads: 400 of them (each past its
@@ -464,7 +385,7 @@ fn decode_unmaps_a_dead_prefill_at_once() {
     let d = Mock::start("decode", &["--engine-id", "chaos-unmap-decode"]);
     let prompt = "blocks that move by shared memory";
     let kv = prefill(&p, prompt);
-    let (st, v) = post(d.http, "/v1/completions", &completion(prompt, 2, kv));
+    let (st, v) = complete(d.http, prompt, 2, kv);
     assert_eq!(st, 200, "{v}");
     let mapped = || {
         std::fs::read_to_string(format!("/proc/{}/maps", d.pid()))
@@ -479,7 +400,7 @@ fn decode_unmaps_a_dead_prefill_at_once() {
     );
     drop(p);
     assert!(
-        eventually(|| mapped() == 0),
+        wait_until(Duration::from_secs(10), || mapped() == 0),
         "the decode still maps the dead prefill's KV memory"
     );
 }
