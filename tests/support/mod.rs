@@ -63,16 +63,14 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `pdx ARGS` in the background. Its output is dropped, or shown with `PDX_CHAOS_LOG` set (at
-    /// `RUST_LOG`'s level, `warn` by default).
+    /// Starts `pdx ARGS` in the background, logging at `RUST_LOG`'s level (`warn` by default). Its output is
+    /// dropped, or shown with `PDX_CHAOS_LOG` set.
     pub fn spawn<S: AsRef<OsStr>>(args: &[S]) -> Proc {
+        let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
         let mut cmd = pdx();
-        cmd.args(args).stdin(Stdio::null());
+        cmd.args(args).env("RUST_LOG", level).stdin(Stdio::null());
         if std::env::var_os("PDX_CHAOS_LOG").is_some() {
-            let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-            cmd.env("RUST_LOG", level)
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit());
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         } else {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
