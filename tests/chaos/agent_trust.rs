@@ -24,79 +24,6 @@ use crate::support::*;
 /// Bytes of this test process that no agent registered.
 const CANARY: &[u8] = b"chaos-canary/not-registered-by-any-agent/51d2";
 
-/// A `pdx mock` engine with a KV agent (64 blocks, a 64th of the real KV size), killed on drop.
-pub(crate) struct Mock {
-    pub proc: Proc,
-    /// Its HTTP port.
-    pub http: u16,
-    /// Its KV agent's port.
-    pub kv: u16,
-}
-
-impl Mock {
-    pub fn start(role: &str, extra: &[&str]) -> Mock {
-        Mock::with_blocks(role, 64, 64, extra)
-    }
-
-    /// `blocks` KV blocks of a `scale_down`th of the real size.
-    pub fn with_blocks(role: &str, blocks: u32, scale_down: u32, extra: &[&str]) -> Mock {
-        let (http, kv) = (free_port(), free_port());
-        let listen = format!("127.0.0.1:{kv}");
-        let (blocks, scale_down) = (blocks.to_string(), scale_down.to_string());
-        let args = [
-            &["--role", role, "--kv-listen", &listen][..],
-            &["--num-blocks", &blocks, "--kv-scale-down", &scale_down],
-            extra,
-        ]
-        .concat();
-        Mock {
-            proc: mock(http, &args),
-            http,
-            kv,
-        }
-    }
-
-    pub fn agent_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.kv)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-}
-
-/// `POST /v1/completions` of `prompt` with `kv_transfer_params` `kv`: the status and the JSON body.
-pub(crate) fn complete(
-    port: u16,
-    prompt: &str,
-    max_tokens: u32,
-    kv: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let body = serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": kv});
-    post_json(port, "/v1/completions", &body)
-}
-
-/// The prefill half of vLLM's proxy flow: the `kv_transfer_params` a decode needs.
-pub(crate) fn prefill(p: &Mock, prompt: &str) -> serde_json::Value {
-    let (st, v) = complete(
-        p.http,
-        prompt,
-        1,
-        serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
-    );
-    assert_eq!(st, 200, "{v}");
-    v["kv_transfer_params"].clone()
-}
-
-fn status_of(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} for {pid}"))
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -159,7 +86,7 @@ fn read_kv_over_tcp(agent_addr: &str) -> Vec<u8> {
 /// the decode's KV, read back over its agent port, holds none of it.
 #[test]
 fn forged_prefill_metadata_cannot_disclose_another_process() {
-    let decode = Mock::start("decode", &["--engine-id", "chaos-trust-decode"]);
+    let decode = KvMock::start("decode", &["--engine-id", "chaos-trust-decode"]);
     let dmd =
         AgentMetadata::decode(&pdx_transfer::fetch_metadata(&decode.agent_addr(), GUARD).unwrap())
             .unwrap();
@@ -275,7 +202,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
     let secret = b"chaos-trust-secret-0123456789abcdef";
     std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
     let file = secret_file.to_str().unwrap();
-    let p = Mock::start(
+    let p = KvMock::start(
         "prefill",
         &[
             "--engine-id",
@@ -284,7 +211,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
             file,
         ],
     );
-    let d = Mock::start(
+    let d = KvMock::start(
         "decode",
         &[
             "--engine-id",
@@ -293,7 +220,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
             file,
         ],
     );
-    let outsider = Mock::start("decode", &["--engine-id", "chaos-secret-outsider"]);
+    let outsider = KvMock::start("decode", &["--engine-id", "chaos-secret-outsider"]);
     let prompt = "a prompt whose KV only the secret holders may touch";
     let kv = prefill(&p, prompt);
     // Where the KV is (an attacker would have learnt it before the secret was set).
@@ -346,7 +273,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
 /// handshake) leave the engine's thread count nearly unchanged, and stay open.
 #[test]
 fn idle_agent_connections_cost_no_threads() {
-    let p = Mock::start("prefill", &["--engine-id", "chaos-idle-prefill"]);
+    let p = KvMock::start("prefill", &["--engine-id", "chaos-idle-prefill"]);
     std::thread::sleep(Duration::from_millis(300));
     let before = status_of(p.pid(), "Threads");
     let mut conns: Vec<TcpStream> = (0..400)
@@ -381,19 +308,13 @@ fn idle_agent_connections_cost_no_threads() {
 /// is gone, without waiting for a transfer to fail.
 #[test]
 fn decode_unmaps_a_dead_prefill_at_once() {
-    let p = Mock::start("prefill", &["--engine-id", "chaos-unmap-prefill"]);
-    let d = Mock::start("decode", &["--engine-id", "chaos-unmap-decode"]);
+    let p = KvMock::start("prefill", &["--engine-id", "chaos-unmap-prefill"]);
+    let d = KvMock::start("decode", &["--engine-id", "chaos-unmap-decode"]);
     let prompt = "blocks that move by shared memory";
     let kv = prefill(&p, prompt);
     let (st, v) = complete(d.http, prompt, 2, kv);
     assert_eq!(st, 200, "{v}");
-    let mapped = || {
-        std::fs::read_to_string(format!("/proc/{}/maps", d.pid()))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("memfd:pdx-chaos-unmap-prefill "))
-            .count()
-    };
+    let mapped = || mappings_of(d.pid(), "chaos-unmap-prefill");
     assert!(
         mapped() >= 1,
         "the decode read the prefill's KV without mapping it"

@@ -9,4 +9,5 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod kv_peer_death;
 mod router_faults;

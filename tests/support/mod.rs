@@ -214,6 +214,94 @@ pub fn router(port: u16, args: &[&str]) -> Proc {
     ))
 }
 
+/// A `pdx mock` prefill or decode engine with a KV agent on a loopback port, killed on drop.
+pub struct KvMock {
+    /// The process.
+    pub proc: Proc,
+    /// Its HTTP port.
+    pub http: u16,
+    /// Its KV agent's port (side channel and `tcp` transfers).
+    pub kv: u16,
+}
+
+impl KvMock {
+    /// An engine of `role` with 64 KV blocks of a 64th of the real size, `extra` flags, up.
+    pub fn start(role: &str, extra: &[&str]) -> KvMock {
+        KvMock::with_blocks(role, 64, 64, extra)
+    }
+
+    /// An engine of `role` with `blocks` KV blocks of a `scale_down`th of the real size, `extra` flags, up.
+    pub fn with_blocks(role: &str, blocks: u32, scale_down: u32, extra: &[&str]) -> KvMock {
+        let (http, kv) = (free_port(), free_port());
+        let listen = format!("127.0.0.1:{kv}");
+        let (blocks, scale_down) = (blocks.to_string(), scale_down.to_string());
+        let args = [
+            &["--role", role, "--kv-listen", &listen][..],
+            &["--num-blocks", &blocks, "--kv-scale-down", &scale_down],
+            extra,
+        ]
+        .concat();
+        KvMock {
+            proc: mock(http, &args),
+            http,
+            kv,
+        }
+    }
+
+    /// Its KV agent's address, `127.0.0.1:PORT`.
+    pub fn agent_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.kv)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+/// `POST /v1/completions` of `prompt` with `kv_transfer_params` `kv`: the status and the JSON body.
+pub fn complete(
+    port: u16,
+    prompt: &str,
+    max_tokens: u32,
+    kv: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": kv});
+    post_json(port, "/v1/completions", &body)
+}
+
+/// The prefill half of vLLM's proxy flow on `p`: the `kv_transfer_params` a decode needs.
+pub fn prefill(p: &KvMock, prompt: &str) -> serde_json::Value {
+    let (st, v) = complete(
+        p.http,
+        prompt,
+        1,
+        serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
+    );
+    assert_eq!(st, 200, "{v}");
+    v["kv_transfer_params"].clone()
+}
+
+/// A number field of `/proc/PID/status` (`Threads`, `RssShmem` in kB, ...).
+pub fn status_of(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+}
+
+/// How many mappings of process `pid` are of the KV memory (memfd `pdx-NAME`) of the agent named `agent`.
+pub fn mappings_of(pid: u32, agent: &str) -> usize {
+    let needle = format!("memfd:pdx-{agent} ");
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
 /// A whole HTTP/1.1 response, a chunked body decoded.
 #[derive(Debug)]
 pub struct Resp {
