@@ -28,8 +28,8 @@ fn config(name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// A `pdx mock` of `role` on `port` (not `--instant`), KV moved by pdx's transfer engine on loopback.
-fn worker(role: &str, port: u16, extra: &[&str]) -> Proc {
+/// The arguments of a `pdx mock` of `role` (not `--instant`), KV moved by pdx's transfer engine on loopback.
+fn worker_args<'a>(role: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let kv = [
         "--role",
         role,
@@ -38,7 +38,12 @@ fn worker(role: &str, port: u16, extra: &[&str]) -> Proc {
         "--kv-scale-down",
         "1024",
     ];
-    spawn_mock(port, &[&kv[..], extra].concat())
+    [&kv[..], extra].concat()
+}
+
+/// A `pdx mock` of `role` on `port` ([`worker_args`]).
+fn worker(role: &str, port: u16, extra: &[&str]) -> Proc {
+    spawn_mock(port, &worker_args(role, extra))
 }
 
 /// `POST /v1/completions` of `body` to the router on `port`, answered within `secs` seconds.
@@ -514,23 +519,24 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
     );
 }
 
+/// A router with `--admin-token`: a self-registering worker without the token (and every admin call without
+/// it) is refused with 401 and never gets user traffic; workers registering with the token, given by
+/// `--admin-token` or `PDX_ADMIN_TOKEN`, are listed and routed to.
 #[test]
 fn rogue_registration_needs_the_admin_token() {
     let c = OnePOneD::start(&["--admin-token", "s3cret"]);
     let (rp, dp, xp) = (c.rp, c.dp, free_port());
-    // A rogue decode worker registers itself (no token: `pdx mock --register` sends none).
-    let _rogue = worker(
+    let ru = url(rp);
+    let register = [
+        "--register",
+        &ru,
+        "--heartbeat-secs",
+        "0.2",
+        "--pool",
         "decode",
-        xp,
-        &[
-            "--register",
-            &url(rp),
-            "--heartbeat-secs",
-            "0.2",
-            "--pool",
-            "decode",
-        ],
-    );
+    ];
+    // A rogue decode worker registers itself without the token.
+    let _rogue = worker("decode", xp, &register);
     assert!(wait_until(GUARD, || health_ok(xp)));
     let reg = format!(
         r#"{{"role":"decode","pool":"decode","url":"{}","model":"mock"}}"#,
@@ -593,4 +599,35 @@ fn rogue_registration_needs_the_admin_token() {
         http(rp, "POST", "/v1/workers", &ok, bad, t).unwrap().status,
         400
     );
+    // Workers that register with the token, by flag and from the environment, join the decode pool and are
+    // routed to; the rogue still is not.
+    let (fp, ep) = (free_port(), free_port());
+    let by_flag = [&register[..], &["--admin-token", "s3cret"]].concat();
+    let _by_flag = worker("decode", fp, &by_flag);
+    let _by_env = Proc::spawn_env(
+        &server_args("mock", ep, &worker_args("decode", &register)),
+        &[("PDX_ADMIN_TOKEN", "s3cret")],
+    );
+    let listed = || {
+        http(rp, "GET", "/v1/workers", &ok, "", t)
+            .is_ok_and(|l| l.body.contains(&url(fp)) && l.body.contains(&url(ep)))
+    };
+    assert!(
+        wait_until(GUARD, listed),
+        "workers with the admin token are registered"
+    );
+    let served = |p: u16| metric(p, "vllm:request_success_total").unwrap_or(0.0) > 0.0;
+    let mut sent = 0;
+    while !(served(fp) && served(ep)) && sent < 60 {
+        let r = complete(rp, SHORT, 10).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        sent += 1;
+    }
+    assert!(
+        served(fp) && served(ep),
+        "{sent} requests, none routed to a worker registered with the token (flag: {}, env: {})",
+        served(fp),
+        served(ep)
+    );
+    assert_eq!(metric(xp, "vllm:request_success_total").unwrap_or(0.0), 0.0);
 }

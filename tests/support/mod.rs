@@ -66,9 +66,15 @@ impl Proc {
     /// Starts `pdx ARGS` in the background, logging at `RUST_LOG`'s level (`warn` by default). Its output is
     /// dropped, or shown with `PDX_CHAOS_LOG` set.
     pub fn spawn<S: AsRef<OsStr>>(args: &[S]) -> Proc {
+        Proc::spawn_env(args, &[])
+    }
+
+    /// [`Proc::spawn`] with the environment variables `env` set.
+    pub fn spawn_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Proc {
         let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
         let mut cmd = pdx();
         cmd.args(args).env("RUST_LOG", level).stdin(Stdio::null());
+        cmd.envs(env.iter().copied());
         if std::env::var_os("PDX_CHAOS_LOG").is_some() {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         } else {
