@@ -33,6 +33,11 @@ pub struct Shared {
 /// Request id header.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// Response header naming the worker that served a completion, by its URL (the decode, or the aggregated
+/// worker); `pdx replay --export` reads it, and `pdx mock` sends its engine id in it.
+pub const X_PDX_WORKER: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-pdx-worker");
+
 pub(crate) fn full(
     status: u16,
     ctype: &'static str,
@@ -780,12 +785,16 @@ pub(crate) fn forward(
         progressed: false,
     })));
     *out.status_mut() = parts.status;
-    out.extensions_mut().insert(served);
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {
         if let Some(v) = parts.headers.get(&h) {
             out.headers_mut().insert(h, v.clone());
         }
     }
+    // The worker that produced the answer (decode, or aggregated), by its URL, for clients such as
+    // `pdx replay --export`; the engine's own `x-pdx-worker`, if any, is replaced.
+    out.headers_mut()
+        .insert(X_PDX_WORKER, served.worker.url_header.clone());
+    out.extensions_mut().insert(served);
     out
 }
 
