@@ -466,8 +466,6 @@ async fn run_completion(
 /// KsanaLLM's communication-id flow fits the same shape.
 #[allow(async_fn_in_trait)]
 pub trait Orchestrator {
-    /// Name (logs).
-    fn name(&self) -> &'static str;
     /// Runs the request and returns the client's response.
     async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody>;
 }
@@ -799,9 +797,6 @@ pub(crate) fn forward(
 }
 
 impl Orchestrator for Aggregated {
-    fn name(&self) -> &'static str {
-        "aggregated"
-    }
     async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody> {
         let pools = &job.model.aggregated;
         if pools.is_empty() {
@@ -818,9 +813,6 @@ impl Orchestrator for Aggregated {
 }
 
 impl Orchestrator for VllmNixl {
-    fn name(&self) -> &'static str {
-        "vllm-nixl"
-    }
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
         let first = job
             .model
