@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use support::*;
 
 /// `--url http://host:port/v1` (the OpenAI clients' base_url) failed every request with 404; now it works,
@@ -113,55 +112,17 @@ fn servers_log_their_listen_address_by_default() {
         }),
     ] {
         let port = free_port();
-        let mut child = Guard(
-            pdx()
-                .args([
-                    "mock",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--instant",
-                    "--log-format",
-                    format,
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let line = stderr_line_with(
-            &mut child.0,
-            &format!("listening on http://127.0.0.1:{port}"),
-        );
+        let args = server_args("mock", port, &["--instant", "--log-format", format]);
+        let mut child = Proc::spawn_reading_stderr(&args);
+        let line = child.stderr_line_with(&format!("listening on http://127.0.0.1:{port}"));
         assert!(check(&line), "{format}: {line}");
     }
     // The router too, and `--log-level` goes before or after the subcommand.
     let port = free_port();
-    let mut child = Guard(
-        pdx()
-            .args([
-                "--log-level",
-                "info",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--worker",
-                "http://127.0.0.1:9",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = stderr_line_with(
-        &mut child.0,
-        &format!("pdx serve listening on http://127.0.0.1:{port}"),
-    );
+    let serve = server_args("serve", port, &["--worker", "http://127.0.0.1:9"]);
+    let mut child =
+        Proc::spawn_reading_stderr(&[&["--log-level".into(), "info".into()], &serve[..]].concat());
+    let line = child.stderr_line_with(&format!("pdx serve listening on http://127.0.0.1:{port}"));
     assert!(!line.contains('\u{1b}'), "{line}");
     // A level that is not one fails at once, in one line.
     let out = run(&[
@@ -197,31 +158,31 @@ fn one_vocabulary_of_flags_with_defaults_in_every_help() {
         "{mock}"
     );
     let demo = help(&["demo", "--help"]);
-    for flag in ["--max-requests", "--speed", "--port-base"] {
-        assert!(demo.contains(flag), "{flag}: {demo}");
-    }
+    contains_all(&demo, &["--max-requests", "--speed", "--port-base"]);
     assert!(!demo.contains("--requests <"), "{demo}");
     let replay = help(&["replay", "--help"]);
-    for s in [
-        "--max-requests",
-        "--speed",
-        "--timeout-secs",
-        "told apart by content",
-        "[default: 0]",
-    ] {
-        assert!(replay.contains(s), "{s}: {replay}");
-    }
+    contains_all(
+        &replay,
+        &[
+            "--max-requests",
+            "--speed",
+            "--timeout-secs",
+            "told apart by content",
+            "[default: 0]",
+        ],
+    );
     let serve = help(&["serve", "--help"]);
-    for s in [
-        "[default: 0.0.0.0]",
-        "[default: 8000]",
-        "[default: vllm-nixl]",
-        "[default: 300]",
-        "[default: 3]",
-        "[default: info]",
-    ] {
-        assert!(serve.contains(s), "{s}: {serve}");
-    }
+    contains_all(
+        &serve,
+        &[
+            "[default: 0.0.0.0]",
+            "[default: 8000]",
+            "[default: vllm-nixl]",
+            "[default: 300]",
+            "[default: 3]",
+            "[default: info]",
+        ],
+    );
     for cmd in ["mock", "demo", "replay", "bench kv"] {
         let mut args: Vec<&str> = cmd.split(' ').collect();
         args.push("--help");
@@ -250,4 +211,11 @@ fn demo_port_base_is_checked() {
         err.contains("exited at start") && err.contains("is already in use"),
         "{err}"
     );
+}
+
+/// Asserts that `text` contains every one of `needles`.
+fn contains_all(text: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(text.contains(n), "{n}: {text}");
+    }
 }

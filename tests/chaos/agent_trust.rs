@@ -9,10 +9,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pdx_transfer::metadata::{AgentMetadata, RegionMetadata};
 use pdx_transfer::wire::{encode_frame, Ctrl, FrameKind, Header, HEADER_LEN};
@@ -20,155 +19,13 @@ use pdx_transfer::{
     Agent, AgentConfig, MemoryKind, TransportKind, XferDescList, XferOp, XferOptions, XferStatus,
 };
 
+use crate::support::*;
+
 /// Bytes of this test process that no agent registered.
 const CANARY: &[u8] = b"chaos-canary/not-registered-by-any-agent/51d2";
-const GUARD: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `pdx mock` child process, killed on drop.
-struct Mock {
-    child: Child,
-    http: u16,
-    kv: u16,
-}
-
-impl Mock {
-    fn start(role: &str, extra: &[&str]) -> Mock {
-        let (http, kv) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_pdx"))
-            .args(["mock", "--role", role, "--host", "127.0.0.1"])
-            .args(["--port", &http.to_string()])
-            .args(["--kv-listen", &format!("127.0.0.1:{kv}")])
-            .args(["--instant", "--num-blocks", "64", "--kv-scale-down", "64"])
-            .args(extra)
-            .env_remove("PDX_AGENT_SECRET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pdx mock starts");
-        let mut m = Mock { child, http, kv };
-        let deadline = Instant::now() + GUARD;
-        loop {
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("pdx mock --role {role} {extra:?} exited: {st}");
-            }
-            if matches!(http_call(m.http, "GET", "/health", None), Some((200, _))) {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "pdx mock did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn agent_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.kv)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request (`Connection: close`); `None` when the server cannot be reached.
-fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(GUARD)).ok()?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = rest;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n)?);
-            rest = tail.get(n + 2..)?;
-        }
-        out
-    } else {
-        rest.to_string()
-    };
-    Some((status, body))
-}
-
-fn post(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let (st, text) = http_call(port, "POST", path, Some(&body.to_string())).expect("HTTP answer");
-    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    (st, v)
-}
-
-fn completion(prompt: &str, max_tokens: u32, kv: serde_json::Value) -> serde_json::Value {
-    serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": kv})
-}
-
-/// The prefill half of vLLM's proxy flow: the `kv_transfer_params` a decode needs.
-fn prefill(p: &Mock, prompt: &str) -> serde_json::Value {
-    let (st, v) = post(
-        p.http,
-        "/v1/completions",
-        &completion(
-            prompt,
-            1,
-            serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
-        ),
-    );
-    assert_eq!(st, 200, "{v}");
-    v["kv_transfer_params"].clone()
-}
-
-fn status_of(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} for {pid}"))
-}
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn hello() -> Vec<u8> {
@@ -229,7 +86,7 @@ fn read_kv_over_tcp(agent_addr: &str) -> Vec<u8> {
 /// the decode's KV, read back over its agent port, holds none of it.
 #[test]
 fn forged_prefill_metadata_cannot_disclose_another_process() {
-    let decode = Mock::start("decode", &["--engine-id", "chaos-trust-decode"]);
+    let decode = KvMock::start("decode", &["--engine-id", "chaos-trust-decode"]);
     let dmd =
         AgentMetadata::decode(&pdx_transfer::fetch_metadata(&decode.agent_addr(), GUARD).unwrap())
             .unwrap();
@@ -237,16 +94,13 @@ fn forged_prefill_metadata_cannot_disclose_another_process() {
     let prompt = "tell me what the canary says";
     // How many KV blocks the prompt fills: the decode says so when the block list has the wrong length.
     let probe = |n: usize, port: u16| {
-        post(
+        complete(
             decode.http,
-            "/v1/completions",
-            &completion(
-                prompt,
-                2,
-                serde_json::json!({"do_remote_prefill": true, "do_remote_decode": false,
-                    "remote_engine_id": "forged-prefill", "remote_block_ids": (0..n).collect::<Vec<_>>(),
-                    "remote_host": "127.0.0.1", "remote_port": port, "remote_request_id": "forged"}),
-            ),
+            prompt,
+            2,
+            serde_json::json!({"do_remote_prefill": true, "do_remote_decode": false,
+                "remote_engine_id": "forged-prefill", "remote_block_ids": (0..n).collect::<Vec<_>>(),
+                "remote_host": "127.0.0.1", "remote_port": port, "remote_request_id": "forged"}),
         )
     };
     let (st, v) = probe(1, 9);
@@ -343,13 +197,12 @@ fn forger(mut md: AgentMetadata) -> (String, Arc<AtomicBool>) {
 /// verifies every block.
 #[test]
 fn kv_agents_with_a_secret_refuse_forged_frames() {
-    let dir = std::env::temp_dir().join(format!("pdx-chaos-trust-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let secret_file = dir.join("agent-secret");
+    let dir = TempDir::new("chaos-trust");
+    let secret_file = dir.0.join("agent-secret");
     let secret = b"chaos-trust-secret-0123456789abcdef";
     std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
     let file = secret_file.to_str().unwrap();
-    let p = Mock::start(
+    let p = KvMock::start(
         "prefill",
         &[
             "--engine-id",
@@ -358,7 +211,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
             file,
         ],
     );
-    let d = Mock::start(
+    let d = KvMock::start(
         "decode",
         &[
             "--engine-id",
@@ -367,7 +220,7 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
             file,
         ],
     );
-    let outsider = Mock::start("decode", &["--engine-id", "chaos-secret-outsider"]);
+    let outsider = KvMock::start("decode", &["--engine-id", "chaos-secret-outsider"]);
     let prompt = "a prompt whose KV only the secret holders may touch";
     let kv = prefill(&p, prompt);
     // Where the KV is (an attacker would have learnt it before the secret was set).
@@ -407,25 +260,20 @@ fn kv_agents_with_a_secret_refuse_forged_frames() {
         assert!(rest.is_empty(), "data after the refusal");
     }
     // Without the secret, a decode cannot read the KV, and says why.
-    let (st, v) = post(
-        outsider.http,
-        "/v1/completions",
-        &completion(prompt, 4, kv.clone()),
-    );
+    let (st, v) = complete(outsider.http, prompt, 4, kv.clone());
     assert_eq!(st, 502, "{v}");
     assert!(v.to_string().contains("authentication"), "{v}");
     // With it, the decode reads every block and verifies it: the forged WRITE changed nothing.
-    let (st, v) = post(d.http, "/v1/completions", &completion(prompt, 4, kv));
+    let (st, v) = complete(d.http, prompt, 4, kv);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 4);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Finding 5: idle connections to an engine's KV agent wait in epoll, not on threads: 400 of them (each past its
 /// handshake) leave the engine's thread count nearly unchanged, and stay open.
 #[test]
 fn idle_agent_connections_cost_no_threads() {
-    let p = Mock::start("prefill", &["--engine-id", "chaos-idle-prefill"]);
+    let p = KvMock::start("prefill", &["--engine-id", "chaos-idle-prefill"]);
     std::thread::sleep(Duration::from_millis(300));
     let before = status_of(p.pid(), "Threads");
     let mut conns: Vec<TcpStream> = (0..400)
@@ -460,26 +308,20 @@ fn idle_agent_connections_cost_no_threads() {
 /// is gone, without waiting for a transfer to fail.
 #[test]
 fn decode_unmaps_a_dead_prefill_at_once() {
-    let p = Mock::start("prefill", &["--engine-id", "chaos-unmap-prefill"]);
-    let d = Mock::start("decode", &["--engine-id", "chaos-unmap-decode"]);
+    let p = KvMock::start("prefill", &["--engine-id", "chaos-unmap-prefill"]);
+    let d = KvMock::start("decode", &["--engine-id", "chaos-unmap-decode"]);
     let prompt = "blocks that move by shared memory";
     let kv = prefill(&p, prompt);
-    let (st, v) = post(d.http, "/v1/completions", &completion(prompt, 2, kv));
+    let (st, v) = complete(d.http, prompt, 2, kv);
     assert_eq!(st, 200, "{v}");
-    let mapped = || {
-        std::fs::read_to_string(format!("/proc/{}/maps", d.pid()))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("memfd:pdx-chaos-unmap-prefill "))
-            .count()
-    };
+    let mapped = || mappings_of(d.pid(), "chaos-unmap-prefill");
     assert!(
         mapped() >= 1,
         "the decode read the prefill's KV without mapping it"
     );
     drop(p);
     assert!(
-        eventually(|| mapped() == 0),
+        wait_until(Duration::from_secs(10), || mapped() == 0),
         "the decode still maps the dead prefill's KV memory"
     );
 }

@@ -10,14 +10,7 @@ use crate::support::*;
 fn a_second_mock_on_a_port_pdx_holds_is_refused() {
     let port = free_port();
     let _first = mock(port, &[]);
-    let out = run(&[
-        "mock",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--instant",
-    ]);
+    let out = run(&server_args("mock", port, &["--instant"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -40,17 +33,8 @@ fn a_second_mock_on_a_port_pdx_holds_is_refused() {
 fn serve_on_a_port_pdx_holds_is_refused() {
     let port = free_port();
     let _mock = mock(port, &[]);
-    let out = run(&[
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--threads",
-        "2",
-        "--worker",
-        "http://127.0.0.1:9",
-    ]);
+    let serve = ["--threads", "2", "--worker", "http://127.0.0.1:9"];
+    let out = run(&server_args("serve", port, &serve));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
@@ -65,10 +49,7 @@ fn a_port_held_by_another_program_is_named() {
         vec!["serve", "--worker", "http://127.0.0.1:9"],
         vec!["mock", "--instant"],
     ] {
-        let mut args = cmd.clone();
-        let p = port.to_string();
-        args.extend(["--host", "127.0.0.1", "--port", &p]);
-        let out = run(&args);
+        let out = run(&server_args(cmd[0], port, &cmd[1..]));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd:?}: {err}");
         assert!(

@@ -9,5 +9,6 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod kv_peer_death;
 mod planner;
 mod router_faults;

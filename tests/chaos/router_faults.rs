@@ -13,18 +13,13 @@
 //! Every child process is killed when its guard drops (also on a failed assertion). Each test prints
 //! what it measured (`cargo test --test chaos router_faults -- --nocapture`).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The `pdx` binary: this build's, or `PDX_CHAOS_BIN` (to measure another build, e.g. the one before a
-/// fix, with the same scenarios).
-fn pdx() -> String {
-    std::env::var("PDX_CHAOS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pdx").to_string())
-}
+use crate::support::*;
 
 /// A `pdx serve` config file with `text` (settings every build reads from the file).
 fn config(name: &str, text: &str) -> String {
@@ -33,214 +28,67 @@ fn config(name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// A child process, killed (SIGKILL) and reaped when dropped.
-struct Proc {
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(args: &[String]) -> Proc {
-        let log = std::env::var_os("PDX_CHAOS_LOG").is_some();
-        let child = Command::new(pdx())
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
-            .spawn()
-            .expect("spawn pdx");
-        Proc { child: Some(child) }
-    }
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A stopped child must be continued to die cleanly under some kernels' reaping.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(c.id().to_string())
-                .status();
-        }
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
-}
-
-/// A `pdx mock` of `role` on `port`, KV moved by pdx's transfer engine on loopback.
-fn mock(role: &str, port: u16, extra: &[&str]) -> Proc {
-    let mut a: Vec<String> = [
-        "mock",
+/// The arguments of a `pdx mock` of `role` (not `--instant`), KV moved by pdx's transfer engine on loopback.
+fn worker_args<'a>(role: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let kv = [
         "--role",
         role,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
         "--kv-listen",
         "127.0.0.1:0",
         "--kv-scale-down",
         "1024",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(&a)
+    ];
+    [&kv[..], extra].concat()
 }
 
-/// `pdx serve` on `port` (two threads), with `args`.
-fn router(port: u16, args: &[String]) -> Proc {
-    let mut a: Vec<String> = [
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--threads",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(args.iter().cloned());
-    Proc::spawn(&a)
+/// A `pdx mock` of `role` on `port` ([`worker_args`]).
+fn worker(role: &str, port: u16, extra: &[&str]) -> Proc {
+    spawn_mock(port, &worker_args(role, extra))
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// `POST /v1/completions` of `body` to the router on `port`, answered within `secs` seconds.
+fn complete(port: u16, body: &str, secs: u64) -> std::io::Result<Resp> {
+    let timeout = Duration::from_secs(secs);
+    http(port, "POST", "/v1/completions", &[], body, timeout)
 }
 
-/// A whole HTTP/1.1 response.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    head: String,
-    body: String,
+/// The router on `port` answers `/health` (with any status).
+fn answers(port: u16) -> bool {
+    http(port, "GET", "/health", &[], "", Duration::from_secs(1)).is_ok()
 }
 
-/// One request on a new connection (`Connection: close`), read to the end within `timeout`.
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-    timeout: Duration,
-) -> std::io::Result<Resp> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut req =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no response head: {text:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((size, after)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || after.len() < n {
-                break;
-            }
-            out.push_str(&after[..n]);
-            r = after[n..].trim_start_matches("\r\n");
+/// One prefill and one decode worker with a router in front of them, all up.
+struct OnePOneD {
+    /// Kept to be killed when the cluster drops.
+    _prefill: Proc,
+    decode: Proc,
+    /// Kept to be killed when the cluster drops.
+    _router: Proc,
+    /// The router's port.
+    rp: u16,
+    /// The decode worker's port.
+    dp: u16,
+}
+
+impl OnePOneD {
+    /// Starts the workers, then the router with `--prefill`, `--decode` and `router_args`.
+    fn start(router_args: &[&str]) -> OnePOneD {
+        let (pp, dp, rp) = (free_port(), free_port(), free_port());
+        let prefill = worker("prefill", pp, &[]);
+        let decode = worker("decode", dp, &[]);
+        assert!(wait_until(GUARD, || health_ok(pp) && health_ok(dp)));
+        let (pu, du) = (url(pp), url(dp));
+        let workers = ["--prefill", &pu, "--decode", &du];
+        let router = router(rp, &[&workers[..], router_args].concat());
+        assert!(wait_until(GUARD, || ready(rp)), "the router is ready");
+        OnePOneD {
+            _prefill: prefill,
+            decode,
+            _router: router,
+            rp,
+            dp,
         }
-        out
-    } else {
-        rest.to_string()
-    };
-    Ok(Resp {
-        status,
-        head: head.to_string(),
-        body,
-    })
-}
-
-fn wait_until(guard: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + guard;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    f()
-}
-
-fn health_ok(port: u16) -> bool {
-    http(port, "GET", "/health", &[], "", Duration::from_secs(1)).is_ok_and(|r| r.status == 200)
-}
-
-fn ready(port: u16) -> bool {
-    http(port, "GET", "/ready", &[], "", Duration::from_secs(1)).is_ok_and(|r| r.status == 200)
-}
-
-/// Sum of the samples of metric `name` on a `/metrics` page (lines `name{...} v` or `name v`).
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let r = http(port, "GET", "/metrics", &[], "", Duration::from_secs(2)).ok()?;
-    let vals: Vec<f64> = r
-        .body
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!vals.is_empty()).then(|| vals.iter().sum())
 }
 
 const SHORT: &str =
@@ -270,15 +118,7 @@ impl Load {
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let start = Instant::now();
-                        let status = http(
-                            port,
-                            "POST",
-                            "/v1/completions",
-                            &[],
-                            body,
-                            Duration::from_secs(15),
-                        )
-                        .map_or(0, |r| r.status);
+                        let status = complete(port, body, 15).map_or(0, |r| r.status);
                         log.lock().unwrap().push(Sample { start, status });
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -346,13 +186,10 @@ fn restart_under_load(roles: &[&str], victim: usize, extra_router: &[&str]) -> R
     let mut workers: Vec<Proc> = roles
         .iter()
         .zip(&ports)
-        .map(|(r, p)| mock(r, *p, &[]))
+        .map(|(r, p)| worker(r, *p, &[]))
         .collect();
     for p in &ports {
-        assert!(
-            wait_until(Duration::from_secs(20), || health_ok(*p)),
-            "worker {p} up"
-        );
+        assert!(wait_until(GUARD, || health_ok(*p)), "worker {p} up");
     }
     let mut args = Vec::new();
     for (r, p) in roles.iter().zip(&ports) {
@@ -364,18 +201,11 @@ fn restart_under_load(roles: &[&str], victim: usize, extra_router: &[&str]) -> R
         &name,
         &format!("health_check_interval_secs = {INTERVAL:.1}"),
     );
-    args.extend(strings(&[
-        "--config",
-        &file,
-        "--upstream-timeout-secs",
-        "10",
-    ]));
-    args.extend(strings(extra_router));
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--config", &file, "--upstream-timeout-secs", "10"]);
+    args.extend(extra_router);
     let _r = router(rp, &args);
-    assert!(
-        wait_until(Duration::from_secs(20), || ready(rp)),
-        "router ready"
-    );
+    assert!(wait_until(GUARD, || ready(rp)), "router ready");
     let load = Load::start(rp, 6, SHORT);
     // Warm: every router thread pools connections to every worker.
     std::thread::sleep(Duration::from_millis(1500));
@@ -384,10 +214,10 @@ fn restart_under_load(roles: &[&str], victim: usize, extra_router: &[&str]) -> R
     let killed = Instant::now();
     workers[victim].kill();
     std::thread::sleep(Duration::from_secs(1));
-    workers[victim] = mock(roles[victim], ports[victim], &[]);
+    workers[victim] = worker(roles[victim], ports[victim], &[]);
     let restarted = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(20), || health_ok(ports[victim])),
+        wait_until(GUARD, || health_ok(ports[victim])),
         "restarted worker up"
     );
     // The restarted process counts from 0: its first success is the router serving through it again.
@@ -417,7 +247,9 @@ fn restart_under_load(roles: &[&str], victim: usize, extra_router: &[&str]) -> R
     }
 }
 
-fn report(what: &str, r: &Restart) {
+/// Prints what a restart of `what` measured, and checks that no request sent after the router served through
+/// the restarted worker again failed.
+fn check(what: &str, r: &Restart) {
     eprintln!(
         "{what}: restart -> first request through it {:.2} s (health interval {INTERVAL} s); {} failed between kill and then, {} after; {} requests",
         r.back_after.as_secs_f64(),
@@ -425,75 +257,54 @@ fn report(what: &str, r: &Restart) {
         r.failed_after.len(),
         r.total
     );
+    assert!(
+        r.failed_after.is_empty(),
+        "{what}: requests failed after the worker was back: {:?}",
+        r.failed_after
+    );
 }
 
 #[test]
 fn decode_restart_under_load_1p1d() {
     let r = restart_under_load(&["prefill", "decode"], 1, &[]);
-    report("1P1D decode restart", &r);
-    assert!(
-        r.failed_after.is_empty(),
-        "requests failed after the decode was back: {:?}",
-        r.failed_after
-    );
+    check("1P1D decode restart", &r);
 }
 
 #[test]
 fn prefill_restart_under_load_1p1d() {
     // Without the decode-only fallback, a prefill outage is visible to clients, and so is its end.
     let r = restart_under_load(&["prefill", "decode"], 0, &["--prefill-fallback", "fail"]);
-    report("1P1D prefill restart", &r);
-    assert!(
-        r.failed_after.is_empty(),
-        "requests failed after the prefill was back: {:?}",
-        r.failed_after
-    );
+    check("1P1D prefill restart", &r);
 }
 
 #[test]
 fn decode_and_prefill_restart_under_load_2p2d() {
     for (victim, what) in [(2, "2P2D decode restart"), (0, "2P2D prefill restart")] {
         let r = restart_under_load(&["prefill", "prefill", "decode", "decode"], victim, &[]);
-        report(what, &r);
-        assert!(
-            r.failed_after.is_empty(),
-            "requests failed after the worker was back: {:?}",
-            r.failed_after
-        );
+        check(what, &r);
     }
 }
 
 #[test]
 fn stopped_worker_then_continued() {
     // A partition longer than every timeout: SIGSTOP the decode for 5 s (upstream timeout 2 s).
-    let (pp, dp, rp) = (free_port(), free_port(), free_port());
-    let _p = mock("prefill", pp, &[]);
-    let d = mock("decode", dp, &[]);
-    assert!(wait_until(Duration::from_secs(20), || health_ok(pp) && health_ok(dp)));
-    let _r = router(
-        rp,
-        &strings(&[
-            "--prefill",
-            &url(pp),
-            "--decode",
-            &url(dp),
-            "--config",
-            &config("stop", "health_check_interval_secs = 1.0"),
-            "--upstream-timeout-secs",
-            "2",
-            "--stream-idle-timeout-secs",
-            "2",
-        ]),
-    );
-    assert!(wait_until(Duration::from_secs(20), || ready(rp)));
+    let file = config("stop", "health_check_interval_secs = 1.0");
+    let timeouts = [
+        "--upstream-timeout-secs",
+        "2",
+        "--stream-idle-timeout-secs",
+        "2",
+    ];
+    let mut c = OnePOneD::start(&[&["--config", &file][..], &timeouts].concat());
+    let rp = c.rp;
     let load = Load::start(rp, 4, SHORT);
     std::thread::sleep(Duration::from_secs(1));
-    d.signal("STOP");
+    c.decode.signal("STOP");
     std::thread::sleep(Duration::from_secs(5));
     let during = load.samples();
-    d.signal("CONT");
+    c.decode.signal("CONT");
     let cont = Instant::now();
-    let served = wait_until(Duration::from_secs(20), || {
+    let served = wait_until(GUARD, || {
         first_success_after(&load.samples(), cont).is_some()
     });
     let first = first_success_after(&load.samples(), cont);
@@ -520,49 +331,31 @@ fn router_started_before_its_workers() {
     let (pp, dp, rp) = (free_port(), free_port(), free_port());
     let _r = router(
         rp,
-        &strings(&[
+        &[
             "--prefill",
             &url(pp),
             "--decode",
             &url(dp),
             "--config",
             &config("before", "health_check_interval_secs = 30.0"),
-        ]),
+        ],
     );
-    assert!(wait_until(Duration::from_secs(20), || {
-        http(rp, "GET", "/health", &[], "", Duration::from_secs(1)).is_ok()
-    }));
+    assert!(wait_until(GUARD, || answers(rp)));
     std::thread::sleep(Duration::from_millis(300));
-    let r = http(
-        rp,
-        "POST",
-        "/v1/completions",
-        &[],
-        SHORT,
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let r = complete(rp, SHORT, 10).unwrap();
     assert_eq!(r.status, 503, "{r:?}");
     assert!(
         r.head.to_ascii_lowercase().contains("retry-after:"),
         "{r:?}"
     );
-    let v: serde_json::Value = serde_json::from_str(&r.body).expect("OpenAI error JSON");
+    let v = r.json();
     assert_eq!(v["error"]["code"], 503, "{v}");
-    let _p = mock("prefill", pp, &[]);
-    let _d = mock("decode", dp, &[]);
-    assert!(wait_until(Duration::from_secs(20), || health_ok(pp) && health_ok(dp)));
+    let _p = worker("prefill", pp, &[]);
+    let _d = worker("decode", dp, &[]);
+    assert!(wait_until(GUARD, || health_ok(pp) && health_ok(dp)));
     let up = Instant::now();
     let served = wait_until(Duration::from_secs(10), || {
-        http(
-            rp,
-            "POST",
-            "/v1/completions",
-            &[],
-            SHORT,
-            Duration::from_secs(10),
-        )
-        .is_ok_and(|r| r.status == 200)
+        complete(rp, SHORT, 10).is_ok_and(|r| r.status == 200)
     });
     eprintln!(
         "router before workers: workers up -> first success {:.2} s (health interval 30 s)",
@@ -578,13 +371,11 @@ fn router_started_before_its_workers() {
 fn router_restart_with_registered_workers() {
     let rp = free_port();
     let ru = url(rp);
-    let mut r = router(rp, &strings(&["--heartbeat-ttl-secs", "3"]));
-    assert!(wait_until(Duration::from_secs(20), || {
-        http(rp, "GET", "/health", &[], "", Duration::from_secs(1)).is_ok()
-    }));
+    let mut r = router(rp, &["--heartbeat-ttl-secs", "3"]);
+    assert!(wait_until(GUARD, || answers(rp)));
     let (pp, dp) = (free_port(), free_port());
     let reg = |role: &str, port: u16| {
-        mock(
+        worker(
             role,
             port,
             &["--register", &ru, "--heartbeat-secs", "0.3", "--pool", role],
@@ -592,24 +383,19 @@ fn router_restart_with_registered_workers() {
     };
     let _p = reg("prefill", pp);
     let _d = reg("decode", dp);
-    let ok = |rp: u16| {
-        http(
-            rp,
-            "POST",
-            "/v1/completions",
-            &[],
-            SHORT,
-            Duration::from_secs(10),
-        )
-        .is_ok_and(|r| r.status == 200)
-    };
-    assert!(
-        wait_until(Duration::from_secs(20), || ok(rp)),
-        "first router serves"
-    );
+    let ok = |rp: u16| complete(rp, SHORT, 10).is_ok_and(|r| r.status == 200);
+    assert!(wait_until(GUARD, || ok(rp)), "first router serves");
     r.kill();
+    // The dead router's listeners outlive it by some milliseconds (the kernel tears its io_uring down in the
+    // background), and `pdx serve` refuses a port with a listener it does not own: restart once the port is
+    // free, as a supervisor retrying the start would.
+    let free = || std::net::TcpListener::bind(("127.0.0.1", rp)).is_ok();
+    assert!(
+        wait_until(GUARD, free),
+        "the dead router's port stays taken"
+    );
     let restarted = Instant::now();
-    let _r2 = router(rp, &strings(&["--heartbeat-ttl-secs", "3"]));
+    let _r2 = router(rp, &["--heartbeat-ttl-secs", "3"]);
     let served = wait_until(Duration::from_secs(15), || ok(rp));
     eprintln!(
         "router restart: new router serves registered workers {:.2} s after it started",
@@ -628,15 +414,15 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
     // Two prefills and one decode; prefills keep unread KV for 60 s (vLLM: 480 s), far past the guard.
     let (p1, p2, dp, rp) = (free_port(), free_port(), free_port(), free_port());
     let hold = ["--kv-hold-timeout-secs", "60"];
-    let _p1 = mock("prefill", p1, &hold);
-    let _p2 = mock("prefill", p2, &hold);
-    let _d = mock("decode", dp, &[]);
-    assert!(wait_until(Duration::from_secs(20), || {
+    let _p1 = worker("prefill", p1, &hold);
+    let _p2 = worker("prefill", p2, &hold);
+    let _d = worker("decode", dp, &[]);
+    assert!(wait_until(GUARD, || {
         health_ok(p1) && health_ok(p2) && health_ok(dp)
     }));
     let _r = router(
         rp,
-        &strings(&[
+        &[
             "--prefill",
             &url(p1),
             "--prefill",
@@ -645,9 +431,9 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
             &url(dp),
             "--upstream-timeout-secs",
             "20",
-        ]),
+        ],
     );
-    assert!(wait_until(Duration::from_secs(20), || ready(rp)));
+    assert!(wait_until(GUARD, || ready(rp)));
     // Distinct prompts (no prefix-cache sharing): each one holds its own ~188 blocks once prefilled.
     let request = |seed: u64| -> &'static str {
         let body = serde_json::json!({"model": "mock", "prompt": long_prompt(3000, seed), "max_tokens": 8})
@@ -668,17 +454,7 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
     let stayers: Vec<_> = (0..4u64)
         .map(|i| {
             let body = request(i);
-            std::thread::spawn(move || {
-                http(
-                    rp,
-                    "POST",
-                    "/v1/completions",
-                    &[],
-                    body,
-                    Duration::from_secs(20),
-                )
-                .map(|r| r.status)
-            })
+            std::thread::spawn(move || complete(rp, body, 20).map(|r| r.status))
         })
         .collect();
     let held = |p: u16| metric(p, "pdx:kv_blocks_held").unwrap_or(0.0);
@@ -743,38 +519,25 @@ fn early_disconnect_storm_leaves_no_prefilled_kv_held() {
     );
 }
 
+/// A router with `--admin-token`: a self-registering worker without the token (and every admin call without
+/// it) is refused with 401 and never gets user traffic; workers registering with the token, given by
+/// `--admin-token` or `PDX_ADMIN_TOKEN`, are listed and routed to.
 #[test]
 fn rogue_registration_needs_the_admin_token() {
-    let (pp, dp, xp, rp) = (free_port(), free_port(), free_port(), free_port());
-    let _p = mock("prefill", pp, &[]);
-    let _d = mock("decode", dp, &[]);
-    assert!(wait_until(Duration::from_secs(20), || health_ok(pp) && health_ok(dp)));
-    let _r = router(
-        rp,
-        &strings(&[
-            "--prefill",
-            &url(pp),
-            "--decode",
-            &url(dp),
-            "--admin-token",
-            "s3cret",
-        ]),
-    );
-    assert!(wait_until(Duration::from_secs(20), || ready(rp)));
-    // A rogue decode worker registers itself (no token: `pdx mock --register` sends none).
-    let _rogue = mock(
+    let c = OnePOneD::start(&["--admin-token", "s3cret"]);
+    let (rp, dp, xp) = (c.rp, c.dp, free_port());
+    let ru = url(rp);
+    let register = [
+        "--register",
+        &ru,
+        "--heartbeat-secs",
+        "0.2",
+        "--pool",
         "decode",
-        xp,
-        &[
-            "--register",
-            &url(rp),
-            "--heartbeat-secs",
-            "0.2",
-            "--pool",
-            "decode",
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(20), || health_ok(xp)));
+    ];
+    // A rogue decode worker registers itself without the token.
+    let _rogue = worker("decode", xp, &register);
+    assert!(wait_until(GUARD, || health_ok(xp)));
     let reg = format!(
         r#"{{"role":"decode","pool":"decode","url":"{}","model":"mock"}}"#,
         url(xp)
@@ -817,15 +580,7 @@ fn rogue_registration_needs_the_admin_token() {
     );
     // User traffic never reaches the rogue, and the real decode still serves it.
     for _ in 0..20 {
-        let r = http(
-            rp,
-            "POST",
-            "/v1/completions",
-            &[],
-            SHORT,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = complete(rp, SHORT, 10).unwrap();
         assert_eq!(r.status, 200, "{r:?}");
     }
     assert_eq!(metric(xp, "vllm:request_success_total").unwrap_or(0.0), 0.0);
@@ -844,4 +599,35 @@ fn rogue_registration_needs_the_admin_token() {
         http(rp, "POST", "/v1/workers", &ok, bad, t).unwrap().status,
         400
     );
+    // Workers that register with the token, by flag and from the environment, join the decode pool and are
+    // routed to; the rogue still is not.
+    let (fp, ep) = (free_port(), free_port());
+    let by_flag = [&register[..], &["--admin-token", "s3cret"]].concat();
+    let _by_flag = worker("decode", fp, &by_flag);
+    let _by_env = Proc::spawn_env(
+        &server_args("mock", ep, &worker_args("decode", &register)),
+        &[("PDX_ADMIN_TOKEN", "s3cret")],
+    );
+    let listed = || {
+        http(rp, "GET", "/v1/workers", &ok, "", t)
+            .is_ok_and(|l| l.body.contains(&url(fp)) && l.body.contains(&url(ep)))
+    };
+    assert!(
+        wait_until(GUARD, listed),
+        "workers with the admin token are registered"
+    );
+    let served = |p: u16| metric(p, "vllm:request_success_total").unwrap_or(0.0) > 0.0;
+    let mut sent = 0;
+    while !(served(fp) && served(ep)) && sent < 60 {
+        let r = complete(rp, SHORT, 10).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        sent += 1;
+    }
+    assert!(
+        served(fp) && served(ep),
+        "{sent} requests, none routed to a worker registered with the token (flag: {}, env: {})",
+        served(fp),
+        served(ep)
+    );
+    assert_eq!(metric(xp, "vllm:request_success_total").unwrap_or(0.0), 0.0);
 }

@@ -167,6 +167,11 @@ pub struct MockArgs {
     /// Seconds between registration heartbeats.
     #[arg(long, default_value_t = 5.0)]
     pub heartbeat_secs: f64,
+    /// Admin token of the router (its `--admin-token`): registration and heartbeat POSTs carry
+    /// `Authorization: Bearer TOKEN`. Without it the token comes from `PDX_ADMIN_TOKEN`, if set,
+    /// which keeps it out of the process list [default: none]
+    #[arg(long)]
+    pub admin_token: Option<String>,
     /// Benchmark mode for router comparisons: a prefill answers `kv_transfer_params` without
     /// holding its blocks, and a decode takes `do_remote_prefill` params without reading remote
     /// KV (the prompt counts as computed, as on SGLang's bootstrap path). Routers that pass
@@ -296,6 +301,11 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             "block size, blocks, kv scale-down and threads must be > 0".into(),
         ));
     }
+    // Checked before anything starts: a token that cannot be a header value is a configuration error.
+    let admin = register::admin_authorization(
+        args.admin_token.as_deref(),
+        std::env::var("PDX_ADMIN_TOKEN").ok().as_deref(),
+    )?;
     let tokenizer = match &args.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::Builtin,
@@ -383,6 +393,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
     for (i, l) in listeners.into_iter().enumerate() {
         let engine = engine.clone();
         let args = args.clone();
+        let admin = admin.clone();
         let t = std::thread::Builder::new()
             .name(format!("pdx-mock-http-{i}"))
             .spawn(move || {
@@ -398,6 +409,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                             tokio::spawn(register::heartbeat(
                                 url,
                                 register::registration(&args, addr),
+                                admin.clone(),
                                 args.heartbeat_secs,
                             ));
                         }

@@ -192,7 +192,8 @@ async fn streaming_instant_and_timed() {
             (200, Some(4))
         );
         assert!(eventually(|| s.engine.used_blocks() == 0).await);
-        assert_eq!(metric(&s, "vllm:num_requests_running"), 0.0);
+        // The scheduler sets the gauge after it has sent the last token, so a client can be faster.
+        assert!(eventually(|| metric(&s, "vllm:num_requests_running") == 0.0).await);
         assert!(metric(&s, "vllm:time_to_first_token_seconds_count") >= 4.0);
         s.stop();
     }

@@ -221,10 +221,6 @@ fn give_up(last: Option<UpstreamFailure>, side: &str) -> Response<RouterBody> {
 }
 
 impl Orchestrator for SglangBootstrap {
-    fn name(&self) -> &'static str {
-        "sglang-bootstrap"
-    }
-
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
         let model = job.model.clone();
         let (prefill_pools, decode_pools) = (&model.prefill, &model.decode);

@@ -33,6 +33,11 @@ pub struct Shared {
 /// Request id header.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// Response header naming the worker that served a completion, by its URL (the decode, or the aggregated
+/// worker); `pdx replay --export` reads it, and `pdx mock` sends its engine id in it.
+pub const X_PDX_WORKER: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-pdx-worker");
+
 pub(crate) fn full(
     status: u16,
     ctype: &'static str,
@@ -461,8 +466,6 @@ async fn run_completion(
 /// KsanaLLM's communication-id flow fits the same shape.
 #[allow(async_fn_in_trait)]
 pub trait Orchestrator {
-    /// Name (logs).
-    fn name(&self) -> &'static str;
     /// Runs the request and returns the client's response.
     async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody>;
 }
@@ -780,19 +783,20 @@ pub(crate) fn forward(
         progressed: false,
     })));
     *out.status_mut() = parts.status;
-    out.extensions_mut().insert(served);
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {
         if let Some(v) = parts.headers.get(&h) {
             out.headers_mut().insert(h, v.clone());
         }
     }
+    // The worker that produced the answer (decode, or aggregated), by its URL, for clients such as
+    // `pdx replay --export`; the engine's own `x-pdx-worker`, if any, is replaced.
+    out.headers_mut()
+        .insert(X_PDX_WORKER, served.worker.url_header.clone());
+    out.extensions_mut().insert(served);
     out
 }
 
 impl Orchestrator for Aggregated {
-    fn name(&self) -> &'static str {
-        "aggregated"
-    }
     async fn run(&self, sh: &Arc<Shared>, job: Job) -> Response<RouterBody> {
         let pools = &job.model.aggregated;
         if pools.is_empty() {
@@ -809,9 +813,6 @@ impl Orchestrator for Aggregated {
 }
 
 impl Orchestrator for VllmNixl {
-    fn name(&self) -> &'static str {
-        "vllm-nixl"
-    }
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
         let first = job
             .model

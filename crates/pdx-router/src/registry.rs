@@ -29,6 +29,9 @@ pub struct Worker {
     pub id: u64,
     /// Base URL, `http://host:port`.
     pub url: String,
+    /// `url` as the value of the `x-pdx-worker` response header (made once here, so naming the worker in a
+    /// response costs a reference count, not an allocation).
+    pub url_header: hyper::header::HeaderValue,
     /// `host:port`.
     pub authority: String,
     /// Role.
@@ -464,9 +467,13 @@ impl Registry {
         let now = self.now_us();
         let u = parse_worker_url(url)?;
         let upstream_auth = crate::front_auth::bearer(api_key, &format!("worker {url}"))?;
+        // A parsed worker URL is printable ASCII, always a valid header value.
+        let url_header = hyper::header::HeaderValue::from_str(&u.url)
+            .map_err(|_| RouterError::BadWorkerUrl(format!("not a header value: {}", u.url)))?;
         Ok(Arc::new(Worker {
             id,
             url: u.url,
+            url_header,
             authority: u.authority,
             role,
             pool: pool.into(),

@@ -429,3 +429,35 @@ async fn no_prefill_runs_without_an_eligible_decode() {
     );
     assert_eq!(mock_metric(&p, "pdx:kv_blocks_held", ""), 0.0);
 }
+
+/// Every completion the router forwards names the worker that produced it in `x-pdx-worker`, by URL: the
+/// decode worker of a PD pair (streamed or not; never the prefill, and not the engine's own name), the worker
+/// of an aggregated pool.
+#[tokio::test(flavor = "current_thread")]
+async fn responses_name_the_decode_or_aggregated_worker() {
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let (d1, d2) = (
+        mock(&["--role", "decode", "--instant"]),
+        mock(&["--role", "decode", "--instant"]),
+    );
+    let r = pd(&[&p], &[&d1, &d2], &[]);
+    let decodes = [url(&d1), url(&d2)];
+    let mut named = Vec::new();
+    for stream in [false, true, false, true] {
+        let resp = chat_request(r.addr, 3, stream).await;
+        assert_eq!(resp.status(), 200);
+        let worker = resp.headers()["x-pdx-worker"].to_str().unwrap().to_string();
+        assert!(decodes.contains(&worker), "{worker} is not a decode worker");
+        let _ = resp.into_body().collect().await.unwrap();
+        named.push(worker);
+    }
+    assert!(
+        decodes.iter().all(|d| named.contains(d)),
+        "round robin over both decodes: {named:?}"
+    );
+    let a = mock(&["--instant"]);
+    let r = router(&["--worker", &url(&a)]);
+    let resp = chat_request(r.addr, 2, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-pdx-worker"], url(&a).as_str());
+}
