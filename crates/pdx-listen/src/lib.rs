@@ -86,17 +86,41 @@ pub fn bind_set(
     }
     let ours: HashSet<u64> = set.iter().filter_map(socket_inode).collect();
     if ours.len() == set.len() {
-        if let Some(foreign) = listeners_on(bound)
-            .into_iter()
-            .find(|inode| !ours.contains(inode))
-        {
-            return Err(ListenError::InUse {
-                addr: bound,
-                holder: holder_of(foreign),
-            });
-        }
+        check_alone(bound, &ours)?;
     }
     Ok(set)
+}
+
+/// How long a listener that no process holds may linger before the address counts as taken: a process killed
+/// a moment ago (a restart) leaves its listening socket for a few ms while the kernel tears down its io_uring.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Fails when a listener on `bound` other than `ours` belongs to a process, or when one that belongs to none
+/// outlives [`ORPHAN_GRACE`].
+fn check_alone(bound: SocketAddr, ours: &HashSet<u64>) -> Result<(), ListenError> {
+    let deadline = std::time::Instant::now() + ORPHAN_GRACE;
+    loop {
+        let foreign: Vec<u64> = listeners_on(bound)
+            .into_iter()
+            .filter(|inode| !ours.contains(inode))
+            .collect();
+        let Some(&first) = foreign.first() else {
+            return Ok(());
+        };
+        if let Some(holder) = foreign.iter().find_map(|&i| holder_of(i)) {
+            return Err(ListenError::InUse {
+                addr: bound,
+                holder: Some(holder),
+            });
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ListenError::InUse {
+                addr: bound,
+                holder: holder_of(first),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn bind_one(addr: SocketAddr, backlog: i32) -> Result<std::net::TcpListener, ListenError> {
