@@ -357,8 +357,11 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
     let first = decode_workers(&router);
     // Watch the decode pool while the load runs.
     let watch_router = router.clone();
+    // The router's answers per worker are read while the workers live: a worker's series go with it once the
+    // planner drains and removes it.
     let watcher = std::thread::spawn(move || {
         let mut seen: Vec<String> = Vec::new();
+        let mut served: std::collections::HashMap<String, f64> = Default::default();
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(22) {
             for u in decode_workers(&watch_router) {
@@ -366,12 +369,26 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
                     seen.push(u);
                 }
             }
+            if let Some(metrics) = get(&format!("{watch_router}/metrics")) {
+                for u in &seen {
+                    let n: f64 = metrics
+                        .lines()
+                        .filter(|l| {
+                            l.starts_with("pdx_requests_total")
+                                && l.contains(&format!("worker=\"{u}\""))
+                        })
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum();
+                    let e = served.entry(u.clone()).or_default();
+                    *e = e.max(n);
+                }
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
-        seen
+        (seen, served)
     });
     let report = replay(&router, &trace, &[]);
-    let seen = watcher.join().unwrap();
+    let (seen, served) = watcher.join().unwrap();
     let n = report["requests"].as_u64().unwrap();
     assert_eq!(
         report["succeeded"], n,
@@ -385,19 +402,11 @@ fn plan_local_scales_decode_up_under_a_load_step_and_back_down_losing_nothing() 
         "the planner added decode workers: {seen:?}"
     );
     // The router sent decodes to an added worker.
-    let metrics = get(&format!("{router}/metrics")).unwrap();
-    let served = |u: &str| {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("pdx_requests_total") && l.contains(&format!("worker=\"{u}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
     assert!(
-        added.iter().any(|u| served(u) > 0.0),
-        "an added worker served requests: {metrics}"
+        added
+            .iter()
+            .any(|u| served.get(*u).copied().unwrap_or(0.0) > 0.0),
+        "an added worker served requests: {served:?}"
     );
     // The planner's last decision is exported as gauges.
     let exported = get(&format!("http://127.0.0.1:{mp}/metrics")).expect("planner metrics");
