@@ -57,7 +57,9 @@ pub fn completion_body(data: &[u8], chat: bool) -> bool {
     }
 }
 
-/// Parses `data` as a worker registration body (`POST /v1/workers`); returns whether it parsed.
+/// Parses `data` as a worker registration body (`POST /v1/workers`) as the admin API does: strictly, then the
+/// worker URL it names. Returns whether both passed.
 pub fn registration(data: &[u8]) -> bool {
-    serde_json::from_slice::<pdx_protocol::Registration>(data).is_ok()
+    pdx_protocol::parse_registration(data)
+        .is_ok_and(|(reg, _, _)| crate::config::parse_worker_url(&reg.url).is_ok())
 }
