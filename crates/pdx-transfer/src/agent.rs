@@ -146,6 +146,10 @@ pub(crate) struct Inner {
     pub registry: Arc<Registry>,
     next_region_id: AtomicU64,
     remotes: RwLock<HashMap<String, Arc<RemoteAgent>>>,
+    /// Held through [`Agent::load_remote`]: two threads loading the same new peer at once (the first requests
+    /// of two clients) would each vouch for it over a link of their own, and the second insert would shut the
+    /// first down under its transfers; serialized, the second finds the first's entry and keeps it.
+    load_lock: Mutex<()>,
     pub notifications: Arc<NotificationQueue>,
     listen_addr: Option<SocketAddr>,
     advertised: Option<String>,
@@ -439,6 +443,7 @@ impl Agent {
             registry: Arc::new(Registry::default()),
             next_region_id: AtomicU64::new(1),
             remotes: RwLock::new(HashMap::new()),
+            load_lock: Mutex::new(()),
             notifications,
             listen_addr,
             advertised,
@@ -601,6 +606,11 @@ impl Agent {
                 "an agent cannot load its own metadata".into(),
             ));
         }
+        let _loading = self
+            .inner
+            .load_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let old = self.inner.remote(&wire.name).ok();
         if let Some(known) = &old {
             #[cfg(feature = "ucx")]

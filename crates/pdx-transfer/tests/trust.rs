@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::ffi::OsStringExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -702,4 +703,40 @@ fn invalidated_peer_is_unmapped_at_once() {
     // Loading it again maps it again.
     d.fetch_remote(&target.addr).unwrap();
     assert!(mappings_of("trust-unmap-inval") >= 1);
+}
+
+/// Two requests that load the same new same-host peer at once (the first requests of two clients on a decode)
+/// must not shut each other's link down: every read after the loads succeeds.
+#[test]
+fn concurrent_loads_of_a_new_peer_keep_one_link() {
+    let target = Helper::spawn("trust-concurrent-load", None);
+    let d = Arc::new(Agent::new(AgentConfig::new("trust-concurrent-d")).unwrap());
+    // The metadata is fetched once, so the loads start together (as two requests carrying the same
+    // `kv_transfer_params` do).
+    let md = Arc::new(d.fetch_metadata(&target.addr).unwrap());
+    let start = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (d, start, md, region) = (d.clone(), start.clone(), md.clone(), target.region);
+            std::thread::spawn(move || -> Result<()> {
+                let mem = d.allocate(65536)?;
+                start.wait();
+                d.load_remote(&md)?;
+                let req = d.create_xfer_from_descs(
+                    XferOp::Read,
+                    &XferDescList::host_from([(mem.addr(), 4096)]),
+                    "trust-concurrent-load",
+                    &XferDescList::host_from([(region, 4096)]),
+                    forced(TransportKind::Shm),
+                )?;
+                for _ in 0..20 {
+                    read_now(&req)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
 }
