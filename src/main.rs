@@ -30,7 +30,7 @@ enum Command {
     /// A vLLM-compatible mock prefill/decode engine with a timing model and real KV bytes.
     Mock(Box<pdx_mock::MockArgs>),
     /// The disaggregated prefill/decode router (thread per core, vLLM NixlConnector flow).
-    Serve(Box<pdx_router::ServeArgs>),
+    Serve(Box<plan::ServeCmd>),
     /// Replay a request trace (Mooncake jsonl or Azure CSV, told apart by content) against an
     /// OpenAI-compatible endpoint.
     Replay(Box<pdx_replay::ReplayArgs>),
@@ -75,7 +75,7 @@ fn replay(args: &pdx_replay::ReplayArgs) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Mock(args) => pdx_mock::run(*args)?,
-        Command::Serve(args) => pdx_router::run(*args)?,
+        Command::Serve(args) => plan::serve(*args)?,
         Command::Demo(args) => demo::run(*args, &cli.log)?,
         Command::Replay(args) => replay(&args)?,
         Command::Sim(args) => sim::run(&args)?,

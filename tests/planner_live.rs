@@ -546,3 +546,94 @@ fn profile_once(dir: &Path, derived: &pdx_planner::PoolProfile) -> Result<(), St
     }
     Ok(())
 }
+
+#[test]
+fn serve_with_planner_starts_the_planned_workers_logs_decisions_and_stops_them_on_shutdown() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("serveplan");
+    std::fs::write(dir.join("slow.toml"), SLOW).unwrap();
+    let rp = free_port();
+    let router = format!("http://127.0.0.1:{rp}");
+    std::fs::write(
+        dir.join("pdx.toml"),
+        format!(
+            "host = \"127.0.0.1\"\nport = {rp}\nthreads = 1\ndefault_policy = \"least_loaded\"\n\
+             heartbeat_ttl_secs = 5\n"
+        ),
+    )
+    .unwrap();
+    // No `router =`: `pdx serve --planner` plans against itself.
+    std::fs::write(
+        dir.join("plan.toml"),
+        format!(
+            "model = \"mock\"\nconnector = \"local\"\n\
+             [planner]\ninterval_secs = 1\nbudget_gpus = 4\npredictor = {{ kind = \"constant\" }}\n\
+             [[planner.pools]]\nname = \"prefill\"\nrole = \"prefill\"\nttft_ms = 500\nlookahead = 1\n\
+             [[planner.pools]]\nname = \"decode\"\nrole = \"decode\"\nitl_ms = 40\nlookahead = 1\n\
+             [local]\npdx = \"{PDX}\"\nheartbeat_secs = 1\n\
+             [[local.pools]]\nname = \"prefill\"\nargs = [\"--profile\", \"slow.toml\"]\n\
+             [[local.pools]]\nname = \"decode\"\nargs = [\"--profile\", \"slow.toml\"]\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.join("decisions.jsonl");
+    let mut serve = spawn(
+        &[
+            "serve",
+            "--config",
+            "pdx.toml",
+            "--planner",
+            "plan.toml",
+            "--planner-log",
+            log.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    wait_for(&format!("{router}/health"));
+    // The planner thread starts each pool's minimum: a decode worker registers.
+    let t = Instant::now();
+    while decode_workers(&router).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no decode worker registered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let workers = decode_workers(&router);
+    // Its first decisions are logged, for both pools.
+    let t = Instant::now();
+    let first = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no decision logged");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        first["targets"].as_array().map(Vec::len),
+        Some(2),
+        "{first}"
+    );
+    // SIGTERM: the router drains and exits, the planner stops the workers it started.
+    let pid = serve.0.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let t = Instant::now();
+    let status = loop {
+        if let Ok(Some(s)) = serve.0.try_wait() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pdx serve did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    for w in &workers {
+        assert!(
+            get(&format!("{w}/health")).is_none(),
+            "{w} still serves after pdx serve ended"
+        );
+    }
+}

@@ -11,7 +11,8 @@
 //! (the marginal-allocation result of Fox, "Discrete optimization via marginal analysis",
 //! 1966). Budget that no pool needs stays unused: the point is to spend fewer GPU-hours.
 
-use crate::local::ReplicaRequest;
+use crate::local::{PoolRole, ReplicaRequest};
+use serde::Serialize;
 
 /// Predicted attainment of a pool with `n` replicas when it needs `needed`.
 pub fn attainment(n: f64, needed: f64) -> f64 {
@@ -62,11 +63,86 @@ pub fn split(budget_gpus: u64, reqs: &[ReplicaRequest], share: &[f64]) -> Vec<u3
     n
 }
 
+/// A routing adjustment: send `fraction` of pool `from`'s new requests to pool `to` (same
+/// role) for the next interval, because the budget capped `from` below what it needs while
+/// `to` has replicas to spare.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Diversion {
+    /// The capped pool (name, as in the configuration).
+    pub from: String,
+    /// The pool with headroom that takes the diverted requests.
+    pub to: String,
+    /// Fraction of `from`'s new requests to send to `to`, in `(0, 1]`.
+    pub fraction: f64,
+}
+
+/// Routing adjustments for capped pools (the global planner's "move requests between the
+/// grid's cells").
+///
+/// A pool is capped when its target is below the replicas it needs (`target < needed`).
+/// A replica of pool `i` serves `rate_i / needed_i` of its requests per second at the SLO, so
+/// a capped pool's excess load is `rate · (1 − target/needed)` req/s. A pool of the same role
+/// has headroom when `target > needed`: `target − needed` spare replicas. The diverted
+/// requests keep the capped pool's ISL/OSL mix, so a spare replica is counted as taking
+/// `rate_i / needed_i` of them per second (pools of a role serve the same model; where their
+/// hardware differs this is an approximation). Capped pools, largest excess first, each
+/// divert to the pool with the most spare replicas left: `min(excess, spare) / rate` of their
+/// requests, and those spare replicas are used up, so a pool's diversions never exceed its
+/// headroom.
+///
+/// `roles`, `reqs` and `targets` are in configuration order (same length).
+pub fn diversions(roles: &[PoolRole], reqs: &[ReplicaRequest], targets: &[u32]) -> Vec<Diversion> {
+    let n = reqs.len().min(roles.len()).min(targets.len());
+    let mut capped: Vec<(f64, usize)> = (0..n)
+        .filter_map(|i| {
+            let r = &reqs[i];
+            let t = f64::from(targets[i]);
+            (t < r.needed && r.rate > 0.0).then(|| (r.rate * (1.0 - t / r.needed), i))
+        })
+        .collect();
+    capped.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Spare replicas of each pool with headroom.
+    let mut spare: Vec<f64> = (0..n)
+        .map(|j| (f64::from(targets[j]) - reqs[j].needed).max(0.0))
+        .collect();
+    let mut out = Vec::new();
+    for (excess, i) in capped {
+        // The capped pool's requests per second per replica at the SLO.
+        let per_replica = reqs[i].rate / reqs[i].needed;
+        let best = (0..n)
+            .filter(|&j| j != i && roles[j] == roles[i] && spare[j] > 0.0)
+            .max_by(|&a, &b| spare[a].total_cmp(&spare[b]).then(b.cmp(&a)));
+        let Some(j) = best else { continue };
+        let moved = excess.min(spare[j] * per_replica);
+        if moved <= 0.0 {
+            continue;
+        }
+        spare[j] -= moved / per_replica;
+        out.push(Diversion {
+            from: reqs[i].pool.clone(),
+            to: reqs[j].pool.clone(),
+            fraction: (moved / reqs[i].rate).min(1.0),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn req(name: &str, needed: f64, min: u32, gpus: u32, prio: f64) -> ReplicaRequest {
+        req_rate(name, needed, min, gpus, prio, 0.0)
+    }
+
+    fn req_rate(
+        name: &str,
+        needed: f64,
+        min: u32,
+        gpus: u32,
+        prio: f64,
+        rate: f64,
+    ) -> ReplicaRequest {
         ReplicaRequest {
             pool: name.into(),
             needed,
@@ -75,7 +151,7 @@ mod tests {
             max: 100,
             gpus_per_replica: gpus,
             priority: prio,
-            rate: 0.0,
+            rate,
             isl: 0.0,
             osl: 0.0,
             prefill_correction: 1.0,
@@ -119,5 +195,79 @@ mod tests {
         assert_eq!(attainment(9.0, 4.0), 1.0);
         assert!(attainment(2.0, 4.0) > 0.5);
         assert_eq!(attainment(0.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn capped_pool_diverts_its_excess_up_to_the_other_pools_spare() {
+        use PoolRole::*;
+        // a needs 4 replicas for 40 req/s (10 req/s each) but got 2: 20 req/s too many.
+        // b needs 2 for 20 req/s and got 4: 2 spare replicas × 10 req/s = 20 req/s.
+        let r = [
+            req_rate("a", 4.0, 1, 1, 1.0, 40.0),
+            req_rate("b", 2.0, 1, 1, 1.0, 20.0),
+        ];
+        let d = diversions(&[Prefill, Prefill], &r, &[2, 4]);
+        assert_eq!(
+            d,
+            vec![Diversion {
+                from: "a".into(),
+                to: "b".into(),
+                fraction: 0.5
+            }]
+        );
+        // b has only 1 spare replica (10 req/s): a quarter of a's 40 req/s.
+        let d = diversions(&[Prefill, Prefill], &r, &[2, 3]);
+        assert_eq!(d[0].fraction, 0.25);
+        // The spare replica counts at a's 10 req/s per replica (the diverted requests are
+        // a's), whatever b's own traffic.
+        let r2 = [
+            req_rate("a", 4.0, 1, 1, 1.0, 40.0),
+            req_rate("b", 2.0, 1, 1, 1.0, 80.0),
+        ];
+        let d = diversions(&[Prefill, Prefill], &r2, &[2, 3]);
+        assert_eq!(d[0].fraction, 0.25);
+        // Never more than the excess: a short by 1 of 4 (10 req/s), b with 2 spare.
+        let d = diversions(&[Prefill, Prefill], &r, &[3, 4]);
+        assert_eq!(d[0].fraction, 0.25);
+    }
+
+    #[test]
+    fn no_diversion_across_roles_without_headroom_or_when_nothing_is_capped() {
+        use PoolRole::*;
+        let r = [
+            req_rate("a", 4.0, 1, 1, 1.0, 40.0),
+            req_rate("b", 2.0, 1, 1, 1.0, 20.0),
+        ];
+        // Other role: no diversion.
+        assert!(diversions(&[Prefill, Decode], &r, &[2, 4]).is_empty());
+        // b exactly at its need: no headroom.
+        assert!(diversions(&[Prefill, Prefill], &r, &[2, 2]).is_empty());
+        // Both capped.
+        assert!(diversions(&[Prefill, Prefill], &r, &[2, 1]).is_empty());
+        // Nothing capped.
+        assert!(diversions(&[Prefill, Prefill], &r, &[4, 4]).is_empty());
+    }
+
+    #[test]
+    fn two_capped_pools_share_one_spare_largest_excess_first() {
+        use PoolRole::*;
+        // a: 30 req/s excess (6 needed, 3 given, 10 req/s each); c: 10 req/s excess;
+        // b: idle pool with 4 spare replicas (40 req/s of a's or c's requests).
+        let r = [
+            req_rate("a", 6.0, 1, 1, 1.0, 60.0),
+            req_rate("b", 0.0, 1, 1, 1.0, 0.0),
+            req_rate("c", 2.0, 1, 1, 1.0, 20.0),
+        ];
+        let d = diversions(&[Decode, Decode, Decode], &r, &[3, 4, 1]);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            (d[0].from.as_str(), d[0].to.as_str(), d[0].fraction),
+            ("a", "b", 0.5)
+        );
+        // 10 req/s of b's 40 left (1 replica): all of c's 10 req/s excess = half of its 20.
+        assert_eq!(
+            (d[1].from.as_str(), d[1].to.as_str(), d[1].fraction),
+            ("c", "b", 0.5)
+        );
     }
 }

@@ -94,6 +94,10 @@ pub struct Decision {
     pub targets: Vec<u32>,
     /// GPUs the targets use.
     pub gpus: u64,
+    /// Routing adjustments for pools the budget capped ([`global::diversions`]): the share of
+    /// a capped pool's new requests the router should send to a pool of the same role with
+    /// headroom, until the next decision.
+    pub diversions: Vec<global::Diversion>,
 }
 
 /// The hierarchical planner: one [`LocalPlanner`] per pool and the global budget split.
@@ -148,6 +152,7 @@ impl Planner {
             })
             .collect();
         let targets = global::split(self.cfg.budget_gpus, &requests, &share);
+        let diversions = global::diversions(&roles, &requests, &targets);
         let gpus = targets
             .iter()
             .zip(&requests)
@@ -159,6 +164,7 @@ impl Planner {
             requests,
             targets,
             gpus,
+            diversions,
         }
     }
 

@@ -199,7 +199,15 @@ pub fn open_admin_warning(cfg: &Config, ip: std::net::IpAddr) -> Option<&'static
 ///
 /// Errors: as [`start`].
 pub fn run(args: ServeArgs) -> Result<(), RouterError> {
-    let server = start(args)?;
+    serve_until_signal(start(args)?)
+}
+
+/// Serves with a started router until SIGTERM/SIGINT, then drains it (a second signal ends
+/// the process at once); what [`run`] does after [`start`], for callers that start other
+/// things beside the router (`pdx serve --planner`).
+///
+/// Errors: [`RouterError::Io`] when the signal handler cannot be installed.
+pub fn serve_until_signal(server: RouterServer) -> Result<(), RouterError> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     ctrlc::set_handler(move || {
         let _ = tx.send(());

@@ -129,6 +129,12 @@ struct PoolRt {
     requests: u64,
     min_workers: u32,
     max_workers: u32,
+    /// The planner's diversion of this pool: (index of the other pool within the role,
+    /// fraction of new requests), and the credit that spreads them evenly.
+    divert: Option<(usize, f64)>,
+    divert_credit: f64,
+    /// New requests the grid chose this pool for that went to another pool.
+    diverted: u64,
 }
 
 /// What happened in one pool over the run.
@@ -144,6 +150,9 @@ pub struct PoolSummary {
     pub min_workers: u32,
     /// Most workers it had serving or starting.
     pub max_workers: u32,
+    /// Requests the grid chose this pool for that the planner's diversions sent to another
+    /// pool of its role.
+    pub diverted: u64,
     /// GPU-hours of its workers (from being added to being removed or the end).
     pub gpu_hours: f64,
 }
@@ -189,6 +198,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Seed of `power_of_two`.
     pub seed: u64,
+    /// Ignore the planner's diversions ([`pdx_planner::global::Diversion`]): every request
+    /// goes to the pool the grid chose (the baseline of the diversion comparison).
+    pub no_divert: bool,
 }
 
 /// The simulator.
@@ -213,6 +225,7 @@ pub struct Sim<'a> {
     arrivals_in_window: u64,
     last_tick: u64,
     cands: Vec<Candidate>,
+    no_divert: bool,
     bar: indicatif::ProgressBar,
 }
 
@@ -258,6 +271,7 @@ impl<'a> Sim<'a> {
             arrivals_in_window: 0,
             last_tick: 0,
             cands: Vec::new(),
+            no_divert: opts.no_divert,
             bar: if opts.progress {
                 indicatif::ProgressBar::new(reqs.len() as u64)
             } else {
@@ -286,6 +300,9 @@ impl<'a> Sim<'a> {
                 requests: 0,
                 min_workers: p.workers.len() as u32,
                 max_workers: p.workers.len() as u32,
+                divert: None,
+                divert_credit: 0.0,
+                diverted: 0,
             });
             for wp in &p.workers {
                 let w = s.add_worker(i, wp.clone());
@@ -452,6 +469,15 @@ impl<'a> Sim<'a> {
                 win.osl += osl;
             }
         }
+        let (p_first, d_first) = if self.cluster.disaggregated() {
+            (
+                self.divert(PoolRole::Prefill, p_first),
+                self.divert(PoolRole::Decode, d_first),
+            )
+        } else {
+            (p_first, d_first)
+        };
+        self.rt[r as usize].d_pool = d_first as u16;
         if self.cluster.disaggregated() {
             if let Some(w) = self.pick(PoolRole::Prefill, p_first, r) {
                 self.rt[r as usize].p_pool = self.workers[w as usize].pool as u16;
@@ -469,6 +495,30 @@ impl<'a> Sim<'a> {
                 None => self.fail(r, "http_503"),
             }
         }
+    }
+
+    /// The pool (index within `role`) a new request the grid sent to pool `k` of `role` goes
+    /// to: the planner's diversion of that pool, if any, takes every request at which the
+    /// running credit (`+ fraction` per request) reaches 1, so exactly `fraction` of them,
+    /// evenly spread and deterministic.
+    fn divert(&mut self, role: PoolRole, k: usize) -> usize {
+        let Some(pi) = (0..self.pools.len())
+            .filter(|&i| self.pools[i].role == role)
+            .nth(k)
+        else {
+            return k;
+        };
+        let p = &mut self.pools[pi];
+        let Some((to, fraction)) = p.divert else {
+            return k;
+        };
+        p.divert_credit += fraction;
+        if p.divert_credit >= 1.0 {
+            p.divert_credit -= 1.0;
+            p.diverted += 1;
+            return to;
+        }
+        k
     }
 
     /// The router's choice among pools of `role`, `first` (the grid's index within the role)
@@ -815,6 +865,30 @@ impl<'a> Sim<'a> {
         let at_s = self.now as f64 / 1e9;
         let d = planner.step(at_s, &obs);
         planner.apply(&d, &mut VirtualConnector { sim: self });
+        for p in &mut self.pools {
+            p.divert = None;
+        }
+        if !self.no_divert {
+            for v in &d.diversions {
+                let find = |name: &str| {
+                    planned
+                        .iter()
+                        .copied()
+                        .find(|&pi| self.pools[pi].name == name)
+                };
+                let (Some(from), Some(to)) = (find(&v.from), find(&v.to)) else {
+                    continue;
+                };
+                let role = self.pools[to].role;
+                let Some(k) = (0..self.pools.len())
+                    .filter(|&i| self.pools[i].role == role)
+                    .position(|i| i == to)
+                else {
+                    continue;
+                };
+                self.pools[from].divert = Some((k, v.fraction.clamp(0.0, 1.0)));
+            }
+        }
         self.decisions.push(d);
         let rate = self.arrivals_in_window as f64 / ((self.now - self.last_tick) as f64 / 1e9);
         self.arrivals_in_window = 0;
@@ -847,6 +921,7 @@ impl<'a> Sim<'a> {
                 requests: p.requests,
                 min_workers: p.min_workers,
                 max_workers: p.max_workers,
+                diverted: p.diverted,
                 gpu_hours: 0.0,
             })
             .collect();

@@ -88,6 +88,9 @@ pub struct SimArgs {
     /// Ignore the cluster file's `[planner]`: static pools.
     #[arg(long)]
     pub no_planner: bool,
+    /// Ignore the planner's diversions (capped pools keep all the grid sends them).
+    #[arg(long)]
+    pub no_divert: bool,
     /// Override the planner's GPU budget.
     #[arg(long)]
     pub budget_gpus: Option<u64>,
@@ -191,6 +194,7 @@ pub fn run(a: &SimArgs) -> Result<SimOutput, SimError> {
         },
         progress: !(a.quiet || a.json),
         seed: a.seed,
+        no_divert: a.no_divert,
     };
     Ok(Sim::new(&cluster, &reqs, planner, &opts)?.run())
 }

@@ -28,6 +28,7 @@ fn opts() -> RunOptions {
         },
         progress: false,
         seed: 1,
+        no_divert: false,
     }
 }
 
@@ -245,4 +246,92 @@ fn hierarchical_planner_beats_one_pooled_planner_at_the_same_budget() {
     assert!(ah > ap + 0.1, "hierarchical {ah:.3} vs pooled {ap:.3}");
     // Both pools of the hierarchy served their share: the grid split by ISL.
     assert!(h.pools[0].requests > 5 * h.pools[1].requests && h.pools[1].requests > 0);
+}
+
+#[test]
+fn capped_pool_diverts_to_the_pool_with_headroom_and_attains_more() {
+    // Two prefill pools the grid splits at 4096 prompt tokens. "a" gets 2000-token prompts at
+    // 60 req/s, "b" 6000-token ones at 1 req/s but must keep 3 replicas (min_replicas): with
+    // 5 GPUs, "a" is capped at 2 replicas, below its need, while "b" idles.
+    let c = cluster(
+        "block_size = 16\n\
+         [grid]\nnum_prefill_pools = 2\nnum_decode_pools = 1\n\
+         [grid.prefill_pool_selection_strategy]\nttft_min = 10\nttft_max = 1000\nttft_resolution = 1\n\
+         isl_min = 0\nisl_max = 8192\nisl_resolution = 2\nprefill_pool_mapping = [[0], [1]]\n\
+         [grid.decode_pool_selection_strategy]\nitl_min = 10\nitl_max = 100\nitl_resolution = 1\n\
+         context_length_min = 0\ncontext_length_max = 32768\ncontext_length_resolution = 1\n\
+         decode_pool_mapping = [[0]]\n\
+         [[pools]]\nname = \"a\"\nrole = \"prefill\"\nworkers = 1\nstartup_secs = 5\npolicy = \"least_loaded\"\n\
+         profile = { timing = { prefill_token_us = 20.0 } }\n\
+         [[pools]]\nname = \"b\"\nrole = \"prefill\"\nworkers = 3\nstartup_secs = 5\npolicy = \"least_loaded\"\n\
+         profile = { timing = { prefill_token_us = 20.0 } }\n\
+         [[pools]]\nname = \"d\"\nrole = \"decode\"\nworkers = 4\npolicy = \"least_loaded\"\n\
+         [planner]\ninterval_secs = 10\nbudget_gpus = 4\npredictor = { kind = \"constant\" }\n\
+         [[planner.pools]]\nname = \"a\"\nrole = \"prefill\"\nttft_ms = 500\n\
+         [[planner.pools]]\nname = \"b\"\nrole = \"prefill\"\nttft_ms = 500\nmin_replicas = 3\n",
+    );
+    let mut reqs = Vec::new();
+    for i in 0..(120 * 40) {
+        reqs.push(req(f64::from(i) / 40.0, 2000, 20));
+    }
+    for i in 0..120 {
+        reqs.push(req(f64::from(i) + 0.005, 6000, 20));
+    }
+    reqs.sort_by_key(|r| r.arrival_ns);
+    let o = RunOptions {
+        slo: Slo {
+            ttft_ms: Some(500.0),
+            itl_ms: None,
+        },
+        ..opts()
+    };
+    let run = |no_divert: bool| {
+        let planner = pdx_sim::planner(&c, None).unwrap();
+        let o = RunOptions {
+            no_divert,
+            ..o.clone()
+        };
+        Sim::new(&c, &reqs, planner, &o).unwrap().run()
+    };
+    let (with, without) = (run(false), run(true));
+    for out in [&with, &without] {
+        assert_eq!(
+            out.report.succeeded, out.report.requests,
+            "{:?}",
+            out.report.errors
+        );
+        // Same budget: "a" never had more than 2 replicas, "b" 3.
+        assert!(
+            out.pools[0].max_workers <= 2 && out.pools[1].max_workers <= 3,
+            "{:?}",
+            out.pools
+        );
+    }
+    // The planner asked to divert part of "a" to "b", the simulator did, and within "b"'s
+    // headroom: "b" (3 replicas, needing a fraction of one) took no more than its 3 spare
+    // replicas' worth of "a"'s requests at "a"'s per-replica rate.
+    let moved: Vec<_> = with.decisions.iter().flat_map(|d| &d.diversions).collect();
+    assert!(!moved.is_empty());
+    for v in &moved {
+        assert_eq!((v.from.as_str(), v.to.as_str()), ("a", "b"));
+        assert!(v.fraction > 0.0 && v.fraction <= 1.0, "{v:?}");
+    }
+    for d in &with.decisions {
+        let (a, b) = (&d.requests[0], &d.requests[1]);
+        for v in &d.diversions {
+            let spare = f64::from(d.targets[1]) - b.needed;
+            assert!(
+                v.fraction * a.rate <= spare * a.rate / a.needed + 1e-9,
+                "{d:?}"
+            );
+        }
+    }
+    assert!(with.pools[0].diverted > 0 && without.pools[0].diverted == 0);
+    assert_eq!(with.pools[1].requests, 120 + with.pools[0].diverted);
+    // Same budget, better attainment.
+    let (aw, an) = (
+        with.report.slo_attainment.unwrap(),
+        without.report.slo_attainment.unwrap(),
+    );
+    assert!(aw > an + 0.3, "with diversion {aw:.3}, without {an:.3}");
 }

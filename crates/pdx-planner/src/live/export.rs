@@ -8,6 +8,9 @@
 //! * `pdx_planner_correction{pool,phase}` (`prefill`, `decode`);
 //! * `pdx_planner_observed_requests{pool}`, `pdx_planner_observed_ttft_ms{pool}`,
 //!   `pdx_planner_observed_itl_ms{pool}`, `pdx_planner_observed_queued{pool}`;
+//! * `pdx_planner_diversion_fraction{from,to}`: share of a capped pool's requests the
+//!   planner asks to send to another pool of its role (`pdx plan` exports it; the router
+//!   does not apply it yet);
 //! * `pdx_planner_gpus`, `pdx_planner_decisions_total`.
 
 use crate::Decision;
@@ -109,6 +112,19 @@ pub fn render(d: &Decision, n: u64) -> String {
         per(&|i| d.observed.get(i).map(|o| o.queued)),
     );
     gauge(
+        "pdx_planner_diversion_fraction",
+        "Share of a capped pool's new requests to send to a pool of its role with headroom.",
+        d.diversions
+            .iter()
+            .map(|v| {
+                (
+                    format!("{{from=\"{}\",to=\"{}\"}}", esc(&v.from), esc(&v.to)),
+                    v.fraction,
+                )
+            })
+            .collect(),
+    );
+    gauge(
         "pdx_planner_gpus",
         "GPUs the targets use.",
         vec![(String::new(), d.gpus as f64)],
@@ -192,6 +208,11 @@ mod tests {
             }],
             targets: vec![3],
             gpus: 6,
+            diversions: vec![crate::global::Diversion {
+                from: "p\"x".into(),
+                to: "q".into(),
+                fraction: 0.25,
+            }],
         };
         let text = render(&d, 7);
         let s = prom::parse(&text);
@@ -205,6 +226,10 @@ mod tests {
         );
         assert_eq!(prom::sum(&s, "pdx_planner_observed_ttft_ms", &[]), 80.0);
         assert_eq!(prom::sum(&s, "pdx_planner_gpus", &[]), 6.0);
+        assert_eq!(
+            prom::sum(&s, "pdx_planner_diversion_fraction", &[("to", "q")]),
+            0.25
+        );
         assert_eq!(prom::sum(&s, "pdx_planner_decisions_total", &[]), 7.0);
         // No ITL observed: no sample.
         assert!(!text.contains("pdx_planner_observed_itl_ms{"));
