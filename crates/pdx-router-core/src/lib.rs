@@ -9,6 +9,8 @@
 //! * [`policy`]: the **local router** of one pool: `round_robin`, `least_loaded`,
 //!   `power_of_two`, `kv_aware` (Dynamo KV-router cost over an approximate per-worker prefix
 //!   index built from the router's own decisions).
+//! * [`divert`]: deterministic diversion of a fraction of a pool's requests to another pool
+//!   (the global planner's decision, applied as `pdx sim` does).
 //! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
 //! * [`breaker`]: per-worker circuit breaker (closed → open → half-open).
 //! * [`liveness`]: heartbeat TTL bookkeeping for registered workers, active health-check state.
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod breaker;
+pub mod divert;
 pub mod error;
 pub mod grid;
 pub mod liveness;
@@ -24,6 +27,7 @@ pub mod retry;
 pub mod sse;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
+pub use divert::Divert;
 pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
 pub use liveness::{Health, HealthCheck, Liveness};

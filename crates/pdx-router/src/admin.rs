@@ -1,4 +1,5 @@
-//! The admin API: `GET`, `POST` and `DELETE /v1/workers` (list, register or heartbeat, drain).
+//! The admin API: `GET`, `POST` and `DELETE /v1/workers` (list, register or heartbeat, drain); the same
+//! token guards `GET`/`PUT /v1/planner/diversions` ([`crate::divert`]).
 //!
 //! With an admin token configured (`--admin-token`, `admin_token` in the file), every one of these needs
 //! `Authorization: Bearer TOKEN`: registration decides where user traffic goes, the list reveals the
@@ -29,7 +30,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `None` when no token is configured or the request carries it; else the 401 response.
-fn refusal(sh: &Shared, req: &Request<Full<Bytes>>) -> Option<Response<RouterBody>> {
+pub(crate) fn refusal(sh: &Shared, req: &Request<Full<Bytes>>) -> Option<Response<RouterBody>> {
     let tok = sh.cfg.admin_token.as_ref()?;
     let given = req
         .headers()
@@ -90,7 +91,7 @@ fn list(sh: &Shared) -> Response<RouterBody> {
     json(&serde_json::json!({ "workers": ws }))
 }
 
-async fn read_small(req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_small(req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
     match Limited::new(req.into_body(), MAX_ADMIN_BODY)
         .collect()
         .await

@@ -231,6 +231,8 @@ impl Orchestrator for SglangBootstrap {
             ),
             None => (0, 0),
         };
+        let first_p = crate::divert::apply(sh, &model, prefill_pools, first_p);
+        let first_d = crate::divert::apply(sh, &model, decode_pools, first_d);
         let mut p_ex: Vec<u64> = Vec::new();
         let mut d_ex: Vec<u64> = Vec::new();
         let mut last: Option<UpstreamFailure> = None;

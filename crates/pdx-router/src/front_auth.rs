@@ -102,9 +102,12 @@ pub fn client_keys(flags: &[ApiKey], file: &[ApiKey]) -> Result<Vec<ApiKey>, Rou
 }
 
 /// Whether `path` is an OpenAI route that `--api-key` guards: every `/v1` path (unknown ones too, so a 404
-/// tells nothing to a client without a key) except the registration API.
+/// tells nothing to a client without a key) except the admin API (registration, the planner's diversions),
+/// which has its own token.
 pub fn guards(path: &str) -> bool {
-    (path == "/v1" || path.starts_with("/v1/")) && path != "/v1/workers"
+    (path == "/v1" || path.starts_with("/v1/"))
+        && path != "/v1/workers"
+        && path != "/v1/planner/diversions"
 }
 
 /// Checks the client's `Authorization` against `keys` (none: everyone passes).
@@ -242,7 +245,15 @@ mod tests {
         ] {
             assert!(guards(p), "{p}");
         }
-        for p in ["/v1/workers", "/health", "/ready", "/metrics", "/v10", "/"] {
+        for p in [
+            "/v1/workers",
+            "/v1/planner/diversions",
+            "/health",
+            "/ready",
+            "/metrics",
+            "/v10",
+            "/",
+        ] {
             assert!(!guards(p), "{p}");
         }
     }

@@ -61,15 +61,16 @@ pub(crate) struct PrefillJob {
     hashes: Vec<u64>,
     tokens: u64,
     isl: u64,
-    ttft_ms: Option<f64>,
     path: &'static str,
     rid: HeaderValue,
     /// The client's `Authorization` ([`crate::front_auth::upstream`]).
     auth: Option<HeaderValue>,
     /// The prefill request body (`max_tokens` 1, not streamed, `do_remote_decode`).
     body: Bytes,
-    /// Decode pool tried first (grid).
+    /// Decode pool tried first (grid, then the planner's diversions).
     decode_first: usize,
+    /// Prefill pool tried first (grid, then the planner's diversions).
+    prefill_first: usize,
 }
 
 impl PrefillJob {
@@ -252,12 +253,14 @@ struct PrefillAnswer {
 pub(crate) type PrefillResult = Result<Option<(KvTransferParams, KvLease)>, Response<RouterBody>>;
 
 /// Runs the prefill of `job` on a worker not in `exclude`, in a task of its own (so the client going
-/// away abandons the request rather than cutting it; see the module docs). `decode_first` is the decode
-/// pool a release would try first.
+/// away abandons the request rather than cutting it; see the module docs). `prefill_first` is the prefill
+/// pool tried first, `decode_first` the decode pool a release would try first (both chosen once per request
+/// by the caller: [`crate::divert::apply`] counts each choice).
 pub(crate) async fn prefill(
     sh: &Arc<Shared>,
     job: &Job,
     exclude: &[u64],
+    prefill_first: usize,
     decode_first: usize,
 ) -> PrefillResult {
     if job.model.prefill.is_empty() {
@@ -268,12 +271,12 @@ pub(crate) async fn prefill(
         hashes: job.hashes.clone(),
         tokens: job.tokens,
         isl: job.isl,
-        ttft_ms: job.ttft_ms,
         path: job.path,
         rid: job.rid.clone(),
         auth: job.auth.clone(),
         body: job.body.prefill_bytes(),
         decode_first,
+        prefill_first,
     });
     let abandon = Rc::new(Abandon::default());
     let mut fire = FireOnDrop(Some(abandon.clone()));
@@ -313,11 +316,7 @@ async fn run_prefill(
     abandon: &Abandon,
 ) -> Result<Option<(KvTransferParams, Arc<Worker>)>, Response<RouterBody>> {
     let pools = &pj.model.prefill;
-    let first = pj
-        .model
-        .grid
-        .as_ref()
-        .map_or(0, |g| g.select_prefill_pool(pj.isl, pj.ttft_ms));
+    let first = pj.prefill_first;
     let t0 = Instant::now();
     let sent = dispatch(
         sh,

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod body;
 pub mod bootstrap;
 pub mod config;
+pub mod divert;
 pub mod error;
 pub mod front;
 pub mod front_auth;

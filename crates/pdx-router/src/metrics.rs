@@ -15,6 +15,7 @@
 //! * `pdx_worker_state{worker,role,pool,state}` (1 for the current state) and
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
 //! * `pdx_pool_choices_total{model,role,pool}`;
+//! * `pdx_planner_diverted_total{model,from,to}` (the global planner's diversions applied);
 //! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
 //!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
 //!
@@ -87,6 +88,17 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+/// Labels of `pdx_planner_diverted_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DivertLabels {
+    /// Model.
+    pub model: String,
+    /// The capped pool the request was meant for.
+    pub from: String,
+    /// The pool it went to.
+    pub to: String,
+}
+
 /// All router metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -112,6 +124,8 @@ pub struct Metrics {
     pub worker_in_flight: Family<WorkerLabel, Gauge>,
     /// Pool choices.
     pub pool_choices: Family<PoolLabels, Counter>,
+    /// Requests the global planner's diversions sent to another pool ([`crate::divert`]).
+    pub diverted: Family<DivertLabels, Counter>,
     /// Releases of prefilled KV no decode took, by outcome.
     pub kv_releases: Family<OutcomeLabel, Counter>,
     /// Requests with prefilled KV not yet taken by a decode, per prefill worker.
@@ -137,6 +151,7 @@ impl Metrics {
         let worker_state = Family::<WorkerStateLabels, Gauge>::default();
         let worker_in_flight = Family::<WorkerLabel, Gauge>::default();
         let pool_choices = Family::<PoolLabels, Counter>::default();
+        let diverted = Family::<DivertLabels, Counter>::default();
         let kv_releases = Family::<OutcomeLabel, Counter>::default();
         let worker_kv_pending = Family::<WorkerLabel, Gauge>::default();
         registry.register(
@@ -162,6 +177,11 @@ impl Metrics {
         );
         registry.register("pdx_pool_choices", "Pool selections", pool_choices.clone());
         registry.register(
+            "pdx_planner_diverted",
+            "Requests sent to another pool of the same role by the global planner's diversions",
+            diverted.clone(),
+        );
+        registry.register(
             "pdx_kv_releases",
             "Releases of prefilled KV that no decode took, by outcome (released, refused, failed, timeout, no_decode)",
             kv_releases.clone(),
@@ -183,6 +203,7 @@ impl Metrics {
             worker_state,
             worker_in_flight,
             pool_choices,
+            diverted,
             kv_releases,
             worker_kv_pending,
         }

@@ -130,6 +130,7 @@ async fn route(
         ("/v1/workers", &Method::GET | &Method::POST | &Method::DELETE) => {
             crate::admin::workers(sh, req).await
         }
+        ("/v1/planner/diversions", _) => crate::divert::route(sh, req).await,
         ("/health" | "/ready" | "/metrics" | "/v1/models", _)
         | ("/v1/chat/completions" | "/v1/completions" | "/v1/workers", _) => error_response(
             &ApiError::method_not_allowed(format!("{m} not allowed on {path}")),
@@ -804,7 +805,19 @@ impl Orchestrator for Aggregated {
         }
         let body = job.body.to_bytes();
         let t = job.target();
-        match dispatch(sh, t, pools, 0, body, Phase::Aggregated, Vec::new(), None).await {
+        let first = crate::divert::apply(sh, &job.model, pools, 0);
+        match dispatch(
+            sh,
+            t,
+            pools,
+            first,
+            body,
+            Phase::Aggregated,
+            Vec::new(),
+            None,
+        )
+        .await
+        {
             Ok(sent) => forward(sh, &job, sent, false, Instant::now()),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
@@ -814,11 +827,19 @@ impl Orchestrator for Aggregated {
 
 impl Orchestrator for VllmNixl {
     async fn run(&self, sh: &Arc<Shared>, mut job: Job) -> Response<RouterBody> {
-        let first = job
-            .model
-            .grid
-            .as_ref()
-            .map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms));
+        let grid = job.model.grid.as_ref();
+        let first = crate::divert::apply(
+            sh,
+            &job.model,
+            &job.model.decode,
+            grid.map_or(0, |g| g.select_decode_pool(job.isl, job.itl_ms)),
+        );
+        let prefill_first = crate::divert::apply(
+            sh,
+            &job.model,
+            &job.model.prefill,
+            grid.map_or(0, |g| g.select_prefill_pool(job.isl, job.ttft_ms)),
+        );
         let decode = job.model.decode.clone();
         // No prefill without a decode worker to take its KV: the blocks would wait for a decode that
         // cannot come (until the engine's own timeout, 480 s in vLLM).
@@ -833,7 +854,15 @@ impl Orchestrator for VllmNixl {
         loop {
             // `lease`: the prefill worker holds the KV for this request until a decode takes it; dropped
             // untaken (the client went away, no decode would take the request), it is released.
-            let prefilled = match crate::handoff::prefill(sh, &job, &failed_prefill, first).await {
+            let prefilled = match crate::handoff::prefill(
+                sh,
+                &job,
+                &failed_prefill,
+                prefill_first,
+                first,
+            )
+            .await
+            {
                 Ok(p) => p,
                 Err(r) => return r,
             };

@@ -402,6 +402,10 @@ pub type Registration = pdx_protocol::Registration;
 pub struct Registry {
     /// Current snapshot.
     pub snap: ArcSwap<Snapshot>,
+    /// The global planner's diversions in force ([`crate::divert`]), read on the request path.
+    pub diversions: ArcSwap<crate::divert::Rules>,
+    /// Serializes `PUT /v1/planner/diversions` (never taken on the request path).
+    pub(crate) diversions_edit: Mutex<()>,
     edit: Mutex<()>,
     epoch: Instant,
     next_id: AtomicU64,
@@ -429,6 +433,8 @@ impl Registry {
     pub fn new(cfg: &Config) -> Result<Arc<Self>, RouterError> {
         let r = Arc::new(Self {
             snap: ArcSwap::from_pointee(Snapshot::default()),
+            diversions: ArcSwap::from_pointee(Vec::new()),
+            diversions_edit: Mutex::new(()),
             edit: Mutex::new(()),
             epoch: Instant::now(),
             next_id: AtomicU64::new(1),
