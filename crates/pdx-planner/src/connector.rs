@@ -6,7 +6,8 @@
 //! * **local** ([`crate::live::LocalConnector`]): starts `pdx mock` processes that register
 //!   themselves with `pdx serve` (`pdx mock --register URL --pool NAME`); scale-down drains a
 //!   worker through the router (`DELETE /v1/workers`), waits until the router has nothing in
-//!   flight on it and the worker holds no KV for a remote decode, then stops the process.
+//!   flight on it and the worker holds no KV for a remote decode, then stops the process. Each
+//!   decision's diversions go to the router (`PUT /v1/planner/diversions`).
 //! * **Kubernetes**: implement [`Connector`] over the cluster's API. The mapping Dynamo's
 //!   `KubernetesConnector` uses: one Deployment (or one service of a `DynamoGraphDeployment`)
 //!   per pool; [`Connector::replicas`] reads its `spec.replicas`, [`Connector::scale`] patches
@@ -31,4 +32,15 @@ pub trait Connector {
     /// Errors: [`PlannerError::Connector`] when a worker cannot be started or stopped, or the
     /// pool is unknown; the planner logs it and tries again at the next interval.
     fn scale(&mut self, pool: &str, target: u32) -> Result<(), PlannerError>;
+
+    /// Hands the decision's diversions (all of them: the list replaces the previous one, empty
+    /// clears) to whatever routes the requests. The default does nothing, for connectors whose
+    /// router applies the diversions itself (`pdx sim`'s engine reads them from the decision).
+    ///
+    /// Errors: [`PlannerError::Connector`] when the router refuses them or cannot be reached; the
+    /// planner logs it and sends them again at the next interval.
+    fn divert(&mut self, diversions: &[crate::global::Diversion]) -> Result<(), PlannerError> {
+        let _ = diversions;
+        Ok(())
+    }
 }

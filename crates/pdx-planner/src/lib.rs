@@ -168,7 +168,8 @@ impl Planner {
         }
     }
 
-    /// Applies a decision through a connector; errors are collected, not fatal.
+    /// Applies a decision through a connector (replica targets, then the diversions); errors are
+    /// collected, not fatal.
     pub fn apply(&self, d: &Decision, conn: &mut dyn Connector) -> Vec<PlannerError> {
         let mut errs = Vec::new();
         for (p, &t) in self.cfg.pools.iter().zip(&d.targets) {
@@ -176,6 +177,10 @@ impl Planner {
                 tracing::warn!(pool = %p.name, target = t, error = %e, "scaling failed");
                 errs.push(e);
             }
+        }
+        if let Err(e) = conn.divert(&d.diversions) {
+            tracing::warn!(error = %e, "sending the diversions failed");
+            errs.push(e);
         }
         errs
     }

@@ -17,7 +17,7 @@
 //! On the request path, the pool the grid picks (or the first pool without a grid) is the *source*; a rule
 //! for it decides by [`pdx_router_core::Divert`] (one atomic add per request, no lock; the rules are an
 //! `ArcSwap` snapshot) whether this request goes to the rule's target pool instead. Diverted requests are
-//! counted in `pdx_planner_diverted_total{model,from,to}`.
+//! counted in `pdx_planner_diverted_total{model,role,from,to}`.
 
 use crate::body::RouterBody;
 use crate::proxy::{error_response, full, Shared};
@@ -96,6 +96,7 @@ pub fn apply(sh: &Shared, model: &ModelTopo, pools: &[Arc<Pool>], first: usize) 
                 .diverted
                 .get_or_create(&crate::metrics::DivertLabels {
                     model: model.name.clone(),
+                    role: rule.role.as_str(),
                     from: rule.from.clone(),
                     to: rule.to.clone(),
                 })
@@ -161,15 +162,30 @@ async fn put(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Response<RouterBo
         ));
     }
     let snap = sh.registry.snap.load();
-    let model = snap
-        .model(b.model.as_deref())
-        .ok_or_else(|| match &b.model {
+    let Some(model) = snap.model(b.model.as_deref()) else {
+        // Clearing the diversions of a model no worker serves (yet: `pdx plan` sends its first
+        // decision while its workers may still be registering) is trivially done.
+        if let (Some(m), true) = (&b.model, b.diversions.is_empty()) {
+            if m.len() <= MAX_NAME_BYTES {
+                let _edit = sh.registry.diversions_edit.lock();
+                let cur = sh.registry.diversions.load();
+                let kept: Rules = cur.iter().filter(|r| &r.model != m).cloned().collect();
+                sh.registry.diversions.store(Arc::new(kept));
+                return Ok(full(
+                    200,
+                    "application/json",
+                    serde_json::json!({"model": m, "diversions": 0}).to_string(),
+                ));
+            }
+        }
+        return Err(match &b.model {
             Some(m) => {
                 ApiError::invalid_param("model", format!("no model {}", truncate(m).escape_debug()))
             }
             None => ApiError::invalid_param("model", "model is required (several models served)"),
-        })?
-        .clone();
+        });
+    };
+    let model = model.clone();
     let old = sh.registry.diversions.load();
     let mut new: Vec<Arc<Rule>> = Vec::with_capacity(b.diversions.len());
     for e in b.diversions {

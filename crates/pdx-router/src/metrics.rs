@@ -15,7 +15,7 @@
 //! * `pdx_worker_state{worker,role,pool,state}` (1 for the current state) and
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
 //! * `pdx_pool_choices_total{model,role,pool}`;
-//! * `pdx_planner_diverted_total{model,from,to}` (the global planner's diversions applied);
+//! * `pdx_planner_diverted_total{model,role,from,to}` (the global planner's diversions applied);
 //! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
 //!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
 //!
@@ -93,6 +93,8 @@ pub struct PoolLabels {
 pub struct DivertLabels {
     /// Model.
     pub model: String,
+    /// Role of both pools.
+    pub role: &'static str,
     /// The capped pool the request was meant for.
     pub from: String,
     /// The pool it went to.

@@ -151,7 +151,7 @@ async fn bad_diversions_are_refused_and_the_token_guards_them() {
         r#"{"diversions":{}}"#,
         r#"{"model":"mock"}"#,
         r#"{"diversions":[],"extra":1}"#,
-        r#"{"model":"nope","diversions":[]}"#,
+        r#"{"model":"nope","diversions":[{"from":"pa","to":"pb","fraction":0.5}]}"#,
         r#"{"diversions":[{"from":"pa","to":"pb"}]}"#,
         r#"{"diversions":[{"from":"pa","to":"pb","fraction":0.5,"x":1}]}"#,
         r#"{"diversions":[{"from":"pa","to":"pb","fraction":0}]}"#,
@@ -171,6 +171,15 @@ async fn bad_diversions_are_refused_and_the_token_guards_them() {
         assert_eq!(v["error"]["code"], 400, "{b}: {v}");
     }
     assert_eq!(admin(&r, "DELETE", Some(TOKEN), "").await.0, 405);
+    // Clearing a model no worker serves (yet) is trivially done.
+    let (s, v) = admin(
+        &r,
+        "PUT",
+        Some(TOKEN),
+        r#"{"model":"later","diversions":[]}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
     // Nothing refused was stored; a good body is.
     assert_eq!(
         admin(&r, "GET", Some(TOKEN), "").await.1["diversions"],

@@ -139,6 +139,26 @@ pub struct Collector {
     last: Option<Instant>,
 }
 
+/// Requests offered to pool `pool` of `role` so far, from the router's metrics: the requests it routed
+/// there (`pdx_pool_choices_total`), plus those the planner's diversions sent elsewhere, less those they
+/// brought in (`pdx_planner_diverted_total{role,from,to}`). The grid's choice is the pool's load, as in
+/// `pdx sim`: a capped pool keeps asking for what it needs while its excess is diverted.
+pub fn offered(router_metrics: &[prom::Sample], role: &str, pool: &str) -> f64 {
+    let routed = prom::sum(
+        router_metrics,
+        "pdx_pool_choices_total",
+        &[("role", role), ("pool", pool)],
+    );
+    let d = |side: &str| {
+        prom::sum(
+            router_metrics,
+            "pdx_planner_diverted_total",
+            &[("role", role), (side, pool)],
+        )
+    };
+    (routed + d("from") - d("to")).max(0.0)
+}
+
 fn role_name(r: PoolRole) -> &'static str {
     match r {
         PoolRole::Prefill => "prefill",
@@ -203,11 +223,7 @@ impl Collector {
                 }
             }
             let key = (role.to_string(), p.name.clone());
-            let total = prom::sum(
-                &rm,
-                "pdx_pool_choices_total",
-                &[("role", role), ("pool", &p.name)],
-            );
+            let total = offered(&rm, role, &p.name);
             let prev = self.choices.insert(key, total).unwrap_or(total);
             let routed = if total >= prev { total - prev } else { total };
             let per = |x: f64| {
@@ -451,6 +467,20 @@ impl Connector for LocalConnector {
             .count() as u32
     }
 
+    /// `PUT {router}/v1/planner/diversions` with this model's diversions (replace-all).
+    fn divert(&mut self, diversions: &[crate::global::Diversion]) -> Result<(), PlannerError> {
+        let url = format!("{}/v1/planner/diversions", self.router);
+        let body = serde_json::json!({ "model": self.model, "diversions": diversions }).to_string();
+        let (status, answer) = http::request("PUT", &url, Some(&body), HTTP_TIMEOUT)?;
+        if status != 200 {
+            return Err(PlannerError::Connector(format!(
+                "the router answered {status} to the diversions: {}",
+                String::from_utf8_lossy(&answer[..answer.len().min(512)])
+            )));
+        }
+        Ok(())
+    }
+
     fn scale(&mut self, pool: &str, target: u32) -> Result<(), PlannerError> {
         let have = self.replicas(pool);
         for _ in have..target {
@@ -556,4 +586,100 @@ pub fn run(
             .map_err(|e| PlannerError::Connector(format!("cannot write the log: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Answers each of `answers` to one request in turn; returns what each request carried.
+    fn router(answers: &'static [&'static str]) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for a in answers {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Until the head and the Content-Length body are in.
+                loop {
+                    let n = s.read(&mut chunk).unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    let t = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(i) = t.find("\r\n\r\n") {
+                        let len = t
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= i + 4 + len || n == 0 {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                seen.push(String::from_utf8_lossy(&buf).to_string());
+                let body = "{}";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {a}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            seen
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn offered_load_counts_diverted_requests_at_their_grid_choice() {
+        let m = prom::parse(concat!(
+            "pdx_pool_choices_total{model=\"m\",role=\"prefill\",pool=\"a\"} 10\n",
+            "pdx_pool_choices_total{model=\"m\",role=\"prefill\",pool=\"b\"} 7\n",
+            "pdx_pool_choices_total{model=\"m\",role=\"decode\",pool=\"a\"} 17\n",
+            "pdx_planner_diverted_total{model=\"m\",role=\"prefill\",from=\"a\",to=\"b\"} 5\n",
+        ));
+        assert_eq!(offered(&m, "prefill", "a"), 15.0);
+        assert_eq!(offered(&m, "prefill", "b"), 2.0);
+        assert_eq!(offered(&m, "decode", "a"), 17.0);
+        assert_eq!(offered(&m, "decode", "b"), 0.0);
+    }
+
+    #[test]
+    fn diversions_are_put_to_the_router() {
+        let (addr, h) = router(&["200 OK", "400 Bad Request"]);
+        let cfg: LocalConfig = serde_json::from_str("{}").unwrap();
+        let mut c = LocalConnector::new(&addr, "m", cfg, HashMap::new()).unwrap();
+        let d = vec![crate::global::Diversion {
+            from: "p-short".into(),
+            to: "p-long".into(),
+            fraction: 0.25,
+        }];
+        c.divert(&d).unwrap();
+        let e = c.divert(&[]).unwrap_err();
+        assert!(e.to_string().contains("400"), "{e}");
+        let seen = h.join().unwrap();
+        assert!(
+            seen[0].starts_with("PUT /v1/planner/diversions HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        let body = |r: &str| -> serde_json::Value {
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+        };
+        assert_eq!(
+            body(&seen[0]),
+            serde_json::json!({"model": "m", "diversions": [{"from": "p-short", "to": "p-long", "fraction": 0.25}]})
+        );
+        assert_eq!(
+            body(&seen[1]),
+            serde_json::json!({"model": "m", "diversions": []})
+        );
+    }
 }
