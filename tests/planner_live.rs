@@ -40,9 +40,14 @@ impl Drop for Guard {
 }
 
 fn spawn(args: &[&str], dir: &Path) -> Guard {
+    spawn_env(args, dir, &[])
+}
+
+fn spawn_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Guard {
     Guard(
         Command::new(PDX)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -277,9 +282,20 @@ struct Listed {
     pool: String,
 }
 
+/// The admin token of the router `serve_with_planner…` starts (a router without one ignores it).
+const ADMIN_TOKEN: &str = "planner-live-admin-token";
+
 fn decode_workers(router: &str) -> Vec<String> {
-    let Some(body) = get(&format!("{router}/v1/workers")) else {
-        return vec![];
+    let url = format!("{router}/v1/workers");
+    let body = match pdx_planner::live::http::request_with(
+        "GET",
+        &url,
+        None,
+        Some(ADMIN_TOKEN),
+        Duration::from_secs(2),
+    ) {
+        Ok((200, body)) => String::from_utf8_lossy(&body).into_owned(),
+        _ => return vec![],
     };
     #[derive(serde::Deserialize)]
     struct L {
@@ -558,11 +574,12 @@ fn serve_with_planner_starts_the_planned_workers_logs_decisions_and_stops_them_o
         dir.join("pdx.toml"),
         format!(
             "host = \"127.0.0.1\"\nport = {rp}\nthreads = 1\ndefault_policy = \"least_loaded\"\n\
-             heartbeat_ttl_secs = 5\n"
+             heartbeat_ttl_secs = 5\nadmin_token = \"{ADMIN_TOKEN}\"\n"
         ),
     )
     .unwrap();
-    // No `router =`: `pdx serve --planner` plans against itself.
+    // No `router =`: `pdx serve --planner` plans against itself, with the admin token from `PDX_ADMIN_TOKEN`
+    // (its workers register with it too).
     std::fs::write(
         dir.join("plan.toml"),
         format!(
@@ -577,7 +594,7 @@ fn serve_with_planner_starts_the_planned_workers_logs_decisions_and_stops_them_o
     )
     .unwrap();
     let log = dir.join("decisions.jsonl");
-    let mut serve = spawn(
+    let mut serve = spawn_env(
         &[
             "serve",
             "--config",
@@ -588,6 +605,7 @@ fn serve_with_planner_starts_the_planned_workers_logs_decisions_and_stops_them_o
             log.to_str().unwrap(),
         ],
         &dir,
+        &[("PDX_ADMIN_TOKEN", ADMIN_TOKEN)],
     );
     wait_for(&format!("{router}/health"));
     // The planner thread starts each pool's minimum: a decode worker registers.

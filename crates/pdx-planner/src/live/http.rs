@@ -30,6 +30,15 @@ fn split(url: &str) -> Result<(&str, &str), PlannerError> {
     })
 }
 
+/// The router's admin token for its admin API (`/v1/workers`, `/v1/planner/diversions`), from
+/// `PDX_ADMIN_TOKEN` (the variable `pdx mock --register` reads too, so the workers the `local`
+/// connector starts register with it): `None` when unset, empty, or not visible ASCII.
+pub fn admin_token() -> Option<String> {
+    std::env::var("PDX_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 1024 && t.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 /// Sends `method url` with an optional JSON body; returns the status and the body.
 ///
 /// Errors: [`PlannerError::Http`] on connect/read/write failure or timeout, a malformed or
@@ -38,6 +47,20 @@ pub fn request(
     method: &str,
     url: &str,
     json: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), PlannerError> {
+    request_with(method, url, json, None, timeout)
+}
+
+/// [`request`] to the router's admin API: with `Authorization: Bearer TOKEN` when `token` is set
+/// ([`admin_token`]). Never used for workers, which have no business seeing the router's token.
+///
+/// Errors: as [`request`].
+pub fn request_with(
+    method: &str,
+    url: &str,
+    json: Option<&str>,
+    token: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), PlannerError> {
     let (authority, path) = split(url)?;
@@ -54,6 +77,9 @@ pub fn request(
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: */*\r\n"
     );
+    if let Some(t) = token {
+        req += &format!("Authorization: Bearer {t}\r\n");
+    }
     if json.is_some() {
         req += &format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -155,6 +181,29 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request `request_with` sends, as a one-shot server on loopback saw it.
+    fn sent(token: Option<&str>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/workers", l.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = c.read(&mut buf).unwrap();
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let (status, _) = request_with("GET", &url, None, token, Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 200);
+        server.join().unwrap()
+    }
+
+    #[test]
+    fn the_admin_token_goes_only_where_asked() {
+        assert!(sent(Some("t0k")).contains("\r\nAuthorization: Bearer t0k\r\n"));
+        assert!(!sent(None).to_ascii_lowercase().contains("authorization"));
+    }
 
     #[test]
     fn framing() {

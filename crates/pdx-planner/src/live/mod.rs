@@ -51,7 +51,8 @@ struct WorkerList {
 /// Errors: [`PlannerError::Http`] when the router does not answer 200 with the list.
 pub fn list_workers(router: &str) -> Result<Vec<WorkerInfo>, PlannerError> {
     let url = format!("{}/v1/workers", router.trim_end_matches('/'));
-    let (status, body) = http::request("GET", &url, None, HTTP_TIMEOUT)?;
+    let token = http::admin_token();
+    let (status, body) = http::request_with("GET", &url, None, token.as_deref(), HTTP_TIMEOUT)?;
     if status != 200 {
         return Err(PlannerError::Http {
             url,
@@ -400,7 +401,9 @@ impl LocalConnector {
     fn drain(&mut self, i: usize) -> Result<(), PlannerError> {
         let url = format!("{}/v1/workers", self.router);
         let body = serde_json::json!({ "url": self.children[i].url }).to_string();
-        let (status, _) = http::request("DELETE", &url, Some(&body), HTTP_TIMEOUT)?;
+        let token = http::admin_token();
+        let (status, _) =
+            http::request_with("DELETE", &url, Some(&body), token.as_deref(), HTTP_TIMEOUT)?;
         // 404: it has not registered yet (or was swept): nothing routes to it.
         if status != 200 && status != 404 {
             return Err(PlannerError::Connector(format!(
@@ -471,7 +474,9 @@ impl Connector for LocalConnector {
     fn divert(&mut self, diversions: &[crate::global::Diversion]) -> Result<(), PlannerError> {
         let url = format!("{}/v1/planner/diversions", self.router);
         let body = serde_json::json!({ "model": self.model, "diversions": diversions }).to_string();
-        let (status, answer) = http::request("PUT", &url, Some(&body), HTTP_TIMEOUT)?;
+        let token = http::admin_token();
+        let (status, answer) =
+            http::request_with("PUT", &url, Some(&body), token.as_deref(), HTTP_TIMEOUT)?;
         if status != 200 {
             return Err(PlannerError::Connector(format!(
                 "the router answered {status} to the diversions: {}",
