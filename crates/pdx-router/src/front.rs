@@ -98,23 +98,23 @@ pub fn status_class(status: u16) -> &'static str {
 /// [`crate::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
 pub fn count(sh: &Shared, model: String, resp: &Response<RouterBody>) {
     let status = resp.status().as_u16();
-    let (pool, worker) = match resp.extensions().get::<Served>() {
-        Some(s) => {
-            s.worker.note_series(&model, status);
-            (s.pool.clone(), s.worker.url.clone())
-        }
-        None => Default::default(),
+    let served = resp.extensions().get::<Served>();
+    let (pool, worker) = served
+        .map(|s| (s.pool.clone(), s.worker.url.clone()))
+        .unwrap_or_default();
+    let labels = RequestLabels {
+        model,
+        pool,
+        worker,
+        status,
+        class: status_class(status),
     };
-    sh.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            model,
-            pool,
-            worker,
-            status,
-            class: status_class(status),
-        })
-        .inc();
+    let before = sh.metrics.requests.get_or_create(&labels).inc();
+    // The worker keeps the label sets of its series, to delete them when it leaves: noted once, when the series
+    // is new (its first count), so a request takes no lock on the worker.
+    if let (0, Some(s)) = (before, served) {
+        s.worker.note_series(&labels.model, status);
+    }
 }
 
 #[cfg(test)]
