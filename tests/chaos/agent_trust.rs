@@ -325,3 +325,38 @@ fn decode_unmaps_a_dead_prefill_at_once() {
         "the decode still maps the dead prefill's KV memory"
     );
 }
+
+/// Decode requests that reach a new prefill at the same moment (the first requests of several clients) each load
+/// its metadata; one such load used to vouch for the prefill over a link of its own and shut the other's down
+/// under its KV read (`pdx demo` saw KV transfer errors in half its runs). Every read must succeed.
+#[test]
+fn concurrent_first_reads_from_a_new_prefill_all_succeed() {
+    let p = KvMock::start("prefill", &["--engine-id", "chaos-first-reads-prefill"]);
+    let d = KvMock::start("decode", &["--engine-id", "chaos-first-reads-decode"]);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("request {i} of a burst that reaches a new prefill"))
+        .collect();
+    let kvs: Vec<serde_json::Value> = prompts.iter().map(|q| prefill(&p, q)).collect();
+    let start = Arc::new(std::sync::Barrier::new(prompts.len()));
+    let decode = d.http;
+    let readers: Vec<_> = prompts
+        .into_iter()
+        .zip(kvs)
+        .map(|(q, kv)| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                complete(decode, &q, 2, kv)
+            })
+        })
+        .collect();
+    for r in readers {
+        let (st, v) = r.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+    }
+    assert_eq!(
+        metric(d.http, "pdx:kv_transfer_errors_total"),
+        Some(0.0),
+        "no KV read failed"
+    );
+}
