@@ -287,7 +287,7 @@ pub enum OrchestrationKind {
     VllmNixl,
     /// SGLang PD (`sgl-router` / `sglang_router` PD mode): the same body, with `bootstrap_host`,
     /// `bootstrap_port` and a random `bootstrap_room` added, goes to a prefill and a decode worker at
-    /// once; the decode's response goes to the client (see [`crate::bootstrap`]). Models without decode
+    /// once; the decode's response goes to the client (see [`crate::orchestrate::sglang`]). Models without decode
     /// pools use their aggregated pools.
     SglangBootstrap,
     /// Aggregated pools only.

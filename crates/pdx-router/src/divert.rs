@@ -10,7 +10,7 @@
 //!
 //! The list replaces every diversion of that model (an empty list clears them); `model` may be left out
 //! when the router serves one model (or a `*` model). The body is parsed strictly (unknown fields refused)
-//! and bounded ([`MAX_DIVERSIONS`] entries, [`crate::admin::MAX_ADMIN_BODY`] bytes): both pools must exist
+//! and bounded ([`MAX_DIVERSIONS`] entries, [`crate::api::workers::MAX_ADMIN_BODY`] bytes): both pools must exist
 //! in that model with the same role and differ, a pool is diverted from at most once, and `fraction` is in
 //! `(0, 1]`; anything else is a 400 OpenAI error. The route is guarded like `/v1/workers` (the admin token).
 //!
@@ -19,8 +19,8 @@
 //! `ArcSwap` snapshot) whether this request goes to the rule's target pool instead. Diverted requests are
 //! counted in `pdx_planner_diverted_total{model,role,from,to}`.
 
+use crate::api::{error_response, full, Shared};
 use crate::body::RouterBody;
-use crate::proxy::{error_response, full, Shared};
 use crate::registry::{ModelTopo, Pool};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -109,7 +109,7 @@ pub fn apply(sh: &Shared, model: &ModelTopo, pools: &[Arc<Pool>], first: usize) 
 
 /// Handles `/v1/planner/diversions` (`GET` lists, `PUT` replaces a model's diversions).
 pub async fn route(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
-    if let Some(r) = crate::admin::refusal(sh, &req) {
+    if let Some(r) = crate::api::workers::refusal(sh, &req) {
         return r;
     }
     match *req.method() {
@@ -152,7 +152,7 @@ fn role_of(m: &ModelTopo, name: &str) -> Option<Role> {
 }
 
 async fn put(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Response<RouterBody>, ApiError> {
-    let body = crate::admin::read_small(req).await?;
+    let body = crate::api::workers::read_small(req).await?;
     let b: PutBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed diversions: {e}")))?;
     if b.diversions.len() > MAX_DIVERSIONS {

@@ -3,10 +3,10 @@
 //! of every answer in `pdx_requests_total` (authentication is [`crate::front_auth`], request validation
 //! [`pdx_protocol::validate`], the model list [`crate::models`]).
 
+use crate::api::Shared;
 use crate::body::RouterBody;
 use crate::config::{Config, OrchestrationKind};
 use crate::metrics::RequestLabels;
-use crate::proxy::Shared;
 use crate::registry::Snapshot;
 use crate::RouterError;
 use hyper::Response;
@@ -95,7 +95,7 @@ pub fn status_class(status: u16) -> &'static str {
 }
 
 /// Counts one answer of a completion route in `pdx_requests_total`, under `model` (a
-/// [`crate::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
+/// [`crate::api::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
 pub fn count(sh: &Shared, model: String, resp: &Response<RouterBody>) {
     let status = resp.status().as_u16();
     let served = resp.extensions().get::<Served>();

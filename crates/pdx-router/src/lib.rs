@@ -9,9 +9,8 @@
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub mod api;
 pub mod body;
-pub mod bootstrap;
 pub mod config;
 pub mod divert;
 pub mod error;
@@ -20,11 +19,10 @@ pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
-pub mod handoff;
 pub mod metrics;
-pub mod models;
-pub mod proxy;
+pub mod orchestrate;
 pub mod registry;
+pub mod request;
 pub mod server;
 pub mod shutdown;
 pub mod upstream;
@@ -32,8 +30,8 @@ pub mod upstream;
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
 
+use api::Shared;
 use monoio::io::IntoPollIo;
-use proxy::Shared;
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -132,7 +130,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         .map(std::net::TcpListener::try_clone)
         .collect::<Result<Vec<_>, _>>()?;
     let registry = registry::Registry::new(&cfg)?;
-    let models = models::Catalog::new(&registry, &cfg.api_keys);
+    let models = api::models::Catalog::new(&registry, &cfg.api_keys);
     let shared = Arc::new(Shared {
         cfg,
         registry,
@@ -242,7 +240,7 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
             return;
         }
     };
-    handoff::set_live(true);
+    orchestrate::handoff::set_live(true);
     // Idle upstream connections that are too old or closed by their server are closed about once a second.
     let serving = Rc::new(Cell::new(true));
     {
@@ -311,7 +309,7 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
         }
     }
     serving.set(false);
-    handoff::set_live(false);
+    orchestrate::handoff::set_live(false);
 }
 
 /// A worker that is down, or whose breaker is open, is checked this often (at most every health-check
@@ -378,7 +376,7 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
             refreshing.set(true);
             let (sh, refreshing) = (sh.clone(), refreshing.clone());
             monoio::spawn(async move {
-                models::refresh(&sh).await;
+                api::models::refresh(&sh).await;
                 refreshing.set(false);
             });
         }

@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text via `prometheus-client`).
 //!
 //! * `pdx_requests_total{model,pool,worker,status,class}`: every answer of the completion routes, by model
-//!   (a name the router lists, else `other`: see [`crate::models::Catalog::label`]), the pool and worker
+//!   (a name the router lists, else `other`: see [`crate::api::models::Catalog::label`]), the pool and worker
 //!   that produced it (decode or aggregated; empty for the router's own answers, 400/401/404/503..., and a
 //!   prefill's 4xx passed on), HTTP status and status class (`2xx`, `4xx`, `5xx`);
 //! * `pdx_ttft_seconds`, `pdx_itl_seconds`, `pdx_e2e_seconds`: client-side time to the first

@@ -1,7 +1,7 @@
 //! HTTP/1.1 server connections over monoio sockets (readiness-based `poll-io`).
 //!
 //! One task per client connection: read a request (head with `httparse`, body by
-//! `Content-Length` or chunked), run [`crate::proxy::handle`], write the response, repeat
+//! `Content-Length` or chunked), run [`crate::api::handle`], write the response, repeat
 //! (keep-alive). While the request is routed and while its body streams, the client socket is
 //! watched: when the client goes away the request future or the response body is dropped at once,
 //! and with it the upstream connection, so the engine aborts the request.
@@ -11,9 +11,9 @@
 //! written as they are (`writev` of chunk header, the frame's own `Bytes`, CRLF), up to
 //! [`BATCH`] frames per system call, with no copy and no allocation per frame.
 
+use crate::api::{self, Shared};
 use crate::body::RouterBody;
 use crate::h1::{Chunk, Framing, Step};
-use crate::proxy::{self, Shared};
 use crate::shutdown;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::Full;
@@ -356,7 +356,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
             }
         };
         // Route; the boxed future lives only while the request is routed.
-        let mut fut = Box::pin(proxy::handle(sh.clone(), req));
+        let mut fut = Box::pin(api::handle(sh.clone(), req));
         let resp = match c.watch(&mut fut).await {
             Watch::Done(Ok(r)) => r,
             Watch::Done(Err(never)) => match never {},

@@ -6,7 +6,7 @@
 //! being stranded by the router:
 //!
 //! 1. No prefill starts without an eligible decode worker (503 with `Retry-After` instead; see
-//!    [`crate::proxy::VllmNixl`]).
+//!    [`crate::orchestrate::VllmNixl`]).
 //! 2. The prefill request runs in its own task. When the client goes away meanwhile, the request is
 //!    abandoned ([`upstream::Abandon`]): its connection is half closed, so the engine aborts a prefill still
 //!    running (and frees its blocks), and an answer already on its way is still read.
@@ -20,13 +20,12 @@
 //!    them: the NixlConnector protocol's own way, understood by every vLLM version with it, at the cost of
 //!    one KV read and one decode step. See `docs/router.md`, "Prefilled KV".
 
+use super::{dispatch, failure_response, pick_worker, send_to, Phase, Sent, Target};
+use crate::api::{error_response, full, Shared};
 use crate::body::RouterBody;
 use crate::metrics::{OutcomeLabel, PhaseLabel};
-use crate::proxy::{
-    dispatch, error_response, failure_response, full, pick_worker, send_to, Job, Phase, Sent,
-    Shared, Target,
-};
 use crate::registry::{LoadGuard, ModelTopo, Worker};
+use crate::request::Job;
 use crate::upstream::Abandon;
 use bytes::Bytes;
 use http_body_util::BodyExt;

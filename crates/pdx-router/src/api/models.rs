@@ -18,8 +18,8 @@
 //! The listing's ids are also the model label values of `pdx_requests_total` ([`Catalog::label`]): any other
 //! name a client sends is counted as [`OTHER`], so clients cannot grow the metric's series.
 
+use crate::api::{error_response, Shared};
 use crate::body::RouterBody;
-use crate::proxy::{error_response, Shared};
 use crate::registry::{Registry, Snapshot, Worker};
 use crate::upstream;
 use arc_swap::ArcSwap;
@@ -133,7 +133,7 @@ impl Catalog {
 
 /// `GET /v1/models`.
 pub fn list(sh: &Shared) -> Response<RouterBody> {
-    crate::proxy::full(
+    crate::api::full(
         200,
         "application/json",
         sh.models.listing.load().body.clone(),
@@ -147,7 +147,7 @@ pub fn retrieve(sh: &Shared, raw: &str) -> Response<RouterBody> {
         .as_ref()
         .and_then(|id| sh.models.listing.load().entries.get(id).cloned())
     {
-        return crate::proxy::full(200, "application/json", e);
+        return crate::api::full(200, "application/json", e);
     }
     let shown: String = id
         .as_deref()

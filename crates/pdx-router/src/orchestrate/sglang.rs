@@ -17,13 +17,15 @@
 //! pair is tried again, with a new room, under the retry rules; likewise a decode failure drops the
 //! prefill. See `docs/router.md`, "SGLang bootstrap orchestration".
 
+use super::{
+    count_pool_choice, eligible, failure_response, forward, pick_worker, retry_after, send_to,
+    Orchestrator, Sent,
+};
+use crate::api::{error_response, full, Shared};
 use crate::body::RouterBody;
 use crate::metrics::PhaseLabel;
-use crate::proxy::{
-    count_pool_choice, eligible, error_response, failure_response, forward, full, pick_worker,
-    retry_after, send_to, CompletionBody, Job, Orchestrator, Sent, Shared,
-};
 use crate::registry::{LoadGuard, Worker};
+use crate::request::{CompletionBody, Job};
 use crate::upstream::UpBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;

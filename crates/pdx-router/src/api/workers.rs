@@ -9,8 +9,8 @@
 //! checked ([`crate::config::parse_worker_url`], the allow-list, `--max-workers`: see
 //! [`crate::registry::Registry::register_with_bootstrap_port`]).
 
+use crate::api::{error_response, full, Shared};
 use crate::body::RouterBody;
-use crate::proxy::{error_response, full, Shared};
 use crate::RouterError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -52,7 +52,7 @@ pub(crate) fn refusal(sh: &Shared, req: &Request<Full<Bytes>>) -> Option<Respons
 }
 
 /// Handles `/v1/workers`.
-pub async fn workers(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
+pub async fn route(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> {
     if let Some(r) = refusal(sh, &req) {
         return r;
     }

@@ -1,0 +1,309 @@
+//! A completion request from the client: the body read under its size limit, parsed and validated once
+//! ([`pdx_protocol::sampling`]), the SLO fields taken out, prompt tokens and block hashes counted, and the
+//! [`Job`] handed to the orchestration ([`crate::orchestrate::run`]).
+
+use crate::api::{error_response, Shared};
+use crate::body::RouterBody;
+use crate::registry::ModelTopo;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::{Request, Response};
+use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransferParams};
+use std::sync::Arc;
+use std::time::Instant;
+
+async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
+    let max = sh.cfg.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("body over {max} bytes"),
+        )
+    };
+    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
+        if len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|n| n > max as u64)
+        {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    }
+}
+
+/// A parsed completion request (chat or text).
+#[derive(Debug, Clone)]
+pub enum CompletionBody {
+    /// `/v1/chat/completions`.
+    Chat(ChatCompletionRequest),
+    /// `/v1/completions`.
+    Text(CompletionRequest),
+}
+
+impl CompletionBody {
+    pub(crate) fn model(&self) -> Option<&str> {
+        match self {
+            Self::Chat(r) => r.model.as_deref(),
+            Self::Text(r) => r.model.as_deref(),
+        }
+    }
+    pub(crate) fn is_stream(&self) -> bool {
+        match self {
+            Self::Chat(r) => r.is_stream(),
+            Self::Text(r) => r.is_stream(),
+        }
+    }
+    fn extra_mut(&mut self) -> &mut pdx_protocol::Extra {
+        match self {
+            Self::Chat(r) => &mut r.extra,
+            Self::Text(r) => &mut r.extra,
+        }
+    }
+    fn output_limit(&self) -> u64 {
+        u64::from(match self {
+            Self::Chat(r) => r.output_limit().unwrap_or(16),
+            Self::Text(r) => r.max_tokens.unwrap_or(16),
+        })
+    }
+    pub(crate) fn set_kv(&mut self, p: Option<KvTransferParams>) {
+        match self {
+            Self::Chat(r) => r.kv_transfer_params = p,
+            Self::Text(r) => r.kv_transfer_params = p,
+        }
+    }
+    /// Sets the SGLang bootstrap fields; `Default` removes them (only the router pairs workers: a client's
+    /// `bootstrap_room` would make engines wait for a KV handoff nobody set up).
+    pub(crate) fn set_bootstrap(&mut self, b: pdx_protocol::BootstrapParams) {
+        match self {
+            Self::Chat(r) => r.bootstrap = b,
+            Self::Text(r) => r.bootstrap = b,
+        }
+    }
+    /// Prompt token ids under the mock's built-in tokenizer and chat template.
+    fn tokens(&self) -> Vec<u32> {
+        let t = pdx_tokens::Tokenizer::Builtin;
+        match self {
+            Self::Chat(r) => t.chat_prompt(&r.messages).unwrap_or_default(),
+            Self::Text(r) => match &r.prompt {
+                pdx_protocol::Prompt::Text(s) => {
+                    let mut v = Vec::new();
+                    let _ = t.encode(s, &mut v);
+                    v
+                }
+                pdx_protocol::Prompt::Tokens(v) => v.clone(),
+                pdx_protocol::Prompt::Texts(ss) => {
+                    let mut v = Vec::new();
+                    for s in ss {
+                        let _ = t.encode(s, &mut v);
+                    }
+                    v
+                }
+                pdx_protocol::Prompt::TokenBatches(b) => b.concat(),
+            },
+        }
+    }
+    /// The prefill request of the vLLM NixlConnector flow (vLLM `toy_proxy_server.py`).
+    pub(crate) fn prefill_bytes(&self) -> Bytes {
+        let mut kv = KvTransferParams::for_prefill();
+        for k in [
+            "remote_engine_id",
+            "remote_block_ids",
+            "remote_host",
+            "remote_port",
+        ] {
+            kv.extra.insert(k.into(), serde_json::Value::Null);
+        }
+        let v = match self.clone() {
+            Self::Chat(mut r) => {
+                r.stream = Some(false);
+                r.stream_options = None;
+                r.max_tokens = Some(1);
+                if r.max_completion_tokens.is_some() {
+                    r.max_completion_tokens = Some(1);
+                }
+                r.min_tokens = None;
+                r.kv_transfer_params = Some(kv);
+                serde_json::to_vec(&r)
+            }
+            Self::Text(mut r) => {
+                r.stream = Some(false);
+                r.stream_options = None;
+                r.max_tokens = Some(1);
+                r.min_tokens = None;
+                r.kv_transfer_params = Some(kv);
+                serde_json::to_vec(&r)
+            }
+        };
+        Bytes::from(v.unwrap_or_default())
+    }
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        Bytes::from(
+            match self {
+                Self::Chat(r) => serde_json::to_vec(r),
+                Self::Text(r) => serde_json::to_vec(r),
+            }
+            .unwrap_or_default(),
+        )
+    }
+}
+
+/// SLO targets read from the body: top-level `ttft_target_ms` / `itl_target_ms`, or the same
+/// names inside Dynamo's `nvext` object. They (and `nvext`) are removed before forwarding.
+fn take_slo(body: &mut CompletionBody) -> Result<(Option<f64>, Option<f64>), ApiError> {
+    let extra = body.extra_mut();
+    let nvext = extra.remove("nvext");
+    let mut get = |k: &str| -> Result<Option<f64>, ApiError> {
+        let v = extra
+            .remove(k)
+            .or_else(|| nvext.as_ref().and_then(|n| n.get(k)).cloned());
+        match v {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(k, format!("{k} must be a non-negative number"))
+                }),
+        }
+    };
+    Ok((get("ttft_target_ms")?, get("itl_target_ms")?))
+}
+
+/// One client request on its way through the orchestration.
+#[derive(Debug)]
+pub struct Job {
+    /// Model topology.
+    pub model: Arc<ModelTopo>,
+    /// Parsed body (client `kv_transfer_params` removed).
+    pub body: CompletionBody,
+    /// Upstream path.
+    pub path: &'static str,
+    /// Request id.
+    pub rid: HeaderValue,
+    /// The client's `Authorization`, sent upstream to workers without their own key
+    /// ([`crate::front_auth::upstream`]).
+    pub auth: Option<HeaderValue>,
+    /// Prompt block hashes (`kv_aware` pools only).
+    pub hashes: Vec<u64>,
+    /// Prompt tokens (tokenized when a grid or `kv_aware` needs them, else bytes / 4).
+    pub isl: u64,
+    /// Prompt + output limit, tokens (load accounting).
+    pub tokens: u64,
+    /// TTFT target, ms.
+    pub ttft_ms: Option<f64>,
+    /// ITL target, ms.
+    pub itl_ms: Option<f64>,
+    /// Arrival.
+    pub start: Instant,
+}
+
+/// A completion request; every answer is counted in `pdx_requests_total` ([`crate::front::count`]).
+pub(crate) async fn completion(
+    sh: &Arc<Shared>,
+    req: Request<Full<Bytes>>,
+    rid: &HeaderValue,
+    chat: bool,
+) -> Response<RouterBody> {
+    let mut label = None;
+    let resp = run_completion(sh, req, rid, chat, &mut label).await;
+    let label = label.unwrap_or_else(|| crate::api::models::OTHER.to_string());
+    crate::front::count(sh, label, &resp);
+    resp
+}
+
+/// [`completion`]; sets `label` to the request's model label once the body is parsed.
+async fn run_completion(
+    sh: &Arc<Shared>,
+    req: Request<Full<Bytes>>,
+    rid: &HeaderValue,
+    chat: bool,
+    label: &mut Option<String>,
+) -> Response<RouterBody> {
+    let start = Instant::now();
+    let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();
+    let raw = match read_body(sh, req).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    // Parsed and validated once here, as vLLM's server does it (`pdx_protocol::sampling`), so a bad request
+    // costs no worker anything (not a prefill, then a decode's 400). What an engine may or may not support
+    // (tool parsers, structured outputs) is left to the engine.
+    let parsed = if chat {
+        pdx_protocol::sampling::parse_chat(&raw).map(|(r, _)| CompletionBody::Chat(r))
+    } else {
+        pdx_protocol::sampling::parse_completion(&raw).map(|(r, _)| CompletionBody::Text(r))
+    };
+    let mut body = match parsed {
+        Ok(b) => b,
+        Err(e) => {
+            // Counted under the model the client named, when the body says (a second parse, on errors only).
+            #[derive(serde::Deserialize)]
+            struct Named {
+                model: Option<String>,
+            }
+            let named = serde_json::from_slice::<Named>(&raw)
+                .ok()
+                .and_then(|n| n.model);
+            *label = Some(sh.models.label(&sh.registry.snap.load(), named.as_deref()));
+            return error_response(&e);
+        }
+    };
+    *label = Some(sh.models.label(&sh.registry.snap.load(), body.model()));
+    let (ttft_ms, itl_ms) = match take_slo(&mut body) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e),
+    };
+    // Client-supplied transfer and pairing fields are the router's to set, under every orchestration.
+    body.set_kv(None);
+    body.set_bootstrap(Default::default());
+    let snap = sh.registry.snap.load();
+    let Some(model) = snap.model(body.model()).cloned() else {
+        if !crate::front::has_workers(&snap) {
+            return error_response(&crate::front::no_workers());
+        }
+        return error_response(&ApiError::not_found(format!(
+            "the model `{}` does not exist",
+            body.model().unwrap_or("")
+        )));
+    };
+    let need_hashes = model.needs_hashes();
+    let (isl, hashes) = if need_hashes || model.grid.is_some() {
+        let toks = body.tokens();
+        let h = if need_hashes {
+            pdx_tokens::block_hashes(&toks, model.block_size)
+        } else {
+            Vec::new()
+        };
+        (toks.len() as u64, h)
+    } else {
+        (raw.len() as u64 / 4, Vec::new())
+    };
+    let tokens = isl + body.output_limit();
+    let job = Job {
+        model,
+        body,
+        path: if chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        },
+        rid: rid.clone(),
+        auth,
+        hashes,
+        isl,
+        tokens,
+        ttft_ms,
+        itl_ms,
+        start,
+    };
+    crate::orchestrate::run(sh, job).await
+}
