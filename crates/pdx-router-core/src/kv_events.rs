@@ -846,6 +846,31 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_corpus_seeds_decode() {
+        for (name, bytes, n) in [
+            (
+                "array_stored_cleared",
+                &include_bytes!("../../../fuzz/corpus/kv_event_batch/array_stored_cleared")[..],
+                2,
+            ),
+            (
+                "map_events",
+                &include_bytes!("../../../fuzz/corpus/kv_event_batch/map_events")[..],
+                2,
+            ),
+            (
+                "array_chain_removed",
+                &include_bytes!("../../../fuzz/corpus/kv_event_batch/array_chain_removed")[..],
+                2,
+            ),
+        ] {
+            let b = decode_batch(bytes, &DecodeLimits::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(b.events.len(), n, "{name}");
+        }
+    }
+
+    #[test]
     fn malformed_or_oversized_input_is_an_error_not_a_panic() {
         let limits = DecodeLimits {
             max_events: 2,
