@@ -154,9 +154,9 @@ impl WorkerIndex {
     fn apply(&mut self, payload: &[u8], limits: &IndexLimits) {
         let batch = match decode_batch(payload, &limits.decode) {
             Ok(b) => b,
-            Err(e) => {
+            Err(_) => {
+                // Counted; the subscriber logs the counters. What the batch held is unknown: reset.
                 self.stats.decode_errors += 1;
-                tracing_free_warn(&e);
                 self.reset();
                 return;
             }
@@ -345,10 +345,6 @@ impl WorkerIndex {
 fn tracked(medium: Option<&str>, group_idx: Option<i64>) -> bool {
     medium.is_none_or(|m| m == MEDIUM_GPU) && group_idx.is_none_or(|g| g == 0)
 }
-
-/// The core has no logger; a decode error is counted in [`WorkerStats::decode_errors`] and the caller
-/// logs the counters. Kept as a named no-op so the place is obvious.
-fn tracing_free_warn(_e: &crate::CoreError) {}
 
 /// The exact prefix index of every worker that publishes KV events.
 #[derive(Debug, Default)]

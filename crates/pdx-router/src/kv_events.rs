@@ -136,12 +136,13 @@ impl KvEventMetrics {
     }
 }
 
-/// Starts the subscriber thread (it ends with the process).
+/// Starts the subscriber thread; it ends (with its subscriptions) within [`RECONCILE`] of `stop` being set.
 ///
 /// Errors: the thread cannot be spawned.
 pub fn spawn(
     registry: Arc<Registry>,
     metrics: Arc<crate::metrics::Metrics>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("pdx-router-kv-events".into())
@@ -156,7 +157,7 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(registry, metrics));
+            rt.block_on(run(registry, metrics, stop));
         })?;
     Ok(())
 }
@@ -167,10 +168,14 @@ struct Sub {
     last: WorkerStats,
 }
 
-async fn run(registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
+async fn run(
+    registry: Arc<Registry>,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     let index = registry.exact.clone();
     let mut subs: HashMap<u64, Sub> = HashMap::new();
-    loop {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let workers = registry.workers();
         // Unsubscribe workers that are gone.
         subs.retain(|id, s| {
@@ -217,12 +222,27 @@ async fn run(registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
         if let Ok(ix) = index.read() {
             for (id, s) in subs.iter_mut() {
                 if let Some(now) = ix.stats(*id) {
+                    if now.resets > s.last.resets || now.decode_errors > s.last.decode_errors {
+                        tracing::warn!(
+                            worker = %s.label.worker,
+                            resets = now.resets,
+                            decode_errors = now.decode_errors,
+                            replay_failures = now.replay_failures,
+                            "KV events lost: the worker's exact index was reset (approximate until complete again)"
+                        );
+                    }
+                    if now.exact != s.last.exact {
+                        tracing::info!(worker = %s.label.worker, exact = now.exact, "KV event index state");
+                    }
                     metrics.kv_events.update(&s.label, &now, &s.last);
                     s.last = now;
                 }
             }
         }
         tokio::time::sleep(RECONCILE).await;
+    }
+    for s in subs.values() {
+        s.task.abort();
     }
 }
 

@@ -140,9 +140,14 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         drain: shutdown::Drain::default(),
         models,
     });
-    // The KV-event subscriber (off the data path; idle while no worker publishes events).
-    kv_events::spawn(shared.registry.clone(), shared.metrics.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
+    // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the
+    // control loop.
+    kv_events::spawn(
+        shared.registry.clone(),
+        shared.metrics.clone(),
+        stop.clone(),
+    )?;
     let mut threads = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let sh = shared.clone();
