@@ -19,6 +19,7 @@ pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
+pub mod kv_events;
 pub mod metrics;
 pub mod orchestrate;
 pub mod registry;
@@ -26,6 +27,7 @@ pub mod request;
 pub mod server;
 pub mod shutdown;
 pub mod upstream;
+pub mod zmtp;
 
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
@@ -139,6 +141,13 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         models,
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the
+    // control loop.
+    kv_events::spawn(
+        shared.registry.clone(),
+        shared.metrics.clone(),
+        stop.clone(),
+    )?;
     let mut threads = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let sh = shared.clone();
