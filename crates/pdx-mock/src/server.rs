@@ -141,6 +141,9 @@ pub async fn handle(
                 "preferred_sampling_params": null,
             }))
         }
+        (Method::GET, p) if p.starts_with(crate::bootstrap::ROUTE_PREFIX) => {
+            bootstrap_poll(&engine, p).await
+        }
         (Method::GET, "/version") => {
             json(&serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
         }
@@ -154,6 +157,23 @@ pub async fn handle(
         ))),
     };
     Ok(r)
+}
+
+/// SGLang PD: a decode engine asks whether the prefill of a bootstrap room has computed its KV
+/// ([`crate::bootstrap`]); held until it has, it failed, or [`crate::bootstrap::POLL_WAIT`] passed.
+async fn bootstrap_poll(engine: &Engine, path: &str) -> Response<MockBody> {
+    match crate::bootstrap::route_room(path) {
+        Some(Ok(room)) => {
+            let state = engine.rooms.wait(room, crate::bootstrap::POLL_WAIT).await;
+            full(
+                StatusCode::OK,
+                "application/json",
+                crate::bootstrap::answer(room, state),
+            )
+        }
+        Some(Err(m)) => error_response(&ApiError::bad_request(m)),
+        None => error_response(&ApiError::not_found(format!("no route for GET {path}"))),
+    }
 }
 
 /// Names the worker in `x-pdx-worker` (not a vLLM header; clients that do not know it ignore it).
@@ -297,7 +317,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 min_tokens: r.min_tokens,
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
-                bootstrap: r.bootstrap.is_set(),
+                bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
                 request_id: String::new(),
                 params: gen_params(&sampling),
             },
@@ -340,7 +360,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 min_tokens: r.min_tokens,
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
-                bootstrap: r.bootstrap.is_set(),
+                bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
                 request_id: String::new(),
                 params: gen_params(&sampling),
             },
