@@ -10,5 +10,6 @@ mod agent_trust;
 mod first_hour;
 mod front;
 mod kv_peer_death;
+mod migration;
 mod planner;
 mod router_faults;

@@ -20,6 +20,7 @@ pub mod front_auth;
 pub mod fuzzing;
 pub mod h1;
 pub mod metrics;
+pub mod migrate;
 pub mod orchestrate;
 pub mod registry;
 pub mod request;
@@ -137,6 +138,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         metrics: Arc::new(metrics::Metrics::new()),
         drain: shutdown::Drain::default(),
         models,
+        migration_budgets: Default::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
