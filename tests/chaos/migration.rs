@@ -97,28 +97,58 @@ fn check(i: usize, status: u16, events: &[String]) -> String {
     id
 }
 
-#[test]
-fn killing_a_decode_worker_mid_stream_loses_no_stream() {
+/// The three ways `pdx serve` spreads a request: the decode worker of a PD pair, or an aggregated worker, is
+/// killed mid-stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Flow {
+    /// vLLM NixlConnector: prefill, then a decode that reads the KV (the continuation is prefilled again).
+    VllmNixl,
+    /// SGLang bootstrap: prefill and decode at once (the continuation is a new pair).
+    Sglang,
+    /// Aggregated workers only.
+    Aggregated,
+}
+
+fn kill_one_worker_mid_stream(flow: Flow) {
     // Decodes at a tenth of the modelled speed: a step is about 20 ms, so a stream lasts about 2.4 s.
     let prefill_port = free_port();
     let mut prefill = spawn_mock(prefill_port, &["--role", "prefill", "--instant"]);
     wait_healthy(&mut prefill, prefill_port);
+    let role = if flow == Flow::Aggregated {
+        "aggregated"
+    } else {
+        "decode"
+    };
     let mut decodes: Vec<(u16, Proc)> = (0..3)
         .map(|_| {
             let port = free_port();
-            (
-                port,
-                spawn_mock(port, &["--role", "decode", "--speed", "0.1"]),
-            )
+            (port, spawn_mock(port, &["--role", role, "--speed", "0.1"]))
         })
         .collect();
     for (port, p) in &mut decodes {
         wait_healthy(p, *port);
     }
     let rport = free_port();
-    let mut args = vec!["--prefill".to_string(), url(prefill_port)];
+    let mut args: Vec<String> = Vec::new();
+    match flow {
+        Flow::VllmNixl => args.extend(["--prefill".into(), url(prefill_port)]),
+        // The mock serves SGLang's bootstrap route on its HTTP port: that is its bootstrap port.
+        Flow::Sglang => args.extend([
+            "--orchestration".into(),
+            "sglang-bootstrap".into(),
+            "--prefill".into(),
+            url(prefill_port),
+            prefill_port.to_string(),
+        ]),
+        Flow::Aggregated => {}
+    }
+    let flag = if flow == Flow::Aggregated {
+        "--worker"
+    } else {
+        "--decode"
+    };
     for (port, _) in &decodes {
-        args.extend(["--decode".to_string(), url(*port)]);
+        args.extend([flag.to_string(), url(*port)]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut router = router(rport, &args);
@@ -152,4 +182,19 @@ fn killing_a_decode_worker_mid_stream_loses_no_stream() {
     );
     let ok = metric(rport, "pdx_requests_total").unwrap_or(0.0);
     assert_eq!(ok, STREAMS as f64, "one answer per client request");
+}
+
+#[test]
+fn killing_a_decode_worker_mid_stream_loses_no_stream() {
+    kill_one_worker_mid_stream(Flow::VllmNixl);
+}
+
+#[test]
+fn killing_a_bootstrap_decode_worker_mid_stream_loses_no_stream() {
+    kill_one_worker_mid_stream(Flow::Sglang);
+}
+
+#[test]
+fn killing_an_aggregated_worker_mid_stream_loses_no_stream() {
+    kill_one_worker_mid_stream(Flow::Aggregated);
 }

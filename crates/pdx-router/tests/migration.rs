@@ -252,3 +252,81 @@ fn a_finished_stream_never_moves() {
     assert!(asked.borrow().moves.is_empty());
     assert!(!out.contains(" x"), "{out}");
 }
+
+mod common;
+
+/// Reads a streamed response to its end: the token texts and the usage block.
+async fn read_stream(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> (Vec<String>, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let b = resp.into_body().collect().await.expect("body").to_bytes();
+    let ev = common::events(&b);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{ev:?}");
+    let chunks: Vec<serde_json::Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let id = &chunks[0]["id"];
+    assert!(chunks.iter().all(|c| &c["id"] == id), "one id");
+    let tokens = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .map(|c| c["usage"].clone())
+        .expect("usage");
+    (tokens, usage)
+}
+
+/// Voluntary migration: two long streams on one decode worker and none on the other (a short one has ended
+/// there). With a load-gap threshold of 0.3 and a budget of one move, exactly one stream moves to the idle
+/// worker, at its next check, and both still get every token they asked for.
+#[tokio::test(flavor = "current_thread")]
+async fn a_load_gap_moves_one_stream_under_the_budget() {
+    let p = common::mock(&["--role", "prefill", "--instant"]);
+    let d1 = common::mock(&["--role", "decode", "--speed", "0.1"]);
+    let d2 = common::mock(&["--role", "decode", "--speed", "0.1"]);
+    let r = common::pd(
+        &[&p],
+        &[&d1, &d2],
+        &[
+            "--migration-gap-threshold",
+            "0.3",
+            "--migration-budget",
+            "1",
+        ],
+    );
+    let mut body = |n: u32| {
+        let mut b = common::chat(n, true);
+        b["stream_options"] = serde_json::json!({"include_usage": true});
+        b.to_string()
+    };
+    let send = |b: String| common::send(r.addr, "POST", "/v1/chat/completions", &[], b);
+    // Round robin: the first and third go to one decode worker, the short second to the other.
+    let long1 = send(body(150)).await;
+    let short = send(body(3)).await;
+    let (short_tokens, _) = read_stream(short).await;
+    assert_eq!(short_tokens.len(), 3);
+    let long2 = send(body(150)).await;
+    let ((t1, u1), (t2, u2)) = tokio::join!(read_stream(long1), read_stream(long2));
+    for (t, u) in [(&t1, &u1), (&t2, &u2)] {
+        assert_eq!(t.len(), 150);
+        assert_eq!(u["completion_tokens"], 150, "{u}");
+        assert_eq!(u["prompt_tokens"], 42, "{u}");
+    }
+    let m = common::router_metrics(&r);
+    assert_eq!(
+        common::sample(&m, "pdx_migrations_total", "reason=\"score_gap\""),
+        1.0,
+        "{m}"
+    );
+    // The worker the stream left aborted it.
+    let aborted = common::mock_metric(&d1, "vllm:request_success_total", "abort")
+        + common::mock_metric(&d2, "vllm:request_success_total", "abort");
+    assert_eq!(aborted, 1.0);
+}
