@@ -301,7 +301,7 @@ async fn a_load_gap_moves_one_stream_under_the_budget() {
             "1",
         ],
     );
-    let mut body = |n: u32| {
+    let body = |n: u32| {
         let mut b = common::chat(n, true);
         b["stream_options"] = serde_json::json!({"include_usage": true});
         b.to_string()
