@@ -136,6 +136,7 @@ pub struct Transcript {
     id: Vec<u8>,
     text: Vec<u8>,
     tokens: u32,
+    role: bool,
     finished: bool,
     usage: bool,
     done: bool,
@@ -175,6 +176,10 @@ impl Transcript {
     /// Token events of choice 0 sent so far.
     pub fn tokens(&self) -> u32 {
         self.tokens
+    }
+    /// The chat stream's role chunk was sent.
+    pub fn role_sent(&self) -> bool {
+        self.role
     }
     /// A `finish_reason` was sent: the generation is complete.
     pub fn finished(&self) -> bool {
@@ -250,6 +255,7 @@ impl Transcript {
             return EventKind::Other;
         };
         if self.chat && piece.is_empty() && value_of(choices, b"role").is_some() {
+            self.role = true;
             return EventKind::Role;
         }
         if self.text.len() + piece.len() > MAX_TRANSCRIPT_BYTES {
@@ -330,6 +336,7 @@ pub enum Rewrite {
 pub struct Splice {
     id: Option<String>,
     base_tokens: u32,
+    drop_role: bool,
 }
 
 impl Splice {
@@ -344,6 +351,7 @@ impl Splice {
                 .ok()
                 .filter(|s: &String| !s.is_empty()),
             base_tokens: t.tokens,
+            drop_role: t.role,
         }
     }
 
@@ -369,7 +377,7 @@ impl Splice {
                     && d.get("content")
                         .is_none_or(|x| x.as_str().is_some_and(str::is_empty) || x.is_null())
             }) && c.get("finish_reason").is_none_or(|f| f.is_null());
-            if role_only {
+            if role_only && self.drop_role {
                 return Rewrite::Drop;
             }
         }
@@ -515,5 +523,8 @@ mod tests {
         assert_eq!(v["usage"]["total_tokens"], 17);
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 10);
         assert_eq!(s.rewrite(b"data: [DONE]"), Rewrite::Keep);
+        // A stream that failed before its role chunk went out keeps the continuation's.
+        let none = Splice::new(&Transcript::new(true, 1));
+        assert!(matches!(none.rewrite(role.as_bytes()), Rewrite::Replace(_)));
     }
 }

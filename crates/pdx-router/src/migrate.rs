@@ -422,6 +422,10 @@ pub(crate) fn continuation_body(
     let mut b = body.clone();
     b.set_kv(None);
     b.set_bootstrap(Default::default());
+    if sent == 0 && text.is_empty() {
+        // Nothing reached the client: the request as it came.
+        return Some(b);
+    }
     match &mut b {
         CompletionBody::Chat(r) => {
             if r.max_completion_tokens.is_some() {
@@ -733,6 +737,9 @@ mod tests {
         assert_eq!(again["messages"][1]["content"], " so far more");
         // Nothing left: no continuation.
         assert!(continuation_body(&b, "x", None, 10).is_none());
+        // Nothing sent: the request as it came.
+        let same = json(&continuation_body(&b, "", None, 0).unwrap());
+        assert_eq!(same, json(&b));
         let mct =
             chat(r#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5}"#);
         assert_eq!(
