@@ -57,7 +57,7 @@ if [ -z "${VLLM_POLICIES:-}" ]; then
 fi
 KV_EVENTS=0; $PDX mock --help 2>/dev/null | grep -q -- '--kv-events-config' && KV_EVENTS=1
 
-pids=(); router_pid=
+pids=(); router_pid=; row=
 stop_router() { [ -n "$router_pid" ] && { kill "$router_pid" 2>/dev/null || true; wait "$router_pid" 2>/dev/null || true; }; router_pid=; }
 stop_workers() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 cleanup() { stop_router; stop_workers; }
@@ -69,13 +69,15 @@ start_workers() { # fresh workers: empty caches, no state from the previous row
   local common="--host 127.0.0.1 --num-blocks 32768 --kv-scale-down 256" i
   for i in "${!pports[@]}"; do
     local ev=(); [ $KV_EVENTS = 1 ] && ev=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://127.0.0.1:$((pports[i] + 1000))\",\"topic\":\"kv-events\"}")
-    $PDX mock --role prefill $common --port "${pports[i]}" --speed "${pspeeds[i]}" "${ev[@]}" >"$OUT/prefill-$i.log" 2>&1 & pids+=($!)
+    $PDX mock --role prefill $common --port "${pports[i]}" --speed "${pspeeds[i]}" "${ev[@]}" >"$OUT/$row.prefill-$i.log" 2>&1 & pids+=($!)
   done
   for i in "${!dports[@]}"; do
     local ev=(); [ $KV_EVENTS = 1 ] && ev=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://127.0.0.1:$((dports[i] + 1000))\",\"topic\":\"kv-events\"}")
-    $PDX mock --role decode $common --port "${dports[i]}" --speed "${dspeeds[i]}" "${ev[@]}" >"$OUT/decode-$i.log" 2>&1 & pids+=($!)
+    $PDX mock --role decode $common --port "${dports[i]}" --speed "${dspeeds[i]}" "${ev[@]}" >"$OUT/$row.decode-$i.log" 2>&1 & pids+=($!)
   done
   for p in "${pports[@]}" "${dports[@]}"; do wait_up "http://127.0.0.1:$p/health"; done
+  # Each worker is ours and up (a port another process held would have made ours exit).
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a worker of row $row exited at start (see $OUT/$row.*.log)" >&2; return 1; }; done
 }
 
 start_router() { # router policy; sets router_pid and url (not in a subshell: the pid must stay known)
@@ -85,7 +87,7 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
     for p in "${pports[@]}"; do args+=(--prefill "http://127.0.0.1:$p"); done
     for p in "${dports[@]}"; do args+=(--decode "http://127.0.0.1:$p"); done
     # shellcheck disable=SC2086
-    $PDX serve --host 127.0.0.1 --port $R --policy "$policy" "${args[@]}" ${PDX_SERVE_EXTRA:-} >"$OUT/router.log" 2>&1 &
+    $PDX serve --host 127.0.0.1 --port $R --policy "$policy" "${args[@]}" ${PDX_SERVE_EXTRA:-} >"$OUT/$row.router.log" 2>&1 &
     router_pid=$!; url=http://127.0.0.1:$R;;
   sglang-router)
     # Each prefill mock serves SGLang's bootstrap route on its own HTTP port: that is its bootstrap port.
@@ -93,7 +95,7 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
     for p in "${dports[@]}"; do args+=(--decode "http://127.0.0.1:$p"); done
     "$PEERS_DIR/venv-sgl/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port $SGL_PORT \
       --pd-disaggregation "${args[@]}" --policy "$policy" --worker-startup-check-interval 1 --log-level warn \
-      --prometheus-port $((SGL_PORT + 11000)) >"$OUT/router.log" 2>&1 &
+      --prometheus-port $((SGL_PORT + 11000)) >"$OUT/$row.router.log" 2>&1 &
     router_pid=$!; url=http://127.0.0.1:$SGL_PORT;;
   vllm-router)
     for p in "${pports[@]}"; do args+=(--prefill "http://127.0.0.1:$p"); done
@@ -103,7 +105,7 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
     fi
     "$PEERS_DIR/venv-vrouter/bin/vllm-router" --host 127.0.0.1 --port $VLR_PORT --vllm-pd-disaggregation \
       "${args[@]}" --policy "$policy" --worker-startup-check-interval 1 --log-level warning \
-      --prometheus-port $((VLR_PORT + 11000)) >"$OUT/router.log" 2>&1 &
+      --prometheus-port $((VLR_PORT + 11000)) >"$OUT/$row.router.log" 2>&1 &
     router_pid=$!; url=http://127.0.0.1:$VLR_PORT;;
   esac
   wait_up "$url/health" && sleep 1
@@ -132,13 +134,17 @@ run_row() { # trace router policy
   mooncake) tfile=$TRACE_DIR/conversation_trace.jsonl; speed=$SPEED; scale=$SCALE; n=$REQUESTS;;
   decode) tfile=$OUT/decode_trace.jsonl; speed=$DB_SPEED; scale=$DB_SCALE; n=$DB_REQUESTS;;
   esac
-  start_workers
-  start_router "$router" "$policy" || { echo "skipped: $router $policy did not start (see $OUT/router.log)" >&2; stop_router; return 0; }
+  row=$name
+  start_workers || { echo "skipped: $name: workers did not start" >&2; return 0; }
+  start_router "$router" "$policy" || { echo "skipped: $router $policy did not start (see $OUT/$name.router.log)" >&2; stop_router; return 0; }
   echo "== $trace / $router / $policy" >&2
   $PDX replay --url "$url" --trace "$tfile" --max-requests "$n" --scale-tokens "$scale" --speed "$speed" \
     --slo-ttft-ms "$SLO_TTFT_MS" --slo-itl-ms "$SLO_ITL_MS" --max-failed-fraction 1 --json --quiet \
     >"$OUT/$name.json" 2>"$OUT/$name.replay.log" || true
   for i in "${!pports[@]}"; do curl -s "http://127.0.0.1:${pports[i]}/metrics" >"$OUT/$name.prefill-$i.metrics" || true; done
+  local dead=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || dead=$((dead + 1)); done
+  echo "$dead" >"$OUT/$name.dead"
+  [ "$dead" = 0 ] || echo "warning: $dead worker(s) of row $name exited during the row (see $OUT/$name.*.log)" >&2
   stop_router
   rows+=("$name")
 }
@@ -174,7 +180,8 @@ for n in names:
                  "goodput_rps": r.get("goodput_rps"), "slo_attainment": r.get("slo_attainment"),
                  "ttft_p50_ms": r["ttft_ms"]["p50"], "ttft_p99_ms": r["ttft_ms"]["p99"],
                  "itl_p99_ms": r["itl_ms"]["p99"], "prefix_hit_rate": hits / q if q else None,
-                 "succeeded": r["succeeded"], "requests": r["requests"]})
+                 "succeeded": r["succeeded"], "requests": r["requests"],
+                 "workers_died": int(open(f"{out}/{n}.dead").read().strip() or 0) if __import__("os").path.exists(f"{out}/{n}.dead") else None})
 json.dump(rows, open(f"{out}/compare.json", "w"), indent=1)
 f = lambda v, fmt: "–" if v is None else format(v, fmt)
 for trace in dict.fromkeys(r["trace"] for r in rows):

@@ -209,21 +209,18 @@ impl<B> Forward<B> {
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
-    /// The stream failed and will not move: the bytes owed (`rest`, e.g. the engine's own error event) or the
-    /// router's error event, then the end.
+    /// The stream failed and will not move: the router's error event (504 after a timeout, else 502), then the
+    /// end.
     fn fail(
         &mut self,
         failure: pdx_router_core::UpstreamFailure,
-        rest: Option<Bytes>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         self.finish(Some(failure));
         let event = match failure {
             pdx_router_core::UpstreamFailure::Timeout => STREAM_TIMEOUT_EVENT,
             _ => STREAM_ERROR_EVENT,
         };
-        Poll::Ready(Some(Ok(Frame::data(
-            rest.unwrap_or_else(|| Bytes::from_static(event)),
-        ))))
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event)))))
     }
 }
 
@@ -264,7 +261,7 @@ where
                                 Some(MoveReason::Stalled) => UpstreamFailure::Timeout,
                                 _ => UpstreamFailure::Connect,
                             };
-                            return this.fail(f, None);
+                            return this.fail(f);
                         }
                     }
                 }
@@ -288,7 +285,7 @@ where
                         continue;
                     }
                     if this.stream {
-                        this.fail(UpstreamFailure::Timeout, None)
+                        this.fail(UpstreamFailure::Timeout)
                     } else {
                         this.finish(Some(UpstreamFailure::Timeout));
                         Poll::Ready(Some(Err(std::io::Error::new(
@@ -341,7 +338,7 @@ where
                         continue;
                     }
                     if this.stream {
-                        this.fail(UpstreamFailure::Connect, None)
+                        this.fail(UpstreamFailure::Connect)
                     } else {
                         this.finish(Some(UpstreamFailure::Connect));
                         Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
