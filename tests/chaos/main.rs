@@ -11,5 +11,6 @@ mod first_hour;
 mod front;
 mod kv_events;
 mod kv_peer_death;
+mod migration;
 mod planner;
 mod router_faults;

@@ -50,6 +50,8 @@ pub struct EngineConfig {
     /// This worker's name in the `x-pdx-worker` response header (the engine id), so a client such as
     /// `pdx replay --export` can tell which worker served a request.
     pub worker_id: String,
+    /// How long a decode on SGLang's bootstrap path waits for its prefill's KV (`--bootstrap-timeout-secs`).
+    pub bootstrap_timeout: Duration,
 }
 
 /// Generation request after parsing and tokenization.
@@ -65,8 +67,10 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     /// NixlConnector params.
     pub kv: Option<KvTransferParams>,
-    /// Came through SGLang's PD router (bootstrap fields present).
-    pub bootstrap: bool,
+    /// SGLang PD bootstrap fields, when the request came through SGLang's PD router (`bootstrap_room` or
+    /// `bootstrap_host` present): the prefill marks the room ready once the prompt is computed, the decode
+    /// waits for that before it generates ([`crate::bootstrap`]).
+    pub bootstrap: Option<pdx_protocol::BootstrapParams>,
     /// Response id, also the `remote_request_id` of a held prefill.
     pub request_id: String,
     /// Choices, seed and stop strings ([`crate::generation`]); `n` 0 counts as 1.
@@ -109,6 +113,8 @@ pub struct Engine {
     kv: Mutex<BlockManager>,
     freed: Notify,
     holds: Mutex<HoldTable>,
+    /// Bootstrap rooms of the prefills this engine ran (SGLang PD; [`crate::bootstrap`]).
+    pub rooms: crate::bootstrap::RoomTable,
     transport: Option<Arc<dyn KvTransport>>,
     /// Publisher of the prefix cache's KV events (`--kv-events-config`).
     kv_events: Option<crate::kv_events::KvEventPublisher>,
@@ -195,6 +201,7 @@ impl Engine {
             metrics,
             freed: Notify::new(),
             holds: Mutex::new(HoldTable::default()),
+            rooms: Default::default(),
             transport,
             sched,
             next_id: AtomicU64::new(1),
@@ -372,8 +379,13 @@ impl Engine {
         let hold_for_remote = kv_params.do_remote_decode && self.transport.is_some();
         let remote_prefill =
             kv_params.do_remote_prefill && self.transport.is_some() && !self.cfg.kv_noop;
-        let bootstrap_prefill = req.bootstrap && self.cfg.role == Role::Prefill;
-        let bootstrap_decode = req.bootstrap && self.cfg.role == Role::Decode;
+        let bootstrap_prefill = req.bootstrap.is_some() && self.cfg.role == Role::Prefill;
+        let bootstrap_decode = req.bootstrap.is_some() && self.cfg.role == Role::Decode;
+        // The decode's side of the pairing is checked before any block is taken.
+        let await_room = match &req.bootstrap {
+            Some(b) if bootstrap_decode && !self.cfg.kv_noop => Some(bootstrap_source(b)?),
+            _ => None,
+        };
         let natural = match (req.ignore_eos, self.cfg.eos_after) {
             (false, Some(e)) => e.max(min_tokens).max(1),
             _ => u32::MAX,
@@ -439,6 +451,10 @@ impl Engine {
             }
         };
         let id = self.next_request_number();
+        let room = match &req.bootstrap {
+            Some(b) if bootstrap_prefill => b.bootstrap_room,
+            _ => None,
+        };
         let mut guard = SeqGuard {
             engine: self.clone(),
             id,
@@ -446,7 +462,11 @@ impl Engine {
             in_sched: false,
             counted_running: false,
             done: false,
+            room,
         };
+        if let Some(r) = room {
+            self.rooms.set(r, crate::bootstrap::RoomState::Pending);
+        }
         let cached_tokens = (alloc.cached_blocks * bs).min(n_prompt as usize) as u32;
         self.metrics.prefix_queries.inc_by(u64::from(n_prompt));
         self.metrics.prefix_hits.inc_by(u64::from(cached_tokens));
@@ -498,6 +518,20 @@ impl Engine {
             {
                 let n = (req.prompt.len() - i * bs).min(bs);
                 t.write_block(b, &mut |bytes| layout.fill(bytes, hashes[i], n));
+            }
+        }
+        // SGLang's decode generates only once the prefill's KV is in (its transfer queue); meanwhile the
+        // request holds its blocks and counts as waiting.
+        if let Some((host, port, room)) = await_room {
+            let waiting = WaitingGauge(&self.metrics, std::cell::Cell::new(false));
+            waiting.start();
+            let r = crate::bootstrap::await_prefill(&host, port, room, self.cfg.bootstrap_timeout)
+                .await;
+            drop(waiting);
+            if let Err(e) = r {
+                self.metrics.kv_transfer_errors.inc();
+                tracing::warn!(error = %e, "bootstrap KV did not arrive");
+                return Err(e.to_api());
             }
         }
         // The KV "arrived" without a read (bootstrap flow, or the benchmark no-op mode).
@@ -589,6 +623,27 @@ impl Engine {
     }
 }
 
+/// Where a decode on SGLang's bootstrap path asks for its KV: `bootstrap_host`, `bootstrap_port` (SGLang's default
+/// 8998 when absent) and `bootstrap_room`. Errors: 400 when the host or the room is missing.
+fn bootstrap_source(b: &pdx_protocol::BootstrapParams) -> Result<(String, u16, u64), ApiError> {
+    let (Some(host), Some(room)) = (b.bootstrap_host.as_deref(), b.bootstrap_room) else {
+        return Err(ApiError::invalid_param(
+            "bootstrap_room",
+            "a decode request on SGLang's bootstrap path needs bootstrap_host and bootstrap_room",
+        ));
+    };
+    if host.is_empty() || host.len() > 255 {
+        return Err(ApiError::invalid_param(
+            "bootstrap_host",
+            "bootstrap_host must be 1 to 255 bytes",
+        ));
+    }
+    let port = b
+        .bootstrap_port
+        .unwrap_or(crate::bootstrap::DEFAULT_BOOTSTRAP_PORT);
+    Ok((host.to_string(), port, room))
+}
+
 struct WaitingGauge<'a>(&'a Metrics, std::cell::Cell<bool>);
 impl WaitingGauge<'_> {
     fn start(&self) {
@@ -614,6 +669,8 @@ pub struct SeqGuard {
     in_sched: bool,
     counted_running: bool,
     done: bool,
+    /// The bootstrap room of a prefill on SGLang's path: ready when it finishes, failed when dropped unfinished.
+    room: Option<u64>,
 }
 
 impl SeqGuard {
@@ -627,6 +684,9 @@ impl SeqGuard {
         if !self.done {
             self.done = true;
             self.engine.metrics.finished(reason.as_str());
+            if let Some(r) = self.room.take() {
+                self.engine.rooms.set(r, crate::bootstrap::RoomState::Ready);
+            }
         }
     }
 
@@ -688,6 +748,9 @@ impl Drop for SeqGuard {
         }
         if !self.done {
             e.metrics.finished(FinishReason::Abort.as_str());
+        }
+        if let Some(r) = self.room.take() {
+            e.rooms.set(r, crate::bootstrap::RoomState::Failed);
         }
         if self.counted_running {
             e.metrics.running.dec();

@@ -18,6 +18,8 @@
 //! * [`breaker`]: per-worker circuit breaker (closed → open → half-open).
 //! * [`liveness`]: heartbeat TTL bookkeeping for registered workers, active health-check state.
 //! * [`sse`]: allocation-free SSE event-boundary scanner used to count streamed tokens.
+//! * [`migration`]: moving a decode stream to another worker mid-stream: the stream transcript, the
+//!   continuation splice, the per-pool budget of voluntary moves and the load gap that triggers them.
 #![forbid(unsafe_code)]
 
 pub mod breaker;
@@ -27,6 +29,7 @@ pub mod grid;
 pub mod kv_events;
 pub mod kv_index;
 pub mod liveness;
+pub mod migration;
 pub mod policy;
 pub mod retry;
 pub mod sse;
@@ -37,6 +40,7 @@ pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
 pub use kv_index::{ExactIndex, ExactOverlap, IndexLimits, ReplayRequest, WorkerStats};
 pub use liveness::{Health, HealthCheck, Liveness};
+pub use migration::{MigrationBudget, MoveReason, Splice, Transcript};
 pub use policy::{Candidate, KvIndex, Policy, Selector};
 pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};
 pub use sse::SseScanner;

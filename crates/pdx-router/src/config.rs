@@ -118,6 +118,21 @@ pub struct ServeArgs {
     /// `api_key`.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Vec<crate::front_auth::ApiKey>,
+    /// Stream migration on a decode worker's failure mid-stream (connection lost, a 5xx error event, silent for
+    /// the stream idle timeout): moves per stream at most; the stream continues on another worker with the text
+    /// already sent (0: off, the client gets an error event) [default: 3]
+    #[arg(long)]
+    pub migration_max_moves: Option<u32>,
+    /// Voluntary stream migration: a stream moves when its worker's load exceeds the pool's least loaded
+    /// worker's (with the stream counted there) by this fraction of its own, 0..1 (0: off) [default: off]
+    #[arg(long)]
+    pub migration_gap_threshold: Option<f64>,
+    /// Voluntary moves per pool per `--migration-window-secs` at most [default: 4]
+    #[arg(long)]
+    pub migration_budget: Option<u32>,
+    /// Window of the voluntary-move budget, seconds [default: 10]
+    #[arg(long)]
+    pub migration_window_secs: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -228,6 +243,24 @@ pub struct BreakerFileConfig {
     pub open_secs: Option<f64>,
 }
 
+/// `[migration]`: moving a decode stream to another worker mid-stream (see [`MigrationConfig`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationFileConfig {
+    /// Moves per stream on worker failures (default 3; 0: off).
+    pub max_moves: Option<u32>,
+    /// Load-gap fraction that triggers a voluntary move (default 0: off).
+    pub gap_threshold: Option<f64>,
+    /// Voluntary moves per pool per window (default 4).
+    pub budget: Option<u32>,
+    /// Window of the budget, seconds (default 10).
+    pub window_secs: Option<f64>,
+    /// Seconds between a stream's checks of the gap (default 1).
+    pub check_secs: Option<f64>,
+    /// A stream with fewer tokens left than this never moves voluntarily (default 32).
+    pub min_remaining_tokens: Option<u32>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +314,9 @@ pub struct FileConfig {
     /// Circuit breaker.
     #[serde(default)]
     pub breaker: BreakerFileConfig,
+    /// Stream migration.
+    #[serde(default)]
+    pub migration: MigrationFileConfig,
     /// Models and their pools.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -431,6 +467,31 @@ pub struct ModelSpec {
     pub pools: Vec<PoolSpec>,
 }
 
+/// Stream migration, resolved (see `docs/router.md`, "Stream migration").
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationConfig {
+    /// Moves per stream on worker failures (0: off).
+    pub max_moves: u32,
+    /// Voluntary moves: `None` when off.
+    pub gap: Option<GapMigration>,
+}
+
+/// Voluntary (load-gap) moves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GapMigration {
+    /// Fraction of the current worker's load the best worker must be lighter by
+    /// ([`pdx_router_core::migration::load_gap`]).
+    pub threshold: f64,
+    /// Moves per pool per window.
+    pub budget: u32,
+    /// Window, µs.
+    pub window_us: u64,
+    /// Time between one stream's checks.
+    pub check_every: std::time::Duration,
+    /// Fewest tokens left for a move to be worth its re-prefill, tokens.
+    pub min_remaining_tokens: u32,
+}
+
 /// Resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -476,6 +537,8 @@ pub struct Config {
     pub retry: pdx_router_core::RetryPolicy,
     /// Breaker settings.
     pub breaker: pdx_router_core::BreakerConfig,
+    /// Stream migration.
+    pub migration: MigrationConfig,
     /// Models.
     pub models: Vec<ModelSpec>,
 }
@@ -886,6 +949,7 @@ impl Config {
         if let Some(v) = file.breaker.open_secs {
             breaker.open_us = secs(v, "breaker.open_secs")?.as_micros() as u64;
         }
+        let migration = migration_config(a, &file.migration)?;
         let threads = a.threads.or(file.threads).unwrap_or(0);
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -965,9 +1029,42 @@ impl Config {
             registration: file.registration,
             retry,
             breaker,
+            migration,
             models,
         })
     }
+}
+
+/// `--migration-*` over `[migration]`.
+fn migration_config(
+    a: &ServeArgs,
+    f: &MigrationFileConfig,
+) -> Result<MigrationConfig, RouterError> {
+    let threshold = a.migration_gap_threshold.or(f.gap_threshold).unwrap_or(0.0);
+    if !(0.0..1.0).contains(&threshold) {
+        return Err(RouterError::Config(format!(
+            "migration gap threshold must be within 0..1 (0: off), got {threshold}"
+        )));
+    }
+    let gap = if threshold > 0.0 {
+        Some(GapMigration {
+            threshold,
+            budget: a.migration_budget.or(f.budget).unwrap_or(4),
+            window_us: secs(
+                a.migration_window_secs.or(f.window_secs).unwrap_or(10.0),
+                "migration window_secs",
+            )?
+            .as_micros() as u64,
+            check_every: secs(f.check_secs.unwrap_or(1.0), "migration check_secs")?,
+            min_remaining_tokens: f.min_remaining_tokens.unwrap_or(32),
+        })
+    } else {
+        None
+    };
+    Ok(MigrationConfig {
+        max_moves: a.migration_max_moves.or(f.max_moves).unwrap_or(3),
+        gap,
+    })
 }
 
 #[cfg(test)]

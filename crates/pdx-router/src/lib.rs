@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod h1;
 pub mod kv_events;
 pub mod metrics;
+pub mod migrate;
 pub mod orchestrate;
 pub mod registry;
 pub mod request;
@@ -139,6 +140,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         metrics: Arc::new(metrics::Metrics::new()),
         drain: shutdown::Drain::default(),
         models,
+        migration_budgets: Default::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the

@@ -103,6 +103,13 @@ pub struct DivertLabels {
     pub to: String,
 }
 
+/// Label of a stream migration: why it moved (`connection_lost`, `server_error`, `stalled`, `score_gap`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// [`pdx_router_core::MoveReason::as_str`].
+    pub reason: &'static str,
+}
+
 /// All router metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -136,6 +143,10 @@ pub struct Metrics {
     pub worker_kv_pending: Family<WorkerLabel, Gauge>,
     /// KV events and the exact prefix index, per worker ([`crate::kv_events`]).
     pub kv_events: crate::kv_events::KvEventMetrics,
+    /// Streams moved to another worker mid-stream, by reason.
+    pub migrations: Family<ReasonLabel, Counter>,
+    /// Moves that found no worker to continue on (the client got an error event), by reason.
+    pub migrations_failed: Family<ReasonLabel, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -160,6 +171,18 @@ impl Metrics {
         let diverted = Family::<DivertLabels, Counter>::default();
         let kv_releases = Family::<OutcomeLabel, Counter>::default();
         let worker_kv_pending = Family::<WorkerLabel, Gauge>::default();
+        let migrations = Family::<ReasonLabel, Counter>::default();
+        let migrations_failed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "pdx_migrations",
+            "Decode streams moved to another worker mid-stream, by reason (connection_lost, server_error, stalled, score_gap)",
+            migrations.clone(),
+        );
+        registry.register(
+            "pdx_migrations_failed",
+            "Stream moves that found no worker to continue on (the client got an error event), by reason",
+            migrations_failed.clone(),
+        );
         registry.register(
             "pdx_requests",
             "Answers of the completion routes by model, pool, worker, status and status class",
@@ -215,6 +238,8 @@ impl Metrics {
             diverted,
             kv_releases,
             worker_kv_pending,
+            migrations,
+            migrations_failed,
         }
     }
 
