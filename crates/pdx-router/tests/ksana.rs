@@ -127,8 +127,12 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Starts the peer on a free loopback port with heartbeat timeout 60 s (the value it applies whatever its
 /// config says: its `services.py` reads the setting before the config is loaded).
-async fn start_peer(src: &Path, py: &Path) -> Peer {
-    let dir = std::env::temp_dir().join(format!("pdx-ksana-peer-{}", std::process::id()));
+async fn start_peer(src: &Path, py: &Path, db: Option<&Path>) -> Peer {
+    let dir = std::env::temp_dir().join(format!(
+        "pdx-ksana-peer-{}-{}",
+        std::process::id(),
+        db.is_some()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     copy_dir(src, &dir.join("app"));
     std::fs::write(
@@ -136,8 +140,9 @@ async fn start_peer(src: &Path, py: &Path) -> Peer {
         format!(
             "[general]\nlog_level = WARNING\nlog_dir = {d}/log\ncluster_name = default_cluster\n\
              heartbeat_timeout_seconds = 60\n[name_service]\nname_service_provider = name_service.auto_provider\n\
-             [database]\nstorage_mode = sqlite\nsqlite_path = {d}/peer.db\n",
-            d = dir.display()
+             [database]\nstorage_mode = sqlite\nsqlite_path = {db}\n",
+            d = dir.display(),
+            db = db.map_or_else(|| dir.join("peer.db"), Path::to_path_buf).display()
         ),
     )
     .unwrap();
@@ -360,7 +365,7 @@ async fn node_api_answers_as_the_peer() {
             return;
         }
     };
-    let peer = start_peer(&src, &py).await;
+    let peer = start_peer(&src, &py, None).await;
     let db = db_path("diff");
     let r = ksana_router(&db, &["--ksana-heartbeat-timeout-secs", "60"]);
     let theirs = run_sequence(peer.addr).await;
@@ -391,6 +396,75 @@ async fn node_api_answers_as_the_peer() {
     );
     assert_eq!(theirs.len(), seq.len());
     println!("{} requests, same answers from the peer and pdx", seq.len());
+    let _ = std::fs::remove_dir_all(db.parent().unwrap());
+}
+
+/// One SQLite file, the two routers in turn: what pdx stored the peer serves (node ids, comm metadata), and
+/// what the peer stored pdx serves (its rows, times and JSON as SQLAlchemy writes them).
+#[tokio::test(flavor = "current_thread")]
+async fn pdx_and_the_peer_share_one_database() {
+    let (src, py) = match peer_paths() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let db = db_path("shared");
+    let key = format!("{P}__{D}");
+    let r = ksana_router(&db, &[]);
+    for body in [
+        reg(P, "127.0.0.1:19001", "prefill", 0, 1, Some("p0")),
+        reg(D, "127.0.0.1:19002", "decode", 0, 1, Some("d0")),
+    ] {
+        assert_eq!(
+            raw_call(
+                r.addr,
+                "POST",
+                "/RegisterNode",
+                Some("application/json"),
+                body.as_bytes()
+            )
+            .await
+            .0,
+            201
+        );
+    }
+    for id in ["p0", "d0"] {
+        beat(r.addr, id).await;
+    }
+    let (s, _) = post(
+        r.addr,
+        "/RegisterCommId",
+        &json!({"node_id": "p0", "comm_key": key, "comm_id": "from-pdx"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let ours = beat(r.addr, "d0").await;
+    assert!(r.shutdown(Duration::from_secs(1)));
+
+    let peer = start_peer(&src, &py, Some(&db)).await;
+    let theirs = beat(peer.addr, "d0").await;
+    assert_eq!(theirs["comm_group_to_id"], ours["comm_group_to_id"]);
+    assert_eq!(
+        theirs["comm_group_to_address"],
+        ours["comm_group_to_address"]
+    );
+    assert_eq!(theirs["group_ready"], true);
+    let (s, _) = post(
+        peer.addr,
+        "/RegisterCommId",
+        &json!({"node_id": "p0", "comm_key": key, "comm_id": "from-peer"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    beat(peer.addr, "p0").await;
+    drop(peer);
+
+    let r = ksana_router(&db, &[]);
+    ready(&r, 1).await;
+    let v = beat(r.addr, "d0").await;
+    assert_eq!(v["comm_group_to_id"][&key], "from-peer");
     let _ = std::fs::remove_dir_all(db.parent().unwrap());
 }
 
