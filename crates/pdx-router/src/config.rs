@@ -855,6 +855,12 @@ impl Config {
                     Some(p) => p.parse()?,
                     None => default_policy,
                 },
+                allow: a
+                    .worker_allow_cidr
+                    .iter()
+                    .chain(&file.worker_allow_cidrs)
+                    .map(|c| c.parse())
+                    .collect::<Result<_, _>>()?,
             })
         } else {
             None

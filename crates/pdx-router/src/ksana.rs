@@ -53,6 +53,8 @@ pub struct KsanaConfig {
     pub create_schema: bool,
     /// Local policy of the prefill and decode pools.
     pub policy: Policy,
+    /// Networks a node's `inference_addr` must be in to take requests (`--worker-allow-cidr`; empty: any).
+    pub allow: Vec<crate::config::Cidr>,
 }
 
 impl std::fmt::Debug for KsanaConfig {
@@ -67,6 +69,7 @@ impl std::fmt::Debug for KsanaConfig {
             .field("settings", &self.settings)
             .field("create_schema", &self.create_schema)
             .field("policy", &self.policy)
+            .field("allow", &self.allow)
             .finish()
     }
 }
@@ -187,7 +190,29 @@ impl Ksana {
         metrics: &crate::metrics::Metrics,
         last: &mut Option<Vec<ReadyPair>>,
     ) {
-        let ready = service.ready_pairs();
+        // The node API is open (KsanaLLM nodes send no credentials); with an allow-list, only nodes whose
+        // inference address is an IP inside it get user traffic, as registered workers.
+        let allowed = |addr: &str| {
+            self.cfg.allow.is_empty()
+                || crate::config::parse_worker_url(&format!("http://{addr}"))
+                    .ok()
+                    .and_then(|u| u.ip)
+                    .is_some_and(|ip| self.cfg.allow.iter().any(|c| c.contains(ip)))
+        };
+        let ready: Vec<ReadyPair> = service
+            .ready_pairs()
+            .iter()
+            .filter(|p| {
+                let ok = allowed(&p.prefill) && allowed(&p.decode);
+                if !ok {
+                    tracing::warn!(prefill = %p.prefill, decode = %p.decode,
+                        "ksana pair outside --worker-allow-cidr: not routed");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
+        let ready = &ready[..];
         if last.as_deref() == Some(ready) {
             return;
         }

@@ -196,8 +196,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
 }
 
 /// The warning `pdx serve` logs at start when its admin API is open to more than this host: it listens
-/// beyond loopback, accepts registrations, and has no admin token.
+/// beyond loopback, accepts registrations, and has no admin token; or, under `--orchestration ksana`, it
+/// listens beyond loopback with no `--worker-allow-cidr` (KsanaLLM's node API has no credentials).
 pub fn open_admin_warning(cfg: &Config, ip: std::net::IpAddr) -> Option<&'static str> {
+    if cfg.ksana.as_ref().is_some_and(|k| k.allow.is_empty()) && !ip.is_loopback() {
+        return Some(
+            "pdx serve --orchestration ksana listens beyond loopback without --worker-allow-cidr: KsanaLLM's \
+             node API takes no credentials (as KsanaLLM's own router), so anyone who reaches it can register a \
+             node and receive user traffic; set --worker-allow-cidr to the nodes' network",
+        );
+    }
     (cfg.admin_token.is_none() && cfg.registration && !ip.is_loopback()).then_some(
         "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register workers \
          (and receive user traffic), list them and drain them; set --admin-token (and --worker-allow-cidr), \
@@ -427,5 +435,15 @@ mod tests {
         assert!(open_admin_warning(&cfg(&[]), "::".parse().unwrap()).is_some());
         assert!(open_admin_warning(&cfg(&[]), lo).is_none());
         assert!(open_admin_warning(&cfg(&["--admin-token", "t"]), any).is_none());
+        // KsanaLLM's node API has no credentials: only an allow-list keeps strangers out.
+        let k = ["--orchestration", "ksana", "--admin-token", "t"];
+        let w = open_admin_warning(&cfg(&k), any).expect("warned");
+        assert!(w.contains("--worker-allow-cidr"), "{w}");
+        assert!(open_admin_warning(&cfg(&k), lo).is_none());
+        assert!(open_admin_warning(
+            &cfg(&[&k[..], &["--worker-allow-cidr", "10.0.0.0/8"]].concat()),
+            any
+        )
+        .is_none());
     }
 }

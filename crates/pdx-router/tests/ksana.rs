@@ -994,3 +994,29 @@ async fn heartbeat_expiry_moves_requests_to_the_pairs_left() {
     let _ = beats.await;
     let _ = std::fs::remove_dir_all(db.parent().unwrap());
 }
+
+/// With `--worker-allow-cidr`, nodes outside it register (the node API answers as the peer) but get no
+/// user traffic.
+#[tokio::test(flavor = "current_thread")]
+async fn nodes_outside_the_allow_list_take_no_requests() {
+    let (p, d) = (fake_node("prefill").await, fake_node("decode").await);
+    let db = db_path("allow");
+    let r = ksana_router(&db, &["--worker-allow-cidr", "10.0.0.0/8"]);
+    let pid = join(r.addr, &p, 19501).await;
+    join(r.addr, &d, 19502).await;
+    pair_up(r.addr, &pid).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(r
+        .shared
+        .ksana
+        .as_ref()
+        .unwrap()
+        .pairs
+        .load()
+        .decodes
+        .is_empty());
+    let (s, _) = post(r.addr, "/generate", &json!({"prompt": "x"})).await;
+    assert_eq!(s, 503);
+    assert!(p.seen().is_empty() && d.seen().is_empty());
+    let _ = std::fs::remove_dir_all(db.parent().unwrap());
+}
