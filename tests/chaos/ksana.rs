@@ -196,7 +196,7 @@ fn kill_under_load(victim_role: &'static str) {
     let rp = free_port();
     let db = db(victim_role);
     let _router = ksana_router(rp, &db);
-    let mut nodes = vec![
+    let mut nodes = [
         node(rp, "prefill", 19601),
         node(rp, "prefill", 19602),
         node(rp, "decode", 19603),
@@ -275,7 +275,9 @@ fn kill_under_load(victim_role: &'static str) {
     for o in &in_flight {
         assert!(
             o.done || (o.error && o.end - killed < Duration::from_secs(2)),
-            "{o:?}"
+            "{:?} after the kill, ending {:?}",
+            o.end.saturating_duration_since(killed),
+            o.tail
         );
     }
     if victim_role == "decode" {
