@@ -500,7 +500,7 @@ impl KsanaNode {
             .expect("usable prefill group has a decode agent"))
     }
 
-    /// Decode: waits (until `deadline`) for the prefill's notice of request `comm` and for the group's comm id,
+    /// Decode: waits (until `deadline`) for the group's comm id and for the prefill's notice of request `comm`,
     /// and returns the prefill's KV endpoint and the notice.
     ///
     /// Errors: 504 when no notice comes in time (the prefill failed, or was never sent the request); 503 when
@@ -511,6 +511,10 @@ impl KsanaNode {
         comm: &KvComm,
         deadline: Instant,
     ) -> Result<(KvEndpoint, KvNotice), ApiError> {
+        // The group first: a request for a group the router never made ready fails as not ready (503), and a
+        // notice that comes meanwhile waits in the table.
+        let g = self.group(&comm.group_key, deadline).await?;
+        let id = g.comm_id.expect("usable decode group has a comm id");
         let hold = comm.hold_key();
         let rx = {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -548,8 +552,6 @@ impl KsanaNode {
                 }
             }
         };
-        let g = self.group(&comm.group_key, deadline).await?;
-        let id = g.comm_id.expect("usable decode group has a comm id");
         if from != id.engine_id {
             return Err(ApiError::new(
                 502,

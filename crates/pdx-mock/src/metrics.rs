@@ -175,17 +175,17 @@ impl Metrics {
         );
         r.register(
             "pdx:ksana_registered",
-            "1 while registered with a KsanaLLM router.",
+            "1 while registered with a KsanaLLM router",
             m.ksana_registered.clone(),
         );
         r.register(
             "pdx:ksana_comm_groups_ready",
-            "KsanaLLM comm groups (prefill__decode pairs) this node can serve requests of.",
+            "KsanaLLM comm groups (prefill__decode pairs) this node can serve requests of",
             m.ksana_groups_ready.clone(),
         );
         r.register(
             "pdx:ksana_kv_handoffs",
-            "KsanaLLM requests whose prompt KV this prefill kept and announced to the decode.",
+            "KsanaLLM requests whose prompt KV this prefill kept and announced to the decode",
             m.ksana_handoffs.clone(),
         );
         Self {
