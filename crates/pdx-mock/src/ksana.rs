@@ -676,7 +676,8 @@ impl KsanaNode {
                 return;
             }
         };
-        let mut again = false;
+        // Registers at once (as KsanaLLM's coordinator does at start), then beats on the interval.
+        let mut again = true;
         loop {
             if !again {
                 tokio::select! {
@@ -717,7 +718,7 @@ impl KsanaNode {
                 return false;
             }
         };
-        let to_register = match self.apply(&reply) {
+        let to_register = match self.apply_heartbeat(&reply) {
             Ok(keys) => keys,
             Err(e) => {
                 tracing::warn!(error = %e, "KsanaLLM heartbeat answer refused");
@@ -817,7 +818,7 @@ impl KsanaNode {
     ///
     /// Errors: a malformed answer, or one with more than [`MAX_GROUPS`] groups or [`MAX_GROUP_ADDRS`] tuples
     /// in a group; nothing is changed then.
-    fn apply(&self, body: &[u8]) -> Result<Vec<String>, String> {
+    pub fn apply_heartbeat(&self, body: &[u8]) -> Result<Vec<String>, String> {
         let r: HeartbeatReply =
             serde_json::from_slice(body).map_err(|e| format!("bad heartbeat answer: {e}"))?;
         if r.comm_group_to_id.len() > MAX_GROUPS || r.comm_group_to_address.len() > MAX_GROUPS {
@@ -1096,29 +1097,35 @@ mod tests {
     fn a_prefill_registers_its_comm_id_and_learns_the_decode_agent() {
         let node = KsanaNode::new(cfg(Role::Prefill), 64).unwrap();
         // The decode has heartbeated: the group is there, without an id or addresses.
-        let todo = node.apply(&reply("", serde_json::json!([]))).unwrap();
+        let todo = node
+            .apply_heartbeat(&reply("", serde_json::json!([])))
+            .unwrap();
         assert_eq!(todo, vec![KEY.to_string()]);
         assert_eq!(node.ready_groups(), 0);
         // After registration the router answers the id and both nodes' tuples, prefill first.
         let own = node.cfg.comm_id();
         let addrs = serde_json::json!([[0, 0, "127.0.0.1:1001"], [0, 0, "127.0.0.1:2001"]]);
-        assert!(node.apply(&reply(&own, addrs)).unwrap().is_empty());
+        assert!(node
+            .apply_heartbeat(&reply(&own, addrs))
+            .unwrap()
+            .is_empty());
         assert_eq!(node.ready_groups(), 1);
         assert!(node.group_ready());
         // Another id (a stale one) is replaced.
         let other = "pdx1;someone;127.0.0.1:9";
         assert_eq!(
-            node.apply(&reply(other, serde_json::json!([]))).unwrap(),
+            node.apply_heartbeat(&reply(other, serde_json::json!([])))
+                .unwrap(),
             vec![KEY.to_string()]
         );
         assert_eq!(node.ready_groups(), 0);
         // Malformed or oversized answers change nothing.
-        assert!(node.apply(b"{").is_err());
+        assert!(node.apply_heartbeat(b"{").is_err());
         let many: serde_json::Map<String, serde_json::Value> = (0..MAX_GROUPS + 1)
             .map(|i| (format!("127.0.0.1:1000__127.0.0.1:{i}"), "".into()))
             .collect();
         let big = serde_json::json!({"comm_group_to_id": many}).to_string();
-        assert!(node.apply(big.as_bytes()).is_err());
+        assert!(node.apply_heartbeat(big.as_bytes()).is_err());
     }
 
     #[test]
@@ -1126,12 +1133,12 @@ mod tests {
         let node = KsanaNode::new(cfg(Role::Decode), 64).unwrap();
         let pid = cfg(Role::Prefill).comm_id();
         assert!(node
-            .apply(&reply(&pid, serde_json::json!([])))
+            .apply_heartbeat(&reply(&pid, serde_json::json!([])))
             .unwrap()
             .is_empty());
         assert_eq!(node.ready_groups(), 1);
         assert!(node
-            .apply(&reply("garbage", serde_json::json!([])))
+            .apply_heartbeat(&reply("garbage", serde_json::json!([])))
             .unwrap()
             .is_empty());
         assert_eq!(node.ready_groups(), 0);
@@ -1140,7 +1147,7 @@ mod tests {
         c.world_size = 2;
         let n1 = KsanaNode::new(c, 64).unwrap();
         assert!(n1
-            .apply(&reply("", serde_json::json!([])))
+            .apply_heartbeat(&reply("", serde_json::json!([])))
             .unwrap()
             .is_empty());
         let comm = KvComm {
@@ -1154,7 +1161,7 @@ mod tests {
     async fn a_decode_matches_notices_with_requests_in_either_order() {
         let node = KsanaNode::new(cfg(Role::Decode), 64).unwrap();
         let prefill = cfg(Role::Prefill);
-        node.apply(&reply(&prefill.comm_id(), serde_json::json!([])))
+        node.apply_heartbeat(&reply(&prefill.comm_id(), serde_json::json!([])))
             .unwrap();
         let notice = |rid: &str| KvNotice {
             key: KEY.into(),

@@ -68,7 +68,7 @@ fn invalid(param: &str, msg: impl Into<String>) -> ApiError {
 
 /// Parses and checks a `/generate` body and tokenizes its prompt: the generation request and whether to
 /// stream. Errors: 400 for malformed JSON, a missing prompt, bad limits, or what the mock cannot imitate.
-fn parse(tokenizer: &crate::Tokenizer, body: &[u8]) -> Result<(GenRequest, bool), ApiError> {
+pub fn parse(tokenizer: &crate::Tokenizer, body: &[u8]) -> Result<(GenRequest, bool), ApiError> {
     let b: GenerateBody = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid /generate body: {e}")))?;
     let s = &b.sampling_config;
