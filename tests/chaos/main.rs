@@ -9,6 +9,7 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod ksana;
 mod ksana_node;
 mod kv_peer_death;
 mod planner;
