@@ -5,7 +5,8 @@
 //! and non-streamed `/generate` and `/v1/chat/completions` requests through it must answer what an aggregated
 //! mock answers directly, with the prompt's KV read by the decode and verified byte for byte (the decode's
 //! `pdx:kv_blocks_received_total`), and nothing left held on the prefill. Without the peer's source or venv
-//! (CI) the test prints "skipped: why" and passes.
+//! (CI) that test prints "skipped: why" and passes. The same nodes and requests behind `pdx serve
+//! --orchestration ksana` must give the same answers (that test always runs).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -212,20 +213,12 @@ fn synthetic(n: usize, seed: u64) -> String {
     pdx_mock::synthetic_prompt(n, seed)
 }
 
-#[test]
-fn mock_nodes_serve_through_the_ksana_simple_router() {
-    let (python, src) = match peer_paths() {
-        Ok(p) => p,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let peer = start_peer(&python, &src);
-    let router = url(peer.port);
+/// A prefill and a decode `pdx mock` registered with the KsanaLLM router at `router` (URL), their comm group
+/// usable on both, and an aggregated mock for the expected answers: their ports.
+fn nodes(router: &str) -> (Proc, Proc, Proc, [u16; 3]) {
     let node = [
         "--ksana-router",
-        &router,
+        router,
         "--ksana-heartbeat-ms",
         "200",
         "--num-blocks",
@@ -236,17 +229,22 @@ fn mock_nodes_serve_through_the_ksana_simple_router() {
         "127.0.0.1:0",
     ];
     let (pp, dp, ap) = (free_port(), free_port(), free_port());
-    let _p = mock(pp, &[&["--role", "prefill"][..], &node].concat());
-    let _d = mock(dp, &[&["--role", "decode"][..], &node].concat());
-    let _a = mock(ap, &[]);
+    let p = mock(pp, &[&["--role", "prefill"][..], &node].concat());
+    let d = mock(dp, &[&["--role", "decode"][..], &node].concat());
+    let a = mock(ap, &[]);
     let ready = |port| metric(port, "pdx:ksana_comm_groups_ready") == Some(1.0);
     assert!(
         wait_until(GUARD, || ready(pp) && ready(dp)),
-        "the comm group did not become ready: prefill {:?}, decode {:?}",
+        "the comm group did not become ready behind {router}: prefill {:?}, decode {:?}",
         metric(pp, "pdx:ksana_comm_groups_ready"),
         metric(dp, "pdx:ksana_comm_groups_ready")
     );
-    let blocks = check_router(peer.port, ap, 11);
+    (p, d, a, [pp, dp, ap])
+}
+
+/// Every request kind through the router on `port`, then the KV accounting of the nodes.
+fn serve_and_check(port: u16, [pp, dp, ap]: [u16; 3]) {
+    let blocks = check_router(port, ap, 11);
     assert_eq!(metric(dp, "pdx:kv_blocks_received_total"), Some(blocks));
     assert_eq!(metric(pp, "pdx:ksana_kv_handoffs_total"), Some(4.0));
     assert_eq!(metric(dp, "pdx:kv_transfer_errors_total"), Some(0.0));
@@ -254,4 +252,39 @@ fn mock_nodes_serve_through_the_ksana_simple_router() {
         wait_until(GUARD, || metric(pp, "pdx:kv_blocks_held") == Some(0.0)),
         "the prefill still holds KV"
     );
+}
+
+#[test]
+fn mock_nodes_serve_through_the_ksana_simple_router() {
+    let (python, src) = match peer_paths() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let peer = start_peer(&python, &src);
+    let (_p, _d, _a, ports) = nodes(&url(peer.port));
+    serve_and_check(peer.port, ports);
+}
+
+/// The same nodes and requests behind `pdx serve --orchestration ksana`: the same answers (each equal to the
+/// aggregated engine's, as through the peer).
+#[test]
+fn mock_nodes_serve_through_pdx_serve_ksana() {
+    let dir = TempDir::new("ksana-pdx-router");
+    let db = dir.0.join("router.db");
+    let rp = free_port();
+    let mut r = router(
+        rp,
+        &[
+            "--orchestration",
+            "ksana",
+            "--ksana-db",
+            db.to_str().unwrap(),
+        ],
+    );
+    wait_healthy(&mut r, rp);
+    let (_p, _d, _a, ports) = nodes(&url(rp));
+    serve_and_check(rp, ports);
 }
