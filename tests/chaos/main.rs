@@ -10,6 +10,7 @@ mod agent_trust;
 mod first_hour;
 mod front;
 mod ksana;
+mod ksana_node;
 mod kv_peer_death;
 mod planner;
 mod router_faults;
