@@ -9,6 +9,8 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod ksana;
+mod ksana_node;
 mod kv_events;
 mod kv_peer_death;
 mod migration;

@@ -3,12 +3,13 @@
 //! scheduler thread, and the per-request guard that frees everything on every exit path.
 
 use crate::error::MockError;
+use crate::ksana::{KsanaNode, KvComm, KvNotice};
 use crate::kv_cache::{block_hashes, BlockManager, HoldTable};
 use crate::metrics::Metrics;
 use crate::profile::Profile;
 use crate::scheduler::{Scheduler, SeqSpec};
 use crate::tokenizer::Tokenizer;
-use crate::transport::{KvEndpoint, KvTransport};
+use crate::transport::{KvEndpoint, KvTransport, Notice};
 use pdx_protocol::{ApiError, FinishReason, KvTransferParams};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,9 @@ pub struct GenRequest {
     pub request_id: String,
     /// Choices, seed and stop strings ([`crate::generation`]); `n` 0 counts as 1.
     pub params: crate::generation::GenParams,
+    /// KsanaLLM comm group and request id (`kv-comm-*` headers): a prefill keeps the KV for the group's
+    /// decode and answers one token; a decode reads the KV first ([`crate::ksana`]).
+    pub ksana: Option<KvComm>,
 }
 
 /// Event from the scheduler thread to one request: a token came out of a step.
@@ -124,6 +128,8 @@ pub struct Engine {
     started: Instant,
     /// Set to true to stop the server (crash fault or shutdown).
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The KsanaLLM node, with `--ksana-router` (set once, before requests are served).
+    pub ksana: std::sync::OnceLock<Arc<KsanaNode>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,6 +214,7 @@ impl Engine {
             completions: AtomicU64::new(0),
             started: Instant::now(),
             shutdown,
+            ksana: std::sync::OnceLock::new(),
         })
     }
 
@@ -303,15 +310,51 @@ impl Engine {
     }
 
     /// Frees blocks held for remote decodes whose read notification arrived or whose hold
-    /// timed out. Called periodically by the server (and by tests).
+    /// timed out, and hands KsanaLLM KV notices to the node. Called periodically by the server (and by
+    /// tests).
     pub fn reap_holds(&self, now: Instant) {
         let Some(t) = &self.transport else { return };
         let notes = t.take_notifications();
+        self.dispatch(notes, now);
+        if let Some(node) = self.ksana.get() {
+            // KV notices no request took: release the prefill's blocks (an empty read with the notification).
+            for (key, ep) in node.sweep(now) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let t = t.clone();
+                    rt.spawn(async move {
+                        if let Err(e) = t.read_remote(&ep, &[], &[], key.as_bytes()).await {
+                            tracing::debug!(error = %e, "could not release a prefill's KV");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for notifications and handles them (a thread of the server calls this in a
+    /// loop on a KsanaLLM node, so a decode sees a KV notice without waiting for the reaper's tick).
+    pub fn pump_notices(&self, timeout: Duration) {
+        let Some(t) = &self.transport else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let notes = t.wait_notifications(timeout);
+        if !notes.is_empty() {
+            self.dispatch(notes, Instant::now());
+        }
+    }
+
+    fn dispatch(&self, notes: Vec<Notice>, now: Instant) {
         let mut freed = Vec::new();
+        let mut notices = Vec::new();
         {
             let mut h = self.holds.lock().expect("holds lock");
             for n in notes {
-                let id = String::from_utf8_lossy(&n);
+                if n.payload.starts_with(crate::ksana::NOTICE_PREFIX) {
+                    notices.push(n);
+                    continue;
+                }
+                let id = String::from_utf8_lossy(&n.payload);
                 // vLLM sends "<request id>:<tp rank>" in some versions; accept both.
                 let id = h
                     .release(&id)
@@ -329,6 +372,43 @@ impl Engine {
             self.metrics.held_blocks.dec_by(freed.len() as i64);
             self.free_blocks(&freed);
         }
+        for n in notices {
+            match self.ksana.get() {
+                Some(node) => node.on_notice(&n.from, &n.payload),
+                None => tracing::warn!(from = %n.from, "KV notice without --ksana-router dropped"),
+            }
+        }
+    }
+
+    /// Frees the blocks held under `key`, if any (a KsanaLLM handoff that could not be announced).
+    fn release_hold(&self, key: &str) {
+        let blocks = self.holds.lock().expect("holds lock").release(key);
+        if let Some(b) = blocks {
+            self.metrics.held_blocks.dec_by(b.len() as i64);
+            self.free_blocks(&b);
+        }
+    }
+
+    /// The KsanaLLM node of a request with `kv-comm-*` headers on a prefill or decode engine, checked.
+    /// Errors: 400 without `--ksana-router`, or for a comm group without this node.
+    fn ksana_of(
+        &self,
+        comm: &Option<KvComm>,
+    ) -> Result<Option<(Arc<KsanaNode>, KvComm)>, ApiError> {
+        let Some(comm) = comm else { return Ok(None) };
+        if self.cfg.role == Role::Aggregated || self.transport.is_none() {
+            // A whole engine serves the request whole, as a standalone KsanaLLM engine would.
+            return Ok(None);
+        }
+        let node = self.ksana.get().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "this {} engine was started without --ksana-router, so it cannot take {} requests",
+                self.cfg.role.as_str(),
+                crate::ksana::HEADER_GROUP_KEY
+            ))
+        })?;
+        node.check(comm)?;
+        Ok(Some((node.clone(), comm.clone())))
     }
 
     /// Admits a request: decides its output length, allocates KV blocks (waiting while the
@@ -375,6 +455,9 @@ impl Engine {
                 format!("min_tokens must be less than or equal to max_tokens={limit}, got {min_tokens}."),
             ));
         }
+        let ksana = self.ksana_of(&req.ksana)?;
+        let ksana_prefill = ksana.is_some() && self.cfg.role == Role::Prefill;
+        let ksana_decode = ksana.is_some() && self.cfg.role == Role::Decode;
         let kv_params = req.kv.clone().unwrap_or_default();
         let hold_for_remote = kv_params.do_remote_decode && self.transport.is_some();
         let remote_prefill =
@@ -395,7 +478,8 @@ impl Engine {
         } else {
             (limit, FinishReason::Length)
         };
-        if bootstrap_prefill {
+        // A prefill for a remote decode answers its first token (KsanaLLM's prefill, SGLang's bootstrap).
+        if bootstrap_prefill || ksana_prefill {
             (output, finish) = (1, FinishReason::Length);
         }
         let bs = self.cfg.block_size;
@@ -418,10 +502,43 @@ impl Engine {
         let total = (n_prompt as usize + output as usize).div_ceil(bs)
             + (choices.len().saturating_sub(1)) * (output as usize).div_ceil(bs);
         // Validate the remote params before taking blocks.
+        let mut release = None;
         let remote = if remote_prefill {
             Some(self.remote_source(&kv_params, n_pb)?)
+        } else if let (true, false, Some((node, comm))) = (ksana_decode, self.cfg.kv_noop, &ksana) {
+            // KsanaLLM decode: the prefill's notice names the blocks; it comes from the group's agent.
+            let deadline = Instant::now() + node.config().kv_wait;
+            let (ep, notice) = node.await_kv(comm, deadline).await?;
+            // From here on, a request that ends without reading releases the prefill's blocks.
+            release = Some(ReleaseRemote {
+                engine: self.clone(),
+                ep: ep.clone(),
+                key: comm.hold_key(),
+                armed: true,
+            });
+            if notice.tokens != n_prompt || notice.blocks.len() != n_pb {
+                return Err(ApiError::new(
+                    502,
+                    "KVTransferError",
+                    format!(
+                        "the prefill kept KV of {} tokens in {} blocks for request {} but this prompt has {n_prompt} tokens in {n_pb} blocks; were both sent the same body?",
+                        notice.tokens,
+                        notice.blocks.len(),
+                        comm.request_id
+                    ),
+                ));
+            }
+            Some((ep, notice.blocks, comm.hold_key()))
         } else {
             None
+        };
+        // KsanaLLM prefill: the decode must be reachable before the prefill computes anything.
+        let decode_agent = match (&ksana, ksana_prefill && !self.cfg.kv_noop) {
+            (Some((node, comm)), true) => Some(
+                node.decode_agent(&comm.group_key, Instant::now() + node.config().kv_wait)
+                    .await?,
+            ),
+            _ => None,
         };
 
         let alloc = {
@@ -481,6 +598,11 @@ impl Engine {
             let res = t
                 .read_remote(&ep, &remote_ids[start..n_pb], local, notif.as_bytes())
                 .await;
+            // The read carried the notification that frees the prefill's blocks (or failed with the
+            // connection, whose prefill then times the hold out).
+            if let Some(r) = release.take() {
+                r.disarm();
+            }
             if let Err(e) = res {
                 self.metrics.kv_transfer_errors.inc();
                 tracing::warn!(error = %e, "remote KV read failed");
@@ -535,7 +657,7 @@ impl Engine {
             }
         }
         // The KV "arrived" without a read (bootstrap flow, or the benchmark no-op mode).
-        if bootstrap_decode || (self.cfg.kv_noop && kv_params.do_remote_prefill) {
+        if bootstrap_decode || (self.cfg.kv_noop && (kv_params.do_remote_prefill || ksana_decode)) {
             computed = n_prompt;
         }
         {
@@ -565,7 +687,7 @@ impl Engine {
                 None
             }
         };
-        Ok(Admitted {
+        let mut adm = Admitted {
             guard,
             prompt_tokens: n_prompt,
             cached_tokens,
@@ -573,7 +695,50 @@ impl Engine {
             choices,
             events,
             hold_for_remote,
-        })
+        };
+        if let (Some(agent), Some((_, comm))) = (decode_agent, &ksana) {
+            self.ksana_handoff(&mut adm, agent, comm).await?;
+        }
+        Ok(adm)
+    }
+
+    /// KsanaLLM prefill, once admitted: waits for the prefill step (timed mode), keeps the prompt's blocks
+    /// under the request's hold key, and tells the decode's agent (`agent`) which they are.
+    ///
+    /// Errors: 500 when the scheduler dropped the request; 502 `KVTransferError` when the decode's agent
+    /// cannot be notified (the blocks are freed then).
+    async fn ksana_handoff(
+        &self,
+        adm: &mut Admitted,
+        agent: std::net::SocketAddr,
+        comm: &KvComm,
+    ) -> Result<(), ApiError> {
+        if let Some(mut rx) = adm.events.take() {
+            // The first (and only) token comes out of the prefill step.
+            if rx.recv().await.is_none() {
+                return Err(ApiError::internal("request aborted by the engine"));
+            }
+        }
+        let key = comm.hold_key();
+        let params = adm.guard.hold_for_remote(&key, adm.prompt_tokens);
+        let notice = KvNotice {
+            key: comm.group_key.clone(),
+            rid: comm.request_id.clone(),
+            tokens: adm.prompt_tokens,
+            blocks: params.remote_block_ids.unwrap_or_default(),
+        };
+        let t = self
+            .transport
+            .as_ref()
+            .expect("a KsanaLLM prefill has a KV transport");
+        if let Err(e) = t.notify_addr(&agent.to_string(), &notice.encode()).await {
+            self.release_hold(&key);
+            self.metrics.kv_transfer_errors.inc();
+            tracing::warn!(error = %e, decode = %agent, "could not announce KV to the decode");
+            return Err(e.to_api());
+        }
+        self.metrics.ksana_handoffs.inc();
+        Ok(())
     }
 
     fn remote_source(
@@ -656,6 +821,42 @@ impl Drop for WaitingGauge<'_> {
         if self.1.get() {
             self.0.waiting.dec();
         }
+    }
+}
+
+/// A KsanaLLM decode's claim on a prefill's held blocks: dropped before the read, it releases them (an
+/// empty read whose notification is the hold key), so a failed or abandoned request does not keep them
+/// until the prefill's hold timeout.
+struct ReleaseRemote {
+    engine: Arc<Engine>,
+    ep: KvEndpoint,
+    key: String,
+    armed: bool,
+}
+
+impl ReleaseRemote {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ReleaseRemote {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (Some(t), Ok(rt)) = (
+            self.engine.transport.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (ep, key) = (self.ep.clone(), std::mem::take(&mut self.key));
+        rt.spawn(async move {
+            if let Err(e) = t.read_remote(&ep, &[], &[], key.as_bytes()).await {
+                tracing::debug!(error = %e, "could not release a prefill's KV");
+            }
+        });
     }
 }
 

@@ -13,6 +13,10 @@
 //! * **decode**: a request with `do_remote_prefill` reads those blocks through pdx's transfer
 //!   engine, checks every byte, then generates.
 //!
+//! With `--ksana-router URL` a prefill or decode engine is a KsanaLLM node instead: it registers with a
+//! KsanaLLM router and takes the router's `kv-comm-*` requests, and serves KsanaLLM's `/generate`
+//! ([`ksana`], [`ksana_generate`]; `/generate` is served in every role).
+//!
 //! Timing comes from a continuous-batching scheduler with a step-time model
 //! ([`scheduler`], [`profile`]) unless `--instant`. Faults can be injected ([`profile::FaultProfile`]).
 //! See `docs/mock.md`.
@@ -22,6 +26,8 @@ pub mod bootstrap;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod ksana;
+pub mod ksana_generate;
 pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
@@ -198,6 +204,32 @@ pub struct MockArgs {
     /// endpoints, so a router subscribes [default: off]
     #[arg(long)]
     pub kv_events_config: Option<String>,
+    /// KsanaLLM router to register with as a node (`POST URL/RegisterNode`, `/Heartbeat`, and as rank-0
+    /// prefill `/RegisterCommId`): `http://host:port`. Needs `--role prefill` or `--role decode`.
+    #[arg(long)]
+    pub ksana_router: Option<String>,
+    /// `cluster_name` sent at registration [default: none, the router's own]
+    #[arg(long)]
+    pub ksana_cluster_name: Option<String>,
+    /// Rank of this node in its KsanaLLM group (only rank 0 serves requests and registers comm ids).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: u32,
+    /// Devices of the whole KsanaLLM group (`world_size`) [default: --ksana-devices, a one-node group]
+    #[arg(long)]
+    pub world_size: Option<u32>,
+    /// Devices this node reports at registration (`devices`, made up: `pdx-mock` devices on the KV agent's IP).
+    #[arg(long, default_value_t = 1)]
+    pub ksana_devices: u32,
+    /// Milliseconds between heartbeats to the KsanaLLM router (KsanaLLM's `heartbeat_interval_ms`).
+    #[arg(long, default_value_t = 5000)]
+    pub ksana_heartbeat_ms: u64,
+    /// Seconds a KsanaLLM request waits for its comm group to be ready and, on a decode, for the prefill's KV.
+    #[arg(long, default_value_t = 30.0)]
+    pub ksana_kv_wait_secs: f64,
+    /// The group's address at the KsanaLLM router (`inference_addr`) [default: this worker's host:port; a
+    /// rank > 0 node names its rank 0's]
+    #[arg(long)]
+    pub ksana_inference_addr: Option<String>,
     /// Require `Authorization: Bearer KEY` on `/v1/*` (repeatable: any of the keys), as vLLM's `--api-key`:
     /// 401 `{"error":"Unauthorized"}` otherwise. The first key is also sent in the registration body, so a
     /// router sends it upstream.
@@ -421,6 +453,26 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         .as_ref()
         .map(|p| (p.endpoint.port(), p.replay_endpoint.map(|r| r.port())));
     let engine = Engine::with_kv_events(cfg, tokenizer, transport, kv_events);
+    let ksana = match &args.ksana_router {
+        Some(router) => {
+            let node = Arc::new(ksana_node(&args, router, addr, &engine)?);
+            engine
+                .ksana
+                .set(node.clone())
+                .expect("the KsanaLLM node is set once");
+            // Notifications (KV notices, read notifications) are handled as they arrive, not at the reaper's tick.
+            let e = engine.clone();
+            std::thread::Builder::new()
+                .name("pdx-mock-kv-notices".into())
+                .spawn(move || {
+                    while !*e.shutdown.borrow() {
+                        e.pump_notices(Duration::from_millis(100));
+                    }
+                })?;
+            Some(node)
+        }
+        None => None,
+    };
     let mut threads = Vec::new();
     let mut bootstrap_listener = bootstrap_listener;
     for (i, l) in listeners.drain(..).enumerate() {
@@ -432,6 +484,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         } else {
             None
         };
+        let ksana = ksana.clone();
         let t = std::thread::Builder::new()
             .name(format!("pdx-mock-http-{i}"))
             .spawn(move || {
@@ -443,6 +496,9 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                     let l = tokio::net::TcpListener::from_std(l).expect("listener");
                     if i == 0 {
                         tokio::spawn(reaper(engine.clone()));
+                        if let Some(node) = ksana {
+                            tokio::spawn(node.run(engine.clone()));
+                        }
                         if let Some(url) = args.register.clone() {
                             tokio::spawn(register::heartbeat(
                                 url,
@@ -479,6 +535,51 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         engine,
         threads,
     })
+}
+
+/// The KsanaLLM node of a worker started with `--ksana-router ROUTER`, bound to `addr`.
+fn ksana_node(
+    args: &MockArgs,
+    router: &str,
+    addr: SocketAddr,
+    engine: &Engine,
+) -> Result<ksana::KsanaNode, MockError> {
+    let ep = engine.kv_endpoint().ok_or_else(|| {
+        MockError::Config("--ksana-router needs --role prefill or --role decode".into())
+    })?;
+    let host = args.advertise_host.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            "127.0.0.1".into()
+        } else {
+            addr.ip().to_string()
+        }
+    });
+    let coordinator_addr = format!("{}:{}", ep.host, ep.port).parse().map_err(|_| {
+        MockError::Config(format!(
+            "the KV agent's address {}:{} must be ip:port for a KsanaLLM coordinator_addr (--advertise-host)",
+            ep.host, ep.port
+        ))
+    })?;
+    if !args.ksana_kv_wait_secs.is_finite() || args.ksana_kv_wait_secs <= 0.0 {
+        return Err(MockError::Config("--ksana-kv-wait-secs must be > 0".into()));
+    }
+    let cfg = ksana::KsanaConfig {
+        router: router.trim_end_matches('/').to_string(),
+        cluster_name: args.ksana_cluster_name.clone(),
+        role: args.role,
+        node_rank: args.node_rank,
+        world_size: args.world_size.unwrap_or(args.ksana_devices),
+        devices: args.ksana_devices,
+        inference_addr: args
+            .ksana_inference_addr
+            .clone()
+            .unwrap_or_else(|| format!("{host}:{}", addr.port())),
+        coordinator_addr,
+        engine_id: ep.engine_id,
+        heartbeat: Duration::from_millis(args.ksana_heartbeat_ms.max(10)),
+        kv_wait: Duration::from_secs_f64(args.ksana_kv_wait_secs),
+    };
+    ksana::KsanaNode::new(cfg, engine.cfg.num_blocks as usize)
 }
 
 /// The KV agents' shared secret: `--agent-secret-file`, else `PDX_AGENT_SECRET`, else none.

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub kv_blocks_received: Counter,
     /// Bytes of those blocks.
     pub kv_bytes_received: Counter,
+    /// `pdx:ksana_registered`: 1 while registered with a KsanaLLM router (`--ksana-router`).
+    pub ksana_registered: Gauge,
+    /// `pdx:ksana_comm_groups_ready`: KsanaLLM comm groups this node can serve requests of now.
+    pub ksana_groups_ready: Gauge,
+    /// `pdx:ksana_kv_handoffs_total`: KsanaLLM requests whose KV a prefill kept and announced to the decode.
+    pub ksana_handoffs: Counter,
 }
 
 impl Metrics {
@@ -88,6 +94,9 @@ impl Metrics {
             kv_transfer_errors: Counter::default(),
             kv_blocks_received: Counter::default(),
             kv_bytes_received: Counter::default(),
+            ksana_registered: Gauge::default(),
+            ksana_groups_ready: Gauge::default(),
+            ksana_handoffs: Counter::default(),
         };
         r.register(
             "vllm:num_requests_running",
@@ -163,6 +172,21 @@ impl Metrics {
             "pdx:kv_bytes_received",
             "Bytes of KV blocks read from a prefill worker and verified (decode role).",
             m.kv_bytes_received.clone(),
+        );
+        r.register(
+            "pdx:ksana_registered",
+            "1 while registered with a KsanaLLM router",
+            m.ksana_registered.clone(),
+        );
+        r.register(
+            "pdx:ksana_comm_groups_ready",
+            "KsanaLLM comm groups (prefill__decode pairs) this node can serve requests of",
+            m.ksana_groups_ready.clone(),
+        );
+        r.register(
+            "pdx:ksana_kv_handoffs",
+            "KsanaLLM requests whose prompt KV this prefill kept and announced to the decode",
+            m.ksana_handoffs.clone(),
         );
         Self {
             registry: root,

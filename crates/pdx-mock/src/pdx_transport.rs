@@ -9,13 +9,17 @@
 //! the prefill's request id as the notification, which the prefill engine picks up with
 //! `take_notifications`.
 //!
+//! A KsanaLLM prefill tells a decode which blocks hold a request's KV with a notification sent to
+//! the decode's agent by address (`notify_addr`: the decode's `coordinator_addr` from the
+//! router's comm group): its metadata is fetched and loaded once per address, like a read's.
+//!
 //! With a shared secret (`--agent-secret-file`, or `PDX_AGENT_SECRET`), every agent connection
 //! runs the mutual challenge–response of `pdx_transfer::auth` first; engines without the same
 //! secret can neither read nor write this engine's KV, nor fetch its metadata.
 
 use crate::error::MockError;
 use crate::kv_cache::KvLayout;
-use crate::transport::{KvEndpoint, KvTransport, TransferFuture};
+use crate::transport::{KvEndpoint, KvTransport, Notice, TransferFuture};
 use pdx_transfer::metadata::AgentMetadata;
 use pdx_transfer::{
     Agent, AgentConfig, AgentSecret, RegisteredMemory, XferDescList, XferOp, XferOptions,
@@ -41,6 +45,8 @@ struct Inner {
     layout: KvLayout,
     num_blocks: u32,
     remotes: Mutex<HashMap<String, RemoteRegion>>,
+    /// Agent names loaded for [`KvTransport::notify_addr`], by address.
+    by_addr: Mutex<HashMap<String, String>>,
 }
 
 /// KV memory registered with a pdx transfer agent; see the module docs.
@@ -105,6 +111,7 @@ impl PdxTransport {
                 layout,
                 num_blocks,
                 remotes: Mutex::new(HashMap::new()),
+                by_addr: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -223,6 +230,40 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Blocking: loads the agent listening on `addr` if needed, then notifies it.
+    fn notify_addr_blocking(&self, addr: &str, payload: Vec<u8>) -> Result<(), MockError> {
+        let cached = self
+            .by_addr
+            .lock()
+            .expect("by_addr lock")
+            .get(addr)
+            .cloned();
+        let name = match cached {
+            Some(n) => n,
+            None => {
+                let name = self.agent.fetch_remote(addr).map_err(|e| terr(addr, e))?;
+                self.by_addr
+                    .lock()
+                    .expect("by_addr lock")
+                    .insert(addr.to_string(), name.clone());
+                name
+            }
+        };
+        let res = self
+            .agent
+            .notify(&name, payload)
+            .map_err(|e| terr(&name, e));
+        if res.is_err() {
+            // The peer may have restarted (a new agent on the same address): load it again next time.
+            self.by_addr.lock().expect("by_addr lock").remove(addr);
+            self.agent.invalidate_remote(&name);
+            self.remotes.lock().expect("remotes lock").remove(&name);
+        }
+        res
+    }
+}
+
 impl KvTransport for PdxTransport {
     fn endpoint(&self) -> KvEndpoint {
         self.endpoint.clone()
@@ -273,12 +314,34 @@ impl KvTransport for PdxTransport {
                 .map_err(|e| terr(&engine, e))?
         })
     }
-    fn take_notifications(&self) -> Vec<Vec<u8>> {
-        self.inner
-            .agent
-            .take_notifications()
+    fn take_notifications(&self) -> Vec<Notice> {
+        let notes = self.inner.agent.take_notifications();
+        notes
             .into_iter()
-            .map(|n| n.payload)
+            .map(|n| Notice {
+                from: n.from,
+                payload: n.payload,
+            })
             .collect()
+    }
+    fn wait_notifications(&self, timeout: Duration) -> Vec<Notice> {
+        let notes = self.inner.agent.wait_notifications(timeout);
+        notes
+            .into_iter()
+            .map(|n| Notice {
+                from: n.from,
+                payload: n.payload,
+            })
+            .collect()
+    }
+    fn notify_addr<'a>(&'a self, addr: &'a str, payload: &'a [u8]) -> TransferFuture<'a> {
+        let inner = self.inner.clone();
+        let (addr, payload) = (addr.to_string(), payload.to_vec());
+        Box::pin(async move {
+            let a = addr.clone();
+            tokio::task::spawn_blocking(move || inner.notify_addr_blocking(&a, payload))
+                .await
+                .map_err(|e| terr(&addr, e))?
+        })
     }
 }

@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 /// Largest request body accepted, bytes.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
-/// Response body: a full buffer or a lazily generated SSE stream.
+/// Response body: a full buffer or a lazily generated stream.
 pub enum MockBody {
     /// Whole body.
     Full(Option<Bytes>),
+    /// Whole body sent as a stream (`Transfer-Encoding: chunked`): a streamed answer that is ready at once.
+    Chunked(Option<Bytes>),
     /// SSE stream.
     Stream(Box<SseStream>),
+    /// KsanaLLM `/generate` stream (`\0`-delimited JSON).
+    Ksana(Box<crate::ksana_generate::KsanaStream>),
 }
 
 impl Body for MockBody {
@@ -35,8 +39,11 @@ impl Body for MockBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            MockBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            MockBody::Full(b) | MockBody::Chunked(b) => {
+                Poll::Ready(b.take().map(|b| Ok(Frame::data(b))))
+            }
             MockBody::Stream(s) => s.poll_next(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+            MockBody::Ksana(s) => s.poll_next(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
         }
     }
     fn is_end_stream(&self) -> bool {
@@ -46,12 +53,16 @@ impl Body for MockBody {
         match self {
             MockBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             MockBody::Full(None) => SizeHint::with_exact(0),
-            MockBody::Stream(_) => SizeHint::default(),
+            MockBody::Chunked(_) | MockBody::Stream(_) | MockBody::Ksana(_) => SizeHint::default(),
         }
     }
 }
 
-fn full(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<MockBody> {
+pub(crate) fn full(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<MockBody> {
     let mut r = Response::new(MockBody::Full(Some(body.into())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -61,7 +72,7 @@ fn full(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp
     r
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Response<MockBody> {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Response<MockBody> {
     full(
         StatusCode::OK,
         "application/json",
@@ -115,6 +126,10 @@ pub async fn handle(
         (Method::POST, "/v1/completions") => {
             with_worker(&engine, completions(engine.clone(), req, false).await)
         }
+        (Method::POST, "/generate") => with_worker(
+            &engine,
+            crate::ksana_generate::generate(engine.clone(), req).await,
+        ),
         (Method::GET, "/health") | (Method::GET, "/health_generate") | (Method::GET, "/ping") => {
             if engine.loading() {
                 error_response(&ApiError::unavailable(
@@ -161,11 +176,17 @@ pub async fn handle(
         (Method::GET, "/version") => {
             json(&serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
         }
-        (_, "/v1/chat/completions" | "/v1/completions" | "/health" | "/v1/models" | "/metrics") => {
-            error_response(&ApiError::method_not_allowed(format!(
-                "{method} not allowed on {path}"
-            )))
-        }
+        (
+            _,
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/generate"
+            | "/health"
+            | "/v1/models"
+            | "/metrics",
+        ) => error_response(&ApiError::method_not_allowed(format!(
+            "{method} not allowed on {path}"
+        ))),
         _ => error_response(&ApiError::not_found(format!(
             "no route for {method} {path}"
         ))),
@@ -252,7 +273,7 @@ async fn tokenize(engine: &Engine, req: Request<Incoming>) -> Response<MockBody>
 }
 
 /// Names the worker in `x-pdx-worker` (not a vLLM header; clients that do not know it ignore it).
-fn with_worker(engine: &Engine, mut r: Response<MockBody>) -> Response<MockBody> {
+pub(crate) fn with_worker(engine: &Engine, mut r: Response<MockBody>) -> Response<MockBody> {
     if let Ok(v) = hyper::header::HeaderValue::from_str(&engine.cfg.worker_id) {
         r.headers_mut().insert("x-pdx-worker", v);
     }
@@ -403,6 +424,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
                 bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
+                ksana: None,
                 request_id: String::new(),
                 params: gen_params(&sampling),
             },
@@ -446,6 +468,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
                 bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
+                ksana: None,
                 request_id: String::new(),
                 params: gen_params(&sampling),
             },
@@ -463,39 +486,56 @@ impl WithParam for ApiError {
     }
 }
 
+/// The request body, at most [`MAX_BODY_BYTES`] (413 otherwise).
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<MockBody>> {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(error_response(&ApiError::new(
+            413,
+            "BadRequestError",
+            format!("cannot read request body: {e}"),
+        ))),
+    }
+}
+
+/// The injected fault of the next generation request, if any, as its answer (a hang or crash never
+/// answers).
+pub(crate) async fn fault_gate(engine: &Engine) -> Option<Response<MockBody>> {
+    match engine.fault_for_request() {
+        Some(Fault::Error) => Some(error_response(&ApiError::internal("injected fault: error"))),
+        Some(Fault::Hang) | Some(Fault::Crash) => std::future::pending().await,
+        Some(Fault::Loading) => Some(error_response(&ApiError::unavailable(
+            "model is loading (slow-start fault)",
+        ))),
+        None => None,
+    }
+}
+
 async fn completions(
     engine: Arc<Engine>,
     req: Request<Incoming>,
     chat: bool,
 ) -> Response<MockBody> {
     let arrival = Instant::now();
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return error_response(&ApiError::new(
-                413,
-                "BadRequestError",
-                format!("cannot read request body: {e}"),
-            ))
-        }
+    let comm = match crate::ksana::KvComm::from_headers(req.headers()) {
+        Ok(c) => c,
+        Err(e) => return error_response(&e),
     };
-    match engine.fault_for_request() {
-        Some(Fault::Error) => return error_response(&ApiError::internal("injected fault: error")),
-        Some(Fault::Hang) | Some(Fault::Crash) => std::future::pending::<()>().await,
-        Some(Fault::Loading) => {
-            return error_response(&ApiError::unavailable(
-                "model is loading (slow-start fault)",
-            ))
-        }
-        None => {}
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Some(r) = fault_gate(&engine).await {
+        return r;
     }
     let mut p = match parse(&engine, &body, chat) {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
+    p.gen.ksana = comm;
     let n = engine.next_request_number();
     p.gen.request_id = format!(
         "{}-{:x}-{n}",

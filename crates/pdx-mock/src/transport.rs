@@ -3,7 +3,9 @@
 //! The engine talks to a [`KvTransport`]: it owns the KV block memory (so a transfer engine
 //! can register it), reads blocks from a remote engine with a completion notification
 //! delivered to that engine (NIXL READ with `notif_msg`, as vLLM's NixlConnector does), and
-//! hands back notifications received (`take_notifications`, NIXL `get_new_notifs`).
+//! hands back notifications received (`take_notifications`, NIXL `get_new_notifs`). A KsanaLLM
+//! prefill also sends a notification of its own to a decode engine it knows only by its agent's
+//! address (`notify_addr`): which blocks hold a request's KV (`crate::ksana`).
 //!
 //! Two implementations: [`InProcTransport`] moves blocks between engines of the same process
 //! through a process-wide registry keyed by engine id (`--kv-transport inproc`: tests,
@@ -28,6 +30,16 @@ pub struct KvEndpoint {
     pub host: String,
     /// Port of the metadata side channel.
     pub port: u16,
+}
+
+/// A notification received from another engine's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The sending engine (agent name), as the transport knows it: for `pdx-transfer`, the name its
+    /// connection announced (authenticated when the agents share a secret).
+    pub from: String,
+    /// The payload (at most 64 KiB).
+    pub payload: Vec<u8>,
 }
 
 /// Boxed future of a transfer.
@@ -56,14 +68,36 @@ pub trait KvTransport: Send + Sync {
         notification: &'a [u8],
     ) -> TransferFuture<'a>;
     /// Notifications delivered to this engine since the last call.
-    fn take_notifications(&self) -> Vec<Vec<u8>>;
+    fn take_notifications(&self) -> Vec<Notice>;
+    /// Waits up to `timeout` for a notification, then takes all of them (empty on timeout). The
+    /// default polls: it sleeps `timeout` (at most 10 ms), then takes.
+    fn wait_notifications(&self, timeout: std::time::Duration) -> Vec<Notice> {
+        std::thread::sleep(timeout.min(std::time::Duration::from_millis(10)));
+        self.take_notifications()
+    }
+    /// Sends `payload` as a notification to the engine whose agent listens on `addr`
+    /// (`ip:port`, its metadata side channel).
+    ///
+    /// Errors: [`MockError::Transfer`] when nothing answers there, or the transport cannot send
+    /// notifications by address (the default).
+    fn notify_addr<'a>(&'a self, addr: &'a str, payload: &'a [u8]) -> TransferFuture<'a> {
+        let _ = payload;
+        Box::pin(async move {
+            Err(MockError::Transfer {
+                engine: addr.to_string(),
+                reason: "this KV transport cannot notify an engine by address".into(),
+            })
+        })
+    }
 }
 
 struct Shared {
     layout: KvLayout,
     num_blocks: u32,
     memory: RwLock<Vec<u8>>,
-    notifications: Mutex<Vec<Vec<u8>>>,
+    notifications: Mutex<Vec<Notice>>,
+    /// `host:port` of the endpoint, for [`KvTransport::notify_addr`].
+    addr: String,
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
@@ -88,6 +122,7 @@ impl InProcTransport {
             num_blocks,
             memory: RwLock::new(vec![0u8; layout.block_bytes() * num_blocks as usize]),
             notifications: Mutex::new(Vec::new()),
+            addr: format!("{}:{}", endpoint.host, endpoint.port),
         });
         let mut reg = registry().lock().expect("registry lock");
         reg.retain(|_, w| w.strong_count() > 0);
@@ -174,15 +209,34 @@ impl KvTransport for InProcTransport {
                     dst[l..l + n].copy_from_slice(&src[r..r + n]);
                 }
             }
-            peer.notifications
-                .lock()
-                .expect("notif lock")
-                .push(notification.to_vec());
+            peer.notifications.lock().expect("notif lock").push(Notice {
+                from: self.endpoint.engine_id.clone(),
+                payload: notification.to_vec(),
+            });
             Ok(())
         })
     }
-    fn take_notifications(&self) -> Vec<Vec<u8>> {
+    fn take_notifications(&self) -> Vec<Notice> {
         std::mem::take(&mut *self.shared.notifications.lock().expect("notif lock"))
+    }
+    fn notify_addr<'a>(&'a self, addr: &'a str, payload: &'a [u8]) -> TransferFuture<'a> {
+        Box::pin(async move {
+            let peer = registry()
+                .lock()
+                .expect("registry lock")
+                .values()
+                .filter_map(Weak::upgrade)
+                .find(|p| p.addr == addr)
+                .ok_or_else(|| MockError::Transfer {
+                    engine: addr.to_string(),
+                    reason: "no engine of this process has that address".into(),
+                })?;
+            peer.notifications.lock().expect("notif lock").push(Notice {
+                from: self.endpoint.engine_id.clone(),
+                payload: payload.to_vec(),
+            });
+            Ok(())
+        })
     }
 }
 

@@ -380,6 +380,9 @@ pub enum RouterBody {
     Full(Option<Bytes>),
     /// Forwarded upstream body.
     Forward(Box<Forward<UpBody>>),
+    /// A KsanaLLM pair's stream: the decode's, watched beside the prefill's
+    /// ([`crate::orchestrate::ksana::Merged`]).
+    Ksana(Box<crate::orchestrate::ksana::Merged>),
 }
 
 impl std::fmt::Debug for RouterBody {
@@ -390,6 +393,7 @@ impl std::fmt::Debug for RouterBody {
                 .field(&b.as_ref().map(Bytes::len))
                 .finish(),
             RouterBody::Forward(x) => x.fmt(f),
+            RouterBody::Ksana(x) => x.fmt(f),
         }
     }
 }
@@ -405,12 +409,14 @@ impl Body for RouterBody {
         match self.get_mut() {
             RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RouterBody::Forward(f) => Pin::new(f.as_mut()).poll_frame(cx),
+            RouterBody::Ksana(k) => Pin::new(k.as_mut()).poll_frame(cx),
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             RouterBody::Full(b) => b.is_none(),
             RouterBody::Forward(f) => f.is_end_stream(),
+            RouterBody::Ksana(k) => k.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
@@ -418,6 +424,7 @@ impl Body for RouterBody {
             RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RouterBody::Full(None) => SizeHint::with_exact(0),
             RouterBody::Forward(f) => f.body.as_ref().map(|b| b.size_hint()).unwrap_or_default(),
+            RouterBody::Ksana(_) => SizeHint::default(),
         }
     }
 }

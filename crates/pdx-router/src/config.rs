@@ -5,7 +5,7 @@
 //! host = "0.0.0.0"
 //! port = 8000
 //! threads = 0                  # 0: one per core
-//! orchestration = "vllm-nixl"  # or "sglang-bootstrap", "aggregated"
+//! orchestration = "vllm-nixl"  # or "sglang-bootstrap", "ksana", "aggregated"
 //! api_key = ["sk-a", "sk-b"]   # clients' `Authorization: Bearer` keys (or one string; none: open)
 //! [[models]]
 //! name = "Qwen/Qwen3-0.6B"
@@ -54,7 +54,8 @@ pub struct ServeArgs {
     pub worker: Vec<String>,
     /// How a request is spread over workers: `vllm-nixl` (vLLM NixlConnector prefill, then decode),
     /// `sglang-bootstrap` (aliases `sglang`, `bootstrap`: SGLang PD, prefill and decode at once with
-    /// `bootstrap_host/port/room`), or `aggregated` (aggregated pools only) [default: vllm-nixl]
+    /// `bootstrap_host/port/room`), `ksana` (KsanaLLM nodes register themselves with `POST /RegisterNode`; prefill
+    /// and decode at once with `kv-comm-*` headers), or `aggregated` (aggregated pools only) [default: vllm-nixl]
     #[arg(long)]
     pub orchestration: Option<String>,
     /// Model name of quick-start workers [default: any model name is accepted]
@@ -113,6 +114,22 @@ pub struct ServeArgs {
     /// 503, or 504 after a timeout) [default: decode_only]
     #[arg(long)]
     pub prefill_fallback: Option<String>,
+    /// `--orchestration ksana`: the KsanaLLM node registry's database, a SQLite file (created with its
+    /// directory) or a `mysql://user:password@host:port/database` URL [default: pdx-ksana.db]
+    #[arg(long, value_name = "PATH|URL")]
+    pub ksana_db: Option<String>,
+    /// `--orchestration ksana`: the cluster nodes must register in (the peer's `cluster_name`)
+    /// [default: default_cluster]
+    #[arg(long, value_name = "NAME")]
+    pub ksana_cluster: Option<String>,
+    /// `--orchestration ksana`: seconds without a heartbeat after which a node is offline and its pairs take no
+    /// requests (the peer's `heartbeat_timeout_seconds`) [default: 60]
+    #[arg(long)]
+    pub ksana_heartbeat_timeout_secs: Option<f64>,
+    /// `--orchestration ksana`: do not create the registry's tables; they must exist [default: missing tables
+    /// are created at start]
+    #[arg(long)]
+    pub ksana_no_create_schema: bool,
     /// Key clients must send as `Authorization: Bearer KEY` on `/v1/chat/completions`, `/v1/completions` and
     /// `/v1/models*` (repeatable: any of the keys; 401 otherwise), as vLLM's `--api-key`. Adds to the file's
     /// `api_key`.
@@ -320,6 +337,25 @@ pub struct FileConfig {
     /// Models and their pools.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// `orchestration = "ksana"`: the KsanaLLM node registry.
+    #[serde(default)]
+    pub ksana: KsanaFileConfig,
+}
+
+/// The `[ksana]` table of the file (`orchestration = "ksana"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KsanaFileConfig {
+    /// A SQLite file (relative to the file's directory) or a `mysql://` URL (default `pdx-ksana.db`).
+    pub db: Option<String>,
+    /// The cluster nodes must register in (default `default_cluster`).
+    pub cluster_name: Option<String>,
+    /// Seconds without a heartbeat after which a node is offline (default 60).
+    pub heartbeat_timeout_secs: Option<f64>,
+    /// Create missing tables at start (default true).
+    pub create_schema: Option<bool>,
+    /// Most nodes in the cluster (default 1024).
+    pub max_nodes: Option<usize>,
 }
 
 /// Orchestration of one request across workers.
@@ -333,6 +369,10 @@ pub enum OrchestrationKind {
     /// once; the decode's response goes to the client (see [`crate::orchestrate::sglang`]). Models without decode
     /// pools use their aggregated pools.
     SglangBootstrap,
+    /// KsanaLLM `simple_router`: nodes register with `POST /RegisterNode`, `/Heartbeat`, `/RegisterCommId`
+    /// ([`crate::ksana`]); the client's body goes to a ready prefill/decode pair at once with
+    /// `kv-comm-group-key` and `kv-comm-request-id` ([`crate::orchestrate::ksana`]).
+    Ksana,
     /// Aggregated pools only.
     Aggregated,
 }
@@ -345,6 +385,7 @@ impl std::str::FromStr for OrchestrationKind {
             "sglang-bootstrap" | "sglang_bootstrap" | "sglang" | "bootstrap" => {
                 OrchestrationKind::SglangBootstrap
             }
+            "ksana" | "ksana-llm" | "ksana_llm" | "ksanallm" => OrchestrationKind::Ksana,
             "aggregated" | "none" => OrchestrationKind::Aggregated,
             o => return Err(RouterError::Config(format!("unknown orchestration `{o}`"))),
         })
@@ -541,6 +582,8 @@ pub struct Config {
     pub migration: MigrationConfig,
     /// Models.
     pub models: Vec<ModelSpec>,
+    /// The KsanaLLM node registry (`orchestration = "ksana"` only).
+    pub ksana: Option<crate::ksana::KsanaConfig>,
 }
 
 fn parse_role(s: &str) -> Result<pdx_protocol::Role, RouterError> {
@@ -922,6 +965,60 @@ impl Config {
             .or(file.orchestration.as_deref())
             .unwrap_or("vllm-nixl")
             .parse()?;
+        let ksana = if orchestration == OrchestrationKind::Ksana {
+            if !models.is_empty() {
+                return Err(RouterError::Config(
+                    "orchestration `ksana`: KsanaLLM nodes register themselves (POST /RegisterNode); \
+                     --prefill/--decode/--worker and [[models]] are not used with it"
+                        .into(),
+                ));
+            }
+            let k = &file.ksana;
+            let db = match (&a.ksana_db, &k.db) {
+                (Some(d), _) => d.clone(),
+                // A relative path in the file is relative to the file, as the peer reads its config.ini.
+                (None, Some(d)) if !d.starts_with("mysql://") => match &base {
+                    Some(b) if std::path::Path::new(d).is_relative() => {
+                        b.join(d).to_string_lossy().into_owned()
+                    }
+                    _ => d.clone(),
+                },
+                (None, Some(d)) => d.clone(),
+                (None, None) => "pdx-ksana.db".into(),
+            };
+            let timeout = secs(
+                a.ksana_heartbeat_timeout_secs
+                    .or(k.heartbeat_timeout_secs)
+                    .unwrap_or(60.0),
+                "ksana heartbeat_timeout_secs",
+            )?;
+            Some(crate::ksana::KsanaConfig {
+                db: pdx_ksana::Database::parse(&db)
+                    .map_err(|e| RouterError::Config(e.to_string()))?,
+                settings: pdx_ksana::Settings {
+                    cluster_name: a
+                        .ksana_cluster
+                        .clone()
+                        .or(k.cluster_name.clone())
+                        .unwrap_or_else(|| "default_cluster".into()),
+                    heartbeat_timeout_us: timeout.as_micros().min(i64::MAX as u128) as i64,
+                    max_nodes: k.max_nodes.unwrap_or(1024),
+                },
+                create_schema: !a.ksana_no_create_schema && k.create_schema.unwrap_or(true),
+                policy: match &a.policy {
+                    Some(p) => p.parse()?,
+                    None => default_policy,
+                },
+                allow: a
+                    .worker_allow_cidr
+                    .iter()
+                    .chain(&file.worker_allow_cidrs)
+                    .map(|c| c.parse())
+                    .collect::<Result<_, _>>()?,
+            })
+        } else {
+            None
+        };
         let mut retry = pdx_router_core::RetryPolicy::default();
         if let Some(v) = a.prefill_attempts.or(file.retry.max_attempts) {
             retry.max_attempts = v.max(1);
@@ -1031,6 +1128,7 @@ impl Config {
             breaker,
             migration,
             models,
+            ksana,
         })
     }
 }
@@ -1161,6 +1259,73 @@ mod tests {
         .unwrap();
         assert_eq!(c.worker_allow.len(), 2);
         assert_eq!(c.admin_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn ksana_registry_from_flags_and_file() {
+        let c = from_toml(&["--orchestration", "ksana"], "").unwrap();
+        assert_eq!(c.orchestration, OrchestrationKind::Ksana);
+        let k = c.ksana.expect("ksana settings");
+        assert_eq!(k.db, pdx_ksana::Database::Sqlite("pdx-ksana.db".into()));
+        assert_eq!(k.settings.cluster_name, "default_cluster");
+        assert_eq!(k.settings.heartbeat_timeout_us, 60_000_000);
+        assert!(k.create_schema);
+        let file = r#"
+            orchestration = "ksana"
+            [ksana]
+            db = "mysql://u:secret@127.0.0.1:3306/router"
+            cluster_name = "c1"
+            heartbeat_timeout_secs = 5
+            create_schema = false
+            max_nodes = 8
+        "#;
+        let k = from_toml(&[], file).unwrap().ksana.unwrap();
+        assert_eq!(
+            k.db,
+            pdx_ksana::Database::Mysql("mysql://u:secret@127.0.0.1:3306/router".into())
+        );
+        assert_eq!(
+            (
+                k.settings.cluster_name.as_str(),
+                k.settings.heartbeat_timeout_us
+            ),
+            ("c1", 5_000_000)
+        );
+        assert_eq!((k.create_schema, k.settings.max_nodes), (false, 8));
+        assert!(!format!("{k:?}").contains("secret"), "no password in logs");
+        // Flags win over the file.
+        let k = from_toml(
+            &[
+                "--ksana-db",
+                "/tmp/x.db",
+                "--ksana-cluster",
+                "c2",
+                "--ksana-heartbeat-timeout-secs",
+                "2.5",
+            ],
+            file,
+        )
+        .unwrap()
+        .ksana
+        .unwrap();
+        assert_eq!(k.db, pdx_ksana::Database::Sqlite("/tmp/x.db".into()));
+        assert_eq!(
+            (
+                k.settings.cluster_name.as_str(),
+                k.settings.heartbeat_timeout_us
+            ),
+            ("c2", 2_500_000)
+        );
+        // Static workers have no place under it; other orchestrations have no registry.
+        let e = from_toml(
+            &["--orchestration", "ksana", "--decode", "http://127.0.0.1:1"],
+            "",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("register themselves"), "{e}");
+        assert!(from_toml(&["--ksana-db", ":memory:", "--orchestration", "ksana"], "").is_err());
+        assert!(from_toml(&[], "").unwrap().ksana.is_none());
+        assert!(from_toml(&[], "[ksana]\nbogus = 1").is_err());
     }
 
     #[test]

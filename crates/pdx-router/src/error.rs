@@ -25,6 +25,9 @@ pub enum RouterError {
     /// The listen address is held by another process, or cannot be bound: fatal at start.
     #[error(transparent)]
     Listen(#[from] pdx_listen::ListenError),
+    /// The KsanaLLM node registry's database cannot be opened or read: fatal at start.
+    #[error("ksana node registry: {0}")]
+    Ksana(#[from] pdx_ksana::KsanaError),
     /// Socket or runtime error (spawn): fatal at start.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -19,6 +19,7 @@ pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
+pub mod ksana;
 pub mod kv_events;
 pub mod metrics;
 pub mod migrate;
@@ -134,13 +135,23 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         .collect::<Result<Vec<_>, _>>()?;
     let registry = registry::Registry::new(&cfg)?;
     let models = api::models::Catalog::new(&registry, &cfg.api_keys);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ksana = match &cfg.ksana {
+        Some(k) => Some(ksana::Ksana::start(
+            k.clone(),
+            registry.clone(),
+            metrics.clone(),
+        )?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         cfg,
         registry,
-        metrics: Arc::new(metrics::Metrics::new()),
+        metrics,
         drain: shutdown::Drain::default(),
         models,
         migration_budgets: Default::default(),
+        ksana,
     });
     let stop = Arc::new(AtomicBool::new(false));
     // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the
@@ -196,8 +207,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
 }
 
 /// The warning `pdx serve` logs at start when its admin API is open to more than this host: it listens
-/// beyond loopback, accepts registrations, and has no admin token.
+/// beyond loopback, accepts registrations, and has no admin token; or, under `--orchestration ksana`, it
+/// listens beyond loopback with no `--worker-allow-cidr` (KsanaLLM's node API has no credentials).
 pub fn open_admin_warning(cfg: &Config, ip: std::net::IpAddr) -> Option<&'static str> {
+    if cfg.ksana.as_ref().is_some_and(|k| k.allow.is_empty()) && !ip.is_loopback() {
+        return Some(
+            "pdx serve --orchestration ksana listens beyond loopback without --worker-allow-cidr: KsanaLLM's \
+             node API takes no credentials (as KsanaLLM's own router), so anyone who reaches it can register a \
+             node and receive user traffic; set --worker-allow-cidr to the nodes' network",
+        );
+    }
     (cfg.admin_token.is_none() && cfg.registration && !ip.is_loopback()).then_some(
         "pdx serve listens beyond loopback without --admin-token: anyone who reaches it can register workers \
          (and receive user traffic), list them and drain them; set --admin-token (and --worker-allow-cidr), \
@@ -327,13 +346,22 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
 /// interval): a worker that comes back serves again within it.
 pub const RECHECK: Duration = Duration::from_millis(500);
 
-/// Control loop: heartbeat expiry and drain removal (every 100 ms; the metric series of removed workers
+/// Control loop: heartbeat expiry (registered workers; KsanaLLM nodes, [`ksana::tick_interval`]) and drain
+/// removal (every 100 ms; the metric series of removed workers
 /// and pools are deleted), worker gauges, and active `GET /health` checks, each in a task of its own so a
 /// worker that does not answer delays no other check (every interval; every [`RECHECK`] while a worker is
 /// down or its breaker open), and the workers' `GET /v1/models` ([`models::refresh`], in a task of its own).
 async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
     let refreshing = Rc::new(Cell::new(false));
+    let mut ksana_tick = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        // KsanaLLM heartbeat expiry (on the registry's own thread; this only asks for it).
+        if let Some(k) = &sh.ksana {
+            if ksana_tick.elapsed() >= ksana::tick_interval(&k.cfg) {
+                ksana_tick = std::time::Instant::now();
+                k.tick();
+            }
+        }
         let swept = sh.registry.sweep();
         for w in &swept.workers {
             sh.metrics.remove_worker(w);
@@ -418,5 +446,15 @@ mod tests {
         assert!(open_admin_warning(&cfg(&[]), "::".parse().unwrap()).is_some());
         assert!(open_admin_warning(&cfg(&[]), lo).is_none());
         assert!(open_admin_warning(&cfg(&["--admin-token", "t"]), any).is_none());
+        // KsanaLLM's node API has no credentials: only an allow-list keeps strangers out.
+        let k = ["--orchestration", "ksana", "--admin-token", "t"];
+        let w = open_admin_warning(&cfg(&k), any).expect("warned");
+        assert!(w.contains("--worker-allow-cidr"), "{w}");
+        assert!(open_admin_warning(&cfg(&k), lo).is_none());
+        assert!(open_admin_warning(
+            &cfg(&[&k[..], &["--worker-allow-cidr", "10.0.0.0/8"]].concat()),
+            any
+        )
+        .is_none());
     }
 }

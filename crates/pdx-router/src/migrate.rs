@@ -657,7 +657,7 @@ async fn resume(sh: Arc<Shared>, job: Job) -> Option<Resumed<UpBody>> {
                 guard: f.guard,
             })
         }
-        RouterBody::Full(_) => None,
+        RouterBody::Full(_) | RouterBody::Ksana(_) => None,
     }
 }
 

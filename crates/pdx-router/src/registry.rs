@@ -404,6 +404,11 @@ impl Snapshot {
     }
 }
 
+/// The pool of KsanaLLM prefill nodes (model `*`, `orchestration = "ksana"`).
+pub const KSANA_PREFILL_POOL: &str = "ksana-prefill";
+/// The pool of KsanaLLM decode nodes.
+pub const KSANA_DECODE_POOL: &str = "ksana-decode";
+
 /// A registration (`POST /v1/workers`), the body `pdx mock --register` sends.
 pub type Registration = pdx_protocol::Registration;
 
@@ -754,6 +759,136 @@ impl Registry {
             "worker registered"
         );
         Ok((id, true))
+    }
+
+    /// Makes the workers of the KsanaLLM pools (model `*`: [`KSANA_PREFILL_POOL`], [`KSANA_DECODE_POOL`]) exactly
+    /// the `prefill` and `decode` URLs, creating the model and its pools (with `policy`) the first time. Workers
+    /// already there stay as they are (load, breaker, health, KV index); they are not `registered` (the node
+    /// registry's heartbeats, not this registry's TTL, decide who is there). Returns the workers removed (their
+    /// metric series are the caller's to delete). A URL that is not a valid worker URL is skipped and logged.
+    pub fn set_ksana_workers(
+        &self,
+        policy: Policy,
+        prefill: &[String],
+        decode: &[String],
+    ) -> Vec<Arc<Worker>> {
+        let Ok(_g) = self.edit.lock() else {
+            return Vec::new();
+        };
+        let snap = self.snap.load_full();
+        let old = snap.models.get("*").cloned();
+        let find = |list: Option<&Vec<Arc<Pool>>>, name: &str| {
+            list.and_then(|l| l.iter().find(|p| p.name == name).cloned())
+        };
+        let existing = (
+            find(old.as_ref().map(|m| &m.prefill), KSANA_PREFILL_POOL),
+            find(old.as_ref().map(|m| &m.decode), KSANA_DECODE_POOL),
+        );
+        let mut removed = Vec::new();
+        let mut pools = Vec::new();
+        for (have, name, role, urls, seed) in [
+            (
+                existing.0.clone(),
+                KSANA_PREFILL_POOL,
+                Role::Prefill,
+                prefill,
+                1u64,
+            ),
+            (
+                existing.1.clone(),
+                KSANA_DECODE_POOL,
+                Role::Decode,
+                decode,
+                2u64,
+            ),
+        ] {
+            let pool = have.unwrap_or_else(|| {
+                Arc::new(Pool::new(
+                    name,
+                    role,
+                    policy,
+                    1.0,
+                    16,
+                    0x6b53 + seed,
+                    DEFAULT_BOOTSTRAP_PORT,
+                ))
+            });
+            let mut wanted: Vec<String> = Vec::new();
+            for u in urls {
+                match parse_worker_url(u) {
+                    Ok(w) if !wanted.contains(&w.url) => wanted.push(w.url),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(url = %u, error = %e, "ksana node address is not a worker URL: not routed")
+                    }
+                }
+            }
+            let ws = pool.workers.load_full();
+            let mut next: Vec<Arc<Worker>> = Vec::new();
+            for w in ws.iter() {
+                if wanted.contains(&w.url) {
+                    next.push(w.clone());
+                } else {
+                    if let Ok(mut s) = pool.selector.lock() {
+                        s.index.remove_worker(w.id);
+                    }
+                    tracing::info!(url = %w.url, pool = name, "ksana node left the ready pairs");
+                    removed.push(w.clone());
+                }
+            }
+            for u in &wanted {
+                if next.iter().any(|w| &w.url == u) {
+                    continue;
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                match self.new_worker(
+                    id,
+                    u,
+                    role,
+                    name,
+                    "*",
+                    false,
+                    DEFAULT_BOOTSTRAP_PORT,
+                    None,
+                    None,
+                ) {
+                    Ok(w) => {
+                        tracing::info!(url = %u, pool = name, "ksana node joined the ready pairs");
+                        next.push(w);
+                    }
+                    Err(e) => tracing::warn!(url = %u, error = %e, "ksana node not routed"),
+                }
+            }
+            if next.len() != ws.len() || next.iter().zip(ws.iter()).any(|(a, b)| a.id != b.id) {
+                pool.workers.store(Arc::new(next));
+            }
+            pools.push(pool);
+        }
+        if existing.0.is_none() || existing.1.is_none() {
+            let mut models = snap.models.clone();
+            let m = old.as_deref();
+            let with = |list: Option<&Vec<Arc<Pool>>>, pool: &Arc<Pool>| -> Vec<Arc<Pool>> {
+                let mut v: Vec<Arc<Pool>> = list
+                    .map(|l| l.iter().filter(|p| p.name != pool.name).cloned().collect())
+                    .unwrap_or_default();
+                v.insert(0, pool.clone());
+                v
+            };
+            models.insert(
+                "*".into(),
+                Arc::new(ModelTopo {
+                    name: "*".into(),
+                    prefill: with(m.map(|m| &m.prefill), &pools[0]),
+                    decode: with(m.map(|m| &m.decode), &pools[1]),
+                    aggregated: m.map(|m| m.aggregated.clone()).unwrap_or_default(),
+                    grid: None,
+                    block_size: m.map_or(16, |m| m.block_size),
+                    dynamic: false,
+                }),
+            );
+            self.snap.store(Arc::new(Snapshot { models }));
+        }
+        removed
     }
 
     /// Starts draining every worker with this URL; returns how many.

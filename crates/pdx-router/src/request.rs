@@ -13,7 +13,8 @@ use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransfe
 use std::sync::Arc;
 use std::time::Instant;
 
-async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
+/// Reads a client's request body under `max_body_bytes` (413 above it).
+pub(crate) async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Bytes, ApiError> {
     let max = sh.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(

@@ -540,6 +540,17 @@ impl Tokenizer {
         }
     }
 
+    /// Token id of the `k`-th generated token choice (`k < output_len()`): the id the built-in tokenizer gives
+    /// its word, or the Hugging Face id it was decoded from. For engine APIs that return output token ids
+    /// (KsanaLLM's `/generate`).
+    pub fn output_token_id(&self, k: usize) -> u32 {
+        match self {
+            Tokenizer::Builtin => builtin_id(WORDS[k]),
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(h) => h.outputs[k].0,
+        }
+    }
+
     /// JSON-escaped text of the `k`-th generated token choice (`k < output_len()`),
     /// starting with a space.
     pub fn output_piece(&self, k: usize) -> &str {

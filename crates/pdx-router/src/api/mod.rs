@@ -31,6 +31,8 @@ pub struct Shared {
     pub models: models::Catalog,
     /// Budgets of voluntary stream moves, per pool ([`crate::migrate`]).
     pub migration_budgets: crate::migrate::Budgets,
+    /// The KsanaLLM node registry (`orchestration = "ksana"` only).
+    pub ksana: Option<Arc<crate::ksana::Ksana>>,
 }
 
 /// Request id header.
@@ -103,7 +105,15 @@ async fn route(
 ) -> Response<RouterBody> {
     let path = req.uri().path().to_string();
     let m = req.method().clone();
-    if crate::front_auth::guards(&path) {
+    if let Some(k) = &sh.ksana {
+        // KsanaLLM's node API is open, as the peer's is (its nodes send no credentials); the addresses it
+        // takes are routed only inside --worker-allow-cidr.
+        if let Some(route) = pdx_ksana::Route::from_path(&path) {
+            return crate::ksana::node_api(k, route, req).await;
+        }
+    }
+    let ksana_proxied = sh.ksana.is_some() && crate::ksana::proxied(&path);
+    if crate::front_auth::guards(&path) || ksana_proxied {
         if let Err(e) = crate::front_auth::authorize(&sh.cfg.api_keys, req.headers()) {
             let mut r = error_response(&e);
             r.headers_mut().insert(
@@ -132,6 +142,7 @@ async fn route(
             crate::request::completion(sh, req, rid, true).await
         }
         ("/v1/completions", &Method::POST) => crate::request::completion(sh, req, rid, false).await,
+        (_, &Method::POST) if ksana_proxied => crate::orchestrate::ksana::raw(sh, req, rid).await,
         ("/v1/workers", &Method::GET | &Method::POST | &Method::DELETE) => {
             workers::route(sh, req).await
         }

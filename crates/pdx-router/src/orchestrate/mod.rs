@@ -1,10 +1,12 @@
 //! The orchestrations, one module each: [`aggregated`], [`vllm_nixl`] (prefill then decode with vLLM
-//! NixlConnector's `kv_transfer_params`, KV leases in [`handoff`]) and [`sglang`] (prefill and decode at once,
-//! paired by SGLang's bootstrap fields); and what they share: sending to a worker with the retry rules
+//! NixlConnector's `kv_transfer_params`, KV leases in [`handoff`]), [`sglang`] (prefill and decode at once,
+//! paired by SGLang's bootstrap fields) and [`ksana`] (prefill and decode at once, paired by KsanaLLM's
+//! `kv-comm-*` headers); and what they share: sending to a worker with the retry rules
 //! ([`dispatch`]) and forwarding its answer ([`forward`]).
 
 pub mod aggregated;
 pub mod handoff;
+pub mod ksana;
 pub mod sglang;
 pub mod vllm_nixl;
 
@@ -37,14 +39,16 @@ pub(crate) async fn run(sh: &Arc<Shared>, job: Job) -> Response<RouterBody> {
         // Boxed: its two upstream requests in flight at once make a large future, which would otherwise
         // size every request's routing future under every orchestration.
         OrchestrationKind::SglangBootstrap if pd => Box::pin(SglangBootstrap.run(sh, job)).await,
+        // KsanaLLM nodes are the only workers under it (model `*`); its pools may be empty (then 503).
+        OrchestrationKind::Ksana => Box::pin(ksana::Ksana.run(sh, job)).await,
         _ => Aggregated.run(sh, job).await,
     }
 }
 
 /// How one request is spread over workers. Implementations: [`VllmNixl`] (prefill then
 /// decode with NixlConnector `kv_transfer_params`), [`SglangBootstrap`]
-/// (prefill and decode at once with SGLang's `bootstrap_host/port/room`) and [`Aggregated`].
-/// KsanaLLM's communication-id flow fits the same shape.
+/// (prefill and decode at once with SGLang's `bootstrap_host/port/room`), [`ksana::Ksana`] (prefill and
+/// decode at once with KsanaLLM's `kv-comm-group-key` / `kv-comm-request-id`) and [`Aggregated`].
 #[allow(async_fn_in_trait)]
 pub trait Orchestrator {
     /// Runs the request and returns the client's response.
@@ -87,15 +91,39 @@ pub(crate) async fn send_to_abandonable(
     client_auth: Option<&HeaderValue>,
     abandon: Option<&upstream::Abandon>,
 ) -> Result<Response<UpBody>, UpstreamFailure> {
+    send_with(sh, w, path, body, rid, client_auth, &[], abandon).await
+}
+
+/// [`send_to_abandonable`] with up to two more request headers (`extra`, e.g. KsanaLLM's `kv-comm-*`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_with(
+    sh: &Shared,
+    w: &Arc<Worker>,
+    path: &str,
+    body: &[u8],
+    rid: &HeaderValue,
+    client_auth: Option<&HeaderValue>,
+    extra: &[(&str, &[u8])],
+    abandon: Option<&upstream::Abandon>,
+) -> Result<Response<UpBody>, UpstreamFailure> {
     let timeout = sh.cfg.upstream_timeout;
     let auth = crate::front_auth::upstream(w, client_auth);
-    let all: [(&str, &[u8]); 4] = [
+    let mut all: [(&str, &[u8]); 6] = [("", &[]); 6];
+    all[..3].copy_from_slice(&[
         ("host", w.authority.as_bytes()),
         ("content-type", b"application/json"),
         (REQUEST_ID, rid.as_bytes()),
-        ("authorization", auth.map_or(&[][..], HeaderValue::as_bytes)),
-    ];
-    let headers = &all[..if auth.is_some() { 4 } else { 3 }];
+    ]);
+    let mut n = 3;
+    if let Some(a) = auth {
+        all[n] = ("authorization", a.as_bytes());
+        n += 1;
+    }
+    for h in extra.iter().take(all.len() - n) {
+        all[n] = *h;
+        n += 1;
+    }
+    let headers = &all[..n];
     let mut fresh = false;
     loop {
         let got = if fresh {
