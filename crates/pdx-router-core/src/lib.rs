@@ -7,8 +7,13 @@
 //!   (`global_router_config.json`: (ISL, TTFT target) → prefill pool, (context length, ITL
 //!   target) → decode pool).
 //! * [`policy`]: the **local router** of one pool: `round_robin`, `least_loaded`,
-//!   `power_of_two`, `kv_aware` (Dynamo KV-router cost over an approximate per-worker prefix
-//!   index built from the router's own decisions).
+//!   `power_of_two`, `kv_aware` (Dynamo's KV router: its load-aware logit over prefix overlap and
+//!   engine telemetry, or its block cost without telemetry) and `score` (the routing lab's
+//!   `α/TTFT + β·TPOT + γ·free_mem − δ·queue` with a KV-locality boost).
+//! * [`telemetry`]: per-worker EWMA of engine gauges (scraped) and observed TTFT/TPOT/prefill speed,
+//!   with bounded staleness (then unknown, never idle).
+//! * [`admission`]: per-pool admission shaping, an AIMD limit on concurrent prefills driven by the
+//!   pool's smoothed TTFT against its target, with a bounded wait queue.
 //! * [`divert`]: deterministic diversion of a fraction of a pool's requests to another pool
 //!   (the global planner's decision, applied as `pdx sim` does).
 //! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
@@ -17,6 +22,7 @@
 //! * [`sse`]: allocation-free SSE event-boundary scanner used to count streamed tokens.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod breaker;
 pub mod divert;
 pub mod error;
@@ -25,12 +31,15 @@ pub mod liveness;
 pub mod policy;
 pub mod retry;
 pub mod sse;
+pub mod telemetry;
 
+pub use admission::{Admission, AdmissionConfig, Cancelled, Decision, Ticket};
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
 pub use divert::Divert;
 pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
 pub use liveness::{Health, HealthCheck, Liveness};
-pub use policy::{Candidate, KvIndex, Policy, Selector};
+pub use policy::{Candidate, KvIndex, Policy, PoolKind, Request, ScoreWeights, Selector};
 pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};
 pub use sse::SseScanner;
+pub use telemetry::{EngineGauges, TelemetryConfig, TelemetrySnapshot, WorkerTelemetry};
