@@ -60,7 +60,7 @@ pub struct ServeArgs {
     /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware
+    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware, score
     /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
@@ -118,6 +118,9 @@ pub struct ServeArgs {
     /// `api_key`.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Vec<crate::front_auth::ApiKey>,
+    /// Telemetry, `score` and `kv_aware` settings, admission shaping ([`crate::tuning`]).
+    #[command(flatten)]
+    pub tuning: crate::tuning::TuningArgs,
 }
 
 fn default_true() -> bool {
@@ -132,7 +135,8 @@ pub struct PoolConfig {
     pub name: String,
     /// `prefill`, `decode` or `aggregated`.
     pub role: String,
-    /// Local routing policy (default `round_robin`).
+    /// Local routing policy (default `round_robin`): `round_robin`, `least_loaded`, `power_of_two`, `kv_aware`,
+    /// `score`.
     #[serde(default)]
     pub policy: Option<String>,
     /// Static workers: base URLs (`http://host:port`), or tables `{ url, bootstrap_port }`.
@@ -149,6 +153,15 @@ pub struct PoolConfig {
     /// instead of the client's `Authorization`, unless a worker names its own.
     #[serde(default)]
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// `score` weights of this pool (over `[score]`).
+    #[serde(default)]
+    pub score: Option<crate::tuning::ScoreFile>,
+    /// `kv_aware` softmax temperature of this pool (over `router_temperature`).
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Admission shaping of this prefill or aggregated pool (over `[admission]`).
+    #[serde(default)]
+    pub admission: Option<crate::tuning::AdmissionFile>,
 }
 
 /// One entry of a pool's `workers`: a URL, or a table with the worker's own bootstrap port.
@@ -274,6 +287,17 @@ pub struct FileConfig {
     /// Circuit breaker.
     #[serde(default)]
     pub breaker: BreakerFileConfig,
+    /// Engine telemetry (scrapes of the workers' `/metrics`).
+    #[serde(default)]
+    pub telemetry: crate::tuning::TelemetryFile,
+    /// `score` policy weights.
+    #[serde(default)]
+    pub score: crate::tuning::ScoreFile,
+    /// `kv_aware` softmax temperature (Dynamo's `--router-temperature`).
+    pub router_temperature: Option<f64>,
+    /// Admission shaping of prefill and aggregated pools.
+    #[serde(default)]
+    pub admission: crate::tuning::AdmissionFile,
     /// Models and their pools.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -336,6 +360,12 @@ pub struct PoolSpec {
     pub bootstrap_port: u16,
     /// Upstream key of workers that join the pool by registration without naming one.
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// `score` weights.
+    pub score: pdx_router_core::ScoreWeights,
+    /// `kv_aware` softmax temperature.
+    pub temperature: f64,
+    /// Admission shaping (`None`: off).
+    pub admission: Option<pdx_router_core::AdmissionConfig>,
 }
 
 /// A model, resolved.
@@ -396,6 +426,8 @@ pub struct Config {
     pub retry: pdx_router_core::RetryPolicy,
     /// Breaker settings.
     pub breaker: pdx_router_core::BreakerConfig,
+    /// Telemetry, `score`, temperature and admission settings (pools created by registration take these).
+    pub tuning: crate::tuning::Tuning,
     /// Models.
     pub models: Vec<ModelSpec>,
 }
@@ -641,6 +673,13 @@ impl Config {
             .as_deref()
             .unwrap_or("round_robin")
             .parse()?;
+        let tuning = crate::tuning::Tuning::resolve(
+            &a.tuning,
+            &file.telemetry,
+            &file.score,
+            &file.admission,
+            file.router_temperature,
+        )?;
         let mut models = Vec::new();
         for m in &file.models {
             let grid = match &m.global_router_config {
@@ -674,9 +713,10 @@ impl Config {
                         api_key: key.or(p.api_key.as_ref()).cloned(),
                     });
                 }
+                let role = parse_role(&p.role)?;
                 pools.push(PoolSpec {
                     name: p.name.clone(),
-                    role: parse_role(&p.role)?,
+                    role,
                     policy: match &p.policy {
                         Some(s) => s.parse()?,
                         None => default_policy,
@@ -685,6 +725,9 @@ impl Config {
                     overlap_weight: p.overlap_weight.unwrap_or(1.0),
                     bootstrap_port: pool_port,
                     api_key: p.api_key.clone(),
+                    score: tuning.pool_score(p.score.as_ref())?,
+                    temperature: tuning.pool_temperature(p.temperature)?,
+                    admission: tuning.pool_admission(&p.name, role, p.admission.as_ref())?,
                 });
             }
             if let Some(g) = &grid {
@@ -753,6 +796,9 @@ impl Config {
                     overlap_weight: 1.0,
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                     api_key: None,
+                    score: tuning.score,
+                    temperature: tuning.temperature,
+                    admission: tuning.pool_admission(name, role, None)?,
                 });
             }
             models = vec![ModelSpec {
@@ -874,6 +920,7 @@ impl Config {
             registration: file.registration,
             retry,
             breaker,
+            tuning,
             models,
         })
     }
