@@ -11,4 +11,5 @@ mod first_hour;
 mod front;
 mod kv_peer_death;
 mod planner;
+mod policies;
 mod router_faults;
