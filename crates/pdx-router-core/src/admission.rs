@@ -1,9 +1,22 @@
 //! Admission shaping of one pool: a limit on concurrent prefills that narrows multiplicatively
-//! when the pool's smoothed TTFT exceeds its target and reopens additively while it is healthy
+//! when the pool's smoothed TTFT exceeds its set point and reopens additively while it is healthy
 //! (AIMD, as TCP congestion control: Chiu and Jain, "Analysis of the Increase and Decrease
 //! Algorithms for Congestion Avoidance in Computer Networks", 1989), with a bounded FIFO wait
 //! queue in front of it. A request arriving to a full queue is refused at once (the router answers
 //! 429 with `Retry-After`); one that waits past its deadline is dropped from the queue (503).
+//!
+//! The limit starts small and grows by one per healthy completion, doubling per round (TCP's slow
+//! start), until the smoothed TTFT first goes over half the set point: a pool whose capacity is not
+//! known yet is not handed a burst it cannot serve in time, and slow start ends on rising latency
+//! before it overshoots (as TCP's HyStart leaves slow start on rising delay rather than on loss).
+//!
+//! The set point is a fraction of the TTFT target (half by default), because what a client sees is
+//! more than the engines' mean: an engine's TTFT spreads around its mean (a prefill waits for the
+//! step running when it arrives: between one and two step times), and the wait in this queue comes on
+//! top. Holding the mean at half the target and the wait under a quarter of it keeps the admitted
+//! requests' p99 near the target. The queue is as long as the pool can drain within the longest wait
+//! (Little's law: the limit over the smoothed TTFT is the pool's rate), capped by its configured
+//! length, so a request that would time out in it is refused at once instead.
 //!
 //! Sans-IO: the caller asks [`Admission::request`], gets [`Decision::Admit`], a ticket to wait on,
 //! or [`Decision::Reject`]; reports each admitted request's end with [`Admission::release`] (with
@@ -20,8 +33,10 @@ use std::collections::VecDeque;
 /// Admission settings of one pool.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionConfig {
-    /// TTFT target, µs: the limit narrows while the pool's smoothed TTFT is above it.
+    /// TTFT target, µs.
     pub ttft_target_us: u64,
+    /// The limit narrows while the pool's smoothed TTFT is above this fraction of the target, `0 < f ≤ 1`.
+    pub setpoint: f64,
     /// Limit at start.
     pub initial_limit: u32,
     /// Smallest limit (at least 1: the pool always takes some work).
@@ -31,7 +46,7 @@ pub struct AdmissionConfig {
     /// Factor applied to the limit on a decrease, `0 < f < 1`.
     pub decrease_factor: f64,
     /// Added to the limit per limit's worth of healthy completions while the limit is in use (about one
-    /// per round of requests, as TCP's congestion avoidance).
+    /// per round of requests, as TCP's congestion avoidance), after slow start.
     pub increase: f64,
     /// Longest wait queue; a request that finds it full is refused.
     pub max_queue: usize,
@@ -44,19 +59,21 @@ pub struct AdmissionConfig {
 }
 
 impl AdmissionConfig {
-    /// Defaults around a TTFT target: start at 16 concurrent prefills, between 1 and 4096, ×0.7 on a
-    /// decrease (at most once per target period), +1 per round while healthy; a queue of 64 waiting at
-    /// most half the target; α = 0.3; `Retry-After: 1`.
+    /// Defaults around a TTFT target: the smoothed TTFT held at half the target; start at 2 concurrent
+    /// prefills in slow start, between 1 and 4096, ×0.7 on a decrease (at most once per target period),
+    /// then +1 per round while healthy; a queue of at most 64 waiting at most a quarter of the target; α = 0.3;
+    /// `Retry-After: 1`.
     pub fn with_target_us(ttft_target_us: u64) -> Self {
         Self {
             ttft_target_us,
-            initial_limit: 16,
+            setpoint: 0.5,
+            initial_limit: 2,
             min_limit: 1,
             max_limit: 4096,
             decrease_factor: 0.7,
             increase: 1.0,
             max_queue: 64,
-            max_wait_us: ttft_target_us / 2,
+            max_wait_us: ttft_target_us / 4,
             alpha: 0.3,
             retry_after_secs: 1,
         }
@@ -78,6 +95,12 @@ impl AdmissionConfig {
             return bad(format!(
                 "admission limits must satisfy 1 <= min ({}) <= initial ({}) <= max ({})",
                 self.min_limit, self.initial_limit, self.max_limit
+            ));
+        }
+        if !(self.setpoint > 0.0 && self.setpoint <= 1.0) {
+            return bad(format!(
+                "admission setpoint must be in (0, 1], got {}",
+                self.setpoint
             ));
         }
         if !(self.decrease_factor > 0.0 && self.decrease_factor < 1.0) {
@@ -138,6 +161,8 @@ pub struct Admission {
     next_ticket: Ticket,
     ttft: Ewma,
     last_decrease_us: Option<u64>,
+    /// No decrease yet: grow by one per healthy completion.
+    slow_start: bool,
 }
 
 impl Admission {
@@ -151,6 +176,7 @@ impl Admission {
             next_ticket: 1,
             ttft: Ewma::default(),
             last_decrease_us: None,
+            slow_start: true,
         }
     }
 
@@ -179,14 +205,26 @@ impl Admission {
         self.ttft.get()
     }
 
+    /// How many may wait now: as many as the pool drains within the longest wait at its current rate
+    /// (limit over smoothed TTFT), at least one, at most the configured length; the configured length
+    /// before the first sample.
+    pub fn queue_room(&self) -> usize {
+        let Some(t) = self.ttft.get().filter(|t| *t > 0.0) else {
+            return self.cfg.max_queue;
+        };
+        let drained = self.limit * (self.cfg.max_wait_us as f64 / 1e6) / t;
+        (drained.ceil() as usize).clamp(1, self.cfg.max_queue.max(1))
+    }
+
     /// A request arrives at `now_us` and may wait until `deadline_us`. It is admitted when a slot is free
-    /// and nobody waits before it (FIFO), queued while the queue has room, refused otherwise.
+    /// and nobody waits before it (FIFO), queued while the queue has room ([`Admission::queue_room`]),
+    /// refused otherwise.
     pub fn request(&mut self, _now_us: u64, deadline_us: u64) -> Decision {
         if self.queue.is_empty() && self.in_flight < self.limit() {
             self.in_flight += 1;
             return Decision::Admit;
         }
-        if self.queue.len() >= self.cfg.max_queue {
+        if self.cfg.max_queue == 0 || self.queue.len() >= self.queue_room() {
             return Decision::Reject {
                 retry_after_secs: self.cfg.retry_after_secs,
             };
@@ -207,27 +245,40 @@ impl Admission {
 
     /// An admitted request ended its prefill (or failed: `ttft_s` `None`) at `now_us`. Its slot is free;
     /// a TTFT sample moves the limit: down by the decrease factor (at most once per target period) while
-    /// the smoothed TTFT is above the target, up by `increase / limit` while it is not and the limit was in
-    /// use. Then call [`Admission::next_grant`] until it returns `None`.
+    /// the smoothed TTFT is above the set point, up while it is not and the limit was in use: by one in
+    /// slow start (until the smoothed TTFT first goes over half the set point), by `increase / limit`
+    /// after. Then call
+    /// [`Admission::next_grant`] until it returns `None`.
     pub fn release(&mut self, ttft_s: Option<f64>, now_us: u64) {
-        let was_full = f64::from(self.in_flight) + 1.0 >= self.limit;
+        // In use: every slot taken, or someone waiting.
+        let was_full = f64::from(self.in_flight) + 1.0 >= self.limit || !self.queue.is_empty();
         self.in_flight = self.in_flight.saturating_sub(1);
         let Some(x) = ttft_s.filter(|x| x.is_finite() && *x >= 0.0) else {
             return;
         };
         self.ttft.feed(x, self.cfg.alpha);
         let Some(e) = self.ttft.get() else { return };
+        let setpoint_us = self.cfg.setpoint * self.cfg.ttft_target_us as f64;
+        if e * 1e6 > setpoint_us / 2.0 {
+            self.slow_start = false;
+        }
         let (lo, hi) = (f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
-        if e * 1e6 > self.cfg.ttft_target_us as f64 {
+        if e * 1e6 > setpoint_us {
             let due = self
                 .last_decrease_us
                 .is_none_or(|t| now_us.saturating_sub(t) >= self.cfg.ttft_target_us);
             if due {
                 self.limit = (self.limit * self.cfg.decrease_factor).max(lo);
                 self.last_decrease_us = Some(now_us);
+                self.slow_start = false;
             }
         } else if was_full {
-            self.limit = (self.limit + self.cfg.increase / self.limit).min(hi);
+            let step = if self.slow_start {
+                1.0
+            } else {
+                self.cfg.increase / self.limit
+            };
+            self.limit = (self.limit + step).min(hi);
         }
     }
 
@@ -262,6 +313,8 @@ mod tests {
             initial_limit: 4,
             max_queue: 2,
             alpha: 1.0,
+            setpoint: 1.0,
+            max_wait_us: 50_000,
             ..AdmissionConfig::with_target_us(100_000)
         }
     }
@@ -320,11 +373,46 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_doubles_per_round_until_the_first_decrease() {
+        let mut a = Admission::new(AdmissionConfig {
+            initial_limit: 2,
+            max_queue: 0,
+            ..cfg()
+        });
+        // Rounds of healthy completions with every slot in use (a freed slot is taken again at once):
+        // 2 -> 4 -> 8 -> 16.
+        while a.request(0, 0) == Decision::Admit {}
+        for want in [4, 8, 16] {
+            let n = a.limit();
+            for _ in 0..n {
+                a.release(Some(0.01), 0);
+                while a.request(0, 0) == Decision::Admit {}
+            }
+            assert_eq!(a.limit(), want);
+        }
+        // Over half the set point: slow start is over (about one more per round from now on).
+        a.release(Some(0.07), 0);
+        assert_eq!(a.limit(), 16);
+        assert!(!a.slow_start);
+        while a.request(0, 0) == Decision::Admit {}
+        // Over the set point: cut.
+        a.release(Some(1.0), 0);
+        assert_eq!(a.limit(), 11);
+        for _ in 0..11 {
+            while a.request(0, 0) == Decision::Admit {}
+            a.release(Some(0.001), 1);
+        }
+        let l = a.limit();
+        assert!((11..=12).contains(&l), "{l}");
+    }
+
+    #[test]
     fn the_limit_reopens_additively_while_healthy_and_in_use_only() {
         let mut a = Admission::new(AdmissionConfig {
             initial_limit: 2,
             ..cfg()
         });
+        a.slow_start = false;
         // Healthy samples with the limit not in use: no growth.
         assert_eq!(a.request(0, 0), Decision::Admit);
         for t in 0..10 {
@@ -371,6 +459,41 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_holds_what_the_pool_drains_within_the_longest_wait() {
+        let mut a = Admission::new(AdmissionConfig {
+            initial_limit: 4,
+            max_queue: 64,
+            max_wait_us: 250_000,
+            ttft_target_us: 1_000_000,
+            increase: 0.0,
+            ..cfg()
+        });
+        a.slow_start = false;
+        assert_eq!(a.queue_room(), 64, "no sample yet: the configured length");
+        for _ in 0..4 {
+            assert_eq!(a.request(0, 0), Decision::Admit);
+        }
+        // 4 at a time, 0.5 s each: 8 per second, 2 within a 250 ms wait.
+        a.release(Some(0.5), 0);
+        assert_eq!(a.limit(), 4);
+        assert_eq!(a.request(0, 0), Decision::Admit);
+        assert_eq!(a.queue_room(), 2);
+        assert!(matches!(a.request(0, 0), Decision::Queued(_)));
+        assert!(matches!(a.request(0, 0), Decision::Queued(_)));
+        assert!(matches!(a.request(0, 0), Decision::Reject { .. }));
+        // The set point is a fraction of the target: 0.5 s is over half of 0.8 s.
+        let mut b = Admission::new(AdmissionConfig {
+            ttft_target_us: 800_000,
+            setpoint: 0.5,
+            initial_limit: 10,
+            ..cfg()
+        });
+        assert_eq!(b.request(0, 0), Decision::Admit);
+        b.release(Some(0.5), 0);
+        assert_eq!(b.limit(), 7);
+    }
+
+    #[test]
     fn deadlines_take_the_shorter_of_the_pool_wait_and_the_request_target() {
         let a = Admission::new(cfg());
         assert_eq!(a.deadline(1_000, None), 51_000);
@@ -404,6 +527,10 @@ mod tests {
             },
             AdmissionConfig {
                 alpha: 0.0,
+                ..cfg()
+            },
+            AdmissionConfig {
+                setpoint: 0.0,
                 ..cfg()
             },
         ] {

@@ -18,8 +18,9 @@
 //! [admission]                  # prefill pools (and aggregated pools); off without a TTFT target
 //! ttft_target_ms = 500
 //! max_queue = 64
-//! max_wait_ms = 250            # default: half the target
-//! initial_limit = 16
+//! max_wait_ms = 125            # default: a quarter of the target
+//! setpoint = 0.5               # the pool's smoothed TTFT is held at this fraction of the target
+//! initial_limit = 2
 //! [[models.pools]]
 //! name = "prefill_fast"
 //! role = "prefill"
@@ -68,20 +69,25 @@ pub struct TuningArgs {
     #[arg(long)]
     pub router_temperature: Option<f64>,
     /// Admission shaping: TTFT target in ms of prefill pools (and of aggregated pools). A pool's limit on
-    /// concurrent prefills narrows while its smoothed TTFT is above it and reopens while below; requests beyond
-    /// the limit wait in a bounded queue (full: 429 with Retry-After; waited too long: 503) [default: off]
+    /// concurrent prefills narrows while its smoothed TTFT is above half the target and reopens while below;
+    /// requests beyond the limit wait in a bounded queue (full: 429 with Retry-After; waited too long: 503)
+    /// [default: off]
     #[arg(long)]
     pub admission_ttft_target_ms: Option<f64>,
     /// Admission: longest wait queue per pool [default: 64]
     #[arg(long)]
     pub admission_max_queue: Option<usize>,
-    /// Admission: longest wait in the queue, ms (a request's own `ttft_target_ms` shortens it) [default: half
-    /// the TTFT target]
+    /// Admission: longest wait in the queue, ms (a request's own `ttft_target_ms` shortens it) [default: a
+    /// quarter of the TTFT target]
     #[arg(long)]
     pub admission_max_wait_ms: Option<f64>,
-    /// Admission: concurrent prefills a pool starts with [default: 16]
+    /// Admission: concurrent prefills a pool starts with, in slow start (the limit doubles per round of healthy
+    /// completions until the TTFT first goes over the set point) [default: 2]
     #[arg(long)]
     pub admission_initial_limit: Option<u32>,
+    /// Admission: the fraction of the TTFT target a pool's smoothed TTFT is held at, in (0, 1] [default: 0.5]
+    #[arg(long)]
+    pub admission_setpoint: Option<f64>,
 }
 
 /// `[telemetry]`.
@@ -130,7 +136,9 @@ impl ScoreFile {
 pub struct AdmissionFile {
     /// TTFT target, ms (0 or absent: admission off).
     pub ttft_target_ms: Option<f64>,
-    /// Limit at start (default 16).
+    /// Fraction of the target the pool's smoothed TTFT is held at (default 0.5).
+    pub setpoint: Option<f64>,
+    /// Limit at start, in slow start (default 2).
     pub initial_limit: Option<u32>,
     /// Smallest limit (default 1).
     pub min_limit: Option<u32>,
@@ -142,7 +150,7 @@ pub struct AdmissionFile {
     pub increase: Option<f64>,
     /// Longest queue (default 64).
     pub max_queue: Option<usize>,
-    /// Longest wait, ms (default half the target).
+    /// Longest wait, ms (default a quarter of the target).
     pub max_wait_ms: Option<f64>,
     /// EWMA weight of a TTFT sample (default 0.3).
     pub alpha: Option<f64>,
@@ -155,6 +163,7 @@ impl AdmissionFile {
     fn over(&self, base: &AdmissionFile) -> AdmissionFile {
         AdmissionFile {
             ttft_target_ms: self.ttft_target_ms.or(base.ttft_target_ms),
+            setpoint: self.setpoint.or(base.setpoint),
             initial_limit: self.initial_limit.or(base.initial_limit),
             min_limit: self.min_limit.or(base.min_limit),
             max_limit: self.max_limit.or(base.max_limit),
@@ -188,6 +197,7 @@ impl AdmissionFile {
         let d = AdmissionConfig::with_target_us(target);
         let c = AdmissionConfig {
             ttft_target_us: target,
+            setpoint: self.setpoint.unwrap_or(d.setpoint),
             initial_limit: self.initial_limit.unwrap_or(d.initial_limit),
             min_limit: self.min_limit.unwrap_or(d.min_limit),
             max_limit: self.max_limit.unwrap_or(d.max_limit),
@@ -292,6 +302,7 @@ impl Tuning {
             max_queue: a.admission_max_queue,
             max_wait_ms: a.admission_max_wait_ms,
             initial_limit: a.admission_initial_limit,
+            setpoint: a.admission_setpoint,
             ..AdmissionFile::default()
         };
         let t = Self {
@@ -408,7 +419,8 @@ mod tests {
         let p = t.pool_admission("p", Role::Prefill, None).unwrap().unwrap();
         assert_eq!(p.ttft_target_us, 400_000);
         assert_eq!(p.max_queue, 8);
-        assert_eq!(p.max_wait_us, 200_000, "half the target");
+        assert_eq!(p.max_wait_us, 100_000, "a quarter of the target");
+        assert_eq!(p.setpoint, 0.5);
         // A pool's own table wins field by field; 0 turns it off.
         let own = AdmissionFile {
             ttft_target_ms: Some(300.0),
