@@ -15,4 +15,5 @@ mod kv_events;
 mod kv_peer_death;
 mod migration;
 mod planner;
+mod policies;
 mod router_faults;

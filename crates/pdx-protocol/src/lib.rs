@@ -13,6 +13,7 @@
 //!   `logprobs`, `seed`, `tools`/`tool_choice`, `response_format`), with vLLM's messages.
 //! * [`sse`]: server-sent-event framing (`data: ...\n\n`, `data: [DONE]\n\n`).
 //! * [`worker`]: worker roles and the registration body.
+//! * [`prom`]: a strict, bounded parser of the Prometheus text format engines serve on `/metrics`.
 //!
 //! This crate does no I/O.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@
 pub mod error;
 pub mod kv;
 pub mod openai;
+pub mod prom;
 pub mod sampling;
 pub mod sse;
 pub mod worker;

@@ -12,7 +12,9 @@ pub enum CoreError {
     #[error("global router config does not parse: {0}")]
     Parse(String),
     /// An unknown policy name.
-    #[error("unknown routing policy `{0}` (round_robin, least_loaded, power_of_two, kv_aware)")]
+    #[error(
+        "unknown routing policy `{0}` (round_robin, least_loaded, power_of_two, kv_aware, score)"
+    )]
     UnknownPolicy(String),
     /// A retry/breaker setting out of range.
     #[error("invalid setting: {0}")]

@@ -415,12 +415,7 @@ mod tests {
     use super::*;
 
     fn cand(tokens: u64) -> Candidate {
-        Candidate {
-            id: 0,
-            in_flight_requests: 1,
-            in_flight_tokens: tokens,
-            eligible: true,
-        }
+        Candidate::new(0, 1, tokens, true)
     }
 
     #[test]

@@ -184,11 +184,9 @@ fn the_exact_index_equals_an_oracle_of_every_workers_cache() {
         let q = prompt(&mut rng);
         let h = full_hashes(&q);
         let cands: Vec<Candidate> = (0..3)
-            .map(|w| Candidate {
-                id: w,
-                in_flight_requests: engines[w as usize].running.len() as u64,
-                in_flight_tokens: 4 * engines[w as usize].running.len() as u64,
-                eligible: true,
+            .map(|w| {
+                let running = engines[w as usize].running.len() as u64;
+                Candidate::new(w, running, 4 * running, true)
             })
             .collect();
         let pick = by_index.choose_with(&cands, &h, step, Some(&ix)).unwrap();

@@ -2,7 +2,9 @@
 //!
 //! [`Forward`] hands each upstream data frame to hyper as the same [`Bytes`] (no copy, no
 //! re-encoding). On streams it only scans for event boundaries ([`SseScanner`]) to count
-//! token events and time TTFT/ITL; it allocates nothing per frame. If the upstream body fails
+//! token events and time TTFT/ITL; it allocates nothing per frame. At the stream's end (not per chunk) it
+//! feeds the worker's telemetry with the stream's TTFT and TPOT, and with the `score` policy each chunk's
+//! tokens are taken off the worker's tokens in flight (one relaxed atomic). If the upstream body fails
 //! mid-stream, it sends one SSE error event and ends the stream. When the body is dropped
 //! early (the client went away), its upstream connection goes with it (see
 //! [`crate::upstream`]).
@@ -32,6 +34,8 @@ pub struct StreamStats {
     pub start: Instant,
     /// Decode (or aggregated) response headers received.
     pub headers_at: Instant,
+    /// First token event time.
+    pub first_event: Option<Instant>,
     /// Last token event time.
     pub last_event: Option<Instant>,
     /// Token events seen (including a usage chunk; `[DONE]` excluded).
@@ -69,6 +73,9 @@ pub struct Forward<B> {
     pub progressed: bool,
     /// Stream migration ([`crate::migrate`]): `None` when the stream cannot or may not move.
     pub migration: Option<Box<crate::migrate::Migration<B>>>,
+    /// The request's admission slot (aggregated pools with admission shaping): given back with the TTFT at
+    /// the first token event, or at the end.
+    pub admission: Option<crate::admission::Permit>,
 }
 
 impl<B> std::fmt::Debug for Forward<B> {
@@ -92,6 +99,7 @@ impl<B> Forward<B> {
             stats: StreamStats {
                 start: now,
                 headers_at: now,
+                first_event: None,
                 last_event: None,
                 events: 0,
                 pd: false,
@@ -103,6 +111,7 @@ impl<B> Forward<B> {
             idle_timer: None,
             progressed: false,
             migration: None,
+            admission: None,
         }
     }
 
@@ -136,6 +145,16 @@ impl<B> Forward<B> {
             return;
         }
         let now = Instant::now();
+        if let Some(g) = &mut self.guard {
+            g.progress(events);
+        }
+        if self.stats.first_event.is_none() {
+            self.stats.first_event = Some(now);
+            if let Some(p) = self.admission.take() {
+                let ttft = now.saturating_duration_since(p.granted_at());
+                p.done(ttft.as_secs_f64());
+            }
+        }
         if let Some(m) = &self.metrics {
             match self.stats.last_event {
                 None => {
@@ -159,6 +178,25 @@ impl<B> Forward<B> {
     /// reachability failure for the breaker, which a passing health check clears).
     fn finish(&mut self, failure: Option<pdx_router_core::UpstreamFailure>) {
         self.done = true;
+        self.admission = None;
+        if let (Some(g), None) = (&self.guard, failure) {
+            let st = &self.stats;
+            if let (true, Some(first), Some(last)) = (self.stream, st.first_event, st.last_event) {
+                // Decode under PD: from its response head (the KV handoff and the prefill are not its
+                // doing); aggregated: from the request's arrival.
+                let from = if st.pd { st.headers_at } else { st.start };
+                let ttft = first.saturating_duration_since(from).as_secs_f64();
+                let tpot = (st.events >= 2).then(|| {
+                    last.saturating_duration_since(first).as_secs_f64() / (st.events - 1) as f64
+                });
+                g.worker.with_telemetry(|t| {
+                    t.observe_ttft(ttft);
+                    if let Some(x) = tpot {
+                        t.observe_tpot(x);
+                    }
+                });
+            }
+        }
         if let Some(g) = self.guard.take() {
             let now = self.registry.as_ref().map_or(0, |r| r.now_us());
             match failure {

@@ -61,7 +61,7 @@ pub struct ServeArgs {
     /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware
+    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware, score
     /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
@@ -150,6 +150,9 @@ pub struct ServeArgs {
     /// Window of the voluntary-move budget, seconds [default: 10]
     #[arg(long)]
     pub migration_window_secs: Option<f64>,
+    /// Telemetry, `score` and `kv_aware` settings, admission shaping ([`crate::tuning`]).
+    #[command(flatten)]
+    pub tuning: crate::tuning::TuningArgs,
 }
 
 fn default_true() -> bool {
@@ -164,7 +167,8 @@ pub struct PoolConfig {
     pub name: String,
     /// `prefill`, `decode` or `aggregated`.
     pub role: String,
-    /// Local routing policy (default `round_robin`).
+    /// Local routing policy (default `round_robin`): `round_robin`, `least_loaded`, `power_of_two`, `kv_aware`,
+    /// `score`.
     #[serde(default)]
     pub policy: Option<String>,
     /// Static workers: base URLs (`http://host:port`), or tables `{ url, bootstrap_port }`.
@@ -181,6 +185,15 @@ pub struct PoolConfig {
     /// instead of the client's `Authorization`, unless a worker names its own.
     #[serde(default)]
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// `score` weights of this pool (over `[score]`).
+    #[serde(default)]
+    pub score: Option<crate::tuning::ScoreFile>,
+    /// `kv_aware` softmax temperature of this pool (over `router_temperature`).
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Admission shaping of this prefill or aggregated pool (over `[admission]`).
+    #[serde(default)]
+    pub admission: Option<crate::tuning::AdmissionFile>,
 }
 
 /// One entry of a pool's `workers`: a URL, or a table with the worker's own bootstrap port.
@@ -334,6 +347,17 @@ pub struct FileConfig {
     /// Stream migration.
     #[serde(default)]
     pub migration: MigrationFileConfig,
+    /// Engine telemetry (scrapes of the workers' `/metrics`).
+    #[serde(default)]
+    pub telemetry: crate::tuning::TelemetryFile,
+    /// `score` policy weights.
+    #[serde(default)]
+    pub score: crate::tuning::ScoreFile,
+    /// `kv_aware` softmax temperature (Dynamo's `--router-temperature`).
+    pub router_temperature: Option<f64>,
+    /// Admission shaping of prefill and aggregated pools.
+    #[serde(default)]
+    pub admission: crate::tuning::AdmissionFile,
     /// Models and their pools.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -493,6 +517,12 @@ pub struct PoolSpec {
     pub bootstrap_port: u16,
     /// Upstream key of workers that join the pool by registration without naming one.
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// `score` weights.
+    pub score: pdx_router_core::ScoreWeights,
+    /// `kv_aware` softmax temperature.
+    pub temperature: f64,
+    /// Admission shaping (`None`: off).
+    pub admission: Option<pdx_router_core::AdmissionConfig>,
 }
 
 /// A model, resolved.
@@ -580,6 +610,8 @@ pub struct Config {
     pub breaker: pdx_router_core::BreakerConfig,
     /// Stream migration.
     pub migration: MigrationConfig,
+    /// Telemetry, `score`, temperature and admission settings (pools created by registration take these).
+    pub tuning: crate::tuning::Tuning,
     /// Models.
     pub models: Vec<ModelSpec>,
     /// The KsanaLLM node registry (`orchestration = "ksana"` only).
@@ -828,6 +860,13 @@ impl Config {
             .as_deref()
             .unwrap_or("round_robin")
             .parse()?;
+        let tuning = crate::tuning::Tuning::resolve(
+            &a.tuning,
+            &file.telemetry,
+            &file.score,
+            &file.admission,
+            file.router_temperature,
+        )?;
         let mut models = Vec::new();
         for m in &file.models {
             let grid = match &m.global_router_config {
@@ -870,9 +909,10 @@ impl Config {
                         kv_events,
                     });
                 }
+                let role = parse_role(&p.role)?;
                 pools.push(PoolSpec {
                     name: p.name.clone(),
-                    role: parse_role(&p.role)?,
+                    role,
                     policy: match &p.policy {
                         Some(s) => s.parse()?,
                         None => default_policy,
@@ -881,6 +921,9 @@ impl Config {
                     overlap_weight: p.overlap_weight.unwrap_or(1.0),
                     bootstrap_port: pool_port,
                     api_key: p.api_key.clone(),
+                    score: tuning.pool_score(p.score.as_ref())?,
+                    temperature: tuning.pool_temperature(p.temperature)?,
+                    admission: tuning.pool_admission(&p.name, role, p.admission.as_ref())?,
                 });
             }
             if let Some(g) = &grid {
@@ -950,6 +993,9 @@ impl Config {
                     overlap_weight: 1.0,
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                     api_key: None,
+                    score: tuning.score,
+                    temperature: tuning.temperature,
+                    admission: tuning.pool_admission(name, role, None)?,
                 });
             }
             models = vec![ModelSpec {
@@ -1127,6 +1173,7 @@ impl Config {
             retry,
             breaker,
             migration,
+            tuning,
             models,
             ksana,
         })

@@ -5,6 +5,7 @@
 //! - [`upstream_response`]: a worker's response head and body framing ([`crate::h1`]), read until the end.
 //! - [`completion_body`]: a client's `/v1/chat/completions` or `/v1/completions` JSON body.
 //! - [`registration`]: a worker registration body.
+//! - [`metrics_text`]: a worker's `/metrics` body, as the telemetry scraper reads it.
 
 use crate::h1::{self, Chunk, Framing, Step};
 use bytes::BytesMut;
@@ -62,4 +63,9 @@ pub fn completion_body(data: &[u8], chat: bool) -> bool {
 pub fn registration(data: &[u8]) -> bool {
     pdx_protocol::parse_registration(data)
         .is_ok_and(|(reg, _, _)| crate::config::parse_worker_url(&reg.url).is_ok())
+}
+
+/// Reads `data` as a worker's `/metrics` body ([`crate::telemetry::gauges`]). Returns whether it parsed.
+pub fn metrics_text(data: &[u8]) -> bool {
+    std::str::from_utf8(data).is_ok_and(|t| crate::telemetry::gauges(t).is_ok())
 }

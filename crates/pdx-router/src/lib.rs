@@ -9,6 +9,7 @@
 //! [`pdx_router_core`]. See `docs/router.md`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod body;
 pub mod config;
@@ -28,6 +29,8 @@ pub mod registry;
 pub mod request;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
+pub mod tuning;
 pub mod upstream;
 pub mod zmtp;
 
@@ -190,6 +193,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
                 }
             })?;
     }
+    telemetry::spawn(shared.clone(), stop.clone())?;
     if let Some(w) = open_admin_warning(&shared.cfg, ip) {
         tracing::warn!(%addr, "{w}");
     }
@@ -367,6 +371,7 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
             sh.metrics.remove_worker(w);
         }
         for (model, role, pool) in swept.pools {
+            sh.metrics.remove_pool(&model, &pool);
             sh.metrics.pool_choices.remove(&metrics::PoolLabels {
                 model,
                 role: role.as_str(),

@@ -21,6 +21,17 @@
 //! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
 //!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
 //!
+//! * what the router believes about each worker (engine telemetry, [`crate::telemetry`]), refreshed by the
+//!   scraper: `pdx_worker_waiting{worker}`, `pdx_worker_running{worker}`, `pdx_worker_kv_usage{worker}` (0–1)
+//!   while its last good scrape is within the staleness bound (absent once unknown),
+//!   `pdx_worker_telemetry_age_seconds{worker}` (since that scrape), and the latencies it observed:
+//!   `pdx_worker_ewma_ttft_seconds{worker}`, `pdx_worker_ewma_tpot_seconds{worker}`,
+//!   `pdx_worker_prefill_tokens_per_second{worker}`; `pdx_telemetry_scrapes_total{outcome}` (`ok`, `failed`);
+//! * admission shaping ([`crate::admission`]): `pdx_admission_total{model,pool,outcome}` (`admitted`,
+//!   `queued`, `rejected`: 429, `timed_out`: 503), `pdx_admission_limit{model,pool}`,
+//!   `pdx_admission_in_flight{model,pool}`, `pdx_admission_queue{model,pool}` and
+//!   `pdx_admission_ewma_ttft_seconds{model,pool}`.
+//!
 //! The series of a removed worker (and of a pool registration created, once empty) are deleted.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,6 +40,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// A gauge of `f64` values.
+pub type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Labels of `pdx_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,6 +125,26 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Labels of a pool's admission gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolNameLabels {
+    /// Model.
+    pub model: String,
+    /// Pool.
+    pub pool: String,
+}
+
+/// Labels of `pdx_admission_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// Model.
+    pub model: String,
+    /// Pool.
+    pub pool: String,
+    /// `admitted`, `queued`, `rejected`, `timed_out`.
+    pub outcome: &'static str,
+}
+
 /// All router metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -147,6 +182,32 @@ pub struct Metrics {
     pub migrations: Family<ReasonLabel, Counter>,
     /// Moves that found no worker to continue on (the client got an error event), by reason.
     pub migrations_failed: Family<ReasonLabel, Counter>,
+    /// Engine's requests waiting (smoothed), per worker.
+    pub worker_waiting: Family<WorkerLabel, FloatGauge>,
+    /// Engine's requests running (smoothed), per worker.
+    pub worker_running: Family<WorkerLabel, FloatGauge>,
+    /// Engine's KV-cache usage (smoothed, 0–1), per worker.
+    pub worker_kv_usage: Family<WorkerLabel, FloatGauge>,
+    /// Seconds since the worker's last good scrape.
+    pub worker_telemetry_age: Family<WorkerLabel, FloatGauge>,
+    /// Smoothed TTFT the router observed, seconds.
+    pub worker_ewma_ttft: Family<WorkerLabel, FloatGauge>,
+    /// Smoothed TPOT the router observed, seconds.
+    pub worker_ewma_tpot: Family<WorkerLabel, FloatGauge>,
+    /// Observed prefill speed, tokens per second.
+    pub worker_prefill_speed: Family<WorkerLabel, FloatGauge>,
+    /// Scrapes by outcome.
+    pub telemetry_scrapes: Family<OutcomeLabel, Counter>,
+    /// Admission decisions.
+    pub admission: Family<AdmissionLabels, Counter>,
+    /// Admission limit per pool.
+    pub admission_limit: Family<PoolNameLabels, Gauge>,
+    /// Admitted requests in flight per pool.
+    pub admission_in_flight: Family<PoolNameLabels, Gauge>,
+    /// Requests waiting for admission per pool.
+    pub admission_queue: Family<PoolNameLabels, Gauge>,
+    /// The pool's smoothed TTFT that drives its limit, seconds.
+    pub admission_ewma_ttft: Family<PoolNameLabels, FloatGauge>,
 }
 
 fn latency() -> Histogram {
@@ -183,6 +244,19 @@ impl Metrics {
             "Stream moves that found no worker to continue on (the client got an error event), by reason",
             migrations_failed.clone(),
         );
+        let worker_waiting = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_running = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_kv_usage = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_telemetry_age = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_ewma_ttft = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_ewma_tpot = Family::<WorkerLabel, FloatGauge>::default();
+        let worker_prefill_speed = Family::<WorkerLabel, FloatGauge>::default();
+        let telemetry_scrapes = Family::<OutcomeLabel, Counter>::default();
+        let admission = Family::<AdmissionLabels, Counter>::default();
+        let admission_limit = Family::<PoolNameLabels, Gauge>::default();
+        let admission_in_flight = Family::<PoolNameLabels, Gauge>::default();
+        let admission_queue = Family::<PoolNameLabels, Gauge>::default();
+        let admission_ewma_ttft = Family::<PoolNameLabels, FloatGauge>::default();
         registry.register(
             "pdx_requests",
             "Answers of the completion routes by model, pool, worker, status and status class",
@@ -222,6 +296,76 @@ impl Metrics {
         );
         let kv_events = crate::kv_events::KvEventMetrics::default();
         kv_events.register(&mut registry);
+        let float_gauges = [
+            (
+                "pdx_worker_waiting",
+                "Requests waiting in the worker's engine (smoothed scrape; absent while unknown)",
+                &worker_waiting,
+            ),
+            (
+                "pdx_worker_running",
+                "Requests running in the worker's engine (smoothed scrape; absent while unknown)",
+                &worker_running,
+            ),
+            (
+                "pdx_worker_kv_usage",
+                "KV-cache usage of the worker's engine, 0-1 (smoothed scrape; absent while unknown)",
+                &worker_kv_usage,
+            ),
+            (
+                "pdx_worker_telemetry_age_seconds",
+                "Seconds since the worker's last good /metrics scrape",
+                &worker_telemetry_age,
+            ),
+            (
+                "pdx_worker_ewma_ttft_seconds",
+                "Smoothed time to first token the router observed on the worker",
+                &worker_ewma_ttft,
+            ),
+            (
+                "pdx_worker_ewma_tpot_seconds",
+                "Smoothed time per output token the router observed on the worker",
+                &worker_ewma_tpot,
+            ),
+            (
+                "pdx_worker_prefill_tokens_per_second",
+                "Prefill speed the router observed on the worker",
+                &worker_prefill_speed,
+            ),
+        ];
+        for (name, help, g) in float_gauges {
+            registry.register(name, help, g.clone());
+        }
+        registry.register(
+            "pdx_telemetry_scrapes",
+            "Scrapes of the workers' /metrics by outcome (ok, failed)",
+            telemetry_scrapes.clone(),
+        );
+        registry.register(
+            "pdx_admission",
+            "Admission decisions per pool (admitted, queued, rejected: 429, timed_out: 503)",
+            admission.clone(),
+        );
+        registry.register(
+            "pdx_admission_limit",
+            "Concurrent prefills the pool's admission allows now",
+            admission_limit.clone(),
+        );
+        registry.register(
+            "pdx_admission_in_flight",
+            "Admitted requests whose prefill has not ended",
+            admission_in_flight.clone(),
+        );
+        registry.register(
+            "pdx_admission_queue",
+            "Requests waiting for admission",
+            admission_queue.clone(),
+        );
+        registry.register(
+            "pdx_admission_ewma_ttft_seconds",
+            "The pool's smoothed TTFT that drives its admission limit",
+            admission_ewma_ttft.clone(),
+        );
         Self {
             registry,
             kv_events,
@@ -240,6 +384,19 @@ impl Metrics {
             worker_kv_pending,
             migrations,
             migrations_failed,
+            worker_waiting,
+            worker_running,
+            worker_kv_usage,
+            worker_telemetry_age,
+            worker_ewma_ttft,
+            worker_ewma_tpot,
+            worker_prefill_speed,
+            telemetry_scrapes,
+            admission,
+            admission_limit,
+            admission_in_flight,
+            admission_queue,
+            admission_ewma_ttft,
         }
     }
 
@@ -261,6 +418,36 @@ impl Metrics {
         };
         self.worker_in_flight.remove(&label);
         self.worker_kv_pending.remove(&label);
+        for g in [
+            &self.worker_waiting,
+            &self.worker_running,
+            &self.worker_kv_usage,
+            &self.worker_telemetry_age,
+            &self.worker_ewma_ttft,
+            &self.worker_ewma_tpot,
+            &self.worker_prefill_speed,
+        ] {
+            g.remove(&label);
+        }
+    }
+
+    /// Deletes the admission series of a removed pool.
+    pub fn remove_pool(&self, model: &str, pool: &str) {
+        let labels = PoolNameLabels {
+            model: model.into(),
+            pool: pool.into(),
+        };
+        self.admission_limit.remove(&labels);
+        self.admission_in_flight.remove(&labels);
+        self.admission_queue.remove(&labels);
+        self.admission_ewma_ttft.remove(&labels);
+        for outcome in ["admitted", "queued", "rejected", "timed_out"] {
+            self.admission.remove(&AdmissionLabels {
+                model: model.into(),
+                pool: pool.into(),
+                outcome,
+            });
+        }
     }
 
     /// OpenMetrics text.

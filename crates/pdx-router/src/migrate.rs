@@ -605,11 +605,13 @@ impl Reissue<UpBody> for JobReissue {
             return false;
         };
         let now_us = self.sh.registry.now_us();
-        let cand = |x: &Worker| Candidate {
-            id: x.id,
-            in_flight_requests: x.in_flight.load(Ordering::Relaxed),
-            in_flight_tokens: x.in_flight_tokens.load(Ordering::Relaxed),
-            eligible: true,
+        let cand = |x: &Worker| {
+            Candidate::new(
+                x.id,
+                x.in_flight.load(Ordering::Relaxed),
+                x.in_flight_tokens.load(Ordering::Relaxed),
+                true,
+            )
         };
         let workers = pool.workers.load();
         let Some(best) = workers

@@ -17,7 +17,8 @@ use arc_swap::ArcSwap;
 use pdx_protocol::Role;
 use pdx_router_core::{
     BreakerConfig, BreakerState, Candidate, CircuitBreaker, ExactIndex, ExactOverlap,
-    GlobalRouterConfig, Health, HealthCheck, Liveness, Policy, Selector, UpstreamFailure,
+    GlobalRouterConfig, Health, HealthCheck, Liveness, Policy, PoolKind, Request, Selector,
+    TelemetryConfig, TelemetrySnapshot, UpstreamFailure, WorkerTelemetry,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +77,11 @@ pub struct Worker {
     pub upstream_auth: Option<hyper::header::HeaderValue>,
     /// Where it publishes KV events (the router subscribes: [`crate::kv_events`]).
     pub kv_events: Option<KvEventsEndpoints>,
+    /// What the router believes about the engine: scraped gauges and the latencies it observed
+    /// ([`crate::telemetry`]). Locked by the scraper, at a request's end, and by `kv_aware`/`score` picks.
+    pub telemetry: Mutex<WorkerTelemetry>,
+    /// A scrape of this worker is in flight (at most one at a time).
+    pub scraping: AtomicBool,
 }
 
 impl Worker {
@@ -224,6 +230,20 @@ impl Worker {
         }
     }
 
+    /// The worker's telemetry at `now_us` (unknown if the lock is poisoned).
+    pub fn telemetry_snapshot(&self, now_us: u64) -> TelemetrySnapshot {
+        self.telemetry
+            .lock()
+            .map_or(TelemetrySnapshot::UNKNOWN, |t| t.snapshot(now_us))
+    }
+
+    /// Feeds the worker's telemetry (a no-op if the lock is poisoned).
+    pub fn with_telemetry(&self, f: impl FnOnce(&mut WorkerTelemetry)) {
+        if let Ok(mut t) = self.telemetry.lock() {
+            f(&mut t);
+        }
+    }
+
     /// Notes that a `pdx_requests_total` series with `model` and `status` exists for this worker.
     pub fn note_series(&self, model: &str, status: u16) {
         if let Ok(mut v) = self.series.lock() {
@@ -240,6 +260,9 @@ pub struct LoadGuard {
     /// The worker.
     pub worker: Arc<Worker>,
     tokens: u64,
+    /// Output tokens still expected, taken off the worker's tokens in flight as they stream
+    /// ([`LoadGuard::progress`]; 0: not tracked).
+    output_left: u64,
 }
 
 impl LoadGuard {
@@ -247,7 +270,30 @@ impl LoadGuard {
     pub fn new(worker: Arc<Worker>, tokens: u64) -> Self {
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         worker.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
-        Self { worker, tokens }
+        Self {
+            worker,
+            tokens,
+            output_left: 0,
+        }
+    }
+
+    /// Tracks the request's `output` tokens (part of its `tokens`): each streamed token is taken off the worker's
+    /// tokens in flight, so they count what the worker still has to do (the `score` policy balances decode
+    /// pools on it).
+    pub fn track_output(&mut self, output: u64) {
+        self.output_left = output.min(self.tokens);
+    }
+
+    /// `tokens` more output tokens were streamed (no-op unless tracked; one relaxed atomic subtraction).
+    #[inline]
+    pub fn progress(&mut self, tokens: u64) {
+        if self.output_left == 0 {
+            return;
+        }
+        let d = tokens.min(self.output_left);
+        self.output_left -= d;
+        self.tokens -= d;
+        self.worker.in_flight_tokens.fetch_sub(d, Ordering::Relaxed);
     }
 }
 
@@ -260,6 +306,40 @@ impl Drop for LoadGuard {
     }
 }
 
+/// The one place the router computes how many leading blocks of a prompt a worker holds (`kv_aware`,
+/// `score`): the exact index fed by the engines' KV events where it knows the worker exactly, else the
+/// pool's approximate index of the router's own decisions (Dynamo's `--no-kv-events` mode)
+/// ([`pdx_router_core::kv_index::kv_overlap`]).
+pub fn prefix_overlap(
+    sel: &Selector,
+    exact: Option<&ExactIndex>,
+    worker: &Worker,
+    hashes: &[u64],
+    now_us: u64,
+) -> u64 {
+    pdx_router_core::kv_index::kv_overlap(
+        exact.map(|x| x as &dyn ExactOverlap),
+        &sel.index,
+        worker.id,
+        hashes,
+        sel.block_size.max(1),
+        now_us,
+    ) as u64
+}
+
+/// A pool's closed-loop settings.
+#[derive(Debug, Clone)]
+pub struct PoolTuning {
+    /// `kv_aware` weight of overlap.
+    pub overlap_weight: f64,
+    /// `kv_aware` temperature.
+    pub temperature: f64,
+    /// `score` weights.
+    pub score: pdx_router_core::ScoreWeights,
+    /// Admission shaping (`None`: off).
+    pub admission: Option<pdx_router_core::AdmissionConfig>,
+}
+
 /// A pool: workers of one role plus a local routing policy.
 #[derive(Debug)]
 pub struct Pool {
@@ -267,8 +347,12 @@ pub struct Pool {
     pub name: String,
     /// Role of its workers.
     pub role: Role,
+    /// The policy (also in the selector; here to be read without its lock).
+    pub policy: Policy,
     /// Selection state.
     pub selector: Mutex<Selector>,
+    /// Admission shaping (`None`: off).
+    pub admission: Option<Arc<crate::admission::PoolAdmission>>,
     /// Workers.
     pub workers: ArcSwap<Vec<Arc<Worker>>>,
     /// Bootstrap port of workers registered into this pool without one.
@@ -284,22 +368,35 @@ pub struct Pool {
 }
 
 impl Pool {
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        model: &str,
         name: &str,
         role: Role,
         policy: Policy,
-        overlap_weight: f64,
+        tuning: &PoolTuning,
         block_size: usize,
         seed: u64,
         bootstrap_port: u16,
     ) -> Self {
         let mut s = Selector::new(policy, seed);
-        s.overlap_weight = overlap_weight;
+        s.overlap_weight = tuning.overlap_weight;
+        s.temperature = tuning.temperature;
+        s.weights = tuning.score;
         s.block_size = block_size as u64;
+        s.kind = match role {
+            Role::Prefill => PoolKind::Prefill,
+            Role::Decode => PoolKind::Decode,
+            Role::Aggregated => PoolKind::Aggregated,
+        };
         Self {
             name: name.into(),
             role,
+            policy,
             selector: Mutex::new(s),
+            admission: tuning
+                .admission
+                .map(|c| Arc::new(crate::admission::PoolAdmission::new(model, name, c))),
             workers: ArcSwap::from_pointee(Vec::new()),
             bootstrap_port,
             dynamic: false,
@@ -311,32 +408,48 @@ impl Pool {
 
     /// The pool's policy.
     pub fn policy(&self) -> Policy {
-        self.selector
-            .lock()
-            .map(|s| s.policy)
-            .unwrap_or(Policy::RoundRobin)
+        self.policy
     }
 
-    /// Picks a worker (skipping `exclude` ids), takes its breaker permission.
-    pub fn pick(&self, block_hashes: &[u64], exclude: &[u64], now_us: u64) -> Option<Arc<Worker>> {
+    /// Picks a worker for a prompt of `prompt_tokens` tokens with chained block hashes `block_hashes`
+    /// (skipping `exclude` ids), takes its breaker permission.
+    pub fn pick(
+        &self,
+        block_hashes: &[u64],
+        prompt_tokens: u64,
+        exclude: &[u64],
+        now_us: u64,
+    ) -> Option<Arc<Worker>> {
         let workers = self.workers.load();
-        let cands: Vec<Candidate> = workers
+        let telemetry = self.policy.uses_telemetry();
+        let mut cands: Vec<Candidate> = workers
             .iter()
-            .map(|w| Candidate {
-                id: w.id,
-                in_flight_requests: w.in_flight.load(Ordering::Relaxed),
-                in_flight_tokens: w.in_flight_tokens.load(Ordering::Relaxed),
-                eligible: !exclude.contains(&w.id) && w.eligible(now_us),
+            .map(|w| {
+                let mut c = Candidate::new(
+                    w.id,
+                    w.in_flight.load(Ordering::Relaxed),
+                    w.in_flight_tokens.load(Ordering::Relaxed),
+                    !exclude.contains(&w.id) && w.eligible(now_us),
+                );
+                if telemetry {
+                    c.telemetry = w.telemetry_snapshot(now_us);
+                }
+                c
             })
             .collect();
-        let exact = self.exact.as_ref().and_then(|x| x.read().ok());
-        let i = self.selector.lock().ok()?.choose_with(
-            &cands,
+        let mut sel = self.selector.lock().ok()?;
+        if self.policy.uses_overlap() && !block_hashes.is_empty() {
+            let exact = self.exact.as_ref().and_then(|x| x.read().ok());
+            for (c, w) in cands.iter_mut().zip(workers.iter()) {
+                c.overlap_blocks = prefix_overlap(&sel, exact.as_deref(), w, block_hashes, now_us);
+            }
+        }
+        let req = Request {
             block_hashes,
-            now_us,
-            exact.as_deref().map(|x| x as &dyn ExactOverlap),
-        )?;
-        drop(exact);
+            prompt_tokens,
+        };
+        let i = sel.choose_request(&cands, &req, now_us)?;
+        drop(sel);
         let w = workers[i].clone();
         let ok = w
             .breaker
@@ -376,13 +489,13 @@ pub struct ModelTopo {
 }
 
 impl ModelTopo {
-    /// Whether any pool uses `kv_aware` (then prompts are tokenized and hashed).
+    /// Whether any pool reads prefix overlap (`kv_aware`, `score`: then prompts are tokenized and hashed).
     pub fn needs_hashes(&self) -> bool {
         self.prefill
             .iter()
             .chain(&self.decode)
             .chain(&self.aggregated)
-            .any(|p| p.policy() == Policy::KvAware)
+            .any(|p| p.policy.uses_overlap())
     }
 }
 
@@ -432,6 +545,8 @@ pub struct Registry {
     allow: Vec<Cidr>,
     /// The exact prefix index of the workers that publish KV events (fed by [`crate::kv_events`]).
     pub exact: Arc<RwLock<ExactIndex>>,
+    telemetry: TelemetryConfig,
+    tuning: crate::tuning::Tuning,
 }
 
 /// What a [`Registry::sweep`] removed.
@@ -462,6 +577,8 @@ impl Registry {
             max_workers: cfg.max_workers,
             allow: cfg.worker_allow.clone(),
             exact: Arc::default(),
+            telemetry: cfg.tuning.telemetry,
+            tuning: cfg.tuning.clone(),
         });
         let mut models = HashMap::new();
         for m in &cfg.models {
@@ -526,6 +643,8 @@ impl Registry {
             }),
             upstream_auth,
             kv_events,
+            telemetry: Mutex::new(WorkerTelemetry::new(self.telemetry)),
+            scraping: AtomicBool::new(false),
         }))
     }
 
@@ -557,11 +676,18 @@ impl Registry {
         block_size: usize,
         seed: u64,
     ) -> Result<Arc<Pool>, RouterError> {
+        let tuning = PoolTuning {
+            overlap_weight: p.overlap_weight,
+            temperature: p.temperature,
+            score: p.score,
+            admission: p.admission,
+        };
         let mut pool = Pool::new(
+            model,
             &p.name,
             p.role,
             p.policy,
-            p.overlap_weight,
+            &tuning,
             block_size,
             0x9e37 + seed,
             p.bootstrap_port,
@@ -721,11 +847,23 @@ impl Registry {
         let pool = match list.iter().find(|p| p.name == reg.pool) {
             Some(p) => p.clone(),
             None => {
+                // A pool created by registration takes the top-level settings.
+                let tuning = PoolTuning {
+                    overlap_weight: 1.0,
+                    temperature: self.tuning.temperature,
+                    score: self.tuning.score,
+                    admission: self
+                        .tuning
+                        .pool_admission(&reg.pool, role, None)
+                        .ok()
+                        .flatten(),
+                };
                 let mut p = Pool::new(
+                    &reg.model,
                     &reg.pool,
                     role,
                     self.default_policy,
-                    1.0,
+                    &tuning,
                     topo.block_size,
                     id,
                     DEFAULT_BOOTSTRAP_PORT,
@@ -803,11 +941,20 @@ impl Registry {
             ),
         ] {
             let pool = have.unwrap_or_else(|| {
+                // KsanaLLM pools take the top-level closed-loop settings; no admission shaping (both
+                // nodes of a pair start at once).
+                let tuning = PoolTuning {
+                    overlap_weight: 1.0,
+                    temperature: self.tuning.temperature,
+                    score: self.tuning.score,
+                    admission: None,
+                };
                 Arc::new(Pool::new(
+                    "*",
                     name,
                     role,
                     policy,
-                    1.0,
+                    &tuning,
                     16,
                     0x6b53 + seed,
                     DEFAULT_BOOTSTRAP_PORT,

@@ -60,6 +60,7 @@ fn forwarding_a_chunk_allocates_nothing_and_keeps_the_bytes() {
     assert_eq!(out_ptrs, ptrs, "the same buffers are forwarded");
     assert_eq!(fwd.stats.events, N as u64);
     a_movable_stream_forwards_its_chunks_without_allocating();
+    closed_loop_accounting_allocates_nothing_per_chunk_nor_at_the_end();
 }
 
 /// A re-issuer that is never asked (the stream does not fail).
@@ -121,4 +122,55 @@ data: [DONE]
     let t = &fwd.migration.as_ref().unwrap().transcript;
     assert_eq!(t.tokens(), N as u32);
     assert!(t.finished() && t.done());
+}
+
+/// With a worker behind the stream (the `score` policy's per-chunk accounting of output tokens still to
+/// come, and the telemetry fed at the stream's end), forwarding still allocates nothing, end included. Run by
+/// the test above, not as a test of its own: the counting allocator sees every thread, so two measuring tests
+/// must not run at once.
+fn closed_loop_accounting_allocates_nothing_per_chunk_nor_at_the_end() {
+    use pdx_router::registry::{LoadGuard, Registry};
+    use std::sync::atomic::Ordering;
+    const N: usize = 2_000;
+    let event = br#"data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"mock","choices":[{"index":0,"text":" word","finish_reason":null}]}
+
+"#;
+    let args = <pdx_router::ServeArgs as clap::Parser>::parse_from([
+        "pdx-serve",
+        "--worker",
+        "http://127.0.0.1:1",
+    ]);
+    let registry = Registry::new(&pdx_router::Config::from_args(&args).unwrap()).unwrap();
+    let worker = registry.workers()[0].clone();
+    let chunks: VecDeque<Bytes> = (0..N).map(|_| Bytes::copy_from_slice(event)).collect();
+    let mut fwd = Forward::bare(Chunks(chunks), true);
+    fwd.metrics = Some(std::sync::Arc::new(pdx_router::metrics::Metrics::new()));
+    fwd.registry = Some(registry.clone());
+    // 100 prompt tokens and N output tokens in flight.
+    let mut guard = LoadGuard::new(worker.clone(), 100 + N as u64);
+    guard.track_output(N as u64);
+    fwd.guard = Some(guard);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut half = 0;
+    let region = Region::new(GLOBAL);
+    for k in 0.. {
+        match Pin::new(&mut fwd).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => drop(f),
+            Poll::Ready(None) => break,
+            other => panic!("unexpected {:?}", other.map(|o| o.map(|r| r.is_ok()))),
+        }
+        if k == N / 2 - 1 {
+            half = worker.in_flight_tokens.load(Ordering::Relaxed);
+        }
+    }
+    let change = region.change();
+    assert_eq!(change.allocations, 0, "{change:?}");
+    assert_eq!(change.reallocations, 0, "{change:?}");
+    // Half the output streamed: the worker's tokens in flight count what is left.
+    assert_eq!(half, 100 + (N / 2) as u64);
+    drop(fwd);
+    assert_eq!(worker.in_flight_tokens.load(Ordering::Relaxed), 0);
+    assert_eq!(worker.in_flight.load(Ordering::Relaxed), 0);
+    let s = worker.telemetry_snapshot(registry.now_us());
+    assert!(s.ttft_s.is_some() && s.tpot_s.is_some(), "{s:?}");
 }

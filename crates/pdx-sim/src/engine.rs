@@ -287,6 +287,11 @@ impl<'a> Sim<'a> {
         for (i, p) in cluster.pools.iter().enumerate() {
             let mut selector = Selector::new(p.spec.policy, opts.seed.wrapping_add(i as u64) | 1);
             selector.block_size = u64::from(cluster.block_size);
+            selector.kind = match p.spec.role {
+                PoolRole::Prefill => pdx_router_core::PoolKind::Prefill,
+                PoolRole::Decode => pdx_router_core::PoolKind::Decode,
+                PoolRole::Aggregated => pdx_router_core::PoolKind::Aggregated,
+            };
             s.pools.push(PoolRt {
                 name: p.spec.name.clone(),
                 role: p.spec.role,
@@ -535,19 +540,21 @@ impl<'a> Sim<'a> {
             self.cands.clear();
             for &w in &self.pools[pi].workers {
                 let w = &self.workers[w as usize];
-                self.cands.push(Candidate {
-                    id: w.id,
-                    in_flight_requests: w.in_req,
-                    in_flight_tokens: w.in_tok,
-                    eligible: w.state == WState::Active,
-                });
+                self.cands.push(Candidate::new(
+                    w.id,
+                    w.in_req,
+                    w.in_tok,
+                    w.state == WState::Active,
+                ));
             }
-            let hashes: &[u64] =
-                if self.pools[pi].selector.policy == pdx_router_core::Policy::KvAware {
-                    &self.rt[r as usize].hashes
-                } else {
-                    &[]
-                };
+            let hashes: &[u64] = if self.pools[pi].selector.policy.uses_overlap() {
+                &self.rt[r as usize].hashes
+            } else {
+                &[]
+            };
+            self.pools[pi]
+                .selector
+                .fill_overlap(&mut self.cands, hashes, now_us);
             if let Some(i) = self.pools[pi].selector.choose(&self.cands, hashes, now_us) {
                 let w = self.pools[pi].workers[i];
                 let wk = &mut self.workers[w as usize];

@@ -1,5 +1,6 @@
 //! The Prometheus text format, as much as `pdx plan` reads: `name{label="value",...} number`
-//! lines (comments and other lines skipped; a malformed sample line is skipped, not fatal).
+//! lines (comments and other lines skipped; a malformed sample line is skipped, not fatal). The line
+//! parser is the shared one of `pdx-protocol` (also the router's telemetry scraper's).
 
 /// One sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,66 +13,22 @@ pub struct Sample {
     pub value: f64,
 }
 
-fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while !rest.trim().is_empty() {
-        let (k, r) = rest.split_once('=')?;
-        let r = r.trim_start().strip_prefix('"')?;
-        // Values may hold escaped quotes.
-        let mut val = String::new();
-        let mut chars = r.char_indices();
-        let mut end = None;
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next()?.1 {
-                    'n' => val.push('\n'),
-                    c => val.push(c),
-                },
-                '"' => {
-                    end = Some(i);
-                    break;
-                }
-                c => val.push(c),
-            }
-        }
-        out.push((k.trim().trim_start_matches(',').trim().to_string(), val));
-        rest = r[end? + 1..].trim_start().trim_start_matches(',');
-    }
-    Some(out)
-}
-
-/// The samples of a `/metrics` text.
+/// The samples of a `/metrics` text. Lines go through the shared strict parser
+/// ([`pdx_protocol::prom::parse_line`]); `pdx plan` reads its own router's metrics and keeps what it can,
+/// so a malformed line is skipped rather than failing the whole read.
 pub fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, rest) = match line.find('{') {
-            Some(i) => {
-                let Some(j) = line.rfind('}') else { continue };
-                let Some(l) = parse_labels(&line[i + 1..j]) else {
-                    continue;
-                };
-                (&line[..i], l, &line[j + 1..])
-            }
-            None => match line.split_once(' ') {
-                Some((n, r)) => (n, Vec::new(), r),
-                None => continue,
-            },
-        };
-        let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) else {
-            continue;
-        };
-        out.push(Sample {
-            name: name.to_string(),
-            labels,
-            value: v,
-        });
-    }
-    out
+    let max_labels = pdx_protocol::prom::Limits::default().max_labels;
+    text.lines()
+        .filter_map(|line| pdx_protocol::prom::parse_line(line.trim(), max_labels).ok()?)
+        .map(|s| Sample {
+            name: s.name.to_string(),
+            labels: s
+                .labels()
+                .map(|(k, v)| (k.to_string(), v.into_owned()))
+                .collect(),
+            value: s.value,
+        })
+        .collect()
 }
 
 /// Sum of the samples named `name` whose labels include every `(key, value)` of `want`.

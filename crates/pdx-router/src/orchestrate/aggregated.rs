@@ -19,9 +19,17 @@ impl Orchestrator for Aggregated {
         if pools.is_empty() {
             return error_response(&ApiError::unavailable("no aggregated pool for this model"));
         }
+        let first = crate::divert::apply(sh, &job.model, pools, 0);
+        // Admission shaping of the chosen pool; the slot goes back at the first token.
+        let permit = match pools.get(first) {
+            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
+                Ok(permit) => permit,
+                Err(r) => return r,
+            },
+            None => None,
+        };
         let body = job.body.to_bytes();
         let t = job.target();
-        let first = crate::divert::apply(sh, &job.model, pools, 0);
         match dispatch(
             sh,
             t,
@@ -34,7 +42,7 @@ impl Orchestrator for Aggregated {
         )
         .await
         {
-            Ok(sent) => forward(sh, job, sent, false, Instant::now()),
+            Ok(sent) => forward(sh, job, sent, false, Instant::now(), permit),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
         }

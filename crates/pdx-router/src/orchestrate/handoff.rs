@@ -77,6 +77,7 @@ impl PrefillJob {
         Target {
             model: &self.model.name,
             hashes: &self.hashes,
+            isl: self.isl,
             tokens: self.tokens,
             path: self.path,
             rid: &self.rid,
@@ -190,8 +191,14 @@ async fn release_via_decode(sh: &Shared, job: &PrefillJob, kv: &KvTransferParams
         return "failed";
     };
     let now = sh.registry.now_us();
-    let Some((_pool, w)) = pick_worker(&job.model.decode, job.decode_first, &job.hashes, &[], now)
-    else {
+    let Some((_pool, w)) = pick_worker(
+        &job.model.decode,
+        job.decode_first,
+        &job.hashes,
+        job.isl,
+        &[],
+        now,
+    ) else {
         return "no_decode";
     };
     let _load = LoadGuard::new(w.clone(), job.isl + 1);
@@ -254,13 +261,15 @@ pub(crate) type PrefillResult = Result<Option<(KvTransferParams, KvLease)>, Resp
 /// Runs the prefill of `job` on a worker not in `exclude`, in a task of its own (so the client going
 /// away abandons the request rather than cutting it; see the module docs). `prefill_first` is the prefill
 /// pool tried first, `decode_first` the decode pool a release would try first (both chosen once per request
-/// by the caller: [`crate::divert::apply`] counts each choice).
+/// by the caller: [`crate::divert::apply`] counts each choice). `permit` is the request's admission slot
+/// on the prefill pool: given back with the prefill's duration when it succeeds, without a sample otherwise.
 pub(crate) async fn prefill(
     sh: &Arc<Shared>,
     job: &Job,
     exclude: &[u64],
     prefill_first: usize,
     decode_first: usize,
+    permit: Option<crate::admission::Permit>,
 ) -> PrefillResult {
     if job.model.prefill.is_empty() {
         return Ok(None);
@@ -268,7 +277,8 @@ pub(crate) async fn prefill(
     let pj = Rc::new(PrefillJob {
         model: job.model.clone(),
         hashes: job.hashes.clone(),
-        tokens: job.tokens,
+        // A prefill request holds the prompt and produces one token.
+        tokens: job.isl + 1,
         isl: job.isl,
         path: job.path,
         rid: job.rid.clone(),
@@ -279,7 +289,13 @@ pub(crate) async fn prefill(
     });
     let abandon = Rc::new(Abandon::default());
     let mut fire = FireOnDrop(Some(abandon.clone()));
-    let task = monoio::spawn(prefill_task(sh.clone(), pj, exclude.to_vec(), abandon));
+    let task = monoio::spawn(prefill_task(
+        sh.clone(),
+        pj,
+        exclude.to_vec(),
+        abandon,
+        permit,
+    ));
     let r = task.await;
     fire.0 = None;
     r
@@ -290,8 +306,9 @@ async fn prefill_task(
     pj: Rc<PrefillJob>,
     exclude: Vec<u64>,
     abandon: Rc<Abandon>,
+    permit: Option<crate::admission::Permit>,
 ) -> PrefillResult {
-    match run_prefill(&sh, &pj, exclude, &abandon).await {
+    match run_prefill(&sh, &pj, exclude, &abandon, permit).await {
         Ok(Some((kv, w))) => {
             let lease = KvLease::new(sh.clone(), pj, kv.clone(), w);
             if abandon.is_fired() {
@@ -313,6 +330,7 @@ async fn run_prefill(
     pj: &PrefillJob,
     exclude: Vec<u64>,
     abandon: &Abandon,
+    permit: Option<crate::admission::Permit>,
 ) -> Result<Option<(KvTransferParams, Arc<Worker>)>, Response<RouterBody>> {
     let pools = &pj.model.prefill;
     let first = pj.prefill_first;
@@ -330,7 +348,13 @@ async fn run_prefill(
     .await;
     let failure = match sent {
         Ok(sent) => {
-            let Sent { resp, guard, .. } = sent;
+            let Sent {
+                resp,
+                guard,
+                ahead_tokens,
+                sent_at,
+                ..
+            } = sent;
             let status = resp.status();
             let collected =
                 monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect()).await;
@@ -351,6 +375,16 @@ async fn run_prefill(
                         .filter(|kv| kv.do_remote_prefill);
                     if let Some(kv) = kv {
                         w.report(true, sh.registry.now_us());
+                        // The prefill's duration on this worker is its TTFT there, and, over the prompt
+                        // tokens it had queued plus this prompt, a sample of its prefill speed.
+                        let secs = sent_at.elapsed().as_secs_f64();
+                        w.with_telemetry(|t| {
+                            t.observe_ttft(secs);
+                            t.observe_prefill(secs, ahead_tokens + pj.isl);
+                        });
+                        if let Some(p) = permit {
+                            p.done(secs);
+                        }
                         sh.metrics
                             .phase
                             .get_or_create(&PhaseLabel { phase: "prefill" })

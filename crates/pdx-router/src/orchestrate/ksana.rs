@@ -129,7 +129,7 @@ fn pick_pair(
     pp: &Pool,
     dp: &Pool,
     pairs: &Pairs,
-    hashes: &[u64],
+    (hashes, prompt_tokens): (&[u64], u64),
     (p_ex, d_ex): (&[u64], &[u64]),
     now: u64,
 ) -> Option<(Arc<Worker>, Arc<Worker>)> {
@@ -152,7 +152,7 @@ fn pick_pair(
             })
             .map(|w| w.id),
     );
-    let wp = pp.pick(hashes, &ex, now)?;
+    let wp = pp.pick(hashes, prompt_tokens, &ex, now)?;
     let mut ex = d_ex.to_vec();
     ex.extend(
         decodes
@@ -160,7 +160,7 @@ fn pick_pair(
             .filter(|w| !pairs.paired(&wp.authority, &w.authority))
             .map(|w| w.id),
     );
-    let wd = dp.pick(hashes, &ex, now)?;
+    let wd = dp.pick(hashes, prompt_tokens, &ex, now)?;
     Some((wp, wd))
 }
 
@@ -414,7 +414,14 @@ pub(crate) async fn run(sh: &Arc<Shared>, job: &KJob<'_>) -> Response<RouterBody
     loop {
         let pairs = k.pairs.load();
         let now = sh.registry.now_us();
-        let Some((wp, wd)) = pick_pair(&pp, &dp, &pairs, job.hashes, (&p_ex, &d_ex), now) else {
+        let Some((wp, wd)) = pick_pair(
+            &pp,
+            &dp,
+            &pairs,
+            (job.hashes, job.tokens),
+            (&p_ex, &d_ex),
+            now,
+        ) else {
             return give_up(last);
         };
         count_pool_choice(sh, job.model, &pp);
@@ -535,6 +542,7 @@ fn answer(
         stats: StreamStats {
             start: job.start,
             headers_at: Instant::now(),
+            first_event: None,
             last_event: None,
             events: 0,
             pd: true,
@@ -547,6 +555,7 @@ fn answer(
         progressed: false,
         // KsanaLLM pairs are not migrated: the decode reads its KV under the pair's comm id.
         migration: None,
+        admission: None,
     };
     let body = if streamed {
         RouterBody::Ksana(Box::new(Merged {

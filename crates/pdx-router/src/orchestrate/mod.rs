@@ -63,6 +63,10 @@ pub(crate) struct Sent {
     pub(crate) guard: LoadGuard,
     /// The worker's pool (metrics).
     pub(crate) pool: Arc<Pool>,
+    /// Tokens the router had in flight on the worker when this request was sent (before it).
+    pub(crate) ahead_tokens: u64,
+    /// When the request was sent.
+    pub(crate) sent_at: Instant,
 }
 
 /// Sends `body` to `w`. A request that never fully left, or that a reused (pooled) connection dropped
@@ -163,9 +167,11 @@ pub(crate) async fn send_with(
 pub(crate) struct Target<'a> {
     /// Model name (metrics).
     pub(crate) model: &'a str,
-    /// Prompt block hashes (`kv_aware`).
+    /// Prompt block hashes (`kv_aware`, `score`).
     pub(crate) hashes: &'a [u64],
-    /// Load accounting, tokens.
+    /// Prompt tokens.
+    pub(crate) isl: u64,
+    /// Load accounting, tokens (prompt + output limit; a prefill: prompt + 1).
     pub(crate) tokens: u64,
     /// Upstream path.
     pub(crate) path: &'static str,
@@ -180,6 +186,7 @@ impl Job {
         Target {
             model: &self.model.name,
             hashes: &self.hashes,
+            isl: self.isl,
             tokens: self.tokens,
             path: self.path,
             rid: &self.rid,
@@ -235,11 +242,19 @@ pub(crate) async fn dispatch(
             return Err(Err(UpstreamFailure::Connect));
         }
         let now = sh.registry.now_us();
-        let Some((pool, w)) = pick_worker(pools, first, job.hashes, &exclude, now) else {
+        let Some((pool, w)) = pick_worker(pools, first, job.hashes, job.isl, &exclude, now) else {
             return Err(Err(UpstreamFailure::Status(503)));
         };
         count_pool_choice(sh, job.model, &pool);
-        let guard = LoadGuard::new(w.clone(), job.tokens);
+        let ahead_tokens = w
+            .in_flight_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut guard = LoadGuard::new(w.clone(), job.tokens);
+        if pool.policy == pdx_router_core::Policy::Score && phase != Phase::Prefill {
+            // The `score` policy balances decode work by tokens still to come.
+            guard.track_output(job.tokens.saturating_sub(job.isl));
+        }
+        let sent_at = Instant::now();
         let sent = send_to_abandonable(sh, &w, job.path, &body, job.rid, job.auth, abandon).await;
         let failure = match sent {
             Ok(resp) => {
@@ -248,7 +263,13 @@ pub(crate) async fn dispatch(
                     if !resp.status().is_success() {
                         w.report(true, sh.registry.now_us());
                     }
-                    return Ok(Sent { resp, guard, pool });
+                    return Ok(Sent {
+                        resp,
+                        guard,
+                        pool,
+                        ahead_tokens,
+                        sent_at,
+                    });
                 }
                 // Retryable status: read the error body so the connection can be reused.
                 let _ = resp.into_body().collect().await;
@@ -282,18 +303,20 @@ pub(crate) async fn dispatch(
     }
 }
 
-/// A worker of `pools` for a request, trying `pools[first]` first and leaving out the ids in `exclude`.
+/// A worker of `pools` for a request of `isl` prompt tokens, trying `pools[first]` first and leaving out the
+/// ids in `exclude`.
 pub(crate) fn pick_worker(
     pools: &[Arc<Pool>],
     first: usize,
     hashes: &[u64],
+    isl: u64,
     exclude: &[u64],
     now_us: u64,
 ) -> Option<(Arc<Pool>, Arc<Worker>)> {
     std::iter::once(first)
         .chain((0..pools.len()).filter(|&i| i != first))
         .filter_map(|i| pools.get(i))
-        .find_map(|p| Some((p.clone(), p.pick(hashes, exclude, now_us)?)))
+        .find_map(|p| Some((p.clone(), p.pick(hashes, isl, exclude, now_us)?)))
 }
 
 /// Counts a pool choice (`pdx_pool_choices_total`).
@@ -348,7 +371,8 @@ pub(crate) fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
     }
 }
 
-/// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase). A 2xx
+/// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase;
+/// `admission`: the request's admission slot, given back at the first token event or the end). A 2xx
 /// stream that may move ([`crate::migrate`]) keeps `job` to re-issue it from.
 pub(crate) fn forward(
     sh: &Arc<Shared>,
@@ -356,8 +380,11 @@ pub(crate) fn forward(
     sent: Sent,
     pd: bool,
     headers_at: Instant,
+    admission: Option<crate::admission::Permit>,
 ) -> Response<RouterBody> {
-    let Sent { resp, guard, pool } = sent;
+    let Sent {
+        resp, guard, pool, ..
+    } = sent;
     let stream = job.body.is_stream() && resp.status().is_success();
     let start = job.start;
     let m = &sh.cfg.migration;
@@ -389,6 +416,7 @@ pub(crate) fn forward(
         stats: StreamStats {
             start,
             headers_at,
+            first_event: None,
             last_event: None,
             events: 0,
             pd,
@@ -400,6 +428,7 @@ pub(crate) fn forward(
         idle_timer: None,
         progressed: false,
         migration,
+        admission,
     })));
     *out.status_mut() = parts.status;
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {

@@ -235,6 +235,15 @@ impl Orchestrator for SglangBootstrap {
         };
         let first_p = crate::divert::apply(sh, &model, prefill_pools, first_p);
         let first_d = crate::divert::apply(sh, &model, decode_pools, first_d);
+        // Admission shaping of the prefill pool the grid chose: one slot for the request's pairs, given back
+        // with the committed pair's prefill duration.
+        let mut permit = match prefill_pools.get(first_p) {
+            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
+                Ok(permit) => permit,
+                Err(r) => return r,
+            },
+            None => None,
+        };
         let mut p_ex: Vec<u64> = Vec::new();
         let mut d_ex: Vec<u64> = job.avoid.clone();
         let mut last: Option<UpstreamFailure> = None;
@@ -253,8 +262,8 @@ impl Orchestrator for SglangBootstrap {
                 }
             }
             let (Some((pp, wp)), Some((dp, wd))) = (
-                pick_worker(prefill_pools, first_p, &job.hashes, &p_ex, now),
-                pick_worker(decode_pools, first_d, &job.hashes, &d_ex, now),
+                pick_worker(prefill_pools, first_p, &job.hashes, job.isl, &p_ex, now),
+                pick_worker(decode_pools, first_d, &job.hashes, job.isl, &d_ex, now),
             ) else {
                 return give_up(last, "prefill or decode");
             };
@@ -269,12 +278,26 @@ impl Orchestrator for SglangBootstrap {
                     bootstrap_room: Some(new_room()),
                 },
             );
-            let p_guard = LoadGuard::new(wp.clone(), job.tokens);
-            let d_guard = LoadGuard::new(wd.clone(), job.tokens);
+            let ahead_tokens = wp
+                .in_flight_tokens
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let p_guard = LoadGuard::new(wp.clone(), job.isl + 1);
+            let mut d_guard = LoadGuard::new(wd.clone(), job.tokens);
+            if dp.policy == pdx_router_core::Policy::Score {
+                d_guard.track_output(job.tokens.saturating_sub(job.isl));
+            }
+            let sent_at = Instant::now();
             let (failure, side) = match pair(sh, &job, &wp, &wd, &body).await {
                 PairEnd::Committed { decode, prefill_s } => {
                     wp.report(true, sh.registry.now_us());
                     drop(p_guard);
+                    wp.with_telemetry(|t| {
+                        t.observe_ttft(prefill_s);
+                        t.observe_prefill(prefill_s, ahead_tokens + job.isl);
+                    });
+                    if let Some(p) = permit.take() {
+                        p.done(prefill_s);
+                    }
                     sh.metrics
                         .phase
                         .get_or_create(&PhaseLabel { phase: "prefill" })
@@ -283,8 +306,10 @@ impl Orchestrator for SglangBootstrap {
                         resp: decode,
                         guard: d_guard,
                         pool: dp,
+                        ahead_tokens: 0,
+                        sent_at,
                     };
-                    return forward(sh, job, sent, true, Instant::now());
+                    return forward(sh, job, sent, true, Instant::now(), None);
                 }
                 PairEnd::Prefill(PrefillEnd::Fatal(r)) => {
                     wp.report(true, sh.registry.now_us());
@@ -297,8 +322,10 @@ impl Orchestrator for SglangBootstrap {
                         resp,
                         guard: d_guard,
                         pool: dp,
+                        ahead_tokens: 0,
+                        sent_at,
                     };
-                    return forward(sh, job, sent, false, Instant::now());
+                    return forward(sh, job, sent, false, Instant::now(), None);
                 }
                 PairEnd::Prefill(PrefillEnd::Failed(f)) => {
                     if f.counts_against_worker() {

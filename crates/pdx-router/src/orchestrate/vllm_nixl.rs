@@ -41,6 +41,15 @@ impl Orchestrator for VllmNixl {
                 "no decode worker can take a request now",
             ));
         }
+        // Admission shaping of the prefill pool the grid chose (its slot covers the first prefill; one redone
+        // after a failed KV read is not held back again).
+        let mut permit = match job.model.prefill.get(prefill_first) {
+            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
+                Ok(permit) => permit,
+                Err(r) => return r,
+            },
+            None => None,
+        };
         // Prefill workers whose KV the decode could not read (a 502 from the decode): the pair is redone
         // on another prefill worker, within the prefill attempts.
         let mut failed_prefill: Vec<u64> = Vec::new();
@@ -53,6 +62,7 @@ impl Orchestrator for VllmNixl {
                 &failed_prefill,
                 prefill_first,
                 first,
+                permit.take(),
             )
             .await
             {
@@ -90,7 +100,7 @@ impl Orchestrator for VllmNixl {
                             })
                             .observe((now - handoff).as_secs_f64());
                     }
-                    return forward(sh, job, sent, holder.is_some(), now);
+                    return forward(sh, job, sent, holder.is_some(), now, None);
                 }
                 Err(Ok(r)) => return r,
                 Err(Err(f)) => f,
