@@ -20,7 +20,8 @@ trap cleanup EXIT
 start_workers() {
   # Wait for the old workers to exit: a new `pdx mock` refuses a port another process still holds.
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=()
-  $PDX mock --role prefill --host 127.0.0.1 --port $P --num-blocks 16384 >"$OUT/prefill.log" 2>&1 & pids+=($!)
+  # --bootstrap-port 8998: the port routers.sh gives sglang-router; the decode asks it for the KV of each room.
+  $PDX mock --role prefill --host 127.0.0.1 --port $P --num-blocks 16384 --bootstrap-port 8998 >"$OUT/prefill.log" 2>&1 & pids+=($!)
   $PDX mock --role decode --host 127.0.0.1 --port $D --num-blocks 16384 >"$OUT/decode.log" 2>&1 & pids+=($!)
   for port in $P $D; do for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done; done
 }

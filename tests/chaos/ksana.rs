@@ -1,18 +1,17 @@
 //! KsanaLLM orchestration faults (issue 15), through the real `pdx` binary: `pdx serve --orchestration ksana`
-//! in front of `pdx mock` engines that this test registers and heartbeats as KsanaLLM nodes (each node's
-//! heartbeats stop when its process is killed, as a real node's would).
+//! in front of `pdx mock --ksana-router` nodes (they register, heartbeat every 200 ms, register comm ids, and hand
+//! each prompt's KV from prefill to decode over pdx-transfer, which the decode verifies).
 //!
 //! * a decode node killed (SIGKILL) under streaming load: the streams it was serving end at once with an
 //!   error event, not a hang; new requests go to the other pairs (a refused connection is retried on another
 //!   pair at once, and once its heartbeat times out the node leaves the ready pairs);
-//! * the same for a prefill node;
-//! * the router killed and started again on its SQLite file: it serves the nodes at once, without a
-//!   registration.
+//! * the same for a prefill node: streams whose KV it already handed over finish;
+//! * the router killed and started again on its SQLite file: the nodes' next requests and heartbeats are
+//!   served at once, without a registration.
 //!
-//! Every child process is killed when its guard drops. `cargo test --test chaos ksana -- --nocapture` prints
+//! Every child process is killed when its guard drops. `cargo test --test chaos ksana:: -- --nocapture` prints
 //! what each test measured.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,14 +21,11 @@ use crate::support::*;
 /// Heartbeat timeout of the router under test, seconds.
 const TIMEOUT_SECS: f64 = 1.0;
 
-/// A `pdx mock` engine registered as a KsanaLLM node.
+/// A `pdx mock` KsanaLLM node.
 struct Node {
     proc: Proc,
     port: u16,
     role: &'static str,
-    id: String,
-    /// Its heartbeats run while this is set.
-    alive: Arc<AtomicBool>,
 }
 
 fn db(name: &str) -> String {
@@ -55,77 +51,45 @@ fn ksana_router(port: u16, db: &str) -> Proc {
     r
 }
 
-/// Starts an engine (streams of about 25 ms per token: `--speed 0.1`) and registers it at the router on
-/// `rp` as a rank-0 node of `role` with one device.
-fn node(rp: u16, role: &'static str, coord: u16) -> Node {
+/// Starts a node of `role` (streams of about 25 ms per token: `--speed 0.1`) that registers with the router on
+/// `rp`.
+fn node(rp: u16, role: &'static str) -> Node {
     let port = free_port();
-    let mut proc = spawn_mock(port, &["--speed", "0.1"]);
-    wait_healthy(&mut proc, port);
-    let (s, v) = post_json(
-        rp,
-        "/RegisterNode",
-        &serde_json::json!({"inference_addr": format!("127.0.0.1:{port}"),
-            "coordinator_addr": format!("127.0.0.1:{coord}"), "group_role": role, "node_rank": 0,
-            "world_size": 1, "devices": [{"device_id": 0, "device_ip": "127.0.0.1"}]}),
-    );
-    assert_eq!(s, 201, "{v}");
-    Node {
-        proc,
+    let router = url(rp);
+    let mut proc = spawn_mock(
         port,
-        role,
-        id: v["node_id"].as_str().expect("node_id").to_string(),
-        alive: Arc::new(AtomicBool::new(true)),
-    }
+        &[
+            "--role",
+            role,
+            "--kv-listen",
+            "127.0.0.1:0",
+            "--kv-scale-down",
+            "1024",
+            "--speed",
+            "0.1",
+            "--ksana-router",
+            &router,
+            "--ksana-heartbeat-ms",
+            "200",
+            "--ksana-kv-wait-secs",
+            "5",
+        ],
+    );
+    wait_healthy(&mut proc, port);
+    Node { proc, port, role }
 }
 
-/// Heartbeats every node whose `alive` is set every 200 ms; a rank-0 prefill registers a comm id for each of
-/// its comm groups that has none (as a KsanaLLM prefill does once its decode partner is ready). Stops when
-/// `stop` is set.
-fn heartbeats(
-    rp: u16,
-    nodes: Vec<(String, &'static str, Arc<AtomicBool>)>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            for (id, role, alive) in &nodes {
-                if !alive.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let Ok(r) = http(
-                    rp,
-                    "POST",
-                    "/Heartbeat",
-                    &[],
-                    &serde_json::json!({ "node_id": id }).to_string(),
-                    Duration::from_secs(2),
-                ) else {
-                    continue;
-                };
-                if *role != "prefill" || r.status != 200 {
-                    continue;
-                }
-                let v = r.json();
-                let Some(ids) = v["comm_group_to_id"].as_object() else {
-                    continue;
-                };
-                for (key, comm) in ids {
-                    if comm == "" {
-                        let _ = http(
-                            rp,
-                            "POST",
-                            "/RegisterCommId",
-                            &[],
-                            &serde_json::json!({"node_id": id, "comm_key": key, "comm_id": format!("c-{key}")})
-                                .to_string(),
-                            Duration::from_secs(2),
-                        );
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    })
+/// A completion of 2 tokens through the router on `rp` answers 200.
+fn serves(rp: u16) -> bool {
+    http(
+        rp,
+        "POST",
+        "/v1/completions",
+        &[],
+        r#"{"model":"mock","prompt":"x","max_tokens":2}"#,
+        Duration::from_secs(10),
+    )
+    .is_ok_and(|r| r.status == 200)
 }
 
 /// One streamed request's outcome.
@@ -197,31 +161,14 @@ fn kill_under_load(victim_role: &'static str) {
     let db = db(victim_role);
     let _router = ksana_router(rp, &db);
     let mut nodes = [
-        node(rp, "prefill", 19601),
-        node(rp, "prefill", 19602),
-        node(rp, "decode", 19603),
-        node(rp, "decode", 19604),
+        node(rp, "prefill"),
+        node(rp, "prefill"),
+        node(rp, "decode"),
+        node(rp, "decode"),
     ];
-    let stop_beats = Arc::new(AtomicBool::new(false));
-    let beats = heartbeats(
-        rp,
-        nodes
-            .iter()
-            .map(|n| (n.id.clone(), n.role, n.alive.clone()))
-            .collect(),
-        stop_beats.clone(),
-    );
-    // Four pairs ready: requests succeed.
+    // The pairs ready: requests succeed.
     assert!(
-        wait_until(GUARD, || http(
-            rp,
-            "POST",
-            "/v1/completions",
-            &[],
-            r#"{"model":"mock","prompt":"x","max_tokens":1}"#,
-            Duration::from_secs(5)
-        )
-        .is_ok_and(|r| r.status == 200)),
+        wait_until(GUARD, || serves(rp)),
         "the pairs never became ready"
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -229,7 +176,6 @@ fn kill_under_load(victim_role: &'static str) {
     std::thread::sleep(Duration::from_millis(1500));
     let i = nodes.iter().position(|n| n.role == victim_role).unwrap();
     let victim_url = url(nodes[i].port);
-    nodes[i].alive.store(false, Ordering::Relaxed);
     // Taken before the kill: the streams it breaks end within the kill call.
     let killed = Instant::now();
     nodes[i].proc.kill();
@@ -238,8 +184,6 @@ fn kill_under_load(victim_role: &'static str) {
     for c in clients {
         c.join().expect("client");
     }
-    stop_beats.store(true, Ordering::Relaxed);
-    let _ = beats.join();
     let all = outcomes.lock().unwrap().clone();
     let before: Vec<&Outcome> = all.iter().filter(|o| o.end < killed).collect();
     let in_flight: Vec<&Outcome> = all
@@ -319,53 +263,32 @@ fn a_router_killed_and_started_on_its_sqlite_file_serves_the_nodes_at_once() {
     let rp = free_port();
     let db = db("restart");
     let mut r = ksana_router(rp, &db);
-    let nodes = [node(rp, "prefill", 19701), node(rp, "decode", 19702)];
-    let stop = Arc::new(AtomicBool::new(false));
-    let beats = heartbeats(
-        rp,
-        nodes
-            .iter()
-            .map(|n| (n.id.clone(), n.role, n.alive.clone()))
-            .collect(),
-        stop.clone(),
+    let nodes = [node(rp, "prefill"), node(rp, "decode")];
+    assert!(
+        wait_until(GUARD, || serves(rp)),
+        "the pair never became ready"
     );
-    let body = r#"{"model":"mock","prompt":"x","max_tokens":2}"#;
-    assert!(wait_until(GUARD, || http(
-        rp,
-        "POST",
-        "/v1/completions",
-        &[],
-        body,
-        Duration::from_secs(5)
-    )
-    .is_ok_and(|r| r.status == 200)));
-    stop.store(true, Ordering::Relaxed);
-    let _ = beats.join();
+    let read = |n: &Node| metric(n.port, "pdx:kv_blocks_received_total").unwrap_or(0.0);
+    let before = read(&nodes[1]);
+    assert!(before > 0.0, "the decode read the prompt's KV");
     r.kill();
     let t = Instant::now();
     let _r = ksana_router(rp, &db);
-    let resp = http(
-        rp,
-        "POST",
-        "/v1/completions",
-        &[],
-        body,
-        Duration::from_secs(5),
-    )
-    .expect("answer");
-    assert_eq!(resp.status, 200, "{resp:?}");
+    // No registration in between: the first request is served, its KV read through the stored comm id.
+    assert!(serves(rp), "the restarted router did not serve at once");
     println!(
         "restarted router served its first request {:?} after the restart",
         t.elapsed()
     );
-    // The nodes' ids are known to it: their next heartbeat is a 200 with the pair's comm id.
-    let mut seen = HashMap::new();
+    assert!(read(&nodes[1]) > before);
+    // The nodes' heartbeats go on under the ids they had.
     for n in &nodes {
-        let (s, v) = post_json(rp, "/Heartbeat", &serde_json::json!({ "node_id": n.id }));
-        assert_eq!(s, 200, "{v}");
-        seen.insert(n.role, v);
+        assert_eq!(
+            metric(n.port, "pdx:ksana_registered"),
+            Some(1.0),
+            "{} node",
+            n.role
+        );
     }
-    let key = format!("127.0.0.1:{}__127.0.0.1:{}", nodes[0].port, nodes[1].port);
-    assert_eq!(seen["decode"]["comm_group_to_id"][&key], format!("c-{key}"));
     let _ = std::fs::remove_dir_all(std::path::Path::new(&db).parent().unwrap());
 }

@@ -11,6 +11,8 @@ mod first_hour;
 mod front;
 mod ksana;
 mod ksana_node;
+mod kv_events;
 mod kv_peer_death;
+mod migration;
 mod planner;
 mod router_faults;

@@ -70,33 +70,24 @@ impl Service {
         self.repo.describe()
     }
 
-    fn transact(&mut self, op: impl FnOnce(&mut Registry) -> Reply) -> Reply {
-        let tables = match self.repo.begin() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, db = %self.repo.describe(), "ksana registry: cannot read the database");
-                return Reply::detail(500, format!("database error: {e}"));
+    /// One transaction: read the rows, run `op`, write what it changed. The ready pairs are recomputed
+    /// whatever happened (after a failure, from what was read).
+    fn transact<T>(&mut self, op: impl FnOnce(&mut Registry) -> T) -> Result<T, KsanaError> {
+        let r = (|| {
+            self.reg.tables = self.repo.begin()?;
+            self.reg.changes = Default::default();
+            let out = op(&mut self.reg);
+            let changes = self.reg.take_changes();
+            if changes.is_empty() {
+                self.repo.rollback();
+            } else {
+                // On failure nothing was stored: the next operation reads the database again.
+                self.repo.commit(&self.reg.tables, &changes)?;
             }
-        };
-        self.reg.tables = tables;
-        self.reg.changes = Default::default();
-        let reply = op(&mut self.reg);
-        let changes = self.reg.take_changes();
-        let reply = if changes.is_empty() {
-            self.repo.rollback();
-            reply
-        } else {
-            match self.repo.commit(&self.reg.tables, &changes) {
-                Ok(()) => reply,
-                Err(e) => {
-                    tracing::error!(error = %e, db = %self.repo.describe(), "ksana registry: cannot write the database");
-                    // What is in memory was not stored: the next operation reads the database again.
-                    Reply::detail(500, format!("database error: {e}"))
-                }
-            }
-        };
+            Ok(out)
+        })();
         self.ready = self.reg.ready_pairs();
-        reply
+        r
     }
 
     /// Handles one node API request at `now` (see [`Registry::handle`]). A database that fails is a 500
@@ -109,23 +100,17 @@ impl Service {
         now: Ts,
     ) -> Reply {
         self.transact(|r| r.handle(route, content_type, body, now, &mut new_node_id))
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, db = %self.repo.describe(), "ksana registry: database failed");
+                Reply::detail(500, format!("database error: {e}"))
+            })
     }
 
     /// Heartbeat expiry at `now` ([`Registry::expire`]), and a fresh read of what other writers changed.
     ///
     /// Errors: [`KsanaError`] from the database.
     pub fn tick(&mut self, now: Ts) -> Result<(), KsanaError> {
-        let r = self.transact(|r| {
-            r.expire(now);
-            Reply::detail(200, "ok")
-        });
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(KsanaError::Database(
-                String::from_utf8_lossy(&r.body).into_owned(),
-            ))
-        }
+        self.transact(|r| r.expire(now))
     }
 
     /// The pairs a request may go to, as of the last operation or tick.

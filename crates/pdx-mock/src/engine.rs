@@ -51,6 +51,8 @@ pub struct EngineConfig {
     /// This worker's name in the `x-pdx-worker` response header (the engine id), so a client such as
     /// `pdx replay --export` can tell which worker served a request.
     pub worker_id: String,
+    /// How long a decode on SGLang's bootstrap path waits for its prefill's KV (`--bootstrap-timeout-secs`).
+    pub bootstrap_timeout: Duration,
 }
 
 /// Generation request after parsing and tokenization.
@@ -66,8 +68,10 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     /// NixlConnector params.
     pub kv: Option<KvTransferParams>,
-    /// Came through SGLang's PD router (bootstrap fields present).
-    pub bootstrap: bool,
+    /// SGLang PD bootstrap fields, when the request came through SGLang's PD router (`bootstrap_room` or
+    /// `bootstrap_host` present): the prefill marks the room ready once the prompt is computed, the decode
+    /// waits for that before it generates ([`crate::bootstrap`]).
+    pub bootstrap: Option<pdx_protocol::BootstrapParams>,
     /// Response id, also the `remote_request_id` of a held prefill.
     pub request_id: String,
     /// Choices, seed and stop strings ([`crate::generation`]); `n` 0 counts as 1.
@@ -113,7 +117,11 @@ pub struct Engine {
     kv: Mutex<BlockManager>,
     freed: Notify,
     holds: Mutex<HoldTable>,
+    /// Bootstrap rooms of the prefills this engine ran (SGLang PD; [`crate::bootstrap`]).
+    pub rooms: crate::bootstrap::RoomTable,
     transport: Option<Arc<dyn KvTransport>>,
+    /// Publisher of the prefix cache's KV events (`--kv-events-config`).
+    kv_events: Option<crate::kv_events::KvEventPublisher>,
     sched: Option<mpsc::UnboundedSender<SchedMsg>>,
     next_id: AtomicU64,
     completions: AtomicU64,
@@ -158,6 +166,16 @@ impl Engine {
         tokenizer: Tokenizer,
         transport: Option<Arc<dyn KvTransport>>,
     ) -> Arc<Self> {
+        Self::with_kv_events(cfg, tokenizer, transport, None)
+    }
+
+    /// [`Engine::new`], publishing the prefix cache's KV events through `kv_events`.
+    pub fn with_kv_events(
+        cfg: EngineConfig,
+        tokenizer: Tokenizer,
+        transport: Option<Arc<dyn KvTransport>>,
+        kv_events: Option<crate::kv_events::KvEventPublisher>,
+    ) -> Arc<Self> {
         let metrics = Metrics::new(&cfg.model);
         let sched = if cfg.instant {
             None
@@ -179,13 +197,17 @@ impl Engine {
             Some(tx)
         };
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let mut kv = BlockManager::new(cfg.num_blocks, cfg.block_size);
+        kv.record_events(kv_events.is_some());
         Arc::new(Self {
-            kv: Mutex::new(BlockManager::new(cfg.num_blocks, cfg.block_size)),
+            kv: Mutex::new(kv),
+            kv_events,
             cfg,
             tokenizer,
             metrics,
             freed: Notify::new(),
             holds: Mutex::new(HoldTable::default()),
+            rooms: Default::default(),
             transport,
             sched,
             next_id: AtomicU64::new(1),
@@ -209,6 +231,28 @@ impl Engine {
     /// Blocks in use (requests running or held for remote decode).
     pub fn used_blocks(&self) -> u32 {
         self.kv.lock().expect("kv lock").used_blocks()
+    }
+
+    /// The KV event publisher, if this engine publishes events.
+    pub fn kv_events(&self) -> Option<&crate::kv_events::KvEventPublisher> {
+        self.kv_events.as_ref()
+    }
+
+    /// Hands the events the block manager recorded to the publisher. Called with the KV lock held, so
+    /// events leave in the order the cache changed.
+    fn publish_events(&self, kv: &mut BlockManager) {
+        if let Some(p) = &self.kv_events {
+            p.publish(kv.take_events());
+        }
+    }
+
+    /// Clears the prefix cache (vLLM `reset_prefix_cache`; publishes `AllBlocksCleared`). Returns false,
+    /// changing nothing, while any block is in use.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut kv = self.kv.lock().expect("kv lock");
+        let done = kv.reset_prefix_cache();
+        self.publish_events(&mut kv);
+        done
     }
 
     /// Requests whose blocks are held for a remote decode.
@@ -418,8 +462,13 @@ impl Engine {
         let hold_for_remote = kv_params.do_remote_decode && self.transport.is_some();
         let remote_prefill =
             kv_params.do_remote_prefill && self.transport.is_some() && !self.cfg.kv_noop;
-        let bootstrap_prefill = req.bootstrap && self.cfg.role == Role::Prefill;
-        let bootstrap_decode = req.bootstrap && self.cfg.role == Role::Decode;
+        let bootstrap_prefill = req.bootstrap.is_some() && self.cfg.role == Role::Prefill;
+        let bootstrap_decode = req.bootstrap.is_some() && self.cfg.role == Role::Decode;
+        // The decode's side of the pairing is checked before any block is taken.
+        let await_room = match &req.bootstrap {
+            Some(b) if bootstrap_decode && !self.cfg.kv_noop => Some(bootstrap_source(b)?),
+            _ => None,
+        };
         let natural = match (req.ignore_eos, self.cfg.eos_after) {
             (false, Some(e)) => e.max(min_tokens).max(1),
             _ => u32::MAX,
@@ -499,11 +548,12 @@ impl Engine {
                 let notified = self.freed.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let r = self
-                    .kv
-                    .lock()
-                    .expect("kv lock")
-                    .allocate(&hashes[..n_full], total);
+                let r = {
+                    let mut kv = self.kv.lock().expect("kv lock");
+                    let r = kv.allocate(&hashes[..n_full], total);
+                    self.publish_events(&mut kv);
+                    r
+                };
                 match r {
                     Ok(a) => break a,
                     Err(MockError::OutOfBlocks { .. }) => {
@@ -518,6 +568,10 @@ impl Engine {
             }
         };
         let id = self.next_request_number();
+        let room = match &req.bootstrap {
+            Some(b) if bootstrap_prefill => b.bootstrap_room,
+            _ => None,
+        };
         let mut guard = SeqGuard {
             engine: self.clone(),
             id,
@@ -525,7 +579,11 @@ impl Engine {
             in_sched: false,
             counted_running: false,
             done: false,
+            room,
         };
+        if let Some(r) = room {
+            self.rooms.set(r, crate::bootstrap::RoomState::Pending);
+        }
         let cached_tokens = (alloc.cached_blocks * bs).min(n_prompt as usize) as u32;
         self.metrics.prefix_queries.inc_by(u64::from(n_prompt));
         self.metrics.prefix_hits.inc_by(u64::from(cached_tokens));
@@ -584,14 +642,29 @@ impl Engine {
                 t.write_block(b, &mut |bytes| layout.fill(bytes, hashes[i], n));
             }
         }
+        // SGLang's decode generates only once the prefill's KV is in (its transfer queue); meanwhile the
+        // request holds its blocks and counts as waiting.
+        if let Some((host, port, room)) = await_room {
+            let waiting = WaitingGauge(&self.metrics, std::cell::Cell::new(false));
+            waiting.start();
+            let r = crate::bootstrap::await_prefill(&host, port, room, self.cfg.bootstrap_timeout)
+                .await;
+            drop(waiting);
+            if let Err(e) = r {
+                self.metrics.kv_transfer_errors.inc();
+                tracing::warn!(error = %e, "bootstrap KV did not arrive");
+                return Err(e.to_api());
+            }
+        }
         // The KV "arrived" without a read (bootstrap flow, or the benchmark no-op mode).
         if bootstrap_decode || (self.cfg.kv_noop && (kv_params.do_remote_prefill || ksana_decode)) {
             computed = n_prompt;
         }
-        self.kv
-            .lock()
-            .expect("kv lock")
-            .commit(&guard.blocks[..n_full], &hashes[..n_full]);
+        {
+            let mut kv = self.kv.lock().expect("kv lock");
+            kv.commit_prompt(&guard.blocks[..n_full], &hashes[..n_full], &req.prompt);
+            self.publish_events(&mut kv);
+        }
 
         let events = match &self.sched {
             Some(tx) => {
@@ -715,6 +788,27 @@ impl Engine {
     }
 }
 
+/// Where a decode on SGLang's bootstrap path asks for its KV: `bootstrap_host`, `bootstrap_port` (SGLang's default
+/// 8998 when absent) and `bootstrap_room`. Errors: 400 when the host or the room is missing.
+fn bootstrap_source(b: &pdx_protocol::BootstrapParams) -> Result<(String, u16, u64), ApiError> {
+    let (Some(host), Some(room)) = (b.bootstrap_host.as_deref(), b.bootstrap_room) else {
+        return Err(ApiError::invalid_param(
+            "bootstrap_room",
+            "a decode request on SGLang's bootstrap path needs bootstrap_host and bootstrap_room",
+        ));
+    };
+    if host.is_empty() || host.len() > 255 {
+        return Err(ApiError::invalid_param(
+            "bootstrap_host",
+            "bootstrap_host must be 1 to 255 bytes",
+        ));
+    }
+    let port = b
+        .bootstrap_port
+        .unwrap_or(crate::bootstrap::DEFAULT_BOOTSTRAP_PORT);
+    Ok((host.to_string(), port, room))
+}
+
 struct WaitingGauge<'a>(&'a Metrics, std::cell::Cell<bool>);
 impl WaitingGauge<'_> {
     fn start(&self) {
@@ -776,6 +870,8 @@ pub struct SeqGuard {
     in_sched: bool,
     counted_running: bool,
     done: bool,
+    /// The bootstrap room of a prefill on SGLang's path: ready when it finishes, failed when dropped unfinished.
+    room: Option<u64>,
 }
 
 impl SeqGuard {
@@ -789,6 +885,9 @@ impl SeqGuard {
         if !self.done {
             self.done = true;
             self.engine.metrics.finished(reason.as_str());
+            if let Some(r) = self.room.take() {
+                self.engine.rooms.set(r, crate::bootstrap::RoomState::Ready);
+            }
         }
     }
 
@@ -850,6 +949,9 @@ impl Drop for SeqGuard {
         }
         if !self.done {
             e.metrics.finished(FinishReason::Abort.as_str());
+        }
+        if let Some(r) = self.room.take() {
+            e.rooms.set(r, crate::bootstrap::RoomState::Failed);
         }
         if self.counted_running {
             e.metrics.running.dec();

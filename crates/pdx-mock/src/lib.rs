@@ -22,12 +22,14 @@
 //! See `docs/mock.md`.
 #![forbid(unsafe_code)]
 
+pub mod bootstrap;
 pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod ksana;
 pub mod ksana_generate;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 #[cfg(feature = "pdx-transfer")]
 pub mod pdx_transport;
@@ -184,9 +186,24 @@ pub struct MockArgs {
     /// `kv_transfer_params` (pdx, vllm-router) then cost the workers what bootstrap routers do.
     #[arg(long)]
     pub kv_noop: bool,
+    /// SGLang's `--disaggregation-bootstrap-port`: a prefill worker also listens here, so decode workers can
+    /// ask it about the KV of a bootstrap room (the route is served on `--port` as well; a router may name
+    /// either as the prefill's bootstrap port) [default: `--port` only]
+    #[arg(long)]
+    pub bootstrap_port: Option<u16>,
+    /// Seconds a decode worker on SGLang's bootstrap path waits for its prefill's KV before it answers 502.
+    #[arg(long, default_value_t = 300.0)]
+    pub bootstrap_timeout_secs: f64,
     /// Token events per HTTP chunk of an `--instant` stream (1: one SSE event per chunk).
     #[arg(long, default_value_t = 64)]
     pub instant_tokens_per_chunk: u32,
+    /// Publish KV cache events as vLLM does, given vLLM's `KVEventsConfig` JSON, e.g.
+    /// `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",
+    /// "replay_endpoint":"tcp://*:5558","topic":"kv-events","buffer_steps":10000}` (ZMQ PUB of msgpack
+    /// `KVEventBatch`es plus a replay socket; port 0 binds any free port). Registration then sends the
+    /// endpoints, so a router subscribes [default: off]
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
     /// KsanaLLM router to register with as a node (`POST URL/RegisterNode`, `/Heartbeat`, and as rank-0
     /// prefill `/RegisterCommId`): `http://host:port`. Needs `--role prefill` or `--role decode`.
     #[arg(long)]
@@ -348,8 +365,13 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         .map_err(|e| MockError::Config(format!("bad --host {}: {e}", args.host)))?;
     // One SO_REUSEPORT listener per thread, refusing an address another process holds (a second mock on the
     // same port would otherwise take part of this one's requests; see `pdx-listen`).
-    let listeners = pdx_listen::bind_set(SocketAddr::new(ip, args.port), args.threads, 1024)?;
+    let mut listeners = pdx_listen::bind_set(SocketAddr::new(ip, args.port), args.threads, 1024)?;
     let addr = listeners[0].local_addr()?;
+    // SGLang's bootstrap server port: one more listener, served by the first thread.
+    let bootstrap_listener = match args.bootstrap_port {
+        Some(p) => Some(pdx_listen::bind_set(SocketAddr::new(ip, p), 1, 1024)?.remove(0)),
+        None => None,
+    };
     let m = &profile.model;
     let per_token_layer =
         (u64::from(m.kv_heads) * u64::from(m.head_dim) * 2 * u64::from(m.dtype_bytes))
@@ -419,8 +441,18 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         instant_tokens_per_chunk: args.instant_tokens_per_chunk.max(1),
         api_keys: args.api_key.clone(),
         worker_id: engine_id_for_header,
+        bootstrap_timeout: Duration::from_secs_f64(args.bootstrap_timeout_secs.clamp(0.0, 1e6)),
     };
-    let engine = Engine::new(cfg, tokenizer, transport);
+    let kv_events = match args.kv_events_config.as_deref() {
+        Some(json) => kv_events::KvEventsConfig::parse(json)?
+            .map(|c| kv_events::KvEventPublisher::start(&c))
+            .transpose()?,
+        None => None,
+    };
+    let events_at = kv_events
+        .as_ref()
+        .map(|p| (p.endpoint.port(), p.replay_endpoint.map(|r| r.port())));
+    let engine = Engine::with_kv_events(cfg, tokenizer, transport, kv_events);
     let ksana = match &args.ksana_router {
         Some(router) => {
             let node = Arc::new(ksana_node(&args, router, addr, &engine)?);
@@ -442,10 +474,16 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         None => None,
     };
     let mut threads = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
+    let mut bootstrap_listener = bootstrap_listener;
+    for (i, l) in listeners.drain(..).enumerate() {
         let engine = engine.clone();
         let args = args.clone();
         let admin = admin.clone();
+        let extra = if i == 0 {
+            bootstrap_listener.take()
+        } else {
+            None
+        };
         let ksana = ksana.clone();
         let t = std::thread::Builder::new()
             .name(format!("pdx-mock-http-{i}"))
@@ -464,13 +502,20 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                         if let Some(url) = args.register.clone() {
                             tokio::spawn(register::heartbeat(
                                 url,
-                                register::registration(&args, addr),
+                                register::registration(&args, addr, events_at),
                                 admin.clone(),
                                 args.heartbeat_secs,
                             ));
                         }
                     }
-                    serve(l, engine).await;
+                    let bootstrap = extra
+                        .map(|b| tokio::net::TcpListener::from_std(b).expect("bootstrap listener"));
+                    let e2 = engine.clone();
+                    tokio::join!(serve(l, engine), async move {
+                        if let Some(b) = bootstrap {
+                            serve(b, e2).await
+                        }
+                    });
                 });
             })?;
         threads.push(t);

@@ -156,6 +156,23 @@ pub async fn handle(
                 "preferred_sampling_params": null,
             }))
         }
+        // vLLM's `POST /reset_prefix_cache` (dev mode): clears the prefix cache, publishing
+        // `AllBlocksCleared`; refused with 409 while requests hold blocks (vLLM logs and does nothing then).
+        (Method::POST, "/reset_prefix_cache") => {
+            if engine.reset_prefix_cache() {
+                full(StatusCode::OK, "application/json", Bytes::new())
+            } else {
+                full(
+                    StatusCode::CONFLICT,
+                    "application/json",
+                    r#"{"error":{"message":"blocks are in use; the prefix cache was not reset","type":"Conflict","param":null,"code":409}}"#,
+                )
+            }
+        }
+        (Method::GET, p) if p.starts_with(crate::bootstrap::ROUTE_PREFIX) => {
+            bootstrap_poll(&engine, p).await
+        }
+        (Method::POST, "/tokenize") => tokenize(&engine, req).await,
         (Method::GET, "/version") => {
             json(&serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
         }
@@ -175,6 +192,84 @@ pub async fn handle(
         ))),
     };
     Ok(r)
+}
+
+/// SGLang PD: a decode engine asks whether the prefill of a bootstrap room has computed its KV
+/// ([`crate::bootstrap`]); held until it has, it failed, or [`crate::bootstrap::POLL_WAIT`] passed.
+async fn bootstrap_poll(engine: &Engine, path: &str) -> Response<MockBody> {
+    match crate::bootstrap::route_room(path) {
+        Some(Ok(room)) => {
+            let state = engine.rooms.wait(room, crate::bootstrap::POLL_WAIT).await;
+            full(
+                StatusCode::OK,
+                "application/json",
+                crate::bootstrap::answer(room, state),
+            )
+        }
+        Some(Err(m)) => error_response(&ApiError::bad_request(m)),
+        None => error_response(&ApiError::not_found(format!("no route for GET {path}"))),
+    }
+}
+
+/// vLLM's `POST /tokenize`: `{"prompt": text}` or `{"messages": [...]}` (chat template; `add_generation_prompt`,
+/// default true) to `{"count", "max_model_len", "tokens", "token_strs": null}`.
+async fn tokenize(engine: &Engine, req: Request<Incoming>) -> Response<MockBody> {
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error_response(&ApiError::new(
+                413,
+                "BadRequestError",
+                format!("cannot read request body: {e}"),
+            ))
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Tokenize {
+        model: Option<String>,
+        prompt: Option<String>,
+        messages: Option<Vec<ChatMessage>>,
+        add_generation_prompt: Option<bool>,
+    }
+    let t: Tokenize = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(e) => return error_response(&ApiError::bad_request(format!("bad tokenize body: {e}"))),
+    };
+    if let Some(m) = t.model.as_deref().filter(|m| *m != engine.cfg.model) {
+        return error_response(
+            &ApiError::not_found(format!("The model `{m}` does not exist.")).with_param("model"),
+        );
+    }
+    let tok = &engine.tokenizer;
+    let ids = match (t.prompt, t.messages) {
+        (Some(p), None) => {
+            let mut v = Vec::new();
+            tok.encode(&p, &mut v).map(|_| v)
+        }
+        (None, Some(m)) => tok.chat_prompt(&m).map(|mut v| {
+            if !t.add_generation_prompt.unwrap_or(true) {
+                v.pop();
+            }
+            v
+        }),
+        _ => {
+            return error_response(&ApiError::bad_request(
+                "tokenize needs one of `prompt` or `messages`",
+            ))
+        }
+    };
+    match ids {
+        Ok(ids) => json(&serde_json::json!({
+            "count": ids.len(),
+            "max_model_len": engine.cfg.profile.model.max_model_len,
+            "tokens": ids,
+            "token_strs": null,
+        })),
+        Err(e) => error_response(&crate::MockError::from(e).to_api()),
+    }
 }
 
 /// Names the worker in `x-pdx-worker` (not a vLLM header; clients that do not know it ignore it).
@@ -303,7 +398,17 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
             ));
         }
         mock_limits(&sampling)?;
-        let prompt = engine.tokenizer.chat_prompt(&r.messages).map_err(tok)?;
+        let mut prompt = engine.tokenizer.chat_prompt(&r.messages).map_err(tok)?;
+        // `add_generation_prompt: false` (as with `continue_final_message`, which a router uses to continue a
+        // moved stream): the template ends with the last message, without the assistant-turn token.
+        if !r
+            .extra
+            .get("add_generation_prompt")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true)
+        {
+            prompt.pop();
+        }
         Ok(Parsed {
             stream: r.is_stream(),
             include_usage: r
@@ -318,7 +423,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 min_tokens: r.min_tokens,
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
-                bootstrap: r.bootstrap.is_set(),
+                bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
                 ksana: None,
                 request_id: String::new(),
                 params: gen_params(&sampling),
@@ -362,7 +467,7 @@ fn parse(engine: &Engine, body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
                 min_tokens: r.min_tokens,
                 ignore_eos: r.ignore_eos.unwrap_or(false),
                 kv: r.kv_transfer_params,
-                bootstrap: r.bootstrap.is_set(),
+                bootstrap: r.bootstrap.is_set().then(|| r.bootstrap.clone()),
                 ksana: None,
                 request_id: String::new(),
                 params: gen_params(&sampling),

@@ -200,7 +200,8 @@ async fn sglang_bootstrap_requests_are_answered() {
     let mut body = chat(20, 1);
     body["max_tokens"] = json!(6);
     body["bootstrap_host"] = json!("127.0.0.1");
-    body["bootstrap_port"] = json!(8998);
+    // The prefill's own HTTP port serves the bootstrap route the decode asks.
+    body["bootstrap_port"] = json!(p.addr.port());
     body["bootstrap_room"] = json!(12345678901234u64);
     let (a, b) = tokio::join!(
         post_json(p.addr, "/v1/chat/completions", &body),

@@ -315,3 +315,52 @@ async fn what_vllm_rejects_is_rejected_with_its_status_and_message() {
     // Nothing leaked by the refusals.
     assert_eq!(s.engine.used_blocks(), 0);
 }
+
+/// What a router needs to continue a moved stream: an assistant message continued (`continue_final_message`,
+/// `add_generation_prompt: false`: no assistant-turn token after it), vLLM's refusal of both flags true, and
+/// `POST /tokenize`.
+#[tokio::test]
+async fn a_final_assistant_message_can_be_continued_and_text_tokenized() {
+    let s = start(&["--instant"]);
+    let (st, plain) = post_json(s.addr, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(st, 200, "{plain}");
+    // "tell me about ducks": 4 tokens, plus the user role token and the assistant-turn token.
+    assert_eq!(plain["usage"]["prompt_tokens"], 6);
+    let cont = chat(json!({
+        "messages": [{"role": "user", "content": "tell me about ducks"},
+                     {"role": "assistant", "content": " ducks are birds"}],
+        "continue_final_message": true, "add_generation_prompt": false, "max_tokens": 3
+    }));
+    let (st, v) = post_json(s.addr, "/v1/chat/completions", &cont).await;
+    assert_eq!(st, 200, "{v}");
+    // The original prompt, plus the assistant role token and the 3 tokens of its text, less the turn token.
+    assert_eq!(v["usage"]["prompt_tokens"], 6 + 1 + 3 - 1);
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let mut both = cont.clone();
+    both["add_generation_prompt"] = json!(true);
+    let (st, v) = post_json(s.addr, "/v1/chat/completions", &both).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
+    let (st, v) = post_json(s.addr, "/tokenize", &json!({"prompt": " ducks are birds"})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["count"], 3);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 3);
+    let (st, v) = post_json(
+        s.addr,
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "tell me about ducks"}]}),
+    )
+    .await;
+    assert_eq!((st, v["count"].clone()), (200, json!(6)));
+    let (st, _) = post_json(
+        s.addr,
+        "/tokenize",
+        &json!({"model": "other", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(st, 404);
+    s.stop();
+}

@@ -867,6 +867,16 @@ pub fn parse_chat(body: &[u8]) -> Result<(ChatCompletionRequest, Sampling), ApiE
     at_least_one("max_completion_tokens", r.max_completion_tokens)?;
     min_tokens_within(r.min_tokens, r.output_limit())?;
     let sampling = validate_extra(&r.extra, typed, Api::Chat)?;
+    // `ChatCompletionRequest.check_generation_prompt`: continuing the final message opens no new turn, and
+    // `add_generation_prompt` defaults to true.
+    let flag = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_bool);
+    if flag("continue_final_message") == Some(true) && flag("add_generation_prompt").unwrap_or(true)
+    {
+        return Err(bad(
+            "continue_final_message",
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        ));
+    }
     Ok((r, sampling))
 }
 

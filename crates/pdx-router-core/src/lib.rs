@@ -9,19 +9,27 @@
 //! * [`policy`]: the **local router** of one pool: `round_robin`, `least_loaded`,
 //!   `power_of_two`, `kv_aware` (Dynamo KV-router cost over an approximate per-worker prefix
 //!   index built from the router's own decisions).
+//! * [`kv_events`], [`kv_index`]: vLLM's KV events (strict msgpack decoder) and the **exact** per-worker
+//!   prefix index they feed, with sequence-gap detection, replay and reset; `kv_aware` reads it for
+//!   workers that publish events ([`kv_index::kv_overlap`]).
 //! * [`divert`]: deterministic diversion of a fraction of a pool's requests to another pool
 //!   (the global planner's decision, applied as `pdx sim` does).
 //! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
 //! * [`breaker`]: per-worker circuit breaker (closed → open → half-open).
 //! * [`liveness`]: heartbeat TTL bookkeeping for registered workers, active health-check state.
 //! * [`sse`]: allocation-free SSE event-boundary scanner used to count streamed tokens.
+//! * [`migration`]: moving a decode stream to another worker mid-stream: the stream transcript, the
+//!   continuation splice, the per-pool budget of voluntary moves and the load gap that triggers them.
 #![forbid(unsafe_code)]
 
 pub mod breaker;
 pub mod divert;
 pub mod error;
 pub mod grid;
+pub mod kv_events;
+pub mod kv_index;
 pub mod liveness;
+pub mod migration;
 pub mod policy;
 pub mod retry;
 pub mod sse;
@@ -30,7 +38,9 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
 pub use divert::Divert;
 pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
+pub use kv_index::{ExactIndex, ExactOverlap, IndexLimits, ReplayRequest, WorkerStats};
 pub use liveness::{Health, HealthCheck, Liveness};
+pub use migration::{MigrationBudget, MoveReason, Splice, Transcript};
 pub use policy::{Candidate, KvIndex, Policy, Selector};
 pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};
 pub use sse::SseScanner;

@@ -43,8 +43,8 @@ pub struct StreamStats {
 /// An upstream body being forwarded.
 pub struct Forward<B> {
     /// Upstream body (it owns its connection: back to the pool at a clean end, closed when
-    /// dropped early).
-    pub body: B,
+    /// dropped early); `None` while a migrated stream waits for its continuation.
+    pub body: Option<B>,
     /// In-flight accounting (released at the end or on drop).
     pub guard: Option<LoadGuard>,
     /// SSE scanning on (streamed responses).
@@ -67,6 +67,8 @@ pub struct Forward<B> {
     pub idle_timer: Option<Pin<Box<monoio::time::Sleep>>>,
     /// A frame arrived since the idle timer was last armed.
     pub progressed: bool,
+    /// Stream migration ([`crate::migrate`]): `None` when the stream cannot or may not move.
+    pub migration: Option<Box<crate::migrate::Migration<B>>>,
 }
 
 impl<B> std::fmt::Debug for Forward<B> {
@@ -83,7 +85,7 @@ impl<B> Forward<B> {
     pub fn bare(body: B, stream: bool) -> Self {
         let now = Instant::now();
         Self {
-            body,
+            body: Some(body),
             guard: None,
             stream,
             scanner: SseScanner::new(),
@@ -100,6 +102,7 @@ impl<B> Forward<B> {
             idle_timeout: None,
             idle_timer: None,
             progressed: false,
+            migration: None,
         }
     }
 
@@ -169,6 +172,58 @@ impl<B> Forward<B> {
     }
 }
 
+impl<B> Forward<B> {
+    /// Moves the stream off its worker for `reason` ([`crate::migrate`]): the old upstream request is dropped
+    /// (its connection closes, so the engine aborts it) and counted against its worker when it failed. False
+    /// when the stream cannot move.
+    fn try_move(&mut self, reason: pdx_router_core::MoveReason) -> bool {
+        let Some(m) = self.migration.as_mut() else {
+            return false;
+        };
+        let from = self.guard.as_ref().map(|g| g.worker.clone());
+        if !m.start(reason, from.as_ref()) {
+            return false;
+        }
+        self.body = None;
+        if let Some(g) = self.guard.take() {
+            let now = self.registry.as_ref().map_or(0, |r| r.now_us());
+            match reason {
+                pdx_router_core::MoveReason::ConnectionLost => g
+                    .worker
+                    .report_failure(pdx_router_core::UpstreamFailure::Connect, now),
+                pdx_router_core::MoveReason::Stalled => g
+                    .worker
+                    .report_failure(pdx_router_core::UpstreamFailure::Timeout, now),
+                pdx_router_core::MoveReason::ServerError => g.worker.report(false, now),
+                pdx_router_core::MoveReason::ScoreGap => {}
+            }
+        }
+        true
+    }
+
+    /// Hands `data` to the client, observing its events.
+    fn emit(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.stream {
+            self.observe(&data);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    /// The stream failed and will not move: the router's error event (504 after a timeout, else 502), then the
+    /// end.
+    fn fail(
+        &mut self,
+        failure: pdx_router_core::UpstreamFailure,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.finish(Some(failure));
+        let event = match failure {
+            pdx_router_core::UpstreamFailure::Timeout => STREAM_TIMEOUT_EVENT,
+            _ => STREAM_ERROR_EVENT,
+        };
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event)))))
+    }
+}
+
 impl<B> Body for Forward<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -181,50 +236,136 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        use pdx_router_core::{MoveReason, UpstreamFailure};
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Pending if this.idle_expired(cx) => {
-                tracing::warn!(timeout = ?this.idle_timeout, "upstream body idle: ending the response");
-                this.finish(Some(pdx_router_core::UpstreamFailure::Timeout));
-                if this.stream {
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                        STREAM_TIMEOUT_EVENT,
-                    )))))
-                } else {
-                    Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "upstream body idle",
-                    ))))
+        loop {
+            if let Some(m) = this.migration.as_mut() {
+                if let Some(q) = m.next_out() {
+                    return this.emit(q);
                 }
-            }
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                this.progressed = true;
-                if this.stream {
-                    if let Some(d) = frame.data_ref() {
-                        this.observe(d);
+                if m.resuming() {
+                    match m.poll_resume(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(r)) => {
+                            this.body = Some(r.body);
+                            this.guard = r.guard;
+                            this.progressed = true;
+                            continue;
+                        }
+                        Poll::Ready(None) => {
+                            // No worker took the continuation: the stream ends as the failure that moved it.
+                            let f = match m.last_reason {
+                                Some(MoveReason::Stalled) => UpstreamFailure::Timeout,
+                                _ => UpstreamFailure::Connect,
+                            };
+                            return this.fail(f);
+                        }
                     }
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(error = %e, "upstream body failed");
-                this.finish(Some(pdx_router_core::UpstreamFailure::Connect));
-                if this.stream {
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                        STREAM_ERROR_EVENT,
-                    )))))
-                } else {
-                    Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
+                if m.move_due && !this.try_move(MoveReason::ScoreGap) {
+                    if let Some(m) = this.migration.as_mut() {
+                        m.move_due = false;
+                    }
+                }
+                if this.migration.as_ref().is_some_and(|m| m.resuming()) {
+                    continue;
                 }
             }
-            Poll::Ready(None) => {
+            let Some(body) = this.body.as_mut() else {
                 this.finish(None);
-                Poll::Ready(None)
-            }
+                return Poll::Ready(None);
+            };
+            return match Pin::new(body).poll_frame(cx) {
+                Poll::Pending if this.idle_expired(cx) => {
+                    tracing::warn!(timeout = ?this.idle_timeout, "upstream body idle: ending the response");
+                    if this.try_move(MoveReason::Stalled) {
+                        continue;
+                    }
+                    if this.stream {
+                        this.fail(UpstreamFailure::Timeout)
+                    } else {
+                        this.finish(Some(UpstreamFailure::Timeout));
+                        Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream body idle",
+                        ))))
+                    }
+                }
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.progressed = true;
+                    if !this.stream {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let Some(m) = this.migration.as_mut() else {
+                        if let Some(d) = frame.data_ref() {
+                            this.observe(d);
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(f) => return Poll::Ready(Some(Ok(f))),
+                    };
+                    match m.on_data(data) {
+                        Some(f) => {
+                            tracing::warn!(
+                                reason = f.reason.as_str(),
+                                "decode stream failed mid-stream"
+                            );
+                            if !this.try_move(f.reason) {
+                                // Nobody to move to: what came is forwarded as it is, the engine's error too.
+                                if let Some(m) = this.migration.as_mut() {
+                                    m.owe(f.rest);
+                                }
+                            }
+                        }
+                        None => {
+                            let w = this.guard.as_ref().map(|g| g.worker.clone());
+                            if let Some(m) = this.migration.as_mut() {
+                                m.check_voluntary(w.as_ref());
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream body failed");
+                    if this.stream && this.try_move(MoveReason::ConnectionLost) {
+                        continue;
+                    }
+                    if this.stream {
+                        this.fail(UpstreamFailure::Connect)
+                    } else {
+                        this.finish(Some(UpstreamFailure::Connect));
+                        Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
+                    }
+                }
+                Poll::Ready(None) => {
+                    // The body ended: after the stream's end, or cut short by a worker that closed it cleanly.
+                    let cut = this
+                        .migration
+                        .as_ref()
+                        .is_some_and(|m| !m.transcript.done() && m.transcript.migratable());
+                    if cut && this.try_move(MoveReason::ConnectionLost) {
+                        continue;
+                    }
+                    // An incomplete last event, or an error that could not move: forwarded as it came.
+                    let owed = this.migration.as_mut().and_then(|m| {
+                        m.flush_held();
+                        m.next_out()
+                    });
+                    if let Some(b) = owed {
+                        this.body = None;
+                        return this.emit(b);
+                    }
+                    this.finish(None);
+                    Poll::Ready(None)
+                }
+            };
         }
     }
 
@@ -282,7 +423,7 @@ impl Body for RouterBody {
         match self {
             RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RouterBody::Full(None) => SizeHint::with_exact(0),
-            RouterBody::Forward(f) => f.body.size_hint(),
+            RouterBody::Forward(f) => f.body.as_ref().map(|b| b.size_hint()).unwrap_or_default(),
             RouterBody::Ksana(_) => SizeHint::default(),
         }
     }

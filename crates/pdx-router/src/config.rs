@@ -135,6 +135,21 @@ pub struct ServeArgs {
     /// `api_key`.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Vec<crate::front_auth::ApiKey>,
+    /// Stream migration on a decode worker's failure mid-stream (connection lost, a 5xx error event, silent for
+    /// the stream idle timeout): moves per stream at most; the stream continues on another worker with the text
+    /// already sent (0: off, the client gets an error event) [default: 3]
+    #[arg(long)]
+    pub migration_max_moves: Option<u32>,
+    /// Voluntary stream migration: a stream moves when its worker's load exceeds the pool's least loaded
+    /// worker's (with the stream counted there) by this fraction of its own, 0..1 (0: off) [default: off]
+    #[arg(long)]
+    pub migration_gap_threshold: Option<f64>,
+    /// Voluntary moves per pool per `--migration-window-secs` at most [default: 4]
+    #[arg(long)]
+    pub migration_budget: Option<u32>,
+    /// Window of the voluntary-move budget, seconds [default: 10]
+    #[arg(long)]
+    pub migration_window_secs: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -190,6 +205,13 @@ pub struct WorkerTable {
     /// Key sent upstream as `Authorization: Bearer KEY` (the worker's `--api-key`).
     #[serde(default)]
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// The worker's KV event publisher, `tcp://HOST:PORT` (vLLM `--kv-events-config` `endpoint`, as the
+    /// router reaches it): the router subscribes and keeps an exact prefix index of the worker.
+    #[serde(default)]
+    pub kv_events_endpoint: Option<String>,
+    /// Its replay socket (`replay_endpoint`), `tcp://HOST:PORT`.
+    #[serde(default)]
+    pub kv_events_replay_endpoint: Option<String>,
 }
 
 /// SGLang's default bootstrap server port (`--disaggregation-bootstrap-port`, 8998), sent as `bootstrap_port`
@@ -236,6 +258,24 @@ pub struct BreakerFileConfig {
     pub failure_threshold: Option<u32>,
     /// Seconds it stays open (default 10).
     pub open_secs: Option<f64>,
+}
+
+/// `[migration]`: moving a decode stream to another worker mid-stream (see [`MigrationConfig`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationFileConfig {
+    /// Moves per stream on worker failures (default 3; 0: off).
+    pub max_moves: Option<u32>,
+    /// Load-gap fraction that triggers a voluntary move (default 0: off).
+    pub gap_threshold: Option<f64>,
+    /// Voluntary moves per pool per window (default 4).
+    pub budget: Option<u32>,
+    /// Window of the budget, seconds (default 10).
+    pub window_secs: Option<f64>,
+    /// Seconds between a stream's checks of the gap (default 1).
+    pub check_secs: Option<f64>,
+    /// A stream with fewer tokens left than this never moves voluntarily (default 32).
+    pub min_remaining_tokens: Option<u32>,
 }
 
 /// The whole file.
@@ -291,6 +331,9 @@ pub struct FileConfig {
     /// Circuit breaker.
     #[serde(default)]
     pub breaker: BreakerFileConfig,
+    /// Stream migration.
+    #[serde(default)]
+    pub migration: MigrationFileConfig,
     /// Models and their pools.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -358,6 +401,79 @@ pub struct WorkerSpec {
     pub bootstrap_port: u16,
     /// Key sent upstream as `Authorization: Bearer KEY` (the worker's, else its pool's `api_key`).
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// KV event publisher and replay socket, checked ([`parse_kv_events_endpoint`]).
+    pub kv_events: Option<KvEventsEndpoints>,
+}
+
+/// Where a worker publishes its KV events: `host:port` of its PUB socket and of its replay socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEventsEndpoints {
+    /// `host:port` of the PUB socket.
+    pub endpoint: String,
+    /// `host:port` of the replay (ROUTER) socket.
+    pub replay: Option<String>,
+    /// The IP addresses of both hosts, where they are addresses (for the allow-list).
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl KvEventsEndpoints {
+    /// Checks a publisher and an optional replay endpoint ([`parse_kv_events_endpoint`]).
+    ///
+    /// Errors: [`RouterError::BadWorkerUrl`] naming the field.
+    pub fn parse(endpoint: &str, replay: Option<&str>) -> Result<Self, RouterError> {
+        let e = parse_kv_events_endpoint(endpoint, "kv_events_endpoint")?;
+        let r = replay
+            .map(|r| parse_kv_events_endpoint(r, "kv_events_replay_endpoint"))
+            .transpose()?;
+        Ok(Self {
+            ips: e
+                .ip
+                .into_iter()
+                .chain(r.as_ref().and_then(|r| r.ip))
+                .collect(),
+            endpoint: e.authority,
+            replay: r.map(|r| r.authority),
+        })
+    }
+
+    /// Both from optional fields: `None` without a publisher endpoint.
+    ///
+    /// Errors: as [`KvEventsEndpoints::parse`]; a replay endpoint without a publisher endpoint.
+    pub fn from_fields(
+        endpoint: Option<&str>,
+        replay: Option<&str>,
+    ) -> Result<Option<Self>, RouterError> {
+        match (endpoint, replay) {
+            (Some(e), r) => Self::parse(e, r).map(Some),
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(RouterError::BadWorkerUrl(
+                "kv_events_replay_endpoint needs kv_events_endpoint".into(),
+            )),
+        }
+    }
+}
+
+/// Checks a ZMQ endpoint a worker publishes KV events on: `tcp://HOST:PORT` with the host rules of
+/// [`parse_worker_url`] and an explicit port (vLLM binds `tcp://*:5557`; the router needs the address it
+/// can reach). Other transports (`ipc://`, `inproc://`) are refused: the router connects over TCP only.
+///
+/// Errors: [`RouterError::BadWorkerUrl`] naming `field`.
+pub fn parse_kv_events_endpoint(s: &str, field: &str) -> Result<WorkerUrl, RouterError> {
+    let bad = |why: &str| RouterError::BadWorkerUrl(format!("{field} {why}: {}", s.escape_debug()));
+    let rest = s
+        .strip_prefix("tcp://")
+        .ok_or_else(|| bad("must be tcp://HOST:PORT"))?;
+    let has_port = match rest.rsplit_once(':') {
+        Some((h, p)) => !p.is_empty() && (!h.starts_with('[') || h.ends_with(']')),
+        None => false,
+    };
+    if !has_port || rest.contains('/') || rest.starts_with('*') {
+        return Err(bad(
+            "must be tcp://HOST:PORT with an explicit host and port",
+        ));
+    }
+    parse_worker_url(&format!("http://{rest}"))
+        .map_err(|e| bad(&format!("is not a valid address ({e})")))
 }
 
 /// A pool, resolved.
@@ -390,6 +506,31 @@ pub struct ModelSpec {
     pub block_size: usize,
     /// Pools in file order.
     pub pools: Vec<PoolSpec>,
+}
+
+/// Stream migration, resolved (see `docs/router.md`, "Stream migration").
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationConfig {
+    /// Moves per stream on worker failures (0: off).
+    pub max_moves: u32,
+    /// Voluntary moves: `None` when off.
+    pub gap: Option<GapMigration>,
+}
+
+/// Voluntary (load-gap) moves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GapMigration {
+    /// Fraction of the current worker's load the best worker must be lighter by
+    /// ([`pdx_router_core::migration::load_gap`]).
+    pub threshold: f64,
+    /// Moves per pool per window.
+    pub budget: u32,
+    /// Window, µs.
+    pub window_us: u64,
+    /// Time between one stream's checks.
+    pub check_every: std::time::Duration,
+    /// Fewest tokens left for a move to be worth its re-prefill, tokens.
+    pub min_remaining_tokens: u32,
 }
 
 /// Resolved configuration.
@@ -437,6 +578,8 @@ pub struct Config {
     pub retry: pdx_router_core::RetryPolicy,
     /// Breaker settings.
     pub breaker: pdx_router_core::BreakerConfig,
+    /// Stream migration.
+    pub migration: MigrationConfig,
     /// Models.
     pub models: Vec<ModelSpec>,
     /// The KsanaLLM node registry (`orchestration = "ksana"` only).
@@ -621,6 +764,7 @@ fn prefill_flags(values: &[String]) -> Result<Vec<WorkerSpec>, RouterError> {
                 url: v.clone(),
                 bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                 api_key: None,
+                kv_events: None,
             });
             has_port = false;
             continue;
@@ -706,15 +850,24 @@ impl Config {
                 )?;
                 let mut workers = Vec::new();
                 for w in &p.workers {
-                    let (url, port, key) = match w {
-                        WorkerEntry::Url(u) => (u, None, None),
-                        WorkerEntry::Table(t) => (&t.url, t.bootstrap_port, t.api_key.as_ref()),
+                    let (url, port, key, kv_events) = match w {
+                        WorkerEntry::Url(u) => (u, None, None, None),
+                        WorkerEntry::Table(t) => (
+                            &t.url,
+                            t.bootstrap_port,
+                            t.api_key.as_ref(),
+                            KvEventsEndpoints::from_fields(
+                                t.kv_events_endpoint.as_deref(),
+                                t.kv_events_replay_endpoint.as_deref(),
+                            )?,
+                        ),
                     };
                     authority_of(url)?;
                     workers.push(WorkerSpec {
                         url: url.clone(),
                         bootstrap_port: bootstrap_port(port.unwrap_or(pool_port), url)?,
                         api_key: key.or(p.api_key.as_ref()).cloned(),
+                        kv_events,
                     });
                 }
                 pools.push(PoolSpec {
@@ -768,6 +921,7 @@ impl Config {
                             url: u.clone(),
                             bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                             api_key: None,
+                            kv_events: None,
                         })
                     })
                     .collect()
@@ -892,6 +1046,7 @@ impl Config {
         if let Some(v) = file.breaker.open_secs {
             breaker.open_us = secs(v, "breaker.open_secs")?.as_micros() as u64;
         }
+        let migration = migration_config(a, &file.migration)?;
         let threads = a.threads.or(file.threads).unwrap_or(0);
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -971,10 +1126,43 @@ impl Config {
             registration: file.registration,
             retry,
             breaker,
+            migration,
             models,
             ksana,
         })
     }
+}
+
+/// `--migration-*` over `[migration]`.
+fn migration_config(
+    a: &ServeArgs,
+    f: &MigrationFileConfig,
+) -> Result<MigrationConfig, RouterError> {
+    let threshold = a.migration_gap_threshold.or(f.gap_threshold).unwrap_or(0.0);
+    if !(0.0..1.0).contains(&threshold) {
+        return Err(RouterError::Config(format!(
+            "migration gap threshold must be within 0..1 (0: off), got {threshold}"
+        )));
+    }
+    let gap = if threshold > 0.0 {
+        Some(GapMigration {
+            threshold,
+            budget: a.migration_budget.or(f.budget).unwrap_or(4),
+            window_us: secs(
+                a.migration_window_secs.or(f.window_secs).unwrap_or(10.0),
+                "migration window_secs",
+            )?
+            .as_micros() as u64,
+            check_every: secs(f.check_secs.unwrap_or(1.0), "migration check_secs")?,
+            min_remaining_tokens: f.min_remaining_tokens.unwrap_or(32),
+        })
+    } else {
+        None
+    };
+    Ok(MigrationConfig {
+        max_moves: a.migration_max_moves.or(f.max_moves).unwrap_or(3),
+        gap,
+    })
 }
 
 #[cfg(test)]
@@ -1245,6 +1433,51 @@ mod tests {
     }
 
     #[test]
+    fn kv_events_endpoints_are_tcp_host_port_only() {
+        let e = KvEventsEndpoints::parse("tcp://127.0.0.1:5557", Some("tcp://[::1]:5558")).unwrap();
+        assert_eq!(e.endpoint, "127.0.0.1:5557");
+        assert_eq!(e.replay.as_deref(), Some("[::1]:5558"));
+        assert_eq!(e.ips.len(), 2);
+        assert!(KvEventsEndpoints::parse("tcp://worker-0.local:5557", None)
+            .unwrap()
+            .ips
+            .is_empty());
+        for bad in [
+            "tcp://*:5557",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:70000",
+            "ipc:///tmp/kv",
+            "http://127.0.0.1:5557",
+            "tcp://127.0.0.1:5557/x",
+            "tcp://user@h:1",
+            "tcp://h h:1",
+        ] {
+            assert!(KvEventsEndpoints::parse(bad, None).is_err(), "{bad}");
+        }
+        assert!(KvEventsEndpoints::from_fields(None, Some("tcp://h:1")).is_err());
+        let c = from_toml(
+            &[],
+            r#"
+[[models]]
+name = "m"
+[[models.pools]]
+name = "a"
+role = "aggregated"
+policy = "kv_aware"
+workers = [{ url = "http://127.0.0.1:1", kv_events_endpoint = "tcp://127.0.0.1:5557", kv_events_replay_endpoint = "tcp://127.0.0.1:5558" }]
+"#,
+        )
+        .unwrap();
+        let w = &c.models[0].pools[0].workers[0];
+        assert_eq!(
+            w.kv_events.as_ref().map(|k| k.endpoint.as_str()),
+            Some("127.0.0.1:5557")
+        );
+    }
+
+    #[test]
     fn prefill_flag_takes_an_optional_bootstrap_port() {
         let c = from_toml(
             &[
@@ -1270,11 +1503,13 @@ mod tests {
                     url: "http://p1:30000".into(),
                     bootstrap_port: 9001,
                     api_key: None,
+                    kv_events: None,
                 },
                 WorkerSpec {
                     url: "http://p2:30000".into(),
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                     api_key: None,
+                    kv_events: None,
                 },
             ]
         );

@@ -20,13 +20,16 @@ pub mod front_auth;
 pub mod fuzzing;
 pub mod h1;
 pub mod ksana;
+pub mod kv_events;
 pub mod metrics;
+pub mod migrate;
 pub mod orchestrate;
 pub mod registry;
 pub mod request;
 pub mod server;
 pub mod shutdown;
 pub mod upstream;
+pub mod zmtp;
 
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
@@ -147,9 +150,17 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         metrics,
         drain: shutdown::Drain::default(),
         models,
+        migration_budgets: Default::default(),
         ksana,
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the
+    // control loop.
+    kv_events::spawn(
+        shared.registry.clone(),
+        shared.metrics.clone(),
+        stop.clone(),
+    )?;
     let mut threads = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let sh = shared.clone();

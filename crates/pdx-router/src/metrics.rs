@@ -16,6 +16,8 @@
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
 //! * `pdx_pool_choices_total{model,role,pool}`;
 //! * `pdx_planner_diverted_total{model,role,from,to}` (the global planner's diversions applied);
+//! * `pdx_kv_events_*_total{worker}`, `pdx_kv_index_blocks{worker}`, `pdx_kv_index_exact{worker}`: the
+//!   engines' KV events and the exact prefix index ([`crate::kv_events`]);
 //! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
 //!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
 //!
@@ -101,6 +103,13 @@ pub struct DivertLabels {
     pub to: String,
 }
 
+/// Label of a stream migration: why it moved (`connection_lost`, `server_error`, `stalled`, `score_gap`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// [`pdx_router_core::MoveReason::as_str`].
+    pub reason: &'static str,
+}
+
 /// All router metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -132,6 +141,12 @@ pub struct Metrics {
     pub kv_releases: Family<OutcomeLabel, Counter>,
     /// Requests with prefilled KV not yet taken by a decode, per prefill worker.
     pub worker_kv_pending: Family<WorkerLabel, Gauge>,
+    /// KV events and the exact prefix index, per worker ([`crate::kv_events`]).
+    pub kv_events: crate::kv_events::KvEventMetrics,
+    /// Streams moved to another worker mid-stream, by reason.
+    pub migrations: Family<ReasonLabel, Counter>,
+    /// Moves that found no worker to continue on (the client got an error event), by reason.
+    pub migrations_failed: Family<ReasonLabel, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -156,6 +171,18 @@ impl Metrics {
         let diverted = Family::<DivertLabels, Counter>::default();
         let kv_releases = Family::<OutcomeLabel, Counter>::default();
         let worker_kv_pending = Family::<WorkerLabel, Gauge>::default();
+        let migrations = Family::<ReasonLabel, Counter>::default();
+        let migrations_failed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "pdx_migrations",
+            "Decode streams moved to another worker mid-stream, by reason (connection_lost, server_error, stalled, score_gap)",
+            migrations.clone(),
+        );
+        registry.register(
+            "pdx_migrations_failed",
+            "Stream moves that found no worker to continue on (the client got an error event), by reason",
+            migrations_failed.clone(),
+        );
         registry.register(
             "pdx_requests",
             "Answers of the completion routes by model, pool, worker, status and status class",
@@ -193,8 +220,11 @@ impl Metrics {
             "Requests whose prefill finished on this worker and whose KV no decode has taken yet",
             worker_kv_pending.clone(),
         );
+        let kv_events = crate::kv_events::KvEventMetrics::default();
+        kv_events.register(&mut registry);
         Self {
             registry,
+            kv_events,
             requests,
             ttft,
             itl,
@@ -208,6 +238,8 @@ impl Metrics {
             diverted,
             kv_releases,
             worker_kv_pending,
+            migrations,
+            migrations_failed,
         }
     }
 

@@ -205,6 +205,9 @@ pub struct Job {
     pub itl_ms: Option<f64>,
     /// Arrival.
     pub start: Instant,
+    /// Decode (or aggregated) workers this request must not go to: those a migrated stream left
+    /// ([`crate::migrate`]); empty for a new request.
+    pub avoid: Vec<u64>,
 }
 
 /// A completion request; every answer is counted in `pdx_requests_total` ([`crate::front::count`]).
@@ -305,6 +308,7 @@ async fn run_completion(
         ttft_ms,
         itl_ms,
         start,
+        avoid: Vec::new(),
     };
     crate::orchestrate::run(sh, job).await
 }

@@ -59,4 +59,66 @@ fn forwarding_a_chunk_allocates_nothing_and_keeps_the_bytes() {
     assert_eq!(change.reallocations, 0, "{change:?}");
     assert_eq!(out_ptrs, ptrs, "the same buffers are forwarded");
     assert_eq!(fwd.stats.events, N as u64);
+    a_movable_stream_forwards_its_chunks_without_allocating();
+}
+
+/// A re-issuer that is never asked (the stream does not fail).
+struct Never;
+impl pdx_router::migrate::Reissue<Chunks> for Never {
+    fn start(
+        &mut self,
+        _: &pdx_router_core::Transcript,
+        _: pdx_router_core::MoveReason,
+        _: Option<&std::sync::Arc<pdx_router::registry::Worker>>,
+    ) -> Option<pdx_router::migrate::Resuming<Chunks>> {
+        None
+    }
+}
+
+/// The same with stream migration on (as `pdx serve` forwards a movable stream): the transcript reads every
+/// event and the frames still go out as they came, with no allocation per chunk. (Part of the test above: the
+/// counts are process-wide, and the test harness allocates while it starts another test's thread.)
+fn a_movable_stream_forwards_its_chunks_without_allocating() {
+    const N: usize = 10_000;
+    let event = br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"mock","choices":[{"index":0,"delta":{"content":" word"},"finish_reason":null}]}
+
+"#;
+    let last = br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"mock","choices":[{"index":0,"delta":{"content":" end"},"finish_reason":"length"}]}
+
+data: [DONE]
+
+"#;
+    let mut chunks: VecDeque<Bytes> = (1..N).map(|_| Bytes::copy_from_slice(event)).collect();
+    chunks.push_back(Bytes::copy_from_slice(last));
+    let ptrs: Vec<*const u8> = chunks.iter().map(|b| b.as_ptr()).collect();
+    let mut fwd = Forward::bare(Chunks(chunks), true);
+    fwd.metrics = Some(std::sync::Arc::new(pdx_router::metrics::Metrics::new()));
+    fwd.migration = Some(Box::new(pdx_router::migrate::Migration::new(
+        true,
+        N as u32,
+        Box::new(Never),
+        None,
+    )));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out_ptrs = Vec::with_capacity(N);
+    let region = Region::new(GLOBAL);
+    loop {
+        match Pin::new(&mut fwd).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                let d = f.into_data().unwrap();
+                out_ptrs.push(d.as_ptr());
+                drop(d);
+            }
+            Poll::Ready(None) => break,
+            other => panic!("unexpected {:?}", other.map(|o| o.map(|r| r.is_ok()))),
+        }
+    }
+    let change = region.change();
+    assert_eq!(change.allocations, 0, "{change:?}");
+    assert_eq!(change.reallocations, 0, "{change:?}");
+    assert_eq!(out_ptrs, ptrs, "the same buffers are forwarded");
+    assert_eq!(fwd.stats.events, N as u64);
+    let t = &fwd.migration.as_ref().unwrap().transcript;
+    assert_eq!(t.tokens(), N as u32);
+    assert!(t.finished() && t.done());
 }

@@ -29,6 +29,8 @@ pub struct Shared {
     pub drain: crate::shutdown::Drain,
     /// The models listed on `/v1/models` (refreshed by the control loop).
     pub models: models::Catalog,
+    /// Budgets of voluntary stream moves, per pool ([`crate::migrate`]).
+    pub migration_budgets: crate::migrate::Budgets,
     /// The KsanaLLM node registry (`orchestration = "ksana"` only).
     pub ksana: Option<Arc<crate::ksana::Ksana>>,
 }

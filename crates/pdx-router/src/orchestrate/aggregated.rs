@@ -29,12 +29,12 @@ impl Orchestrator for Aggregated {
             first,
             body,
             Phase::Aggregated,
-            Vec::new(),
+            job.avoid.clone(),
             None,
         )
         .await
         {
-            Ok(sent) => forward(sh, &job, sent, false, Instant::now()),
+            Ok(sent) => forward(sh, job, sent, false, Instant::now()),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
         }

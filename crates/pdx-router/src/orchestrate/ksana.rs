@@ -308,13 +308,12 @@ async fn pair(
             if let Poll::Ready(r) = pf.as_mut().poll(cx) {
                 match r {
                     Ok(resp) if resp.status().is_success() => {
-                        let g = p_guard.take().expect("guard until the head");
-                        watch = Some(PrefillWatch::new(
-                            resp.into_body(),
-                            g,
-                            job.merge,
-                            sh.registry.clone(),
-                        ));
+                        // The prefill's accounting moves into the watch (this arm runs once: the future is
+                        // not polled again).
+                        if let Some(g) = p_guard.take() {
+                            let reg = sh.registry.clone();
+                            watch = Some(PrefillWatch::new(resp.into_body(), g, job.merge, reg));
+                        }
                     }
                     Ok(resp) => {
                         let s = resp.status().as_u16();
@@ -529,7 +528,7 @@ fn answer(
     let streamed = incoming.size_hint().exact().is_none();
     let sse = streamed && !job.merge;
     let forward = Forward {
-        body: incoming,
+        body: Some(incoming),
         guard: Some(guard),
         stream: sse,
         scanner: SseScanner::new(),
@@ -546,6 +545,8 @@ fn answer(
         idle_timeout: Some(sh.cfg.stream_idle_timeout),
         idle_timer: None,
         progressed: false,
+        // KsanaLLM pairs are not migrated: the decode reads its KV under the pair's comm id.
+        migration: None,
     };
     let body = if streamed {
         RouterBody::Ksana(Box::new(Merged {

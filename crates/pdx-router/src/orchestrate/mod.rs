@@ -348,29 +348,46 @@ pub(crate) fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
     }
 }
 
-/// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase).
+/// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase). A 2xx
+/// stream that may move ([`crate::migrate`]) keeps `job` to re-issue it from.
 pub(crate) fn forward(
     sh: &Arc<Shared>,
-    job: &Job,
+    job: Job,
     sent: Sent,
     pd: bool,
     headers_at: Instant,
 ) -> Response<RouterBody> {
     let Sent { resp, guard, pool } = sent;
+    let stream = job.body.is_stream() && resp.status().is_success();
+    let start = job.start;
+    let m = &sh.cfg.migration;
+    let migration = (job.body.is_stream()
+        && resp.status().is_success()
+        && (m.max_moves > 0 || m.gap.is_some())
+        && crate::migrate::movable(&job.body))
+    .then(move || {
+        let chat = matches!(job.body, crate::request::CompletionBody::Chat(_));
+        let expected = crate::migrate::JobReissue::expected_tokens(&job);
+        Box::new(crate::migrate::Migration::new(
+            chat,
+            expected,
+            Box::new(crate::migrate::JobReissue::new(sh.clone(), job)),
+            Some(sh.metrics.clone()),
+        ))
+    });
     // Counted with the answer's model label by the front ([`crate::front::count`]).
     let served = crate::front::Served {
         pool: pool.name.clone(),
         worker: guard.worker.clone(),
     };
-    let stream = job.body.is_stream() && resp.status().is_success();
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
-        body: incoming,
+        body: Some(incoming),
         guard: Some(guard),
         stream,
         scanner: SseScanner::new(),
         stats: StreamStats {
-            start: job.start,
+            start,
             headers_at,
             last_event: None,
             events: 0,
@@ -382,6 +399,7 @@ pub(crate) fn forward(
         idle_timeout: Some(sh.cfg.stream_idle_timeout),
         idle_timer: None,
         progressed: false,
+        migration,
     })));
     *out.status_mut() = parts.status;
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {

@@ -236,7 +236,7 @@ impl Orchestrator for SglangBootstrap {
         let first_p = crate::divert::apply(sh, &model, prefill_pools, first_p);
         let first_d = crate::divert::apply(sh, &model, decode_pools, first_d);
         let mut p_ex: Vec<u64> = Vec::new();
-        let mut d_ex: Vec<u64> = Vec::new();
+        let mut d_ex: Vec<u64> = job.avoid.clone();
         let mut last: Option<UpstreamFailure> = None;
         let mut attempt = 1;
         loop {
@@ -284,7 +284,7 @@ impl Orchestrator for SglangBootstrap {
                         guard: d_guard,
                         pool: dp,
                     };
-                    return forward(sh, &job, sent, true, Instant::now());
+                    return forward(sh, job, sent, true, Instant::now());
                 }
                 PairEnd::Prefill(PrefillEnd::Fatal(r)) => {
                     wp.report(true, sh.registry.now_us());
@@ -298,7 +298,7 @@ impl Orchestrator for SglangBootstrap {
                         guard: d_guard,
                         pool: dp,
                     };
-                    return forward(sh, &job, sent, false, Instant::now());
+                    return forward(sh, job, sent, false, Instant::now());
                 }
                 PairEnd::Prefill(PrefillEnd::Failed(f)) => {
                     if f.counts_against_worker() {

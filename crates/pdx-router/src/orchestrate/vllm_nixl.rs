@@ -36,7 +36,7 @@ impl Orchestrator for VllmNixl {
         let decode = job.model.decode.clone();
         // No prefill without a decode worker to take its KV: the blocks would wait for a decode that
         // cannot come (until the engine's own timeout, 480 s in vLLM).
-        if eligible(&decode, &[], sh.registry.now_us()) == 0 {
+        if eligible(&decode, &job.avoid, sh.registry.now_us()) == 0 {
             return error_response(&ApiError::unavailable(
                 "no decode worker can take a request now",
             ));
@@ -71,8 +71,8 @@ impl Orchestrator for VllmNixl {
             };
             let body = job.body.to_bytes();
             let t = job.target();
-            let failure = match dispatch(sh, t, &decode, first, body, phase, Vec::new(), None).await
-            {
+            let avoid = job.avoid.clone();
+            let failure = match dispatch(sh, t, &decode, first, body, phase, avoid, None).await {
                 Ok(sent) => {
                     let now = Instant::now();
                     if sent.resp.status().is_success() {
@@ -90,7 +90,7 @@ impl Orchestrator for VllmNixl {
                             })
                             .observe((now - handoff).as_secs_f64());
                     }
-                    return forward(sh, &job, sent, holder.is_some(), now);
+                    return forward(sh, job, sent, holder.is_some(), now);
                 }
                 Err(Ok(r)) => return r,
                 Err(Err(f)) => f,

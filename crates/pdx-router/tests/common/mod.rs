@@ -41,21 +41,20 @@ pub fn router(args: &[&str]) -> RouterServer {
     pdx_router::start(<ServeArgs as clap::Parser>::parse_from(argv)).expect("router starts")
 }
 
-/// A PD router in front of `p` prefill and `d` decode mocks.
+/// A PD router in front of `p` prefill and `d` decode mocks. Each prefill mock's HTTP port is also its SGLang
+/// bootstrap port (the mock serves the bootstrap route there), for `--orchestration sglang-bootstrap`.
 pub fn pd(prefill: &[&MockServer], decode: &[&MockServer], extra: &[&str]) -> RouterServer {
-    let urls: Vec<String> = prefill
+    let prefill: Vec<(String, String)> = prefill
         .iter()
-        .map(|m| url(m))
-        .chain(decode.iter().map(|m| url(m)))
+        .map(|m| (url(m), m.addr.port().to_string()))
         .collect();
+    let decode: Vec<String> = decode.iter().map(|m| url(m)).collect();
     let mut args: Vec<&str> = Vec::new();
-    for (i, u) in urls.iter().enumerate() {
-        args.push(if i < prefill.len() {
-            "--prefill"
-        } else {
-            "--decode"
-        });
-        args.push(u);
+    for (u, port) in &prefill {
+        args.extend(["--prefill", u, port]);
+    }
+    for u in &decode {
+        args.extend(["--decode", u]);
     }
     args.extend_from_slice(extra);
     router(&args)
