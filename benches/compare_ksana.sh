@@ -24,11 +24,11 @@ SRC=${KSANA_ROUTER_DIR:-$PEERS_DIR/KsanaLLM/src/ksana_llm/python/simple_router}
 PY=$PEERS_DIR/venv-ksana/bin/python
 D=${DURATION:-20}
 HB=${HEARTBEAT_MS:-5000}
-PDX_KSANA_ARGS=${PDX_KSANA_ARGS:---orchestration ksana}
 PEER_PORT=18480 PDX_PORT=18490 PP=18401 DP=18402
 for f in "$T/mock" "$T/serve" "$PY" "$SRC/main.py"; do [ -e "$f" ] || { echo "missing: $f (see the header)" >&2; exit 1; }; done
 command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
 tmp=$(mktemp -d)
+PDX_KSANA_ARGS=${PDX_KSANA_ARGS:---orchestration ksana --ksana-db $tmp/pdx.db}
 pids=()
 nodes=()
 cleanup() {
@@ -43,14 +43,16 @@ ready_groups() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^pdx:ksana_comm_g
 # start_nodes ROUTER_URL: the prefill and the decode, registered with ROUTER_URL, their comm group ready.
 start_nodes() {
   local m="--instant --kv-noop --host 127.0.0.1 --kv-listen 127.0.0.1:0 --ksana-router $1 --ksana-heartbeat-ms $HB"
-  taskset -c 1 "$T/mock" --role prefill $m --port $PP >/dev/null 2>&1 & nodes+=($!)
-  taskset -c 1 "$T/mock" --role decode $m --port $DP >/dev/null 2>&1 & nodes+=($!)
+  taskset -c 1 "$T/mock" --role prefill $m --port $PP >"$tmp/prefill.log" 2>&1 & nodes+=($!)
+  taskset -c 1 "$T/mock" --role decode $m --port $DP >"$tmp/decode.log" 2>&1 & nodes+=($!)
   wait_up "http://127.0.0.1:$PP/health"; wait_up "http://127.0.0.1:$DP/health"
   for _ in $(seq 300); do
     [ "$(ready_groups $PP)" = 1 ] && [ "$(ready_groups $DP)" = 1 ] && return 0
     sleep 0.2
   done
-  echo "the comm group did not become ready behind $1" >&2; return 1
+  echo "the comm group did not become ready behind $1: prefill $(ready_groups $PP), decode $(ready_groups $DP)" >&2
+  tail -n 5 "$tmp/prefill.log" "$tmp/decode.log" >&2
+  return 1
 }
 stop_nodes() { for p in "${nodes[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; nodes=(); }
 
