@@ -12,3 +12,4 @@ mod front;
 mod kv_peer_death;
 mod planner;
 mod router_faults;
+mod scale_out;

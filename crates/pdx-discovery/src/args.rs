@@ -51,6 +51,8 @@ pub struct K8sSpec {
     pub selectors: Vec<PodSelector>,
     /// Container port name.
     pub port_name: String,
+    /// Model of pods without the `pdx.io/model` annotation (`*`: any model name).
+    pub default_model: String,
 }
 
 /// A parsed `--discovery`.
@@ -194,6 +196,7 @@ impl DiscoveryArgs {
             namespace: self.namespace.clone(),
             selectors,
             port_name,
+            default_model: "*".into(),
         })))
     }
 }

@@ -106,9 +106,12 @@ async fn pod_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
+    // 410s in a row without an event between them: a server that forgets every version at once must not
+    // get a list per round trip.
+    let mut gone = 0u32;
     loop {
         let r = tokio::select! {
-            r = round(&api, &mut w, &sink, &mut attempt) => r,
+            r = round(&api, &mut w, &sink, &mut attempt, &mut gone) => r,
             _ = stop.changed() => return,
         };
         if let Err(e) = r {
@@ -133,6 +136,7 @@ async fn round(
     w: &mut PodWatch,
     sink: &Sink,
     attempt: &mut u32,
+    gone: &mut u32,
 ) -> Result<(), kube::Error> {
     let sel: PodSelector = w.selector().clone();
     match w.step() {
@@ -175,6 +179,7 @@ async fn round(
                 Ok(s) => s,
                 Err(e) if is_gone(&e) => {
                     w.on_gone();
+                    relist_pause(gone).await;
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -186,11 +191,15 @@ async fn round(
                 events += 1;
                 match ev {
                     Ok(ev) => {
+                        if !matches!(ev, kube::core::WatchEvent::Error(_)) {
+                            *gone = 0;
+                        }
                         let changes = w.on_event(&ev);
                         if !changes.is_empty() {
                             sink(changes);
                         }
                         if w.step() == K8sStep::List {
+                            relist_pause(gone).await;
                             return Ok(());
                         }
                         if let kube::core::WatchEvent::Error(e) = ev {
@@ -199,6 +208,7 @@ async fn round(
                     }
                     Err(e) if is_gone(&e) => {
                         w.on_gone();
+                        relist_pause(gone).await;
                         return Ok(());
                     }
                     Err(e) => return Err(e),
@@ -212,4 +222,13 @@ async fn round(
             Ok(())
         }
     }
+}
+
+/// Before a list after `410 Gone`: nothing the first time, then [`crate::backoff`] while 410s follow each
+/// other without an event between them.
+async fn relist_pause(gone: &mut u32) {
+    if *gone > 0 {
+        tokio::time::sleep(crate::backoff(*gone - 1)).await;
+    }
+    *gone = gone.saturating_add(1);
 }

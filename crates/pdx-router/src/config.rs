@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware
+    /// Local routing policy of quick-start pools (with --discovery, also of the pools discovered workers
+    /// create, unless the file sets `default_policy`): round_robin, least_loaded, power_of_two, kv_aware
     /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
@@ -118,6 +119,9 @@ pub struct ServeArgs {
     /// `api_key`.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Vec<crate::front_auth::ApiKey>,
+    /// Worker discovery (`--discovery etcd://…|k8s` and the Kubernetes selectors; see `docs/deploy.md`).
+    #[command(flatten)]
+    pub discovery: pdx_discovery::DiscoveryArgs,
 }
 
 fn default_true() -> bool {
@@ -398,6 +402,9 @@ pub struct Config {
     pub breaker: pdx_router_core::BreakerConfig,
     /// Models.
     pub models: Vec<ModelSpec>,
+    /// Worker discovery (`--discovery`; `None`: none). Kubernetes pods without a model annotation serve
+    /// `--model` (else any model name).
+    pub discovery: Option<pdx_discovery::DiscoverySpec>,
 }
 
 fn parse_role(s: &str) -> Result<pdx_protocol::Role, RouterError> {
@@ -636,9 +643,12 @@ impl Config {
         file: FileConfig,
         base: Option<PathBuf>,
     ) -> Result<Self, RouterError> {
+        // With `--discovery`, `--policy` is also the policy of the pools discovered workers create (they are
+        // the deployment's only pools) unless the file names one.
         let default_policy: Policy = file
             .default_policy
             .as_deref()
+            .or(a.policy.as_deref().filter(|_| a.discovery.discovery.is_some()))
             .unwrap_or("round_robin")
             .parse()?;
         let mut models = Vec::new();
@@ -875,6 +885,16 @@ impl Config {
             retry,
             breaker,
             models,
+            discovery: a
+                .discovery
+                .spec()
+                .map_err(|e| RouterError::Config(e.to_string()))?
+                .map(|mut d| {
+                    if let (pdx_discovery::DiscoverySpec::K8s(k), Some(m)) = (&mut d, &a.model) {
+                        k.default_model = m.clone();
+                    }
+                    d
+                }),
         })
     }
 }

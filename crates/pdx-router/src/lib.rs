@@ -12,6 +12,7 @@
 pub mod api;
 pub mod body;
 pub mod config;
+pub mod discovery;
 pub mod divert;
 pub mod error;
 pub mod front;
@@ -51,6 +52,8 @@ pub struct RouterServer {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// A second handle on each server thread's listening socket, to shut it down from here.
     listeners: Vec<std::net::TcpListener>,
+    /// The discovery watcher (`--discovery`), stopped with the router.
+    discovery: Option<discovery::Running>,
 }
 
 impl RouterServer {
@@ -83,8 +86,9 @@ impl RouterServer {
 
 impl Drop for RouterServer {
     fn drop(&mut self) {
-        // Stops the control loop; server threads end with the process.
+        // Stops the control loop and the discovery watcher; server threads end with the process.
         self.stop.store(true, Ordering::Relaxed);
+        self.discovery.take();
     }
 }
 
@@ -131,12 +135,23 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         .collect::<Result<Vec<_>, _>>()?;
     let registry = registry::Registry::new(&cfg)?;
     let models = api::models::Catalog::new(&registry, &cfg.api_keys);
+    let write_through = discovery::write_through(cfg.discovery.as_ref());
+    let running = match &cfg.discovery {
+        Some(spec) => Some(discovery::start(
+            spec,
+            registry.clone(),
+            write_through.clone(),
+            cfg.max_workers,
+        )?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         cfg,
         registry,
         metrics: Arc::new(metrics::Metrics::new()),
         drain: shutdown::Drain::default(),
         models,
+        write_through,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -181,6 +196,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         stop,
         threads,
         listeners: listener_handles,
+        discovery: running,
     })
 }
 

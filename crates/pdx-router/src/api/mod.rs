@@ -29,6 +29,9 @@ pub struct Shared {
     pub drain: crate::shutdown::Drain,
     /// The models listed on `/v1/models` (refreshed by the control loop).
     pub models: models::Catalog,
+    /// With `--discovery etcd://…`: registrations, heartbeats and drains taken by the admin API are written
+    /// through to etcd, so every router sees them ([`crate::discovery`]).
+    pub write_through: Option<pdx_discovery::etcd_driver::WriteThrough>,
 }
 
 /// Request id header.
