@@ -9,6 +9,7 @@ mod support;
 mod agent_trust;
 mod first_hour;
 mod front;
+mod kv_events;
 mod kv_peer_death;
 mod planner;
 mod router_faults;

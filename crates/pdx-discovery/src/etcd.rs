@@ -491,6 +491,8 @@ mod tests {
             url: "http://10.0.0.1:1".into(),
             model: "org/model".into(),
             api_key: None,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
         };
         let k = EtcdTarget::parse("etcd://h/x").unwrap().key_for(&reg);
         assert_eq!(k, format!("/x/org/model/{}", crate::worker_id(&reg)));

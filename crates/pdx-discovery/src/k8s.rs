@@ -6,7 +6,9 @@
 //! else the container port named `--k8s-port-name` (default [`DEFAULT_PORT_NAME`], as vLLM production-stack
 //! names it). Its role and pool come from the selector it was found by (`--prefill-selector`,
 //! `--pool-selector NAME=ROLE:SELECTOR`, …), the pool overridable by [`POOL_ANNOTATION`]; its model is the
-//! annotation [`MODEL_ANNOTATION`], else the router's `--model`, else `*` (any model name).
+//! annotation [`MODEL_ANNOTATION`], else the router's `--model`, else `*` (any model name). A pod that
+//! publishes vLLM KV events names their ports in [`KV_EVENTS_PORT_ANNOTATION`] (and
+//! [`KV_EVENTS_REPLAY_PORT_ANNOTATION`]); every router then subscribes to them itself.
 //!
 //! [`PodWatch`] follows the Kubernetes API's list + watch protocol ("Efficient detection of changes",
 //! kubernetes.io/docs/reference/using-api/api-concepts): a list gives the pods and a `resourceVersion`; a
@@ -29,6 +31,11 @@ pub const MODEL_ANNOTATION: &str = "pdx.io/model";
 pub const POOL_ANNOTATION: &str = "pdx.io/pool";
 /// Annotation naming the SGLang bootstrap port of a prefill worker.
 pub const BOOTSTRAP_PORT_ANNOTATION: &str = "pdx.io/bootstrap-port";
+/// Annotation naming the port of the worker's KV event publisher (vLLM `--kv-events-config` endpoint): the
+/// router subscribes to `tcp://<pod IP>:<port>`.
+pub const KV_EVENTS_PORT_ANNOTATION: &str = "pdx.io/kv-events-port";
+/// Annotation naming the port of the publisher's replay socket (`replay_endpoint`).
+pub const KV_EVENTS_REPLAY_PORT_ANNOTATION: &str = "pdx.io/kv-events-replay-port";
 /// Default name of the container port that serves HTTP.
 pub const DEFAULT_PORT_NAME: &str = "http";
 
@@ -129,10 +136,11 @@ pub fn pod_worker(
                 ))
             })?,
     };
-    let url = match ip {
-        std::net::IpAddr::V4(a) => format!("http://{a}:{port}"),
-        std::net::IpAddr::V6(a) => format!("http://[{a}]:{port}"),
+    let host = match ip {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
     };
+    let url = format!("http://{host}:{port}");
     let pool = annotation(pod, POOL_ANNOTATION)
         .map(str::to_string)
         .or_else(|| sel.pool.clone())
@@ -143,6 +151,14 @@ pub fn pod_worker(
     });
     if let Some(p) = annotation(pod, BOOTSTRAP_PORT_ANNOTATION) {
         body["bootstrap_port"] = port_number(p, BOOTSTRAP_PORT_ANNOTATION)?.into();
+    }
+    for (ann, field) in [
+        (KV_EVENTS_PORT_ANNOTATION, "kv_events_endpoint"),
+        (KV_EVENTS_REPLAY_PORT_ANNOTATION, "kv_events_replay_endpoint"),
+    ] {
+        if let Some(p) = annotation(pod, ann) {
+            body[field] = format!("tcp://{host}:{}", port_number(p, ann)?).into();
+        }
     }
     let body = serde_json::to_vec(&body).map_err(|e| DiscoveryError::BadValue(e.to_string()))?;
     DiscoveredWorker::from_body(&body).map(Some)
@@ -393,6 +409,8 @@ mod tests {
                 (MODEL_ANNOTATION, "Qwen/Qwen3-0.6B"),
                 (POOL_ANNOTATION, "prefill_pool_1"),
                 (BOOTSTRAP_PORT_ANNOTATION, "8998"),
+                (KV_EVENTS_PORT_ANNOTATION, "5557"),
+                (KV_EVENTS_REPLAY_PORT_ANNOTATION, "5558"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -405,6 +423,20 @@ mod tests {
         assert_eq!(w.registration.pool, "prefill_pool_1");
         assert_eq!(w.registration.model, "Qwen/Qwen3-0.6B");
         assert_eq!(w.bootstrap_port, Some(8998));
+        assert_eq!(
+            w.registration.kv_events_endpoint.as_deref(),
+            Some("tcp://[fd00::7]:5557")
+        );
+        assert_eq!(
+            w.registration.kv_events_replay_endpoint.as_deref(),
+            Some("tcp://[fd00::7]:5558")
+        );
+        // A replay socket without a publisher is refused, as the registration API refuses it.
+        let mut r = pod("p", "10.1.0.5", true, "1");
+        r.metadata.annotations = Some(
+            [(KV_EVENTS_REPLAY_PORT_ANNOTATION.to_string(), "5558".to_string())].into(),
+        );
+        assert!(pod_worker(&r, &sel(Role::Decode), &rules).is_err());
         // Not ready, no IP, terminating: not a worker (yet, or any more).
         assert!(pod_worker(&pod("p", "10.1.0.5", false, "1"), &sel(Role::Decode), &rules)
             .unwrap()

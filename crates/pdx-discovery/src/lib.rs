@@ -164,6 +164,8 @@ mod tests {
             url: url.into(),
             model: "m".into(),
             api_key: None,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
         }
     }
 

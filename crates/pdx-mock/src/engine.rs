@@ -110,6 +110,8 @@ pub struct Engine {
     freed: Notify,
     holds: Mutex<HoldTable>,
     transport: Option<Arc<dyn KvTransport>>,
+    /// Publisher of the prefix cache's KV events (`--kv-events-config`).
+    kv_events: Option<crate::kv_events::KvEventPublisher>,
     sched: Option<mpsc::UnboundedSender<SchedMsg>>,
     next_id: AtomicU64,
     completions: AtomicU64,
@@ -152,6 +154,16 @@ impl Engine {
         tokenizer: Tokenizer,
         transport: Option<Arc<dyn KvTransport>>,
     ) -> Arc<Self> {
+        Self::with_kv_events(cfg, tokenizer, transport, None)
+    }
+
+    /// [`Engine::new`], publishing the prefix cache's KV events through `kv_events`.
+    pub fn with_kv_events(
+        cfg: EngineConfig,
+        tokenizer: Tokenizer,
+        transport: Option<Arc<dyn KvTransport>>,
+        kv_events: Option<crate::kv_events::KvEventPublisher>,
+    ) -> Arc<Self> {
         let metrics = Metrics::new(&cfg.model);
         let sched = if cfg.instant {
             None
@@ -173,8 +185,11 @@ impl Engine {
             Some(tx)
         };
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let mut kv = BlockManager::new(cfg.num_blocks, cfg.block_size);
+        kv.record_events(kv_events.is_some());
         Arc::new(Self {
-            kv: Mutex::new(BlockManager::new(cfg.num_blocks, cfg.block_size)),
+            kv: Mutex::new(kv),
+            kv_events,
             cfg,
             tokenizer,
             metrics,
@@ -202,6 +217,28 @@ impl Engine {
     /// Blocks in use (requests running or held for remote decode).
     pub fn used_blocks(&self) -> u32 {
         self.kv.lock().expect("kv lock").used_blocks()
+    }
+
+    /// The KV event publisher, if this engine publishes events.
+    pub fn kv_events(&self) -> Option<&crate::kv_events::KvEventPublisher> {
+        self.kv_events.as_ref()
+    }
+
+    /// Hands the events the block manager recorded to the publisher. Called with the KV lock held, so
+    /// events leave in the order the cache changed.
+    fn publish_events(&self, kv: &mut BlockManager) {
+        if let Some(p) = &self.kv_events {
+            p.publish(kv.take_events());
+        }
+    }
+
+    /// Clears the prefix cache (vLLM `reset_prefix_cache`; publishes `AllBlocksCleared`). Returns false,
+    /// changing nothing, while any block is in use.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut kv = self.kv.lock().expect("kv lock");
+        let done = kv.reset_prefix_cache();
+        self.publish_events(&mut kv);
+        done
     }
 
     /// Requests whose blocks are held for a remote decode.
@@ -382,11 +419,12 @@ impl Engine {
                 let notified = self.freed.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let r = self
-                    .kv
-                    .lock()
-                    .expect("kv lock")
-                    .allocate(&hashes[..n_full], total);
+                let r = {
+                    let mut kv = self.kv.lock().expect("kv lock");
+                    let r = kv.allocate(&hashes[..n_full], total);
+                    self.publish_events(&mut kv);
+                    r
+                };
                 match r {
                     Ok(a) => break a,
                     Err(MockError::OutOfBlocks { .. }) => {
@@ -466,10 +504,11 @@ impl Engine {
         if bootstrap_decode || (self.cfg.kv_noop && kv_params.do_remote_prefill) {
             computed = n_prompt;
         }
-        self.kv
-            .lock()
-            .expect("kv lock")
-            .commit(&guard.blocks[..n_full], &hashes[..n_full]);
+        {
+            let mut kv = self.kv.lock().expect("kv lock");
+            kv.commit_prompt(&guard.blocks[..n_full], &hashes[..n_full], &req.prompt);
+            self.publish_events(&mut kv);
+        }
 
         let events = match &self.sched {
             Some(tx) => {

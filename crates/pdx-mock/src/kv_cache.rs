@@ -7,8 +7,14 @@
 //! run of leading blocks whose hashes are cached. Freed blocks that carry a hash stay cached
 //! and become evictable; the least recently freed is evicted first, and a request's blocks
 //! are freed tail first so prefixes outlive their suffixes (vLLM frees in reverse order too).
+//!
+//! With [`BlockManager::record_events`] on, every change of the prefix cache is also recorded as a vLLM
+//! KV cache event ([`KvCacheEvent`]) in the order it happened, for the engine to publish
+//! ([`crate::kv_events`]): `BlockStored` where full blocks enter the cache, `BlockRemoved` where an
+//! evictable block is evicted, `AllBlocksCleared` on [`BlockManager::reset_prefix_cache`].
 
 use crate::error::MockError;
+pub use crate::kv_events::KvCacheEvent;
 use std::collections::{BTreeMap, HashMap};
 
 pub use pdx_tokens::{block_hashes, mix64};
@@ -112,6 +118,8 @@ pub struct BlockManager {
     evictable: BTreeMap<u64, u32>,
     tick: u64,
     in_use: u32,
+    /// Recorded KV cache events (`None`: not recording).
+    events: Option<Vec<KvCacheEvent>>,
 }
 
 impl BlockManager {
@@ -125,7 +133,47 @@ impl BlockManager {
             evictable: BTreeMap::new(),
             tick: 0,
             in_use: 0,
+            events: None,
         }
+    }
+
+    /// Starts (or stops) recording KV cache events; stopping drops what was recorded.
+    pub fn record_events(&mut self, on: bool) {
+        self.events = on.then(Vec::new);
+    }
+
+    /// The events recorded since the last call, oldest first (empty when not recording).
+    pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn record(&mut self, ev: KvCacheEvent) {
+        let Some(evs) = &mut self.events else { return };
+        // Evictions of one allocation become one event, as vLLM's per-step queue does not split them.
+        if let (
+            Some(KvCacheEvent::BlockRemoved { block_hashes }),
+            KvCacheEvent::BlockRemoved { block_hashes: more },
+        ) = (evs.last_mut(), &ev)
+        {
+            block_hashes.extend_from_slice(more);
+            return;
+        }
+        evs.push(ev);
+    }
+
+    /// Clears the prefix cache, as vLLM's `reset_prefix_cache`: only when no block is in use (then every
+    /// cached block becomes free and `AllBlocksCleared` is recorded). Returns whether it did.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.in_use > 0 {
+            return false;
+        }
+        for (_, b) in std::mem::take(&mut self.evictable) {
+            self.meta[b as usize].hash = None;
+            self.free.push(b);
+        }
+        self.cached.clear();
+        self.record(KvCacheEvent::AllBlocksCleared);
+        true
     }
 
     /// Tokens per block.
@@ -209,6 +257,9 @@ impl BlockManager {
                     let m = &mut self.meta[b as usize];
                     if let Some(h) = m.hash.take() {
                         self.cached.remove(&h);
+                        self.record(KvCacheEvent::BlockRemoved {
+                            block_hashes: vec![h],
+                        });
                     }
                     b
                 }
@@ -233,14 +284,48 @@ impl BlockManager {
     }
 
     /// Registers computed full blocks in the prefix cache: `blocks[i]` holds the block hashing
-    /// to `full_hashes[i]`. A hash already cached in another block is left as is.
+    /// to `full_hashes[i]`. A hash already cached in another block is left as is. Records no event
+    /// (the token ids are unknown here): see [`BlockManager::commit_prompt`].
     pub fn commit(&mut self, blocks: &[u32], full_hashes: &[u64]) {
-        for (&b, &h) in blocks.iter().zip(full_hashes) {
-            if self.meta[b as usize].hash.is_some() || self.cached.contains_key(&h) {
-                continue;
+        self.commit_inner(blocks, full_hashes, None);
+    }
+
+    /// [`BlockManager::commit`] for a prompt of token ids `prompt` (at least `full_hashes.len()` full
+    /// blocks): each run of newly cached blocks is recorded as one `BlockStored` with the blocks' token ids
+    /// and the hash of the block before the run as its parent (vLLM's `cache_full_blocks`).
+    pub fn commit_prompt(&mut self, blocks: &[u32], full_hashes: &[u64], prompt: &[u32]) {
+        self.commit_inner(blocks, full_hashes, Some(prompt));
+    }
+
+    fn commit_inner(&mut self, blocks: &[u32], full_hashes: &[u64], prompt: Option<&[u32]>) {
+        let bs = self.block_size;
+        let mut run: Option<usize> = None;
+        let n = blocks.len().min(full_hashes.len());
+        for i in 0..=n {
+            let new = i < n && {
+                let (b, h) = (blocks[i], full_hashes[i]);
+                let fresh = self.meta[b as usize].hash.is_none() && !self.cached.contains_key(&h);
+                if fresh {
+                    self.meta[b as usize].hash = Some(h);
+                    self.cached.insert(h, b);
+                }
+                fresh
+            };
+            match (new, run) {
+                (true, None) => run = Some(i),
+                (false, Some(start)) => {
+                    run = None;
+                    if let Some(p) = prompt.filter(|p| p.len() >= i * bs) {
+                        self.record(KvCacheEvent::BlockStored {
+                            block_hashes: full_hashes[start..i].to_vec(),
+                            parent_block_hash: start.checked_sub(1).map(|j| full_hashes[j]),
+                            token_ids: p[start * bs..i * bs].to_vec(),
+                            block_size: bs as u32,
+                        });
+                    }
+                }
+                _ => {}
             }
-            self.meta[b as usize].hash = Some(h);
-            self.cached.insert(h, b);
         }
     }
 
@@ -416,6 +501,57 @@ mod tests {
         let b = m.allocate(&h, 2).unwrap();
         assert_eq!(b.cached_blocks, 1);
         assert_eq!(m.used_blocks(), 2);
+    }
+
+    #[test]
+    fn cache_changes_are_recorded_as_vllm_kv_events_in_order() {
+        let mut m = BlockManager::new(4, 4);
+        m.record_events(true);
+        let t = toks(12, 1);
+        let h = block_hashes(&t, 4);
+        let a = m.allocate(&h[..2], 3).unwrap();
+        m.commit_prompt(&a.blocks[..2], &h[..2], &t);
+        assert_eq!(
+            m.take_events(),
+            vec![KvCacheEvent::BlockStored {
+                block_hashes: h[..2].to_vec(),
+                parent_block_hash: None,
+                token_ids: t[..8].to_vec(),
+                block_size: 4,
+            }]
+        );
+        // A longer prompt on the cached prefix: only its new third block is stored, parent block 2.
+        let b = m.allocate(&h, 3).unwrap();
+        assert_eq!(b.cached_blocks, 2);
+        m.commit_prompt(&b.blocks, &h, &t);
+        assert_eq!(
+            m.take_events(),
+            vec![KvCacheEvent::BlockStored {
+                block_hashes: vec![h[2]],
+                parent_block_hash: Some(h[1]),
+                token_ids: t[8..].to_vec(),
+                block_size: 4,
+            }]
+        );
+        m.free(&a.blocks);
+        m.free(&b.blocks);
+        // Pressure evicts the tail blocks first: one BlockRemoved per allocation.
+        let c = m.allocate(&[], 3).unwrap();
+        assert_eq!(
+            m.take_events(),
+            vec![KvCacheEvent::BlockRemoved {
+                block_hashes: vec![h[2], h[1]]
+            }]
+        );
+        assert!(!m.reset_prefix_cache(), "blocks in use");
+        m.free(&c.blocks);
+        assert!(m.reset_prefix_cache());
+        assert_eq!(m.take_events(), vec![KvCacheEvent::AllBlocksCleared]);
+        assert_eq!(m.cached_blocks(), 0);
+        m.record_events(false);
+        let d = m.allocate(&h[..1], 1).unwrap();
+        m.commit_prompt(&d.blocks, &h[..1], &t);
+        assert!(m.take_events().is_empty(), "not recording");
     }
 
     #[test]

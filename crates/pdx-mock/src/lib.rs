@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 #[cfg(feature = "pdx-transfer")]
 pub mod pdx_transport;
@@ -190,6 +191,13 @@ pub struct MockArgs {
     /// Token events per HTTP chunk of an `--instant` stream (1: one SSE event per chunk).
     #[arg(long, default_value_t = 64)]
     pub instant_tokens_per_chunk: u32,
+    /// Publish KV cache events as vLLM does, given vLLM's `KVEventsConfig` JSON, e.g.
+    /// `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",
+    /// "replay_endpoint":"tcp://*:5558","topic":"kv-events","buffer_steps":10000}` (ZMQ PUB of msgpack
+    /// `KVEventBatch`es plus a replay socket; port 0 binds any free port). Registration then sends the
+    /// endpoints, so a router subscribes [default: off]
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
     /// Require `Authorization: Bearer KEY` on `/v1/*` (repeatable: any of the keys), as vLLM's `--api-key`:
     /// 401 `{"error":"Unauthorized"}` otherwise. The first key is also sent in the registration body, so a
     /// router sends it upstream.
@@ -404,7 +412,16 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
         api_keys: args.api_key.clone(),
         worker_id: engine_id_for_header,
     };
-    let engine = Engine::new(cfg, tokenizer, transport);
+    let kv_events = match args.kv_events_config.as_deref() {
+        Some(json) => kv_events::KvEventsConfig::parse(json)?
+            .map(|c| kv_events::KvEventPublisher::start(&c))
+            .transpose()?,
+        None => None,
+    };
+    let events_at = kv_events
+        .as_ref()
+        .map(|p| (p.endpoint.port(), p.replay_endpoint.map(|r| r.port())));
+    let engine = Engine::with_kv_events(cfg, tokenizer, transport, kv_events);
     let mut threads = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let engine = engine.clone();
@@ -423,7 +440,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                     if i == 0 {
                         tokio::spawn(reaper(engine.clone()));
                         if let Some(target) = etcd.clone() {
-                            let body = serde_json::to_vec(&register::registration(&args, addr))
+                            let body = serde_json::to_vec(&register::registration(&args, addr, events_at))
                                 .expect("a registration serializes");
                             tokio::spawn(async move {
                                 // The sender lives as long as the task: the registration ends with the process
@@ -442,7 +459,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                         if let Some(url) = args.register.clone() {
                             tokio::spawn(register::heartbeat(
                                 url,
-                                register::registration(&args, addr),
+                                register::registration(&args, addr, events_at),
                                 admin.clone(),
                                 args.heartbeat_secs,
                             ));

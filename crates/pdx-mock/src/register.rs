@@ -38,8 +38,13 @@ pub fn admin_authorization(
 
 pub use pdx_protocol::Registration;
 
-/// The registration body for a worker started with `args` and bound to `addr`.
-pub fn registration(args: &MockArgs, addr: SocketAddr) -> Registration {
+/// The registration body for a worker started with `args` and bound to `addr`; `kv_events`: the ports of
+/// its KV event publisher and replay socket, sent as `tcp://<advertise host>:PORT`.
+pub fn registration(
+    args: &MockArgs,
+    addr: SocketAddr,
+    kv_events: Option<(u16, Option<u16>)>,
+) -> Registration {
     let host = args.advertise_host.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             "127.0.0.1".to_string()
@@ -47,6 +52,11 @@ pub fn registration(args: &MockArgs, addr: SocketAddr) -> Registration {
             addr.ip().to_string()
         }
     });
+    let zmq_host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
     Registration {
         role: args.role.as_str().into(),
         pool: args
@@ -59,6 +69,10 @@ pub fn registration(args: &MockArgs, addr: SocketAddr) -> Registration {
             .unwrap_or_else(|| format!("http://{host}:{}", addr.port())),
         model: args.model.clone(),
         api_key: args.api_key.first().cloned(),
+        kv_events_endpoint: kv_events.map(|(p, _)| format!("tcp://{zmq_host}:{p}")),
+        kv_events_replay_endpoint: kv_events
+            .and_then(|(_, r)| r)
+            .map(|p| format!("tcp://{zmq_host}:{p}")),
     }
 }
 

@@ -141,6 +141,19 @@ pub async fn handle(
                 "preferred_sampling_params": null,
             }))
         }
+        // vLLM's `POST /reset_prefix_cache` (dev mode): clears the prefix cache, publishing
+        // `AllBlocksCleared`; refused with 409 while requests hold blocks (vLLM logs and does nothing then).
+        (Method::POST, "/reset_prefix_cache") => {
+            if engine.reset_prefix_cache() {
+                full(StatusCode::OK, "application/json", Bytes::new())
+            } else {
+                full(
+                    StatusCode::CONFLICT,
+                    "application/json",
+                    r#"{"error":{"message":"blocks are in use; the prefix cache was not reset","type":"Conflict","param":null,"code":409}}"#,
+                )
+            }
+        }
         (Method::GET, "/version") => {
             json(&serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
         }

@@ -17,4 +17,13 @@ pub enum CoreError {
     /// A retry/breaker setting out of range.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// A KV event batch (vLLM `KVEventBatch`, msgpack) that does not decode: malformed, or past a limit
+    /// of [`crate::kv_events::DecodeLimits`].
+    #[error("bad KV event batch at byte {offset}: {reason}")]
+    KvEvents {
+        /// Byte offset in the payload where decoding stopped.
+        offset: usize,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -9,6 +9,9 @@
 //! * [`policy`]: the **local router** of one pool: `round_robin`, `least_loaded`,
 //!   `power_of_two`, `kv_aware` (Dynamo KV-router cost over an approximate per-worker prefix
 //!   index built from the router's own decisions).
+//! * [`kv_events`], [`kv_index`]: vLLM's KV events (strict msgpack decoder) and the **exact** per-worker
+//!   prefix index they feed, with sequence-gap detection, replay and reset; `kv_aware` reads it for
+//!   workers that publish events ([`kv_index::kv_overlap`]).
 //! * [`divert`]: deterministic diversion of a fraction of a pool's requests to another pool
 //!   (the global planner's decision, applied as `pdx sim` does).
 //! * [`retry`]: prefill retry with exponential backoff, then decode-only fallback or 503.
@@ -21,6 +24,8 @@ pub mod breaker;
 pub mod divert;
 pub mod error;
 pub mod grid;
+pub mod kv_events;
+pub mod kv_index;
 pub mod liveness;
 pub mod policy;
 pub mod retry;
@@ -30,6 +35,7 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
 pub use divert::Divert;
 pub use error::CoreError;
 pub use grid::{DecodePoolSelectionStrategy, GlobalRouterConfig, PrefillPoolSelectionStrategy};
+pub use kv_index::{ExactIndex, ExactOverlap, IndexLimits, ReplayRequest, WorkerStats};
 pub use liveness::{Health, HealthCheck, Liveness};
 pub use policy::{Candidate, KvIndex, Policy, Selector};
 pub use retry::{FallbackMode, PrefillDecision, RetryPolicy, UpstreamFailure};

@@ -168,6 +168,18 @@ impl Selector {
         block_hashes: &[u64],
         now_us: u64,
     ) -> Option<usize> {
+        self.choose_with(cands, block_hashes, now_us, None)
+    }
+
+    /// [`Selector::choose`] with `kv_aware` reading a worker's overlap from `exact` (the engines' KV
+    /// events) where that knows the worker exactly ([`crate::kv_index::kv_overlap`]).
+    pub fn choose_with(
+        &mut self,
+        cands: &[Candidate],
+        block_hashes: &[u64],
+        now_us: u64,
+        exact: Option<&dyn crate::kv_index::ExactOverlap>,
+    ) -> Option<usize> {
         let n = cands.len();
         let eligible = cands.iter().filter(|c| c.eligible).count();
         if eligible == 0 {
@@ -210,7 +222,14 @@ impl Selector {
                     if !c.eligible {
                         continue;
                     }
-                    let overlap = self.index.overlap(c.id, block_hashes, now_us) as f64;
+                    let overlap = crate::kv_index::kv_overlap(
+                        exact,
+                        &self.index,
+                        c.id,
+                        block_hashes,
+                        bs,
+                        now_us,
+                    ) as f64;
                     let decode_blocks = c.in_flight_tokens.div_ceil(bs) as f64;
                     let cost = self.overlap_weight * (total - overlap) + decode_blocks;
                     if best.is_none_or(|(b, _)| cost < b) {

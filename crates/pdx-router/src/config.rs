@@ -177,6 +177,13 @@ pub struct WorkerTable {
     /// Key sent upstream as `Authorization: Bearer KEY` (the worker's `--api-key`).
     #[serde(default)]
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// The worker's KV event publisher, `tcp://HOST:PORT` (vLLM `--kv-events-config` `endpoint`, as the
+    /// router reaches it): the router subscribes and keeps an exact prefix index of the worker.
+    #[serde(default)]
+    pub kv_events_endpoint: Option<String>,
+    /// Its replay socket (`replay_endpoint`), `tcp://HOST:PORT`.
+    #[serde(default)]
+    pub kv_events_replay_endpoint: Option<String>,
 }
 
 /// SGLang's default bootstrap server port (`--disaggregation-bootstrap-port`, 8998), sent as `bootstrap_port`
@@ -321,6 +328,79 @@ pub struct WorkerSpec {
     pub bootstrap_port: u16,
     /// Key sent upstream as `Authorization: Bearer KEY` (the worker's, else its pool's `api_key`).
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// KV event publisher and replay socket, checked ([`parse_kv_events_endpoint`]).
+    pub kv_events: Option<KvEventsEndpoints>,
+}
+
+/// Where a worker publishes its KV events: `host:port` of its PUB socket and of its replay socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEventsEndpoints {
+    /// `host:port` of the PUB socket.
+    pub endpoint: String,
+    /// `host:port` of the replay (ROUTER) socket.
+    pub replay: Option<String>,
+    /// The IP addresses of both hosts, where they are addresses (for the allow-list).
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl KvEventsEndpoints {
+    /// Checks a publisher and an optional replay endpoint ([`parse_kv_events_endpoint`]).
+    ///
+    /// Errors: [`RouterError::BadWorkerUrl`] naming the field.
+    pub fn parse(endpoint: &str, replay: Option<&str>) -> Result<Self, RouterError> {
+        let e = parse_kv_events_endpoint(endpoint, "kv_events_endpoint")?;
+        let r = replay
+            .map(|r| parse_kv_events_endpoint(r, "kv_events_replay_endpoint"))
+            .transpose()?;
+        Ok(Self {
+            ips: e
+                .ip
+                .into_iter()
+                .chain(r.as_ref().and_then(|r| r.ip))
+                .collect(),
+            endpoint: e.authority,
+            replay: r.map(|r| r.authority),
+        })
+    }
+
+    /// Both from optional fields: `None` without a publisher endpoint.
+    ///
+    /// Errors: as [`KvEventsEndpoints::parse`]; a replay endpoint without a publisher endpoint.
+    pub fn from_fields(
+        endpoint: Option<&str>,
+        replay: Option<&str>,
+    ) -> Result<Option<Self>, RouterError> {
+        match (endpoint, replay) {
+            (Some(e), r) => Self::parse(e, r).map(Some),
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(RouterError::BadWorkerUrl(
+                "kv_events_replay_endpoint needs kv_events_endpoint".into(),
+            )),
+        }
+    }
+}
+
+/// Checks a ZMQ endpoint a worker publishes KV events on: `tcp://HOST:PORT` with the host rules of
+/// [`parse_worker_url`] and an explicit port (vLLM binds `tcp://*:5557`; the router needs the address it
+/// can reach). Other transports (`ipc://`, `inproc://`) are refused: the router connects over TCP only.
+///
+/// Errors: [`RouterError::BadWorkerUrl`] naming `field`.
+pub fn parse_kv_events_endpoint(s: &str, field: &str) -> Result<WorkerUrl, RouterError> {
+    let bad = |why: &str| RouterError::BadWorkerUrl(format!("{field} {why}: {}", s.escape_debug()));
+    let rest = s
+        .strip_prefix("tcp://")
+        .ok_or_else(|| bad("must be tcp://HOST:PORT"))?;
+    let has_port = match rest.rsplit_once(':') {
+        Some((h, p)) => !p.is_empty() && (!h.starts_with('[') || h.ends_with(']')),
+        None => false,
+    };
+    if !has_port || rest.contains('/') || rest.starts_with('*') {
+        return Err(bad(
+            "must be tcp://HOST:PORT with an explicit host and port",
+        ));
+    }
+    parse_worker_url(&format!("http://{rest}"))
+        .map_err(|e| bad(&format!("is not a valid address ({e})")))
 }
 
 /// A pool, resolved.
@@ -585,6 +665,7 @@ fn prefill_flags(values: &[String]) -> Result<Vec<WorkerSpec>, RouterError> {
                 url: v.clone(),
                 bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                 api_key: None,
+                kv_events: None,
             });
             has_port = false;
             continue;
@@ -673,15 +754,24 @@ impl Config {
                 )?;
                 let mut workers = Vec::new();
                 for w in &p.workers {
-                    let (url, port, key) = match w {
-                        WorkerEntry::Url(u) => (u, None, None),
-                        WorkerEntry::Table(t) => (&t.url, t.bootstrap_port, t.api_key.as_ref()),
+                    let (url, port, key, kv_events) = match w {
+                        WorkerEntry::Url(u) => (u, None, None, None),
+                        WorkerEntry::Table(t) => (
+                            &t.url,
+                            t.bootstrap_port,
+                            t.api_key.as_ref(),
+                            KvEventsEndpoints::from_fields(
+                                t.kv_events_endpoint.as_deref(),
+                                t.kv_events_replay_endpoint.as_deref(),
+                            )?,
+                        ),
                     };
                     authority_of(url)?;
                     workers.push(WorkerSpec {
                         url: url.clone(),
                         bootstrap_port: bootstrap_port(port.unwrap_or(pool_port), url)?,
                         api_key: key.or(p.api_key.as_ref()).cloned(),
+                        kv_events,
                     });
                 }
                 pools.push(PoolSpec {
@@ -735,6 +825,7 @@ impl Config {
                             url: u.clone(),
                             bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                             api_key: None,
+                            kv_events: None,
                         })
                     })
                     .collect()
@@ -1100,6 +1191,51 @@ mod tests {
     }
 
     #[test]
+    fn kv_events_endpoints_are_tcp_host_port_only() {
+        let e = KvEventsEndpoints::parse("tcp://127.0.0.1:5557", Some("tcp://[::1]:5558")).unwrap();
+        assert_eq!(e.endpoint, "127.0.0.1:5557");
+        assert_eq!(e.replay.as_deref(), Some("[::1]:5558"));
+        assert_eq!(e.ips.len(), 2);
+        assert!(KvEventsEndpoints::parse("tcp://worker-0.local:5557", None)
+            .unwrap()
+            .ips
+            .is_empty());
+        for bad in [
+            "tcp://*:5557",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:70000",
+            "ipc:///tmp/kv",
+            "http://127.0.0.1:5557",
+            "tcp://127.0.0.1:5557/x",
+            "tcp://user@h:1",
+            "tcp://h h:1",
+        ] {
+            assert!(KvEventsEndpoints::parse(bad, None).is_err(), "{bad}");
+        }
+        assert!(KvEventsEndpoints::from_fields(None, Some("tcp://h:1")).is_err());
+        let c = from_toml(
+            &[],
+            r#"
+[[models]]
+name = "m"
+[[models.pools]]
+name = "a"
+role = "aggregated"
+policy = "kv_aware"
+workers = [{ url = "http://127.0.0.1:1", kv_events_endpoint = "tcp://127.0.0.1:5557", kv_events_replay_endpoint = "tcp://127.0.0.1:5558" }]
+"#,
+        )
+        .unwrap();
+        let w = &c.models[0].pools[0].workers[0];
+        assert_eq!(
+            w.kv_events.as_ref().map(|k| k.endpoint.as_str()),
+            Some("127.0.0.1:5557")
+        );
+    }
+
+    #[test]
     fn prefill_flag_takes_an_optional_bootstrap_port() {
         let c = from_toml(
             &[
@@ -1125,11 +1261,13 @@ mod tests {
                     url: "http://p1:30000".into(),
                     bootstrap_port: 9001,
                     api_key: None,
+                    kv_events: None,
                 },
                 WorkerSpec {
                     url: "http://p2:30000".into(),
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                     api_key: None,
+                    kv_events: None,
                 },
             ]
         );

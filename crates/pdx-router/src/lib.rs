@@ -20,6 +20,7 @@ pub mod front_auth;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
+pub mod kv_events;
 pub mod metrics;
 pub mod orchestrate;
 pub mod registry;
@@ -27,6 +28,7 @@ pub mod request;
 pub mod server;
 pub mod shutdown;
 pub mod upstream;
+pub mod zmtp;
 
 pub use config::{Config, ServeArgs};
 pub use error::RouterError;
@@ -153,6 +155,8 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         models,
         write_through,
     });
+    // The KV-event subscriber (off the data path; idle while no worker publishes events).
+    kv_events::spawn(shared.registry.clone(), shared.metrics.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {

@@ -16,6 +16,8 @@
 //!   `pdx_worker_in_flight{worker}`, refreshed every 100 ms;
 //! * `pdx_pool_choices_total{model,role,pool}`;
 //! * `pdx_planner_diverted_total{model,role,from,to}` (the global planner's diversions applied);
+//! * `pdx_kv_events_*_total{worker}`, `pdx_kv_index_blocks{worker}`, `pdx_kv_index_exact{worker}`: the
+//!   engines' KV events and the exact prefix index ([`crate::kv_events`]);
 //! * `pdx_kv_releases_total{outcome}`: prefilled KV no decode took, released through a decode worker
 //!   (`released`) or not (`refused`, `failed`, `timeout`, `no_decode`), and `pdx_worker_kv_pending{worker}`.
 //!
@@ -132,6 +134,8 @@ pub struct Metrics {
     pub kv_releases: Family<OutcomeLabel, Counter>,
     /// Requests with prefilled KV not yet taken by a decode, per prefill worker.
     pub worker_kv_pending: Family<WorkerLabel, Gauge>,
+    /// KV events and the exact prefix index, per worker ([`crate::kv_events`]).
+    pub kv_events: crate::kv_events::KvEventMetrics,
 }
 
 fn latency() -> Histogram {
@@ -193,8 +197,11 @@ impl Metrics {
             "Requests whose prefill finished on this worker and whose KV no decode has taken yet",
             worker_kv_pending.clone(),
         );
+        let kv_events = crate::kv_events::KvEventMetrics::default();
+        kv_events.register(&mut registry);
         Self {
             registry,
+            kv_events,
             requests,
             ttft,
             itl,

@@ -9,17 +9,19 @@
 //! ([`crate::config::parse_worker_url`]) and, with an allow-list, inside it; pools and models created by
 //! registration are removed once their last worker is.
 
-use crate::config::{parse_worker_url, Cidr, Config, ModelSpec, PoolSpec, DEFAULT_BOOTSTRAP_PORT};
+use crate::config::{
+    parse_worker_url, Cidr, Config, KvEventsEndpoints, ModelSpec, PoolSpec, DEFAULT_BOOTSTRAP_PORT,
+};
 use crate::RouterError;
 use arc_swap::ArcSwap;
 use pdx_protocol::Role;
 use pdx_router_core::{
-    BreakerConfig, BreakerState, Candidate, CircuitBreaker, GlobalRouterConfig, Health,
-    HealthCheck, Liveness, Policy, Selector, UpstreamFailure,
+    BreakerConfig, BreakerState, Candidate, CircuitBreaker, ExactIndex, ExactOverlap,
+    GlobalRouterConfig, Health, HealthCheck, Liveness, Policy, Selector, UpstreamFailure,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 /// One upstream engine.
@@ -75,6 +77,8 @@ pub struct Worker {
     /// `Bearer KEY` sent upstream instead of the client's `Authorization` (the worker's `--api-key`; see
     /// [`crate::front_auth`]).
     pub upstream_auth: Option<hyper::header::HeaderValue>,
+    /// Where it publishes KV events (the router subscribes: [`crate::kv_events`]).
+    pub kv_events: Option<KvEventsEndpoints>,
 }
 
 impl Worker {
@@ -278,6 +282,8 @@ pub struct Pool {
     empty_since_us: AtomicU64,
     /// Upstream key of workers registered into this pool without one.
     pub api_key: Option<crate::front_auth::ApiKey>,
+    /// The exact prefix index fed by the workers' KV events (`kv_aware` reads it where it is exact).
+    exact: Option<Arc<RwLock<ExactIndex>>>,
 }
 
 impl Pool {
@@ -302,6 +308,7 @@ impl Pool {
             dynamic: false,
             empty_since_us: AtomicU64::new(u64::MAX),
             api_key: None,
+            exact: None,
         }
     }
 
@@ -325,11 +332,14 @@ impl Pool {
                 eligible: !exclude.contains(&w.id) && w.eligible(now_us),
             })
             .collect();
-        let i = self
-            .selector
-            .lock()
-            .ok()?
-            .choose(&cands, block_hashes, now_us)?;
+        let exact = self.exact.as_ref().and_then(|x| x.read().ok());
+        let i = self.selector.lock().ok()?.choose_with(
+            &cands,
+            block_hashes,
+            now_us,
+            exact.as_deref().map(|x| x as &dyn ExactOverlap),
+        )?;
+        drop(exact);
         let w = workers[i].clone();
         let ok = w
             .breaker
@@ -418,6 +428,8 @@ pub struct Registry {
     kv_limits: (u64, u64),
     max_workers: usize,
     allow: Vec<Cidr>,
+    /// The exact prefix index of the workers that publish KV events (fed by [`crate::kv_events`]).
+    pub exact: Arc<RwLock<ExactIndex>>,
 }
 
 /// What a [`Registry::sweep`] removed.
@@ -447,6 +459,7 @@ impl Registry {
             kv_limits: (cfg.max_pending_kv_requests, cfg.max_pending_kv_tokens),
             max_workers: cfg.max_workers,
             allow: cfg.worker_allow.clone(),
+            exact: Arc::default(),
         });
         let mut models = HashMap::new();
         for m in &cfg.models {
@@ -472,6 +485,7 @@ impl Registry {
         registered: bool,
         bootstrap_port: u16,
         api_key: Option<&str>,
+        kv_events: Option<KvEventsEndpoints>,
     ) -> Result<Arc<Worker>, RouterError> {
         let now = self.now_us();
         let u = parse_worker_url(url)?;
@@ -510,6 +524,7 @@ impl Registry {
                 Liveness::fixed()
             }),
             upstream_auth,
+            kv_events,
         }))
     }
 
@@ -554,6 +569,7 @@ impl Registry {
             crate::front_auth::check_key(k.expose(), &format!("pool {}", p.name))?;
         }
         pool.api_key = p.api_key.clone();
+        pool.exact = Some(self.exact.clone());
         let ws = p
             .workers
             .iter()
@@ -568,6 +584,7 @@ impl Registry {
                     false,
                     w.bootstrap_port,
                     w.api_key.as_ref().map(crate::front_auth::ApiKey::expose),
+                    w.kv_events.clone(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -669,6 +686,25 @@ impl Registry {
                 )));
             }
         }
+        let kv_events = KvEventsEndpoints::from_fields(
+            reg.kv_events_endpoint.as_deref(),
+            reg.kv_events_replay_endpoint.as_deref(),
+        )?;
+        if let Some(k) = &kv_events {
+            // The router connects to these too: the same rule as for the URL.
+            let named = k.replay.iter().count() + 1;
+            let inside = k
+                .ips
+                .iter()
+                .filter(|ip| self.allow.iter().any(|c| c.contains(**ip)))
+                .count();
+            if !self.allow.is_empty() && inside < named {
+                return Err(RouterError::WorkerNotAllowed(format!(
+                    "KV event endpoints of {} are not addresses inside --worker-allow-cidr",
+                    checked.url
+                )));
+            }
+        }
         let url = checked.url.as_str();
         let _g = self
             .edit
@@ -753,6 +789,7 @@ impl Registry {
                     DEFAULT_BOOTSTRAP_PORT,
                 );
                 p.dynamic = true;
+                p.exact = Some(self.exact.clone());
                 let p = Arc::new(p);
                 list.push(p.clone());
                 p
@@ -772,6 +809,7 @@ impl Registry {
             !discovered,
             port,
             key,
+            kv_events,
         )?;
         worker.discovered.store(discovered, Ordering::Relaxed);
         let mut ws: Vec<Arc<Worker>> = pool.workers.load().as_ref().clone();

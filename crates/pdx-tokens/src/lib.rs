@@ -50,17 +50,33 @@ pub fn mix64(mut x: u64) -> u64 {
 /// used for its content only, never for prefix caching). Length: `ceil(tokens / block_size)`.
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(tokens.len().div_ceil(block_size));
-    let mut parent = ROOT_HASH;
+    let mut parent = None;
     let mut buf = Vec::with_capacity(block_size * 4);
     for chunk in tokens.chunks(block_size) {
-        buf.clear();
-        for t in chunk {
-            buf.extend_from_slice(&t.to_le_bytes());
-        }
-        parent = xxh3_64_with_seed(&buf, parent);
-        out.push(parent);
+        let h = chain_hash_with(&mut buf, parent, chunk);
+        parent = Some(h);
+        out.push(h);
     }
     out
+}
+
+/// The chained hash of one block: XXH3-64 of its token ids (little-endian `u32`s) seeded with the hash of
+/// the block before it (`None`: the first block of a prompt). [`block_hashes`] is this function applied
+/// block after block; the router's KV-event index uses it to continue a chain from a known parent block.
+pub fn chain_block_hash(parent: Option<u64>, block_tokens: &[u32]) -> u64 {
+    chain_hash_with(
+        &mut Vec::with_capacity(block_tokens.len() * 4),
+        parent,
+        block_tokens,
+    )
+}
+
+fn chain_hash_with(buf: &mut Vec<u8>, parent: Option<u64>, block_tokens: &[u32]) -> u64 {
+    buf.clear();
+    for t in block_tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    xxh3_64_with_seed(buf, parent.unwrap_or(ROOT_HASH))
 }
 
 /// Size of the built-in vocabulary (ids are `< VOCAB_SIZE`).
@@ -552,6 +568,23 @@ pub fn output_choice(seed: u64, i: u32, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_continues_from_its_parent_block() {
+        let toks: Vec<u32> = (0..50).map(|i| i * 7 + 3).collect();
+        let all = block_hashes(&toks, 16);
+        assert_eq!(all.len(), 4);
+        assert_eq!(chain_block_hash(None, &toks[..16]), all[0]);
+        for i in 1..4 {
+            let end = (16 * (i + 1)).min(toks.len());
+            assert_eq!(
+                chain_block_hash(Some(all[i - 1]), &toks[16 * i..end]),
+                all[i]
+            );
+        }
+        // The parent is part of the key: the same tokens under another parent hash differently.
+        assert_ne!(chain_block_hash(Some(all[0]), &toks[..16]), all[0]);
+    }
 
     #[test]
     fn builtin_split_rules() {

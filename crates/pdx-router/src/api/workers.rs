@@ -157,6 +157,8 @@ async fn change(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> 
                     url: w.url.clone(),
                     model: w.model.clone(),
                     api_key: None,
+                    kv_events_endpoint: None,
+                    kv_events_replay_endpoint: None,
                 });
             }
         }
