@@ -7,7 +7,12 @@
 //!   routers within their lease TTL;
 //! * a restarted router gets its workers back from etcd;
 //! * etcd down for 30 s: both routers keep serving their last known workers, and catch up when it returns
-//!   (the one long test, about 40 s).
+//!   (the one long test, about 40 s);
+//! * workers that publish vLLM KV events: each router subscribes itself, so both hold the same exact index
+//!   and route a shared prefix to the same worker, whichever router saw the first request;
+//! * `--discovery k8s` through the binary, against a small API-server double (kubeconfig, list, a held
+//!   watch): a ready pod is routed to, a pod that goes not ready leaves at once. (The watch protocol itself,
+//!   bookmarks, 410 Gone and reconnects, is tested in `crates/pdx-discovery/tests/k8s.rs`.)
 //!
 //! Every child process (etcd included) is killed when its guard drops. Each test prints what it measured
 //! (`cargo test --test chaos scale_out -- --nocapture`).
@@ -98,18 +103,22 @@ impl Drop for Etcd {
 
 /// A router on `port` discovering workers through `etcd`, with short heartbeat TTL and health checks.
 fn etcd_router(port: u16, etcd: &Etcd) -> Proc {
+    etcd_router_with(port, etcd, &[])
+}
+
+/// [`etcd_router`] with `extra` flags.
+fn etcd_router_with(port: u16, etcd: &Etcd, extra: &[&str]) -> Proc {
     let ttl = TTL.to_string();
-    let mut r = router(
-        port,
-        &[
-            "--discovery",
-            &etcd.url(),
-            "--heartbeat-ttl-secs",
-            &ttl,
-            "--health-check-interval-secs",
-            "1",
-        ],
-    );
+    let url = etcd.url();
+    let base = [
+        "--discovery",
+        &url,
+        "--heartbeat-ttl-secs",
+        &ttl,
+        "--health-check-interval-secs",
+        "1",
+    ];
+    let mut r = router(port, &[&base[..], extra].concat());
     wait_healthy(&mut r, port);
     r
 }
@@ -340,4 +349,204 @@ fn etcd_down_30s_leaves_both_routers_serving_and_they_catch_up() {
         seen.extend(served_by(a));
         seen == after
     }));
+}
+
+/// The value of `name{worker="URL"}` on the router's `/metrics`.
+fn worker_metric(port: u16, name: &str, worker: &str) -> Option<f64> {
+    let r = http(port, "GET", "/metrics", &[], "", Duration::from_secs(2)).ok()?;
+    let label = format!("worker=\"{worker}\"");
+    r.body
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A completion of `prompt` (model `m`, 2 tokens) through the router on `port`: the worker that served it.
+fn served_prompt(port: u16, prompt: &str) -> String {
+    let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2});
+    let r = http(port, "POST", "/v1/completions", &[], &body.to_string(), GUARD).expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.header("x-pdx-worker").expect("x-pdx-worker").to_string()
+}
+
+#[test]
+fn both_routers_hold_the_same_exact_index_from_the_workers_kv_events() {
+    let Some(etcd) = Etcd::start("events") else {
+        return;
+    };
+    let (a, b) = (free_port(), free_port());
+    let extra = ["--policy", "kv_aware", "--orchestration", "aggregated"];
+    let _ra = etcd_router_with(a, &etcd, &extra);
+    let _rb = etcd_router_with(b, &etcd, &extra);
+    let mut workers = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let (w, e, r) = (free_port(), free_port(), free_port());
+        let cfg = format!(
+            r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:{e}","replay_endpoint":"tcp://127.0.0.1:{r}","topic":"kv-events","buffer_steps":10000}}"#
+        );
+        workers.push(worker(
+            w,
+            &["--kv-events-config", &cfg, "--register-etcd", &etcd.url()],
+        ));
+        urls.push(url(w));
+    }
+    // Each router found both workers in etcd, with their publishers, and subscribed itself.
+    let exact = |p: u16, w: &str| worker_metric(p, "pdx_kv_index_exact", w) == Some(1.0);
+    assert!(
+        wait_until(GUARD, || [a, b]
+            .iter()
+            .all(|p| urls.iter().all(|w| exact(*p, w)))),
+        "the routers' indexes never became exact for both workers"
+    );
+    let blocks = |p: u16, w: &str| worker_metric(p, "pdx_kv_index_blocks", w).unwrap_or(-1.0);
+    // A long prompt through router A only: router B indexes it too (43 full blocks of 16 tokens), from the
+    // serving worker's events.
+    let served = served_prompt(a, &pdx_mock::synthetic_prompt(700, 1));
+    assert!(
+        wait_until(GUARD, || blocks(a, &served) >= 43.0
+            && blocks(b, &served) == blocks(a, &served)),
+        "A {} blocks, B {} blocks",
+        blocks(a, &served),
+        blocks(b, &served)
+    );
+    // Requests sharing that prefix go to that worker through either router, every time.
+    for k in 0..3 {
+        let p = format!(
+            "{} {}",
+            pdx_mock::synthetic_prompt(700, 1),
+            pdx_mock::synthetic_prompt(20 + k, 900 + k as u64)
+        );
+        for r in [b, a] {
+            assert_eq!(served_prompt(r, &p), served, "request {k} through {r}");
+        }
+    }
+    for w in &urls {
+        assert!(
+            wait_until(GUARD, || blocks(a, w) == blocks(b, w)),
+            "the two indexes of {w} differ: {} and {}",
+            blocks(a, w),
+            blocks(b, w)
+        );
+    }
+}
+
+/// A pod of the API-server double: `name` at 127.0.0.1, port `port` by annotation, ready or not.
+fn pod(name: &str, port: u16, ready: bool, rv: u64) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv.to_string(),
+                     "labels": {"app": "pdx"}, "annotations": {"pdx.io/port": port.to_string(), "pdx.io/model": "m"}},
+        "spec": {"containers": [{"name": "engine"}]},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+    })
+}
+
+/// A minimal Kubernetes API server on loopback: `GET …/pods` answers `list` (one `PodList`), a watch gets a
+/// chunked 200 that stays open; [`send`] writes an event line to every open watch.
+struct KubeDouble {
+    port: u16,
+    watches: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl KubeDouble {
+    fn start(list: serde_json::Value) -> KubeDouble {
+        use std::io::{BufRead, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let watches: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let w2 = watches.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                if r.read_line(&mut head).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                if head.contains("watch=true") {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    );
+                    w2.lock().unwrap().push(s);
+                } else {
+                    let body = list.to_string();
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            }
+        });
+        KubeDouble { port, watches }
+    }
+
+    /// Writes one watch event to every open watch.
+    fn send(&self, ty: &str, object: &serde_json::Value) {
+        use std::io::Write;
+        let line = format!("{}\n", serde_json::json!({"type": ty, "object": object}));
+        for s in self.watches.lock().unwrap().iter_mut() {
+            let _ = write!(s, "{:x}\r\n{line}\r\n", line.len());
+        }
+    }
+
+    /// A kubeconfig naming it, in `dir`.
+    fn kubeconfig(&self, dir: &TempDir) -> String {
+        let p = dir.0.join("kubeconfig");
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://127.0.0.1:{}\n\
+                 contexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n    namespace: ns\n\
+                 current-context: double\nusers:\n- name: nobody\n  user: {{}}\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        p.to_string_lossy().into_owned()
+    }
+}
+
+#[test]
+fn kubernetes_discovery_routes_to_ready_pods_and_drops_unready_ones_at_once() {
+    let w = free_port();
+    let _w = worker(w, &[]);
+    let api = KubeDouble::start(serde_json::json!({
+        "kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "10"},
+        "items": [pod("w0", w, true, 9)]
+    }));
+    let dir = TempDir::new("kube");
+    let kubeconfig = api.kubeconfig(&dir);
+    let r = free_port();
+    let args = server_args(
+        "serve",
+        r,
+        &[
+            "--threads",
+            "2",
+            "--discovery",
+            "k8s",
+            "--aggregated-selector",
+            "app=pdx",
+        ],
+    );
+    let mut rt = Proc::spawn_env(&args, &[("KUBECONFIG", kubeconfig.as_str())]);
+    wait_healthy(&mut rt, r);
+    assert!(wait_until(GUARD, || served_by(r).as_deref() == Some(url(w).as_str())));
+    assert!(wait_until(GUARD, || !api.watches.lock().unwrap().is_empty()));
+    api.send("MODIFIED", &pod("w0", w, false, 11));
+    let t0 = Instant::now();
+    assert!(wait_until(GUARD, || listed(r).is_empty()), "{:?}", listed(r));
+    println!("pod not ready: gone from the router {:?} after the event", t0.elapsed());
+    assert_eq!(served_by(r), None, "no worker left");
+    api.send("MODIFIED", &pod("w0", w, true, 12));
+    assert!(wait_until(GUARD, || served_by(r).as_deref() == Some(url(w).as_str())));
 }

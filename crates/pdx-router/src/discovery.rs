@@ -122,3 +122,143 @@ pub fn start(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use clap::Parser;
+    use pdx_discovery::DiscoveredWorker;
+    use std::sync::atomic::Ordering;
+
+    fn registry(flags: &[&str]) -> Arc<Registry> {
+        let args = crate::ServeArgs::try_parse_from(
+            std::iter::once("pdx-serve").chain(flags.iter().copied()),
+        )
+        .expect("flags");
+        Registry::new(&Config::from_args(&args).expect("config")).expect("registry")
+    }
+
+    fn found(url: &str) -> DiscoveredWorker {
+        DiscoveredWorker::from_body(
+            format!(r#"{{"role":"decode","pool":"decode","url":"{url}","model":"m"}}"#).as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn up(key: &str, url: &str) -> Change {
+        Change::Upsert {
+            key: key.into(),
+            worker: found(url),
+        }
+    }
+
+    fn down(key: &str, url: &str) -> Change {
+        Change::Remove {
+            key: key.into(),
+            worker: found(url),
+        }
+    }
+
+    fn state(r: &Registry, url: &str) -> Option<&'static str> {
+        let now = r.now_us();
+        r.workers()
+            .iter()
+            .find(|w| w.url == url)
+            .map(|w| w.state(now))
+    }
+
+    #[test]
+    fn discovered_workers_outlive_the_heartbeat_ttl_and_leave_when_the_source_drops_them() {
+        let r = registry(&["--heartbeat-ttl-secs", "0.05"]);
+        let a = Applier::new(r.clone());
+        a.apply(vec![up("k1", "http://10.0.0.1:1")]);
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        r.sweep();
+        assert_eq!(state(&r, "http://10.0.0.1:1"), Some("unknown"), "no TTL");
+        a.apply(vec![down("k1", "http://10.0.0.1:1")]);
+        assert_eq!(state(&r, "http://10.0.0.1:1"), Some("draining"));
+        r.sweep();
+        assert_eq!(state(&r, "http://10.0.0.1:1"), None, "idle: removed");
+    }
+
+    #[test]
+    fn a_worker_named_by_two_keys_leaves_with_the_last() {
+        let r = registry(&[]);
+        let a = Applier::new(r.clone());
+        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.0.0.1:1")]);
+        assert_eq!(r.workers().len(), 1);
+        a.apply(vec![down("k1", "http://10.0.0.1:1")]);
+        assert_eq!(state(&r, "http://10.0.0.1:1"), Some("unknown"));
+        a.apply(vec![down("k2", "http://10.0.0.1:1")]);
+        assert_eq!(state(&r, "http://10.0.0.1:1"), Some("draining"));
+        // Back in the source before the sweep: taken back.
+        a.apply(vec![up("k1", "http://10.0.0.1:1")]);
+        assert_eq!(state(&r, "http://10.0.0.1:1"), Some("unknown"));
+    }
+
+    #[test]
+    fn a_registered_worker_confirmed_by_the_source_follows_the_source_and_static_ones_stay() {
+        let r = registry(&[
+            "--heartbeat-ttl-secs",
+            "0.05",
+            "--decode",
+            "http://10.0.0.9:1",
+        ]);
+        let reg = found("http://10.0.0.2:1").registration;
+        r.register(&reg).unwrap();
+        let a = Applier::new(r.clone());
+        a.apply(vec![up("k", "http://10.0.0.2:1")]);
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        r.sweep();
+        assert_eq!(
+            state(&r, "http://10.0.0.2:1"),
+            Some("unknown"),
+            "the source's lease decides now, not the heartbeat TTL"
+        );
+        // A static worker is never retired by a source (it is not the source's).
+        let mut s = found("http://10.0.0.9:1");
+        s.registration.model = "*".into();
+        a.apply(vec![
+            Change::Upsert {
+                key: "s".into(),
+                worker: s.clone(),
+            },
+            Change::Remove {
+                key: "s".into(),
+                worker: s,
+            },
+        ]);
+        let ws: Vec<_> = r
+            .workers()
+            .into_iter()
+            .filter(|w| w.url == "http://10.0.0.9:1")
+            .collect();
+        assert_eq!(ws.len(), 1, "the same worker, not a second one");
+        let w = &ws[0];
+        assert!(!w.draining.load(Ordering::Relaxed));
+        assert!(!w.discovered.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn discovered_workers_count_toward_max_workers() {
+        let r = registry(&["--max-workers", "1"]);
+        let a = Applier::new(r.clone());
+        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.0.0.2:1")]);
+        assert_eq!(r.workers().len(), 1);
+        let reg = found("http://10.0.0.3:1").registration;
+        assert!(matches!(
+            r.register(&reg),
+            Err(RouterError::RegistryFull { .. })
+        ));
+    }
+
+    #[test]
+    fn the_source_respects_the_allow_list() {
+        let r = registry(&["--worker-allow-cidr", "10.1.0.0/16"]);
+        let a = Applier::new(r.clone());
+        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.1.0.2:1")]);
+        let urls: Vec<String> = r.workers().iter().map(|w| w.url.clone()).collect();
+        assert_eq!(urls, ["http://10.1.0.2:1"]);
+    }
+}
