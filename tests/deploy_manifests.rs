@@ -121,7 +121,10 @@ fn the_router_finds_the_workers_and_may_watch_them() {
     let ra = args(containers(router)[0]);
     assert_eq!(flag(&ra, "discovery"), Some("k8s"));
     // Each role selector picks the pods of exactly one worker Deployment, whose pods name the port `http`.
-    for (sel, role) in [("prefill-selector", "prefill"), ("decode-selector", "decode")] {
+    for (sel, role) in [
+        ("prefill-selector", "prefill"),
+        ("decode-selector", "decode"),
+    ] {
         let sel = flag(&ra, sel).expect("selector");
         let chosen: Vec<_> = deployments
             .iter()
@@ -226,7 +229,10 @@ fn every_pdx_invocation_parses() {
             }
             let a: Vec<String> = a
                 .iter()
-                .map(|x| x.replace("$(POD_IP)", "10.0.0.1").replace("$(PDX_ADMIN_TOKEN)", "t"))
+                .map(|x| {
+                    x.replace("$(POD_IP)", "10.0.0.1")
+                        .replace("$(PDX_ADMIN_TOKEN)", "t")
+                })
                 .collect();
             let out = std::process::Command::new(bin)
                 .args(&a)

@@ -65,7 +65,12 @@ impl Etcd {
                 .args(["--name", "t", "--data-dir"])
                 .arg(self.dir.0.join("data"))
                 .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+                .args([
+                    "--listen-peer-urls",
+                    &p,
+                    "--initial-advertise-peer-urls",
+                    &p,
+                ])
                 .args(["--initial-cluster", &format!("t={p}")])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -317,7 +322,10 @@ fn etcd_down_30s_leaves_both_routers_serving_and_they_catch_up() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(listed(a), both, "A has not heard of W3");
-    assert!(listed(b).contains(&url(w3)), "B serves W3 from its own registration");
+    assert!(
+        listed(b).contains(&url(w3)),
+        "B serves W3 from its own registration"
+    );
     println!("etcd down 30 s: {served} requests served, {failed} failed (through both routers)");
     assert_eq!(failed, 0, "routers kept serving their last known workers");
 
@@ -365,7 +373,15 @@ fn worker_metric(port: u16, name: &str, worker: &str) -> Option<f64> {
 /// A completion of `prompt` (model `m`, 2 tokens) through the router on `port`: the worker that served it.
 fn served_prompt(port: u16, prompt: &str) -> String {
     let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2});
-    let r = http(port, "POST", "/v1/completions", &[], &body.to_string(), GUARD).expect("an answer");
+    let r = http(
+        port,
+        "POST",
+        "/v1/completions",
+        &[],
+        &body.to_string(),
+        GUARD,
+    )
+    .expect("an answer");
     assert_eq!(r.status, 200, "{}", r.body);
     r.header("x-pdx-worker").expect("x-pdx-worker").to_string()
 }
@@ -455,7 +471,8 @@ impl KubeDouble {
         use std::io::{BufRead, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let watches: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let watches: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
+            Default::default();
         let w2 = watches.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {
@@ -541,11 +558,22 @@ fn kubernetes_discovery_routes_to_ready_pods_and_drops_unready_ones_at_once() {
     let mut rt = Proc::spawn_env(&args, &[("KUBECONFIG", kubeconfig.as_str())]);
     wait_healthy(&mut rt, r);
     assert!(wait_until(GUARD, || served_by(r).as_deref() == Some(url(w).as_str())));
-    assert!(wait_until(GUARD, || !api.watches.lock().unwrap().is_empty()));
+    assert!(wait_until(GUARD, || !api
+        .watches
+        .lock()
+        .unwrap()
+        .is_empty()));
     api.send("MODIFIED", &pod("w0", w, false, 11));
     let t0 = Instant::now();
-    assert!(wait_until(GUARD, || listed(r).is_empty()), "{:?}", listed(r));
-    println!("pod not ready: gone from the router {:?} after the event", t0.elapsed());
+    assert!(
+        wait_until(GUARD, || listed(r).is_empty()),
+        "{:?}",
+        listed(r)
+    );
+    println!(
+        "pod not ready: gone from the router {:?} after the event",
+        t0.elapsed()
+    );
     assert_eq!(served_by(r), None, "no worker left");
     api.send("MODIFIED", &pod("w0", w, true, 12));
     assert!(wait_until(GUARD, || served_by(r).as_deref() == Some(url(w).as_str())));

@@ -222,7 +222,8 @@ mod tests {
     #[test]
     fn flags_parse_into_a_spec() {
         assert_eq!(spec(&[]).unwrap(), None);
-        let Some(DiscoverySpec::Etcd(t)) = spec(&["--discovery", "etcd://127.0.0.1:2379/x"]).unwrap()
+        let Some(DiscoverySpec::Etcd(t)) =
+            spec(&["--discovery", "etcd://127.0.0.1:2379/x"]).unwrap()
         else {
             panic!("etcd")
         };
@@ -258,8 +259,22 @@ mod tests {
             &["--prefill-selector", "app=x"],
             &["--discovery", "etcd://h:1", "--decode-selector", "a=b"],
             &["--discovery", "k8s", "--decode-selector", "a = b"],
-            &["--discovery", "k8s", "--decode-selector", "a=b", "--namespace", "Bad_NS"],
-            &["--discovery", "k8s", "--decode-selector", "a=b", "--k8s-port-name", "HTTP"],
+            &[
+                "--discovery",
+                "k8s",
+                "--decode-selector",
+                "a=b",
+                "--namespace",
+                "Bad_NS",
+            ],
+            &[
+                "--discovery",
+                "k8s",
+                "--decode-selector",
+                "a=b",
+                "--k8s-port-name",
+                "HTTP",
+            ],
             &["--discovery", "k8s", "--pool-selector", "p=boss:a=b"],
             &["--discovery", "k8s", "--pool-selector", "nopool"],
             &["--discovery", "etcd://"],

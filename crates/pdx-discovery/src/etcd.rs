@@ -597,11 +597,18 @@ mod tests {
         });
         assert!(cs.is_empty());
         assert_eq!(w.step(), Step::List);
-        assert_eq!(w.workers().count(), 2, "known until the list says otherwise");
+        assert_eq!(
+            w.workers().count(),
+            2,
+            "known until the list says otherwise"
+        );
         // While away: b left, c came, a stayed.
         let cs = w.on_list(
             60,
-            [kv("/pdx/workers/m/a", &a, 5), kv("/pdx/workers/m/c", &c, 55)],
+            [
+                kv("/pdx/workers/m/a", &a, 5),
+                kv("/pdx/workers/m/c", &c, 55),
+            ],
         );
         assert_eq!(
             summary(&cs),

@@ -195,10 +195,7 @@ async fn watch_loop(
         }
         if attempt == 0 {
             if let Some(t) = broken_since.take() {
-                tracing::info!(
-                    away_secs = t.elapsed().as_secs_f64(),
-                    "etcd watch resumed"
-                );
+                tracing::info!(away_secs = t.elapsed().as_secs_f64(), "etcd watch resumed");
             }
         }
     }

@@ -154,7 +154,10 @@ pub fn pod_worker(
     }
     for (ann, field) in [
         (KV_EVENTS_PORT_ANNOTATION, "kv_events_endpoint"),
-        (KV_EVENTS_REPLAY_PORT_ANNOTATION, "kv_events_replay_endpoint"),
+        (
+            KV_EVENTS_REPLAY_PORT_ANNOTATION,
+            "kv_events_replay_endpoint",
+        ),
     ] {
         if let Some(p) = annotation(pod, ann) {
             body[field] = format!("tcp://{host}:{}", port_number(p, ann)?).into();
@@ -399,7 +402,11 @@ mod tests {
         .unwrap();
         assert_eq!(w.registration.url, "http://10.1.0.5:8000");
         assert_eq!(
-            (w.role, w.registration.pool.as_str(), w.registration.model.as_str()),
+            (
+                w.role,
+                w.registration.pool.as_str(),
+                w.registration.model.as_str()
+            ),
             (Role::Prefill, "prefill", "*")
         );
         let mut p = pod("p1", "fd00::7", true, "1");
@@ -434,16 +441,26 @@ mod tests {
         // A replay socket without a publisher is refused, as the registration API refuses it.
         let mut r = pod("p", "10.1.0.5", true, "1");
         r.metadata.annotations = Some(
-            [(KV_EVENTS_REPLAY_PORT_ANNOTATION.to_string(), "5558".to_string())].into(),
+            [(
+                KV_EVENTS_REPLAY_PORT_ANNOTATION.to_string(),
+                "5558".to_string(),
+            )]
+            .into(),
         );
         assert!(pod_worker(&r, &sel(Role::Decode), &rules).is_err());
         // Not ready, no IP, terminating: not a worker (yet, or any more).
-        assert!(pod_worker(&pod("p", "10.1.0.5", false, "1"), &sel(Role::Decode), &rules)
-            .unwrap()
-            .is_none());
-        assert!(pod_worker(&pod("p", "", true, "1"), &sel(Role::Decode), &rules)
-            .unwrap()
-            .is_none());
+        assert!(pod_worker(
+            &pod("p", "10.1.0.5", false, "1"),
+            &sel(Role::Decode),
+            &rules
+        )
+        .unwrap()
+        .is_none());
+        assert!(
+            pod_worker(&pod("p", "", true, "1"), &sel(Role::Decode), &rules)
+                .unwrap()
+                .is_none()
+        );
         let mut t = pod("p", "10.1.0.5", true, "1");
         t.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             Default::default(),
@@ -465,7 +482,12 @@ mod tests {
         let mut p = pod("p", "10.1.0.5", true, "1");
         p.metadata.annotations = Some([(POOL_ANNOTATION.to_string(), "a\nb".to_string())].into());
         assert!(pod_worker(&p, &sel(Role::Decode), &rules).is_err());
-        assert!(pod_worker(&pod("p", "not-an-ip", true, "1"), &sel(Role::Decode), &rules).is_err());
+        assert!(pod_worker(
+            &pod("p", "not-an-ip", true, "1"),
+            &sel(Role::Decode),
+            &rules
+        )
+        .is_err());
     }
 
     #[test]
@@ -506,7 +528,10 @@ mod tests {
         // A pod that restarts with a new IP: the old worker goes, the new one comes.
         w.on_event(&WatchEvent::Added(pod("d2", "10.0.0.3", true, "105")));
         let cs = w.on_event(&WatchEvent::Modified(pod("d2", "10.0.0.9", true, "106")));
-        assert_eq!(urls(&cs), ["-http://10.0.0.3:8000", "+http://10.0.0.9:8000"]);
+        assert_eq!(
+            urls(&cs),
+            ["-http://10.0.0.3:8000", "+http://10.0.0.9:8000"]
+        );
     }
 
     #[test]
@@ -547,7 +572,10 @@ mod tests {
                 pod("c", "10.0.0.3", true, "65"),
             ],
         );
-        assert_eq!(urls(&cs), ["-http://10.0.0.1:8000", "+http://10.0.0.3:8000"]);
+        assert_eq!(
+            urls(&cs),
+            ["-http://10.0.0.1:8000", "+http://10.0.0.3:8000"]
+        );
         // Another error event changes nothing.
         let other: WatchEvent<Pod> = serde_json::from_value(serde_json::json!({
             "type": "ERROR",

@@ -147,9 +147,7 @@ async fn round(
             // Enough pages for the bound, and one more to see that it is exceeded.
             let max_pages = 2 + crate::DEFAULT_MAX_ENTRIES / LIST_PAGE as usize;
             for _ in 0..max_pages {
-                let mut lp = ListParams::default()
-                    .labels(&sel.selector)
-                    .limit(LIST_PAGE);
+                let mut lp = ListParams::default().labels(&sel.selector).limit(LIST_PAGE);
                 if let Some(t) = &token {
                     lp = lp.continue_token(t);
                 }

@@ -75,10 +75,7 @@ fn a_registration_is_seen_and_leaves_at_lease_expiry_or_at_once_when_revoked() {
     let t0 = Instant::now();
     assert!(wait_until(GUARD, || seen.lock().unwrap().len() == 2));
     let gone = t0.elapsed();
-    assert_eq!(
-        summary(&seen.lock().unwrap())[1],
-        "-http://127.0.0.1:1001"
-    );
+    assert_eq!(summary(&seen.lock().unwrap())[1], "-http://127.0.0.1:1001");
     println!("lease of 2 s: removed {gone:?} after the registering process stopped");
     // A worker that stops cleanly: its lease is revoked, the key goes at once.
     let (stop, _die, th) = registration(&target, body(1002), 30);
@@ -90,10 +87,7 @@ fn a_registration_is_seen_and_leaves_at_lease_expiry_or_at_once_when_revoked() {
         .unwrap()
         .len()
         == 4));
-    assert_eq!(
-        summary(&seen.lock().unwrap())[3],
-        "-http://127.0.0.1:1002"
-    );
+    assert_eq!(summary(&seen.lock().unwrap())[3], "-http://127.0.0.1:1002");
 }
 
 #[test]
@@ -112,16 +106,18 @@ fn the_write_through_puts_renews_and_deletes() {
     )
     .unwrap();
     // Heartbeats every 0.5 s for 4 s with a TTL of 2 s: one add, never a removal, whatever the key order.
-    let spaced = br#"{ "url":"http://127.0.0.1:1003", "model":"m", "role":"decode", "pool":"decode" }"#;
+    let spaced =
+        br#"{ "url":"http://127.0.0.1:1003", "model":"m", "role":"decode", "pool":"decode" }"#;
     for i in 0..8 {
-        let b = if i % 2 == 0 { body(1003) } else { spaced.to_vec() };
+        let b = if i % 2 == 0 {
+            body(1003)
+        } else {
+            spaced.to_vec()
+        };
         wt.put(&b, 2).unwrap();
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(
-        summary(&seen.lock().unwrap()),
-        ["+http://127.0.0.1:1003"]
-    );
+    assert_eq!(summary(&seen.lock().unwrap()), ["+http://127.0.0.1:1003"]);
     // No more heartbeats: the lease expires.
     assert!(wait_until(GUARD, || seen.lock().unwrap().len() == 2));
     // A drain deletes the key at once.

@@ -177,9 +177,8 @@ impl ApiServer {
         s.rv += 1;
         let rv = s.rv;
         let obj = json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}});
-        s.watchers.retain(|w| {
-            !w.bookmarks || w.tx.send(Ok(Frame::data(line("BOOKMARK", &obj)))).is_ok()
-        });
+        s.watchers
+            .retain(|w| !w.bookmarks || w.tx.send(Ok(Frame::data(line("BOOKMARK", &obj)))).is_ok());
         rv
     }
 
@@ -282,9 +281,8 @@ fn handle(
             tx,
         });
     }
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|f| (f, rx))
-    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
     hyper::Response::builder()
         .status(200)
         .header("content-type", "application/json")
@@ -366,7 +364,10 @@ fn pods_are_listed_then_watched_and_bookmarks_carry_the_resumed_watch() {
     api.end_watches();
     let resumed = format!("resourceVersion={bm}");
     assert!(
-        wait_until(GUARD, || api.requests().iter().any(|r| r.contains(&resumed))),
+        wait_until(GUARD, || api
+            .requests()
+            .iter()
+            .any(|r| r.contains(&resumed))),
         "{:?}",
         api.requests()
     );
@@ -376,7 +377,9 @@ fn pods_are_listed_then_watched_and_bookmarks_carry_the_resumed_watch() {
         .filter(|r| r.contains("watch=true"))
         .collect();
     assert!(
-        watches.iter().all(|r| r.contains("allowWatchBookmarks=true")),
+        watches
+            .iter()
+            .all(|r| r.contains("allowWatchBookmarks=true")),
         "{watches:?}"
     );
     assert_eq!(api.lists(), 1, "{:?}", api.requests());
@@ -437,5 +440,10 @@ fn a_failing_api_server_keeps_the_workers_and_the_watch_resumes() {
     // Missed nothing: the events after the last version are replayed on the resumed watch.
     api.set_pod("b", "10.0.0.2", true, "decode", false);
     assert_eq!(wait_seen(&seen, 3)[2], "+http://10.0.0.2:8000");
-    assert_eq!(api.lists(), 2, "one list per selector: {:?}", api.requests());
+    assert_eq!(
+        api.lists(),
+        2,
+        "one list per selector: {:?}",
+        api.requests()
+    );
 }

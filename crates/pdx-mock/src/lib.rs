@@ -440,15 +440,20 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                     if i == 0 {
                         tokio::spawn(reaper(engine.clone()));
                         if let Some(target) = etcd.clone() {
-                            let body = serde_json::to_vec(&register::registration(&args, addr, events_at))
-                                .expect("a registration serializes");
+                            let body =
+                                serde_json::to_vec(&register::registration(&args, addr, events_at))
+                                    .expect("a registration serializes");
                             tokio::spawn(async move {
                                 // The sender lives as long as the task: the registration ends with the process
                                 // (its lease then expires).
                                 let (_keep, stop) = tokio::sync::watch::channel(false);
                                 let opts = pdx_discovery::etcd_driver::EtcdOptions::from_env();
                                 if let Err(e) = pdx_discovery::etcd_driver::register(
-                                    target, opts, body, args.etcd_ttl_secs, stop,
+                                    target,
+                                    opts,
+                                    body,
+                                    args.etcd_ttl_secs,
+                                    stop,
                                 )
                                 .await
                                 {

@@ -729,7 +729,10 @@ impl Config {
         let default_policy: Policy = file
             .default_policy
             .as_deref()
-            .or(a.policy.as_deref().filter(|_| a.discovery.discovery.is_some()))
+            .or(a
+                .policy
+                .as_deref()
+                .filter(|_| a.discovery.discovery.is_some()))
             .unwrap_or("round_robin")
             .parse()?;
         let mut models = Vec::new();

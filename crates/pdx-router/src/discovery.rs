@@ -186,7 +186,10 @@ mod tests {
     fn a_worker_named_by_two_keys_leaves_with_the_last() {
         let r = registry(&[]);
         let a = Applier::new(r.clone());
-        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.0.0.1:1")]);
+        a.apply(vec![
+            up("k1", "http://10.0.0.1:1"),
+            up("k2", "http://10.0.0.1:1"),
+        ]);
         assert_eq!(r.workers().len(), 1);
         a.apply(vec![down("k1", "http://10.0.0.1:1")]);
         assert_eq!(state(&r, "http://10.0.0.1:1"), Some("unknown"));
@@ -244,7 +247,10 @@ mod tests {
     fn discovered_workers_count_toward_max_workers() {
         let r = registry(&["--max-workers", "1"]);
         let a = Applier::new(r.clone());
-        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.0.0.2:1")]);
+        a.apply(vec![
+            up("k1", "http://10.0.0.1:1"),
+            up("k2", "http://10.0.0.2:1"),
+        ]);
         assert_eq!(r.workers().len(), 1);
         let reg = found("http://10.0.0.3:1").registration;
         assert!(matches!(
@@ -257,7 +263,10 @@ mod tests {
     fn the_source_respects_the_allow_list() {
         let r = registry(&["--worker-allow-cidr", "10.1.0.0/16"]);
         let a = Applier::new(r.clone());
-        a.apply(vec![up("k1", "http://10.0.0.1:1"), up("k2", "http://10.1.0.2:1")]);
+        a.apply(vec![
+            up("k1", "http://10.0.0.1:1"),
+            up("k2", "http://10.1.0.2:1"),
+        ]);
         let urls: Vec<String> = r.workers().iter().map(|w| w.url.clone()).collect();
         assert_eq!(urls, ["http://10.1.0.2:1"]);
     }

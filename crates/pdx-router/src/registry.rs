@@ -656,7 +656,12 @@ impl Registry {
             for w in p.workers.load().iter().filter(|w| w.url == url) {
                 if w.discovered.load(Ordering::Relaxed) {
                     w.draining.store(true, Ordering::Relaxed);
-                    tracing::info!(url, pool, model, "worker left its discovery source: draining");
+                    tracing::info!(
+                        url,
+                        pool,
+                        model,
+                        "worker left its discovery source: draining"
+                    );
                     found = true;
                 }
             }
@@ -718,7 +723,8 @@ impl Registry {
                 if p.name == reg.pool && p.role == role {
                     if let Some(w) = p.workers.load().iter().find(|w| w.url == url) {
                         if let Ok(mut l) = w.liveness.lock() {
-                            if discovered && (w.registered || w.discovered.load(Ordering::Relaxed)) {
+                            if discovered && (w.registered || w.discovered.load(Ordering::Relaxed))
+                            {
                                 *l = Liveness::fixed();
                                 w.discovered.store(true, Ordering::Relaxed);
                                 w.draining.store(false, Ordering::Relaxed);
