@@ -253,20 +253,22 @@ impl EtcdWatch {
             .filter_map(|(k, e)| e.worker.as_ref().map(|w| (k.as_str(), w)))
     }
 
-    /// The key as a string, when it is under the prefix, UTF-8, printable and short enough.
+    /// The key as a string, when it is under the prefix, UTF-8 without control characters (a model name may
+    /// hold spaces and any script, as the registration API allows) and short enough.
     fn key(&mut self, key: &[u8]) -> Option<String> {
-        let ok = key.starts_with(&self.prefix)
-            && key.len() <= MAX_KEY_BYTES
-            && key.iter().all(|b| b.is_ascii_graphic());
-        if !ok {
-            self.rejected += 1;
-            tracing::warn!(
-                key = %String::from_utf8_lossy(&key[..key.len().min(128)]).escape_debug(),
-                "etcd key ignored: not a printable key under the prefix of at most {MAX_KEY_BYTES} bytes"
-            );
-            return None;
+        let ok = key.starts_with(&self.prefix) && key.len() <= MAX_KEY_BYTES;
+        match std::str::from_utf8(key) {
+            Ok(k) if ok && !k.chars().any(char::is_control) => Some(k.to_string()),
+            _ => {
+                self.rejected += 1;
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(&key[..key.len().min(128)]).escape_debug(),
+                    "etcd key ignored: not a UTF-8 key without control characters under the prefix, of at \
+                     most {MAX_KEY_BYTES} bytes"
+                );
+                None
+            }
         }
-        Some(String::from_utf8_lossy(key).into_owned())
     }
 
     fn parse(&mut self, key: &str, value: &[u8]) -> Option<DiscoveredWorker> {
@@ -631,17 +633,24 @@ mod tests {
                 kv("/pdx/workers/m/junk", b"not json", 6),
                 kv("/elsewhere/x", &a, 7),
                 kv("/pdx/workers/m/\u{1}", &a, 8),
+                KeyValue {
+                    key: b"/pdx/workers/m/\xff",
+                    value: &a,
+                    mod_revision: 9,
+                    lease: 0,
+                },
+                kv("/pdx/workers/Qwen 3 \u{6a21}\u{578b}/b", &a, 9),
             ],
         );
-        assert_eq!(cs.len(), 1);
-        assert_eq!(w.rejected(), 3);
+        assert_eq!(cs.len(), 2, "a model name with a space and CJK is a fine key");
+        assert_eq!(w.rejected(), 4);
         let bad = br#"{"role":"decode","pool":"d","url":"http://h:1","model":"m","extra":true}"#;
         let cs = w.on_watch(&WatchBatch {
             events: vec![(EventKind::Put, kv("/pdx/workers/m/a", bad, 11))],
             ..Default::default()
         });
         assert_eq!(summary(&cs), ["-/pdx/workers/m/a http://10.0.0.1:1"]);
-        assert_eq!(w.workers().count(), 0);
+        assert_eq!(w.workers().count(), 1, "the other key still holds its worker");
         // The key is still tracked, so a later good value is an add.
         let cs = w.on_watch(&WatchBatch {
             events: vec![(EventKind::Put, kv("/pdx/workers/m/a", &a, 12))],
