@@ -5,13 +5,13 @@
 # with `--discovery etcd://…` and `--policy kv_aware`. Each case runs twice: KV events off (each router's
 # approximate prefix index knows only the requests it routed) and on (every router subscribes to every
 # worker's events: one exact index). Workers and routers restart between cases (cold caches).
-#   benches/scale_out.sh [OUT_DIR]          (needs etcd; about 3 minutes)
-# Knobs (env): REQUESTS=300 SCALE=0.1 SPEED=4 SLO_TTFT_MS=500 SLO_ITL_MS=30
+#   benches/scale_out.sh [OUT_DIR]          (needs etcd; about 5 minutes)
+# Knobs (env): REQUESTS=1000 SCALE=0.1 SPEED=6 SLO_TTFT_MS=500 SLO_ITL_MS=30
 #              TRACE=../shared/traces/conversation_trace.jsonl PDX=./target/release/pdx
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/scale-out}; mkdir -p "$OUT"
-REQUESTS=${REQUESTS:-300}; SCALE=${SCALE:-0.1}; SPEED=${SPEED:-4}
+REQUESTS=${REQUESTS:-1000}; SCALE=${SCALE:-0.1}; SPEED=${SPEED:-6}
 SLO_TTFT_MS=${SLO_TTFT_MS:-500}; SLO_ITL_MS=${SLO_ITL_MS:-30}
 TRACE=${TRACE:-../shared/traces/conversation_trace.jsonl}
 PDX=${PDX:-./target/release/pdx}
@@ -61,6 +61,7 @@ run() { # name events(0|1) routers(1|2)
     --speed "$SPEED" --slo-ttft-ms "$SLO_TTFT_MS" --slo-itl-ms "$SLO_ITL_MS" --max-failed-fraction 1 \
     --json --quiet >"$OUT/$name.json"
   for w in 0 1; do curl -s "http://127.0.0.1:$((18510 + w))/metrics" >"$OUT/$name.prefill$w.metrics"; done
+  for r in $(seq "$routers"); do curl -s "http://127.0.0.1:$((A + r - 1))/metrics" >"$OUT/$name.router$r.metrics"; done
 }
 
 run one-router 0 1
@@ -76,8 +77,15 @@ def metric(path, name):
         return sum(float(l.rsplit(" ", 1)[1]) for l in open(path) if l.startswith(name + "{") or l.startswith(name + " "))
     except OSError:
         return float("nan")
-print("| case | ok / sent | TTFT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 ms | req/s | SLO attainment | goodput req/s | prefill prefix hits |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| case | ok / sent | TTFT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 ms | req/s | SLO attainment | goodput req/s | prefill prefix hits | event batches per router |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+def batches(n):
+    out_ = []
+    for i in (1, 2):
+        v = metric(f"{out}/{n}.router{i}.metrics", "pdx_kv_events_batches_total")
+        if v == v:  # not NaN: that router ran
+            out_.append(f"{v:.0f}")
+    return " / ".join(out_)
 for n in names:
     r = json.load(open(f"{out}/{n}.json"))
     hits = sum(metric(f"{out}/{n}.prefill{w}.metrics", "vllm:prefix_cache_hits_total") for w in (0, 1))
@@ -85,5 +93,5 @@ for n in names:
     print(f"| {n} | {r['succeeded']} / {r['requests']} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
           f"{r['itl_ms']['p50']:.2f} / {r['itl_ms']['p99']:.2f} | {r['e2e_ms']['p50']:.0f} / {r['e2e_ms']['p99']:.0f} | "
           f"{r['request_throughput']:.2f} | {100*r['slo_attainment']:.1f}% | {r['goodput_rps']:.2f} | "
-          f"{hits/q if q else float('nan'):.3f} |")
+          f"{hits/q if q else float('nan'):.3f} | {batches(n)} |")
 PY
