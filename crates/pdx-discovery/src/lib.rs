@@ -25,6 +25,8 @@ pub mod args;
 pub mod error;
 pub mod etcd;
 pub mod etcd_driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod k8s_driver;
 
