@@ -642,7 +642,11 @@ mod tests {
                 kv("/pdx/workers/Qwen 3 \u{6a21}\u{578b}/b", &a, 9),
             ],
         );
-        assert_eq!(cs.len(), 2, "a model name with a space and CJK is a fine key");
+        assert_eq!(
+            cs.len(),
+            2,
+            "a model name with a space and CJK is a fine key"
+        );
         assert_eq!(w.rejected(), 4);
         let bad = br#"{"role":"decode","pool":"d","url":"http://h:1","model":"m","extra":true}"#;
         let cs = w.on_watch(&WatchBatch {
@@ -650,7 +654,11 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(summary(&cs), ["-/pdx/workers/m/a http://10.0.0.1:1"]);
-        assert_eq!(w.workers().count(), 1, "the other key still holds its worker");
+        assert_eq!(
+            w.workers().count(),
+            1,
+            "the other key still holds its worker"
+        );
         // The key is still tracked, so a later good value is an add.
         let cs = w.on_watch(&WatchBatch {
             events: vec![(EventKind::Put, kv("/pdx/workers/m/a", &a, 12))],

@@ -108,7 +108,10 @@ mod tests {
     /// The checked-in corpus of the fuzz target runs here too, so `cargo test` catches a seed that panics.
     #[test]
     fn the_fuzz_corpus_runs() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/discovery_source");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/discovery_source"
+        );
         let mut seeds = 0;
         let mut changes = 0;
         for e in std::fs::read_dir(dir).expect("corpus") {
