@@ -17,3 +17,4 @@ mod migration;
 mod planner;
 mod policies;
 mod router_faults;
+mod scale_out;

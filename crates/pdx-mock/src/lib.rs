@@ -166,6 +166,15 @@ pub struct MockArgs {
     /// Router URL to self-register with (`POST URL/v1/workers`, repeated as a heartbeat).
     #[arg(long)]
     pub register: Option<String>,
+    /// etcd to register in (`etcd://host:port[,host:port…][/prefix]`, as `pdx serve --discovery`): the
+    /// registration body under `<prefix>/<model>/<id>` with a lease of `--etcd-ttl-secs`, kept alive every
+    /// third of it; every router watching the prefix routes to this worker, and drops it when the lease
+    /// expires (the process died) [default: none]
+    #[arg(long, value_name = "etcd://…")]
+    pub register_etcd: Option<String>,
+    /// TTL of the etcd lease, seconds (at least 2).
+    #[arg(long, default_value_t = 10)]
+    pub etcd_ttl_secs: u64,
     /// Pool name sent when registering [default: the role]
     #[arg(long)]
     pub pool: Option<String>,
@@ -350,6 +359,13 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             "block size, blocks, kv scale-down and threads must be > 0".into(),
         ));
     }
+    let etcd = match &args.register_etcd {
+        Some(u) => Some(
+            pdx_discovery::etcd::EtcdTarget::parse(u)
+                .map_err(|e| MockError::Config(format!("--register-etcd: {e}")))?,
+        ),
+        None => None,
+    };
     // Checked before anything starts: a token that cannot be a header value is a configuration error.
     let admin = register::admin_authorization(
         args.admin_token.as_deref(),
@@ -485,6 +501,7 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
             None
         };
         let ksana = ksana.clone();
+        let etcd = etcd.clone();
         let t = std::thread::Builder::new()
             .name(format!("pdx-mock-http-{i}"))
             .spawn(move || {
@@ -498,6 +515,28 @@ pub fn start(args: MockArgs) -> Result<MockServer, MockError> {
                         tokio::spawn(reaper(engine.clone()));
                         if let Some(node) = ksana {
                             tokio::spawn(node.run(engine.clone()));
+                        }
+                        if let Some(target) = etcd.clone() {
+                            let body =
+                                serde_json::to_vec(&register::registration(&args, addr, events_at))
+                                    .expect("a registration serializes");
+                            tokio::spawn(async move {
+                                // The sender lives as long as the task: the registration ends with the process
+                                // (its lease then expires).
+                                let (_keep, stop) = tokio::sync::watch::channel(false);
+                                let opts = pdx_discovery::etcd_driver::EtcdOptions::from_env();
+                                if let Err(e) = pdx_discovery::etcd_driver::register(
+                                    target,
+                                    opts,
+                                    body,
+                                    args.etcd_ttl_secs,
+                                    stop,
+                                )
+                                .await
+                                {
+                                    tracing::error!(error = %e, "etcd registration");
+                                }
+                            });
                         }
                         if let Some(url) = args.register.clone() {
                             tokio::spawn(register::heartbeat(

@@ -105,7 +105,9 @@ line); anything else must start with an Azure CSV header naming TIMESTAMP, Conte
 GeneratedTokens. The chosen format is printed before the replay starts.")]
 pub struct ReplayArgs {
     /// Base URL of the OpenAI-compatible server: `http://host:port`, or the OpenAI clients' base_url
-    /// `http://host:port/v1` (the same).
+    /// `http://host:port/v1` (the same). Several, separated by commas (`http://a:8000,http://b:8000`): the
+    /// requests go to them in turn, in arrival order (as a Service in front of several routers spreads
+    /// them).
     #[arg(long)]
     pub url: String,
     /// Trace file, Mooncake jsonl or Azure CSV, detected from the content (see below) [default: the Mooncake
@@ -222,6 +224,21 @@ pub fn base_url(url: &str) -> Result<String, ReplayError> {
         return Err(bad("a base URL has no query"));
     }
     Ok(base)
+}
+
+/// The base URLs of a `--url` holding one or several comma-separated URLs ([`base_url`] each).
+///
+/// Errors: [`ReplayError::Invalid`] for an empty entry or a URL [`base_url`] refuses.
+pub fn base_urls(urls: &str) -> Result<Vec<String>, ReplayError> {
+    urls.split(',')
+        .map(|u| {
+            if u.trim().is_empty() {
+                Err(ReplayError::Invalid(format!("--url {urls}: an empty URL")))
+            } else {
+                base_url(u)
+            }
+        })
+        .collect()
 }
 
 /// An output file checked (and created) before the replay; removed again if the replay does not finish.
@@ -450,11 +467,21 @@ async fn probe(client: &client::HttpClient, base: &str) -> Result<Option<String>
 /// errors (see [`Replay::check_failures`]).
 pub fn run(args: &ReplayArgs) -> Result<Replay, ReplayError> {
     check_args(args)?;
-    let base = base_url(&args.url)?;
-    let target = format!("{base}{}", args.endpoint.path());
-    let uri: hyper::Uri = target
-        .parse()
-        .map_err(|e| ReplayError::Invalid(format!("--url {}: {e}", args.url)))?;
+    let bases = base_urls(&args.url)?;
+    let uris = bases
+        .iter()
+        .map(|b| {
+            format!("{b}{}", args.endpoint.path())
+                .parse::<hyper::Uri>()
+                .map_err(|e| ReplayError::Invalid(format!("--url {b}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = bases[0].clone();
+    let target = if bases.len() == 1 {
+        format!("{base}{}", args.endpoint.path())
+    } else {
+        format!("{} (in turn)", bases.join(", "))
+    };
     let trace_name = args.trace.as_ref().map_or_else(
         || "Mooncake conversation slice (shipped with pdx)".to_string(),
         |p| p.display().to_string(),
@@ -499,6 +526,9 @@ pub fn run(args: &ReplayArgs) -> Result<Replay, ReplayError> {
     let records = rt.block_on(async {
         let client = client::http_client();
         let found = probe(&client, &base).await?;
+        for b in &bases[1..] {
+            probe(&client, b).await?;
+        }
         let model = args
             .model
             .clone()
@@ -519,7 +549,7 @@ pub fn run(args: &ReplayArgs) -> Result<Replay, ReplayError> {
             );
         }
         let planned = plan(args, &chosen, &corpus, &model);
-        Ok::<_, ReplayError>(send_all(args, &client, &uri, planned).await)
+        Ok::<_, ReplayError>(send_all(args, &client, &uris, planned).await)
     })?;
     let (records, duration) = records;
     let slo = Slo {
@@ -557,7 +587,7 @@ fn write_export(out: &mut OutputFile, records: &[RequestRecord]) -> Result<(), R
 async fn send_all(
     args: &ReplayArgs,
     client: &client::HttpClient,
-    url: &hyper::Uri,
+    urls: &[hyper::Uri],
     planned: Vec<Planned>,
 ) -> (Vec<RequestRecord>, f64) {
     let bar = if args.quiet || args.json {
@@ -577,10 +607,11 @@ async fn send_all(
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(planned.len());
     let requested: Vec<(u32, u32)> = planned.iter().map(|p| (p.isl, p.osl)).collect();
-    for p in planned {
+    for (i, p) in planned.into_iter().enumerate() {
         tokio::time::sleep_until(start + p.at).await;
         let permit = limit.clone().acquire_owned().await;
-        let (client, url, bar) = (client.clone(), url.clone(), bar.clone());
+        let url = urls[i % urls.len()].clone();
+        let (client, bar) = (client.clone(), bar.clone());
         let sent = start.elapsed().as_secs_f64();
         tasks.push(tokio::spawn(async move {
             let out = client::run_request(&client, &url, p.body, timeout).await;
@@ -614,6 +645,18 @@ async fn send_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_urls_separated_by_commas() {
+        assert_eq!(
+            base_urls("http://a:1,http://b:2/v1").unwrap(),
+            ["http://a:1", "http://b:2"]
+        );
+        assert_eq!(base_urls("http://a:1").unwrap(), ["http://a:1"]);
+        for bad in ["http://a:1,", ",http://a:1", "http://a:1,https://b:2"] {
+            assert!(base_urls(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn base_urls_with_or_without_v1() {

@@ -61,7 +61,8 @@ pub struct ServeArgs {
     /// Model name of quick-start workers [default: any model name is accepted]
     #[arg(long)]
     pub model: Option<String>,
-    /// Local routing policy of quick-start pools: round_robin, least_loaded, power_of_two, kv_aware, score
+    /// Local routing policy of quick-start pools (with --discovery, also of the pools discovered workers
+    /// create, unless the file sets `default_policy`): round_robin, least_loaded, power_of_two, kv_aware, score
     /// [default: round_robin]
     #[arg(long)]
     pub policy: Option<String>,
@@ -153,6 +154,9 @@ pub struct ServeArgs {
     /// Telemetry, `score` and `kv_aware` settings, admission shaping ([`crate::tuning`]).
     #[command(flatten)]
     pub tuning: crate::tuning::TuningArgs,
+    /// Worker discovery (`--discovery etcd://…|k8s` and the Kubernetes selectors; see `docs/deploy.md`).
+    #[command(flatten)]
+    pub discovery: pdx_discovery::DiscoveryArgs,
 }
 
 fn default_true() -> bool {
@@ -616,6 +620,9 @@ pub struct Config {
     pub models: Vec<ModelSpec>,
     /// The KsanaLLM node registry (`orchestration = "ksana"` only).
     pub ksana: Option<crate::ksana::KsanaConfig>,
+    /// Worker discovery (`--discovery`; `None`: none). Kubernetes pods without a model annotation serve
+    /// `--model` (else any model name).
+    pub discovery: Option<pdx_discovery::DiscoverySpec>,
 }
 
 fn parse_role(s: &str) -> Result<pdx_protocol::Role, RouterError> {
@@ -855,9 +862,15 @@ impl Config {
         file: FileConfig,
         base: Option<PathBuf>,
     ) -> Result<Self, RouterError> {
+        // With `--discovery`, `--policy` is also the policy of the pools discovered workers create (they are
+        // the deployment's only pools) unless the file names one.
         let default_policy: Policy = file
             .default_policy
             .as_deref()
+            .or(a
+                .policy
+                .as_deref()
+                .filter(|_| a.discovery.discovery.is_some()))
             .unwrap_or("round_robin")
             .parse()?;
         let tuning = crate::tuning::Tuning::resolve(
@@ -1176,6 +1189,16 @@ impl Config {
             tuning,
             models,
             ksana,
+            discovery: a
+                .discovery
+                .spec()
+                .map_err(|e| RouterError::Config(e.to_string()))?
+                .map(|mut d| {
+                    if let (pdx_discovery::DiscoverySpec::K8s(k), Some(m)) = (&mut d, &a.model) {
+                        k.default_model = m.clone();
+                    }
+                    d
+                }),
         })
     }
 }

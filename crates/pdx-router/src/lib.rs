@@ -13,6 +13,7 @@ pub mod admission;
 pub mod api;
 pub mod body;
 pub mod config;
+pub mod discovery;
 pub mod divert;
 pub mod error;
 pub mod front;
@@ -58,6 +59,8 @@ pub struct RouterServer {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// A second handle on each server thread's listening socket, to shut it down from here.
     listeners: Vec<std::net::TcpListener>,
+    /// The discovery watcher (`--discovery`), stopped with the router.
+    discovery: Option<discovery::Running>,
 }
 
 impl RouterServer {
@@ -90,8 +93,9 @@ impl RouterServer {
 
 impl Drop for RouterServer {
     fn drop(&mut self) {
-        // Stops the control loop; server threads end with the process.
+        // Stops the control loop and the discovery watcher; server threads end with the process.
         self.stop.store(true, Ordering::Relaxed);
+        self.discovery.take();
     }
 }
 
@@ -147,6 +151,16 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         )?),
         None => None,
     };
+    let write_through = discovery::write_through(cfg.discovery.as_ref());
+    let running = match &cfg.discovery {
+        Some(spec) => Some(discovery::start(
+            spec,
+            registry.clone(),
+            write_through.clone(),
+            cfg.max_workers,
+        )?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         cfg,
         registry,
@@ -155,6 +169,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         models,
         migration_budgets: Default::default(),
         ksana,
+        write_through,
     });
     let stop = Arc::new(AtomicBool::new(false));
     // The KV-event subscriber (off the data path; idle while no worker publishes events), stopped with the
@@ -207,6 +222,7 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
         stop,
         threads,
         listeners: listener_handles,
+        discovery: running,
     })
 }
 

@@ -66,8 +66,11 @@ pub struct Worker {
     pub series: Mutex<Vec<(String, u16)>>,
     /// `DELETE` received: no new requests; removed once idle.
     pub draining: AtomicBool,
-    /// Came from the registration API (heartbeat TTL applies).
+    /// Came from the registration API (heartbeat TTL applies until a discovery source confirms it).
     pub registered: bool,
+    /// A discovery source (etcd, Kubernetes) holds it: it leaves when the source drops it (lease expiry,
+    /// pod gone or not ready), not on a heartbeat TTL here ([`Registry::upsert_discovered`]).
+    pub discovered: AtomicBool,
     /// Circuit breaker.
     pub breaker: Mutex<CircuitBreaker>,
     /// Heartbeat state.
@@ -635,6 +638,7 @@ impl Registry {
             series: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             registered,
+            discovered: AtomicBool::new(false),
             breaker: Mutex::new(CircuitBreaker::new(self.breaker)),
             liveness: Mutex::new(if registered {
                 Liveness::registered(now, self.ttl_us)
@@ -750,6 +754,58 @@ impl Registry {
         reg: &Registration,
         bootstrap_port: Option<u16>,
     ) -> Result<(u64, bool), RouterError> {
+        self.register_from(reg, bootstrap_port, false)
+    }
+
+    /// A worker a discovery source holds (`pdx serve --discovery`): added as [`Registry::register`] adds
+    /// one (same checks, same `--max-workers` bound), but with no heartbeat TTL: it stays until
+    /// [`Registry::retire`]. A worker the registration API added becomes the source's (its TTL ends: the
+    /// source's lease now decides); one draining is taken back (the source holds it again); a static worker
+    /// (flags, file) stays static.
+    ///
+    /// Errors: as [`Registry::register_with_bootstrap_port`].
+    pub fn upsert_discovered(
+        &self,
+        reg: &Registration,
+        bootstrap_port: Option<u16>,
+    ) -> Result<(u64, bool), RouterError> {
+        self.register_from(reg, bootstrap_port, true)
+    }
+
+    /// The discovery source dropped this worker (model, role, pool, URL): it drains (no new requests at
+    /// once; removed when idle). Static workers are never retired. Returns whether a worker was found.
+    pub fn retire(&self, model: &str, role: Role, pool: &str, url: &str) -> bool {
+        let snap = self.snap.load();
+        let Some(m) = snap.models.get(model) else {
+            return false;
+        };
+        let mut found = false;
+        for p in m.prefill.iter().chain(&m.decode).chain(&m.aggregated) {
+            if p.name != pool || p.role != role {
+                continue;
+            }
+            for w in p.workers.load().iter().filter(|w| w.url == url) {
+                if w.discovered.load(Ordering::Relaxed) {
+                    w.draining.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        url,
+                        pool,
+                        model,
+                        "worker left its discovery source: draining"
+                    );
+                    found = true;
+                }
+            }
+        }
+        found
+    }
+
+    fn register_from(
+        &self,
+        reg: &Registration,
+        bootstrap_port: Option<u16>,
+        discovered: bool,
+    ) -> Result<(u64, bool), RouterError> {
         if bootstrap_port == Some(0) {
             return Err(RouterError::Config("bootstrap_port must be 1-65535".into()));
         }
@@ -798,7 +854,14 @@ impl Registry {
                 if p.name == reg.pool && p.role == role {
                     if let Some(w) = p.workers.load().iter().find(|w| w.url == url) {
                         if let Ok(mut l) = w.liveness.lock() {
-                            l.beat(now);
+                            if discovered && (w.registered || w.discovered.load(Ordering::Relaxed))
+                            {
+                                *l = Liveness::fixed();
+                                w.discovered.store(true, Ordering::Relaxed);
+                                w.draining.store(false, Ordering::Relaxed);
+                            } else {
+                                l.beat(now);
+                            }
                         }
                         return Ok((w.id, false));
                     }
@@ -809,7 +872,13 @@ impl Registry {
             .models
             .values()
             .flat_map(|m| m.prefill.iter().chain(&m.decode).chain(&m.aggregated))
-            .map(|p| p.workers.load().iter().filter(|w| w.registered).count())
+            .map(|p| {
+                p.workers
+                    .load()
+                    .iter()
+                    .filter(|w| w.registered || w.discovered.load(Ordering::Relaxed))
+                    .count()
+            })
             .sum::<usize>();
         if registered >= self.max_workers {
             return Err(RouterError::RegistryFull {
@@ -881,8 +950,17 @@ impl Registry {
             .as_deref()
             .or(pool.api_key.as_ref().map(crate::front_auth::ApiKey::expose));
         let worker = self.new_worker(
-            id, url, role, &reg.pool, &reg.model, true, port, key, kv_events,
+            id,
+            url,
+            role,
+            &reg.pool,
+            &reg.model,
+            !discovered,
+            port,
+            key,
+            kv_events,
         )?;
+        worker.discovered.store(discovered, Ordering::Relaxed);
         let mut ws: Vec<Arc<Worker>> = pool.workers.load().as_ref().clone();
         ws.push(worker);
         pool.workers.store(Arc::new(ws));
@@ -894,6 +972,7 @@ impl Registry {
             role = reg.role,
             pool = reg.pool,
             model = reg.model,
+            discovered,
             "worker registered"
         );
         Ok((id, true))

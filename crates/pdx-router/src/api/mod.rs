@@ -33,6 +33,9 @@ pub struct Shared {
     pub migration_budgets: crate::migrate::Budgets,
     /// The KsanaLLM node registry (`orchestration = "ksana"` only).
     pub ksana: Option<Arc<crate::ksana::Ksana>>,
+    /// With `--discovery etcd://…`: registrations, heartbeats and drains taken by the admin API are written
+    /// through to etcd, so every router sees them ([`crate::discovery`]).
+    pub write_through: Option<pdx_discovery::etcd_driver::WriteThrough>,
 }
 
 /// Request id header.

@@ -7,7 +7,10 @@
 //! same length). Without a token the API is open, and `pdx serve` warns at start when it listens beyond
 //! loopback. Registrations are parsed strictly ([`pdx_protocol::parse_registration`]) and their URLs
 //! checked ([`crate::config::parse_worker_url`], the allow-list, `--max-workers`: see
-//! [`crate::registry::Registry::register_with_bootstrap_port`]).
+//! [`crate::registry::Registry::register_with_bootstrap_port`]). With `--discovery etcd://…`, a
+//! registration or heartbeat taken here is written through to the worker's etcd key with a lease of one
+//! heartbeat TTL, and a drain deletes the key, so every router watching the prefix follows
+//! ([`crate::discovery`]).
 
 use crate::api::{error_response, full, Shared};
 use crate::body::RouterBody;
@@ -83,6 +86,7 @@ fn list(sh: &Shared) -> Response<RouterBody> {
                 "id": w.id, "url": w.url, "role": w.role.as_str(), "pool": w.pool, "model": w.model,
                 "bootstrap_port": w.bootstrap_port,
                 "state": w.state(now), "registered": w.registered,
+                "discovered": w.discovered.load(std::sync::atomic::Ordering::Relaxed),
                 "in_flight": w.in_flight.load(std::sync::atomic::Ordering::Relaxed),
                 "kv_pending": w.kv_pending.load(std::sync::atomic::Ordering::Relaxed),
             })
@@ -142,6 +146,22 @@ async fn change(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> 
                 }
             },
         };
+        if let Some(wt) = &sh.write_through {
+            // Every router drains it: its key goes (a worker that heartbeats puts it back, as it registers
+            // again here).
+            let url = url.trim_end_matches('/');
+            for w in sh.registry.workers().iter().filter(|w| w.url == url) {
+                wt.delete(&pdx_protocol::Registration {
+                    role: w.role.as_str().into(),
+                    pool: w.pool.clone(),
+                    url: w.url.clone(),
+                    model: w.model.clone(),
+                    api_key: None,
+                    kv_events_endpoint: None,
+                    kv_events_replay_endpoint: None,
+                });
+            }
+        }
         let n = sh.registry.drain(&url);
         if n == 0 {
             return error_response(&ApiError::not_found(format!(
@@ -156,7 +176,17 @@ async fn change(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> 
         Err(e) => return error_response(&e),
     };
     match sh.registry.register_with_bootstrap_port(&reg, port) {
-        Ok((id, created)) => json(&serde_json::json!({"id": id, "created": created})),
+        Ok((id, created)) => {
+            if let Some(wt) = &sh.write_through {
+                // The key's lease lasts one heartbeat TTL (whole seconds, rounded up) and this heartbeat
+                // renews it, so the worker leaves every router as it would leave this one.
+                let ttl_secs = sh.cfg.heartbeat_ttl_us.div_ceil(1_000_000);
+                if let Err(e) = wt.put(&body, ttl_secs) {
+                    tracing::warn!(error = %e, "registration not written through to etcd");
+                }
+            }
+            json(&serde_json::json!({"id": id, "created": created}))
+        }
         Err(e) => error_response(&registration_error(&e)),
     }
 }
