@@ -84,8 +84,21 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
   local router=$1 policy=$2 args=() p
   case $router in
   pdx)
-    for p in "${pports[@]}"; do args+=(--prefill "http://127.0.0.1:$p"); done
-    for p in "${dports[@]}"; do args+=(--decode "http://127.0.0.1:$p"); done
+    if [ $KV_EVENTS = 1 ]; then
+      # A config file, so that pdx subscribes to every worker's KV events (flags carry no event endpoints).
+      { echo '[[models]]'; echo 'name = "*"'
+        for role in prefill decode; do
+          echo '[[models.pools]]'; echo "name = \"$role\""; echo "role = \"$role\""; echo "policy = \"$policy\""
+          echo 'workers = ['
+          if [ $role = prefill ]; then ps=("${pports[@]}"); else ps=("${dports[@]}"); fi
+          for p in "${ps[@]}"; do echo "  { url = \"http://127.0.0.1:$p\", kv_events_endpoint = \"tcp://127.0.0.1:$((p + 1000))\" },"; done
+          echo ']'
+        done; } >"$OUT/$row.pdx.toml"
+      args+=(--config "$OUT/$row.pdx.toml")
+    else
+      for p in "${pports[@]}"; do args+=(--prefill "http://127.0.0.1:$p"); done
+      for p in "${dports[@]}"; do args+=(--decode "http://127.0.0.1:$p"); done
+    fi
     # shellcheck disable=SC2086
     $PDX serve --host 127.0.0.1 --port $R --policy "$policy" "${args[@]}" ${PDX_SERVE_EXTRA:-} >"$OUT/$row.router.log" 2>&1 &
     router_pid=$!; url=http://127.0.0.1:$R;;
