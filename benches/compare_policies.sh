@@ -113,7 +113,9 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
   vllm-router)
     for p in "${pports[@]}"; do args+=(--prefill "http://127.0.0.1:$p"); done
     for p in "${dports[@]}"; do args+=(--decode "http://127.0.0.1:$p"); done
-    if [ "$policy" = kv_aware ] && [ $KV_EVENTS = 1 ]; then
+    # vllm-router refuses static KV event sources without a model identity ("static KV event sources require
+    # worker URLs and model identity"); VLLM_KV_EVENTS=1 passes them anyway.
+    if [ "$policy" = kv_aware ] && [ $KV_EVENTS = 1 ] && [ "${VLLM_KV_EVENTS:-0}" = 1 ]; then
       for p in "${pports[@]}"; do args+=(--kv-event-source "http://127.0.0.1:$p=tcp://127.0.0.1:$((p + 1000))"); done
     fi
     "$PEERS_DIR/venv-vrouter/bin/vllm-router" --host 127.0.0.1 --port $VLR_PORT --vllm-pd-disaggregation \
