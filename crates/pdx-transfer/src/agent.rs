@@ -17,7 +17,8 @@ use crate::metadata::{AgentMetadata, CudaMetadata, RegionMetadata, MAX_NAME_BYTE
 use crate::peer::LocalPeer;
 use crate::request::{Completion, XferOp};
 use crate::server::{Limits, Listeners, Server};
-use crate::tcp::{self, Notification, NotificationQueue, PeerConn};
+use crate::notif::{Notification, NotificationQueue};
+use crate::tcp::{self, PeerConn};
 use crate::transport::{CmaTarget, CopySeg, LocalSeg, Plan, ShmSeg, TransportKind};
 use crate::wire::Ctrl;
 use crate::xfer::XferRequest;

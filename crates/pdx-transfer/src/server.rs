@@ -34,7 +34,8 @@ use crate::auth;
 use crate::error::Result;
 use crate::memory::Region;
 use crate::peer::LocalPeer;
-use crate::tcp::{self, configure, read_frame, FrameError, Notification, StallClock, STALL_TICK};
+use crate::notif::Notification;
+use crate::tcp::{self, configure, read_frame, FrameError, StallClock, STALL_TICK};
 use crate::transport::LocalSeg;
 use crate::wire::{encode_frame, Ctrl, FrameKind, Header, MAX_FDS_PER_FRAME};
 

@@ -17,6 +17,7 @@ use pdx_sys::MemSlice;
 use crate::agent::Inner;
 use crate::auth::{self, AgentSecret};
 use crate::error::{Result, TransferError};
+use crate::notif::{Notification, NotificationQueue};
 use crate::request::Completion;
 use crate::transport::LocalSeg;
 use crate::wire::{encode_frame, Ctrl, FrameKind, Header, HEADER_LEN};
@@ -549,64 +550,6 @@ impl PeerConn {
             peer: self.peer.clone(),
             reason,
         }
-    }
-}
-
-/// A notification: a payload an agent sent to this one, usually on completion of a transfer (NIXL notifications,
-/// e.g. vLLM NixlConnector's "blocks read, free them" message).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notification {
-    /// Sending agent's name.
-    pub from: String,
-    /// The payload (at most 64 KiB).
-    pub payload: Vec<u8>,
-}
-
-/// Notifications received by an agent, oldest first. Bounded: past [`NotificationQueue::CAPACITY`] the oldest
-/// are dropped (with a warning) so a consumer that never takes them cannot exhaust memory.
-#[derive(Debug, Default)]
-pub(crate) struct NotificationQueue {
-    queue: Mutex<std::collections::VecDeque<Notification>>,
-    cv: std::sync::Condvar,
-}
-
-impl NotificationQueue {
-    pub const CAPACITY: usize = 1 << 20;
-
-    pub fn push(&self, n: Notification) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= Self::CAPACITY {
-            tracing::warn!("notification queue full; dropping the oldest");
-            q.pop_front();
-        }
-        q.push_back(n);
-        drop(q);
-        self.cv.notify_all();
-    }
-
-    pub fn take(&self) -> Vec<Notification> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect()
-    }
-
-    pub fn wait(&self, timeout: Duration) -> Vec<Notification> {
-        let deadline = Instant::now() + timeout;
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        while q.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            q = self
-                .cv
-                .wait_timeout(q, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        q.drain(..).collect()
     }
 }
 

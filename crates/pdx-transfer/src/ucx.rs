@@ -29,7 +29,8 @@ use crate::error::{Result, TransferError};
 use crate::memory::Region;
 use crate::metadata::UcxMetadata;
 use crate::request::{Completion, XferOp};
-use crate::tcp::{Notification, NotificationQueue, PeerConn};
+use crate::notif::{Notification, NotificationQueue};
+use crate::tcp::PeerConn;
 use crate::transport::LocalSeg;
 
 /// How long the progress thread keeps spinning after the last event before it sleeps on the event fd.

@@ -9,7 +9,8 @@ use crate::error::{Result, TransferError};
 use crate::gpu;
 use crate::memory::Region;
 use crate::request::{Completion, XferCompletion, XferOp, XferStatus};
-use crate::tcp::{Notification, PeerConn};
+use crate::notif::Notification;
+use crate::tcp::PeerConn;
 use crate::transport::{CmaTarget, LocalSeg, Plan, TransportKind};
 use crate::wire::FrameKind;
 
