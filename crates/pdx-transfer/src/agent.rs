@@ -14,10 +14,11 @@ use crate::error::{Result, TransferError};
 use crate::gpu::{self, GpuPeer, PeerMemory};
 use crate::memory::{Backing, MemoryKind, Region, RegisteredMemory, Registry};
 use crate::metadata::{AgentMetadata, CudaMetadata, RegionMetadata, MAX_NAME_BYTES};
+use crate::notif::{Notification, NotificationQueue};
 use crate::peer::LocalPeer;
+use crate::plan::{self, Conn, Facts, Reach, RemoteSeg, Resolved, Route};
 use crate::request::{Completion, XferOp};
 use crate::server::{Limits, Listeners, Server};
-use crate::notif::{Notification, NotificationQueue};
 use crate::tcp::{self, PeerConn};
 use crate::transport::{CmaTarget, CopySeg, LocalSeg, Plan, ShmSeg, TransportKind};
 use crate::wire::Ctrl;
@@ -322,14 +323,6 @@ impl PreparedLocal {
     pub fn is_empty(&self) -> bool {
         self.segs.is_empty()
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RemoteSeg {
-    addr: u64,
-    len: u64,
-    region: usize,
-    off: u64,
 }
 
 /// A remote descriptor list validated against a remote agent's metadata ([`Agent::prep_remote`]).
@@ -843,7 +836,8 @@ impl Agent {
     /// be posted any number of times without re-validation.
     ///
     /// Transport choice, in order, among `AgentConfig::transports`: `local` (peer in this process), `shm`
-    /// (same host and every remote range in a mapped memfd region), `cma` (same host), `tcp` (peer listens).
+    /// (same host and every remote range in a mapped memfd region), `cma` (same host), `tcp` (peer listens),
+    /// `ucx`; GPU memory moves over `cuda`, or staged over `tcp` (the rules: `plan.rs`).
     ///
     /// Errors: [`TransferError::Invalid`] for empty or mismatched index lists, out-of-range indices, unequal
     /// lengths or an oversized notification; [`TransferError::TransportUnavailable`] when no allowed transport
@@ -857,154 +851,127 @@ impl Agent {
         remote_idx: &[usize],
         opts: XferOptions,
     ) -> Result<XferRequest> {
-        if local_idx.is_empty() || local_idx.len() != remote_idx.len() {
-            return Err(TransferError::Invalid(format!(
-                "{} local and {} remote descriptors (need equal, non-zero counts)",
-                local_idx.len(),
-                remote_idx.len()
-            )));
-        }
-        if opts
-            .notif
-            .as_ref()
-            .is_some_and(|n| n.len() > crate::wire::MAX_NOTIF_BYTES)
-        {
-            return Err(TransferError::Invalid("notification over 64 KiB".into()));
-        }
-        let pairs = local_idx
-            .iter()
-            .zip(remote_idx)
-            .enumerate()
-            .map(|(i, (&l, &r))| {
-                let (Some(ls), Some(rs)) = (local.segs.get(l), remote.segs.get(r)) else {
-                    return Err(TransferError::Invalid(format!(
-                        "index pair {i} out of range"
-                    )));
-                };
-                if ls.len as u64 != rs.len {
-                    return Err(TransferError::Invalid(format!(
-                        "pair {i}: local {} bytes, remote {} bytes",
-                        ls.len, rs.len
-                    )));
-                }
-                Ok((ls.clone(), *rs))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let pairs = plan::pair(
+            &local.segs,
+            |s| s.len,
+            local_idx,
+            &remote.segs,
+            remote_idx,
+            opts.notif.as_deref(),
+        )?;
         let rem = remote.remote.clone();
         rem.check_alive()?;
-        let allowed = |t: TransportKind| match opts.transport {
-            Some(forced) => forced == t,
-            None => self.inner.config.transports.contains(&t),
+        // The facts the planner decides from: where the peer is, and what its memory is as seen from here.
+        let kinds: Vec<(MemoryKind, MemoryKind)> = pairs
+            .iter()
+            .map(|(l, r)| (l.region.kind, rem.md.regions[r.region].kind))
+            .collect();
+        let in_process = match &rem.locality {
+            Locality::SameProcess(peer) => Some(peer.upgrade()),
+            _ => None,
         };
-        let mut why_not: Vec<String> = Vec::new();
-        let (transport, plan) = 'plan: {
-            // GPU memory moves only over `cuda`, or staged over `tcp` (host transports would dereference
-            // device addresses).
-            if pairs
+        let resolved: Option<Result<Vec<CopySeg>>> = in_process
+            .as_ref()
+            .and_then(|p| p.as_ref())
+            .map(|p| local_copy_plan(p, &pairs));
+        let resolved_facts = resolved.as_ref().map(|r| match r {
+            Ok(segs) => Ok(segs
                 .iter()
-                .any(|(l, r)| gpu::needs_gpu(l, rem.md.regions[r.region].kind))
-            {
-                // Another host (or `tcp` forced): staged through pinned memory over tcp.
-                let staged = opts.transport == Some(TransportKind::Tcp)
-                    || (matches!(rem.locality, Locality::Remote(_))
-                        && opts.transport.is_none()
-                        && allowed(TransportKind::Tcp));
-                if staged {
-                    if rem.md.listen_addr.is_none() {
-                        return Err(gpu::unavailable(format!(
-                            "agent `{}` runs no listener",
-                            rem.md.name
-                        )));
-                    }
-                    let locals: Vec<(LocalSeg, MemoryKind)> = pairs
-                        .iter()
-                        .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
-                        .collect();
-                    let ctrl: Arc<[u8]> = Ctrl::Segments {
-                        segs: pairs.iter().map(|p| (p.1.addr, p.1.len)).collect(),
-                        notif: opts.notif.clone(),
-                    }
-                    .encode()
-                    .into();
-                    break 'plan (
-                        TransportKind::Tcp,
-                        Plan::Staged(gpu::staged_plan(&locals, ctrl)?),
-                    );
-                }
-                if !allowed(TransportKind::Cuda) {
-                    return Err(TransferError::TransportUnavailable {
-                        transport: opts.transport.map_or("any", TransportKind::name),
-                        reason:
-                            "GPU memory moves only over the cuda transport (or staged over tcp)"
-                                .into(),
-                    });
-                }
-                break 'plan (
-                    TransportKind::Cuda,
-                    Plan::Cuda(self.cuda_plan(&rem, &pairs)?),
-                );
-            }
-            if allowed(TransportKind::Local) {
-                match &rem.locality {
-                    Locality::SameProcess(peer) => match peer.upgrade() {
-                        Some(peer) => {
-                            break 'plan (
-                                TransportKind::Local,
-                                Plan::Copy(local_copy_plan(&peer, &pairs)?),
-                            )
-                        }
-                        None => why_not.push("local: peer agent dropped".into()),
-                    },
-                    _ => why_not.push("local: peer is in another process".into()),
-                }
-            }
-            if allowed(TransportKind::Shm) {
-                match self.shm_plan(&rem, &pairs) {
-                    Ok(plan) => break 'plan (TransportKind::Shm, plan),
-                    Err(why) => why_not.push(why),
-                }
-            }
-            if allowed(TransportKind::Cma) {
-                match self.cma_plan(&rem, &pairs) {
-                    Ok(plan) => break 'plan (TransportKind::Cma, plan),
-                    Err(why) => why_not.push(why),
-                }
-            }
-            if allowed(TransportKind::Tcp) {
-                if rem.md.listen_addr.is_some() {
-                    break 'plan (
-                        TransportKind::Tcp,
-                        Plan::Tcp {
-                            local: pairs.iter().map(|p| p.0.clone()).collect(),
-                            remote: pairs.iter().map(|p| (p.1.addr, p.1.len)).collect(),
-                        },
-                    );
-                }
-                why_not.push("tcp: peer runs no listener".into());
-            }
-            #[cfg(feature = "ucx")]
-            if allowed(TransportKind::Ucx) {
-                match self.ucx_plan(&rem, &pairs) {
-                    Ok(plan) => break 'plan (TransportKind::Ucx, plan),
-                    Err(e) if opts.transport == Some(TransportKind::Ucx) => return Err(e),
-                    Err(_) => why_not.push("ucx: not available to both agents".into()),
-                }
-            }
-            return Err(TransferError::TransportUnavailable {
-                transport: opts.transport.map_or("any", TransportKind::name),
-                reason: if why_not.is_empty() {
-                    "transport not implemented in this build".into()
-                } else {
-                    why_not.join("; ")
-                },
-            });
+                .map(|c| Resolved {
+                    host: c.remote.host().is_some(),
+                    memfd: c.remote.host().is_some_and(|m| m.memfd_fd().is_some()),
+                })
+                .collect()),
+            Err(e) => Err(e.duplicate()),
+        });
+        let reach = match &rem.locality {
+            Locality::SameProcess(_) => Reach::SameProcess(resolved_facts.as_ref()),
+            Locality::SameHost(peer) => Reach::SameHost(match peer.maps() {
+                Some(map) => Ok(pairs
+                    .iter()
+                    .map(|(_, r)| map.slot(rem.md.regions[r.region].id))
+                    .collect()),
+                None => Err(peer.gone_error().to_string()),
+            }),
+            Locality::Remote(why) => Reach::Remote(why),
         };
+        let choice = plan::choose(&Facts {
+            peer: &rem.md.name,
+            kinds: &kinds,
+            reach,
+            transports: &self.inner.config.transports,
+            forced: opts.transport,
+            peer_listens: rem.md.listen_addr.is_some(),
+            ucx_built: cfg!(feature = "ucx"),
+        })?;
+        let resolved = || -> Result<Vec<CopySeg>> {
+            match resolved {
+                Some(r) => r,
+                None => Err(TransferError::Invalid("peer is not in this process".into())),
+            }
+        };
+        let plan = match &choice.route {
+            Route::Copy => Plan::Copy(resolved()?),
+            Route::Shm { slots } => {
+                let Locality::SameHost(peer) = &rem.locality else {
+                    return Err(TransferError::Invalid(
+                        "shm plan without a same-host peer".into(),
+                    ));
+                };
+                Plan::Shm {
+                    peer: peer.clone(),
+                    segs: plan::shm_segments(&pairs, slots)
+                        .into_iter()
+                        .map(|(local, slot, off)| ShmSeg { local, slot, off })
+                        .collect(),
+                }
+            }
+            Route::Cma { this_process } => Plan::Cma {
+                target: match (&rem.locality, this_process) {
+                    (Locality::SameHost(peer), false) => CmaTarget::Peer(peer.clone()),
+                    _ => CmaTarget::ThisProcess(
+                        pdx_sys::ipc::PeerProcess::this_process(),
+                        resolved()?.into_iter().map(|c| c.remote).collect(),
+                    ),
+                },
+                local: pairs.iter().map(|p| p.0.clone()).collect(),
+                remote: plan::cma_iovecs(&pairs),
+            },
+            Route::Tcp => Plan::Tcp {
+                local: pairs.iter().map(|p| p.0.clone()).collect(),
+                remote: plan::tcp_segments(&pairs).into(),
+            },
+            Route::Staged => {
+                let locals: Vec<(LocalSeg, MemoryKind)> = pairs
+                    .iter()
+                    .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
+                    .collect();
+                let ctrl: Arc<[u8]> = Ctrl::Segments {
+                    segs: plan::tcp_segments(&pairs),
+                    notif: opts.notif.clone(),
+                }
+                .encode()
+                .into();
+                Plan::Staged(gpu::staged_plan(&locals, ctrl)?)
+            }
+            Route::Cuda => Plan::Cuda(self.cuda_plan(&rem, &pairs, resolved)?),
+            #[cfg(feature = "ucx")]
+            Route::Ucx => self
+                .ucx_plan(&rem, &pairs)
+                .map_err(|e| choice.fell_through("ucx: not available to both agents", e))?,
+            #[cfg(not(feature = "ucx"))]
+            Route::Ucx => {
+                return Err(
+                    choice.fell_through("ucx: not built in", TransferError::Unavailable("ucx"))
+                )
+            }
+        };
+        let transport = choice.transport;
         // Copies to another process notify (and detect peer death) over the peer connection; TCP needs it.
-        let conn = match transport {
-            TransportKind::Local => None,
-            TransportKind::Tcp => Some(rem.conn(&self.inner)?),
-            _ if matches!(rem.locality, Locality::SameProcess(_)) => None,
-            _ => rem.conn(&self.inner).ok(),
+        let conn = match choice.conn(in_process.is_some()) {
+            Conn::None => None,
+            Conn::Required => Some(rem.conn(&self.inner)?),
+            Conn::Optional => rem.conn(&self.inner).ok(),
         };
         let tcp_ctrl = match &plan {
             Plan::Tcp { remote, .. } => Some(
@@ -1031,108 +998,25 @@ impl Agent {
         })
     }
 
-    /// The `shm` plan of `pairs`: memcpy into the peer's memfds, live regions for an agent of this process,
-    /// regions mapped from the descriptors its Unix socket passed for a same-host peer. Errors: why not.
-    fn shm_plan(
-        &self,
-        rem: &RemoteAgent,
-        pairs: &[(LocalSeg, RemoteSeg)],
-    ) -> std::result::Result<Plan, String> {
-        let not_memfd = "shm: remote memory is not a pdx-allocated (memfd) region".to_string();
-        match &rem.locality {
-            Locality::SameProcess(peer) => {
-                let peer = peer.upgrade().ok_or("shm: peer agent dropped")?;
-                let segs = local_copy_plan(&peer, pairs).map_err(|e| format!("shm: {e}"))?;
-                if segs
-                    .iter()
-                    .any(|c| c.remote.host().is_none_or(|m| m.memfd_fd().is_none()))
-                {
-                    return Err(not_memfd);
-                }
-                Ok(Plan::Copy(segs))
-            }
-            Locality::SameHost(peer) => {
-                let map = peer
-                    .maps()
-                    .ok_or_else(|| format!("shm: {}", peer.gone_error()))?;
-                let segs = pairs
-                    .iter()
-                    .map(|(l, r)| {
-                        let slot = map.slot(rem.md.regions[r.region].id)?;
-                        Some(ShmSeg {
-                            local: l.clone(),
-                            slot,
-                            off: r.off as usize,
-                        })
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or(not_memfd)?;
-                Ok(Plan::Shm {
-                    peer: peer.clone(),
-                    segs,
-                })
-            }
-            Locality::Remote(why) => Err(format!("shm: {why}")),
-        }
-    }
-
-    /// The `cma` plan of `pairs`: this process (ranges resolved against the peer agent's live registrations, which
-    /// the plan keeps alive), or the same-host process the kernel named (ranges checked against the metadata that
-    /// process sent). Errors: why not.
-    fn cma_plan(
-        &self,
-        rem: &RemoteAgent,
-        pairs: &[(LocalSeg, RemoteSeg)],
-    ) -> std::result::Result<Plan, String> {
-        let local = pairs.iter().map(|p| p.0.clone()).collect();
-        let remote = pairs.iter().map(|p| (p.1.addr, p.1.len as usize)).collect();
-        match &rem.locality {
-            Locality::SameProcess(peer) => {
-                let peer = peer.upgrade().ok_or("cma: peer agent dropped")?;
-                let segs = local_copy_plan(&peer, pairs).map_err(|e| format!("cma: {e}"))?;
-                if segs.iter().any(|c| c.remote.host().is_none()) {
-                    return Err("cma: remote memory is not host memory".into());
-                }
-                Ok(Plan::Cma {
-                    target: CmaTarget::ThisProcess(
-                        pdx_sys::ipc::PeerProcess::this_process(),
-                        segs.into_iter().map(|c| c.remote).collect(),
-                    ),
-                    local,
-                    remote,
-                })
-            }
-            Locality::SameHost(peer) => Ok(Plan::Cma {
-                target: CmaTarget::Peer(peer.clone()),
-                local,
-                remote,
-            }),
-            Locality::Remote(why) => Err(format!("cma: {why}")),
-        }
-    }
-
-    /// The `cuda` plan of `pairs` with `rem` (see [`crate::gpu`]).
+    /// The `cuda` plan of `pairs` with `rem` (see [`crate::gpu`]); `resolved`: the pairs' remote ranges in an
+    /// agent of this process.
     fn cuda_plan(
         &self,
         rem: &RemoteAgent,
         pairs: &[(LocalSeg, RemoteSeg)],
+        resolved: impl FnOnce() -> Result<Vec<CopySeg>>,
     ) -> Result<gpu::GpuPlan> {
         let locals: Vec<(LocalSeg, MemoryKind)> = pairs
             .iter()
             .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
             .collect();
         let peer = match &rem.locality {
-            Locality::SameProcess(p) => {
-                let p = p
-                    .upgrade()
-                    .ok_or_else(|| gpu::unavailable("peer agent dropped".into()))?;
-                PeerMemory::SameProcess(
-                    local_copy_plan(&p, pairs)?
-                        .into_iter()
-                        .map(|c| (c.remote, c.remote_off))
-                        .collect(),
-                )
-            }
+            Locality::SameProcess(_) => PeerMemory::SameProcess(
+                resolved()?
+                    .into_iter()
+                    .map(|c| (c.remote, c.remote_off))
+                    .collect(),
+            ),
             Locality::SameHost(local) => PeerMemory::SameHost {
                 md: &rem.md,
                 cuda: rem.cuda_md.as_ref(),
@@ -1144,12 +1028,7 @@ impl Agent {
                     .collect(),
                 populate: self.inner.config.populate,
             },
-            Locality::Remote(why) => {
-                return Err(gpu::unavailable(format!(
-                    "{why}: GPU memory of another host (or of a peer the kernel does not vouch for) needs the \
-                     staged path (device -> pinned -> tcp), which is not implemented for the peer's device memory"
-                )))
-            }
+            Locality::Remote(why) => return Err(gpu::unavailable(why.clone())),
         };
         gpu::plan(&locals, peer)
     }
@@ -1181,10 +1060,7 @@ impl Agent {
         };
         Ok(Plan::Ucx {
             peer,
-            ops: pairs
-                .iter()
-                .map(|(l, r)| (l.clone(), r.addr, r.region))
-                .collect(),
+            ops: plan::ucx_ops(pairs),
         })
     }
 

@@ -130,12 +130,6 @@ impl GpuPeer {
     }
 }
 
-/// True when a pair of segments needs the `cuda` transport (either side is GPU memory).
-pub(crate) fn needs_gpu(local: &LocalSeg, remote_kind: MemoryKind) -> bool {
-    matches!(local.region.kind, MemoryKind::Device(_))
-        || matches!(remote_kind, MemoryKind::Device(_))
-}
-
 /// The device that runs a plan: the local side's GPU if it is device memory, else the remote's, else 0.
 fn plan_device(copies: &[(LocalSeg, MemoryKind)]) -> Result<Device> {
     let ordinal = copies

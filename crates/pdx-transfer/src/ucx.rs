@@ -28,8 +28,8 @@ use pdx_ucx_sys::{
 use crate::error::{Result, TransferError};
 use crate::memory::Region;
 use crate::metadata::UcxMetadata;
-use crate::request::{Completion, XferOp};
 use crate::notif::{Notification, NotificationQueue};
+use crate::request::{Completion, XferOp};
 use crate::tcp::PeerConn;
 use crate::transport::LocalSeg;
 
