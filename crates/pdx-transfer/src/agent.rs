@@ -9,119 +9,25 @@ use std::time::Duration;
 use pdx_sys::Memory;
 
 use crate::auth::AgentSecret;
+use crate::backend::{Backend, Prepare};
+use crate::config::{AgentConfig, Identity, XferOptions};
 use crate::desc::XferDescList;
 use crate::error::{Result, TransferError};
-use crate::gpu::{self, GpuPeer, PeerMemory};
+use crate::gpu::{CudaPeer, GpuPeer};
 use crate::memory::{Backing, MemoryKind, Region, RegisteredMemory, Registry};
 use crate::metadata::{AgentMetadata, CudaMetadata, RegionMetadata, MAX_NAME_BYTES};
 use crate::notif::{Notification, NotificationQueue};
 use crate::peer::LocalPeer;
-use crate::plan::{self, Conn, Facts, Reach, RemoteSeg, Resolved, Route};
-use crate::request::{Completion, XferOp};
-use crate::server::{Limits, Listeners, Server};
-use crate::tcp::{self, PeerConn};
-use crate::transport::{CmaTarget, CopySeg, LocalSeg, Plan, ShmSeg, TransportKind};
-use crate::wire::Ctrl;
-use crate::xfer::XferRequest;
-
-/// Configuration of an [`Agent`].
-#[derive(Clone, Debug)]
-pub struct AgentConfig {
-    /// Agent name, unique among agents that talk to each other (1..=256 bytes).
-    pub name: String,
-    /// Address of the agent's listener (TCP transport, notifications, metadata side channel). Default
-    /// `127.0.0.1:0` (an ephemeral loopback port); `None` runs no listener, so peers cannot reach this agent
-    /// by TCP nor send it notifications.
-    pub listen: Option<SocketAddr>,
-    /// Host to advertise in metadata instead of the bound IP (set it when listening on `0.0.0.0`).
-    pub advertise_host: Option<String>,
-    /// Transports this agent may use as an initiator, in order of preference. Default: every host transport
-    /// (`local`, `shm`, `cma`, `tcp`), plus `ucx` when built with the `ucx` feature. Listing `ucx` also makes
-    /// the agent serve UCX: it creates a UCX worker and `ucp_mem_map`s every region it registers.
-    pub transports: Vec<TransportKind>,
-    /// A peer that makes no progress for this long while transfers are outstanding is declared dead and its
-    /// transfers fail. Default 2 s.
-    pub peer_timeout: Duration,
-    /// Fault in every page of allocated and mapped memory up front, so transfers take no page faults.
-    /// Default true.
-    pub populate: bool,
-    /// Threads that share one `local`/`shm` copy of at least `parallel_copy_min_bytes` (the posting thread is
-    /// one of them). One core does not saturate memory bandwidth, so two threads copy large batches faster than
-    /// one (A/B figures: `docs/benchmarks.md`, "Third session: streaming stores"). Default: available cores, at
-    /// most 4.
-    pub copy_threads: usize,
-    /// Smallest transfer (bytes) split across `copy_threads`; smaller ones stay on the posting thread, where
-    /// starting the threads costs more than it saves (the same A/B table). Default 16 MiB.
-    pub parallel_copy_min_bytes: u64,
-    /// Smallest `local`/`shm` transfer (bytes) copied with non-temporal stores (`pdx_sys::copy_streaming`)
-    /// instead of `memcpy`. A batch this large does not stay in this core's caches anyway, and the bytes are
-    /// for the peer, not this core; streaming stores skip reading each destination line first. Smaller batches
-    /// keep `memcpy`, which wins while source and destination stay cached (the same A/B table). Default 8 MiB; `u64::MAX` turns it off.
-    pub streaming_copy_min_bytes: u64,
-    /// Shared secret of the agent protocol (see [`crate::auth`]). With one, the listener and the Unix socket
-    /// serve only connections that prove they hold the same secret (HMAC-SHA256 challenge–response, both ways),
-    /// and this agent connects only to peers that prove it too. Default: none (every peer that can reach the
-    /// listener is trusted; see docs/transfer.md, Trust model).
-    pub secret: Option<AgentSecret>,
-    /// Most incoming connections (TCP and Unix together) open at once; more are closed as they are accepted.
-    /// Idle connections cost no thread (they wait in epoll), only a socket. Default 1024.
-    pub max_connections: usize,
-    /// Most threads serving incoming connections at once (started on demand, gone after 10 s idle); connections
-    /// with a frame to serve wait for a free one. Default 64.
-    pub max_handler_threads: usize,
-    /// An incoming connection that sends no frame for this long is closed. Initiators send a keepalive every
-    /// 30 s while idle, so keep this above a minute. Unix links of same-host peers are exempt (they are the
-    /// peers' liveness signal). Default 120 s.
-    pub idle_timeout: Duration,
-    /// An incoming connection must complete its first frame (with a secret: the whole handshake) within this.
-    /// Default 5 s.
-    pub handshake_timeout: Duration,
-}
-
-impl AgentConfig {
-    /// The defaults, with a name.
-    pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig {
-            name: name.into(),
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            advertise_host: None,
-            transports: default_transports(),
-            peer_timeout: Duration::from_secs(2),
-            populate: true,
-            copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
-            parallel_copy_min_bytes: 16 << 20,
-            streaming_copy_min_bytes: 8 << 20,
-            secret: None,
-            max_connections: 1024,
-            max_handler_threads: 64,
-            idle_timeout: Duration::from_secs(120),
-            handshake_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-fn default_transports() -> Vec<TransportKind> {
-    #[allow(unused_mut)]
-    let mut t = TransportKind::HOST.to_vec();
-    #[cfg(feature = "ucx")]
-    t.push(TransportKind::Ucx);
-    // GPU memory only ever moves over `cuda`; host memory never does, so listing it costs nothing.
-    t.push(TransportKind::Cuda);
-    t
-}
-
-/// Options of one transfer request.
-#[derive(Clone, Debug, Default)]
-pub struct XferOptions {
-    /// Notification delivered to the remote agent when the transfer completes (at most 64 KiB).
-    pub notif: Option<Vec<u8>>,
-    /// Force this transport instead of the automatic choice.
-    pub transport: Option<TransportKind>,
-}
+use crate::plan::{self, Conn, Facts, Reach, RemoteSeg, Resolved};
+use crate::remote::{InProcessAgent, Locality, RemoteAgent};
+use crate::request::XferOp;
+use crate::server::{Limits, Listeners, ServeContext, Server};
+use crate::transport::{CopySeg, LocalSeg, TransportKind};
+use crate::xfer::{Backends, Parts, PeerSlots, XferRequest};
 
 /// Agents of this process, by instance id: the `local` transport reaches their registrations directly.
-fn process_agents() -> &'static Mutex<HashMap<u64, Weak<Inner>>> {
-    static AGENTS: OnceLock<Mutex<HashMap<u64, Weak<Inner>>>> = OnceLock::new();
+fn process_agents() -> &'static Mutex<HashMap<u64, Weak<InProcessAgent>>> {
+    static AGENTS: OnceLock<Mutex<HashMap<u64, Weak<InProcessAgent>>>> = OnceLock::new();
     AGENTS.get_or_init(Default::default)
 }
 
@@ -138,42 +44,50 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// State shared by an [`Agent`] handle and its connection threads.
+/// State shared by an [`Agent`] handle and its listener (which sees it only as a [`ServeContext`]).
 pub(crate) struct Inner {
-    pub name: String,
-    pub instance_id: u64,
-    pub config: AgentConfig,
+    name: String,
+    instance_id: u64,
+    config: AgentConfig,
     host_id: String,
     pid: u32,
-    pub registry: Arc<Registry>,
+    registry: Arc<Registry>,
+    /// This agent as the agents of this process reach it (registry and queue shared with the fields here).
+    this: Arc<InProcessAgent>,
     next_region_id: AtomicU64,
-    remotes: RwLock<HashMap<String, Arc<RemoteAgent>>>,
+    remotes: RwLock<HashMap<String, Arc<Loaded>>>,
     /// Held through [`Agent::load_remote`]: two threads loading the same new peer at once (the first requests
     /// of two clients) would each vouch for it over a link of their own, and the second insert would shut the
     /// first down under its transfers; serialized, the second finds the first's entry and keeps it.
     load_lock: Mutex<()>,
-    pub notifications: Arc<NotificationQueue>,
+    notifications: Arc<NotificationQueue>,
     listen_addr: Option<SocketAddr>,
     advertised: Option<String>,
     shutdown: AtomicBool,
     /// The listener side: I/O thread, handler pool, watched same-host peers.
-    pub server: Arc<Server>,
+    server: Arc<Server>,
+    /// One engine per transport, shared with the requests.
+    backends: Arc<Backends>,
     #[cfg(feature = "ucx")]
-    pub(crate) ucx: Option<Arc<crate::ucx::UcxAgent>>,
+    ucx: Option<Arc<crate::ucx::UcxAgent>>,
 }
 
 impl Inner {
-    pub fn is_shut_down(&self) -> bool {
-        self.shutdown.load(Ordering::Acquire)
+    /// This agent as its own connections introduce it.
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            config: &self.config,
+            instance_id: self.instance_id,
+        }
     }
 
-    pub fn local_metadata(&self) -> Result<Vec<u8>> {
-        self.metadata_of(&self.registry.snapshot())
+    fn local_metadata(&self) -> Result<Vec<u8>> {
+        self.encode_metadata(&self.registry.snapshot())
     }
 
     /// The metadata of the regions `live` (a registry snapshot), so the Unix socket can send exactly the memfds
     /// of the regions it describes.
-    pub fn metadata_of(&self, live: &[Arc<Region>]) -> Result<Vec<u8>> {
+    fn encode_metadata(&self, live: &[Arc<Region>]) -> Result<Vec<u8>> {
         let regions = live
             .iter()
             .map(|r| RegionMetadata {
@@ -223,7 +137,7 @@ impl Inner {
         md.encode_ext(None, cuda.as_ref())
     }
 
-    fn remote(&self, name: &str) -> Result<Arc<RemoteAgent>> {
+    fn remote(&self, name: &str) -> Result<Arc<Loaded>> {
         self.remotes
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -233,26 +147,39 @@ impl Inner {
     }
 }
 
-/// Where a remote agent is relative to this one, as far as something other than its own metadata vouches for it.
-pub(crate) enum Locality {
-    /// An agent of this process (its instance id is registered here): its live regions are reached directly.
-    SameProcess(Weak<Inner>),
-    /// A process of this host that the kernel named over the agent's Unix socket ([`crate::peer`]).
-    SameHost(Arc<LocalPeer>),
-    /// Anything else (another host, or this host without a Unix socket to vouch for it): `tcp` (or `ucx`) only.
-    /// Holds why same-host transports are not available, for errors.
-    Remote(String),
+/// What the listener needs of the agent (the narrow context of `server.rs`).
+impl ServeContext for Inner {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn secret(&self) -> Option<&AgentSecret> {
+        self.config.secret.as_ref()
+    }
+    fn peer_timeout(&self) -> Duration {
+        self.config.peer_timeout
+    }
+    fn is_shut_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+    fn lookup(&self, addr: u64, len: u64) -> Option<(Arc<Region>, usize)> {
+        self.registry.lookup(addr, len)
+    }
+    fn regions(&self) -> Vec<Arc<Region>> {
+        self.registry.snapshot()
+    }
+    fn metadata_of(&self, live: &[Arc<Region>]) -> Result<Vec<u8>> {
+        self.encode_metadata(live)
+    }
+    fn deliver(&self, n: Notification) {
+        self.notifications.push(n);
+    }
 }
 
-/// A remote agent loaded from its metadata.
-pub(crate) struct RemoteAgent {
-    /// The metadata requests are validated against: for a same-host peer, what it sent over its Unix socket.
-    pub(crate) md: AgentMetadata,
+/// A loaded peer: the remote agent requests see, and what the backends with per-peer state keep of it.
+struct Loaded {
+    agent: Arc<RemoteAgent>,
     /// The metadata as loaded (to recognise the same bytes loaded again).
     announced: AgentMetadata,
-    pub(crate) locality: Locality,
-    conn: Mutex<Option<Arc<PeerConn>>>,
-    invalidated: AtomicBool,
     /// CUDA IPC handles of the peer's device regions (metadata version 3).
     cuda_md: Option<CudaMetadata>,
     /// The peer's GPU memory opened in this process (IPC mappings, pinned memfd mappings), made on first use.
@@ -263,47 +190,19 @@ pub(crate) struct RemoteAgent {
     ucx_peer: Mutex<Option<Arc<crate::ucx::UcxPeer>>>,
 }
 
-impl RemoteAgent {
-    fn local_peer(&self) -> Option<&Arc<LocalPeer>> {
-        match &self.locality {
-            Locality::SameHost(p) => Some(p),
-            _ => None,
-        }
-    }
-
-    /// The connection to the peer's listener, made on first use. Once lost it stays lost.
-    fn conn(&self, me: &Inner) -> Result<Arc<PeerConn>> {
-        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let addr =
-            self.md
-                .listen_addr
-                .as_deref()
-                .ok_or_else(|| TransferError::TransportUnavailable {
-                    transport: "tcp",
-                    reason: format!("agent `{}` runs no listener", self.md.name),
-                })?;
-        let c = PeerConn::connect(&self.md.name, addr, me, me.config.peer_timeout)?;
-        *guard = Some(c.clone());
-        Ok(c)
-    }
-
-    pub(crate) fn check_alive(&self) -> Result<()> {
-        if self.invalidated.load(Ordering::Acquire) {
-            return Err(TransferError::UnknownRemote(self.md.name.clone()));
-        }
-        Ok(())
-    }
-
-    fn shutdown(&self) {
-        self.invalidated.store(true, Ordering::Release);
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            c.fail_all(TransferError::UnknownRemote(self.md.name.clone()));
-        }
-        if let Some(p) = self.local_peer() {
-            p.gone("invalidated");
+impl Loaded {
+    /// The per-peer state of the backends that keep some.
+    fn slots(&self) -> PeerSlots<'_> {
+        PeerSlots {
+            cuda: CudaPeer {
+                cuda: self.cuda_md.as_ref(),
+                opened: &self.gpu_peer,
+            },
+            #[cfg(feature = "ucx")]
+            ucx: crate::ucx::UcxPeerSlot {
+                md: self.ucx_md.as_ref(),
+                endpoint: &self.ucx_peer,
+            },
         }
     }
 }
@@ -327,7 +226,7 @@ impl PreparedLocal {
 
 /// A remote descriptor list validated against a remote agent's metadata ([`Agent::prep_remote`]).
 pub struct PreparedRemote {
-    remote: Arc<RemoteAgent>,
+    remote: Arc<Loaded>,
     segs: Vec<RemoteSeg>,
 }
 
@@ -342,7 +241,7 @@ impl PreparedRemote {
     }
     /// The remote agent's name.
     pub fn agent(&self) -> &str {
-        &self.remote.md.name
+        self.remote.agent.name()
     }
 }
 
@@ -380,10 +279,12 @@ impl Agent {
         let (listener, listen_addr) = match config.listen {
             Some(addr) => {
                 let l = std::net::TcpListener::bind(addr)
-                    .map_err(tcp::io_err("binding agent listener"))?;
-                let a = l.local_addr().map_err(tcp::io_err("listener address"))?;
+                    .map_err(crate::conn::io_err("binding agent listener"))?;
+                let a = l
+                    .local_addr()
+                    .map_err(crate::conn::io_err("listener address"))?;
                 l.set_nonblocking(true)
-                    .map_err(tcp::io_err("configuring agent listener"))?;
+                    .map_err(crate::conn::io_err("configuring agent listener"))?;
                 (Some(l), Some(a))
             }
             None => (None, None),
@@ -428,13 +329,25 @@ impl Agent {
         } else {
             None
         };
+        let registry = Arc::new(Registry::default());
+        let this = Arc::new(InProcessAgent {
+            name: config.name.clone(),
+            registry: registry.clone(),
+            notifications: notifications.clone(),
+        });
+        let backends = Arc::new(Backends::new(
+            &config,
+            #[cfg(feature = "ucx")]
+            ucx.clone(),
+        ));
         let inner = Arc::new(Inner {
             name: config.name.clone(),
             instance_id,
             config,
             host_id: pdx_sys::host_id(),
             pid: std::process::id(),
-            registry: Arc::new(Registry::default()),
+            registry,
+            this,
             next_region_id: AtomicU64::new(1),
             remotes: RwLock::new(HashMap::new()),
             load_lock: Mutex::new(()),
@@ -443,20 +356,25 @@ impl Agent {
             advertised,
             shutdown: AtomicBool::new(false),
             server: server.clone(),
+            backends,
             #[cfg(feature = "ucx")]
             ucx,
         });
         process_agents()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(inner.instance_id, Arc::downgrade(&inner));
+            .insert(inner.instance_id, Arc::downgrade(&inner.this));
+        let served: Weak<dyn ServeContext> = {
+            let w: Weak<Inner> = Arc::downgrade(&inner);
+            w
+        };
         server.spawn(
             poll,
             Listeners {
                 tcp: listener,
                 unix,
             },
-            Arc::downgrade(&inner),
+            served,
         )?;
         Ok(Agent { inner })
     }
@@ -611,19 +529,19 @@ impl Agent {
             let same_ucx = known.ucx_md == ext.ucx;
             #[cfg(not(feature = "ucx"))]
             let same_ucx = true;
-            let alive = known.local_peer().is_none_or(|p| p.is_alive());
+            let alive = known.agent.local_peer().is_none_or(|p| p.is_alive());
             if known.announced == wire
                 && same_ucx
-                && (known.cuda_md == ext.cuda || known.local_peer().is_some())
-                && !known.invalidated.load(Ordering::Acquire)
+                && (known.cuda_md == ext.cuda || known.agent.local_peer().is_some())
+                && !known.agent.is_invalidated()
                 && alive
             {
                 return Ok(wire.name);
             }
         }
-        let same_instance = old.filter(|o| {
-            o.md.instance_id == wire.instance_id && !o.invalidated.load(Ordering::Acquire)
-        });
+        let same_instance = old
+            .map(|o| o.agent.clone())
+            .filter(|o| o.md.instance_id == wire.instance_id && !o.is_invalidated());
         let in_process = process_agents()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -645,11 +563,12 @@ impl Agent {
                 .as_ref()
                 .and_then(|o| o.local_peer().cloned())
                 .filter(|p| p.is_alive());
+            let (me, server) = (self.inner.identity(), &self.inner.server);
             let vouched = match reuse {
                 Some(p) => p
-                    .refresh(&self.inner, wire.instance_id)
+                    .refresh(me, server, wire.instance_id)
                     .map(|(md, ext)| (p, md, ext)),
-                None => LocalPeer::connect(&self.inner, &wire),
+                None => LocalPeer::connect(me, server, &wire),
             };
             match vouched {
                 Ok((p, md, ext)) => (Locality::SameHost(p), md, ext),
@@ -672,23 +591,18 @@ impl Agent {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         let same_instance = remotes.get(&name).filter(|old| {
-            old.md.instance_id == md.instance_id && !old.invalidated.load(Ordering::Acquire)
+            old.agent.md.instance_id == md.instance_id && !old.agent.is_invalidated()
         });
         // The same peer, seen again: its connection (and the transfers on it) carry over.
-        let conn = same_instance
-            .and_then(|old| old.conn.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .filter(|c| !c.is_closed());
-        let keep_old = same_instance.is_some_and(|old| match (&old.locality, &locality) {
+        let conn = same_instance.and_then(|old| old.agent.live_conn());
+        let keep_old = same_instance.is_some_and(|old| match (&old.agent.locality, &locality) {
             (Locality::SameHost(a), Locality::SameHost(b)) => Arc::ptr_eq(a, b),
             (Locality::SameHost(_), _) => false,
             _ => true,
         });
-        let remote = Arc::new(RemoteAgent {
-            md,
+        let remote = Arc::new(Loaded {
+            agent: Arc::new(RemoteAgent::new(md, locality, conn)),
             announced: wire,
-            locality,
-            conn: Mutex::new(conn),
-            invalidated: AtomicBool::new(false),
             cuda_md,
             gpu_peer: GpuPeer::default(),
             #[cfg(feature = "ucx")]
@@ -698,7 +612,7 @@ impl Agent {
         });
         if let Some(old) = remotes.insert(name.clone(), remote) {
             if !keep_old {
-                old.shutdown();
+                old.agent.shutdown();
             }
         }
         Ok(name)
@@ -709,14 +623,14 @@ impl Agent {
     /// Errors: [`TransferError::UnknownRemote`].
     pub fn remote_metadata(&self, name: &str) -> Result<AgentMetadata> {
         let r = self.inner.remote(name)?;
-        r.check_alive()?;
-        Ok(r.md.clone())
+        r.agent.check_alive()?;
+        Ok(r.agent.md.clone())
     }
 
     /// Fetches a peer's metadata from its listener (`host:port`) without loading it, authenticating with this
-    /// agent's secret when it has one. Errors: as [`tcp::fetch_metadata_with`].
+    /// agent's secret when it has one. Errors: as [`crate::fetch_metadata_with`].
     pub fn fetch_metadata(&self, addr: &str) -> Result<Vec<u8>> {
-        tcp::fetch_metadata_with(
+        crate::conn::fetch_metadata_with(
             addr,
             self.inner.config.peer_timeout,
             self.inner.config.secret.as_ref(),
@@ -733,7 +647,7 @@ impl Agent {
     }
 
     /// Fetches a peer's metadata from its listener (`host:port`) and loads it; returns the peer's name.
-    /// Errors: as [`tcp::fetch_metadata`] and [`Agent::load_remote`].
+    /// Errors: as [`crate::fetch_metadata`] and [`Agent::load_remote`].
     pub fn fetch_remote(&self, addr: &str) -> Result<String> {
         let bytes = self.fetch_metadata(addr)?;
         self.load_remote(&bytes)
@@ -748,7 +662,7 @@ impl Agent {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        old.inspect(|r| r.shutdown()).is_some()
+        old.inspect(|r| r.agent.shutdown()).is_some()
     }
 
     /// Validates a local descriptor list against this agent's registrations.
@@ -806,18 +720,19 @@ impl Agent {
                         "descriptor {index} is empty"
                     )));
                 }
-                let (region, off) = remote.md.find_region(d.addr, d.len).ok_or_else(|| {
-                    TransferError::NotRegistered {
-                        agent: agent.to_string(),
-                        index,
-                        addr: d.addr,
-                        len: d.len,
-                    }
-                })?;
-                if remote.md.regions[region].kind != list.kind {
+                let (region, off) =
+                    remote.agent.md.find_region(d.addr, d.len).ok_or_else(|| {
+                        TransferError::NotRegistered {
+                            agent: agent.to_string(),
+                            index,
+                            addr: d.addr,
+                            len: d.len,
+                        }
+                    })?;
+                if remote.agent.md.regions[region].kind != list.kind {
                     return Err(TransferError::Invalid(format!(
                         "descriptor {index} names {:?} memory but the remote region is {:?}",
-                        list.kind, remote.md.regions[region].kind
+                        list.kind, remote.agent.md.regions[region].kind
                     )));
                 }
                 Ok(RemoteSeg {
@@ -859,7 +774,8 @@ impl Agent {
             remote_idx,
             opts.notif.as_deref(),
         )?;
-        let rem = remote.remote.clone();
+        let loaded = &remote.remote;
+        let rem = loaded.agent.clone();
         rem.check_alive()?;
         // The facts the planner decides from: where the peer is, and what its memory is as seen from here.
         let kinds: Vec<(MemoryKind, MemoryKind)> = pairs
@@ -873,7 +789,7 @@ impl Agent {
         let resolved: Option<Result<Vec<CopySeg>>> = in_process
             .as_ref()
             .and_then(|p| p.as_ref())
-            .map(|p| local_copy_plan(p, &pairs));
+            .map(|p| p.resolve(&pairs));
         let resolved_facts = resolved.as_ref().map(|r| match r {
             Ok(segs) => Ok(segs
                 .iter()
@@ -896,7 +812,7 @@ impl Agent {
             Locality::Remote(why) => Reach::Remote(why),
         };
         let choice = plan::choose(&Facts {
-            peer: &rem.md.name,
+            peer: rem.name(),
             kinds: &kinds,
             reach,
             transports: &self.inner.config.transports,
@@ -904,164 +820,43 @@ impl Agent {
             peer_listens: rem.md.listen_addr.is_some(),
             ucx_built: cfg!(feature = "ucx"),
         })?;
-        let resolved = || -> Result<Vec<CopySeg>> {
-            match resolved {
-                Some(r) => r,
-                None => Err(TransferError::Invalid("peer is not in this process".into())),
-            }
+        let x = Prepare {
+            pairs: &pairs,
+            remote: &rem,
+            route: &choice.route,
+            notif: opts.notif.as_deref(),
+            resolved: resolved
+                .as_ref()
+                .and_then(|r| r.as_ref().ok())
+                .map(Vec::as_slice),
         };
-        let plan = match &choice.route {
-            Route::Copy => Plan::Copy(resolved()?),
-            Route::Shm { slots } => {
-                let Locality::SameHost(peer) = &rem.locality else {
-                    return Err(TransferError::Invalid(
-                        "shm plan without a same-host peer".into(),
-                    ));
-                };
-                Plan::Shm {
-                    peer: peer.clone(),
-                    segs: plan::shm_segments(&pairs, slots)
-                        .into_iter()
-                        .map(|(local, slot, off)| ShmSeg { local, slot, off })
-                        .collect(),
-                }
-            }
-            Route::Cma { this_process } => Plan::Cma {
-                target: match (&rem.locality, this_process) {
-                    (Locality::SameHost(peer), false) => CmaTarget::Peer(peer.clone()),
-                    _ => CmaTarget::ThisProcess(
-                        pdx_sys::ipc::PeerProcess::this_process(),
-                        resolved()?.into_iter().map(|c| c.remote).collect(),
-                    ),
-                },
-                local: pairs.iter().map(|p| p.0.clone()).collect(),
-                remote: plan::cma_iovecs(&pairs),
-            },
-            Route::Tcp => Plan::Tcp {
-                local: pairs.iter().map(|p| p.0.clone()).collect(),
-                remote: plan::tcp_segments(&pairs).into(),
-            },
-            Route::Staged => {
-                let locals: Vec<(LocalSeg, MemoryKind)> = pairs
-                    .iter()
-                    .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
-                    .collect();
-                let ctrl: Arc<[u8]> = Ctrl::Segments {
-                    segs: plan::tcp_segments(&pairs),
-                    notif: opts.notif.clone(),
-                }
-                .encode()
-                .into();
-                Plan::Staged(gpu::staged_plan(&locals, ctrl)?)
-            }
-            Route::Cuda => Plan::Cuda(self.cuda_plan(&rem, &pairs, resolved)?),
-            #[cfg(feature = "ucx")]
-            Route::Ucx => self
-                .ucx_plan(&rem, &pairs)
-                .map_err(|e| choice.fell_through("ucx: not available to both agents", e))?,
-            #[cfg(not(feature = "ucx"))]
-            Route::Ucx => {
-                return Err(
-                    choice.fell_through("ucx: not built in", TransferError::Unavailable("ucx"))
-                )
-            }
-        };
-        let transport = choice.transport;
+        let prepared = self
+            .inner
+            .backends
+            .prepare(choice.transport, &x, loaded.slots())
+            .map_err(|e| match choice.transport {
+                // UCX is the last resort of the automatic choice: that the agents cannot connect over it is one
+                // more reason, not the error.
+                TransportKind::Ucx => choice.fell_through("ucx: not available to both agents", e),
+                _ => e,
+            })?;
         // Copies to another process notify (and detect peer death) over the peer connection; TCP needs it.
+        let me = self.inner.identity();
         let conn = match choice.conn(in_process.is_some()) {
             Conn::None => None,
-            Conn::Required => Some(rem.conn(&self.inner)?),
-            Conn::Optional => rem.conn(&self.inner).ok(),
+            Conn::Required => Some(rem.conn(me, &self.inner.notifications)?),
+            Conn::Optional => rem.conn(me, &self.inner.notifications).ok(),
         };
-        let tcp_ctrl = match &plan {
-            Plan::Tcp { remote, .. } => Some(
-                Ctrl::Segments {
-                    segs: remote.to_vec(),
-                    notif: opts.notif.clone(),
-                }
-                .encode()
-                .into(),
-            ),
-            _ => None,
-        };
-        Ok(XferRequest {
+        Ok(XferRequest::new(Parts {
             op,
-            transport,
+            transport: choice.transport,
             total_bytes: pairs.iter().map(|p| p.1.len).sum(),
-            plan,
+            prepared,
+            backends: self.inner.backends.clone(),
             remote: rem,
             conn,
             notif: opts.notif,
-            tcp_ctrl,
-            completion: Completion::new(),
-            me: Arc::downgrade(&self.inner),
-        })
-    }
-
-    /// The `cuda` plan of `pairs` with `rem` (see [`crate::gpu`]); `resolved`: the pairs' remote ranges in an
-    /// agent of this process.
-    fn cuda_plan(
-        &self,
-        rem: &RemoteAgent,
-        pairs: &[(LocalSeg, RemoteSeg)],
-        resolved: impl FnOnce() -> Result<Vec<CopySeg>>,
-    ) -> Result<gpu::GpuPlan> {
-        let locals: Vec<(LocalSeg, MemoryKind)> = pairs
-            .iter()
-            .map(|(l, r)| (l.clone(), rem.md.regions[r.region].kind))
-            .collect();
-        let peer = match &rem.locality {
-            Locality::SameProcess(_) => PeerMemory::SameProcess(
-                resolved()?
-                    .into_iter()
-                    .map(|c| (c.remote, c.remote_off))
-                    .collect(),
-            ),
-            Locality::SameHost(local) => PeerMemory::SameHost {
-                md: &rem.md,
-                cuda: rem.cuda_md.as_ref(),
-                local,
-                peer: &rem.gpu_peer,
-                segs: pairs
-                    .iter()
-                    .map(|(_, r)| (r.region, r.off as usize))
-                    .collect(),
-                populate: self.inner.config.populate,
-            },
-            Locality::Remote(why) => return Err(gpu::unavailable(why.clone())),
-        };
-        gpu::plan(&locals, peer)
-    }
-
-    #[cfg(feature = "ucx")]
-    fn ucx_plan(&self, rem: &Arc<RemoteAgent>, pairs: &[(LocalSeg, RemoteSeg)]) -> Result<Plan> {
-        let unavailable = |reason: String| TransferError::TransportUnavailable {
-            transport: "ucx",
-            reason,
-        };
-        let me = self.inner.ucx.as_ref().ok_or_else(|| {
-            unavailable("this agent has no UCX worker (UCX failed to start)".into())
-        })?;
-        let peer_md = rem
-            .ucx_md
-            .as_ref()
-            .ok_or_else(|| unavailable(format!("agent `{}` does not serve UCX", rem.md.name)))?;
-        let peer = {
-            let mut guard = rem.ucx_peer.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_ref() {
-                Some(p) => p.clone(),
-                None => {
-                    let ids: Vec<u64> = rem.md.regions.iter().map(|r| r.id).collect();
-                    let p = me.connect(&rem.md.name, peer_md, &ids)?;
-                    *guard = Some(p.clone());
-                    p
-                }
-            }
-        };
-        Ok(Plan::Ucx {
-            peer,
-            ops: plan::ucx_ops(pairs),
-        })
+        }))
     }
 
     /// Shorthand for NIXL's `createXferReq`: prepares both lists and pairs them in order.
@@ -1086,18 +881,17 @@ impl Agent {
         if payload.len() > crate::wire::MAX_NOTIF_BYTES {
             return Err(TransferError::Invalid("notification over 64 KiB".into()));
         }
-        let remote = self.inner.remote(agent)?;
+        let remote = self.inner.remote(agent)?.agent.clone();
         remote.check_alive()?;
+        let backends = &self.inner.backends;
+        let me = &self.inner.name;
         if let Locality::SameProcess(peer) = &remote.locality {
-            if let Some(peer) = peer.upgrade() {
-                peer.notifications.push(Notification {
-                    from: self.inner.name.clone(),
-                    payload,
-                });
-                return Ok(());
+            if peer.strong_count() > 0 {
+                return backends.local.notify(me, &remote, None, payload);
             }
         }
-        remote.conn(&self.inner)?.notify(payload)
+        let conn = remote.conn(self.inner.identity(), &self.inner.notifications)?;
+        backends.tcp.notify(me, &remote, Some(&conn), payload)
     }
 
     /// Takes every notification received so far, oldest first (NIXL `getNotifs`).
@@ -1129,32 +923,9 @@ impl Drop for Agent {
             .unwrap_or_else(|e| e.into_inner())
             .drain()
         {
-            remote.1.shutdown();
+            remote.1.agent.shutdown();
         }
         // Closes idle connections and the listeners; handlers serving a connection notice within a tick.
         inner.server.shutdown();
     }
-}
-
-/// Resolves remote ranges of an agent in this process against its live registrations.
-fn local_copy_plan(peer: &Inner, pairs: &[(LocalSeg, RemoteSeg)]) -> Result<Vec<CopySeg>> {
-    pairs
-        .iter()
-        .enumerate()
-        .map(|(index, (l, r))| {
-            let (region, off) = peer.registry.lookup(r.addr, r.len).ok_or_else(|| {
-                TransferError::NotRegistered {
-                    agent: peer.name.clone(),
-                    index,
-                    addr: r.addr,
-                    len: r.len,
-                }
-            })?;
-            Ok(CopySeg {
-                local: l.clone(),
-                remote: region,
-                remote_off: off,
-            })
-        })
-        .collect()
 }

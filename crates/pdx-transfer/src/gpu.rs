@@ -19,10 +19,14 @@ use std::sync::{Arc, Mutex};
 use pdx_cuda::{Device, GpuMemory, IpcMemory, PinnedHostBuffer, Stream};
 use pdx_sys::Memory;
 
+use crate::backend::{self, Backend, Post, Prepare};
+use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
 use crate::memory::{Backing, MemoryKind, Region};
 use crate::metadata::{AgentMetadata, CudaMetadata};
-use crate::request::XferOp;
+use crate::plan::Route;
+use crate::remote::{Locality, RemoteAgent};
+use crate::request::{Completion, XferOp, XferStatus};
 use crate::transport::LocalSeg;
 
 /// The far side of one GPU copy.
@@ -293,4 +297,120 @@ pub(crate) fn staged_plan(
             copies,
         },
     })
+}
+
+/// The `cuda` backend (`backend.rs`): GPU copies on a stream (same process, or same host through CUDA IPC), and
+/// the staged path through pinned memory over `tcp`. Both complete inside `post`.
+pub(crate) struct CudaBackend {
+    /// This agent's name (the sender of its notifications).
+    pub name: String,
+    /// Fault in pages of the peer memory mapped here up front.
+    pub populate: bool,
+}
+
+/// What the `cuda` backend keeps of a peer: its CUDA IPC handles (metadata version 3) and the memory opened here.
+pub(crate) struct CudaPeer<'a> {
+    /// The peer's IPC handles.
+    pub cuda: Option<&'a CudaMetadata>,
+    /// What this agent has opened of the peer's memory.
+    pub opened: &'a GpuPeer,
+}
+
+/// A prepared `cuda` request.
+#[derive(Debug)]
+pub(crate) enum CudaReq {
+    /// Copies on a stream.
+    Direct(GpuPlan),
+    /// Staged through pinned memory over `tcp` (the request's transport is `tcp`).
+    Staged(StagedPlan),
+}
+
+impl Backend for CudaBackend {
+    type Peer<'a> = CudaPeer<'a>;
+    type Req = CudaReq;
+
+    fn prepare(&self, x: &Prepare<'_>, peer: CudaPeer<'_>) -> Result<CudaReq> {
+        let md = &x.remote.md;
+        let locals: Vec<(LocalSeg, MemoryKind)> = x
+            .pairs
+            .iter()
+            .map(|(l, r)| (l.clone(), md.regions[r.region].kind))
+            .collect();
+        match x.route {
+            Route::Staged => Ok(CudaReq::Staged(staged_plan(
+                &locals,
+                crate::tcp::encode_request(x.pairs, x.notif),
+            )?)),
+            Route::Cuda => {
+                let memory = match &x.remote.locality {
+                    Locality::SameProcess(_) => PeerMemory::SameProcess(
+                        x.resolved()?
+                            .iter()
+                            .map(|c| (c.remote.clone(), c.remote_off))
+                            .collect(),
+                    ),
+                    Locality::SameHost(local) => PeerMemory::SameHost {
+                        md,
+                        cuda: peer.cuda,
+                        local,
+                        peer: peer.opened,
+                        segs: x
+                            .pairs
+                            .iter()
+                            .map(|(_, r)| (r.region, r.off as usize))
+                            .collect(),
+                        populate: self.populate,
+                    },
+                    Locality::Remote(why) => return Err(unavailable(why.clone())),
+                };
+                Ok(CudaReq::Direct(plan(&locals, memory)?))
+            }
+            _ => Err(x.wrong_route("cuda")),
+        }
+    }
+
+    fn post(&self, req: &CudaReq, x: &Post<'_>) -> Result<XferStatus> {
+        match req {
+            CudaReq::Direct(plan) => backend::post_inline(&self.name, x, || run(x.op, plan)),
+            CudaReq::Staged(plan) => run_staged(plan, x).map(|()| XferStatus::Done),
+        }
+    }
+
+    /// Over the peer connection (a push between agents of one process).
+    fn notify(
+        &self,
+        from: &str,
+        to: &RemoteAgent,
+        conn: Option<&Arc<PeerConn>>,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        backend::deliver(from, to, conn, payload)
+    }
+}
+
+/// The staged path, inside `post`: GPU → staging then `tcp` (WRITE), or `tcp` into staging then staging → GPU
+/// (READ). The notification rides on the `tcp` request.
+fn run_staged(plan: &StagedPlan, x: &Post<'_>) -> Result<()> {
+    x.remote.check_alive()?;
+    let conn = x
+        .conn
+        .ok_or_else(|| TransferError::Invalid("staged request without a connection".into()))?;
+    let tcp = |op| -> Result<()> {
+        let done = Completion::new();
+        done.begin()?;
+        crate::tcp::submit(conn, op, &plan.ctrl, &plan.tcp_local, done.clone())?;
+        done.wait(None)
+    };
+    // The GPU copies pair each local segment with its staging range, so the request's own direction applies:
+    // WRITE copies local GPU memory → staging, READ copies staging → local GPU memory.
+    match x.op {
+        XferOp::Write => {
+            run(XferOp::Write, &plan.gpu)?;
+            tcp(XferOp::Write)
+        }
+        XferOp::Read => {
+            tcp(XferOp::Read)?;
+            run(XferOp::Read, &plan.gpu)
+        }
+    }
 }

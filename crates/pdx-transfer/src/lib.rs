@@ -58,14 +58,19 @@
 
 mod agent;
 pub mod auth;
+mod backend;
+mod config;
+mod conn;
 mod desc;
 mod error;
 mod gpu;
+mod host;
 mod memory;
 pub mod metadata;
 mod notif;
 mod peer;
 mod plan;
+mod remote;
 mod request;
 mod server;
 mod tcp;
@@ -75,8 +80,10 @@ mod ucx;
 pub mod wire;
 mod xfer;
 
-pub use agent::{Agent, AgentConfig, PreparedLocal, PreparedRemote, XferOptions};
+pub use agent::{Agent, PreparedLocal, PreparedRemote};
 pub use auth::AgentSecret;
+pub use config::{AgentConfig, XferOptions};
+pub use conn::{fetch_metadata, fetch_metadata_with};
 pub use desc::{XferDesc, XferDescList};
 pub use error::{Result, TransferError};
 pub use memory::{MemoryKind, RegisteredMemory};
@@ -84,6 +91,5 @@ pub use metadata::AgentMetadata;
 pub use notif::Notification;
 pub use pdx_sys::{copy as copy_host, copy_streaming as copy_host_streaming, Memory};
 pub use request::{XferCompletion, XferOp, XferStatus};
-pub use tcp::{fetch_metadata, fetch_metadata_with};
 pub use transport::TransportKind;
 pub use xfer::XferRequest;

@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use pdx_sys::ipc::PeerProcess;
 use pdx_sys::Memory;
 
-use crate::agent::Inner;
+use crate::config::Identity;
+use crate::conn::{self, read_frame_rest, read_reply, StallClock, STALL_TICK};
 use crate::error::{Result, TransferError};
 use crate::memory::{Backing, MemoryKind, Region};
 use crate::metadata::{AgentMetadata, Extensions, MAX_REGIONS};
-use crate::tcp::{self, read_frame_rest, read_reply, StallClock, STALL_TICK};
+use crate::server::{LinkWatcher, Server};
 use crate::wire::{encode_frame, Ctrl, FrameKind, HEADER_LEN, MAX_FDS_PER_FRAME};
 
 /// The abstract Unix socket name of the agent with this instance id.
@@ -102,24 +103,26 @@ fn not_vouched(peer: &str, reason: impl std::fmt::Display) -> TransferError {
 }
 
 /// Connects to the Unix socket of agent `name` (`instance_id`), authenticates, and takes its metadata and memfds.
-fn exchange(me: &Inner, name: &str, instance_id: u64) -> Result<Exchange> {
+fn exchange(me: Identity<'_>, name: &str, instance_id: u64) -> Result<Exchange> {
     let timeout = me.config.peer_timeout;
     let addr = abstract_addr(instance_id).map_err(|e| not_vouched(name, e))?;
     let link = UnixStream::connect_addr(&addr)
         .map_err(|e| not_vouched(name, format!("its Unix socket is unreachable ({e})")))?;
     link.set_read_timeout(Some(STALL_TICK))
         .and_then(|()| link.set_write_timeout(Some(STALL_TICK)))
-        .map_err(tcp::io_err("configuring a Unix socket"))?;
+        .map_err(conn::io_err("configuring a Unix socket"))?;
     let (process, _cred) = PeerProcess::of_unix_peer(&link).map_err(|e| not_vouched(name, e))?;
     let mut request = Vec::new();
     match &me.config.secret {
-        Some(secret) => tcp::authenticate(&link, secret, &me.name, me.instance_id, name, timeout)?,
+        Some(secret) => {
+            conn::authenticate(&link, secret, me.name(), me.instance_id, name, timeout)?
+        }
         None => {
             request = encode_frame(
                 FrameKind::Hello,
                 0,
                 &Ctrl::Hello {
-                    name: me.name.clone(),
+                    name: me.name().to_string(),
                     instance_id: me.instance_id,
                 },
             )
@@ -130,7 +133,7 @@ fn exchange(me: &Inner, name: &str, instance_id: u64) -> Result<Exchange> {
     // not a broken pipe, is the error.
     let written = (&link)
         .write_all(&request)
-        .map_err(tcp::io_err("writing to a Unix socket"));
+        .map_err(conn::io_err("writing to a Unix socket"));
     let reply = read_reply(&link, name, timeout);
     written.or_else(|e| match &reply {
         Err(TransferError::Unauthenticated { .. }) => Ok(()),
@@ -281,13 +284,15 @@ fn map_regions(
 }
 
 impl LocalPeer {
-    /// Vouches for the agent `wire` names, on this host: connects to its Unix socket and maps its memfds. Returns
-    /// the peer and the metadata and extensions it sent over that socket (the ones to use from now on).
+    /// Vouches for the agent `wire` names, on this host: connects to its Unix socket and maps its memfds; the
+    /// agent's I/O thread (`server`) then watches the link. Returns the peer and the metadata and extensions it
+    /// sent over that socket (the ones to use from now on).
     ///
     /// Errors: [`TransferError::TransportUnavailable`] when the kernel cannot vouch for it (no socket, another
     /// agent behind it); [`TransferError::Unauthenticated`] for a secret mismatch; connection errors.
     pub(crate) fn connect(
-        me: &Inner,
+        me: Identity<'_>,
+        server: &Server,
         wire: &AgentMetadata,
     ) -> Result<(Arc<LocalPeer>, AgentMetadata, Extensions)> {
         let ex = exchange(me, &wire.name, wire.instance_id)?;
@@ -301,7 +306,7 @@ impl LocalPeer {
             alive: AtomicBool::new(true),
         });
         let link = peer.link.lock().unwrap_or_else(|e| e.into_inner());
-        me.server.watch(&link, &peer, 0)?;
+        server.watch(&link, peer.watcher(), 0)?;
         drop(link);
         Ok((peer, ex.md, ex.ext))
     }
@@ -311,7 +316,8 @@ impl LocalPeer {
     /// another process answers.
     pub(crate) fn refresh(
         self: &Arc<Self>,
-        me: &Inner,
+        me: Identity<'_>,
+        server: &Server,
         instance_id: u64,
     ) -> Result<(AgentMetadata, Extensions)> {
         let ex = exchange(me, &self.name, instance_id)?;
@@ -332,7 +338,7 @@ impl LocalPeer {
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
         let old = std::mem::replace(&mut *link, ex.link);
         let _ = old.shutdown(std::net::Shutdown::Both);
-        me.server.watch(&link, self, generation)?;
+        server.watch(&link, self.watcher(), generation)?;
         Ok((ex.md, ex.ext))
     }
 
@@ -359,13 +365,6 @@ impl LocalPeer {
         }
     }
 
-    /// The I/O thread saw link `generation` close.
-    pub(crate) fn link_lost(&self, generation: u64) {
-        if generation == self.generation.load(Ordering::Acquire) {
-            self.gone("its Unix socket closed");
-        }
-    }
-
     /// The peer is gone: unmap its memory now (copies in flight keep their mapping until they finish) and close
     /// the link.
     pub(crate) fn gone(&self, why: &str) {
@@ -378,6 +377,22 @@ impl LocalPeer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl LocalPeer {
+    fn watcher(self: &Arc<Self>) -> std::sync::Weak<dyn LinkWatcher> {
+        let w: std::sync::Weak<LocalPeer> = Arc::downgrade(self);
+        w
+    }
+}
+
+impl LinkWatcher for LocalPeer {
+    /// The I/O thread saw link `generation` close.
+    fn link_lost(&self, generation: u64) {
+        if generation == self.generation.load(Ordering::Acquire) {
+            self.gone("its Unix socket closed");
+        }
     }
 }
 

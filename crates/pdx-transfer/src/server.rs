@@ -29,13 +29,11 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::agent::Inner;
-use crate::auth;
+use crate::auth::{self, AgentSecret};
+use crate::conn::{self, configure, read_frame, FrameError, StallClock, STALL_TICK};
 use crate::error::Result;
 use crate::memory::Region;
 use crate::notif::Notification;
-use crate::peer::LocalPeer;
-use crate::tcp::{self, configure, read_frame, FrameError, StallClock, STALL_TICK};
 use crate::transport::LocalSeg;
 use crate::wire::{encode_frame, Ctrl, FrameKind, Header, MAX_FDS_PER_FRAME};
 
@@ -53,6 +51,39 @@ const MAX_DRAIN_BYTES: u64 = 256 << 20;
 const DRAIN_CHUNK: usize = 64 << 10;
 /// Frames closer together than this make a connection "hot": its handler waits a tick for the next one.
 const HOT_GAP: Duration = Duration::from_millis(10);
+
+/// What serving connections needs of the agent, and nothing more: who it is to its peers (name, secret), the
+/// bound on a peer's stalls, its live registrations (region lookup, the metadata and memfds of a snapshot), and
+/// where received notifications go. The agent implements it; the listener holds it weakly, so a dropped agent
+/// stops being served.
+pub(crate) trait ServeContext: Send + Sync {
+    /// The agent's name (errors sent to peers, logs).
+    fn name(&self) -> &str;
+    /// The shared secret every connection must prove first, if the agent has one.
+    fn secret(&self) -> Option<&AgentSecret>;
+    /// How long a peer may stall in the middle of a frame.
+    fn peer_timeout(&self) -> Duration;
+    /// True once the agent is being dropped: handlers stop serving.
+    fn is_shut_down(&self) -> bool;
+    /// The live region holding all of `[addr, addr+len)` and the offset in it (bytes), if one does.
+    fn lookup(&self, addr: u64, len: u64) -> Option<(Arc<Region>, usize)>;
+    /// Every live region, for the metadata and memfds a same-host peer receives.
+    fn regions(&self) -> Vec<Arc<Region>>;
+    /// The encoded metadata describing exactly `live` (a snapshot of [`ServeContext::regions`]).
+    fn metadata_of(&self, live: &[Arc<Region>]) -> Result<Vec<u8>>;
+    /// The agent's current metadata (the side channel's answer).
+    fn metadata(&self) -> Result<Vec<u8>> {
+        self.metadata_of(&self.regions())
+    }
+    /// Delivers a notification a peer sent.
+    fn deliver(&self, n: Notification);
+}
+
+/// A same-host peer whose Unix link the I/O thread watches: told when link `generation` closes.
+pub(crate) trait LinkWatcher: Send + Sync {
+    /// The link of `generation` closed (the peer's process is gone, or the link was replaced).
+    fn link_lost(&self, generation: u64);
+}
 
 /// The limits of an agent's listener (from [`crate::AgentConfig`]).
 #[derive(Clone, Copy, Debug)]
@@ -171,7 +202,7 @@ impl ServerConn {
 struct Monitor {
     /// A duplicate of the link's descriptor, owned here so its registration can never name another socket.
     stream: UnixStream,
-    peer: Weak<LocalPeer>,
+    peer: Weak<dyn LinkWatcher>,
     generation: u64,
 }
 
@@ -202,7 +233,7 @@ pub(crate) struct Server {
     /// Connections closed at accept because `max_connections` were open.
     refused: AtomicU64,
     /// The agent served (set when the I/O thread starts).
-    agent: std::sync::OnceLock<Weak<Inner>>,
+    agent: std::sync::OnceLock<Weak<dyn ServeContext>>,
 }
 
 /// The listener sockets, handed to the I/O thread.
@@ -214,8 +245,8 @@ pub(crate) struct Listeners {
 impl Server {
     /// Creates the shared state and the epoll instance (the I/O thread starts with [`Server::spawn`]).
     pub(crate) fn new(name: &str, limits: Limits) -> Result<(Arc<Server>, Poll)> {
-        let poll = Poll::new().map_err(tcp::io_err("creating epoll"))?;
-        let waker = Waker::new(poll.registry(), WAKE).map_err(tcp::io_err("creating waker"))?;
+        let poll = Poll::new().map_err(conn::io_err("creating epoll"))?;
+        let waker = Waker::new(poll.registry(), WAKE).map_err(conn::io_err("creating waker"))?;
         Ok((
             Arc::new(Server {
                 name: name.to_string(),
@@ -239,7 +270,7 @@ impl Server {
         self: &Arc<Self>,
         poll: Poll,
         listeners: Listeners,
-        agent: Weak<Inner>,
+        agent: Weak<dyn ServeContext>,
     ) -> Result<()> {
         let _ = self.agent.set(agent.clone());
         let me = self.clone();
@@ -247,7 +278,7 @@ impl Server {
             .name(format!("pdx-io-{}", self.name))
             .spawn(move || me.run(poll, listeners, agent))
             .map(drop)
-            .map_err(tcp::io_err("spawning the agent's I/O thread"))
+            .map_err(conn::io_err("spawning the agent's I/O thread"))
     }
 
     /// Stops the I/O thread and the handlers (connections close; handlers serving one notice within a tick).
@@ -275,30 +306,30 @@ impl Server {
     pub(crate) fn watch(
         &self,
         link: &UnixStream,
-        peer: &Arc<LocalPeer>,
+        peer: Weak<dyn LinkWatcher>,
         generation: u64,
     ) -> Result<()> {
         let stream = link
             .try_clone()
-            .map_err(tcp::io_err("duplicating a link"))?;
+            .map_err(conn::io_err("duplicating a link"))?;
         self.new_monitors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Monitor {
                 stream,
-                peer: Arc::downgrade(peer),
+                peer,
                 generation,
             });
         self.waker
             .wake()
-            .map_err(tcp::io_err("waking the I/O thread"))
+            .map_err(conn::io_err("waking the I/O thread"))
     }
 
     fn lock_queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(self: Arc<Self>, mut poll: Poll, listeners: Listeners, agent: Weak<Inner>) {
+    fn run(self: Arc<Self>, mut poll: Poll, listeners: Listeners, agent: Weak<dyn ServeContext>) {
         let mut events = Events::with_capacity(256);
         let mut idle: HashMap<Token, ServerConn> = HashMap::new();
         let mut monitors: HashMap<Token, Monitor> = HashMap::new();
@@ -563,7 +594,7 @@ impl Server {
         self.lock_queue().starting -= 1;
         while let Some(mut conn) = self.next_conn() {
             let outcome = match self.agent_for_handler() {
-                Some(inner) => serve(&inner, &self, &mut conn),
+                Some(ctx) => serve(&*ctx, &self, &mut conn),
                 None => Err("agent shut down".to_string()),
             };
             match outcome {
@@ -585,7 +616,7 @@ impl Server {
         }
     }
 
-    fn agent_for_handler(&self) -> Option<Arc<Inner>> {
+    fn agent_for_handler(&self) -> Option<Arc<dyn ServeContext>> {
         self.agent
             .get()
             .and_then(Weak::upgrade)
@@ -601,7 +632,11 @@ impl Server {
 /// more tick while nothing else waits, so its next request is read directly instead of through the I/O thread
 /// (one thread wake-up instead of two). Any other connection goes back to epoll at once, so idle connections
 /// never hold a handler.
-fn serve(inner: &Inner, server: &Server, conn: &mut ServerConn) -> std::result::Result<(), String> {
+fn serve(
+    ctx: &dyn ServeContext,
+    server: &Server,
+    conn: &mut ServerConn,
+) -> std::result::Result<(), String> {
     let mut first = true;
     loop {
         if !first {
@@ -617,11 +652,11 @@ fn serve(inner: &Inner, server: &Server, conn: &mut ServerConn) -> std::result::
         first = false;
         let deadline = conn.handshake_deadline(&server.limits);
         let before_deadline = || deadline.is_none_or(|d| Instant::now() < d);
-        let mut clock = StallClock::new(inner.config.peer_timeout);
+        let mut clock = StallClock::new(ctx.peer_timeout());
         // A frame should be there (the connection was readable); once it has started, the peer timeout bounds each
         // stall, and the handshake deadline the whole handshake.
         let frame = read_frame(&conn.stream, &mut || false, &mut |p| {
-            clock.tick(p) && !inner.is_shut_down() && before_deadline()
+            clock.tick(p) && !ctx.is_shut_down() && before_deadline()
         });
         let (header, ctrl) = match frame {
             Ok(f) => f,
@@ -637,7 +672,7 @@ fn serve(inner: &Inner, server: &Server, conn: &mut ServerConn) -> std::result::
         conn.hot = conn.frames > 0 && now.duration_since(conn.last_frame) < HOT_GAP;
         conn.last_frame = now;
         conn.frames += 1;
-        handle(inner, conn, header, ctrl)?;
+        handle(ctx, conn, header, ctrl)?;
         if server.others_waiting() {
             return Ok(());
         }
@@ -674,12 +709,12 @@ fn refuse(conn: &ServerConn, reason: &str) -> std::result::Result<(), String> {
 
 /// The authentication step of the connection's life, then the request itself.
 fn handle(
-    inner: &Inner,
+    ctx: &dyn ServeContext,
     conn: &mut ServerConn,
     header: Header,
     ctrl: Ctrl,
 ) -> std::result::Result<(), String> {
-    let secret = inner.config.secret.as_ref();
+    let secret = ctx.secret();
     match (&conn.phase, secret) {
         (Phase::Fresh, Some(secret)) => {
             return match ctrl {
@@ -700,7 +735,7 @@ fn handle(
                     &format!(
                         "authentication required: agent `{}` has a secret; give the peer the same one \
                          (AgentConfig::secret, PDX_AGENT_SECRET)",
-                        inner.name
+                        ctx.name()
                     ),
                 ),
             };
@@ -719,7 +754,7 @@ fn handle(
                     conn,
                     &format!(
                         "authentication failed: wrong agent secret for `{}`",
-                        inner.name
+                        ctx.name()
                     ),
                 );
             }
@@ -733,7 +768,7 @@ fn handle(
                     conn,
                     &format!(
                         "agent `{}` has no secret configured, so it cannot prove one",
-                        inner.name
+                        ctx.name()
                     ),
                 );
             }
@@ -742,22 +777,22 @@ fn handle(
         _ => {}
     }
     match &conn.stream {
-        Stream::Unix(_) => handle_unix(inner, conn, header),
-        Stream::Tcp(s) => handle_tcp(inner, &mut conn.peer, s, header, ctrl),
+        Stream::Unix(_) => handle_unix(ctx, conn, header),
+        Stream::Tcp(s) => handle_tcp(ctx, &mut conn.peer, s, header, ctrl),
     }
 }
 
 /// Requests of the Unix socket: who is calling, and the memfds. After the memfds the connection is a `Link`, the
 /// initiator's liveness signal.
 fn handle_unix(
-    inner: &Inner,
+    ctx: &dyn ServeContext,
     conn: &mut ServerConn,
     header: Header,
 ) -> std::result::Result<(), String> {
     match header.kind {
         FrameKind::Hello | FrameKind::Ping => Ok(()),
         FrameKind::ShareMemory => {
-            share_memory(inner, conn)?;
+            share_memory(ctx, conn)?;
             conn.phase = Phase::Link;
             Ok(())
         }
@@ -766,12 +801,12 @@ fn handle_unix(
 }
 
 /// Sends this agent's metadata and, attached to `Memfds` frames, the memfd of every shareable region.
-fn share_memory(inner: &Inner, conn: &ServerConn) -> std::result::Result<(), String> {
+fn share_memory(ctx: &dyn ServeContext, conn: &ServerConn) -> std::result::Result<(), String> {
     let Stream::Unix(sock) = &conn.stream else {
         return Err("memfds go over the Unix socket only".into());
     };
-    let live: Vec<Arc<Region>> = inner.registry.snapshot();
-    let metadata = inner.metadata_of(&live).map_err(|e| e.to_string())?;
+    let live: Vec<Arc<Region>> = ctx.regions();
+    let metadata = ctx.metadata_of(&live).map_err(|e| e.to_string())?;
     let fds: Vec<(u64, BorrowedFd<'_>)> = live
         .iter()
         .filter_map(|r| r.host().and_then(|m| m.memfd_handle()).map(|fd| (r.id, fd)))
@@ -800,12 +835,14 @@ fn share_memory(inner: &Inner, conn: &ServerConn) -> std::result::Result<(), Str
 }
 
 /// Resolves target segments against this agent's live registrations.
-fn resolve(inner: &Inner, segs: &[(u64, u64)]) -> std::result::Result<Vec<LocalSeg>, String> {
+fn resolve(
+    ctx: &dyn ServeContext,
+    segs: &[(u64, u64)],
+) -> std::result::Result<Vec<LocalSeg>, String> {
     segs.iter()
         .enumerate()
         .map(|(i, &(addr, len))| {
-            let (region, off): (Arc<Region>, usize) = inner
-                .registry
+            let (region, off): (Arc<Region>, usize) = ctx
                 .lookup(addr, len)
                 .ok_or_else(|| format!("segment {i} ({addr:#x}+{len}) is not registered"))?;
             if region.host().is_none() {
@@ -824,15 +861,15 @@ fn resolve(inner: &Inner, segs: &[(u64, u64)]) -> std::result::Result<Vec<LocalS
 
 /// Requests of the TCP listener: side-channel metadata, READ/WRITE requests, notifications.
 fn handle_tcp(
-    inner: &Inner,
+    ctx: &dyn ServeContext,
     peer: &mut String,
     stream: &TcpStream,
     header: Header,
     ctrl: Ctrl,
 ) -> std::result::Result<(), String> {
     let fd = stream.as_raw_fd();
-    let mut clock = StallClock::new(inner.config.peer_timeout);
-    let mut stall = |p| clock.tick(p) && !inner.is_shut_down();
+    let mut clock = StallClock::new(ctx.peer_timeout());
+    let mut stall = |p| clock.tick(p) && !ctx.is_shut_down();
     let write = |bytes: &[u8], stall: &mut dyn FnMut(bool) -> bool| {
         pdx_sys::write_all_vectored(fd, bytes, &[], stall).map_err(|e| e.to_string())
     };
@@ -842,35 +879,30 @@ fn handle_tcp(
             Ok(())
         }
         (FrameKind::Ping, _) => Ok(()),
-        (FrameKind::GetMetadata, _) => {
-            inner
-                .local_metadata()
-                .map_err(|e| e.to_string())
-                .and_then(|md| {
-                    write(
-                        &encode_frame(FrameKind::Metadata, 0, &Ctrl::Metadata(md)),
-                        &mut stall,
-                    )
-                })
-        }
+        (FrameKind::GetMetadata, _) => ctx.metadata().map_err(|e| e.to_string()).and_then(|md| {
+            write(
+                &encode_frame(FrameKind::Metadata, 0, &Ctrl::Metadata(md)),
+                &mut stall,
+            )
+        }),
         (FrameKind::Notify, Ctrl::Notify(payload)) => {
-            inner.notifications.push(Notification {
+            ctx.deliver(Notification {
                 from: peer.clone(),
                 payload,
             });
             Ok(())
         }
-        (FrameKind::ReadRequest, Ctrl::Segments { segs, notif }) => match resolve(inner, &segs) {
+        (FrameKind::ReadRequest, Ctrl::Segments { segs, notif }) => match resolve(ctx, &segs) {
             Err(msg) => write(
                 &encode_frame(FrameKind::Error, header.req_id, &Ctrl::Error(msg)),
                 &mut stall,
             ),
             Ok(local) => {
                 let prefix = encode_frame(FrameKind::ReadResponse, header.req_id, &Ctrl::Empty);
-                let sent = tcp::slices(&local)
+                let sent = conn::slices(&local)
                     .and_then(|s| Ok(pdx_sys::write_all_vectored(fd, &prefix, &s, &mut stall)?));
                 if let (Ok(()), Some(payload)) = (&sent, notif) {
-                    inner.notifications.push(Notification {
+                    ctx.deliver(Notification {
                         from: peer.clone(),
                         payload,
                     });
@@ -878,7 +910,7 @@ fn handle_tcp(
                 sent.map_err(|e| e.to_string())
             }
         },
-        (FrameKind::WriteRequest, Ctrl::Segments { segs, notif }) => match resolve(inner, &segs) {
+        (FrameKind::WriteRequest, Ctrl::Segments { segs, notif }) => match resolve(ctx, &segs) {
             Err(msg) => {
                 // Keep the connection in sync by draining the data, through a fixed buffer: the peer's claimed
                 // length sizes no allocation.
@@ -897,7 +929,7 @@ fn handle_tcp(
                 )
             }
             Ok(local) => {
-                let received = tcp::slices(&local)
+                let received = conn::slices(&local)
                     .and_then(|s| Ok(pdx_sys::read_exact_into(fd, &s, &mut stall)?));
                 match received {
                     Ok(()) => {
@@ -906,7 +938,7 @@ fn handle_tcp(
                             &mut stall,
                         );
                         if let Some(payload) = notif {
-                            inner.notifications.push(Notification {
+                            ctx.deliver(Notification {
                                 from: peer.clone(),
                                 payload,
                             });
@@ -930,7 +962,7 @@ fn drain(
     let mut sink = [0u8; DRAIN_CHUNK];
     while total > 0 {
         let n = total.min(DRAIN_CHUNK as u64) as usize;
-        tcp::read_full(stream, &mut sink[..n], stall).map_err(|e| e.to_string())?;
+        conn::read_full(stream, &mut sink[..n], stall).map_err(|e| e.to_string())?;
         total -= n as u64;
     }
     Ok(())

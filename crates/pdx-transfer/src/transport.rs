@@ -1,7 +1,7 @@
-//! Transport names and per-request plans.
+//! Transport names, and the segments requests are made of.
 //!
-//! A transfer request is resolved once, at creation, into a [`Plan`]: which transport moves it and the
-//! validated, pre-resolved segments it moves. Re-posting the request runs the plan again without re-validation.
+//! A transfer request is resolved once, at creation: `plan.rs` chooses the transport, whose backend prepares the
+//! validated, pre-resolved segments it moves. Re-posting the request runs them again without re-validation.
 
 use std::fmt;
 use std::str::FromStr;
@@ -91,69 +91,4 @@ pub(crate) struct CopySeg {
     pub local: LocalSeg,
     pub remote: Arc<Region>,
     pub remote_off: usize,
-}
-
-/// One memcpy between a local range and a same-host peer's memfd mapped here (`shm`).
-#[derive(Clone, Debug)]
-pub(crate) struct ShmSeg {
-    pub local: LocalSeg,
-    /// Slot of the remote region in the peer's [`crate::peer::PeerMap`].
-    pub slot: usize,
-    /// Offset in the remote region.
-    pub off: usize,
-}
-
-/// The process a `cma` request copies to or from.
-pub(crate) enum CmaTarget {
-    /// This process (a peer agent of it), with the peer's regions the ranges lie in, kept alive by the plan.
-    ThisProcess(
-        pdx_sys::ipc::PeerProcess,
-        #[allow(dead_code)] Vec<Arc<Region>>,
-    ),
-    /// The same-host process the kernel named on the peer's Unix socket.
-    Peer(Arc<crate::peer::LocalPeer>),
-}
-
-impl fmt::Debug for CmaTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CmaTarget::ThisProcess(p, _) => write!(f, "ThisProcess({})", p.pid()),
-            CmaTarget::Peer(p) => write!(f, "Peer({})", p.process().pid()),
-        }
-    }
-}
-
-/// How one transfer request is carried out.
-#[derive(Debug)]
-pub(crate) enum Plan {
-    /// `local` (and `shm` between agents of one process): memcpy per segment, remote regions held live.
-    Copy(Vec<CopySeg>),
-    /// `shm` to a same-host peer: memcpy per segment into its memfds mapped here. The plan holds no mapping; each
-    /// post takes the peer's current ones, so a peer that goes away is unmapped at once.
-    Shm {
-        peer: Arc<crate::peer::LocalPeer>,
-        segs: Vec<ShmSeg>,
-    },
-    /// `cma`: one batched cross-process call.
-    Cma {
-        target: CmaTarget,
-        local: Vec<LocalSeg>,
-        remote: Vec<(u64, usize)>,
-    },
-    /// `tcp`: a request frame to the peer's listener.
-    Tcp {
-        local: Arc<[LocalSeg]>,
-        remote: Arc<[(u64, u64)]>,
-    },
-    /// `cuda`: copies on a CUDA stream.
-    Cuda(crate::gpu::GpuPlan),
-    /// `tcp` with GPU memory: staged through pinned host memory.
-    Staged(crate::gpu::StagedPlan),
-    /// `ucx`: a batch of puts or gets and a flush on the peer's endpoint; segments are
-    /// `(local, remote address, remote region index)`.
-    #[cfg(feature = "ucx")]
-    Ucx {
-        peer: Arc<crate::ucx::UcxPeer>,
-        ops: Vec<(LocalSeg, u64, usize)>,
-    },
 }

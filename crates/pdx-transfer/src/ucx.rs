@@ -5,7 +5,7 @@
 //! - A request is a batch of `ucp_put_nbx` / `ucp_get_nbx` followed by `ucp_ep_flush_nbx`; the flush's
 //!   completion finishes the request. A notification is then sent as a UCX active message (id
 //!   [`NOTIF_AM_ID`], header = sender name, data = payload), so the peer sees it only after the data.
-//! - Progress is caller-driven where there is a caller: [`UcxAgent::wait`] (behind `XferRequest::wait`) and
+//! - Progress is caller-driven where there is a caller: [`UcxAgent::wait_driving`] (behind `XferRequest::wait`) and
 //!   [`UcxAgent::progress_once`] (behind `XferRequest::status`) progress the worker themselves, as NIXL's
 //!   status checks do, and the progress thread then stays out of the way (it sleeps, so a 2-core host does
 //!   not run two spinning threads per process). Otherwise a dedicated progress thread per agent drives the
@@ -25,12 +25,15 @@ use pdx_ucx_sys::{
     Context, Endpoint, HostMemory, MemHandle, RemoteKey, Rma, RmaOp, UcxError, Worker,
 };
 
+use crate::backend::{self, Backend, Post, Prepare};
+use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
 use crate::memory::Region;
 use crate::metadata::UcxMetadata;
 use crate::notif::{Notification, NotificationQueue};
-use crate::request::{Completion, XferOp};
-use crate::tcp::PeerConn;
+use crate::plan::{self, Route};
+use crate::remote::RemoteAgent;
+use crate::request::{Completion, XferOp, XferStatus};
 use crate::transport::LocalSeg;
 
 /// How long the progress thread keeps spinning after the last event before it sleeps on the event fd.
@@ -105,7 +108,7 @@ impl Drop for Driving<'_> {
 struct Shared {
     worker: Worker,
     outstanding: AtomicUsize,
-    /// Callers posting to or progressing the worker ([`UcxAgent::post`], [`UcxAgent::wait`]); while any does, the
+    /// Callers posting to or progressing the worker ([`UcxAgent::post_batch`], [`UcxAgent::wait_driving`]); while any does, the
     /// progress thread sleeps.
     drivers: AtomicUsize,
     /// True while the progress thread blocks on the event fd: only then does a post need to wake it.
@@ -235,6 +238,8 @@ impl Shared {
 
 /// The UCX side of one agent: context, worker, progress thread and memory registrations.
 pub(crate) struct UcxAgent {
+    /// The agent's name (the sender of its notifications).
+    name: String,
     ctx: Context,
     shared: Arc<Shared>,
     address: Vec<u8>,
@@ -283,6 +288,7 @@ impl UcxAgent {
                 source,
             })?;
         Ok(Arc::new(UcxAgent {
+            name: name.to_string(),
             ctx,
             shared,
             address,
@@ -367,7 +373,7 @@ impl UcxAgent {
 
     /// Posts one request: the RMA batch, then (from the progress thread) the notification.
     #[allow(clippy::too_many_arguments)]
-    pub fn post(
+    pub fn post_batch(
         &self,
         me: &str,
         peer_name: &str,
@@ -482,7 +488,7 @@ impl UcxAgent {
     /// Waits for `completion` (a request of this agent) while progressing the worker on the calling thread; the
     /// progress thread sleeps meanwhile. Returns the request's outcome, or [`TransferError::InProgress`] when
     /// `timeout` passes first.
-    pub fn wait(&self, completion: &Completion, timeout: Option<Duration>) -> Result<()> {
+    pub fn wait_driving(&self, completion: &Completion, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let shared = &self.shared;
         let driving = Driving::new(&shared.drivers);
@@ -541,5 +547,106 @@ impl std::fmt::Debug for UcxPeer {
         f.debug_struct("UcxPeer")
             .field("keys", &self.rkeys.len())
             .finish()
+    }
+}
+
+/// What the `ucx` backend keeps of a peer: its UCX metadata (worker address, rkeys) and the endpoint, connected
+/// on first use.
+pub(crate) struct UcxPeerSlot<'a> {
+    /// The peer's UCX metadata, if it serves UCX.
+    pub md: Option<&'a UcxMetadata>,
+    /// The endpoint to it, once connected.
+    pub endpoint: &'a Mutex<Option<Arc<UcxPeer>>>,
+}
+
+/// A prepared `ucx` request: the endpoint and `(local, remote address, remote region index)` per pair.
+#[derive(Debug)]
+pub(crate) struct UcxReq {
+    peer: Arc<UcxPeer>,
+    ops: Vec<(LocalSeg, u64, usize)>,
+}
+
+/// The `ucx` backend (`backend.rs`): the agent's UCX context, worker and progress thread.
+impl Backend for UcxAgent {
+    type Peer<'a> = UcxPeerSlot<'a>;
+    type Req = UcxReq;
+
+    fn prepare(&self, x: &Prepare<'_>, slot: UcxPeerSlot<'_>) -> Result<UcxReq> {
+        if *x.route != Route::Ucx {
+            return Err(x.wrong_route("ucx"));
+        }
+        let md = &x.remote.md;
+        let peer_md = slot.md.ok_or_else(|| TransferError::TransportUnavailable {
+            transport: "ucx",
+            reason: format!("agent `{}` does not serve UCX", md.name),
+        })?;
+        let peer = {
+            let mut guard = slot.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(p) => p.clone(),
+                None => {
+                    let ids: Vec<u64> = md.regions.iter().map(|r| r.id).collect();
+                    let p = self.connect(&md.name, peer_md, &ids)?;
+                    *guard = Some(p.clone());
+                    p
+                }
+            }
+        };
+        Ok(UcxReq {
+            peer,
+            ops: plan::ucx_ops(x.pairs),
+        })
+    }
+
+    fn post(&self, req: &UcxReq, x: &Post<'_>) -> Result<XferStatus> {
+        x.remote.check_alive()?;
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Err(TransferError::Shutdown);
+        }
+        if x.conn.is_some_and(|c| c.is_closed()) {
+            return Err(TransferError::PeerDisconnected {
+                peer: x.remote.name().to_string(),
+                reason: "connection to the peer was lost".into(),
+            });
+        }
+        self.post_batch(
+            &self.name,
+            x.remote.name(),
+            &req.peer,
+            x.op,
+            &req.ops,
+            x.notif.map(<[u8]>::to_vec),
+            x.conn.cloned(),
+            x.completion.clone(),
+        )?;
+        Ok(XferStatus::InProgress)
+    }
+
+    /// Progresses the worker once while the request is in flight (as NIXL's `getXferStatus` does).
+    fn check(&self, _req: &UcxReq, done: &Completion) -> Result<XferStatus> {
+        if done.status().ok() == Some(XferStatus::InProgress) {
+            self.progress_once();
+        }
+        done.status()
+    }
+
+    /// Progresses the worker on the calling thread until the request completes.
+    fn wait(&self, _req: &UcxReq, done: &Completion, timeout: Option<Duration>) -> Result<()> {
+        if done.status().ok() == Some(XferStatus::InProgress) {
+            return self.wait_driving(done, timeout);
+        }
+        done.wait(timeout)
+    }
+
+    /// Over the peer connection, as `Agent::notify` does for every transport (a notification of a posted `ucx`
+    /// request is an active message instead, sent after its data).
+    fn notify(
+        &self,
+        from: &str,
+        to: &RemoteAgent,
+        conn: Option<&Arc<PeerConn>>,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        backend::deliver(from, to, conn, payload)
     }
 }

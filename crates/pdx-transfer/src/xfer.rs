@@ -1,106 +1,169 @@
-//! Transfer requests: running a request's plan (`post`), following it (`status`, `wait`, `completion`), and the
-//! memcpy of `local`/`shm` plans, split across threads for large batches.
+//! Transfer requests: an agent's backends, preparing a planned request on the backend of its transport, and the
+//! public request (`post`, `status`, `wait`, `completion`), which dispatches to that backend.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{Inner, Locality, RemoteAgent};
+use crate::backend::{Backend, Post, Prepare};
+use crate::config::AgentConfig;
+use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
-use crate::gpu;
-use crate::memory::Region;
-use crate::notif::Notification;
+use crate::gpu::{CudaBackend, CudaPeer, CudaReq};
+use crate::host::{CmaBackend, CmaReq, CopyConfig, LocalBackend, LocalReq, ShmBackend, ShmReq};
+use crate::remote::RemoteAgent;
 use crate::request::{Completion, XferCompletion, XferOp, XferStatus};
-use crate::tcp::PeerConn;
-use crate::transport::{CmaTarget, LocalSeg, Plan, TransportKind};
-use crate::wire::FrameKind;
+use crate::tcp::{TcpBackend, TcpReq};
+use crate::transport::TransportKind;
 
-/// Runs the memcpy of a `local`/`shm` plan, split by bytes across `threads` (the caller's thread included), with
-/// streaming stores when `streaming`. `parts` gives a segment's local side, remote region and offset in it (`None`:
-/// the remote region is no longer there).
-pub(crate) fn copy_segments<'s, S: Sync>(
-    op: XferOp,
-    segs: &'s [S],
-    parts: impl Fn(&'s S) -> Option<(&'s LocalSeg, &'s Region, usize)> + Sync,
-    total: u64,
-    threads: usize,
-    streaming: bool,
-) -> Result<()> {
-    let copy_fn = if streaming {
-        pdx_sys::copy_streaming
-    } else {
-        pdx_sys::copy
-    };
-    // Plans of host transports only ever hold host memory (checked when they are made); a missing side is an
-    // error, never a panic.
-    let copy = |s: &'s S, at: usize, len: usize| {
-        let Some((local, remote, remote_off)) = parts(s) else {
-            return Err(pdx_sys::SysError::InvalidLength(len as u64));
-        };
-        let (Some(l), Some(r)) = (local.region.host(), remote.host()) else {
-            return Err(pdx_sys::SysError::InvalidLength(len as u64));
-        };
-        match op {
-            XferOp::Read => copy_fn(r, remote_off + at, l, local.off + at, len),
-            XferOp::Write => copy_fn(l, local.off + at, r, remote_off + at, len),
-        }
-    };
-    let seg_len = |s: &'s S| parts(s).map_or(0, |(l, _, _)| l.len);
-    if threads <= 1 {
-        for s in segs {
-            copy(s, 0, seg_len(s))?;
-        }
-        return Ok(());
-    }
-    // Cut the segments into `threads` shares of about equal bytes: (segment, offset in it, length).
-    let share = total.div_ceil(threads as u64) as usize;
-    let mut shares: Vec<Vec<(&S, usize, usize)>> = vec![Vec::new(); threads];
-    let (mut t, mut filled) = (0, 0);
-    for s in segs {
-        let len = seg_len(s);
-        let mut at = 0;
-        while at < len {
-            // The last share takes whatever is left, so the loop always advances.
-            let room = if t + 1 == threads {
-                usize::MAX
-            } else {
-                share - filled
-            };
-            let n = (len - at).min(room);
-            shares[t].push((s, at, n));
-            at += n;
-            filled += n;
-            if filled == share && t + 1 < threads {
-                t += 1;
-                filled = 0;
+/// The backends of one agent (NIXL's agent holds one engine per backend), shared by the agent and its requests.
+pub(crate) struct Backends {
+    pub local: LocalBackend,
+    pub shm: ShmBackend,
+    pub cma: CmaBackend,
+    pub tcp: TcpBackend,
+    pub cuda: CudaBackend,
+    /// `None` when the agent does not serve UCX (not listed, or it failed to start).
+    #[cfg(feature = "ucx")]
+    pub ucx: Option<Arc<crate::ucx::UcxAgent>>,
+}
+
+/// What the agent keeps of a peer for the backends that have per-peer state.
+pub(crate) struct PeerSlots<'a> {
+    /// The `cuda` backend's.
+    pub cuda: CudaPeer<'a>,
+    /// The `ucx` backend's.
+    #[cfg(feature = "ucx")]
+    pub ucx: crate::ucx::UcxPeerSlot<'a>,
+}
+
+/// A request prepared by the backend of its transport.
+#[derive(Debug)]
+pub(crate) enum Prepared {
+    Local(LocalReq),
+    Shm(ShmReq),
+    Cma(CmaReq),
+    Tcp(TcpReq),
+    /// `cuda`, and GPU memory staged over `tcp`.
+    Cuda(CudaReq),
+    #[cfg(feature = "ucx")]
+    Ucx(crate::ucx::UcxReq),
+}
+
+/// Runs `$body` with the backend and the prepared request of `$prepared` bound to `$b` and `$r`.
+macro_rules! dispatch {
+    ($backends:expr, $prepared:expr, |$b:ident, $r:ident| $body:expr) => {
+        match $prepared {
+            Prepared::Local($r) => {
+                let $b = &$backends.local;
+                $body
             }
+            Prepared::Shm($r) => {
+                let $b = &$backends.shm;
+                $body
+            }
+            Prepared::Cma($r) => {
+                let $b = &$backends.cma;
+                $body
+            }
+            Prepared::Tcp($r) => {
+                let $b = &$backends.tcp;
+                $body
+            }
+            Prepared::Cuda($r) => {
+                let $b = &$backends.cuda;
+                $body
+            }
+            #[cfg(feature = "ucx")]
+            Prepared::Ucx($r) => match &$backends.ucx {
+                Some(ucx) => {
+                    let $b = &**ucx;
+                    $body
+                }
+                None => Err(TransferError::Shutdown),
+            },
+        }
+    };
+}
+
+impl Backends {
+    /// The backends of an agent configured by `config`.
+    pub fn new(
+        config: &AgentConfig,
+        #[cfg(feature = "ucx")] ucx: Option<Arc<crate::ucx::UcxAgent>>,
+    ) -> Backends {
+        let name = config.name.clone();
+        let copy = CopyConfig::new(config);
+        Backends {
+            local: LocalBackend {
+                name: name.clone(),
+                copy,
+            },
+            shm: ShmBackend {
+                name: name.clone(),
+                copy,
+            },
+            cma: CmaBackend { name: name.clone() },
+            tcp: TcpBackend,
+            cuda: CudaBackend {
+                name,
+                populate: config.populate,
+            },
+            #[cfg(feature = "ucx")]
+            ucx,
         }
     }
-    let run = |pieces: &[(&'s S, usize, usize)]| -> pdx_sys::Result<()> {
-        pieces.iter().try_for_each(|&(s, at, n)| copy(s, at, n))
-    };
-    let Some((mine, others)) = shares.split_first() else {
-        return Ok(());
-    };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = others
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| scope.spawn(move || run(p)))
-            .collect();
-        let first = run(mine);
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(pdx_sys::SysError::Io {
-                        op: "parallel copy",
-                        source: std::io::Error::other("copy thread panicked"),
-                    })
-                })
-            })
-            .fold(first, |acc, r| acc.and(r))
-    })?;
-    Ok(())
+
+    /// Prepares a planned request on the backend of `transport` (`x.route` says how; staging is the `cuda`
+    /// backend's, under `tcp`). Errors: the backend's.
+    pub fn prepare(
+        &self,
+        transport: TransportKind,
+        x: &Prepare<'_>,
+        peer: PeerSlots<'_>,
+    ) -> Result<Prepared> {
+        Ok(match (transport, x.route) {
+            (TransportKind::Local, _) => Prepared::Local(self.local.prepare(x, ())?),
+            (TransportKind::Shm, _) => Prepared::Shm(self.shm.prepare(x, ())?),
+            (TransportKind::Cma, _) => Prepared::Cma(self.cma.prepare(x, ())?),
+            (TransportKind::Tcp, crate::plan::Route::Staged) | (TransportKind::Cuda, _) => {
+                Prepared::Cuda(self.cuda.prepare(x, peer.cuda)?)
+            }
+            (TransportKind::Tcp, _) => Prepared::Tcp(self.tcp.prepare(x, ())?),
+            #[cfg(feature = "ucx")]
+            (TransportKind::Ucx, _) => {
+                let ucx = self
+                    .ucx
+                    .as_ref()
+                    .ok_or_else(|| TransferError::TransportUnavailable {
+                        transport: "ucx",
+                        reason: "this agent has no UCX worker (UCX failed to start)".into(),
+                    })?;
+                Prepared::Ucx(ucx.prepare(x, peer.ucx)?)
+            }
+            #[cfg(not(feature = "ucx"))]
+            (TransportKind::Ucx, _) => return Err(TransferError::Unavailable("ucx")),
+        })
+    }
+}
+
+/// Everything a request is made of, once its backend prepared it.
+pub(crate) struct Parts {
+    /// The direction.
+    pub op: XferOp,
+    /// The transport chosen.
+    pub transport: TransportKind,
+    /// Bytes of one post.
+    pub total_bytes: u64,
+    /// What its backend prepared.
+    pub prepared: Prepared,
+    /// The agent's backends.
+    pub backends: Arc<Backends>,
+    /// The peer.
+    pub remote: Arc<RemoteAgent>,
+    /// The connection to the peer's listener, if the request uses one.
+    pub conn: Option<Arc<PeerConn>>,
+    /// The notification to deliver on completion.
+    pub notif: Option<Vec<u8>>,
 }
 
 /// A READ or WRITE between local and remote descriptors, with an optional notification (NIXL
@@ -111,19 +174,33 @@ pub(crate) fn copy_segments<'s, S: Sync>(
 /// returns; `tcp` requests complete on the connection's thread. Dropping (or [`XferRequest::release`]) an
 /// in-flight request lets it finish in the background: the memory it uses stays alive until then.
 pub struct XferRequest {
-    pub(crate) op: XferOp,
-    pub(crate) plan: Plan,
-    pub(crate) transport: TransportKind,
-    pub(crate) total_bytes: u64,
-    pub(crate) remote: Arc<RemoteAgent>,
-    pub(crate) conn: Option<Arc<PeerConn>>,
-    pub(crate) notif: Option<Vec<u8>>,
-    pub(crate) tcp_ctrl: Option<Arc<[u8]>>,
-    pub(crate) completion: Arc<Completion>,
-    pub(crate) me: Weak<Inner>,
+    op: XferOp,
+    transport: TransportKind,
+    total_bytes: u64,
+    prepared: Prepared,
+    backends: Arc<Backends>,
+    remote: Arc<RemoteAgent>,
+    conn: Option<Arc<PeerConn>>,
+    notif: Option<Vec<u8>>,
+    completion: Arc<Completion>,
 }
 
 impl XferRequest {
+    /// Assembles a prepared request, not posted yet.
+    pub(crate) fn new(p: Parts) -> XferRequest {
+        XferRequest {
+            op: p.op,
+            transport: p.transport,
+            total_bytes: p.total_bytes,
+            prepared: p.prepared,
+            backends: p.backends,
+            remote: p.remote,
+            conn: p.conn,
+            notif: p.notif,
+            completion: Completion::new(),
+        }
+    }
+
     /// The transport chosen for this request.
     pub fn transport(&self) -> TransportKind {
         self.transport
@@ -146,259 +223,42 @@ impl XferRequest {
     /// when it fails inside the call (peer gone, invalidated, memory no longer mapped on the peer).
     pub fn post(&self) -> Result<XferStatus> {
         self.completion.begin()?;
-        if let Plan::Staged(plan) = &self.plan {
-            let result = self.run_staged(plan);
-            let ret = match &result {
-                Ok(()) => Ok(XferStatus::Done),
-                Err(e) => Err(e.duplicate()),
-            };
-            self.completion.finish(result);
-            return ret;
-        }
-        if let Plan::Tcp { local, .. } = &self.plan {
-            let kind = match self.op {
-                XferOp::Read => FrameKind::ReadRequest,
-                XferOp::Write => FrameKind::WriteRequest,
-            };
-            let (Some(conn), Some(ctrl)) = (&self.conn, &self.tcp_ctrl) else {
-                let e = TransferError::Invalid("tcp request without a connection".into());
+        let x = Post {
+            op: self.op,
+            remote: &self.remote,
+            conn: self.conn.as_ref(),
+            notif: self.notif.as_deref(),
+            completion: &self.completion,
+            total_bytes: self.total_bytes,
+        };
+        let posted = dispatch!(self.backends, &self.prepared, |b, r| b.post(r, &x));
+        match posted {
+            Ok(XferStatus::InProgress) => Ok(XferStatus::InProgress),
+            Ok(_) => {
+                self.completion.finish(Ok(()));
+                Ok(XferStatus::Done)
+            }
+            Err(e) => {
                 self.completion.finish(Err(e.duplicate()));
-                return Err(e);
-            };
-            let submitted = self.remote.check_alive().and_then(|()| {
-                conn.submit(kind, ctrl.clone(), local.clone(), self.completion.clone())
-            });
-            return match submitted {
-                Ok(()) => Ok(XferStatus::InProgress),
-                Err(e) => {
-                    self.completion.finish(Err(e.duplicate()));
-                    Err(e)
-                }
-            };
-        }
-        #[cfg(feature = "ucx")]
-        if let Plan::Ucx { peer, ops } = &self.plan {
-            let posted = self.remote.check_alive().and_then(|()| {
-                let me = self.me.upgrade().ok_or(TransferError::Shutdown)?;
-                let ucx = me.ucx.as_ref().ok_or(TransferError::Shutdown)?;
-                if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
-                    return Err(TransferError::PeerDisconnected {
-                        peer: self.remote.md.name.clone(),
-                        reason: "connection to the peer was lost".into(),
-                    });
-                }
-                ucx.post(
-                    &me.name,
-                    &self.remote.md.name,
-                    peer,
-                    self.op,
-                    ops,
-                    self.notif.clone(),
-                    self.conn.clone(),
-                    self.completion.clone(),
-                )
-            });
-            return match posted {
-                Ok(()) => Ok(XferStatus::InProgress),
-                Err(e) => {
-                    self.completion.finish(Err(e.duplicate()));
-                    Err(e)
-                }
-            };
-        }
-        let result = self.run_inline();
-        let ret = match &result {
-            Ok(()) => Ok(XferStatus::Done),
-            Err(e) => Err(e.duplicate()),
-        };
-        self.completion.finish(result);
-        ret
-    }
-
-    /// The staged path, inside `post`: GPU → staging then `tcp` (WRITE), or `tcp` into staging then staging →
-    /// GPU (READ). The notification rides on the `tcp` request.
-    fn run_staged(&self, plan: &gpu::StagedPlan) -> Result<()> {
-        self.remote.check_alive()?;
-        let conn = self
-            .conn
-            .as_ref()
-            .ok_or_else(|| TransferError::Invalid("staged request without a connection".into()))?;
-        let tcp = |kind| -> Result<()> {
-            let done = Completion::new();
-            done.begin()?;
-            conn.submit(
-                kind,
-                plan.ctrl.clone(),
-                plan.tcp_local.clone(),
-                done.clone(),
-            )?;
-            done.wait(None)
-        };
-        // The GPU copies pair each local segment with its staging range, so the request's own direction applies:
-        // WRITE copies local GPU memory → staging, READ copies staging → local GPU memory.
-        match self.op {
-            XferOp::Write => {
-                gpu::run(XferOp::Write, &plan.gpu)?;
-                tcp(FrameKind::WriteRequest)
+                Err(e)
             }
-            XferOp::Read => {
-                tcp(FrameKind::ReadRequest)?;
-                gpu::run(XferOp::Read, &plan.gpu)
-            }
-        }
-    }
-
-    fn run_inline(&self) -> Result<()> {
-        self.remote.check_alive()?;
-        if let Some(c) = &self.conn {
-            if c.is_closed() {
-                return Err(TransferError::PeerDisconnected {
-                    peer: self.remote.md.name.clone(),
-                    reason: "connection to the peer was lost".into(),
-                });
-            }
-        }
-        let (threads, streaming) = self.me.upgrade().map_or((1, false), |me| {
-            let threads = if self.total_bytes >= me.config.parallel_copy_min_bytes {
-                me.config.copy_threads.max(1)
-            } else {
-                1
-            };
-            (
-                threads,
-                self.total_bytes >= me.config.streaming_copy_min_bytes,
-            )
-        });
-        match &self.plan {
-            Plan::Copy(segs) => {
-                copy_segments(
-                    self.op,
-                    segs,
-                    |c| Some((&c.local, &*c.remote, c.remote_off)),
-                    self.total_bytes,
-                    threads,
-                    streaming,
-                )?;
-            }
-            Plan::Shm { peer, segs } => {
-                // One reference to the peer's mappings for the whole copy: they stay mapped until it ends even if
-                // the peer goes away meanwhile, and are unmapped as soon as it does otherwise.
-                let map = peer
-                    .maps()
-                    .filter(|_| peer.is_alive())
-                    .ok_or_else(|| peer.gone_error())?;
-                copy_segments(
-                    self.op,
-                    segs,
-                    |s| {
-                        map.regions
-                            .get(s.slot)
-                            .map(|m| (&s.local, &*m.region, s.off))
-                    },
-                    self.total_bytes,
-                    threads,
-                    streaming,
-                )?;
-            }
-            Plan::Cma {
-                target,
-                local,
-                remote,
-            } => {
-                let slices = local
-                    .iter()
-                    .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
-                    .collect::<Result<Vec<_>>>()?;
-                let process = match target {
-                    CmaTarget::ThisProcess(p, _) => p,
-                    CmaTarget::Peer(peer) if peer.is_alive() => peer.process(),
-                    CmaTarget::Peer(peer) => return Err(peer.gone_error()),
-                };
-                let moved = match self.op {
-                    XferOp::Read => process.read(&slices, remote),
-                    XferOp::Write => process.write(&slices, remote),
-                };
-                moved.map_err(|e| {
-                    if e.is_process_gone() {
-                        TransferError::PeerDisconnected {
-                            peer: self.remote.md.name.clone(),
-                            reason: "process is gone".into(),
-                        }
-                    } else {
-                        TransferError::Sys(e)
-                    }
-                })?;
-            }
-            Plan::Cuda(plan) => gpu::run(self.op, plan)?,
-            Plan::Staged(_) => {
-                return Err(TransferError::Invalid("staged requests run in post".into()))
-            }
-            Plan::Tcp { .. } => {
-                return Err(TransferError::Invalid(
-                    "tcp requests are posted to their connection".into(),
-                ))
-            }
-            #[cfg(feature = "ucx")]
-            Plan::Ucx { .. } => {
-                return Err(TransferError::Invalid(
-                    "ucx requests are posted to their endpoint".into(),
-                ))
-            }
-        }
-        if let Some(payload) = &self.notif {
-            self.send_notif(payload.clone())?;
-        }
-        Ok(())
-    }
-
-    fn send_notif(&self, payload: Vec<u8>) -> Result<()> {
-        if let Locality::SameProcess(peer) = &self.remote.locality {
-            let (Some(peer), Some(me)) = (peer.upgrade(), self.me.upgrade()) else {
-                return Err(TransferError::Shutdown);
-            };
-            peer.notifications.push(Notification {
-                from: me.name.clone(),
-                payload,
-            });
-            return Ok(());
-        }
-        match &self.conn {
-            Some(c) => c.notify(payload),
-            None => Err(TransferError::TransportUnavailable {
-                transport: "tcp",
-                reason: "a notification needs the peer's listener".into(),
-            }),
         }
     }
 
     /// The state of the last post. Errors: the failure of the last post, if it failed.
     pub fn status(&self) -> Result<XferStatus> {
-        #[cfg(feature = "ucx")]
-        if let Some(ucx) = self.ucx_driver() {
-            ucx.progress_once();
-        }
-        self.completion.status()
+        dispatch!(self.backends, &self.prepared, |b, r| b
+            .check(r, &self.completion))
     }
 
     /// Blocks until the current post completes, or `timeout` passes ([`TransferError::InProgress`]). `ucx`
     /// requests are progressed on the calling thread meanwhile.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
-        #[cfg(feature = "ucx")]
-        if let Some(ucx) = self.ucx_driver() {
-            return ucx.wait(&self.completion, timeout);
-        }
-        self.completion.wait(timeout)
-    }
-
-    /// This agent's UCX side when this request is a posted, unfinished `ucx` request.
-    #[cfg(feature = "ucx")]
-    fn ucx_driver(&self) -> Option<Arc<crate::ucx::UcxAgent>> {
-        if !matches!(self.plan, Plan::Ucx { .. })
-            || self.completion.status().ok() != Some(XferStatus::InProgress)
-        {
-            return None;
-        }
-        self.me.upgrade()?.ucx.clone()
+        dispatch!(self.backends, &self.prepared, |b, r| b.wait(
+            r,
+            &self.completion,
+            timeout
+        ))
     }
 
     /// A future resolving when the current post completes; works under any async runtime.
