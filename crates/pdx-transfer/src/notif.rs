@@ -5,9 +5,9 @@
 //! this process pushing directly), so `Agent::take_notifications` and `Agent::wait_notifications` see them all
 //! in arrival order without polling each backend as NIXL's `getNotifs` does.
 
-use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use pdx_handoff::Mailbox;
 
 /// A notification: a payload an agent sent to this one, usually on completion of a transfer (NIXL notifications,
 /// e.g. vLLM NixlConnector's "blocks read, free them" message).
@@ -21,11 +21,10 @@ pub struct Notification {
 
 /// Notifications received by an agent, oldest first. Bounded: past its capacity ([`NotificationQueue::CAPACITY`]
 /// by default) the oldest are dropped (with a warning) so a consumer that never takes them cannot exhaust memory.
+/// A `pdx-handoff` mailbox: a push wakes blocked waiters, and costs no system call when none waits.
 #[derive(Debug)]
 pub(crate) struct NotificationQueue {
-    queue: Mutex<VecDeque<Notification>>,
-    cv: Condvar,
-    capacity: usize,
+    mailbox: Mailbox<Notification>,
 }
 
 impl Default for NotificationQueue {
@@ -42,49 +41,25 @@ impl NotificationQueue {
     /// A queue that keeps at most `capacity` notifications (at least 1).
     pub fn with_capacity(capacity: usize) -> Self {
         NotificationQueue {
-            queue: Mutex::new(VecDeque::new()),
-            cv: Condvar::new(),
-            capacity: capacity.max(1),
+            mailbox: Mailbox::new(capacity),
         }
     }
 
     /// Delivers `n`, dropping the oldest when full, and wakes waiters.
     pub fn push(&self, n: Notification) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= self.capacity {
+        if self.mailbox.push(n) {
             tracing::warn!("notification queue full; dropping the oldest");
-            q.pop_front();
         }
-        q.push_back(n);
-        drop(q);
-        self.cv.notify_all();
     }
 
     /// Takes everything received so far, oldest first.
     pub fn take(&self) -> Vec<Notification> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect()
+        self.mailbox.take()
     }
 
     /// Waits up to `timeout` for at least one notification, then takes all of them (empty on timeout).
     pub fn wait(&self, timeout: Duration) -> Vec<Notification> {
-        let deadline = Instant::now() + timeout;
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        while q.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            q = self
-                .cv
-                .wait_timeout(q, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        q.drain(..).collect()
+        self.mailbox.wait(timeout)
     }
 }
 

@@ -5,9 +5,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pdx_handoff::{State, WaiterSlot};
 
 use crate::error::{Result, TransferError};
 
@@ -31,82 +33,59 @@ pub enum XferStatus {
     Done,
 }
 
-#[derive(Debug)]
-enum State {
-    Idle,
-    InProgress,
-    Done,
-    Failed(TransferError),
-}
-
-#[derive(Debug)]
-struct Shared {
-    state: State,
-    waker: Option<Waker>,
-}
-
-/// Completion shared by a request and whoever finishes it (the posting thread or a connection thread).
+/// Completion shared by a request and whoever finishes it (the posting thread or a connection thread): the
+/// hand-off of `pdx-handoff` (an atomic state, crossbeam parkers for blocked threads, a waker per future).
 #[derive(Debug)]
 pub(crate) struct Completion {
-    shared: Mutex<Shared>,
-    cv: Condvar,
+    inner: pdx_handoff::Completion<TransferError>,
 }
 
 impl Completion {
     pub fn new() -> Arc<Completion> {
         Arc::new(Completion {
-            shared: Mutex::new(Shared {
-                state: State::Idle,
-                waker: None,
-            }),
-            cv: Condvar::new(),
+            inner: pdx_handoff::Completion::new(),
         })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Idle/Done/Failed → InProgress; refuses when already in progress.
     pub fn begin(&self) -> Result<()> {
-        let mut s = self.lock();
-        if matches!(s.state, State::InProgress) {
-            return Err(TransferError::InProgress);
+        if self.inner.begin() {
+            Ok(())
+        } else {
+            Err(TransferError::InProgress)
         }
-        s.state = State::InProgress;
-        Ok(())
     }
 
     /// Finishes the current post and wakes blocking and async waiters.
     pub fn finish(&self, result: Result<()>) {
-        let waker = {
-            let mut s = self.lock();
-            s.state = match result {
-                Ok(()) => State::Done,
-                Err(e) => State::Failed(e),
-            };
-            s.waker.take()
-        };
-        self.cv.notify_all();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.inner.finish(result);
+    }
+
+    /// The error of the last failed post.
+    fn error(&self) -> TransferError {
+        self.inner.with_error(|e| {
+            e.map_or_else(
+                || TransferError::Invalid("transfer failed".into()),
+                TransferError::duplicate,
+            )
+        })
     }
 
     pub fn status(&self) -> Result<XferStatus> {
-        match &self.lock().state {
+        match self.inner.state() {
             State::Idle => Ok(XferStatus::Idle),
             State::InProgress => Ok(XferStatus::InProgress),
             State::Done => Ok(XferStatus::Done),
-            State::Failed(e) => Err(e.duplicate()),
+            State::Failed => Err(self.error()),
         }
     }
 
-    fn outcome(state: &State) -> Option<Result<()>> {
+    /// The outcome of a post in `state`, `None` while in progress.
+    fn outcome(&self, state: State) -> Option<Result<()>> {
         match state {
             State::InProgress => None,
             State::Done => Some(Ok(())),
-            State::Failed(e) => Some(Err(e.duplicate())),
+            State::Failed => Some(Err(self.error())),
             State::Idle => Some(Err(TransferError::Invalid(
                 "transfer request was never posted".into(),
             ))),
@@ -116,54 +95,52 @@ impl Completion {
     /// The outcome of the current post if it has one (`None` while in progress), without blocking.
     #[cfg_attr(not(feature = "ucx"), allow(dead_code))]
     pub fn try_outcome(&self) -> Option<Result<()>> {
-        Self::outcome(&self.lock().state)
+        self.outcome(self.inner.state())
     }
 
+    /// Blocks until the current post completes, or `timeout` passes ([`TransferError::InProgress`]).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut s = self.lock();
-        loop {
-            if let Some(r) = Self::outcome(&s.state) {
-                return r;
-            }
-            s = match deadline {
-                None => self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(TransferError::InProgress);
-                    }
-                    self.cv
-                        .wait_timeout(s, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-        }
-    }
-
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let mut s = self.lock();
-        match Self::outcome(&s.state) {
-            Some(r) => Poll::Ready(r),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
+        let state = self.inner.wait(timeout);
+        self.outcome(state)
+            .unwrap_or(Err(TransferError::InProgress))
     }
 }
 
 /// Future that resolves when the current post of a transfer request completes. Runtime-agnostic: it is woken
-/// from whichever thread completes the transfer, so it works under monoio, tokio or any executor.
+/// from whichever thread completes the transfer, so it works under monoio, tokio or any executor. Any number of
+/// these futures may wait for one request (each keeps a waker of its own).
 #[derive(Debug)]
 pub struct XferCompletion {
-    pub(crate) completion: Arc<Completion>,
+    completion: Arc<Completion>,
+    slot: WaiterSlot,
+}
+
+impl XferCompletion {
+    pub(crate) fn new(completion: Arc<Completion>) -> XferCompletion {
+        XferCompletion {
+            completion,
+            slot: WaiterSlot::default(),
+        }
+    }
 }
 
 impl Future for XferCompletion {
     type Output = Result<()>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        self.completion.poll(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = &mut *self;
+        match this.completion.inner.poll(cx, &mut this.slot) {
+            Poll::Ready(state) => Poll::Ready(
+                this.completion
+                    .outcome(state)
+                    .unwrap_or(Err(TransferError::InProgress)),
+            ),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for XferCompletion {
+    fn drop(&mut self) {
+        self.completion.inner.forget(&mut self.slot);
     }
 }

@@ -263,9 +263,7 @@ impl XferRequest {
 
     /// A future resolving when the current post completes; works under any async runtime.
     pub fn completion(&self) -> XferCompletion {
-        XferCompletion {
-            completion: self.completion.clone(),
-        }
+        XferCompletion::new(self.completion.clone())
     }
 
     /// Releases the request (NIXL `releaseXferReq`). An in-flight transfer finishes in the background.

@@ -366,6 +366,75 @@ fn completion_is_awaitable_from_tokio_and_other_executors() {
     assert_eq!(read_back(&p.b_shared, 0, 65536), pattern(1, 0, 65536));
 }
 
+/// Two tasks awaiting the same request are both woken when it completes (each future keeps a waker of its own;
+/// with one waker slot per request, the second poll replaced the first task's waker and that task never woke).
+#[test]
+fn every_task_awaiting_a_request_is_woken() {
+    // A "peer" that accepts and never answers: the READ stays in progress until the peer timeout fails it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(conns);
+    });
+    let md = AgentMetadata {
+        name: "slow".into(),
+        instance_id: 8,
+        host_id: "another host".into(),
+        pid: 1,
+        listen_addr: Some(addr.to_string()),
+        transports: vec![TransportKind::Tcp],
+        regions: vec![pdx_transfer::metadata::RegionMetadata {
+            id: 1,
+            kind: MemoryKind::Host,
+            addr: 0x10000,
+            len: 4096,
+            memfd: None,
+        }],
+    };
+    let mut cfg = AgentConfig::new("awaiting");
+    cfg.peer_timeout = Duration::from_millis(500);
+    let a = Agent::new(cfg).unwrap();
+    let mem = a.allocate(4096).unwrap();
+    a.load_remote(&md.encode().unwrap()).unwrap();
+    let req = a
+        .create_xfer_from_descs(
+            XferOp::Read,
+            &XferDescList::host_from([(mem.addr(), 4096)]),
+            "slow",
+            &XferDescList::host_from([(0x10000, 4096)]),
+            XferOptions::default(),
+        )
+        .unwrap();
+    req.post().unwrap();
+    let req = std::sync::Arc::new(req);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for task in 0..2 {
+        let (tx, req) = (tx.clone(), req.clone());
+        // Not joined: a task that is never woken must fail the test, not hang it.
+        std::thread::spawn(move || {
+            let outcome = futures_executor::block_on(req.completion());
+            let _ = tx.send((task, outcome));
+        });
+    }
+    // Both end with the peer's timeout; a task that was never woken would not answer in time. (A generous bound:
+    // it only guards against a hang.)
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let (task, outcome) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a task awaiting the request was never woken");
+        assert!(
+            matches!(outcome, Err(TransferError::Timeout { .. })),
+            "{outcome:?}"
+        );
+        done.push(task);
+    }
+    done.sort();
+    assert_eq!(done, vec![0, 1]);
+}
+
 #[test]
 fn deregistration_waits_for_users() {
     let p = pair("dereg");
