@@ -18,3 +18,4 @@ mod planner;
 mod policies;
 mod router_faults;
 mod scale_out;
+mod transfer;
