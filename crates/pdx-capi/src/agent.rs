@@ -84,9 +84,9 @@ unsafe fn config_from_c(cfg: &pdx_agent_config) -> Result<AgentConfig> {
         config.advertise_host = Some(host.to_string());
     }
     // SAFETY: as above.
-    if let Some(list) =
-        unsafe { ptr::opt_str_arg(cfg.transports, MAX_ARG_BYTES, "config.transports") }?
-    {
+    let transports =
+        unsafe { ptr::opt_str_arg(cfg.transports, MAX_ARG_BYTES, "config.transports") }?;
+    if let Some(list) = transports {
         config.transports = parse_transports(list)?;
     }
     // SAFETY: `secret_len` readable bytes at `secret` (pdx_agent_create's contract).

@@ -306,7 +306,7 @@ mod tests {
             assert_eq!(pdx_status::from_code(code), Some(s));
             let retryable = s.is_retryable();
             assert_eq!(retryable, code <= -100, "{s:?}");
-            assert!(code <= 1 && code >= -199);
+            assert!((-199..=1).contains(&code));
         }
         assert!(pdx_status::from_code(-50).is_none());
     }

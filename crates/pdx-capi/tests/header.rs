@@ -28,10 +28,7 @@ fn header_is_current() {
             .lines()
             .zip(fresh.lines())
             .position(|(a, b)| a != b)
-            .map_or_else(
-                || checked_in.lines().count().min(fresh.lines().count()),
-                |i| i,
-            );
+            .unwrap_or_else(|| checked_in.lines().count().min(fresh.lines().count()));
         panic!(
             "crates/pdx-capi/include/pdx.h is out of date with the C API in crates/pdx-capi/src (first difference at \
              line {}: checked in {:?}, generated {:?}).\nRegenerate it with\n    PDX_BLESS=1 cargo test -p pdx-capi \
