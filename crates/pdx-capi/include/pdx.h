@@ -432,8 +432,10 @@ pdx_status pdx_invalidate_remote_md(const pdx_agent *agent,
  * `tcp`. Start blocks on a 64-byte boundary (a page is best): kernel copies into unaligned destinations run about
  * 4× slower.
  *
- * Errors: `PDX_ERR_INVALID` for null pointers, an unknown kind, a zero length, or a host range that is not mapped
- * readable and writable in this process; `PDX_ERR_UNSUPPORTED` for VRAM on a build or machine without CUDA.
+ * Errors: `PDX_ERR_INVALID` for null pointers, an unknown kind, a zero length, a host range that is not mapped
+ * readable and writable in this process, or a VRAM range that is not device memory of GPU `dev_id` inside one
+ * allocation (checked with `cuPointerGetAttributes`); `PDX_ERR_UNSUPPORTED` for VRAM on a machine without CUDA (no
+ * driver or no GPU `dev_id`); `PDX_ERR_CUDA` for other driver failures.
  *
  * Thread safety: any thread, concurrently with other calls on the agent.
  *

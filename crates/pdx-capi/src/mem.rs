@@ -9,7 +9,7 @@
 use std::ptr::NonNull;
 
 use pdx_sys::Memory;
-use pdx_transfer::{MemoryKind, RegisteredMemory};
+use pdx_transfer::{MemoryKind, RegisteredMemory, TransferError};
 
 use crate::agent::pdx_agent;
 use crate::ptr::{self, out_arg};
@@ -89,14 +89,33 @@ fn check_host_range(addr: u64, len: u64) -> Result<()> {
     )))
 }
 
-/// Registers device memory by pointer. Needs `pdx_cuda::DeviceBuffer::from_raw` (validation with
-/// `cuPointerGetAttribute`, export through the CUDA IPC handle of the allocation plus the offset), which this build
-/// does not have yet.
-fn register_vram(_a: &pdx_agent, _addr: u64, _len: u64, dev_id: u32) -> Result<RegisteredMemory> {
-    Err(CapiError::Unsupported(format!(
-        "registering VRAM of device {dev_id} by pointer needs engine-owned device memory \
-         (pdx_cuda::DeviceBuffer::from_raw), which this build of pdx does not have"
-    )))
+/// Registers device memory by pointer: validated with `cuPointerGetAttributes` (device memory of GPU `dev_id`,
+/// inside one driver allocation) by `pdx_cuda::DeviceBuffer::from_raw`, exported to same-host peers through the CUDA
+/// IPC handle of its allocation plus the offset.
+///
+/// # Safety
+/// As `pdx_register_mem`'s memory promise, for device memory.
+unsafe fn register_vram(
+    a: &pdx_agent,
+    addr: u64,
+    len: u64,
+    dev_id: u32,
+) -> Result<RegisteredMemory> {
+    let len =
+        usize::try_from(len).map_err(|_| CapiError::invalid(format!("len {len} too large")))?;
+    // SAFETY: the caller's memory promise (pdx_register_mem): the device range stays allocated until the
+    // registration and everything using it are gone; pdx never frees it.
+    let buf = unsafe { pdx_cuda::DeviceBuffer::from_raw(addr, len, dev_id) }.map_err(cuda_error)?;
+    Ok(a.agent.register_device(buf))
+}
+
+/// A CUDA error of registration: the caller's bad range is `PDX_ERR_INVALID`, no CUDA `PDX_ERR_UNSUPPORTED`.
+fn cuda_error(e: pdx_cuda::CudaError) -> CapiError {
+    match e {
+        pdx_cuda::CudaError::Invalid(m) => CapiError::Invalid(m),
+        e if e.is_unavailable() => CapiError::Unsupported(format!("VRAM registration: {e}")),
+        e => TransferError::Cuda(e).into(),
+    }
 }
 
 /// Registers `len` bytes at `addr` of kind `kind` (a `pdx_mem_kind`; for VRAM, of CUDA device `dev_id`) with the
@@ -106,8 +125,10 @@ fn register_vram(_a: &pdx_agent, _addr: u64, _len: u64, dev_id: u32) -> Result<R
 /// `tcp`. Start blocks on a 64-byte boundary (a page is best): kernel copies into unaligned destinations run about
 /// 4× slower.
 ///
-/// Errors: `PDX_ERR_INVALID` for null pointers, an unknown kind, a zero length, or a host range that is not mapped
-/// readable and writable in this process; `PDX_ERR_UNSUPPORTED` for VRAM on a build or machine without CUDA.
+/// Errors: `PDX_ERR_INVALID` for null pointers, an unknown kind, a zero length, a host range that is not mapped
+/// readable and writable in this process, or a VRAM range that is not device memory of GPU `dev_id` inside one
+/// allocation (checked with `cuPointerGetAttributes`); `PDX_ERR_UNSUPPORTED` for VRAM on a machine without CUDA (no
+/// driver or no GPU `dev_id`); `PDX_ERR_CUDA` for other driver failures.
 ///
 /// Thread safety: any thread, concurrently with other calls on the agent.
 ///
@@ -145,7 +166,8 @@ pub unsafe extern "C" fn pdx_register_mem(
                 let raw = unsafe { Memory::from_raw_parts(base, len) };
                 a.agent.register(raw, MemoryKind::Host)?
             }
-            MemoryKind::Device(n) => register_vram(a, addr, len, n)?,
+            // SAFETY: the caller's memory promise (see above), for device memory.
+            MemoryKind::Device(n) => unsafe { register_vram(a, addr, len, n) }?,
             MemoryKind::PinnedHost => unreachable!("mem_kind never gives pinned host memory"),
         };
         // SAFETY: `out` is writable (see above).
