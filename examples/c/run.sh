@@ -6,9 +6,9 @@
 #
 #   examples/c/run.sh                         # builds the dev profile
 #   PDX_PROFILE=release examples/c/run.sh     # builds the release profile
-#   PDX_LIB_DIR=target/debug examples/c/run.sh
-#       uses the libpdx.so already there (CI: `cargo test --workspace` built it; `cargo build -p pdx-capi` would
-#       build pdx-transfer's dependency tree again under pdx-capi's own feature set)
+#   PDX_LIB_DIR=target/debug/deps examples/c/run.sh
+#       uses the libpdx.so already there (CI: `cargo test` leaves it in target/debug/deps; `cargo build -p pdx-capi`
+#       would build pdx-transfer's dependency tree again under pdx-capi's own feature set)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
