@@ -252,7 +252,7 @@ pub unsafe extern "C" fn pdx_get_local_md(
         let a = unsafe { ptr::handle(agent, "agent") }?;
         let md = a.agent.local_metadata()?;
         // SAFETY: `len` is a readable size_t (see above).
-        let cap = unsafe { len.as_ptr().read() };
+        let cap = unsafe { ptr::read_in(len) };
         // SAFETY: `len` is writable (see above).
         unsafe { ptr::write_out(len, md.len()) };
         let Some(buf) = std::ptr::NonNull::new(buf) else {

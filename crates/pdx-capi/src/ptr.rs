@@ -125,6 +125,15 @@ pub(crate) fn out_arg<T>(p: *mut T, what: &str) -> Result<NonNull<T>> {
     NonNull::new(p).ok_or_else(|| CapiError::invalid(format!("{what} (output) is null")))
 }
 
+/// Reads an in-out argument's value on entry.
+///
+/// # Safety
+/// `p` points to an initialised, aligned `T`.
+pub(crate) unsafe fn read_in<T: Copy>(p: NonNull<T>) -> T {
+    // SAFETY: initialised and aligned (see above).
+    unsafe { p.as_ptr().read() }
+}
+
 /// Writes an output value (without reading or dropping the old contents, which C may have left uninitialised).
 ///
 /// # Safety
