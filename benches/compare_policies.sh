@@ -24,6 +24,8 @@
 #   TRACES="mooncake decode" DB_REQUESTS=400 DB_RATE=10 DB_SEED=17 DB_SPEED=1 DB_SCALE=1
 #   PDX_POLICIES (default: all the binary accepts) SGL_POLICIES="cache_aware round_robin"
 #   VLLM_POLICIES (default: every vllm-router --policy choice) PEERS=0 (pdx rows only) PDX_SERVE_EXTRA (more flags)
+#   PDX_PREFILL_POOL / PDX_DECODE_POOL (TOML lines added to pdx's prefill / decode pool, e.g.
+#   'score = { alpha = 1, delta = 0 }'; with KV events on)
 # Needs ../shared/peers/install.sh (~/.cache/pdx-peers) for the peer rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +91,7 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
       { echo '[[models]]'; echo 'name = "*"'
         for role in prefill decode; do
           echo '[[models.pools]]'; echo "name = \"$role\""; echo "role = \"$role\""; echo "policy = \"$policy\""
+          extra="PDX_${role^^}_POOL"; [ -n "${!extra:-}" ] && echo "${!extra}"
           echo 'workers = ['
           if [ $role = prefill ]; then ps=("${pports[@]}"); else ps=("${dports[@]}"); fi
           for p in "${ps[@]}"; do echo "  { url = \"http://127.0.0.1:$p\", kv_events_endpoint = \"tcp://127.0.0.1:$((p + 1000))\" },"; done

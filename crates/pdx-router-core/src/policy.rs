@@ -126,6 +126,30 @@ impl Default for ScoreWeights {
 }
 
 impl ScoreWeights {
+    /// The default weights of a pool of `kind`, chosen by measurement (`benches/compare_policies.sh`, the
+    /// Mooncake trace, see `docs/benchmarks.md` "Scheduling quality"):
+    /// * prefill: α = 1 and nothing else: the expected TTFT (tokens queued plus the request's uncached
+    ///   tokens, over the worker's measured prefill speed) already holds the queue and the prefix overlap;
+    ///   the extra queue and locality terms only pulled requests away from the fastest finish;
+    /// * decode: δ = 1 and nothing else: the tokens in flight on each worker (prompt plus output still
+    ///   expected), which is what a decode step's time grows with; the EWMA TTFT and TPOT terms lag the
+    ///   load they measure and sent bursts to the worker that had just looked fastest;
+    /// * aggregated: [`ScoreWeights::default`], the lab's mix.
+    pub fn default_for(kind: PoolKind) -> Self {
+        let none = Self {
+            alpha: 0.0,
+            beta: 0.0,
+            gamma: 0.0,
+            delta: 0.0,
+            kv_boost: 0.0,
+        };
+        match kind {
+            PoolKind::Prefill => Self { alpha: 1.0, ..none },
+            PoolKind::Decode => Self { delta: 1.0, ..none },
+            PoolKind::Aggregated => Self::default(),
+        }
+    }
+
     /// Checks the weights.
     ///
     /// Errors: [`CoreError::InvalidSetting`] for a non-finite weight.
@@ -830,6 +854,47 @@ mod tests {
         };
         let fast_idle = prefill(2000.0, 0, 0, 2);
         assert_eq!(s.choose_request(&[slow_idle, fast_idle], &req, 0), Some(0));
+    }
+
+    #[test]
+    fn score_role_defaults_follow_expected_ttft_and_tokens_in_flight() {
+        // Prefill defaults: the soonest expected finish, whatever the queue counts say. Fast
+        // (2000 tokens/s) has 4 requests (2000 tokens) queued, slow (1000 tokens/s) 1 of 1500: the
+        // request (500 tokens) finishes at 1.25 s on fast, 2 s on slow.
+        let mut s = score_selector(PoolKind::Prefill);
+        s.weights = ScoreWeights::default_for(PoolKind::Prefill);
+        let req = Request {
+            block_hashes: &[],
+            prompt_tokens: 500,
+        };
+        let fast = prefill(2000.0, 4, 2000, 1);
+        let slow = prefill(1000.0, 1, 1500, 2);
+        assert_eq!(s.choose_request(&[slow, fast], &req, 0), Some(1));
+        // Decode defaults: fewest tokens in flight, even on the worker whose EWMA TPOT looked worst.
+        let mut s = score_selector(PoolKind::Decode);
+        s.weights = ScoreWeights::default_for(PoolKind::Decode);
+        let busy_fast = Candidate {
+            telemetry: TelemetrySnapshot {
+                tpot_s: Some(0.01),
+                ttft_s: Some(0.05),
+                ..known(0.0, 0.3)
+            },
+            ..c(1, 2, 9_000)
+        };
+        let light_slow = Candidate {
+            telemetry: TelemetrySnapshot {
+                tpot_s: Some(0.03),
+                ttft_s: Some(0.5),
+                ..known(0.0, 0.3)
+            },
+            ..c(2, 5, 4_000)
+        };
+        assert_eq!(s.choose_request(&[busy_fast, light_slow], &req, 0), Some(1));
+        // Aggregated pools keep the lab's mix.
+        assert_eq!(
+            ScoreWeights::default_for(PoolKind::Aggregated),
+            ScoreWeights::default()
+        );
     }
 
     #[test]

@@ -934,7 +934,7 @@ impl Config {
                     overlap_weight: p.overlap_weight.unwrap_or(1.0),
                     bootstrap_port: pool_port,
                     api_key: p.api_key.clone(),
-                    score: tuning.pool_score(p.score.as_ref())?,
+                    score: tuning.pool_score(p.score.as_ref(), role)?,
                     temperature: tuning.pool_temperature(p.temperature)?,
                     admission: tuning.pool_admission(&p.name, role, p.admission.as_ref())?,
                 });
@@ -1006,7 +1006,7 @@ impl Config {
                     overlap_weight: 1.0,
                     bootstrap_port: DEFAULT_BOOTSTRAP_PORT,
                     api_key: None,
-                    score: tuning.score,
+                    score: tuning.role_score(role),
                     temperature: tuning.temperature,
                     admission: tuning.pool_admission(name, role, None)?,
                 });

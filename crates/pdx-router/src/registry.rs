@@ -920,7 +920,7 @@ impl Registry {
                 let tuning = PoolTuning {
                     overlap_weight: 1.0,
                     temperature: self.tuning.temperature,
-                    score: self.tuning.score,
+                    score: self.tuning.role_score(role),
                     admission: self
                         .tuning
                         .pool_admission(&reg.pool, role, None)
@@ -1025,7 +1025,7 @@ impl Registry {
                 let tuning = PoolTuning {
                     overlap_weight: 1.0,
                     temperature: self.tuning.temperature,
-                    score: self.tuning.score,
+                    score: self.tuning.role_score(role),
                     admission: None,
                 };
                 Arc::new(Pool::new(

@@ -31,7 +31,7 @@
 
 use crate::RouterError;
 use pdx_protocol::Role;
-use pdx_router_core::{AdmissionConfig, ScoreWeights, TelemetryConfig};
+use pdx_router_core::{AdmissionConfig, PoolKind, ScoreWeights, TelemetryConfig};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -49,19 +49,19 @@ pub struct TuningArgs {
     /// unknown, which the policies treat as loaded, never idle [default: 2000]
     #[arg(long)]
     pub telemetry_stale_ms: Option<f64>,
-    /// `score` policy: weight α of 1/TTFT (TTFT relative to the pool's best worker) [default: 1]
+    /// `score` policy: weight α of 1/TTFT (TTFT relative to the pool's best worker) [default: prefill 1, decode 0, aggregated 1]
     #[arg(long, allow_negative_numbers = true)]
     pub score_alpha: Option<f64>,
-    /// `score` policy: weight β of TPOT (relative to the pool's slowest; negative penalizes) [default: -0.5]
+    /// `score` policy: weight β of TPOT (relative to the pool's slowest; negative penalizes) [default: prefill and decode 0, aggregated -0.5]
     #[arg(long, allow_negative_numbers = true)]
     pub score_beta: Option<f64>,
-    /// `score` policy: weight γ of free KV memory (1 − usage) [default: 0.3]
+    /// `score` policy: weight γ of free KV memory (1 − usage) [default: prefill and decode 0, aggregated 0.3]
     #[arg(long, allow_negative_numbers = true)]
     pub score_gamma: Option<f64>,
-    /// `score` policy: weight δ of the queue (relative to the pool's longest), subtracted [default: 0.5]
+    /// `score` policy: weight δ of the queue (relative to the pool's longest), subtracted [default: prefill 0, decode 1, aggregated 0.5]
     #[arg(long, allow_negative_numbers = true)]
     pub score_delta: Option<f64>,
-    /// `score` policy: boost per matched prefix block [default: 0.002]
+    /// `score` policy: boost per matched prefix block [default: prefill and decode 0, aggregated 0.002]
     #[arg(long, allow_negative_numbers = true)]
     pub score_kv_boost: Option<f64>,
     /// `kv_aware` with telemetry: softmax temperature of the worker draw (Dynamo's `--router-temperature`; 0: the
@@ -119,6 +119,17 @@ pub struct ScoreFile {
 }
 
 impl ScoreFile {
+    /// These settings over `file`'s, field by field.
+    fn over_file(&self, file: &ScoreFile) -> ScoreFile {
+        ScoreFile {
+            alpha: self.alpha.or(file.alpha),
+            beta: self.beta.or(file.beta),
+            gamma: self.gamma.or(file.gamma),
+            delta: self.delta.or(file.delta),
+            kv_boost: self.kv_boost.or(file.kv_boost),
+        }
+    }
+
     fn over(&self, base: ScoreWeights) -> ScoreWeights {
         ScoreWeights {
             alpha: self.alpha.unwrap_or(base.alpha),
@@ -224,8 +235,9 @@ pub struct Tuning {
     pub scrape_interval: Option<Duration>,
     /// EWMA and staleness of worker telemetry.
     pub telemetry: TelemetryConfig,
-    /// `score` weights of pools without their own.
-    pub score: ScoreWeights,
+    /// `score` weights set by flags over `[score]`; a pool's own table goes over them, and they go over
+    /// [`ScoreWeights::default_for`] the pool's role.
+    score: ScoreFile,
     /// `kv_aware` temperature of pools without their own.
     pub temperature: f64,
     /// Admission settings of prefill and aggregated pools without their own (flags over `[admission]`).
@@ -237,7 +249,7 @@ impl Default for Tuning {
         Self {
             scrape_interval: Some(Duration::from_millis(250)),
             telemetry: TelemetryConfig::default(),
-            score: ScoreWeights::default(),
+            score: ScoreFile::default(),
             temperature: 0.0,
             admission: AdmissionFile::default(),
         }
@@ -295,8 +307,9 @@ impl Tuning {
             delta: a.score_delta,
             kv_boost: a.score_kv_boost,
         };
-        let weights = flags.over(score.over(ScoreWeights::default()));
-        weights.validate()?;
+        let score = flags.over_file(score);
+        // Every weight set must be valid whatever pool it ends up in.
+        score.over(ScoreWeights::default()).validate()?;
         let flag_admission = AdmissionFile {
             ttft_target_ms: a.admission_ttft_target_ms,
             max_queue: a.admission_max_queue,
@@ -308,7 +321,7 @@ impl Tuning {
         let t = Self {
             scrape_interval: (!interval.is_zero()).then_some(interval),
             telemetry: tc,
-            score: weights,
+            score,
             temperature: temperature(
                 a.router_temperature.or(router_temperature).unwrap_or(0.0),
                 "router_temperature",
@@ -320,11 +333,28 @@ impl Tuning {
         Ok(t)
     }
 
-    /// A pool's `score` weights: its table over the top-level ones.
+    /// The `score` weights of a pool of `role` without a table of its own: the top-level settings over
+    /// [`ScoreWeights::default_for`] the role (valid: [`Tuning::resolve`] checked every set weight).
+    pub fn role_score(&self, role: Role) -> ScoreWeights {
+        let kind = match role {
+            Role::Prefill => PoolKind::Prefill,
+            Role::Decode => PoolKind::Decode,
+            Role::Aggregated => PoolKind::Aggregated,
+        };
+        self.score.over(ScoreWeights::default_for(kind))
+    }
+
+    /// A pool's `score` weights: its table over the top-level ones over the defaults of its role
+    /// ([`ScoreWeights::default_for`]).
     ///
     /// Errors: [`RouterError::Config`] for a non-finite weight.
-    pub fn pool_score(&self, own: Option<&ScoreFile>) -> Result<ScoreWeights, RouterError> {
-        let w = own.map_or(self.score, |s| s.over(self.score));
+    pub fn pool_score(
+        &self,
+        own: Option<&ScoreFile>,
+        role: Role,
+    ) -> Result<ScoreWeights, RouterError> {
+        let base = self.role_score(role);
+        let w = own.map_or(base, |s| s.over(base));
         w.validate()?;
         Ok(w)
     }
@@ -389,7 +419,18 @@ mod tests {
         let t = resolve(&TuningArgs::default(), "").unwrap();
         assert_eq!(t.scrape_interval, Some(Duration::from_millis(250)));
         assert_eq!(t.telemetry, TelemetryConfig::default());
-        assert_eq!(t.score, ScoreWeights::default());
+        assert_eq!(
+            t.pool_score(None, Role::Aggregated).unwrap(),
+            ScoreWeights::default()
+        );
+        assert_eq!(
+            t.pool_score(None, Role::Prefill).unwrap(),
+            ScoreWeights::default_for(PoolKind::Prefill)
+        );
+        assert_eq!(
+            t.pool_score(None, Role::Decode).unwrap(),
+            ScoreWeights::default_for(PoolKind::Decode)
+        );
         assert_eq!(t.pool_admission("p", Role::Prefill, None).unwrap(), None);
         let off = TuningArgs {
             telemetry_interval_ms: Some(0.0),
@@ -413,8 +454,15 @@ mod tests {
         .unwrap();
         assert_eq!(t.scrape_interval, Some(Duration::from_millis(100)));
         assert_eq!(t.telemetry.alpha, 0.5);
-        assert_eq!(t.score.delta, 2.0, "the flag wins over the file");
-        assert_eq!(t.score.gamma, 0.1);
+        let agg = t.pool_score(None, Role::Aggregated).unwrap();
+        assert_eq!(agg.delta, 2.0, "the flag wins over the file");
+        assert_eq!(agg.gamma, 0.1);
+        let prefill = t.pool_score(None, Role::Prefill).unwrap();
+        assert_eq!(
+            (prefill.alpha, prefill.gamma, prefill.delta),
+            (1.0, 0.1, 2.0),
+            "set weights go over the role's defaults"
+        );
         assert_eq!(t.temperature, 0.5);
         let p = t.pool_admission("p", Role::Prefill, None).unwrap().unwrap();
         assert_eq!(p.ttft_target_us, 400_000);
@@ -442,10 +490,13 @@ mod tests {
         assert_eq!(t.pool_admission("d", Role::Decode, None).unwrap(), None);
         assert!(t.pool_admission("d", Role::Decode, Some(&own)).is_err());
         let s = t
-            .pool_score(Some(&ScoreFile {
-                alpha: Some(3.0),
-                ..Default::default()
-            }))
+            .pool_score(
+                Some(&ScoreFile {
+                    alpha: Some(3.0),
+                    ..Default::default()
+                }),
+                Role::Aggregated,
+            )
             .unwrap();
         assert_eq!((s.alpha, s.delta), (3.0, 2.0));
     }

@@ -292,6 +292,7 @@ impl<'a> Sim<'a> {
                 PoolRole::Decode => pdx_router_core::PoolKind::Decode,
                 PoolRole::Aggregated => pdx_router_core::PoolKind::Aggregated,
             };
+            selector.weights = pdx_router_core::ScoreWeights::default_for(selector.kind);
             s.pools.push(PoolRt {
                 name: p.spec.name.clone(),
                 role: p.spec.role,
