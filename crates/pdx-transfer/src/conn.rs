@@ -503,7 +503,7 @@ impl PeerConn {
                     kind @ (FrameKind::ReadResponse | FrameKind::WriteAck | FrameKind::Error),
                     ctrl,
                 ) => {
-                    let Some(op) = self.lock_pending().ops.remove(&header.req_id) else {
+                    let Some(mut op) = self.lock_pending().ops.remove(&header.req_id) else {
                         break self
                             .protocol(format!("response for unknown request {}", header.req_id));
                     };
@@ -533,6 +533,9 @@ impl PeerConn {
                         },
                         _ => Err(TransferError::Invalid("mismatched response".into())),
                     };
+                    // Let go of the regions before the request reads as done: a caller that releases the request
+                    // and deregisters at once must not find them still in use.
+                    op.read_into = None;
                     op.completion.finish(result);
                 }
                 (kind, _) => break self.protocol(format!("unexpected {kind:?} frame")),

@@ -901,6 +901,9 @@ fn handle_tcp(
                 let prefix = encode_frame(FrameKind::ReadResponse, header.req_id, &Ctrl::Empty);
                 let sent = conn::slices(&local)
                     .and_then(|s| Ok(pdx_sys::write_all_vectored(fd, &prefix, &s, &mut stall)?));
+                // The regions are let go before anyone can see the transfer as done (the initiator's request, the
+                // notification here), so an owner that deregisters then does not find them in use.
+                drop(local);
                 if let (Ok(()), Some(payload)) = (&sent, notif) {
                     ctx.deliver(Notification {
                         from: peer.clone(),
@@ -931,6 +934,7 @@ fn handle_tcp(
             Ok(local) => {
                 let received = conn::slices(&local)
                     .and_then(|s| Ok(pdx_sys::read_exact_into(fd, &s, &mut stall)?));
+                drop(local); // as for READ: before the ack and the notification
                 match received {
                     Ok(()) => {
                         let acked = write(
