@@ -36,6 +36,12 @@ pub struct AgentConfig {
     /// Smallest transfer (bytes) split across `copy_threads`; smaller ones stay on the posting thread, where
     /// starting the threads costs more than it saves (the same A/B table). Default 16 MiB.
     pub parallel_copy_min_bytes: u64,
+    /// Smallest `cma` transfer (bytes) split across `copy_threads`, each thread one `process_vm_readv` /
+    /// `process_vm_writev` of its share. The kernel copies a page at a time on the calling thread (pinning each
+    /// remote page), so one thread moves about half what memcpy does; a second core doubles it for batches large
+    /// enough to pay for starting a thread (figures: `docs/benchmarks.md`, "Python"). Default 2 MiB; `u64::MAX`
+    /// keeps every `cma` copy on the posting thread.
+    pub parallel_cma_min_bytes: u64,
     /// Smallest `local`/`shm` transfer (bytes) copied with non-temporal stores (`pdx_sys::copy_streaming`)
     /// instead of `memcpy`. A batch this large does not stay in this core's caches anyway, and the bytes are
     /// for the peer, not this core; streaming stores skip reading each destination line first. Smaller batches
@@ -73,6 +79,7 @@ impl AgentConfig {
             populate: true,
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             parallel_copy_min_bytes: 16 << 20,
+            parallel_cma_min_bytes: 2 << 20,
             streaming_copy_min_bytes: 8 << 20,
             secret: None,
             max_connections: 1024,

@@ -279,10 +279,47 @@ impl Backend for ShmBackend {
     }
 }
 
-/// The `cma` backend: one batched `process_vm_readv` / `process_vm_writev` per post.
+/// The `cma` backend: one batched `process_vm_readv` / `process_vm_writev` per post, or per thread when the batch
+/// is split (`AgentConfig::parallel_cma_min_bytes`).
 pub(crate) struct CmaBackend {
     /// This agent's name (the sender of its notifications).
     pub name: String,
+    /// Threads a large batch is split across (the posting thread included).
+    pub threads: usize,
+    /// Smallest batch (bytes) that is split.
+    pub parallel_min_bytes: u64,
+}
+
+/// Cuts segments of `lens` bytes into `threads` shares of about equal bytes: `(segment, offset in it, length)`.
+fn byte_shares(
+    lens: impl Iterator<Item = usize>,
+    total: usize,
+    threads: usize,
+) -> Vec<Vec<(usize, usize, usize)>> {
+    let threads = threads.max(1);
+    let share = total.div_ceil(threads).max(1);
+    let mut shares: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); threads];
+    let (mut t, mut filled) = (0, 0);
+    for (i, len) in lens.enumerate() {
+        let mut at = 0;
+        while at < len {
+            // The last share takes whatever is left, so the loop always advances.
+            let room = if t + 1 == threads {
+                usize::MAX
+            } else {
+                share - filled
+            };
+            let n = (len - at).min(room);
+            shares[t].push((i, at, n));
+            at += n;
+            filled += n;
+            if filled == share && t + 1 < threads {
+                t += 1;
+                filled = 0;
+            }
+        }
+    }
+    shares
 }
 
 /// The process a `cma` request copies to or from.
@@ -342,21 +379,13 @@ impl Backend for CmaBackend {
 
     fn post(&self, req: &CmaReq, x: &Post<'_>) -> Result<XferStatus> {
         backend::post_inline(&self.name, x, || {
-            let slices = req
-                .local
-                .iter()
-                .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
-                .collect::<Result<Vec<_>>>()?;
             let process = match &req.target {
                 CmaTarget::ThisProcess(p, _) => p,
                 CmaTarget::Peer(peer) if peer.is_alive() => peer.process(),
                 CmaTarget::Peer(peer) => return Err(peer.gone_error()),
             };
-            let moved = match x.op {
-                XferOp::Read => process.read(&slices, &req.remote),
-                XferOp::Write => process.write(&slices, &req.remote),
-            };
-            moved.map(drop).map_err(|e| {
+            let op = x.op;
+            let gone = |e: pdx_sys::SysError| {
                 if e.is_process_gone() {
                     TransferError::PeerDisconnected {
                         peer: x.remote.name().to_string(),
@@ -365,6 +394,55 @@ impl Backend for CmaBackend {
                 } else {
                     TransferError::Sys(e)
                 }
+            };
+            let total: usize = req.local.iter().map(|s| s.len).sum();
+            if self.threads <= 1 || (total as u64) < self.parallel_min_bytes {
+                let slices = req
+                    .local
+                    .iter()
+                    .map(|s| Ok(s.region.host_mem()?.slice(s.off, s.len)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let moved = match op {
+                    XferOp::Read => process.read(&slices, &req.remote),
+                    XferOp::Write => process.write(&slices, &req.remote),
+                };
+                return moved.map_err(gone);
+            }
+            // Each thread copies its share with its own system call; the pairs are one to one (the planner checked
+            // their lengths), so a share cuts the same bytes out of both sides.
+            let run = |pieces: &[(usize, usize, usize)]| -> Result<()> {
+                let mut slices = Vec::with_capacity(pieces.len());
+                let mut remote = Vec::with_capacity(pieces.len());
+                for &(i, at, n) in pieces {
+                    let s = &req.local[i];
+                    slices.push(s.region.host_mem()?.slice(s.off + at, n)?);
+                    remote.push((req.remote[i].0 + at as u64, n));
+                }
+                match op {
+                    XferOp::Read => process.read(&slices, &remote),
+                    XferOp::Write => process.write(&slices, &remote),
+                }
+                .map_err(gone)
+            };
+            let shares = byte_shares(req.local.iter().map(|s| s.len), total, self.threads);
+            let Some((mine, others)) = shares.split_first() else {
+                return Ok(());
+            };
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = others
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| scope.spawn(|| run(p)))
+                    .collect();
+                let first = run(mine);
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(TransferError::Invalid("cma copy thread panicked".into()))
+                        })
+                    })
+                    .fold(first, |acc, r| acc.and(r))
             })
         })
     }

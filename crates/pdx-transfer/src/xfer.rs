@@ -102,7 +102,11 @@ impl Backends {
                 name: name.clone(),
                 copy,
             },
-            cma: CmaBackend { name: name.clone() },
+            cma: CmaBackend {
+                name: name.clone(),
+                threads: config.copy_threads.max(1),
+                parallel_min_bytes: config.parallel_cma_min_bytes,
+            },
             tcp: TcpBackend,
             cuda: CudaBackend {
                 name,

@@ -22,7 +22,12 @@ struct Pair {
 }
 
 fn pair(tag: &str) -> Pair {
-    let a = Agent::new(AgentConfig::new(format!("a-{tag}"))).unwrap();
+    pair_with(tag, AgentConfig::new(format!("a-{tag}")))
+}
+
+/// Two agents, `a` with `a_config`.
+fn pair_with(tag: &str, a_config: AgentConfig) -> Pair {
+    let a = Agent::new(a_config).unwrap();
     let b = Agent::new(AgentConfig::new(format!("b-{tag}"))).unwrap();
     let a_mem = a.allocate(REGION).unwrap();
     let b_shared = b.allocate(REGION).unwrap();
@@ -50,7 +55,22 @@ fn run(req: &XferRequest) {
 
 /// Random READs and WRITEs of random ranges over `transport`, checked byte for byte against a model.
 fn random_roundtrips(transport: TransportKind, use_owned: bool) {
-    let p = pair(transport.name());
+    let tag = transport.name();
+    random_roundtrips_with(
+        transport,
+        use_owned,
+        tag,
+        AgentConfig::new(format!("a-{tag}")),
+    );
+}
+
+fn random_roundtrips_with(
+    transport: TransportKind,
+    use_owned: bool,
+    tag: &str,
+    a_config: AgentConfig,
+) {
+    let p = pair_with(tag, a_config);
     let (remote_mem, seed) = if use_owned {
         (&p.b_owned, 3)
     } else {
@@ -132,6 +152,15 @@ fn shm_transport_moves_random_ranges() {
 #[test]
 fn cma_transport_moves_random_ranges() {
     random_roundtrips(TransportKind::Cma, true);
+}
+
+#[test]
+fn cma_transport_split_across_threads_moves_random_ranges() {
+    // Every batch split (from 1 byte), in three shares, so shares cut segments at uneven points.
+    let mut config = AgentConfig::new("a-cma-split");
+    config.parallel_cma_min_bytes = 1;
+    config.copy_threads = 3;
+    random_roundtrips_with(TransportKind::Cma, true, "cma-split", config);
 }
 
 #[test]
