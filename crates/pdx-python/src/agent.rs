@@ -46,7 +46,8 @@ fn notif_tuples<'py>(py: Python<'py>, notifs: Vec<Notification>) -> PyResult<Bou
 }
 
 fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s).map_err(|_| invalid(format!("{what}: {s} is not a valid number of seconds")))
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| invalid(format!("{what}: {s} is not a valid number of seconds")))
 }
 
 #[pymethods]
@@ -144,7 +145,13 @@ impl Agent {
     /// peers map (`shm`, no system call per transfer); "device"/"pinned" go through CUDA (`nixlNotSupportedError`
     /// without it). The GIL is released while it allocates.
     #[pyo3(signature = (length, kind="host", device=0))]
-    fn allocate(&self, py: Python<'_>, length: usize, kind: &str, device: u32) -> PyResult<Registration> {
+    fn allocate(
+        &self,
+        py: Python<'_>,
+        length: usize,
+        kind: &str,
+        device: u32,
+    ) -> PyResult<Registration> {
         let agent = self.get()?;
         let kind = parse_kind(kind, device)?;
         let mem = py.detach(|| memory::allocate(&agent, kind, length))?;
@@ -272,7 +279,11 @@ impl Agent {
     }
 
     /// Waits up to `timeout` seconds (GIL released) for at least one notification, then takes all of them.
-    fn wait_notifications<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {
+    fn wait_notifications<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyList>> {
         let agent = self.get()?;
         let timeout = seconds("timeout", timeout.max(0.0))?;
         let notifs = py.detach(|| agent.wait_notifications(timeout));
@@ -289,7 +300,10 @@ impl Agent {
     /// True once closed.
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -307,6 +321,10 @@ impl Agent {
     }
 
     fn __repr__(&self) -> String {
-        format!("Agent(name={:?}, listen_addr={:?})", self.name, self.listen_addr())
+        format!(
+            "Agent(name={:?}, listen_addr={:?})",
+            self.name,
+            self.listen_addr()
+        )
     }
 }

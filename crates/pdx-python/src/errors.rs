@@ -56,14 +56,12 @@ pub fn to_py(e: Error) -> PyErr {
     let retryable = e.is_retryable();
     let msg = e.to_string();
     let err = match &e {
-        Error::NotRegistered { .. } | Error::UnknownRemote(_) => {
-            nixlNotFoundError::new_err(msg)
-        }
+        Error::NotRegistered { .. } | Error::UnknownRemote(_) => nixlNotFoundError::new_err(msg),
         Error::Invalid(_) => nixlInvalidParamError::new_err(msg),
         Error::BadMetadata(_) => nixlMismatchError::new_err(msg),
-        Error::Unauthenticated { .. }
-        | Error::RegionInUse(..)
-        | Error::Shutdown => nixlNotAllowedError::new_err(msg),
+        Error::Unauthenticated { .. } | Error::RegionInUse(..) | Error::Shutdown => {
+            nixlNotAllowedError::new_err(msg)
+        }
         Error::PeerDisconnected { .. } | Error::Timeout { .. } => {
             nixlRemoteDisconnectError::new_err(msg)
         }
@@ -71,9 +69,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::TransportUnavailable { .. } | Error::Unavailable(_) => {
             nixlNotSupportedError::new_err(msg)
         }
-        Error::Cuda(pdx_cuda::CudaError::Unavailable { .. }) => {
-            nixlNotSupportedError::new_err(msg)
-        }
+        Error::Cuda(pdx_cuda::CudaError::Unavailable { .. }) => nixlNotSupportedError::new_err(msg),
         Error::Protocol { .. }
         | Error::Remote { .. }
         | Error::Cuda(_)

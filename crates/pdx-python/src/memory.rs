@@ -133,10 +133,7 @@ impl Registration {
         }
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&RegisteredMemory) -> pdx_transfer::Result<T>,
-    ) -> PyResult<T> {
+    fn with<T>(&self, f: impl FnOnce(&RegisteredMemory) -> pdx_transfer::Result<T>) -> PyResult<T> {
         let guard = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         let mem = guard
             .as_ref()

@@ -58,7 +58,10 @@ pub struct DescList {
 }
 
 impl DescList {
-    fn build(kind: &str, rows: impl Iterator<Item = PyResult<(u64, u64, u64)>>) -> PyResult<DescList> {
+    fn build(
+        kind: &str,
+        rows: impl Iterator<Item = PyResult<(u64, u64, u64)>>,
+    ) -> PyResult<DescList> {
         let per_device = matches!(parse_kind(kind, 0)?, MemoryKind::Device(_));
         let mut descs = Vec::new();
         let mut dev_ids = Vec::new();
@@ -74,7 +77,9 @@ impl DescList {
                 return Err(invalid(format!("descriptor {i} is empty")));
             }
             if addr.checked_add(len).is_none() {
-                return Err(invalid(format!("descriptor {i}: {addr:#x}+{len} overflows")));
+                return Err(invalid(format!(
+                    "descriptor {i}: {addr:#x}+{len} overflows"
+                )));
             }
             if *device.get_or_insert(dev) != dev && per_device {
                 return Err(invalid(format!(
@@ -167,7 +172,9 @@ impl DescList {
         let n = self.list.len() as isize;
         let j = if i < 0 { i + n } else { i };
         if j < 0 || j >= n {
-            return Err(pyo3::exceptions::PyIndexError::new_err("descriptor index out of range"));
+            return Err(pyo3::exceptions::PyIndexError::new_err(
+                "descriptor index out of range",
+            ));
         }
         let d = &self.list.descs[j as usize];
         Ok((d.addr, d.len, self.dev_ids[j as usize]))
@@ -180,7 +187,7 @@ impl DescList {
     }
 
     /// Pickling: `(DescList, (kind, [(addr, len, dev), ...]))`.
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (&'static str, Bound<'py, PyList>))> {
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Reduced<'py>> {
         let me = slf.get();
         let rows = PyList::empty(slf.py());
         for (d, dev) in me.list.descs.iter().zip(&me.dev_ids) {
@@ -198,6 +205,9 @@ impl DescList {
         )
     }
 }
+
+/// What `DescList.__reduce__` returns: the class and its constructor's arguments.
+type Reduced<'py> = (Bound<'py, PyAny>, (&'static str, Bound<'py, PyList>));
 
 /// A local descriptor list validated against this agent's registrations (NIXL `prep_xfer_dlist` with
 /// `NIXL_INIT_AGENT`).
@@ -316,7 +326,11 @@ impl XferRequest {
     }
 
     fn current(&self) -> Arc<pdx_transfer::XferRequest> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).req.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .req
+            .clone()
     }
 }
 
@@ -330,7 +344,8 @@ fn status_str(py: Python<'_>, s: XferStatus) -> &Bound<'_, PyString> {
         XferStatus::InProgress => (&PROC, "PROC"),
         XferStatus::Idle => (&IDLE, "IDLE"),
     };
-    cell.get_or_init(py, || PyString::intern(py, text).unbind()).bind(py)
+    cell.get_or_init(py, || PyString::intern(py, text).unbind())
+        .bind(py)
 }
 
 #[pymethods]
@@ -341,17 +356,26 @@ impl XferRequest {
     /// bytes move. Errors: `nixlRepostActiveError` while the previous post is in progress; the transfer's own
     /// error when it fails inside the call.
     #[pyo3(signature = (notif=None))]
-    fn post<'py>(&self, py: Python<'py>, notif: Option<PyBackedBytes>) -> PyResult<&Bound<'py, PyString>> {
+    fn post<'py>(
+        &self,
+        py: Python<'py>,
+        notif: Option<PyBackedBytes>,
+    ) -> PyResult<&Bound<'py, PyString>> {
         let req = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = notif.filter(|n| st.notif.as_deref() != Some(&n[..])) {
                 if st.req.status().ok() == Some(XferStatus::InProgress) {
-                    return Err(crate::errors::to_py(pdx_transfer::TransferError::InProgress));
+                    return Err(crate::errors::to_py(
+                        pdx_transfer::TransferError::InProgress,
+                    ));
                 }
                 let n = n.to_vec();
                 let agent = self.agent.clone();
                 let fresh = py
-                    .detach(|| self.recipe.make(&agent, self.op, Some(n.clone()), self.transport))
+                    .detach(|| {
+                        self.recipe
+                            .make(&agent, self.op, Some(n.clone()), self.transport)
+                    })
                     .py_err()?;
                 st.req = Arc::new(fresh);
                 st.notif = Some(n);
@@ -372,7 +396,9 @@ impl XferRequest {
     /// one its error.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<&Bound<'py, PyString>> {
         match self.current().status().py_err()? {
-            XferStatus::Idle => Err(nixlNotPostedError::new_err("the transfer request was never posted")),
+            XferStatus::Idle => Err(nixlNotPostedError::new_err(
+                "the transfer request was never posted",
+            )),
             s => Ok(status_str(py, s)),
         }
     }
@@ -429,7 +455,9 @@ impl XferRequest {
             self.op(),
             req.transport().name(),
             req.total_bytes(),
-            req.status().map(|s| format!("{s:?}")).unwrap_or_else(|e| format!("failed: {e}"))
+            req.status()
+                .map(|s| format!("{s:?}"))
+                .unwrap_or_else(|e| format!("failed: {e}"))
         )
     }
 }
