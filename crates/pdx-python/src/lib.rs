@@ -23,6 +23,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<xfer::PreparedLocal>()?;
     m.add_class::<xfer::PreparedRemote>()?;
     m.add_class::<xfer::XferRequest>()?;
+    m.add_function(wrap_pyfunction!(xfer::bench_post_loop, m)?)?;
     errors::add_to(m)?;
     m.add("MAX_NOTIF_BYTES", pdx_transfer::wire::MAX_NOTIF_BYTES)?;
     Ok(())

@@ -1,7 +1,7 @@
 //! Descriptor lists, prepared lists and transfer requests.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -460,4 +460,25 @@ impl XferRequest {
                 .unwrap_or_else(|e| format!("failed: {e}"))
         )
     }
+}
+
+/// Benchmark helper (`benches/python_overhead.py`): posts `request` `iters` times from Rust, each post followed by
+/// a wait until done, and returns each iteration's time in ns. The same loop in Python, on the same request, minus
+/// this one is the per-call overhead of the Python API. GIL released throughout.
+#[pyfunction]
+#[pyo3(name = "_bench_post_loop")]
+pub fn bench_post_loop(py: Python<'_>, request: &XferRequest, iters: usize) -> PyResult<Vec<u64>> {
+    let req = request.current();
+    py.detach(move || {
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            if req.post()? != XferStatus::Done {
+                req.wait(None)?;
+            }
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+        Ok(times)
+    })
+    .py_err()
 }
