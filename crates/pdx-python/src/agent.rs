@@ -225,10 +225,11 @@ impl Agent {
         local: &DescList,
         remote_agent: String,
         remote: &DescList,
-        notif: Option<Vec<u8>>,
+        notif: Option<PyBackedBytes>,
         transport: Option<&str>,
     ) -> PyResult<XferRequest> {
         let agent = self.get()?;
+        let notif = notif.map(|n| n.to_vec());
         let (op, transport) = (parse_op(op)?, parse_transport(transport)?);
         let recipe = Recipe::Descs {
             local: local.list.clone(),
@@ -251,10 +252,11 @@ impl Agent {
         local_idx: Vec<usize>,
         remote: &PreparedRemote,
         remote_idx: Vec<usize>,
-        notif: Option<Vec<u8>>,
+        notif: Option<PyBackedBytes>,
         transport: Option<&str>,
     ) -> PyResult<XferRequest> {
         let agent = self.get()?;
+        let notif = notif.map(|n| n.to_vec());
         let (op, transport) = (parse_op(op)?, parse_transport(transport)?);
         let recipe = Recipe::Prepped {
             local: local.inner.clone(),
@@ -267,9 +269,9 @@ impl Agent {
     }
 
     /// Sends a notification (≤ 64 KiB) to a loaded remote agent. GIL released.
-    fn notify(&self, py: Python<'_>, agent: String, payload: Vec<u8>) -> PyResult<()> {
+    fn notify(&self, py: Python<'_>, agent: String, payload: PyBackedBytes) -> PyResult<()> {
         let me = self.get()?;
-        py.detach(|| me.notify(&agent, payload)).py_err()
+        py.detach(|| me.notify(&agent, payload.to_vec())).py_err()
     }
 
     /// Takes every notification received so far, oldest first, as `(sender, payload)` tuples.

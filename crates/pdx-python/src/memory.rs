@@ -5,6 +5,7 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use pdx_transfer::{Agent, Memory, MemoryKind, RegisteredMemory};
@@ -214,7 +215,7 @@ impl Registration {
 
     /// Copies `data` into the region at `offset` (GIL released).
     #[pyo3(signature = (data, offset=0))]
-    fn write(&self, py: Python<'_>, data: Vec<u8>, offset: usize) -> PyResult<()> {
+    fn write(&self, py: Python<'_>, data: PyBackedBytes, offset: usize) -> PyResult<()> {
         py.detach(|| self.with(|m| m.write(offset, &data)))
     }
 
