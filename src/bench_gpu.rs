@@ -221,6 +221,10 @@ pub fn run_kernels(args: KernelArgs) -> Result<()> {
 pub enum MemArg {
     /// Pageable/shared host memory (the host transports; the default).
     Host,
+    /// Host memory the benchmark maps itself on both sides (private anonymous `mmap`, no memfd) and registers as
+    /// it is, as an engine registers its KV cache by pointer or NIXL's users their NumPy arrays: reached by
+    /// `cma`, `tcp` and `ucx`, never `shm`.
+    Caller,
     /// GPU memory: a second process on the same GPU reads it through CUDA IPC.
     Device,
     /// Pinned host memory ↔ GPU memory.
@@ -247,7 +251,7 @@ pub fn run_kv(mem: MemArg, sizes: &str, iters: u32, device: usize, json: bool) -
     let max = *sizes.iter().max().context("no sizes")? as usize;
     let dev = Device::new(device)?;
     let rows = match mem {
-        MemArg::Host => bail!("--mem host is the host benchmark"),
+        MemArg::Host | MemArg::Caller => bail!("--mem host|caller is the host benchmark"),
         MemArg::Device => {
             // The exporter: an agent owning a device region; the child reads it through CUDA IPC, raw (the handle)
             // and through its own agent (the metadata), and compares with a device copy inside its process.

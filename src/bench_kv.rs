@@ -32,6 +32,19 @@ pub enum RemoteMemory {
     /// Memory allocated through UCX (`Agent::allocate_ucx`, needs the `ucx` feature): UCX's shared-memory
     /// transports reach it with direct RMA, as `ucx_perftest`'s buffers.
     Ucx,
+    /// Memory the target mapped itself (private anonymous `mmap`, page-aligned, no memfd) and registered by
+    /// pointer (`--mem caller`): reachable by `cma`, `tcp` and `ucx`.
+    Caller,
+}
+
+/// Which local memory the initiator's blocks sit in (`--mem`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum LocalMemory {
+    /// A pdx memfd arena (`Agent::allocate`).
+    Shared,
+    /// A private anonymous mapping registered as it is (`--mem caller`).
+    Caller,
 }
 
 /// Transfer direction on the command line.
@@ -67,13 +80,14 @@ pub struct KvArgs {
     /// Verify every byte of every transfer (outside the timed section).
     #[arg(long)]
     check: bool,
-    /// Remote memory kind; default: owned for cma, shared otherwise.
+    /// Remote memory kind; default: owned for cma, shared otherwise (`caller` with `--mem caller`).
     #[arg(long, value_enum)]
     remote_memory: Option<RemoteMemory>,
     /// Print rows as a JSON array instead of a table.
     #[arg(long)]
     json: bool,
-    /// Memory: host (the host transports), device (two processes on one GPU through CUDA IPC), pinned (pinned
+    /// Memory: host (the host transports), caller (host memory each side maps itself and registers by pointer,
+    /// no memfd: `cma`, `tcp`, `ucx`), device (two processes on one GPU through CUDA IPC), pinned (pinned
     /// host <-> GPU). The GPU kinds use `--block-size` as copy sizes and need CUDA.
     #[arg(long, value_enum, default_value = "host")]
     mem: crate::bench_gpu::MemArg,
@@ -131,6 +145,9 @@ pub struct TargetArgs {
     /// Allocate the owned region through UCX instead of the heap (`--remote-memory ucx`).
     #[arg(long)]
     owned_ucx: bool,
+    /// Map the owned region privately (`mmap`) and register it by pointer instead of the heap (`--mem caller`).
+    #[arg(long, conflicts_with = "owned_ucx")]
+    owned_caller: bool,
     /// Fill both regions with the check pattern.
     #[arg(long)]
     pattern: bool,
@@ -142,6 +159,8 @@ struct Row {
     op: &'static str,
     transport: String,
     remote_memory: RemoteMemory,
+    /// `shared` (a pdx memfd arena) or `caller` (`--mem caller`).
+    local_memory: LocalMemory,
     procs: u8,
     /// Bytes.
     block_size: u64,
@@ -279,9 +298,35 @@ fn remote_memory_for(t: Option<TransportKind>, forced: Option<RemoteMemory>) -> 
     })
 }
 
+/// How the target allocates its owned (non-memfd) region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OwnedKind {
+    /// A heap `Vec`, blocks from its first page boundary.
+    Heap,
+    /// `Agent::allocate_ucx`.
+    Ucx,
+    /// A private anonymous mapping registered by pointer (`--mem caller`).
+    Caller,
+}
+
+/// Checks the `--mem caller` combination: caller memory on both sides, never `shm` (no memfd to map).
+fn caller_remote_memory(
+    transports: &[Option<TransportKind>],
+    forced: Option<RemoteMemory>,
+) -> Result<RemoteMemory> {
+    if forced.is_some_and(|m| m != RemoteMemory::Caller) {
+        bail!("--mem caller registers caller memory on both sides; drop --remote-memory");
+    }
+    if transports.contains(&Some(TransportKind::Shm)) {
+        bail!("--mem caller: shm maps memfd arenas; caller memory is reached by cma, tcp or ucx");
+    }
+    Ok(RemoteMemory::Caller)
+}
+
 /// Runs `pdx bench kv`.
 pub fn run(args: KvArgs) -> Result<()> {
-    if args.mem != crate::bench_gpu::MemArg::Host {
+    use crate::bench_gpu::MemArg;
+    if !matches!(args.mem, MemArg::Host | MemArg::Caller) {
         return crate::bench_gpu::run_kv(
             args.mem,
             &args.block_size,
@@ -305,17 +350,31 @@ pub fn run(args: KvArgs) -> Result<()> {
         .checked_mul(args.batch_size)
         .context("batch × block size overflows")?
         .max(stride);
-    let kinds: Vec<RemoteMemory> = transports
-        .iter()
-        .map(|t| remote_memory_for(*t, args.remote_memory))
-        .collect();
+    let caller = args.mem == MemArg::Caller;
+    let kinds: Vec<RemoteMemory> = if caller {
+        let kind = caller_remote_memory(&transports, args.remote_memory)?;
+        vec![kind; transports.len()]
+    } else {
+        transports
+            .iter()
+            .map(|t| remote_memory_for(*t, args.remote_memory))
+            .collect()
+    };
     let need = |k| if kinds.contains(&k) { region } else { 0 };
-    let owned_ucx = kinds.contains(&RemoteMemory::Ucx);
-    if owned_ucx && kinds.contains(&RemoteMemory::Owned) {
+    let owned_kind = if caller {
+        OwnedKind::Caller
+    } else if kinds.contains(&RemoteMemory::Ucx) {
+        OwnedKind::Ucx
+    } else {
+        OwnedKind::Heap
+    };
+    if owned_kind == OwnedKind::Ucx && kinds.contains(&RemoteMemory::Owned) {
         bail!("--remote-memory ucx cannot be combined with owned memory (cma) in one run");
     }
     let shared_bytes = need(RemoteMemory::Shared);
-    let owned_bytes = need(RemoteMemory::Owned).max(need(RemoteMemory::Ucx));
+    let owned_bytes = need(RemoteMemory::Owned)
+        .max(need(RemoteMemory::Ucx))
+        .max(need(RemoteMemory::Caller));
     eprintln!(
         "pdx bench kv: {} process(es), batch {}, {}, {} per buffer",
         args.procs,
@@ -344,7 +403,7 @@ pub fn run(args: KvArgs) -> Result<()> {
     if args.procs == 1 {
         let agent = Agent::new(AgentConfig::new("bench-target"))?;
         let (shared, owned) =
-            target_regions(&agent, shared_bytes, owned_bytes, owned_ucx, args.check)?;
+            target_regions(&agent, shared_bytes, owned_bytes, owned_kind, args.check)?;
         target = TargetInfo {
             name: agent.name().to_string(),
             shared: shared.as_ref().map_or(0, |m| m.addr()),
@@ -362,8 +421,14 @@ pub fn run(args: KvArgs) -> Result<()> {
         if args.check {
             cmd.arg("--pattern");
         }
-        if owned_ucx {
-            cmd.arg("--owned-ucx");
+        match owned_kind {
+            OwnedKind::Heap => {}
+            OwnedKind::Ucx => {
+                cmd.arg("--owned-ucx");
+            }
+            OwnedKind::Caller => {
+                cmd.arg("--owned-caller");
+            }
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -387,7 +452,14 @@ pub fn run(args: KvArgs) -> Result<()> {
         _target_process = Some(proc_guard);
     }
 
-    let local = initiator.allocate(region)?;
+    // The initiator's blocks: a pdx memfd arena, or (`--mem caller`) memory it maps itself and registers by pointer.
+    let (local, local_kind) = if caller {
+        let mem = Memory::anonymous(region, true)?;
+        let local = initiator.register(mem, pdx_transfer::MemoryKind::Host)?;
+        (local, LocalMemory::Caller)
+    } else {
+        (initiator.allocate(region)?, LocalMemory::Shared)
+    };
     let reference_src = Memory::memfd("pdx-bench-memcpy", region, true)?;
     let scratch = if args.check {
         Some(initiator.allocate(region)?)
@@ -410,7 +482,7 @@ pub fn run(args: KvArgs) -> Result<()> {
         let remote_kind = kinds[ti];
         let remote_base = match remote_kind {
             RemoteMemory::Shared => target.shared,
-            RemoteMemory::Owned | RemoteMemory::Ucx => target.owned,
+            RemoteMemory::Owned | RemoteMemory::Ucx | RemoteMemory::Caller => target.owned,
         };
         for &op in &args.op {
             for &bs in &sizes {
@@ -427,6 +499,7 @@ pub fn run(args: KvArgs) -> Result<()> {
                     },
                     transport,
                     remote_kind,
+                    local_kind,
                     block: bs as usize,
                     stride: block_stride,
                     remote_base,
@@ -467,6 +540,7 @@ struct RowSpec {
     op: XferOp,
     transport: Option<TransportKind>,
     remote_kind: RemoteMemory,
+    local_kind: LocalMemory,
     block: usize,
     stride: usize,
     remote_base: u64,
@@ -645,6 +719,7 @@ fn run_row(
         },
         transport: req.transport().to_string(),
         remote_memory: spec.remote_kind,
+        local_memory: spec.local_kind,
         procs: args.procs,
         block_size: spec.block as u64,
         batch_size: batch,
@@ -705,7 +780,7 @@ fn target_regions(
     agent: &Agent,
     shared_bytes: usize,
     owned_bytes: usize,
-    owned_ucx: bool,
+    owned_kind: OwnedKind,
     pattern: bool,
 ) -> Result<(Option<RegisteredMemory>, Option<OwnedTarget>)> {
     let shared = (shared_bytes > 0)
@@ -713,7 +788,15 @@ fn target_regions(
         .transpose()?;
     let owned = (owned_bytes > 0)
         .then(|| -> Result<OwnedTarget> {
-            if owned_ucx {
+            if owned_kind == OwnedKind::Caller {
+                // As an engine maps its KV cache: page-aligned, faulted in, no memfd, registered as it is.
+                let mem = Memory::anonymous(owned_bytes, true)?;
+                return Ok(OwnedTarget {
+                    mem: agent.register(mem, pdx_transfer::MemoryKind::Host)?,
+                    pad: 0,
+                });
+            }
+            if owned_kind == OwnedKind::Ucx {
                 #[cfg(feature = "ucx")]
                 return Ok(OwnedTarget {
                     mem: agent.allocate_ucx(owned_bytes)?, // page-aligned and zero-filled: every page is in
@@ -768,7 +851,13 @@ pub fn run_target(args: TargetArgs) -> Result<()> {
         &agent,
         args.shared_bytes,
         args.owned_bytes,
-        args.owned_ucx,
+        if args.owned_caller {
+            OwnedKind::Caller
+        } else if args.owned_ucx {
+            OwnedKind::Ucx
+        } else {
+            OwnedKind::Heap
+        },
         args.pattern,
     )?;
     let addr = agent.listen_addr().context("target has no listener")?;
@@ -787,9 +876,10 @@ pub fn run_target(args: TargetArgs) -> Result<()> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9} {:>10} {:>10} {:>11} {:>6} {:>12}",
+        "{:<6} {:<9} {:>6} {:>6} {:>9} {:>5} {:>9} {:>10} {:>10} {:>11} {:>6} {:>12}",
         "op",
         "transport",
+        "local",
         "remote",
         "block",
         "batch",
@@ -802,13 +892,18 @@ fn print_table(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<6} {:<9} {:>6} {:>9} {:>5} {:>9.2} {:>10.1} {:>10.1} {:>11.2} {:>6.2} {:>12}",
+            "{:<6} {:<9} {:>6} {:>6} {:>9} {:>5} {:>9.2} {:>10.1} {:>10.1} {:>11.2} {:>6.2} {:>12}",
             r.op,
             r.transport,
+            match r.local_memory {
+                LocalMemory::Shared => "shared",
+                LocalMemory::Caller => "caller",
+            },
             match r.remote_memory {
                 RemoteMemory::Shared => "shared",
                 RemoteMemory::Owned => "owned",
                 RemoteMemory::Ucx => "ucx",
+                RemoteMemory::Caller => "caller",
             },
             format_size(r.block_size),
             r.batch_size,
@@ -847,6 +942,7 @@ mod tests {
             op: XferOp::Read,
             transport: Some(TransportKind::Shm),
             remote_kind: RemoteMemory::Shared,
+            local_kind: LocalMemory::Shared,
             block,
             stride,
             remote_base: 0,

@@ -7,6 +7,7 @@
 mod support;
 
 mod agent_trust;
+mod caller_memory;
 mod first_hour;
 mod front;
 mod ksana;

@@ -6,7 +6,8 @@
 //!
 //! - [`Device`]: a GPU (its primary context), [`device_count`];
 //! - [`Stream`], [`Event`]: asynchronous copies, memsets, kernel launches, timing;
-//! - [`DeviceBuffer`] (`cuMemAlloc`), [`PinnedHostBuffer`] (a memfd arena of `pdx-sys`, page-locked with
+//! - [`DeviceBuffer`] (`cuMemAlloc`, or the caller's device memory by pointer: [`DeviceBuffer::from_raw`], the one
+//!   `unsafe` contract of engine-owned GPU memory), [`PinnedHostBuffer`] (a memfd arena of `pdx-sys`, page-locked with
 //!   `cuMemHostRegister`, so same-host peers can also map it), [`IpcMemory`] (another process's allocation opened
 //!   from an [`IpcHandle`] with `cuIpcOpenMemHandle`);
 //! - [`KvKernels`]: the KV pack/unpack kernels of `kernels/kv_pack.cu` (PTX from `nvcc` at build time, a PTX

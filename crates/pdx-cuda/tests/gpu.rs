@@ -332,11 +332,87 @@ fn ipc_across_processes() {
     assert_eq!(got[4096..], data[4096..8192]);
 }
 
+/// The child side of `caller_memory_by_pointer_across_processes`: opens the sub-range's handle, checks its bytes,
+/// overwrites them.
+#[test]
+fn ipc_sub_range_child() {
+    let Ok(handle) = std::env::var("PDX_IPC_SUB_HANDLE") else {
+        return;
+    };
+    let h: IpcHandle = serde_json::from_str(&handle).expect("handle json");
+    let dev = Device::new(0).expect("device");
+    let mem = h.open(&dev).expect("open IPC handle");
+    assert_eq!(mem.len() as u64, h.len());
+    let s = Stream::new(&dev).expect("stream");
+    let mut got = vec![0u8; mem.len()];
+    s.download(&mem, 0, &mut got).expect("read peer memory");
+    assert!(
+        got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8),
+        "child saw other bytes (the offset was not honoured)"
+    );
+    s.memset(&mem, 0, mem.len(), 0x5a)
+        .expect("write peer memory");
+    s.synchronize().expect("sync");
+}
+
+#[test]
+fn caller_memory_by_pointer_across_processes() {
+    let Some(dev) = gpu() else { return };
+    // The "engine's" allocation; the registered range is a sub-range of it, as a KV tensor inside a block of
+    // PyTorch's caching allocator.
+    let whole = 4 << 20;
+    let (off, n) = (1 << 20, 1 << 20);
+    let engine = DeviceBuffer::new(&dev, whole).expect("alloc");
+    let s = Stream::new(&dev).expect("stream");
+    s.memset(&engine, 0, whole, 0x11).expect("memset");
+    s.synchronize().expect("sync");
+    // SAFETY: `engine` owns the allocation and outlives `sub` (dropped at the end of this test, after `sub`).
+    let sub =
+        unsafe { DeviceBuffer::from_raw(engine.addr() + off as u64, n, 0) }.expect("from_raw");
+    assert!(!sub.is_owned() && engine.is_owned());
+    // Validation: past the end of the allocation, wrong device, host memory.
+    let refused = |ptr: u64, len: usize, device: u32| {
+        // SAFETY: each call below names a range that validation refuses, so nothing is ever wrapped or accessed.
+        unsafe { DeviceBuffer::from_raw(ptr, len, device) }.is_err()
+    };
+    assert!(refused(engine.addr() + (whole - 16) as u64, 32, 0));
+    assert!(refused(engine.addr(), 16, 1));
+    let host = vec![0u8; 4096];
+    assert!(refused(host.as_ptr() as u64, 4096, 0));
+
+    let data: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+    s.upload(&sub, 0, &data).expect("upload");
+    let h = sub.ipc_handle().expect("export");
+    assert_eq!((h.offset(), h.len()), (off as u64, n as u64));
+    let json = serde_json::to_string(&h).expect("json");
+    let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "ipc_sub_range_child", "--nocapture"])
+        .env("PDX_IPC_SUB_HANDLE", &json)
+        .status()
+        .expect("spawn child");
+    assert!(status.success(), "child failed");
+    drop(sub); // Not freed: the engine's allocation is still usable below.
+    let mut got = vec![0u8; whole];
+    s.download(&engine, 0, &mut got).expect("download");
+    assert!(
+        got[..off].iter().all(|&b| b == 0x11),
+        "bytes before the range untouched"
+    );
+    assert!(
+        got[off..off + n].iter().all(|&b| b == 0x5a),
+        "the child wrote the range in place"
+    );
+    assert!(
+        got[off + n..].iter().all(|&b| b == 0x11),
+        "bytes after the range untouched"
+    );
+}
+
 #[test]
 fn ipc_handles_are_validated() {
-    assert!(IpcHandle::from_parts(&[0; 63], 10, 0).is_err());
-    assert!(IpcHandle::from_parts(&[0; 64], 0, 0).is_err());
-    let h = IpcHandle::from_parts(&[1; 64], 10, 0).expect("valid");
+    assert!(IpcHandle::from_parts(&[0; 63], 10, 0, 0).is_err());
+    assert!(IpcHandle::from_parts(&[0; 64], 0, 0, 0).is_err());
+    let h = IpcHandle::from_parts(&[1; 64], 10, 0, 0).expect("valid");
     let mut v = serde_json::to_value(&h).expect("json");
     v["bytes"] = serde_json::json!([1, 2, 3]);
     assert!(

@@ -120,6 +120,8 @@ enum Backing {
     Memfd { fd: OwnedFd, map_len: usize },
     /// A peer's memfd (received over a Unix socket) mapped into this process; no fd is kept.
     PeerMapping { map_len: usize },
+    /// A private anonymous mapping ([`Memory::anonymous`]).
+    Anonymous { map_len: usize },
     /// A heap allocation owned by the region, from `Box<[u8]>::into_raw`.
     Heap,
     /// Memory owned by the caller; nothing to release.
@@ -263,6 +265,40 @@ impl Memory {
         })
     }
 
+    /// Maps `len` bytes (> 0) of private anonymous memory (`mmap(MAP_PRIVATE | MAP_ANONYMOUS)`): page-aligned,
+    /// zero-filled, unmapped on drop. This is host memory as an engine or NumPy has it (glibc's `malloc` maps large
+    /// blocks this way): no memfd, so same-host peers cannot map it and reach it by cross-memory attach, TCP or
+    /// UCX instead, exactly as memory registered with [`Memory::from_raw_parts`]. With `populate` every page is
+    /// faulted in now. Errors: [`SysError::InvalidLength`] for 0; [`SysError::Io`] from `mmap`.
+    pub fn anonymous(len: usize, populate: bool) -> Result<Memory> {
+        let map_len = match round_up_to_page(len) {
+            Some(l) if len > 0 && l <= isize::MAX as usize => l,
+            _ => return Err(SysError::InvalidLength(len as u64)),
+        };
+        let flags =
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: a fresh mapping chosen by the kernel (addr = null, no file) overlaps no Rust object.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(SysError::last("mmap"));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(SysError::InvalidLength(map_len as u64))?;
+        Ok(Memory {
+            ptr,
+            len,
+            backing: Backing::Anonymous { map_len },
+        })
+    }
+
     /// Takes ownership of `buf` as a region (caller-allocated memory that peers reach by cross-memory attach or
     /// TCP, not by mapping). Errors: [`SysError::InvalidLength`] when `buf` is empty.
     pub fn from_vec(buf: Vec<u8>) -> Result<Memory> {
@@ -397,7 +433,9 @@ impl Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         match &self.backing {
-            Backing::Memfd { map_len, .. } | Backing::PeerMapping { map_len } => {
+            Backing::Memfd { map_len, .. }
+            | Backing::PeerMapping { map_len }
+            | Backing::Anonymous { map_len } => {
                 // SAFETY: ptr/map_len are exactly the mapping made at construction, unmapped once here.
                 unsafe { libc::munmap(self.ptr.as_ptr().cast(), *map_len) };
             }

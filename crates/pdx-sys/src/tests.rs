@@ -10,6 +10,23 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 #[test]
+fn anonymous_memory_is_page_aligned_zeroed_and_no_memfd() {
+    assert!(Memory::anonymous(0, false).is_err());
+    let m = Memory::anonymous(10_000, true).unwrap();
+    assert_eq!(m.addr() % 4096, 0);
+    assert_eq!(m.len(), 10_000);
+    assert!(m.memfd_fd().is_none() && m.memfd_handle().is_none());
+    let mut out = vec![1u8; 10_000];
+    m.read_at(0, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0));
+    let data = pattern(10_000, 3);
+    m.write_at(0, &data).unwrap();
+    m.read_at(0, &mut out).unwrap();
+    assert_eq!(out, data);
+    assert!(m.write_at(9_999, &[0, 0]).is_err());
+}
+
+#[test]
 fn memfd_read_write_roundtrip_and_bounds() {
     let mem = Memory::memfd("t", 10_000, false).unwrap();
     assert_eq!(mem.len(), 10_000);

@@ -551,8 +551,10 @@ impl Agent {
         }
     }
 
-    /// Registers a device buffer (e.g. an engine's KV cache allocated through `pdx-cuda`) as
-    /// [`MemoryKind::Device`] of its GPU. The region keeps the buffer alive.
+    /// Registers a device buffer as [`MemoryKind::Device`] of its GPU: one pdx allocated
+    /// (`pdx_cuda::DeviceBuffer::new`), or the engine's own KV cache by pointer (`pdx_cuda::DeviceBuffer::from_raw`,
+    /// whose `unsafe` contract is the caller's promise that the memory outlives the buffer). The region keeps the
+    /// buffer alive; same-host peers reach it through the CUDA IPC handle of its allocation plus its offset.
     pub fn register_device(&self, buf: pdx_cuda::DeviceBuffer) -> RegisteredMemory {
         let n = pdx_cuda::GpuMemory::device(&buf).ordinal() as u32;
         self.add_region(MemoryKind::Device(n), Backing::Device(buf))

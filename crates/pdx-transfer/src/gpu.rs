@@ -3,8 +3,11 @@
 //! - same process: the peer's regions are this process's memory; device ↔ device (same GPU or peer GPUs) and
 //!   device ↔ pinned host copies on a CUDA stream;
 //! - same host, another process: the peer's device regions are opened from the CUDA IPC handles of its
-//!   metadata (version 3), once, and cached; its pinned (memfd) regions are mapped and pinned in this process;
-//!   copies then run device to device or by DMA as in one process;
+//!   metadata (version 3, or 4 with offsets), once, and cached. A handle names the peer's whole CUDA allocation
+//!   and the region's offset in it (a region registered by pointer inside a larger allocation); `IpcHandle::open`
+//!   maps the allocation and checks `offset + len` against the mapped size, so copies address only the region.
+//!   Its pinned (memfd) regions are mapped and pinned in this process; copies then run device to device or by DMA
+//!   as in one process;
 //! - another host (or `tcp` forced): the staged path. The request owns a pinned staging buffer; a WRITE copies
 //!   device → staging on the GPU, then sends the staging bytes over `tcp`; a READ receives over `tcp` into
 //!   staging, then copies staging → device. The peer's side must be host or pinned memory (peer-side staging

@@ -14,6 +14,11 @@
 //! Version 3 (written only by agents with GPU memory registered) appends `Option<UcxMetadata>` and then a
 //! [`CudaMetadata`] (the CUDA IPC handle of each device region) after the version 1 body. Agents without GPU
 //! regions keep writing version 1 or 2 exactly as before; this build reads all three.
+//!
+//! Version 4 is version 3 whose IPC handles also carry the offset of each region in its CUDA allocation (device
+//! memory registered by pointer inside a larger allocation, [`pdx_cuda::DeviceBuffer::from_raw`]). It is written
+//! only when some offset is not 0, so metadata of agents whose device regions are whole allocations stays
+//! version 3, byte for byte, and older peers keep reading it.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +32,11 @@ pub const METADATA_MAGIC: [u8; 4] = *b"PDXM";
 pub const METADATA_VERSION: u16 = 1;
 /// Metadata format version with the [`UcxMetadata`] extension.
 pub const METADATA_VERSION_UCX: u16 = 2;
-/// Metadata format version with the [`CudaMetadata`] extension (and an optional UCX one).
+/// Metadata format version with the [`CudaMetadata`] extension (and an optional UCX one), IPC handles without
+/// offsets (every offset 0).
 pub const METADATA_VERSION_CUDA: u16 = 3;
+/// Metadata format version 3 with an offset in each IPC handle (written when some offset is not 0).
+pub const METADATA_VERSION_CUDA_OFFSET: u16 = 4;
 /// Upper bound of a UCX worker address or packed rkey, in bytes.
 pub const MAX_UCX_BLOB_BYTES: usize = 64 << 10;
 /// Upper bound of an encoded metadata blob, in bytes (1 MiB).
@@ -92,6 +100,54 @@ pub struct CudaMetadata {
     pub ipc: Vec<(u64, pdx_cuda::IpcHandle)>,
 }
 
+/// [`CudaMetadata`] as version 3 writes it: handles without offsets.
+#[derive(Serialize, Deserialize)]
+struct CudaMetadataV3 {
+    ipc: Vec<(u64, IpcHandleV3)>,
+}
+
+/// An IPC handle as version 3 writes it (postcard encodes struct fields in order, so this is `IpcHandle` before
+/// it had an offset).
+#[derive(Serialize, Deserialize)]
+struct IpcHandleV3 {
+    bytes: Vec<u8>,
+    len: u64,
+    device: u32,
+}
+
+impl CudaMetadata {
+    /// The version 3 form, when every handle has offset 0.
+    fn to_v3(&self) -> Option<CudaMetadataV3> {
+        self.ipc
+            .iter()
+            .map(|(id, h)| {
+                (h.offset() == 0).then(|| {
+                    let v3 = IpcHandleV3 {
+                        bytes: h.bytes().to_vec(),
+                        len: h.len(),
+                        device: h.device(),
+                    };
+                    (*id, v3)
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|ipc| CudaMetadataV3 { ipc })
+    }
+
+    fn from_v3(v3: CudaMetadataV3) -> Result<CudaMetadata> {
+        let ipc = v3
+            .ipc
+            .into_iter()
+            .map(|(id, h)| {
+                pdx_cuda::IpcHandle::from_parts(&h.bytes, h.len, h.device, 0)
+                    .map(|h| (id, h))
+                    .map_err(|e| bad(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(CudaMetadata { ipc })
+    }
+}
+
 /// Every extension a metadata blob may carry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Extensions {
@@ -117,7 +173,8 @@ impl AgentMetadata {
         self.encode_ext(ucx, None)
     }
 
-    /// Encodes with optional extensions: version 1 with none, 2 with UCX only, 3 with CUDA (and maybe UCX).
+    /// Encodes with optional extensions: version 1 with none, 2 with UCX only, 3 with CUDA (and maybe UCX), 4 when
+    /// some IPC handle has a non-zero offset.
     /// Errors: [`TransferError::BadMetadata`] when over the size limit.
     pub fn encode_ext(
         &self,
@@ -126,8 +183,10 @@ impl AgentMetadata {
     ) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(64 + self.regions.len() * 24);
         out.extend_from_slice(&METADATA_MAGIC);
+        let cuda_v3 = cuda.and_then(CudaMetadata::to_v3);
         let version = match (ucx, cuda) {
-            (_, Some(_)) => METADATA_VERSION_CUDA,
+            (_, Some(_)) if cuda_v3.is_some() => METADATA_VERSION_CUDA,
+            (_, Some(_)) => METADATA_VERSION_CUDA_OFFSET,
             (Some(_), None) => METADATA_VERSION_UCX,
             (None, None) => METADATA_VERSION,
         };
@@ -136,7 +195,11 @@ impl AgentMetadata {
         match cuda {
             Some(c) => {
                 out = postcard::to_extend(&ucx, out).map_err(|e| bad(e.to_string()))?;
-                out = postcard::to_extend(c, out).map_err(|e| bad(e.to_string()))?;
+                out = match &cuda_v3 {
+                    Some(v3) => postcard::to_extend(v3, out),
+                    None => postcard::to_extend(c, out),
+                }
+                .map_err(|e| bad(e.to_string()))?;
             }
             None => {
                 if let Some(u) = ucx {
@@ -167,7 +230,7 @@ impl AgentMetadata {
         Self::decode_ext(bytes).map(|(md, ext)| (md, ext.ucx))
     }
 
-    /// Decodes version 1, 2 or 3 metadata with its extensions. Errors as [`AgentMetadata::decode`], plus
+    /// Decodes version 1, 2, 3 or 4 metadata with its extensions. Errors as [`AgentMetadata::decode`], plus
     /// malformed extensions: oversized UCX blobs, keys or IPC handles of unknown regions, IPC handles of
     /// regions that are not device memory or whose length differs from the region's.
     pub fn decode_ext(bytes: &[u8]) -> Result<(AgentMetadata, Extensions)> {
@@ -185,11 +248,12 @@ impl AgentMetadata {
             METADATA_VERSION,
             METADATA_VERSION_UCX,
             METADATA_VERSION_CUDA,
+            METADATA_VERSION_CUDA_OFFSET,
         ]
         .contains(&version)
         {
             return Err(bad(format!(
-                "version {version}, this build reads {METADATA_VERSION}, {METADATA_VERSION_UCX} and {METADATA_VERSION_CUDA}"
+                "version {version}, this build reads {METADATA_VERSION} to {METADATA_VERSION_CUDA_OFFSET}"
             )));
         }
         let (md, mut rest): (AgentMetadata, &[u8]) =
@@ -201,11 +265,16 @@ impl AgentMetadata {
             rest = r;
             ext.ucx = Some(u);
         }
-        if version == METADATA_VERSION_CUDA {
+        if version == METADATA_VERSION_CUDA || version == METADATA_VERSION_CUDA_OFFSET {
             let (u, r): (Option<UcxMetadata>, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
-            let (c, r): (CudaMetadata, &[u8]) =
-                postcard::take_from_bytes(r).map_err(|e| bad(e.to_string()))?;
+            let (c, r) = if version == METADATA_VERSION_CUDA {
+                let (c, r): (CudaMetadataV3, &[u8]) =
+                    postcard::take_from_bytes(r).map_err(|e| bad(e.to_string()))?;
+                (CudaMetadata::from_v3(c)?, r)
+            } else {
+                postcard::take_from_bytes(r).map_err(|e| bad(e.to_string()))?
+            };
             rest = r;
             ext.ucx = u;
             ext.cuda = Some(c);
@@ -326,7 +395,7 @@ mod tests {
             len: 1 << 20,
             memfd: None,
         });
-        let h = pdx_cuda::IpcHandle::from_parts(&[9; 64], 1 << 20, 0).unwrap();
+        let h = pdx_cuda::IpcHandle::from_parts(&[9; 64], 1 << 20, 0, 0).unwrap();
         (md, CudaMetadata { ipc: vec![(3, h)] })
     }
 
@@ -364,7 +433,7 @@ mod tests {
             vec![(1, h.clone())],  // a host region
             vec![(
                 3,
-                pdx_cuda::IpcHandle::from_parts(&[9; 64], 4096, 0).unwrap(),
+                pdx_cuda::IpcHandle::from_parts(&[9; 64], 4096, 0, 0).unwrap(),
             )], // wrong length
             vec![(3, h.clone()), (3, h.clone()), (3, h.clone()), (3, h)], // more handles than regions
         ] {
@@ -376,17 +445,69 @@ mod tests {
     }
 
     #[test]
+    fn version_4_carries_ipc_offsets_and_offset_0_stays_version_3() {
+        let (md, cuda) = with_device();
+        let v3 = md.encode_ext(None, Some(&cuda)).unwrap();
+        // The version 3 bytes are what this build wrote before handles had offsets: the legacy handle shape.
+        let legacy = CudaMetadataV3 {
+            ipc: vec![(
+                3,
+                IpcHandleV3 {
+                    bytes: vec![9; 64],
+                    len: 1 << 20,
+                    device: 0,
+                },
+            )],
+        };
+        let mut expect = md.encode().unwrap();
+        expect[4..6].copy_from_slice(&METADATA_VERSION_CUDA.to_le_bytes());
+        let expect = postcard::to_extend(&None::<UcxMetadata>, expect).unwrap();
+        let expect = postcard::to_extend(&legacy, expect).unwrap();
+        assert_eq!(v3, expect);
+        // A region at an offset inside its allocation: version 4, and the offset comes back.
+        let h = pdx_cuda::IpcHandle::from_parts(&[9; 64], 1 << 20, 0, 3 << 20).unwrap();
+        let off = CudaMetadata {
+            ipc: vec![(3, h.clone())],
+        };
+        let v4 = md.encode_ext(None, Some(&off)).unwrap();
+        assert_eq!(
+            u16::from_le_bytes([v4[4], v4[5]]),
+            METADATA_VERSION_CUDA_OFFSET
+        );
+        let (back, ext) = AgentMetadata::decode_ext(&v4).unwrap();
+        assert_eq!((back, ext.cuda), (md.clone(), Some(off)));
+        // The offset is the last field: patched to the largest offset whose range fits u64 it decodes, one more
+        // and the range overflows, refused on the way in.
+        let head = &v4[..v4.len() - postcard::to_allocvec(&(3u64 << 20)).unwrap().len()];
+        let with_offset = |o: u64| [head, &postcard::to_allocvec(&o).unwrap()].concat();
+        let (_, ext) = AgentMetadata::decode_ext(&with_offset(u64::MAX - (1 << 20))).unwrap();
+        assert_eq!(ext.cuda.unwrap().ipc[0].1.offset(), u64::MAX - (1 << 20));
+        assert!(AgentMetadata::decode_ext(&with_offset(u64::MAX - (1 << 20) + 1)).is_err());
+        // Version 4 labelled version 3 (or the reverse) does not decode.
+        let mut relabel = v4.clone();
+        relabel[4] = 3;
+        assert!(AgentMetadata::decode_ext(&relabel).is_err());
+        let mut relabel = v3.clone();
+        relabel[4] = 4;
+        assert!(AgentMetadata::decode_ext(&relabel).is_err());
+    }
+
+    #[test]
     fn rejects_wrong_magic_version_and_trailing_bytes() {
         let bytes = sample().encode().unwrap();
         let mut wrong = bytes.clone();
         wrong[0] = b'X';
         assert!(AgentMetadata::decode(&wrong).is_err());
-        let mut v4 = bytes.clone();
-        v4[4] = 4;
-        assert!(AgentMetadata::decode(&v4)
+        let mut v5 = bytes.clone();
+        v5[4] = 5;
+        assert!(AgentMetadata::decode(&v5)
             .unwrap_err()
             .to_string()
-            .contains("version 4"));
+            .contains("version 5"));
+        // A version 1 body labelled version 4 lacks the CUDA extension.
+        let mut v4 = bytes.clone();
+        v4[4] = 4;
+        assert!(AgentMetadata::decode(&v4).is_err());
         // A version 1 body labelled version 3 lacks the CUDA extension.
         let mut v3 = bytes.clone();
         v3[4] = 3;

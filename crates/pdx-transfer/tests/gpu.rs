@@ -1,11 +1,12 @@
 //! GPU memory in the transfer engine: registration of device and pinned memory, the `cuda` transport in one
 //! process and across two processes through CUDA IPC handles carried in the metadata, and the refusal of host
-//! transports for device memory. Without CUDA each GPU test prints `skipped: no CUDA driver (libcuda) found`;
+//! transports for device memory, and device memory of the caller registered by pointer (sub-ranges of one CUDA
+//! allocation, reached by a peer process through the allocation's IPC handle and offsets). Without CUDA each GPU test prints `skipped: no CUDA driver (libcuda) found`;
 //! `without_cuda_gpu_memory_is_unavailable` checks that case.
 
 use std::time::Duration;
 
-use pdx_transfer::metadata::{AgentMetadata, METADATA_VERSION_CUDA};
+use pdx_transfer::metadata::{AgentMetadata, METADATA_VERSION_CUDA, METADATA_VERSION_CUDA_OFFSET};
 use pdx_transfer::*;
 
 fn cuda() -> bool {
@@ -227,6 +228,145 @@ fn ipc_between_two_processes() {
         got == pattern(n, 22),
         "the child's WRITE landed in our device memory"
     );
+}
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// The second process of `caller_device_memory_by_pointer_between_two_processes`: READs every device region of
+/// the parent in place (region `i` holds `pattern(len, 50 + i)`), checks every byte, WRITEs `pattern(len, 60 + i)`
+/// back, and notifies once.
+#[test]
+fn by_pointer_child_process() {
+    let Ok(hex) = std::env::var("PDX_GPU_BY_POINTER_MD") else {
+        return;
+    };
+    let md = from_hex(&hex);
+    let agent = Agent::new(AgentConfig::new("by-pointer-child")).expect("agent");
+    let parent = agent.load_remote(&md).expect("load parent metadata");
+    let decoded = AgentMetadata::decode(&md).expect("decode");
+    for (i, region) in decoded.regions.iter().enumerate() {
+        let n = region.len as usize;
+        let mine = agent
+            .allocate_kind(MemoryKind::Device(0), n)
+            .expect("device");
+        let remote = XferDescList {
+            kind: region.kind,
+            descs: vec![XferDesc {
+                addr: region.addr,
+                len: region.len,
+                dev_id: 0,
+            }],
+        };
+        let read = agent
+            .create_xfer_from_descs(
+                XferOp::Read,
+                &list(&mine, &[(0, n)]),
+                &parent,
+                &remote,
+                XferOptions::default(),
+            )
+            .expect("create read");
+        assert_eq!(read.transport(), TransportKind::Cuda);
+        read.post().expect("read");
+        let mut got = vec![0u8; n];
+        mine.read(0, &mut got).expect("read back");
+        assert!(
+            got == pattern(n, 50 + i as u8),
+            "region {i}: the child read other bytes (offset not honoured?)"
+        );
+        mine.write(0, &pattern(n, 60 + i as u8)).expect("write");
+        let last = i + 1 == decoded.regions.len();
+        let write = agent
+            .create_xfer_from_descs(
+                XferOp::Write,
+                &list(&mine, &[(0, n)]),
+                &parent,
+                &remote,
+                XferOptions {
+                    notif: last.then(|| b"by pointer done".to_vec()),
+                    ..Default::default()
+                },
+            )
+            .expect("create write");
+        write.post().expect("write");
+    }
+}
+
+#[test]
+fn caller_device_memory_by_pointer_between_two_processes() {
+    if !cuda() {
+        return;
+    }
+    let dev = pdx_cuda::Device::new(0).expect("device");
+    // The engine's allocation (as a block of PyTorch's caching allocator), with two KV tensors inside it.
+    let whole = 8 << 20;
+    let engine = pdx_cuda::DeviceBuffer::new(&dev, whole).expect("alloc");
+    let s = pdx_cuda::Stream::new(&dev).expect("stream");
+    s.memset(&engine, 0, whole, 0x11).expect("memset");
+    s.synchronize().expect("sync");
+    let tensors = [(1usize << 20, 2usize << 20), (4 << 20, 1 << 20)];
+    let agent = Agent::new(AgentConfig::new("by-pointer-parent")).expect("agent");
+    let regs: Vec<RegisteredMemory> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, &(off, n))| {
+            // SAFETY: `engine` owns the allocation and outlives the agent and every registration (dropped at the
+            // end of this test, after them: locals drop in reverse order).
+            let buf = unsafe { pdx_cuda::DeviceBuffer::from_raw(engine.addr() + off as u64, n, 0) }
+                .expect("from_raw");
+            let r = agent.register_device(buf);
+            r.write(0, &pattern(n, 50 + i as u8)).expect("write");
+            r
+        })
+        .collect();
+    let md = agent.local_metadata().expect("metadata");
+    assert_eq!(
+        u16::from_le_bytes([md[4], md[5]]),
+        METADATA_VERSION_CUDA_OFFSET
+    );
+    let (_, ext) = AgentMetadata::decode_ext(&md).expect("decode");
+    let offsets: Vec<u64> = ext
+        .cuda
+        .expect("cuda extension")
+        .ipc
+        .iter()
+        .map(|(_, h)| h.offset())
+        .collect();
+    assert_eq!(offsets, vec![1 << 20, 4 << 20]);
+    let hex: String = md.iter().map(|b| format!("{b:02x}")).collect();
+    let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "by_pointer_child_process", "--nocapture"])
+        .env("PDX_GPU_BY_POINTER_MD", hex)
+        .status()
+        .expect("spawn child");
+    assert!(status.success(), "child failed");
+    let notes = agent.wait_notifications(Duration::from_secs(5));
+    assert!(
+        notes.iter().any(|n| n.payload == b"by pointer done"),
+        "{notes:?}"
+    );
+    // Every byte of the allocation: the tensors hold the child's WRITEs, the rest is untouched.
+    let mut got = vec![0u8; whole];
+    s.download(&engine, 0, &mut got).expect("download");
+    let mut expect = vec![0x11u8; whole];
+    for (i, &(off, n)) in tensors.iter().enumerate() {
+        expect[off..off + n].copy_from_slice(&pattern(n, 60 + i as u8));
+    }
+    assert!(
+        got == expect,
+        "the child's WRITEs landed exactly in the registered sub-ranges"
+    );
+    drop(regs);
+    drop(agent);
+    // pdx never freed the engine's memory: it is still usable.
+    s.memset(&engine, 0, whole, 0)
+        .expect("memset after deregistration");
+    s.synchronize().expect("sync");
 }
 
 #[test]
