@@ -132,13 +132,22 @@ impl Agent {
         Ok(Registration::new(mem))
     }
 
-    /// Registers GPU memory by pointer (engine-owned VRAM). Errors: `nixlNotSupportedError` in this build.
-    #[pyo3(signature = (addr, length, device))]
-    fn register_device(&self, addr: u64, length: u64, device: u32) -> PyResult<Registration> {
+    /// Registers `length` bytes of GPU `device`'s memory at device address `addr` (engine-owned VRAM), validated
+    /// with `cuPointerGetAttributes`. `owner` (the tensor) is kept alive while the returned object lives. GIL
+    /// released. Errors: `nixlNotSupportedError` without CUDA; `nixlInvalidParamError` for a range that is not
+    /// device memory of GPU `device`.
+    #[pyo3(signature = (addr, length, device, owner=None))]
+    fn register_device(
+        &self,
+        py: Python<'_>,
+        addr: u64,
+        length: u64,
+        device: u32,
+        owner: Option<Py<PyAny>>,
+    ) -> PyResult<Registration> {
         let agent = self.get()?;
-        Ok(Registration::new(memory::register_device(
-            &agent, addr, length, device,
-        )?))
+        let mem = py.detach(|| memory::register_device(&agent, addr, length, device))?;
+        Ok(Registration::with_owner(mem, owner))
     }
 
     /// Allocates and registers `length` bytes: `kind="host"` is a memfd arena (zero-filled) that same-host

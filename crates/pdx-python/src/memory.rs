@@ -10,7 +10,7 @@ use pyo3::types::PyBytes;
 
 use pdx_transfer::{Agent, Memory, MemoryKind, RegisteredMemory};
 
-use crate::errors::{invalid, unsupported, IntoPy};
+use crate::errors::{invalid, IntoPy};
 
 /// Registers `len` bytes of host memory at `addr` with `agent`, after checking that the whole range is mapped
 /// readable and writable in this process (`/proc/self/maps`), so an address that names nothing is refused here
@@ -99,18 +99,28 @@ fn check_mapped(addr: u64, end: u64) -> PyResult<()> {
     )))
 }
 
-/// Registers device memory by pointer. Needs `pdx_cuda::DeviceBuffer::from_raw` (engine-owned VRAM), which this
-/// build does not have yet: always `nixlNotSupportedError` for now.
+/// Registers `len` bytes of GPU `device`'s memory at device address `addr` (engine-owned VRAM: a torch CUDA
+/// tensor, a `cudaMalloc` block), validated by `pdx_cuda::DeviceBuffer::from_raw` (`cuPointerGetAttributes`: device
+/// memory of that GPU, inside one allocation). Same-host peers reach it through the CUDA IPC handle of its
+/// allocation plus the offset. The contract is [`register_host`]'s: the caller keeps the memory allocated while it
+/// is registered (a tensor given as an object is kept alive by the Python `Registration`).
+///
+/// Errors: `nixlNotSupportedError` without CUDA or without GPU `device`; `nixlInvalidParamError` for a range
+/// that is not device memory of that GPU or runs past its allocation.
 pub fn register_device(
-    _agent: &Agent,
+    agent: &Agent,
     addr: u64,
     len: u64,
     device: u32,
 ) -> PyResult<RegisteredMemory> {
-    Err(unsupported(format!(
-        "registering GPU memory by pointer (VRAM {addr:#x}+{len} on device {device}) is not supported by this \
-         build yet; use host memory (DRAM), or Agent.allocate(kind='device')"
-    )))
+    let len = usize::try_from(len).map_err(|_| invalid("length does not fit in usize"))?;
+    // SAFETY: `from_raw` validates the range against the driver's allocation table; that it stays allocated while
+    // registered is the caller's promise (this crate's one contract, see `register_host`). pdx only touches it
+    // through CUDA copies bounded by `[addr, addr + len)`.
+    let buf = unsafe { pdx_cuda::DeviceBuffer::from_raw(addr, len, device) }
+        .map_err(pdx_transfer::TransferError::from)
+        .py_err()?;
+    Ok(agent.register_device(buf))
 }
 
 /// A registered memory region (NIXL: one entry of a registration descriptor list). It stays registered until
@@ -118,6 +128,9 @@ pub fn register_device(
 #[pyclass(frozen, module = "pdx_transfer")]
 pub struct Registration {
     mem: Mutex<Option<RegisteredMemory>>,
+    /// The Python object of device memory (a tensor), kept alive as long as this object (host memory keeps its
+    /// owner inside the region itself).
+    _owner: Option<Py<PyAny>>,
     addr: u64,
     len: u64,
     kind: MemoryKind,
@@ -126,11 +139,17 @@ pub struct Registration {
 impl Registration {
     /// Wraps a registered region.
     pub fn new(mem: RegisteredMemory) -> Registration {
+        Registration::with_owner(mem, None)
+    }
+
+    /// Wraps a registered region and keeps `owner` alive with it.
+    pub fn with_owner(mem: RegisteredMemory, owner: Option<Py<PyAny>>) -> Registration {
         Registration {
             addr: mem.addr(),
             len: mem.len() as u64,
             kind: mem.kind(),
             mem: Mutex::new(Some(mem)),
+            _owner: owner,
         }
     }
 

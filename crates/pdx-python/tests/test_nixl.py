@@ -180,10 +180,42 @@ def test_torch_tensors():
     assert reg[0][:2] == (t.data_ptr(), 4096)
     assert a.get_xfer_descs([t[:512], t[512:]])[1] == (t.data_ptr() + 2048, 2048, 0)
     a.deregister_memory(reg)
+
+
+def test_vram_tensors_move_between_agents():
+    torch = pytest.importorskip("torch", reason="skipped: torch not installed (VRAM tensors)")
     if not torch.cuda.is_available():
-        pytest.skip("skipped: no CUDA device (VRAM tensors)")
-    with pytest.raises(nixl.nixlNotSupportedError):
-        a.register_memory(torch.zeros(16, device="cuda"))
+        pytest.skip("skipped: no CUDA device")
+    src = torch.arange(1 << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
+    tgt, ini = nixl_agent("gpu-target"), nixl_agent("gpu-initiator")
+    tgt.register_memory(src)
+    ini.register_memory(dst)
+    name = ini.add_remote_agent(tgt.get_agent_metadata())
+    h = ini.initialize_xfer("READ", ini.get_xfer_descs(dst), ini.get_xfer_descs(src), name, b"gpu")
+    if ini.transfer(h) != "DONE":
+        while ini.check_xfer_state(h) != "DONE":
+            time.sleep(0.001)
+    torch.cuda.synchronize()
+    assert torch.equal(src, dst)
+    with pytest.raises(nixl.nixlInvalidParamError):  # host memory named as VRAM
+        ini.register_memory([(dst.data_ptr() + (2 << 20), 4096, 0, "")], "VRAM")
+
+
+def test_vram_without_cuda_is_not_supported():
+    a = pt.Agent("no-gpu")
+    arr = np.zeros(4096, dtype=np.uint8)
+    try:
+        import torch  # noqa: F401
+
+        if torch.cuda.is_available():
+            pytest.skip("skipped: a CUDA device is present (test_vram_tensors_move_between_agents covers it)")
+    except ImportError:
+        pass
+    with pytest.raises(pt.nixlNotSupportedError):
+        a.register_device(arr.ctypes.data, arr.nbytes, 0)
+    with pytest.raises(pt.nixlNotSupportedError):
+        a.allocate(4096, kind="device")
 
 
 @pytest.mark.parametrize("transport", ["cma", "tcp"])

@@ -114,12 +114,13 @@ class Agent(_native.Agent):
 
     def register(self, obj: Any) -> Registration:
         """Registers the memory of ``obj`` in place: a NumPy array, a torch tensor, or a writable buffer
-        (``bytearray``, ``mmap``, ``memoryview``), which the registration keeps alive. Same-host peers reach it
-        with ``cma``, others with ``tcp``. Raises ValueError (non-contiguous, read-only, empty), TypeError (no
-        memory), :class:`nixlNotSupportedError` (GPU tensors in this build)."""
+        (``bytearray``, ``mmap``, ``memoryview``), which the registration keeps alive. Same-host peers reach host
+        memory with ``cma``, others with ``tcp``; CUDA tensors move over ``cuda`` (CUDA IPC between processes).
+        Raises ValueError (non-contiguous, read-only, empty), TypeError (no memory),
+        :class:`nixlNotSupportedError` (a CUDA tensor on a machine without CUDA)."""
         r = region_of(obj)
         if r.kind == "device":
-            return self.register_device(r.addr, r.length, r.device)
+            return self.register_device(r.addr, r.length, r.device, r.owner)
         return self.register_host(r.addr, r.length, r.owner)
 
     def register_raw(self, addr: int, length: int, kind: str = "host", device: int = 0) -> Registration:

@@ -419,8 +419,8 @@ class nixl_agent:
         """Registers memory: a list of ``(addr, len, dev_id, meta_info)`` tuples with ``mem_type``, an N×3
         ``(addr, len, dev_id)`` NumPy array with ``mem_type``, a tensor or a list of tensors, or (pdx) NumPy
         arrays and writable buffers, or a list of them. Returns the :class:`nixlRegDList` to deregister with.
-        Raises :class:`nixlInvalidParamError` (unmapped or empty ranges, malformed input),
-        :class:`nixlNotSupportedError` (VRAM by pointer in this build, storage memory)."""
+        Raises :class:`nixlInvalidParamError` (unmapped or empty ranges, VRAM that is not device memory of that
+        GPU, malformed input), :class:`nixlNotSupportedError` (VRAM without CUDA, storage memory)."""
         reg = self.get_reg_descs(reg_list, mem_type)
         if reg is None:
             raise nixlInvalidParamError("nothing to register: see the logged error for what the list must be")
@@ -429,7 +429,7 @@ class nixl_agent:
         try:
             for (addr, length, dev, _meta), owner in zip(reg._rows, reg._owners):
                 if kind == "device":
-                    r = self.agent.register_device(addr, length, dev)
+                    r = self.agent.register_device(addr, length, dev, owner)
                 else:
                     r = self.agent.register_host(addr, length, owner)
                 done.append(((addr, length, dev, kind), r))
