@@ -245,7 +245,7 @@ impl Agent {
             remote_agent,
             remote: remote.list.clone(),
         };
-        py.detach(|| XferRequest::create(agent, recipe, op, notif, transport))
+        py.detach(|| XferRequest::create(&agent, recipe, op, notif, transport))
             .py_err()
     }
 
@@ -273,7 +273,7 @@ impl Agent {
             remote: remote.inner.clone(),
             remote_idx,
         };
-        py.detach(|| XferRequest::create(agent, recipe, op, notif, transport))
+        py.detach(|| XferRequest::create(&agent, recipe, op, notif, transport))
             .py_err()
     }
 

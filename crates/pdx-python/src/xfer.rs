@@ -1,6 +1,6 @@
 //! Descriptor lists, prepared lists and transfer requests.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -300,19 +300,20 @@ pub struct XferRequest {
     recipe: Recipe,
     op: XferOp,
     transport: Option<TransportKind>,
-    agent: Arc<Agent>,
+    /// Weak: a request does not keep its agent running after `Agent.close()`.
+    agent: Weak<Agent>,
 }
 
 impl XferRequest {
     /// Creates a request (GIL released by the caller).
     pub fn create(
-        agent: Arc<Agent>,
+        agent: &Arc<Agent>,
         recipe: Recipe,
         op: XferOp,
         notif: Option<Vec<u8>>,
         transport: Option<TransportKind>,
     ) -> pdx_transfer::Result<XferRequest> {
-        let req = recipe.make(&agent, op, notif.clone(), transport)?;
+        let req = recipe.make(agent, op, notif.clone(), transport)?;
         Ok(XferRequest {
             state: Mutex::new(ReqState {
                 req: Arc::new(req),
@@ -321,7 +322,7 @@ impl XferRequest {
             recipe,
             op,
             transport,
-            agent,
+            agent: Arc::downgrade(agent),
         })
     }
 
@@ -370,7 +371,10 @@ impl XferRequest {
                     ));
                 }
                 let n = n.to_vec();
-                let agent = self.agent.clone();
+                let agent = self
+                    .agent
+                    .upgrade()
+                    .ok_or_else(|| crate::errors::to_py(pdx_transfer::TransferError::Shutdown))?;
                 let fresh = py
                     .detach(|| {
                         self.recipe

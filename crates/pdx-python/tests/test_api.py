@@ -163,11 +163,11 @@ def test_errors_raise_the_right_exceptions(agents):
     with pytest.raises(pt.nixlNotAllowedError):
         ini.metadata()
     ini.close()  # twice is fine
-    # A request outlives its agent; posting it then fails cleanly instead of touching freed state.
-    try:
+    # A request outlives its agent but does not keep it running: posting it then fails cleanly.
+    with pytest.raises(pt.TransferError):
         req.post()
-    except pt.TransferError:
-        pass
+    with pytest.raises(pt.TransferError):
+        req.post(b"new notification")
 
 
 def test_notifications_and_gil_release(agents):
