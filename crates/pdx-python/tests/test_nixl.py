@@ -300,3 +300,20 @@ def test_killed_peer_fails_transfers():
         if proc.is_alive():
             proc.kill()
         proc.join(10)
+
+
+def test_metadata_over_the_listener(pair):
+    tgt, ini, rbuf, lbuf = pair
+    host, port = tgt.agent.listen_addr.rsplit(":", 1)
+    with pytest.raises(nixl.nixlNotSupportedError):
+        ini.fetch_remote_metadata("target")  # no central metadata server
+    with pytest.raises(nixl.nixlMismatchError):
+        ini.fetch_remote_metadata("someone-else", host, int(port))
+    assert not ini.check_remote_metadata("target")  # a mismatched answer is not kept
+    ini.fetch_remote_metadata("target", host, int(port))
+    assert ini.check_remote_metadata("target")
+    ini.make_connection("target")
+    with pytest.raises(nixl.nixlNotFoundError):
+        ini.make_connection("nobody")
+    with pytest.raises(nixl.nixlNotSupportedError):
+        ini.send_local_metadata(host, int(port))
