@@ -359,6 +359,12 @@ class nixl_agent:
         secret = conf.pdx_secret
         if secret is None and os.environ.get("PDX_AGENT_SECRET"):
             secret = os.environ["PDX_AGENT_SECRET"].encode()
+        if secret is None and not listen.startswith(("127.", "[::1]", "localhost")):
+            # As with NIXL, every peer that reaches the listener is trusted with the registered memory.
+            logger.warning(
+                "agent %s listens on %s without a secret: anyone who reaches it can read and write its registered "
+                "memory (set pdx_secret or PDX_AGENT_SECRET)", agent_name, listen
+            )
         self.agent = Agent(
             agent_name,
             listen,
