@@ -16,7 +16,12 @@ def peer(name):
     return rows
 
 
+def peer_opt(name):
+    return peer(name) if (out / name).exists() else {}
+
+
 nixl, nixl_tcp, mc = peer("nixl.txt"), peer("nixl-tcp.txt"), peer("mooncake.txt")
+pdx_py = peer_opt("pdx-py.txt")
 get = lambda t, op, bs: next((r for r in pdx if r["transport"] == t and r["op"] == op and r["block_size"] == bs), None)
 fmt = lambda v: "—" if v is None else f"{v:.2f}"
 print("| op | block | pdx shm GB/s | pdx cma GB/s | pdx tcp GB/s | NIXL UCX GB/s | NIXL UCX_TLS=tcp GB/s | Mooncake tcp GB/s"
@@ -42,3 +47,17 @@ n4 = nixl.get(("read", 4096))
 print()
 print(f"64 × 4 KiB READ batch, post → done: pdx shm p50 {s4['p50_us']:.1f} µs, p99 {s4['p99_us']:.1f} µs;"
       f" NIXL (UCX) mean {n4[1]:.1f} µs." if s4 and n4 else "")
+
+if pdx_py:
+    # NIXL's own script through Python on both sides: nixl_bench.py on NIXL (UCX) and, import line changed, on
+    # pdx_transfer.nixl (same-host peers: cma on the script's NumPy memory). Bar: >= 2x for blocks >= 64 KiB.
+    print()
+    print("nixl_bench.py through Python, same run: NIXL (`nixl._api`, UCX) and pdx (`pdx_transfer.nixl`)")
+    print()
+    print("| op | block | pdx (Python, nixl API) GB/s | NIXL (Python) GB/s | pdx/NIXL | pdx µs/batch | NIXL µs/batch |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for op in ("read", "write"):
+        for bs in (4096, 65536, 1048576, 16777216):
+            p, n = pdx_py.get((op, bs)), nixl.get((op, bs))
+            print(f"| {op} | {bs // 1024} KiB | {fmt(p and p[0])} | {fmt(n and n[0])}"
+                  f" | {fmt(p[0] / n[0] if p and n else None)} | {fmt(p and p[1])} | {fmt(n and n[1])} |")
