@@ -38,9 +38,9 @@ pub struct AgentConfig {
     pub parallel_copy_min_bytes: u64,
     /// Smallest `cma` transfer (bytes) split across `copy_threads`, each thread one `process_vm_readv` /
     /// `process_vm_writev` of its share. The kernel copies a page at a time on the calling thread (pinning each
-    /// remote page), so one thread moves about half what memcpy does; a second core doubles it for batches large
-    /// enough to pay for starting a thread (figures: `docs/benchmarks.md`, "Python": a 4 MiB batch ran faster on one thread, a 64 MiB one 1.3–1.5× faster on two). Default 8 MiB; `u64::MAX`
-    /// keeps every `cma` copy on the posting thread.
+    /// remote page), so one thread moves well under what memcpy does; a second core helps batches large enough to
+    /// pay for starting a thread (a 64 × 64 KiB batch did better on one: `docs/benchmarks.md`, "Python").
+    /// Default 8 MiB; `u64::MAX` keeps every `cma` copy on the posting thread.
     pub parallel_cma_min_bytes: u64,
     /// Smallest `local`/`shm` transfer (bytes) copied with non-temporal stores (`pdx_sys::copy_streaming`)
     /// instead of `memcpy`. A batch this large does not stay in this core's caches anyway, and the bytes are
