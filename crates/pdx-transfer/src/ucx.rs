@@ -361,7 +361,11 @@ impl UcxAgent {
                     .and_then(|(_, packed)| ep.unpack_rkey(packed).ok())
             })
             .collect();
-        Ok(Arc::new(UcxPeer { ep, rkeys }))
+        Ok(Arc::new(UcxPeer {
+            ep,
+            rkeys,
+            checked_mapping: AtomicBool::new(false),
+        }))
     }
 
     /// Posts one request: the RMA batch, then (from the progress thread) the notification.
@@ -425,6 +429,19 @@ impl UcxAgent {
                 })
             })
             .collect::<Result<_>>()?;
+        if !peer.checked_mapping.swap(true, Ordering::Relaxed) {
+            // Once per peer: say so when UCX cannot map the peer's memory (UCX 1.13 then emulates put/get over
+            // shared memory and TCP; docs/benchmarks.md, "UCX over foreign memory").
+            if let Some(op) = rma.first().filter(|op| !op.rkey.maps(op.remote_addr)) {
+                tracing::info!(
+                    peer = peer_name,
+                    remote_addr = op.remote_addr,
+                    "UCX cannot map this peer's memory (not allocated by UCX): over UCX 1.13 shared memory or TCP \
+                     its put/get are emulated with active messages; same-host caller memory moves faster over cma \
+                     (the automatic choice), or let the peer allocate it with Agent::allocate_ucx"
+                );
+            }
+        }
         let once = Arc::new(AtomicBool::new(false));
         self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
         self.shared
@@ -533,6 +550,8 @@ impl UcxAgent {
 pub(crate) struct UcxPeer {
     ep: Endpoint,
     rkeys: Vec<Option<RemoteKey>>,
+    /// Set after the first post checked whether UCX maps the peer's memory ([`RemoteKey::maps`]).
+    checked_mapping: AtomicBool,
 }
 
 impl std::fmt::Debug for UcxPeer {
