@@ -436,9 +436,10 @@ impl UcxAgent {
                 tracing::info!(
                     peer = peer_name,
                     remote_addr = op.remote_addr,
-                    "UCX cannot map this peer's memory (not allocated by UCX): over UCX 1.13 shared memory or TCP \
-                     its put/get are emulated with active messages; same-host caller memory moves faster over cma \
-                     (the automatic choice), or let the peer allocate it with Agent::allocate_ucx"
+                    "UCX cannot map this peer's memory (not allocated by UCX): over UCX 1.13 shared memory or TCP its put/get \
+                     are emulated with active messages, two copies and the peer's progress (docs/benchmarks.md, 'UCX \
+                     over foreign memory'); same-host caller memory can go over cma (the automatic choice), memory \
+                     the peer allocates with Agent::allocate_ucx gets direct RMA"
                 );
             }
         }
