@@ -61,3 +61,22 @@ if pdx_py:
             p, n = pdx_py.get((op, bs)), nixl.get((op, bs))
             print(f"| {op} | {bs // 1024} KiB | {fmt(p and p[0])} | {fmt(n and n[0])}"
                   f" | {fmt(p[0] / n[0] if p and n else None)} | {fmt(p and p[1])} | {fmt(n and n[1])} |")
+
+# Caller memory (pdx-caller.json, `--mem caller`): both sides register memory they mapped themselves, as NIXL's
+# NumPy buffers are, so pdx and NIXL move the same kind of memory.
+caller_path = out / "pdx-caller.json"
+if caller_path.exists():
+    caller = json.loads(caller_path.read_text())
+    cget = lambda t, op, bs: next((r for r in caller if r["transport"] == t and r["op"] == op and r["block_size"] == bs), None)
+    print()
+    print("Caller memory on both sides (pdx `--mem caller`; NIXL registers NumPy arrays):")
+    print()
+    print("| op | block | pdx cma GB/s | pdx tcp GB/s | NIXL UCX GB/s | NIXL UCX_TLS=tcp GB/s | pdx cma/NIXL | pdx tcp/NIXL tcp |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for op in ("read", "write"):
+        for bs in (4096, 65536, 1048576, 16777216):
+            c, t = cget("cma", op, bs), cget("tcp", op, bs)
+            n, nt = nixl.get((op, bs)), nixl_tcp.get((op, bs))
+            print(f"| {op} | {bs // 1024} KiB | {fmt(c and c['gbps'])} | {fmt(t and t['gbps'])} | {fmt(n and n[0])}"
+                  f" | {fmt(nt and nt[0])} | {fmt(c['gbps'] / n[0] if c and n else None)}"
+                  f" | {fmt(t['gbps'] / nt[0] if t and nt else None)} |")

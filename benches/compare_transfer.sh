@@ -5,7 +5,8 @@
 # changed and nothing else): the rows "pdx (Python, nixl API)" beside NIXL through Python.
 #   benches/compare_transfer.sh [OUT_DIR]      (needs ../shared/peers/install.sh done; ~3 minutes)
 # Needs Debian's libibverbs1 for Mooncake's wheel (apt-get install libibverbs1).
-# Writes pdx.json, nixl.txt, nixl-tcp.txt, pdx-py.txt, mooncake.txt and compare.md (the tables) into OUT_DIR.
+# Writes pdx.json, pdx-caller.json, nixl.txt, nixl-tcp.txt, pdx-py.txt, mooncake.txt and compare.md (the tables) into
+# OUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-transfer}; mkdir -p "$OUT"
@@ -16,6 +17,9 @@ SIZES=4096,65536,1048576,16777216
 cargo build --release --locked -q
 ./target/release/pdx bench kv --procs 2 --batch-size 64 --block-size 4KiB,64KiB,1MiB,16MiB \
   --transport shm,cma,tcp --duration "$SECS" --json >"$OUT/pdx.json"
+# Caller memory on both sides (each maps its own, registered by pointer, no memfd): the kind NIXL's NumPy buffers are.
+./target/release/pdx bench kv --procs 2 --batch-size 64 --block-size 4KiB,64KiB,1MiB,16MiB \
+  --transport cma,tcp --mem caller --duration "$SECS" --json >"$OUT/pdx-caller.json"
 # Peers: a crash after the rows are printed (NIXL has segfaulted at teardown here) is recorded, not fatal.
 peer() { local out=$1; shift; "$@" >"$out" 2>&1 || echo "(exited with status $?)" >>"$out"; }
 peer "$OUT/nixl.txt" "$PEERS/venv-nixl/bin/python" "$SHARED/nixl_bench.py" --procs 2 --batch 64 --sizes $SIZES --secs "$SECS"

@@ -368,7 +368,11 @@ impl UcxAgent {
                     .and_then(|(_, packed)| ep.unpack_rkey(packed).ok())
             })
             .collect();
-        Ok(Arc::new(UcxPeer { ep, rkeys }))
+        Ok(Arc::new(UcxPeer {
+            ep,
+            rkeys,
+            checked_mapping: AtomicBool::new(false),
+        }))
     }
 
     /// Posts one request: the RMA batch, then (from the progress thread) the notification.
@@ -432,6 +436,20 @@ impl UcxAgent {
                 })
             })
             .collect::<Result<_>>()?;
+        if !peer.checked_mapping.swap(true, Ordering::Relaxed) {
+            // Once per peer: say so when UCX cannot map the peer's memory (UCX 1.13 then emulates put/get over
+            // shared memory and TCP; docs/benchmarks.md, "UCX over foreign memory").
+            if let Some(op) = rma.first().filter(|op| !op.rkey.maps(op.remote_addr)) {
+                tracing::info!(
+                    peer = peer_name,
+                    remote_addr = op.remote_addr,
+                    "UCX cannot map this peer's memory (not allocated by UCX): over UCX 1.13 shared memory or TCP its put/get \
+                     are emulated with active messages, two copies and the peer's progress (docs/benchmarks.md, 'UCX \
+                     over foreign memory'); same-host caller memory can go over cma (the automatic choice), memory \
+                     the peer allocates with Agent::allocate_ucx gets direct RMA"
+                );
+            }
+        }
         let once = Arc::new(AtomicBool::new(false));
         self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
         self.shared
@@ -540,6 +558,8 @@ impl UcxAgent {
 pub(crate) struct UcxPeer {
     ep: Endpoint,
     rkeys: Vec<Option<RemoteKey>>,
+    /// Set after the first post checked whether UCX maps the peer's memory ([`RemoteKey::maps`]).
+    checked_mapping: AtomicBool,
 }
 
 impl std::fmt::Debug for UcxPeer {

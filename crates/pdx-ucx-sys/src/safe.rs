@@ -898,6 +898,27 @@ impl Drop for RemoteKey {
     }
 }
 
+impl RemoteKey {
+    /// Whether UCX can map the peer's memory at `remote_addr` into this process (`ucp_rkey_ptr`). True for memory
+    /// a same-host peer allocated through UCX (its `sysv`/`posix` transports then do put/get as one copy). False
+    /// otherwise, in particular for memory UCX did not allocate (caller memory, pdx's memfd arenas): UCX 1.13 has
+    /// no shared-memory RMA lane for such memory (`cma` offers only zero-copy operations, which 1.13 does not take
+    /// for RMA lanes), so put/get on it are emulated with active messages through the shared-memory FIFO, a copy
+    /// on each side and the target's progress in the loop (`UCX_PROTO_ENABLE=y UCX_PROTO_INFO=y` prints "software
+    /// emulation"). Transports with hardware RMA (InfiniBand) reach memory they cannot map, so false does not
+    /// always mean emulated. Errors (called from inside a UCX callback) count as false.
+    pub fn maps(&self, remote_addr: u64) -> bool {
+        let Ok(_g) = self.ep.worker.enter() else {
+            return false;
+        };
+        let mut local: *mut c_void = ptr::null_mut();
+        // SAFETY: the guard serializes use of the key, which came from ucp_ep_rkey_unpack on an endpoint still
+        // open (held by `ep`); `local` is a valid out pointer and nothing is accessed through it.
+        let status = unsafe { ffi::ucp_rkey_ptr(self.rkey, remote_addr, &mut local) };
+        status == ffi::UCS_OK
+    }
+}
+
 impl std::fmt::Debug for RemoteKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RemoteKey")
@@ -1134,6 +1155,31 @@ mod tests {
         // The Memory keeps the allocation alive after the handle is dropped.
         drop((rkey, ep, handle));
         mem.write_at(0, b"still mapped").unwrap();
+    }
+
+    #[test]
+    fn only_memory_ucx_allocated_is_mapped() {
+        let ctx = Context::new().unwrap();
+        let worker = Worker::new(&ctx).unwrap();
+        let ep = worker.connect(&worker.address().unwrap()).unwrap();
+        let (ucx_mem, handle) = ctx.allocate(1 << 20).unwrap();
+        let rkey = ep.unpack_rkey(handle.rkey()).unwrap();
+        let heap = mem(1 << 20, 0);
+        let heap_h = ctx.mem_map(heap.memory()).unwrap();
+        let heap_rkey = ep.unpack_rkey(heap_h.rkey()).unwrap();
+        println!(
+            "ucx-allocated: {}, heap: {}",
+            rkey.maps(ucx_mem.addr() + 4096),
+            heap_rkey.maps(heap.memory().addr())
+        );
+        assert!(
+            !heap_rkey.maps(heap.memory().addr()),
+            "UCX maps memory it did not allocate"
+        );
+        assert!(
+            rkey.maps(ucx_mem.addr() + 4096),
+            "UCX does not map its own allocation"
+        );
     }
 
     fn mem_pattern(len: usize) -> Arc<dyn HostMemory> {
