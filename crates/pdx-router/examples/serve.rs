@@ -1,4 +1,10 @@
 //! `pdx serve` without the `pdx` CLI: `cargo run --release -p pdx-router --example serve -- FLAGS`.
+//! With `--features mimalloc`, on mimalloc instead of the system allocator (the allocator measurement of
+//! docs/benchmarks.md "Router").
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
