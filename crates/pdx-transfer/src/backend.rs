@@ -95,14 +95,17 @@ pub(crate) trait Backend {
         done.wait(timeout)
     }
 
-    /// Sends a notification to `to` outside any transfer (NIXL `genNotif`). Errors: the peer is unreachable.
+    /// Sends a notification to `to` outside any transfer (NIXL `genNotif`); by default [`deliver`] (transports
+    /// without a channel of their own). Errors: the peer is unreachable.
     fn notify(
         &self,
         from: &str,
         to: &RemoteAgent,
         conn: Option<&Arc<PeerConn>>,
         payload: Vec<u8>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        deliver(from, to, conn, payload)
+    }
 }
 
 /// A notification from `from` to `to`, for the transports without a channel of their own (`local`, `shm`,

@@ -23,12 +23,11 @@ use pdx_cuda::{Device, GpuMemory, IpcMemory, PinnedHostBuffer, Stream};
 use pdx_sys::Memory;
 
 use crate::backend::{self, Backend, Post, Prepare};
-use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
 use crate::memory::{Backing, MemoryKind, Region};
 use crate::metadata::{AgentMetadata, CudaMetadata};
 use crate::plan::Route;
-use crate::remote::{Locality, RemoteAgent};
+use crate::remote::Locality;
 use crate::request::{Completion, XferOp, XferStatus};
 use crate::transport::LocalSeg;
 
@@ -377,17 +376,6 @@ impl Backend for CudaBackend {
             CudaReq::Direct(plan) => backend::post_inline(&self.name, x, || run(x.op, plan)),
             CudaReq::Staged(plan) => run_staged(plan, x).map(|()| XferStatus::Done),
         }
-    }
-
-    /// Over the peer connection (a push between agents of one process).
-    fn notify(
-        &self,
-        from: &str,
-        to: &RemoteAgent,
-        conn: Option<&Arc<PeerConn>>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        backend::deliver(from, to, conn, payload)
     }
 }
 

@@ -8,12 +8,11 @@ use std::sync::Arc;
 
 use crate::backend::{self, Backend, Post, Prepare};
 use crate::config::AgentConfig;
-use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
 use crate::memory::Region;
 use crate::peer::LocalPeer;
 use crate::plan::{self, Route};
-use crate::remote::{Locality, RemoteAgent};
+use crate::remote::Locality;
 use crate::request::{XferOp, XferStatus};
 use crate::transport::{CopySeg, LocalSeg};
 
@@ -175,17 +174,6 @@ impl Backend for LocalBackend {
     fn post(&self, req: &LocalReq, x: &Post<'_>) -> Result<XferStatus> {
         backend::post_inline(&self.name, x, || copy_in_process(&self.copy, x, &req.0))
     }
-
-    /// A push into the in-process peer's queue.
-    fn notify(
-        &self,
-        from: &str,
-        to: &RemoteAgent,
-        conn: Option<&Arc<PeerConn>>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        backend::deliver(from, to, conn, payload)
-    }
 }
 
 /// The `shm` backend: memcpy into a same-host peer's memfds mapped here (or, between agents of one process,
@@ -265,17 +253,6 @@ impl Backend for ShmBackend {
                 )
             }
         })
-    }
-
-    /// Over the peer connection (a push between agents of one process).
-    fn notify(
-        &self,
-        from: &str,
-        to: &RemoteAgent,
-        conn: Option<&Arc<PeerConn>>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        backend::deliver(from, to, conn, payload)
     }
 }
 
@@ -445,16 +422,5 @@ impl Backend for CmaBackend {
                     .fold(first, |acc, r| acc.and(r))
             })
         })
-    }
-
-    /// Over the peer connection (a push between agents of one process).
-    fn notify(
-        &self,
-        from: &str,
-        to: &RemoteAgent,
-        conn: Option<&Arc<PeerConn>>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        backend::deliver(from, to, conn, payload)
     }
 }

@@ -25,14 +25,13 @@ use pdx_ucx_sys::{
     Context, Endpoint, HostMemory, MemHandle, RemoteKey, Rma, RmaOp, UcxError, Worker,
 };
 
-use crate::backend::{self, Backend, Post, Prepare};
+use crate::backend::{Backend, Post, Prepare};
 use crate::conn::PeerConn;
 use crate::error::{Result, TransferError};
 use crate::memory::Region;
 use crate::metadata::UcxMetadata;
 use crate::notif::{Notification, NotificationQueue};
 use crate::plan::{self, Route};
-use crate::remote::RemoteAgent;
 use crate::request::{Completion, XferOp, XferStatus};
 use crate::transport::LocalSeg;
 
@@ -656,17 +655,5 @@ impl Backend for UcxAgent {
             return self.wait_driving(done, timeout);
         }
         done.wait(timeout)
-    }
-
-    /// Over the peer connection, as `Agent::notify` does for every transport (a notification of a posted `ucx`
-    /// request is an active message instead, sent after its data).
-    fn notify(
-        &self,
-        from: &str,
-        to: &RemoteAgent,
-        conn: Option<&Arc<PeerConn>>,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        backend::deliver(from, to, conn, payload)
     }
 }
