@@ -395,21 +395,22 @@ fn completion_is_awaitable_from_tokio_and_other_executors() {
     assert_eq!(read_back(&p.b_shared, 0, 65536), pattern(1, 0, 65536));
 }
 
-/// Two tasks awaiting the same request are both woken when it completes (each future keeps a waker of its own;
-/// with one waker slot per request, the second poll replaced the first task's waker and that task never woke).
-#[test]
-fn every_task_awaiting_a_request_is_woken() {
-    // A "peer" that accepts and never answers: the READ stays in progress until the peer timeout fails it.
+/// An agent named `agent` (peer timeout `peer_timeout`) with a 4 KiB READ prepared from a "peer" that accepts
+/// connections and never answers (held open for 20 s); the agent and its memory are returned to keep them alive.
+fn read_from_a_silent_peer(
+    agent: &str,
+    peer_timeout: Duration,
+) -> (Agent, RegisteredMemory, XferRequest) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let _keep = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let conns: Vec<_> = listener.incoming().take(1).collect();
         std::thread::sleep(Duration::from_secs(20));
         drop(conns);
     });
     let md = AgentMetadata {
-        name: "slow".into(),
-        instance_id: 8,
+        name: "silent".into(),
+        instance_id: 7,
         host_id: "another host".into(),
         pid: 1,
         listen_addr: Some(addr.to_string()),
@@ -422,8 +423,8 @@ fn every_task_awaiting_a_request_is_woken() {
             memfd: None,
         }],
     };
-    let mut cfg = AgentConfig::new("awaiting");
-    cfg.peer_timeout = Duration::from_millis(500);
+    let mut cfg = AgentConfig::new(agent);
+    cfg.peer_timeout = peer_timeout;
     let a = Agent::new(cfg).unwrap();
     let mem = a.allocate(4096).unwrap();
     a.load_remote(&md.encode().unwrap()).unwrap();
@@ -431,11 +432,20 @@ fn every_task_awaiting_a_request_is_woken() {
         .create_xfer_from_descs(
             XferOp::Read,
             &XferDescList::host_from([(mem.addr(), 4096)]),
-            "slow",
+            "silent",
             &XferDescList::host_from([(0x10000, 4096)]),
             XferOptions::default(),
         )
         .unwrap();
+    (a, mem, req)
+}
+
+/// Two tasks awaiting the same request are both woken when it completes (each future keeps a waker of its own;
+/// with one waker slot per request, the second poll replaced the first task's waker and that task never woke).
+#[test]
+fn every_task_awaiting_a_request_is_woken() {
+    // A "peer" that accepts and never answers: the READ stays in progress until the peer timeout fails it.
+    let (_a, _mem, req) = read_from_a_silent_peer("awaiting", Duration::from_millis(500));
     req.post().unwrap();
     let req = std::sync::Arc::new(req);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -597,43 +607,7 @@ fn hostile_frames_close_the_connection_not_the_agent() {
 
 #[test]
 fn silent_peer_times_out_within_the_bound() {
-    // A "peer" that accepts connections and never answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _keep = std::thread::spawn(move || {
-        let conns: Vec<_> = listener.incoming().take(1).collect();
-        std::thread::sleep(Duration::from_secs(20));
-        drop(conns);
-    });
-    let md = AgentMetadata {
-        name: "silent".into(),
-        instance_id: 7,
-        host_id: "another host".into(),
-        pid: 1,
-        listen_addr: Some(addr.to_string()),
-        transports: vec![TransportKind::Tcp],
-        regions: vec![pdx_transfer::metadata::RegionMetadata {
-            id: 1,
-            kind: MemoryKind::Host,
-            addr: 0x10000,
-            len: 4096,
-            memfd: None,
-        }],
-    };
-    let mut cfg = AgentConfig::new("impatient");
-    cfg.peer_timeout = Duration::from_millis(300);
-    let a = Agent::new(cfg).unwrap();
-    let mem = a.allocate(4096).unwrap();
-    a.load_remote(&md.encode().unwrap()).unwrap();
-    let req = a
-        .create_xfer_from_descs(
-            XferOp::Read,
-            &XferDescList::host_from([(mem.addr(), 4096)]),
-            "silent",
-            &XferDescList::host_from([(0x10000, 4096)]),
-            XferOptions::default(),
-        )
-        .unwrap();
+    let (_a, _mem, req) = read_from_a_silent_peer("impatient", Duration::from_millis(300));
     assert_eq!(req.transport(), TransportKind::Tcp);
     req.post().unwrap();
     // Without the bound this wait would end with InProgress after 10 s.
