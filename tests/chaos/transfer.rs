@@ -118,11 +118,9 @@ fn waiters_of_a_transfer_end_when_the_agent_is_dropped() {
         );
         ended.push(waiter);
     }
-    assert!(
-        dropped.elapsed() < Duration::from_secs(5),
-        "the waiters ended {:?} after the drop",
-        dropped.elapsed()
-    );
+    // Reported, not asserted (no timings in tests): the 60 s peer timeout would have ended them with `Timeout`,
+    // which the match above refuses, and `GUARD` bounds a hang.
+    eprintln!("the waiters ended {:?} after the drop", dropped.elapsed());
     ended.sort();
     assert_eq!(ended, ["task 1", "task 2", "thread"]);
     // A post after the drop fails at once, it does not hang.

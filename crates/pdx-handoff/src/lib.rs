@@ -6,10 +6,11 @@
 //! - [`Mailbox`]: a bounded queue that drops its oldest item when full (an agent's notifications), with `push`,
 //!   `take` (everything, oldest first) and a blocking `wait` with a timeout.
 //!
-//! Both hand off through [`Waiters`](crate::Completion): a waiter (a thread's crossbeam
+//! [`Completion`] hands off through its waiter list: a waiter (a thread's crossbeam
 //! [`Parker`](crossbeam_utils::sync::Parker), or a task's `Waker`) registers, re-checks the condition and parks;
 //! the finishing side changes the state, then wakes the registered waiters, and touches no lock and makes no
-//! system call when nobody waits (a `std` `Condvar::notify_all` makes a `futex` call every time). Both sides
+//! system call when nobody waits (a `std` `Condvar::notify_all` makes a `futex` call every time). [`Mailbox`]
+//! keeps a mutex and condvar, notified only when someone waits (crossbeam's options measured slower). Both sides
 //! go through a read-modify-write of the waiter count, so one of them always sees the other: no wake-up is lost
 //! (the loom models in `tests/loom.rs` check it).
 //!

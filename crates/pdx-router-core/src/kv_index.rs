@@ -290,15 +290,16 @@ impl WorkerIndex {
         &mut self,
         worker: u64,
         seq: u64,
-        payload: Vec<u8>,
+        payload: &[u8],
         limits: &IndexLimits,
     ) -> Option<ReplayRequest> {
+        // Copied only when held behind a running replay; applied batches are read in place.
         if let Some(r) = &mut self.replay {
             if r.pending.len() < limits.max_pending_batches
                 && r.pending_bytes + payload.len() <= limits.max_pending_bytes
             {
                 r.pending_bytes += payload.len();
-                r.pending.push_back((seq, payload));
+                r.pending.push_back((seq, payload.to_vec()));
             }
             return None;
         }
@@ -322,7 +323,7 @@ impl WorkerIndex {
                     let req = self.start_replay(worker, from);
                     if let Some(r) = &mut self.replay {
                         r.pending_bytes += payload.len();
-                        r.pending.push_back((seq, payload));
+                        r.pending.push_back((seq, payload.to_vec()));
                     }
                     return Some(req);
                 }
@@ -334,8 +335,9 @@ impl WorkerIndex {
                 }
             }
         }
-        self.apply(&payload, limits);
-        self.next = Some(seq + 1);
+        self.apply(payload, limits);
+        // The publisher's number, from the wire: `u64::MAX` leaves the next one unknown instead of overflowing.
+        self.next = seq.checked_add(1);
         None
     }
 }
@@ -404,7 +406,7 @@ impl ExactIndex {
     pub fn on_live(&mut self, worker: u64, seq: u64, payload: &[u8]) -> Option<ReplayRequest> {
         let limits = self.limits;
         let w = self.workers.get_mut(&worker)?;
-        w.live(worker, seq, payload.to_vec(), &limits)
+        w.live(worker, seq, payload, &limits)
     }
 
     /// A batch `seq` answered by `worker`'s replay socket. Ignored when no replay runs.
@@ -428,7 +430,7 @@ impl ExactIndex {
             w.exact = true;
         }
         w.apply(payload, &limits);
-        w.next = Some(seq + 1);
+        w.next = seq.checked_add(1);
     }
 
     /// `worker`'s replay ended with the end marker: the held live batches are applied (a gap among them
@@ -470,7 +472,7 @@ impl ExactIndex {
             if w.next.is_some_and(|n| seq < n) {
                 continue; // the replay brought it already
             }
-            if let Some(req) = w.live(worker, seq, payload, limits) {
+            if let Some(req) = w.live(worker, seq, &payload, limits) {
                 // Another gap: the rest waits behind the new replay.
                 if let Some(r) = &mut w.replay {
                     r.pending_bytes += pending.iter().map(|(_, p)| p.len()).sum::<usize>();
@@ -614,6 +616,27 @@ mod tests {
         let s = ix.stats(1).unwrap();
         assert_eq!((s.blocks, s.stored_blocks, s.removed_blocks), (3, 4, 1));
         assert!(s.exact);
+    }
+
+    #[test]
+    fn the_last_sequence_number_a_publisher_can_send_does_not_overflow() {
+        // The number comes from the worker's frame: u64::MAX on the live stream and on a replay must neither
+        // panic nor wrap into "a new publisher" (batch 0).
+        let mut ix = ExactIndex::default();
+        ix.add_worker(1, false);
+        let t = toks(8, 1);
+        assert_eq!(ix.on_live(1, u64::MAX, &store(&t, 0, 7)), None);
+        assert_eq!(ix.stats(1).unwrap().restarts, 0);
+        assert!(!ix.stats(1).unwrap().exact, "history before it unknown");
+        assert_eq!(ix.on_live(1, 5, &store(&toks(8, 2), 0, 8)), None);
+        let mut ix = ExactIndex::default();
+        ix.add_worker(2, true);
+        assert_eq!(
+            ix.on_connected(2),
+            Some(ReplayRequest { worker: 2, from: 0 })
+        );
+        ix.on_replay(2, u64::MAX, &store(&t, 0, 7));
+        assert_eq!(ix.on_replay_end(2), None);
     }
 
     #[test]

@@ -435,7 +435,10 @@ impl UcxAgent {
                 })
             })
             .collect::<Result<_>>()?;
-        if !peer.checked_mapping.swap(true, Ordering::Relaxed) {
+        // A load first: after the first post this is a read of a shared line, not a write on every post.
+        if !peer.checked_mapping.load(Ordering::Relaxed)
+            && !peer.checked_mapping.swap(true, Ordering::Relaxed)
+        {
             // Once per peer: say so when UCX cannot map the peer's memory (UCX 1.13 then emulates put/get over
             // shared memory and TCP; docs/benchmarks.md, "UCX over foreign memory").
             if let Some(op) = rma.first().filter(|op| !op.rkey.maps(op.remote_addr)) {
