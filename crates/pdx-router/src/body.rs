@@ -362,9 +362,10 @@ where
                             }
                         }
                         None => {
-                            let w = this.guard.as_ref().map(|g| g.worker.clone());
+                            // Disjoint fields: the worker is borrowed, not cloned, on every chunk.
+                            let w = this.guard.as_ref().map(|g| &g.worker);
                             if let Some(m) = this.migration.as_mut() {
-                                m.check_voluntary(w.as_ref());
+                                m.check_voluntary(w);
                             }
                         }
                     }
