@@ -595,13 +595,16 @@ impl Agent {
         let same_instance = remotes.get(&name).filter(|old| {
             old.agent.md.instance_id == md.instance_id && !old.agent.is_invalidated()
         });
-        // The same peer, seen again: its connection (and the transfers on it) carry over.
-        let conn = same_instance.and_then(|old| old.agent.live_conn());
         let keep_old = same_instance.is_some_and(|old| match (&old.agent.locality, &locality) {
             (Locality::SameHost(a), Locality::SameHost(b)) => Arc::ptr_eq(a, b),
             (Locality::SameHost(_), _) => false,
             _ => true,
         });
+        // The same peer, seen again and kept: its connection (and the transfers on it) carry over. One that is
+        // shut down below takes its connection with it, so the new entry must not inherit that connection.
+        let conn = same_instance
+            .filter(|_| keep_old)
+            .and_then(|old| old.agent.live_conn());
         let remote = Arc::new(Loaded {
             agent: Arc::new(RemoteAgent::new(md, locality, conn)),
             announced: wire,
