@@ -529,7 +529,13 @@ impl PeerConn {
                                 }
                                 Ok(())
                             }
-                            None => Err(TransferError::Invalid("read data for a write".into())),
+                            None => {
+                                // Data of unknown length follows a frame we did not ask for: the stream is out of
+                                // step from here, so the connection ends (every op on it fails), not just this op.
+                                let err = self.protocol("read data for a write".into());
+                                op.completion.finish(Err(err.duplicate()));
+                                break err;
+                            }
                         },
                         _ => Err(TransferError::Invalid("mismatched response".into())),
                     };

@@ -440,6 +440,89 @@ fn read_from_a_silent_peer(
     (a, mem, req)
 }
 
+/// A peer that answers a WRITE with READ data (of a length the initiator cannot know) puts the connection out of
+/// step: the WRITE fails with a protocol error and so does the next post, instead of the following bytes being read
+/// as frame headers.
+#[test]
+fn read_data_answering_a_write_ends_the_connection() {
+    use pdx_transfer::wire::{Header, HEADER_LEN};
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        loop {
+            let mut hdr = [0u8; HEADER_LEN];
+            if s.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let Ok(h) = Header::decode(&hdr) else { return };
+            let mut body = vec![0u8; h.ctrl_len as usize];
+            if s.read_exact(&mut body).is_err() {
+                return;
+            }
+            if h.kind != FrameKind::WriteRequest {
+                continue;
+            }
+            let Ok(Ctrl::Segments { segs, .. }) = Ctrl::decode(&body) else {
+                return;
+            };
+            let mut data = vec![0u8; segs.iter().map(|s| s.1 as usize).sum()];
+            let _ = s.read_exact(&mut data);
+            let mut reply = encode_frame(FrameKind::ReadResponse, h.req_id, &Ctrl::Empty);
+            reply.extend_from_slice(&[0xAB; 4096]);
+            let _ = s.write_all(&reply);
+            std::thread::sleep(Duration::from_secs(20));
+        }
+    });
+    let md = AgentMetadata {
+        name: "confused".into(),
+        instance_id: 9,
+        host_id: "another host".into(),
+        pid: 1,
+        listen_addr: Some(addr.to_string()),
+        transports: vec![TransportKind::Tcp],
+        regions: vec![pdx_transfer::metadata::RegionMetadata {
+            id: 1,
+            kind: MemoryKind::Host,
+            addr: 0x10000,
+            len: 4096,
+            memfd: None,
+        }],
+    };
+    let a = Agent::new(AgentConfig::new("writer")).unwrap();
+    let mem = a.allocate(4096).unwrap();
+    a.load_remote(&md.encode().unwrap()).unwrap();
+    let req = a
+        .create_xfer_from_descs(
+            XferOp::Write,
+            &XferDescList::host_from([(mem.addr(), 4096)]),
+            "confused",
+            &XferDescList::host_from([(0x10000, 4096)]),
+            XferOptions::default(),
+        )
+        .unwrap();
+    let outcome = match req.post() {
+        Ok(XferStatus::InProgress) => req.wait(Some(Duration::from_secs(10))),
+        Ok(s) => panic!("{s:?}"),
+        Err(e) => Err(e),
+    };
+    let err = outcome.unwrap_err();
+    assert!(matches!(err, TransferError::Protocol { .. }), "{err}");
+    // The connection is gone: the next post fails too (at once or on waiting), it never reads the junk as frames.
+    let again = match req.post() {
+        Ok(XferStatus::InProgress) => req.wait(Some(Duration::from_secs(10))),
+        Ok(s) => panic!("{s:?}"),
+        Err(e) => Err(e),
+    };
+    assert!(
+        again.is_err(),
+        "a post on the out-of-step connection succeeded"
+    );
+}
+
 /// Two tasks awaiting the same request are both woken when it completes (each future keeps a waker of its own;
 /// with one waker slot per request, the second poll replaced the first task's waker and that task never woke).
 #[test]
