@@ -353,17 +353,21 @@ impl EtcdWatch {
         out
     }
 
-    /// One watch response: applies its events in order and returns the changes. A canceled watch (a compacted
-    /// start revision) makes the next [`EtcdWatch::step`] a list; a progress notification (no events) moves
-    /// the resume revision on.
+    /// One watch response: applies its events in order and returns the changes. A watch canceled because its
+    /// start revision was compacted makes the next [`EtcdWatch::step`] a list; one canceled for another reason
+    /// keeps the resume revision (the driver backs off and watches again); a progress notification (no events)
+    /// moves the resume revision on.
     pub fn on_watch(&mut self, batch: &WatchBatch<'_>) -> Vec<Change> {
         let mut out = Vec::new();
-        if batch.canceled || batch.compact_revision > 0 {
+        if batch.compact_revision > 0 {
             tracing::info!(
                 compact_revision = batch.compact_revision,
                 "etcd watch canceled (revision compacted): listing again"
             );
             self.revision = None;
+            return out;
+        }
+        if batch.canceled {
             return out;
         }
         let Some(mut rev) = self.revision else {
@@ -375,6 +379,8 @@ impl EtcdWatch {
                 // Already applied (a resumed watch can repeat the revision it resumed at).
                 continue;
             }
+            // Past this event whether it is applied or refused, so a resumed watch does not send it again.
+            rev = rev.max(kv.mod_revision);
             let Some(key) = self.key(kv.key) else {
                 continue;
             };
@@ -410,7 +416,6 @@ impl EtcdWatch {
                     }
                 }
             }
-            rev = rev.max(kv.mod_revision);
         }
         if batch.events.is_empty() && !batch.created {
             // A progress notification: every change up to the header revision has been sent.
@@ -620,6 +625,32 @@ mod tests {
             ]
         );
         assert_eq!(w.step(), Step::Watch { start_revision: 61 });
+    }
+
+    #[test]
+    fn a_cancel_that_is_not_a_compaction_keeps_the_resume_revision() {
+        // e.g. "required revision is a future revision": listing again at once would loop without backoff.
+        let mut w = EtcdWatch::new(P, 100);
+        w.on_list(20, [kv("/pdx/workers/m/a", &body("http://10.0.0.1:1"), 5)]);
+        let cs = w.on_watch(&WatchBatch {
+            canceled: true,
+            ..Default::default()
+        });
+        assert!(cs.is_empty());
+        assert_eq!(w.step(), Step::Watch { start_revision: 21 });
+        assert_eq!(w.workers().count(), 1);
+    }
+
+    #[test]
+    fn refused_keys_still_move_the_resume_revision_on() {
+        let mut w = EtcdWatch::new(P, 100);
+        w.on_list(20, []);
+        let cs = w.on_watch(&WatchBatch {
+            events: vec![(EventKind::Put, kv("/elsewhere/x", b"{}", 30))],
+            ..Default::default()
+        });
+        assert!(cs.is_empty());
+        assert_eq!(w.step(), Step::Watch { start_revision: 31 });
     }
 
     #[test]
