@@ -70,6 +70,8 @@ pub fn to_py(e: Error) -> PyErr {
             nixlNotSupportedError::new_err(msg)
         }
         Error::Cuda(pdx_cuda::CudaError::Unavailable { .. }) => nixlNotSupportedError::new_err(msg),
+        // A range CUDA says is not what the caller claimed (not device memory of that GPU, past its allocation).
+        Error::Cuda(pdx_cuda::CudaError::Invalid(_)) => nixlInvalidParamError::new_err(msg),
         Error::Protocol { .. }
         | Error::Remote { .. }
         | Error::Cuda(_)
