@@ -362,30 +362,38 @@ impl XferRequest {
         py: Python<'py>,
         notif: Option<PyBackedBytes>,
     ) -> PyResult<&Bound<'py, PyString>> {
-        let req = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = notif.filter(|n| st.notif.as_deref() != Some(&n[..])) {
-                if st.req.status().ok() == Some(XferStatus::InProgress) {
-                    return Err(crate::errors::to_py(
-                        pdx_transfer::TransferError::InProgress,
-                    ));
+        let in_progress = || crate::errors::to_py(pdx_transfer::TransferError::InProgress);
+        let new_notif = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match notif.filter(|n| st.notif.as_deref() != Some(&n[..])) {
+                Some(_) if st.req.status().ok() == Some(XferStatus::InProgress) => {
+                    return Err(in_progress())
                 }
-                let n = n.to_vec();
-                let agent = self
-                    .agent
-                    .upgrade()
-                    .ok_or_else(|| crate::errors::to_py(pdx_transfer::TransferError::Shutdown))?;
-                let fresh = py
-                    .detach(|| {
-                        self.recipe
-                            .make(&agent, self.op, Some(n.clone()), self.transport)
-                    })
-                    .py_err()?;
-                st.req = Arc::new(fresh);
-                st.notif = Some(n);
+                n => n.map(|n| n.to_vec()),
             }
-            st.req.clone()
         };
+        if let Some(n) = new_notif {
+            // Made with the state unlocked: `make` runs without the GIL, and a thread holding the GIL that reads
+            // this request's state meanwhile must not wait on a lock held across it (each would wait for the
+            // other).
+            let agent = self
+                .agent
+                .upgrade()
+                .ok_or_else(|| crate::errors::to_py(pdx_transfer::TransferError::Shutdown))?;
+            let fresh = py
+                .detach(|| {
+                    self.recipe
+                        .make(&agent, self.op, Some(n.clone()), self.transport)
+                })
+                .py_err()?;
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.req.status().ok() == Some(XferStatus::InProgress) {
+                return Err(in_progress()); // another thread posted meanwhile
+            }
+            st.req = Arc::new(fresh);
+            st.notif = Some(n);
+        }
+        let req = self.current();
         let s = py.detach(move || req.post()).py_err()?;
         Ok(status_str(py, s))
     }
