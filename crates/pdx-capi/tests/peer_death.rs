@@ -151,8 +151,10 @@ fn a_peer_that_stops_and_dies() {
     local.fill_with(|_| 0);
     peer.signal("-STOP");
     let t = Instant::now();
+    // The wait's own timeout is the bound (no wall-clock assertion): past 10 s it answers PDX_IN_PROGRESS, which
+    // the match below refuses.
     let s = match x.post() {
-        PDX_IN_PROGRESS => x.wait(15_000_000),
+        PDX_IN_PROGRESS => x.wait(10_000_000),
         s => s,
     };
     let took = t.elapsed();
@@ -162,14 +164,13 @@ fn a_peer_that_stops_and_dies() {
     );
     // Normally the peer timeout (`made no progress`); on a machine so loaded that the connection's own idle clock
     // and the stall callback disagree, the loss is reported as a disconnection. Both are retryable, and both came
-    // within the bound below, which is what an engine relies on.
+    // within the wait's bound, which is what an engine relies on.
     assert!(
         matches!(s, PDX_ERR_TIMEOUT | PDX_ERR_PEER_DISCONNECTED),
         "{s:?}: {}",
         last_error()
     );
     assert!(pdx_status_is_retryable(s as i32));
-    assert!(took < Duration::from_secs(10), "the answer took {took:?}");
 
     // Dead: every later post fails promptly, retryable (the connection stays lost: it is reported with the error
     // that ended it).
@@ -177,7 +178,7 @@ fn a_peer_that_stops_and_dies() {
     for _ in 0..2 {
         let t = Instant::now();
         let s = match x.post() {
-            PDX_IN_PROGRESS => x.wait(15_000_000),
+            PDX_IN_PROGRESS => x.wait(5_000_000),
             s => s,
         };
         eprintln!(
@@ -186,12 +187,8 @@ fn a_peer_that_stops_and_dies() {
             last_error()
         );
         assert_ne!(s, PDX_OK, "a READ from a dead peer succeeded");
+        assert_ne!(s, PDX_IN_PROGRESS, "no answer within the wait's 5 s");
         assert!(pdx_status_is_retryable(s as i32), "{s:?}: {}", last_error());
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the answer took {:?}",
-            t.elapsed()
-        );
     }
     // SAFETY: live agent, NUL-terminated name, readable message.
     let s = unsafe { pdx_gen_notif(me.0, c"peer".as_ptr(), b"x".as_ptr(), 1) };

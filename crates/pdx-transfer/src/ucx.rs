@@ -509,7 +509,8 @@ impl UcxAgent {
     /// progress thread sleeps meanwhile. Returns the request's outcome, or [`TransferError::InProgress`] when
     /// `timeout` passes first.
     pub fn wait_driving(&self, completion: &Completion, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A caller's timeout (from C or Python) can be huge: one past what `Instant` holds means no deadline.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let shared = &self.shared;
         let driving = Driving::new(&shared.drivers);
         loop {
