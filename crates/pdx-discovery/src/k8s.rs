@@ -206,6 +206,11 @@ impl PodWatch {
         }
     }
 
+    /// Most ready pods tracked.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
     /// What to do next.
     pub fn step(&self) -> K8sStep {
         match &self.resource_version {

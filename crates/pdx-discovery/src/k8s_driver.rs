@@ -144,8 +144,8 @@ async fn round(
             let mut pods = Vec::new();
             let mut rv = String::new();
             let mut token: Option<String> = None;
-            // Enough pages for the bound, and one more to see that it is exceeded.
-            let max_pages = 2 + crate::DEFAULT_MAX_ENTRIES / LIST_PAGE as usize;
+            // Enough pages for this watch's bound, and one more to see that it is exceeded.
+            let max_pages = 2 + w.max_entries() / LIST_PAGE as usize;
             for _ in 0..max_pages {
                 let mut lp = ListParams::default().labels(&sel.selector).limit(LIST_PAGE);
                 if let Some(t) = &token {
@@ -160,6 +160,18 @@ async fn round(
                 if token.is_none() {
                     break;
                 }
+            }
+            if token.is_some() {
+                // An incomplete list must not be taken for the whole: the workers on the pages not read would be
+                // removed. Keep what is known and try again after the backoff.
+                return Err(kube::Error::Service(
+                    format!(
+                        "more than {} pods match {} (not ready ones included): list not applied",
+                        pods.len(),
+                        sel.selector
+                    )
+                    .into(),
+                ));
             }
             *attempt = 0;
             let changes = w.on_list(&rv, &pods);
