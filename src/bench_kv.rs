@@ -351,6 +351,10 @@ pub fn run(args: KvArgs) -> Result<()> {
         .context("batch × block size overflows")?
         .max(stride);
     let caller = args.mem == MemArg::Caller;
+    if !caller && args.remote_memory == Some(RemoteMemory::Caller) {
+        // Only `--mem caller` makes the target map its own memory: rows would name memory the run never used.
+        bail!("--remote-memory caller needs --mem caller");
+    }
     let kinds: Vec<RemoteMemory> = if caller {
         let kind = caller_remote_memory(&transports, args.remote_memory)?;
         vec![kind; transports.len()]

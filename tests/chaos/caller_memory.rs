@@ -77,4 +77,21 @@ fn bench_kv_refuses_what_caller_memory_cannot_do() {
         assert!(err.contains(why), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+    // The target maps its own memory only under `--mem caller`: without it, rows would be labelled with memory
+    // the run never used.
+    let out = run(&[
+        "bench",
+        "kv",
+        "--transport",
+        "cma",
+        "--remote-memory",
+        "caller",
+        "--block-size",
+        "4KiB",
+        "--duration",
+        "0.01",
+    ]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "accepted: {err}");
+    assert!(err.contains("needs --mem caller"), "{err}");
 }
