@@ -83,36 +83,37 @@ pub(crate) fn copy_segments<'s, S: Sync>(
         }
         return Ok(());
     }
-    // Cut the segments into `threads` shares of about equal bytes: (segment, offset in it, length).
-    let share = total.div_ceil(threads as u64) as usize;
-    let mut shares: Vec<Vec<(&S, usize, usize)>> = vec![Vec::new(); threads];
-    let (mut t, mut filled) = (0, 0);
-    for s in segs {
-        let len = seg_len(s);
-        let mut at = 0;
-        while at < len {
-            // The last share takes whatever is left, so the loop always advances.
-            let room = if t + 1 == threads {
-                usize::MAX
-            } else {
-                share - filled
-            };
-            let n = (len - at).min(room);
-            shares[t].push((s, at, n));
-            at += n;
-            filled += n;
-            if filled == share && t + 1 < threads {
-                t += 1;
-                filled = 0;
-            }
-        }
-    }
-    let run = |pieces: &[(&'s S, usize, usize)]| -> pdx_sys::Result<()> {
-        pieces.iter().try_for_each(|&(s, at, n)| copy(s, at, n))
-    };
+    run_split(
+        segs.iter().map(seg_len),
+        total as usize,
+        threads,
+        |pieces| {
+            pieces
+                .iter()
+                .try_for_each(|&(i, at, n)| copy(&segs[i], at, n))
+        },
+        || pdx_sys::SysError::Io {
+            op: "parallel copy",
+            source: std::io::Error::other("copy thread panicked"),
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs `run` on [`byte_shares`] of segments of `lens` bytes, the first share on this thread and each other on a
+/// scoped thread of its own; the first error wins, a panicked thread gives `panicked()`.
+fn run_split<E: Send>(
+    lens: impl Iterator<Item = usize>,
+    total: usize,
+    threads: usize,
+    run: impl Fn(&[(usize, usize, usize)]) -> std::result::Result<(), E> + Sync,
+    panicked: impl Fn() -> E,
+) -> std::result::Result<(), E> {
+    let shares = byte_shares(lens, total, threads);
     let Some((mine, others)) = shares.split_first() else {
         return Ok(());
     };
+    let run = &run;
     std::thread::scope(|scope| {
         let handles: Vec<_> = others
             .iter()
@@ -122,17 +123,9 @@ pub(crate) fn copy_segments<'s, S: Sync>(
         let first = run(mine);
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(pdx_sys::SysError::Io {
-                        op: "parallel copy",
-                        source: std::io::Error::other("copy thread panicked"),
-                    })
-                })
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
             .fold(first, |acc, r| acc.and(r))
-    })?;
-    Ok(())
+    })
 }
 
 /// The `local` backend: memcpy between this agent's regions and an agent of this process's live regions.
@@ -372,7 +365,7 @@ impl Backend for CmaBackend {
                     TransferError::Sys(e)
                 }
             };
-            let total: usize = req.local.iter().map(|s| s.len).sum();
+            let total = x.total_bytes as usize;
             if self.threads <= 1 || (total as u64) < self.parallel_min_bytes {
                 let slices = req
                     .local
@@ -401,26 +394,13 @@ impl Backend for CmaBackend {
                 }
                 .map_err(gone)
             };
-            let shares = byte_shares(req.local.iter().map(|s| s.len), total, self.threads);
-            let Some((mine, others)) = shares.split_first() else {
-                return Ok(());
-            };
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = others
-                    .iter()
-                    .filter(|p| !p.is_empty())
-                    .map(|p| scope.spawn(|| run(p)))
-                    .collect();
-                let first = run(mine);
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(TransferError::Invalid("cma copy thread panicked".into()))
-                        })
-                    })
-                    .fold(first, |acc, r| acc.and(r))
-            })
+            run_split(
+                req.local.iter().map(|s| s.len),
+                total,
+                self.threads,
+                run,
+                || TransferError::Invalid("cma copy thread panicked".into()),
+            )
         })
     }
 }
