@@ -49,44 +49,12 @@ fn check_host_range(addr: u64, len: u64) -> Result<()> {
     let end = addr
         .checked_add(len)
         .ok_or_else(|| CapiError::invalid(format!("{addr:#x}+{len} wraps around")))?;
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+    match pdx_sys::unmapped_rw(addr, end) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(CapiError::invalid(format!("{addr:#x}+{len}: {why}"))),
         // No procfs (a sandbox): the caller's promise is all there is.
-        return Ok(());
-    };
-    let mut cursor = addr;
-    for line in maps.lines() {
-        let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let Some((start, stop)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(stop)) = (
-            u64::from_str_radix(start, 16),
-            u64::from_str_radix(stop, 16),
-        ) else {
-            continue;
-        };
-        if stop <= cursor {
-            continue;
-        }
-        if start > cursor {
-            break;
-        }
-        if !perms.starts_with("rw") {
-            return Err(CapiError::invalid(format!(
-                "{addr:#x}+{len}: {start:#x}-{stop:#x} is mapped `{perms}`, not readable and writable"
-            )));
-        }
-        cursor = stop;
-        if cursor >= end {
-            return Ok(());
-        }
+        Err(_) => Ok(()),
     }
-    Err(CapiError::invalid(format!(
-        "{addr:#x}+{len}: {cursor:#x} is not mapped in this process"
-    )))
 }
 
 /// Registers device memory by pointer: validated with `cuPointerGetAttributes` (device memory of GPU `dev_id`,

@@ -61,42 +61,11 @@ struct PyOwner(#[allow(dead_code)] Py<PyAny>);
 
 /// Checks that `[addr, end)` lies in mappings of this process that are readable and writable.
 fn check_mapped(addr: u64, end: u64) -> PyResult<()> {
-    let maps = std::fs::read_to_string("/proc/self/maps")
-        .map_err(|e| invalid(format!("cannot read /proc/self/maps: {e}")))?;
-    let mut at = addr;
-    for line in maps.lines() {
-        let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let Some((start, stop)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(stop)) = (
-            u64::from_str_radix(start, 16),
-            u64::from_str_radix(stop, 16),
-        ) else {
-            continue;
-        };
-        if stop <= at {
-            continue;
-        }
-        if start > at {
-            break;
-        }
-        if !perms.starts_with("rw") {
-            return Err(invalid(format!(
-                "memory at {at:#x} is mapped `{perms}`, not read-write"
-            )));
-        }
-        at = stop;
-        if at >= end {
-            return Ok(());
-        }
+    match pdx_sys::unmapped_rw(addr, end) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(invalid(format!("memory {addr:#x}..{end:#x}: {why}"))),
+        Err(e) => Err(invalid(format!("cannot read /proc/self/maps: {e}"))),
     }
-    Err(invalid(format!(
-        "memory {addr:#x}..{end:#x} is not mapped in this process (first unmapped byte {at:#x})"
-    )))
 }
 
 /// Registers `len` bytes of GPU `device`'s memory at device address `addr` (engine-owned VRAM: a torch CUDA

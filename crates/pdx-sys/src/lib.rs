@@ -848,6 +848,47 @@ pub fn readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     }
 }
 
+/// Why `[addr, end)` is not wholly in readable and writable mappings of this process (`/proc/self/maps`), or `None`
+/// when it is: what engines' FFI layers check before registering memory by address, so a wrong address fails at
+/// registration rather than crashing the first transfer that touches it.
+///
+/// Errors: `/proc/self/maps` cannot be read (no procfs); callers decide whether that refuses the registration.
+pub fn unmapped_rw(addr: u64, end: u64) -> io::Result<Option<String>> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut cursor = addr;
+    for line in maps.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((start, stop)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(stop)) = (
+            u64::from_str_radix(start, 16),
+            u64::from_str_radix(stop, 16),
+        ) else {
+            continue;
+        };
+        if stop <= cursor {
+            continue;
+        }
+        if start > cursor {
+            break;
+        }
+        if !perms.starts_with("rw") {
+            return Ok(Some(format!(
+                "{start:#x}-{stop:#x} is mapped `{perms}`, not readable and writable"
+            )));
+        }
+        cursor = stop;
+        if cursor >= end {
+            return Ok(None);
+        }
+    }
+    Ok(Some(format!("{cursor:#x} is not mapped in this process")))
+}
+
 /// Identity of this kernel boot (`/proc/sys/kernel/random/boot_id`) plus this process's network and PID
 /// namespaces: two agents with equal host ids can reach each other's memory through memfd mapping and CMA.
 pub fn host_id() -> String {
