@@ -418,7 +418,12 @@ pub unsafe extern "C" fn pdx_create_xfer_req(
 /// The request's outcome as a status: `PDX_OK` done, `PDX_IN_PROGRESS` running, `PDX_ERR_NOT_POSTED` never
 /// posted, or the failure of the last post.
 fn status_of(req: &XferRequest) -> Result<pdx_status> {
-    match req.status()? {
+    code(req.status()?)
+}
+
+/// A request state as a status: done, in progress, or never posted.
+fn code(s: XferStatus) -> Result<pdx_status> {
+    match s {
         XferStatus::Done => Ok(pdx_status::PDX_OK),
         XferStatus::InProgress => Ok(pdx_status::PDX_IN_PROGRESS),
         XferStatus::Idle => Err(CapiError::NotPosted),
@@ -443,11 +448,7 @@ pub unsafe extern "C" fn pdx_post_xfer_req(xfer: *const pdx_xfer) -> pdx_status 
     guard(|| {
         // SAFETY: a live request or NULL (see above).
         let x = unsafe { ptr::handle(xfer, "xfer") }?;
-        match x.req.post()? {
-            XferStatus::Done => Ok(pdx_status::PDX_OK),
-            XferStatus::InProgress => Ok(pdx_status::PDX_IN_PROGRESS),
-            XferStatus::Idle => Err(CapiError::NotPosted),
-        }
+        code(x.req.post()?)
     })
 }
 
@@ -480,8 +481,9 @@ pub unsafe extern "C" fn pdx_wait_xfer_req(xfer: *const pdx_xfer, timeout_us: u6
     guard(|| {
         // SAFETY: a live request or NULL (see above).
         let x = unsafe { ptr::handle(xfer, "xfer") }?;
-        if status_of(&x.req)? != pdx_status::PDX_IN_PROGRESS {
-            return status_of(&x.req);
+        let now = status_of(&x.req)?;
+        if now != pdx_status::PDX_IN_PROGRESS {
+            return Ok(now);
         }
         let outcome = wait_stepped(timeout_us, |step| match x.req.wait(Some(step)) {
             Err(TransferError::InProgress) => None,
