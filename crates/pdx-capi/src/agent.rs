@@ -354,21 +354,11 @@ fn check_name_out(name_out: *mut c_char, name_cap: usize) -> Result<()> {
     Ok(())
 }
 
-/// After a load: the name into C's buffer. A name with a NUL byte cannot be used from C, so that peer is forgotten
-/// again and its metadata refused.
+/// After a load: the name into C's buffer (metadata with a NUL byte in its name never loads).
 ///
 /// # Safety
 /// `name_out` is NULL or points to `name_cap` writable bytes.
-unsafe fn give_name(
-    a: &pdx_agent,
-    name: &str,
-    name_out: *mut c_char,
-    name_cap: usize,
-) -> Result<pdx_status> {
-    if name.as_bytes().contains(&0) {
-        a.agent.invalidate_remote(name);
-        return Err(TransferError::BadMetadata("the agent name contains a NUL byte".into()).into());
-    }
+unsafe fn give_name(name: &str, name_out: *mut c_char, name_cap: usize) -> Result<pdx_status> {
     if let Some(buf) = std::ptr::NonNull::new(name_out) {
         // SAFETY: `name_cap` writable bytes (see above); the name fits, as checked by `check_name_out`.
         unsafe { ptr::write_c_string(buf, name_cap, name.as_bytes()) }?;
@@ -405,7 +395,7 @@ pub unsafe extern "C" fn pdx_load_remote_md(
         let bytes = unsafe { ptr::slice_arg(md, md_len, "md") }?;
         let name = a.agent.load_remote(bytes)?;
         // SAFETY: as promised for `name_out` (see above).
-        unsafe { give_name(a, &name, name_out, name_cap) }
+        unsafe { give_name(&name, name_out, name_cap) }
     })
 }
 
@@ -437,7 +427,7 @@ pub unsafe extern "C" fn pdx_fetch_remote_md(
         let addr = unsafe { ptr::str_arg(addr, MAX_ARG_BYTES, "addr") }?;
         let name = a.agent.fetch_remote(addr)?;
         // SAFETY: as promised for `name_out` (see above).
-        unsafe { give_name(a, &name, name_out, name_cap) }
+        unsafe { give_name(&name, name_out, name_cap) }
     })
 }
 

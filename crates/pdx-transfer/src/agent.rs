@@ -264,6 +264,11 @@ impl Agent {
                 "agent name must be 1..=256 bytes".into(),
             ));
         }
+        if config.name.contains('\0') {
+            return Err(TransferError::Invalid(
+                "the agent name contains a NUL byte".into(),
+            ));
+        }
         if config.transports.is_empty() {
             return Err(TransferError::Invalid("no transport enabled".into()));
         }

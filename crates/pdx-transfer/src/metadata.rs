@@ -314,6 +314,10 @@ impl AgentMetadata {
         if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES {
             return Err(bad("agent name must be 1..=256 bytes"));
         }
+        if self.name.contains('\0') {
+            // Engines name peers by C strings (the C API) and NIXL's APIs: a NUL would cut the name short.
+            return Err(bad("the agent name contains a NUL byte"));
+        }
         if self.regions.len() > MAX_REGIONS
             || self.transports.len() > 16
             || self.host_id.len() > 1024
@@ -383,6 +387,20 @@ mod tests {
     fn roundtrip() {
         let md = sample();
         assert_eq!(AgentMetadata::decode(&md.encode().unwrap()).unwrap(), md);
+    }
+
+    #[test]
+    fn a_peer_name_with_a_nul_byte_is_refused() {
+        let md = AgentMetadata {
+            name: "pre\0fill".into(),
+            ..sample()
+        };
+        let bytes = md.encode().unwrap();
+        assert!(matches!(
+            AgentMetadata::decode(&bytes),
+            Err(TransferError::BadMetadata(_))
+        ));
+        assert!(crate::Agent::new(crate::AgentConfig::new("a\0b")).is_err());
     }
 
     /// `sample()` plus a device region, and the CUDA extension naming it.
