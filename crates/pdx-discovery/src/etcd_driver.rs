@@ -155,15 +155,14 @@ async fn watch_loop(
     sink: &Sink,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut attempt = 0u32;
-    let mut broken_since: Option<std::time::Instant> = None;
+    let mut retry = Retry::default();
     loop {
         if *stop.borrow() {
             return;
         }
         let session = async {
             let mut client = connect(target, opts).await?;
-            session(&mut client, target, opts, state, sink, &mut attempt).await
+            session(&mut client, target, opts, state, sink, &mut retry).await
         };
         let ended = tokio::select! {
             r = session => match r {
@@ -178,38 +177,52 @@ async fn watch_loop(
                 if let Ok(mut s) = state.lock() {
                     s.on_broken();
                 }
-                let since = *broken_since.get_or_insert_with(std::time::Instant::now);
-                if attempt == 0 {
+                let since = *retry
+                    .broken_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if retry.attempt == 0 {
                     tracing::warn!(error = %e, endpoints = ?target.endpoints,
                         "etcd watch broken: keeping the workers known, retrying");
                 } else {
                     tracing::debug!(error = %e, away_secs = since.elapsed().as_secs_f64(), "etcd still away");
                 }
-                let wait = crate::backoff(attempt);
-                attempt = attempt.saturating_add(1);
+                let wait = crate::backoff(retry.attempt);
+                retry.attempt = retry.attempt.saturating_add(1);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return,
                 }
             }
         }
-        if attempt == 0 {
-            if let Some(t) = broken_since.take() {
-                tracing::info!(away_secs = t.elapsed().as_secs_f64(), "etcd watch resumed");
-            }
+    }
+}
+
+/// The watch loop's retries: failed attempts in a row (the backoff's exponent) and when the current outage began.
+#[derive(Default)]
+struct Retry {
+    attempt: u32,
+    broken_since: Option<std::time::Instant>,
+}
+
+impl Retry {
+    /// etcd answered: the backoff starts over, and an outage, if one was on, is over.
+    fn answered(&mut self) {
+        self.attempt = 0;
+        if let Some(t) = self.broken_since.take() {
+            tracing::info!(away_secs = t.elapsed().as_secs_f64(), "etcd watch resumed");
         }
     }
 }
 
 /// One connected session: list when needed, then watch until the stream breaks (an error) or is canceled
-/// (back to list). Resets `attempt` once etcd answered.
+/// (back to list). Marks `retry` answered once etcd answers.
 async fn session(
     client: &mut Client,
     target: &EtcdTarget,
     opts: &EtcdOptions,
     state: &Mutex<EtcdWatch>,
     sink: &Sink,
-    attempt: &mut u32,
+    retry: &mut Retry,
 ) -> Result<(), DiscoveryError> {
     let prefix = target.watch_prefix();
     loop {
@@ -228,8 +241,13 @@ async fn session(
                     ),
                 )
                 .await?;
-                *attempt = 0;
-                let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                // Without the store's revision the watch would start from 1 (the whole history): refuse, back off.
+                let revision = resp
+                    .header()
+                    .map(|h| h.revision())
+                    .filter(|r| *r > 0)
+                    .ok_or_else(|| DiscoveryError::Etcd("list answer without a revision".into()))?;
+                retry.answered();
                 let kvs = resp.kvs().iter().map(|kv| KeyValue {
                     key: kv.key(),
                     value: kv.value(),
@@ -264,7 +282,7 @@ async fn session(
                     ),
                 )
                 .await?;
-                *attempt = 0;
+                retry.answered();
                 loop {
                     let Some(resp) = stream.message().await? else {
                         return Err(DiscoveryError::Etcd("watch stream closed".into()));
