@@ -148,17 +148,22 @@ impl BlockManager {
     }
 
     fn record(&mut self, ev: KvCacheEvent) {
-        let Some(evs) = &mut self.events else { return };
-        // Evictions of one allocation become one event, as vLLM's per-step queue does not split them.
-        if let (
-            Some(KvCacheEvent::BlockRemoved { block_hashes }),
-            KvCacheEvent::BlockRemoved { block_hashes: more },
-        ) = (evs.last_mut(), &ev)
-        {
-            block_hashes.extend_from_slice(more);
-            return;
+        if let Some(evs) = &mut self.events {
+            evs.push(ev);
         }
-        evs.push(ev);
+    }
+
+    /// An evicted block: evictions of one allocation become one event, as vLLM's per-step queue does not split
+    /// them (and nothing is made when events are off: this runs per evicted block).
+    fn record_removed(&mut self, h: u64) {
+        let Some(evs) = &mut self.events else { return };
+        if let Some(KvCacheEvent::BlockRemoved { block_hashes }) = evs.last_mut() {
+            block_hashes.push(h);
+        } else {
+            evs.push(KvCacheEvent::BlockRemoved {
+                block_hashes: vec![h],
+            });
+        }
     }
 
     /// Clears the prefix cache, as vLLM's `reset_prefix_cache`: only when no block is in use (then every
@@ -257,9 +262,7 @@ impl BlockManager {
                     let m = &mut self.meta[b as usize];
                     if let Some(h) = m.hash.take() {
                         self.cached.remove(&h);
-                        self.record(KvCacheEvent::BlockRemoved {
-                            block_hashes: vec![h],
-                        });
+                        self.record_removed(h);
                     }
                     b
                 }
