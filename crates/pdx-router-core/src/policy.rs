@@ -327,33 +327,6 @@ impl Selector {
         }
     }
 
-    /// [`Selector::choose`] with each candidate's overlap read from `exact` (the engines' KV events) where
-    /// that knows the worker exactly, else from the approximate index ([`crate::kv_index::kv_overlap`]).
-    pub fn choose_with(
-        &mut self,
-        cands: &[Candidate],
-        block_hashes: &[u64],
-        now_us: u64,
-        exact: Option<&dyn crate::kv_index::ExactOverlap>,
-    ) -> Option<usize> {
-        let bs = self.block_size.max(1);
-        let cands: Vec<Candidate> = cands
-            .iter()
-            .map(|c| Candidate {
-                overlap_blocks: crate::kv_index::kv_overlap(
-                    exact,
-                    &self.index,
-                    c.id,
-                    block_hashes,
-                    bs,
-                    now_us,
-                ) as u64,
-                ..*c
-            })
-            .collect();
-        self.choose(&cands, block_hashes, now_us)
-    }
-
     /// Picks a worker: the index into `cands`, or `None` when none is eligible. The prompt counts
     /// `block_hashes.len() × block_size` tokens (see [`Selector::choose_request`]).
     pub fn choose(

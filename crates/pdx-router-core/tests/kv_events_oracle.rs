@@ -12,6 +12,33 @@ use pdx_router_core::kv_index::ExactOverlap;
 use pdx_router_core::{Candidate, ExactIndex, Policy, ReplayRequest, Selector};
 use std::collections::VecDeque;
 
+/// `sel.choose` with each candidate's overlap as the router reads it (`kv_overlap`: `exact` where it knows the
+/// worker, else the selector's approximate index), so the index and the oracle are asked the same way.
+fn choose_with(
+    sel: &mut Selector,
+    cands: &[Candidate],
+    hashes: &[u64],
+    now_us: u64,
+    exact: &dyn ExactOverlap,
+) -> Option<usize> {
+    let bs = sel.block_size.max(1);
+    let cands: Vec<Candidate> = cands
+        .iter()
+        .map(|c| Candidate {
+            overlap_blocks: pdx_router_core::kv_index::kv_overlap(
+                Some(exact),
+                &sel.index,
+                c.id,
+                hashes,
+                bs,
+                now_us,
+            ) as u64,
+            ..*c
+        })
+        .collect();
+    sel.choose(&cands, hashes, now_us)
+}
+
 const BS: usize = 4;
 
 /// SplitMix64 generator: reproducible streams without a dependency.
@@ -189,10 +216,8 @@ fn the_exact_index_equals_an_oracle_of_every_workers_cache() {
                 Candidate::new(w, running, 4 * running, true)
             })
             .collect();
-        let pick = by_index.choose_with(&cands, &h, step, Some(&ix)).unwrap();
-        let oracle_pick = by_oracle
-            .choose_with(&cands, &h, step, Some(&Oracle(&engines)))
-            .unwrap();
+        let pick = choose_with(&mut by_index, &cands, &h, step, &ix).unwrap();
+        let oracle_pick = choose_with(&mut by_oracle, &cands, &h, step, &Oracle(&engines)).unwrap();
         assert_eq!(pick, oracle_pick, "step {step}: kv_aware chose differently");
         let e = &mut engines[pick];
         e.finish_some(&mut rng);
