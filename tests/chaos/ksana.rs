@@ -271,6 +271,12 @@ fn a_router_killed_and_started_on_its_sqlite_file_serves_the_nodes_at_once() {
     let read = |n: &Node| metric(n.port, "pdx:kv_blocks_received_total").unwrap_or(0.0);
     let before = read(&nodes[1]);
     assert!(before > 0.0, "the decode read the prompt's KV");
+    let registrations = |n: &Node| metric(n.port, "pdx:ksana_registrations_total").unwrap_or(0.0);
+    let registered_before: Vec<f64> = nodes.iter().map(registrations).collect();
+    assert!(
+        registered_before.iter().all(|r| *r >= 1.0),
+        "every node counted its registration: {registered_before:?}"
+    );
     r.kill();
     let t = Instant::now();
     let _r = ksana_router(rp, &db);
@@ -281,12 +287,20 @@ fn a_router_killed_and_started_on_its_sqlite_file_serves_the_nodes_at_once() {
         t.elapsed()
     );
     assert!(read(&nodes[1]) > before);
-    // The nodes' heartbeats go on under the ids they had.
-    for n in &nodes {
+    // The nodes' heartbeats go on under the ids they had: after several heartbeat periods (200 ms) on the restarted
+    // router, no node had to register again (a router that forgot them refuses their heartbeats, and they do).
+    std::thread::sleep(Duration::from_millis(1000));
+    for (n, before) in nodes.iter().zip(&registered_before) {
         assert_eq!(
             metric(n.port, "pdx:ksana_registered"),
             Some(1.0),
             "{} node",
+            n.role
+        );
+        assert_eq!(
+            registrations(n),
+            *before,
+            "{} node registered again after the restart",
             n.role
         );
     }

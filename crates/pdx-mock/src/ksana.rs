@@ -696,6 +696,9 @@ impl KsanaNode {
         let Some(node_id) = node_id else {
             let ok = self.register(client).await;
             metrics.ksana_registered.set(i64::from(ok));
+            if ok {
+                metrics.ksana_registrations.inc();
+            }
             return ok;
         };
         let reply = match client

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub kv_bytes_received: Counter,
     /// `pdx:ksana_registered`: 1 while registered with a KsanaLLM router (`--ksana-router`).
     pub ksana_registered: Gauge,
+    /// `pdx:ksana_registrations_total`: successful `/RegisterNode` calls (a router that forgot the node makes
+    /// it register again).
+    pub ksana_registrations: Counter,
     /// `pdx:ksana_comm_groups_ready`: KsanaLLM comm groups this node can serve requests of now.
     pub ksana_groups_ready: Gauge,
     /// `pdx:ksana_kv_handoffs_total`: KsanaLLM requests whose KV a prefill kept and announced to the decode.
@@ -95,6 +98,7 @@ impl Metrics {
             kv_blocks_received: Counter::default(),
             kv_bytes_received: Counter::default(),
             ksana_registered: Gauge::default(),
+            ksana_registrations: Counter::default(),
             ksana_groups_ready: Gauge::default(),
             ksana_handoffs: Counter::default(),
         };
@@ -177,6 +181,11 @@ impl Metrics {
             "pdx:ksana_registered",
             "1 while registered with a KsanaLLM router",
             m.ksana_registered.clone(),
+        );
+        r.register(
+            "pdx:ksana_registrations",
+            "Successful registrations with a KsanaLLM router",
+            m.ksana_registrations.clone(),
         );
         r.register(
             "pdx:ksana_comm_groups_ready",
