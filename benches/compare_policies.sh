@@ -26,6 +26,8 @@
 #   VLLM_POLICIES (default: every vllm-router --policy choice) PEERS=0 (pdx rows only) PDX_SERVE_EXTRA (more flags)
 #   PDX_PREFILL_POOL / PDX_DECODE_POOL (TOML lines added to pdx's prefill / decode pool, e.g.
 #   'score = { alpha = 1, delta = 0 }'; with KV events on)
+#   A pdx policy written `POLICY+itl` (e.g. PDX_POLICIES="round_robin score score+itl") is a row of POLICY with
+#   the decode pool's admission shaped by ITL at the SLO's target (--admission-itl-target-ms SLO_ITL_MS).
 # Needs ../shared/peers/install.sh (~/.cache/pdx-peers) for the peer rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +88,7 @@ start_router() { # router policy; sets router_pid and url (not in a subshell: th
   local router=$1 policy=$2 args=() p
   case $router in
   pdx)
+    if [[ $policy == *+itl ]]; then policy=${policy%+itl}; args+=(--admission-itl-target-ms "$SLO_ITL_MS"); fi
     if [ $KV_EVENTS = 1 ]; then
       # A config file, so that pdx subscribes to every worker's KV events (flags carry no event endpoints).
       { echo '[[models]]'; echo 'name = "*"'

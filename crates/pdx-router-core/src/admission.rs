@@ -26,16 +26,40 @@
 //! The TTFT fed back is the engine's part (a prefill request's duration; the first token's delay on
 //! an aggregated worker), not the time spent in this queue: the limit tunes how much work the pool's
 //! engines take at once, and the queue's own wait is bounded separately by the deadline.
+//!
+//! A decode pool is shaped the same way on its TPOT ([`Signal::Tpot`]): a slot covers a whole request, taken
+//! before its prefill (so no prefill is spent on a request its decode pool cannot take) and held until its
+//! stream ends, and the samples are the mean ITL over windows of a stream's token events, fed while it streams
+//! ([`Admission::observe`]). A decode engine's step time grows with its batch (vLLM's step: a fixed cost plus a
+//! cost per sequence and per context token), so concurrent streams set the TPOT at once, but a stream admitted
+//! too many stays for its whole length: the limit is cut to a fraction of the streams in flight (not of itself),
+//! so repeated slow samples while the excess drains do not cut it again and again, and slow start lasts until
+//! the first cut (an idle decode step is already a large part of the target).
 
 use crate::telemetry::Ewma;
 use std::collections::VecDeque;
 
+/// What a pool's latency samples are, which sets what a slot covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Prefill and aggregated pools: one TTFT sample per request, given with its slot back
+    /// ([`Admission::release`]); a slot covers the prefill. The wait queue holds what the pool drains within
+    /// the longest wait (Little's law).
+    Ttft,
+    /// Decode pools: TPOT samples (mean ITL over a window of a stream's token events, [`Admission::observe`])
+    /// while a stream holds its slot, from before its prefill to its end; the wait queue is the configured
+    /// length.
+    Tpot,
+}
+
 /// Admission settings of one pool.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionConfig {
-    /// TTFT target, µs.
-    pub ttft_target_us: u64,
-    /// The limit narrows while the pool's smoothed TTFT is above this fraction of the target, `0 < f ≤ 1`.
+    /// What the samples measure.
+    pub signal: Signal,
+    /// Latency target, µs: TTFT ([`Signal::Ttft`]) or TPOT ([`Signal::Tpot`]).
+    pub target_us: u64,
+    /// The limit narrows while the pool's smoothed latency is above this fraction of the target, `0 < f ≤ 1`.
     pub setpoint: f64,
     /// Limit at start.
     pub initial_limit: u32,
@@ -63,9 +87,10 @@ impl AdmissionConfig {
     /// prefills in slow start, between 1 and 4096, ×0.7 on a decrease (at most once per target period),
     /// then +1 per round while healthy; a queue of at most 64 waiting at most a quarter of the target; α = 0.3;
     /// `Retry-After: 1`.
-    pub fn with_target_us(ttft_target_us: u64) -> Self {
+    pub fn with_target_us(target_us: u64) -> Self {
         Self {
-            ttft_target_us,
+            signal: Signal::Ttft,
+            target_us,
             setpoint: 0.5,
             initial_limit: 2,
             min_limit: 1,
@@ -73,9 +98,26 @@ impl AdmissionConfig {
             decrease_factor: 0.7,
             increase: 1.0,
             max_queue: 64,
-            max_wait_us: ttft_target_us / 4,
+            max_wait_us: target_us / 4,
             alpha: 0.3,
             retry_after_secs: 1,
+        }
+    }
+
+    /// Defaults of a decode pool around a TPOT target (µs): the smoothed TPOT held at 0.8 of the target (a
+    /// stream's TPOT is the mean of its ITLs, which varies less than TTFT); start at 8 concurrent requests
+    /// in slow start, between 1 and 4096; a cut goes to 0.8 of the streams in flight; +1 per round while
+    /// healthy; a queue of at most 64 waiting at most 100 ms (the wait comes before the prefill, so it adds
+    /// to TTFT); α = 0.05 (a sample per window of each stream's tokens); `Retry-After: 1`.
+    pub fn for_decode(tpot_target_us: u64) -> Self {
+        Self {
+            signal: Signal::Tpot,
+            setpoint: 0.8,
+            initial_limit: 8,
+            decrease_factor: 0.8,
+            max_wait_us: 100_000,
+            alpha: 0.05,
+            ..Self::with_target_us(tpot_target_us)
         }
     }
 
@@ -85,8 +127,8 @@ impl AdmissionConfig {
     /// factor outside `(0, 1)`, a negative increase, or α outside `(0, 1]`.
     pub fn validate(&self) -> Result<(), crate::CoreError> {
         let bad = |m: String| Err(crate::CoreError::InvalidSetting(m));
-        if self.ttft_target_us == 0 {
-            return bad("admission ttft target must be above 0".into());
+        if self.target_us == 0 {
+            return bad("admission latency target must be above 0".into());
         }
         if self.min_limit == 0
             || self.min_limit > self.max_limit
@@ -200,8 +242,8 @@ impl Admission {
         self.queue.len()
     }
 
-    /// The pool's smoothed TTFT, seconds.
-    pub fn ewma_ttft_s(&self) -> Option<f64> {
+    /// The pool's smoothed latency (TTFT or TPOT, by [`AdmissionConfig::signal`]), seconds.
+    pub fn ewma_s(&self) -> Option<f64> {
         self.ttft.get()
     }
 
@@ -209,6 +251,9 @@ impl Admission {
     /// (limit over smoothed TTFT), at least one, at most the configured length; the configured length
     /// before the first sample.
     pub fn queue_room(&self) -> usize {
+        if self.cfg.signal == Signal::Tpot {
+            return self.cfg.max_queue;
+        }
         let Some(t) = self.ttft.get().filter(|t| *t > 0.0) else {
             return self.cfg.max_queue;
         };
@@ -237,41 +282,67 @@ impl Admission {
 
     /// The deadline a request arriving at `now_us` gets: the configured longest wait, shortened by the
     /// request's own TTFT target (µs) when it has one.
-    pub fn deadline(&self, now_us: u64, request_ttft_target_us: Option<u64>) -> u64 {
-        let wait =
-            request_ttft_target_us.map_or(self.cfg.max_wait_us, |t| t.min(self.cfg.max_wait_us));
+    pub fn deadline(&self, now_us: u64, request_target_us: Option<u64>) -> u64 {
+        let wait = request_target_us.map_or(self.cfg.max_wait_us, |t| t.min(self.cfg.max_wait_us));
         now_us.saturating_add(wait)
     }
 
-    /// An admitted request ended its prefill (or failed: `ttft_s` `None`) at `now_us`. Its slot is free;
-    /// a TTFT sample moves the limit: down by the decrease factor (at most once per target period) while
-    /// the smoothed TTFT is above the set point, up while it is not and the limit was in use: by one in
-    /// slow start (until the smoothed TTFT first goes over half the set point), by `increase / limit`
-    /// after. Then call
-    /// [`Admission::next_grant`] until it returns `None`.
-    pub fn release(&mut self, ttft_s: Option<f64>, now_us: u64) {
+    /// An admitted request ended its prefill (or failed: `ttft_s` `None`) at `now_us`; a decode pool's request
+    /// ended its stream, with its last window's TPOT if any. Its slot is free; a sample moves the limit as
+    /// [`Admission::observe`] says. Then call [`Admission::next_grant`] until it returns `None`.
+    pub fn release(&mut self, sample_s: Option<f64>, now_us: u64) {
         // In use: every slot taken, or someone waiting.
         let was_full = f64::from(self.in_flight) + 1.0 >= self.limit || !self.queue.is_empty();
+        let in_flight = self.in_flight;
         self.in_flight = self.in_flight.saturating_sub(1);
-        let Some(x) = ttft_s.filter(|x| x.is_finite() && *x >= 0.0) else {
+        if let Some(x) = sample_s {
+            self.adjust(x, now_us, was_full, in_flight);
+        }
+    }
+
+    /// A latency sample (seconds) from a request that keeps its slot (a decode stream's window of ITLs) at
+    /// `now_us`. While the smoothed latency is above the set point the limit is cut by the decrease factor:
+    /// TTFT pools at most once per target period; decode pools to that fraction of the requests in flight, never
+    /// up. While it is not, and the limit is in use, the limit grows: by one per sample in slow start (until the
+    /// smoothed TTFT first goes over half the set point; a decode pool's until its first cut), by
+    /// `increase / limit` after. Non-finite or negative samples are ignored. A cut may leave a waiter's grant
+    /// due later; an increase may free a slot: call [`Admission::next_grant`] after.
+    pub fn observe(&mut self, sample_s: f64, now_us: u64) {
+        let was_full = f64::from(self.in_flight) >= self.limit || !self.queue.is_empty();
+        self.adjust(sample_s, now_us, was_full, self.in_flight);
+    }
+
+    fn adjust(&mut self, x: f64, now_us: u64, was_full: bool, in_flight: u32) {
+        if !(x.is_finite() && x >= 0.0) {
             return;
-        };
+        }
         self.ttft.feed(x, self.cfg.alpha);
         let Some(e) = self.ttft.get() else { return };
-        let setpoint_us = self.cfg.setpoint * self.cfg.ttft_target_us as f64;
-        if e * 1e6 > setpoint_us / 2.0 {
+        let setpoint_us = self.cfg.setpoint * self.cfg.target_us as f64;
+        if self.cfg.signal == Signal::Ttft && e * 1e6 > setpoint_us / 2.0 {
             self.slow_start = false;
         }
         let (lo, hi) = (f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
         if e * 1e6 > setpoint_us {
-            let due = self
-                .last_decrease_us
-                .is_none_or(|t| now_us.saturating_sub(t) >= self.cfg.ttft_target_us);
-            if due {
-                self.limit = (self.limit * self.cfg.decrease_factor).max(lo);
-                self.last_decrease_us = Some(now_us);
-                self.slow_start = false;
+            match self.cfg.signal {
+                Signal::Ttft => {
+                    let due = self
+                        .last_decrease_us
+                        .is_none_or(|t| now_us.saturating_sub(t) >= self.cfg.target_us);
+                    if due {
+                        self.limit = (self.limit * self.cfg.decrease_factor).max(lo);
+                        self.last_decrease_us = Some(now_us);
+                    }
+                }
+                Signal::Tpot => {
+                    let cut = (f64::from(in_flight) * self.cfg.decrease_factor).max(lo);
+                    if cut < self.limit {
+                        self.limit = cut;
+                        self.last_decrease_us = Some(now_us);
+                    }
+                }
             }
+            self.slow_start = false;
         } else if was_full {
             let step = if self.slow_start {
                 1.0
@@ -464,7 +535,7 @@ mod tests {
             initial_limit: 4,
             max_queue: 64,
             max_wait_us: 250_000,
-            ttft_target_us: 1_000_000,
+            target_us: 1_000_000,
             increase: 0.0,
             ..cfg()
         });
@@ -483,7 +554,7 @@ mod tests {
         assert!(matches!(a.request(0, 0), Decision::Reject { .. }));
         // The set point is a fraction of the target: 0.5 s is over half of 0.8 s.
         let mut b = Admission::new(AdmissionConfig {
-            ttft_target_us: 800_000,
+            target_us: 800_000,
             setpoint: 0.5,
             initial_limit: 10,
             ..cfg()
@@ -491,6 +562,86 @@ mod tests {
         assert_eq!(b.request(0, 0), Decision::Admit);
         b.release(Some(0.5), 0);
         assert_eq!(b.limit(), 7);
+    }
+
+    fn decode_cfg() -> AdmissionConfig {
+        AdmissionConfig {
+            alpha: 1.0,
+            setpoint: 1.0,
+            initial_limit: 4,
+            max_queue: 3,
+            ..AdmissionConfig::for_decode(30_000)
+        }
+    }
+
+    #[test]
+    fn a_decode_pool_grows_by_its_streams_samples_without_freeing_slots() {
+        let mut a = Admission::new(decode_cfg());
+        while a.request(0, 0) == Decision::Admit {}
+        assert_eq!((a.in_flight(), a.limit()), (4, 4));
+        // Healthy windows of streams still running: slow start adds one per sample, slots stay taken.
+        for _ in 0..4 {
+            a.observe(0.012, 0);
+        }
+        assert_eq!((a.in_flight(), a.limit()), (4, 8));
+        // The queued request (one was queued by the loop above) goes first, then newcomers.
+        assert!(a.next_grant().is_some());
+        while a.request(0, 0) == Decision::Admit {}
+        assert_eq!(a.in_flight(), 8);
+        // Slow start lasts past half the set point (an idle decode step is already much of the target).
+        a.observe(0.025, 0);
+        assert!(a.slow_start);
+        assert_eq!(a.limit(), 9);
+    }
+
+    #[test]
+    fn a_decode_pool_cuts_to_a_fraction_of_its_streams_once_while_they_drain() {
+        let mut a = Admission::new(AdmissionConfig {
+            initial_limit: 20,
+            ..decode_cfg()
+        });
+        for _ in 0..20 {
+            assert_eq!(a.request(0, 0), Decision::Admit);
+        }
+        a.observe(0.040, 10);
+        assert_eq!(a.limit(), 16, "0.8 x 20 in flight");
+        assert!(!a.slow_start);
+        // Still slow while the excess streams run: no second cut until fewer are in flight than the limit.
+        for t in 0..10 {
+            a.observe(0.040, 20 + t);
+        }
+        assert_eq!(a.limit(), 16);
+        for _ in 0..6 {
+            a.release(Some(0.040), 100);
+        }
+        // 14 in flight, still slow: 0.8 x 14.
+        assert_eq!(a.in_flight(), 14);
+        a.observe(0.040, 200);
+        assert_eq!(a.limit(), 11);
+        // Healthy again with the limit in use: additive, about +1 per limit's worth of samples.
+        a.observe(0.010, 300);
+        let l = a.limit;
+        assert!((l - (11.2 + 1.0 / 11.2)).abs() < 1e-9, "{l}");
+        // A release with no sample (a failed stream) moves nothing.
+        a.release(None, 400);
+        assert_eq!((a.in_flight(), a.limit()), (13, 11));
+    }
+
+    #[test]
+    fn a_decode_pool_queues_up_to_its_configured_length() {
+        let mut a = Admission::new(decode_cfg());
+        while a.request(0, 0) == Decision::Admit {}
+        a.observe(0.001, 0);
+        // One queued by the loop, two more fit, the fourth is refused whatever the samples say.
+        assert_eq!(a.queue_room(), 3);
+        assert!(matches!(a.request(0, 0), Decision::Queued(_)));
+        assert!(matches!(a.request(0, 0), Decision::Queued(_)));
+        assert!(matches!(a.request(0, 0), Decision::Reject { .. }));
+        // Bad samples are ignored.
+        let before = (a.limit, a.ewma_s());
+        a.observe(f64::NAN, 0);
+        a.observe(-1.0, 0);
+        assert_eq!((a.limit, a.ewma_s()), before);
     }
 
     #[test]
@@ -506,7 +657,7 @@ mod tests {
         assert!(cfg().validate().is_ok());
         for c in [
             AdmissionConfig {
-                ttft_target_us: 0,
+                target_us: 0,
                 ..cfg()
             },
             AdmissionConfig {

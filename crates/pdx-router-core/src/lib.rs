@@ -41,7 +41,7 @@ pub mod retry;
 pub mod sse;
 pub mod telemetry;
 
-pub use admission::{Admission, AdmissionConfig, Cancelled, Decision, Ticket};
+pub use admission::{Admission, AdmissionConfig, Cancelled, Decision, Signal, Ticket};
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailureCause};
 pub use divert::Divert;
 pub use error::CoreError;

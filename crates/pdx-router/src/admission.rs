@@ -2,8 +2,10 @@
 //! answers. A request for a pool with a TTFT target takes a [`Permit`] before its prefill (`vllm-nixl`,
 //! `sglang-bootstrap`) or before it is sent (aggregated); the permit is given back with the TTFT the
 //! engine took (the prefill's duration; the first token's delay on an aggregated worker), which moves
-//! the pool's limit. A full queue answers 429 with `Retry-After`, a wait past the request's deadline
-//! 503, both OpenAI error JSON.
+//! the pool's limit. A request whose decode pool has an ITL target takes that pool's permit first, before
+//! the prefill's, and holds it until its stream ends; the stream feeds it the mean ITL of every
+//! [`crate::body::DECODE_WINDOW`] token events ([`Permit::observe`]). A full queue answers 429 with
+//! `Retry-After`, a wait past the request's deadline 503, both OpenAI error JSON.
 //!
 //! The pool's state is one mutex shared by every server thread, taken a few times per request only when
 //! admission is on. A waiting request polls a flag of its own every [`WAIT_POLL`] (monoio tasks are not
@@ -16,7 +18,7 @@ use crate::registry::Pool;
 use hyper::header::HeaderValue;
 use hyper::Response;
 use pdx_protocol::ApiError;
-use pdx_router_core::{Admission, AdmissionConfig, Cancelled, Decision, Ticket};
+use pdx_router_core::{Admission, AdmissionConfig, Cancelled, Decision, Signal, Ticket};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
@@ -37,7 +39,8 @@ struct Handles {
     limit: Gauge,
     in_flight: Gauge,
     waiting: Gauge,
-    ewma_ttft: Gauge<f64, AtomicU64>,
+    /// `pdx_admission_ewma_ttft_seconds` or, for a decode pool, `pdx_admission_ewma_tpot_seconds`.
+    ewma: Gauge<f64, AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -50,6 +53,7 @@ struct State {
 /// One pool's admission state, shared by every thread.
 #[derive(Debug)]
 pub struct PoolAdmission {
+    signal: Signal,
     model: String,
     pool: String,
     start: Instant,
@@ -61,6 +65,7 @@ impl PoolAdmission {
     /// Admission of pool `pool` of `model` with `cfg`.
     pub fn new(model: &str, pool: &str, cfg: AdmissionConfig) -> Self {
         Self {
+            signal: cfg.signal,
             model: model.into(),
             pool: pool.into(),
             start: Instant::now(),
@@ -106,7 +111,12 @@ impl PoolAdmission {
                 limit: m.admission_limit.get_or_create(&labels).clone(),
                 in_flight: m.admission_in_flight.get_or_create(&labels).clone(),
                 waiting: m.admission_queue.get_or_create(&labels).clone(),
-                ewma_ttft: m.admission_ewma_ttft.get_or_create(&labels).clone(),
+                ewma: match self.signal {
+                    Signal::Ttft => &m.admission_ewma_ttft,
+                    Signal::Tpot => &m.admission_ewma_tpot,
+                }
+                .get_or_create(&labels)
+                .clone(),
             }
         })
     }
@@ -115,8 +125,8 @@ impl PoolAdmission {
         h.limit.set(i64::from(st.core.limit()));
         h.in_flight.set(i64::from(st.core.in_flight()));
         h.waiting.set(st.core.queued() as i64);
-        if let Some(t) = st.core.ewma_ttft_s() {
-            h.ewma_ttft.set(t);
+        if let Some(t) = st.core.ewma_s() {
+            h.ewma.set(t);
         }
     }
 
@@ -163,6 +173,20 @@ impl Permit {
     pub fn done(mut self, ttft_s: f64) {
         self.released = true;
         self.adm.release(Some(ttft_s), &self.metrics);
+    }
+
+    /// A latency sample, seconds, while the slot is held (a decode stream's mean ITL over a window of its token
+    /// events): moves the pool's limit ([`pdx_router_core::Admission::observe`]) and hands out slots it frees.
+    pub fn observe(&self, sample_s: f64) {
+        let adm = &self.adm;
+        let h = adm.handles(&self.metrics);
+        let now = adm.now_us();
+        let Ok(mut st) = adm.state.lock() else {
+            return;
+        };
+        st.core.observe(sample_s, now);
+        PoolAdmission::grant(&mut st);
+        PoolAdmission::publish(h, &st);
     }
 }
 
@@ -288,8 +312,12 @@ pub(crate) async fn admit(
             }
             PoolAdmission::publish(h, &st);
             h.timed_out.inc();
+            let over = match adm.signal {
+                Signal::Ttft => "TTFT",
+                Signal::Tpot => "ITL",
+            };
             return Err(error_response(&ApiError::unavailable(format!(
-                "waited past the deadline for admission to pool {} (TTFT over its target)",
+                "waited past the deadline for admission to pool {} ({over} over its target)",
                 pool.name
             ))));
         }

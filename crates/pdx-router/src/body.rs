@@ -76,6 +76,50 @@ pub struct Forward<B> {
     /// The request's admission slot (aggregated pools with admission shaping): given back with the TTFT at
     /// the first token event, or at the end.
     pub admission: Option<crate::admission::Permit>,
+    /// The request's slot of its decode pool's admission (decode pools with an ITL target): fed the mean ITL
+    /// of every [`DECODE_WINDOW`] token events, given back at the end (it stays with a stream that moves).
+    pub decode_slot: Option<Box<DecodeSlot>>,
+}
+
+/// Token events per ITL sample of a decode pool's admission: about one sample per 0.4 s of a stream at 25 ms
+/// per token, so a pool with a hundred streams has its smoothed TPOT from the last fraction of a second.
+pub const DECODE_WINDOW: u64 = 16;
+
+/// A stream's slot of its decode pool's admission and the window of token events being timed.
+#[derive(Debug)]
+pub struct DecodeSlot {
+    permit: crate::admission::Permit,
+    /// The token event the window is timed from (`None` before the first).
+    from: Option<Instant>,
+    /// Token events since `from`.
+    events: u64,
+}
+
+impl DecodeSlot {
+    /// A slot taken from a decode pool's admission.
+    pub fn new(permit: crate::admission::Permit) -> Self {
+        Self {
+            permit,
+            from: None,
+            events: 0,
+        }
+    }
+
+    /// `events` token events arrived at `now`: a window full of them gives the pool a sample, their mean ITL.
+    fn tokens(&mut self, events: u64, now: Instant) {
+        let Some(from) = self.from else {
+            // The first token's delay is TTFT, not ITL: the window starts at it.
+            self.from = Some(now);
+            return;
+        };
+        self.events += events;
+        if self.events >= DECODE_WINDOW {
+            let itl = now.saturating_duration_since(from).as_secs_f64() / self.events as f64;
+            self.permit.observe(itl);
+            self.from = Some(now);
+            self.events = 0;
+        }
+    }
 }
 
 impl<B> std::fmt::Debug for Forward<B> {
@@ -112,6 +156,7 @@ impl<B> Forward<B> {
             progressed: false,
             migration: None,
             admission: None,
+            decode_slot: None,
         }
     }
 
@@ -148,6 +193,9 @@ impl<B> Forward<B> {
         if let Some(g) = &mut self.guard {
             g.progress(events);
         }
+        if let Some(d) = &mut self.decode_slot {
+            d.tokens(events, now);
+        }
         if self.stats.first_event.is_none() {
             self.stats.first_event = Some(now);
             if let Some(p) = self.admission.take() {
@@ -179,6 +227,7 @@ impl<B> Forward<B> {
     fn finish(&mut self, failure: Option<pdx_router_core::UpstreamFailure>) {
         self.done = true;
         self.admission = None;
+        self.decode_slot = None;
         if let (Some(g), None) = (&self.guard, failure) {
             let st = &self.stats;
             if let (true, Some(first), Some(last)) = (self.stream, st.first_event, st.last_event) {

@@ -195,7 +195,8 @@ pub struct PoolConfig {
     /// `kv_aware` softmax temperature of this pool (over `router_temperature`).
     #[serde(default)]
     pub temperature: Option<f64>,
-    /// Admission shaping of this prefill or aggregated pool (over `[admission]`).
+    /// Admission shaping of this pool (over `[admission]`): `ttft_target_ms` for prefill and aggregated pools,
+    /// `itl_target_ms` for decode pools.
     #[serde(default)]
     pub admission: Option<crate::tuning::AdmissionFile>,
 }

@@ -30,7 +30,8 @@
 //! * admission shaping ([`crate::admission`]): `pdx_admission_total{model,pool,outcome}` (`admitted`,
 //!   `queued`, `rejected`: 429, `timed_out`: 503), `pdx_admission_limit{model,pool}`,
 //!   `pdx_admission_in_flight{model,pool}`, `pdx_admission_queue{model,pool}` and
-//!   `pdx_admission_ewma_ttft_seconds{model,pool}`.
+//!   `pdx_admission_ewma_ttft_seconds{model,pool}` (prefill and aggregated pools) or
+//!   `pdx_admission_ewma_tpot_seconds{model,pool}` (decode pools shaped by ITL).
 //!
 //! The series of a removed worker (and of a pool registration created, once empty) are deleted.
 
@@ -208,6 +209,8 @@ pub struct Metrics {
     pub admission_queue: Family<PoolNameLabels, Gauge>,
     /// The pool's smoothed TTFT that drives its limit, seconds.
     pub admission_ewma_ttft: Family<PoolNameLabels, FloatGauge>,
+    /// A decode pool's smoothed TPOT (mean ITL of its streams' windows) that drives its limit, seconds.
+    pub admission_ewma_tpot: Family<PoolNameLabels, FloatGauge>,
 }
 
 fn latency() -> Histogram {
@@ -257,6 +260,7 @@ impl Metrics {
         let admission_in_flight = Family::<PoolNameLabels, Gauge>::default();
         let admission_queue = Family::<PoolNameLabels, Gauge>::default();
         let admission_ewma_ttft = Family::<PoolNameLabels, FloatGauge>::default();
+        let admission_ewma_tpot = Family::<PoolNameLabels, FloatGauge>::default();
         registry.register(
             "pdx_requests",
             "Answers of the completion routes by model, pool, worker, status and status class",
@@ -366,6 +370,11 @@ impl Metrics {
             "The pool's smoothed TTFT that drives its admission limit",
             admission_ewma_ttft.clone(),
         );
+        registry.register(
+            "pdx_admission_ewma_tpot_seconds",
+            "A decode pool's smoothed TPOT that drives its admission limit",
+            admission_ewma_tpot.clone(),
+        );
         Self {
             registry,
             kv_events,
@@ -397,6 +406,7 @@ impl Metrics {
             admission_in_flight,
             admission_queue,
             admission_ewma_ttft,
+            admission_ewma_tpot,
         }
     }
 
@@ -441,6 +451,7 @@ impl Metrics {
         self.admission_in_flight.remove(&labels);
         self.admission_queue.remove(&labels);
         self.admission_ewma_ttft.remove(&labels);
+        self.admission_ewma_tpot.remove(&labels);
         for outcome in ["admitted", "queued", "rejected", "timed_out"] {
             self.admission.remove(&AdmissionLabels {
                 model: model.into(),

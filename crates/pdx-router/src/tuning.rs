@@ -17,6 +17,7 @@
 //! kv_boost = 0.002             # per matched prefix block
 //! [admission]                  # prefill pools (and aggregated pools); off without a TTFT target
 //! ttft_target_ms = 500
+//! itl_target_ms = 30           # decode pools: shaped by TPOT (mean ITL); off without it
 //! max_queue = 64
 //! max_wait_ms = 125            # default: a quarter of the target
 //! setpoint = 0.5               # the pool's smoothed TTFT is held at this fraction of the target
@@ -27,7 +28,15 @@
 //! policy = "score"
 //! score = { delta = 1.0 }
 //! admission = { ttft_target_ms = 300 }
+//! [[models.pools]]
+//! name = "decode"
+//! role = "decode"
+//! admission = { itl_target_ms = 30, initial_limit = 16 }
 //! ```
+//!
+//! A decode pool's admission ([`pdx_router_core::Signal::Tpot`]) takes `itl_target_ms` from `[admission]` (or
+//! the flag) and every other field from its own table only, over [`AdmissionConfig::for_decode`]: the
+//! top-level fields tune the TTFT pools.
 
 use crate::RouterError;
 use pdx_protocol::Role;
@@ -88,6 +97,12 @@ pub struct TuningArgs {
     /// Admission: the fraction of the TTFT target a pool's smoothed TTFT is held at, in (0, 1] [default: 0.5]
     #[arg(long)]
     pub admission_setpoint: Option<f64>,
+    /// Admission shaping of decode pools: TPOT (mean ITL) target in ms. A decode pool's limit on concurrent
+    /// requests (each holds its slot from before its prefill to the end of its stream) is cut while the
+    /// smoothed ITL of its streams is above 0.8 of the target and reopens while below; requests beyond it wait
+    /// in a bounded queue (full: 429 with Retry-After; waited 100 ms: 503) [default: off]
+    #[arg(long)]
+    pub admission_itl_target_ms: Option<f64>,
 }
 
 /// `[telemetry]`.
@@ -145,8 +160,10 @@ impl ScoreFile {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionFile {
-    /// TTFT target, ms (0 or absent: admission off).
+    /// TTFT target of prefill and aggregated pools, ms (0 or absent: admission off).
     pub ttft_target_ms: Option<f64>,
+    /// TPOT (mean ITL) target of decode pools, ms (0 or absent: admission off).
+    pub itl_target_ms: Option<f64>,
     /// Fraction of the target the pool's smoothed TTFT is held at (default 0.5).
     pub setpoint: Option<f64>,
     /// Limit at start, in slow start (default 2).
@@ -174,6 +191,7 @@ impl AdmissionFile {
     fn over(&self, base: &AdmissionFile) -> AdmissionFile {
         AdmissionFile {
             ttft_target_ms: self.ttft_target_ms.or(base.ttft_target_ms),
+            itl_target_ms: self.itl_target_ms.or(base.itl_target_ms),
             setpoint: self.setpoint.or(base.setpoint),
             initial_limit: self.initial_limit.or(base.initial_limit),
             min_limit: self.min_limit.or(base.min_limit),
@@ -187,8 +205,9 @@ impl AdmissionFile {
         }
     }
 
-    /// The settings, or `None` without a (positive) target.
-    fn resolve(&self, pool: &str) -> Result<Option<AdmissionConfig>, RouterError> {
+    /// The settings of a pool of `role`, or `None` without a (positive) target: `itl_target_ms` for decode
+    /// pools, `ttft_target_ms` for the others.
+    fn resolve(&self, pool: &str, role: Role) -> Result<Option<AdmissionConfig>, RouterError> {
         let ms = |v: f64, what: &str| -> Result<u64, RouterError> {
             if v.is_finite() && v >= 0.0 {
                 Ok((v * 1e3) as u64)
@@ -198,16 +217,24 @@ impl AdmissionFile {
                 )))
             }
         };
-        let target = match self.ttft_target_ms {
+        let (target, what) = match role {
+            Role::Decode => (self.itl_target_ms, "itl_target_ms"),
+            _ => (self.ttft_target_ms, "ttft_target_ms"),
+        };
+        let target = match target {
             None => return Ok(None),
-            Some(t) => ms(t, "ttft_target_ms")?,
+            Some(t) => ms(t, what)?,
         };
         if target == 0 {
             return Ok(None);
         }
-        let d = AdmissionConfig::with_target_us(target);
+        let d = match role {
+            Role::Decode => AdmissionConfig::for_decode(target),
+            _ => AdmissionConfig::with_target_us(target),
+        };
         let c = AdmissionConfig {
-            ttft_target_us: target,
+            signal: d.signal,
+            target_us: target,
             setpoint: self.setpoint.unwrap_or(d.setpoint),
             initial_limit: self.initial_limit.unwrap_or(d.initial_limit),
             min_limit: self.min_limit.unwrap_or(d.min_limit),
@@ -316,6 +343,7 @@ impl Tuning {
             max_wait_ms: a.admission_max_wait_ms,
             initial_limit: a.admission_initial_limit,
             setpoint: a.admission_setpoint,
+            itl_target_ms: a.admission_itl_target_ms,
             ..AdmissionFile::default()
         };
         let t = Self {
@@ -329,7 +357,8 @@ impl Tuning {
             admission: flag_admission.over(admission),
         };
         // The top-level admission settings must be valid on their own.
-        t.admission.resolve("(default)")?;
+        t.admission.resolve("(default)", Role::Prefill)?;
+        t.pool_admission("(default)", Role::Decode, None)?;
         Ok(t)
     }
 
@@ -366,28 +395,36 @@ impl Tuning {
         temperature(own.unwrap_or(self.temperature), "pool temperature")
     }
 
-    /// A pool's admission settings (`None`: off): its table over the top-level ones, for prefill and aggregated
-    /// pools. Decode pools have no admission (it limits prefills).
+    /// A pool's admission settings (`None`: off): for prefill and aggregated pools its table over the
+    /// top-level ones (TTFT); for decode pools its table over the top-level `itl_target_ms` alone (TPOT).
     ///
-    /// Errors: [`RouterError::Config`] for an `admission` table on a decode pool, or bad settings.
+    /// Errors: [`RouterError::Config`] for a pool's own table naming the other role's target
+    /// (`ttft_target_ms` on a decode pool, `itl_target_ms` on the others), or bad settings.
     pub fn pool_admission(
         &self,
         pool: &str,
         role: Role,
         own: Option<&AdmissionFile>,
     ) -> Result<Option<AdmissionConfig>, RouterError> {
-        if role == Role::Decode {
-            if own.is_some() {
-                return Err(RouterError::Config(format!(
-                    "pool {pool}: admission applies to prefill and aggregated pools, not decode pools"
-                )));
-            }
-            return Ok(None);
+        let wrong = match role {
+            Role::Decode => own.and_then(|a| a.ttft_target_ms.map(|_| "ttft_target_ms")),
+            _ => own.and_then(|a| a.itl_target_ms.map(|_| "itl_target_ms")),
+        };
+        if let Some(field) = wrong {
+            return Err(RouterError::Config(format!(
+                "pool {pool}: admission {field} does not apply to a {role:?} pool (decode pools take \
+                 itl_target_ms, prefill and aggregated pools ttft_target_ms)"
+            )));
         }
-        match own {
-            Some(a) => a.over(&self.admission).resolve(pool),
-            None => self.admission.resolve(pool),
-        }
+        let base = match role {
+            Role::Decode => AdmissionFile {
+                itl_target_ms: self.admission.itl_target_ms,
+                ..AdmissionFile::default()
+            },
+            _ => self.admission.clone(),
+        };
+        own.map_or(base.clone(), |a| a.over(&base))
+            .resolve(pool, role)
     }
 }
 
@@ -465,7 +502,7 @@ mod tests {
         );
         assert_eq!(t.temperature, 0.5);
         let p = t.pool_admission("p", Role::Prefill, None).unwrap().unwrap();
-        assert_eq!(p.ttft_target_us, 400_000);
+        assert_eq!(p.target_us, 400_000);
         assert_eq!(p.max_queue, 8);
         assert_eq!(p.max_wait_us, 100_000, "a quarter of the target");
         assert_eq!(p.setpoint, 0.5);
@@ -478,7 +515,7 @@ mod tests {
             .pool_admission("p", Role::Aggregated, Some(&own))
             .unwrap()
             .unwrap();
-        assert_eq!((p.ttft_target_us, p.max_queue), (300_000, 8));
+        assert_eq!((p.target_us, p.max_queue), (300_000, 8));
         let off = AdmissionFile {
             ttft_target_ms: Some(0.0),
             ..Default::default()
@@ -489,6 +526,11 @@ mod tests {
         );
         assert_eq!(t.pool_admission("d", Role::Decode, None).unwrap(), None);
         assert!(t.pool_admission("d", Role::Decode, Some(&own)).is_err());
+        let itl = AdmissionFile {
+            itl_target_ms: Some(30.0),
+            ..Default::default()
+        };
+        assert!(t.pool_admission("p", Role::Prefill, Some(&itl)).is_err());
         let s = t
             .pool_score(
                 Some(&ScoreFile {
@@ -499,6 +541,50 @@ mod tests {
             )
             .unwrap();
         assert_eq!((s.alpha, s.delta), (3.0, 2.0));
+    }
+
+    #[test]
+    fn decode_pools_are_shaped_by_itl_with_their_own_settings() {
+        let a = TuningArgs {
+            admission_itl_target_ms: Some(30.0),
+            ..Default::default()
+        };
+        // Top-level fields other than the ITL target tune the TTFT pools only.
+        let t = resolve(
+            &a,
+            "[admission]\nttft_target_ms = 500\nsetpoint = 0.4\nmax_queue = 8\n",
+        )
+        .unwrap();
+        let d = t.pool_admission("d", Role::Decode, None).unwrap().unwrap();
+        assert_eq!(d, AdmissionConfig::for_decode(30_000));
+        assert_eq!(d.signal, pdx_router_core::Signal::Tpot);
+        let p = t.pool_admission("p", Role::Prefill, None).unwrap().unwrap();
+        assert_eq!(
+            (p.signal, p.target_us, p.setpoint, p.max_queue),
+            (pdx_router_core::Signal::Ttft, 500_000, 0.4, 8)
+        );
+        // A decode pool's own table goes over the decode defaults.
+        let own = AdmissionFile {
+            initial_limit: Some(16),
+            max_wait_ms: Some(50.0),
+            ..Default::default()
+        };
+        let d = t
+            .pool_admission("d", Role::Decode, Some(&own))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (d.target_us, d.initial_limit, d.max_wait_us),
+            (30_000, 16, 50_000)
+        );
+        // Off without an ITL target, whatever the TTFT target.
+        let t = resolve(
+            &TuningArgs::default(),
+            "[admission]\nttft_target_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(t.pool_admission("d", Role::Decode, None).unwrap(), None);
+        assert!(resolve(&TuningArgs::default(), "[admission]\nitl_target_ms = -1\n").is_err());
     }
 
     #[test]

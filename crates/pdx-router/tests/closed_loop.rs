@@ -328,3 +328,75 @@ async fn aggregated_admission_gives_slots_back_at_the_first_token_and_on_disconn
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_decode_pool_over_its_itl_target_narrows_and_turns_new_requests_away() {
+    // Each decode step takes ~40 ms (modelled, slept): over the 20 ms ITL target whatever the batch.
+    let p = mock(&["--role", "prefill", "--instant"]);
+    let d = mock(&["--role", "decode", "--speed", "0.05"]);
+    let r = pd(&[&p], &[&d], &["--admission-itl-target-ms", "20"]);
+    let counts = || {
+        let snap = r.shared.registry.snap.load();
+        let m = snap.models.values().next().unwrap();
+        m.decode[0]
+            .admission
+            .as_ref()
+            .expect("decode admission on")
+            .counts()
+    };
+    assert_eq!(counts(), (8, 0, 0), "the decode defaults: 8 in slow start");
+    // Six streams of 64 tokens (~2.6 s each) hold six slots from before their prefill to their end.
+    let streams: Vec<_> = (0..6u64)
+        .map(|k| {
+            let addr = r.addr;
+            tokio::spawn(async move { exchange(addr, &long_prompt(50, 4000 + k, 64)).await })
+        })
+        .collect();
+    assert!(eventually(|| counts().1 == 6).await, "{:?}", counts());
+    // Their first window of 16 token events (~0.65 s) is over the set point (0.8 x 20 ms): the limit goes to
+    // 0.8 of the six in flight, and a new request waits for a slot past its 100 ms and gets 503.
+    assert!(eventually(|| counts().0 <= 5).await, "{:?}", counts());
+    let (s, retry, b) = exchange(r.addr, &long_prompt(50, 4100, 4)).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(retry.as_deref(), Some("1"));
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ITL over its target"),
+        "{v}"
+    );
+    // The admitted streams finish whole, and every slot comes back.
+    for t in streams {
+        let (s, _, body) = t.await.unwrap();
+        assert_eq!(s, 200);
+        let text = String::from_utf8_lossy(&body);
+        let usage = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|l| *l != "[DONE]")
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["choices"][0]["text"].is_string())
+            .count();
+        assert_eq!(usage, 64, "token events of a stream: {text}");
+    }
+    assert!(
+        eventually(|| counts().1 == 0 && counts().2 == 0).await,
+        "{:?}",
+        counts()
+    );
+    assert!(counts().0 < 8, "{:?}", counts());
+    // The prefill never ran for the request turned away.
+    assert_eq!(mock_metric(&p, "vllm:request_success_total", ""), 6.0);
+    let m = router_metrics(&r);
+    assert!(
+        sample(&m, "pdx_admission_ewma_tpot_seconds", "pool=\"decode\"") > 0.016,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "pdx_admission_total", "outcome=\"timed_out\""),
+        1.0,
+        "{m}"
+    );
+}

@@ -42,7 +42,7 @@ impl Orchestrator for Aggregated {
         )
         .await
         {
-            Ok(sent) => forward(sh, job, sent, false, Instant::now(), permit),
+            Ok(sent) => forward(sh, job, sent, false, Instant::now(), permit, None),
             Err(Ok(r)) => r,
             Err(Err(f)) => failure_response(f),
         }

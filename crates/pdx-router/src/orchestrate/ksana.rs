@@ -556,6 +556,7 @@ fn answer(
         // KsanaLLM pairs are not migrated: the decode reads its KV under the pair's comm id.
         migration: None,
         admission: None,
+        decode_slot: None,
     };
     let body = if streamed {
         RouterBody::Ksana(Box::new(Merged {

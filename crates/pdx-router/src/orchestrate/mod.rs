@@ -372,7 +372,8 @@ pub(crate) fn failure_response(f: UpstreamFailure) -> Response<RouterBody> {
 }
 
 /// Wraps the chosen worker's response for the client (`pd`: observe the `decode_first_token` phase;
-/// `admission`: the request's admission slot, given back at the first token event or the end). A 2xx
+/// `admission`: the request's admission slot, given back at the first token event or the end; `decode_slot`:
+/// its slot of the decode pool's admission, fed ITL samples and given back at the end). A 2xx
 /// stream that may move ([`crate::migrate`]) keeps `job` to re-issue it from.
 pub(crate) fn forward(
     sh: &Arc<Shared>,
@@ -381,6 +382,7 @@ pub(crate) fn forward(
     pd: bool,
     headers_at: Instant,
     admission: Option<crate::admission::Permit>,
+    decode_slot: Option<crate::admission::Permit>,
 ) -> Response<RouterBody> {
     let Sent {
         resp, guard, pool, ..
@@ -429,6 +431,7 @@ pub(crate) fn forward(
         progressed: false,
         migration,
         admission,
+        decode_slot: decode_slot.map(|p| Box::new(crate::body::DecodeSlot::new(p))),
     })));
     *out.status_mut() = parts.status;
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {

@@ -235,8 +235,15 @@ impl Orchestrator for SglangBootstrap {
         };
         let first_p = crate::divert::apply(sh, &model, prefill_pools, first_p);
         let first_d = crate::divert::apply(sh, &model, decode_pools, first_d);
-        // Admission shaping of the prefill pool the grid chose: one slot for the request's pairs, given back
-        // with the committed pair's prefill duration.
+        // Admission shaping of the decode pool the grid chose (its slot held to the stream's end), then of the
+        // prefill pool: one slot for the request's pairs, given back with the committed pair's prefill duration.
+        let mut decode_slot = match decode_pools.get(first_d) {
+            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
+                Ok(slot) => slot,
+                Err(r) => return r,
+            },
+            None => None,
+        };
         let mut permit = match prefill_pools.get(first_p) {
             Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
                 Ok(permit) => permit,
@@ -309,7 +316,15 @@ impl Orchestrator for SglangBootstrap {
                         ahead_tokens: 0,
                         sent_at,
                     };
-                    return forward(sh, job, sent, true, Instant::now(), None);
+                    return forward(
+                        sh,
+                        job,
+                        sent,
+                        true,
+                        Instant::now(),
+                        None,
+                        decode_slot.take(),
+                    );
                 }
                 PairEnd::Prefill(PrefillEnd::Fatal(r)) => {
                     wp.report(true, sh.registry.now_us());
@@ -325,7 +340,15 @@ impl Orchestrator for SglangBootstrap {
                         ahead_tokens: 0,
                         sent_at,
                     };
-                    return forward(sh, job, sent, false, Instant::now(), None);
+                    return forward(
+                        sh,
+                        job,
+                        sent,
+                        false,
+                        Instant::now(),
+                        None,
+                        decode_slot.take(),
+                    );
                 }
                 PairEnd::Prefill(PrefillEnd::Failed(f)) => {
                     if f.counts_against_worker() {

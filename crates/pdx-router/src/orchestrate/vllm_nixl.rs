@@ -41,8 +41,16 @@ impl Orchestrator for VllmNixl {
                 "no decode worker can take a request now",
             ));
         }
-        // Admission shaping of the prefill pool the grid chose (its slot covers the first prefill; one redone
-        // after a failed KV read is not held back again).
+        // Admission shaping of the decode pool the grid chose (its slot is held to the stream's end; taken first,
+        // so no prefill is spent on a request its decode pool cannot take), then of the prefill pool (its slot
+        // covers the first prefill; one redone after a failed KV read is not held back again).
+        let mut decode_slot = match job.model.decode.get(first) {
+            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
+                Ok(slot) => slot,
+                Err(r) => return r,
+            },
+            None => None,
+        };
         let mut permit = match job.model.prefill.get(prefill_first) {
             Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
                 Ok(permit) => permit,
@@ -100,7 +108,15 @@ impl Orchestrator for VllmNixl {
                             })
                             .observe((now - handoff).as_secs_f64());
                     }
-                    return forward(sh, job, sent, holder.is_some(), now, None);
+                    return forward(
+                        sh,
+                        job,
+                        sent,
+                        holder.is_some(),
+                        now,
+                        None,
+                        decode_slot.take(),
+                    );
                 }
                 Err(Ok(r)) => return r,
                 Err(Err(f)) => f,
