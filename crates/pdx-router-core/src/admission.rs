@@ -104,7 +104,7 @@ impl AdmissionConfig {
         }
     }
 
-    /// Defaults of a decode pool around a TPOT target (µs): the smoothed TPOT held at 0.8 of the target (a
+    /// Defaults of a decode pool around a TPOT target (µs): the smoothed TPOT held at 0.9 of the target (a
     /// stream's TPOT is the mean of its ITLs, which varies less than TTFT); start at 8 concurrent requests
     /// in slow start, between 1 and 4096; a cut goes to 0.8 of the streams in flight; +1 per round while
     /// healthy; a queue of at most 64 waiting at most 100 ms (the wait comes before the prefill, so it adds
@@ -112,7 +112,7 @@ impl AdmissionConfig {
     pub fn for_decode(tpot_target_us: u64) -> Self {
         Self {
             signal: Signal::Tpot,
-            setpoint: 0.8,
+            setpoint: 0.9,
             initial_limit: 8,
             decrease_factor: 0.8,
             max_wait_us: 100_000,

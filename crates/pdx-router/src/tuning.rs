@@ -99,7 +99,7 @@ pub struct TuningArgs {
     pub admission_setpoint: Option<f64>,
     /// Admission shaping of decode pools: TPOT (mean ITL) target in ms. A decode pool's limit on concurrent
     /// requests (each holds its slot from before its prefill to the end of its stream) is cut while the
-    /// smoothed ITL of its streams is above 0.8 of the target and reopens while below; requests beyond it wait
+    /// smoothed ITL of its streams is above 0.9 of the target and reopens while below; requests beyond it wait
     /// in a bounded queue (full: 429 with Retry-After; waited 100 ms: 503) [default: off]
     #[arg(long)]
     pub admission_itl_target_ms: Option<f64>,

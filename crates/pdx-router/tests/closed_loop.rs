@@ -353,7 +353,7 @@ async fn a_decode_pool_over_its_itl_target_narrows_and_turns_new_requests_away()
         })
         .collect();
     assert!(eventually(|| counts().1 == 6).await, "{:?}", counts());
-    // Their first window of 16 token events (~0.65 s) is over the set point (0.8 x 20 ms): the limit goes to
+    // Their first window of 16 token events (~0.65 s) is over the set point (0.9 x 20 ms): the limit goes to
     // 0.8 of the six in flight, and a new request waits for a slot past its 100 ms and gets 503.
     assert!(eventually(|| counts().0 <= 5).await, "{:?}", counts());
     let (s, retry, b) = exchange(r.addr, &long_prompt(50, 4100, 4)).await;
