@@ -12,8 +12,9 @@
 //!
 //! This module holds the decisions and the stream bookkeeping, with no I/O and no clock:
 //! * [`Transcript`]: what the client has been sent so far, read from complete SSE events (`id`, the text of
-//!   choice 0 still JSON-escaped, the token events, whether it finished), without allocating per event once
-//!   its buffers have grown;
+//!   choice 0 still JSON-escaped, the token events, whether it finished), without allocating per event: its
+//!   text buffer starts at [`FIRST_TEXT_BYTES`] at most and doubles, so a stream of n text bytes makes
+//!   O(log n) allocations, and a stream that is held (not yet long) costs little memory;
 //! * [`Splice`]: rewrites the events of a continuation stream for the client;
 //! * [`MigrationBudget`]: at most N voluntary (score-gap) moves per sliding window, per pool;
 //! * [`load_gap`]: the gap between a stream's worker and the pool's best one, the one place that decides
@@ -129,6 +130,12 @@ pub enum EventKind {
 /// Largest text the transcript keeps, bytes (escaped); a longer stream is no longer migratable.
 pub const MAX_TRANSCRIPT_BYTES: usize = 8 << 20;
 
+/// Largest first allocation of the transcript's text, bytes (escaped). Sizing the buffer for the whole
+/// `max_tokens` up front (8 B a token) cost 8 KB per in-flight stream of 1000 tokens, most of the router's
+/// memory per stream (issue 19's bar is 16 KiB); from here it doubles as the text grows, so forwarding
+/// still makes only about log2(text bytes / 512) allocations per stream, none per chunk in between.
+pub const FIRST_TEXT_BYTES: usize = 512;
+
 /// What the client has been sent of one stream (choice 0), read event by event.
 #[derive(Debug, Clone, Default)]
 pub struct Transcript {
@@ -144,17 +151,37 @@ pub struct Transcript {
 }
 
 impl Transcript {
-    /// A transcript of a chat (`delta.content`) or text-completion (`text`) stream; `expected_tokens` sizes
-    /// the text buffer once (so growing it is rare, not per event).
+    /// A transcript of a chat (`delta.content`) or text-completion (`text`) stream; `expected_tokens` (the
+    /// request's output limit) sizes the text buffer's first allocation, 8 B a token, at most
+    /// [`FIRST_TEXT_BYTES`]; it doubles from there (see [`Transcript::event`]).
     pub fn new(chat: bool, expected_tokens: u32) -> Self {
         Self {
             chat,
             // Engines' ids are short (`chatcmpl-` and a uuid): room for one made once, here.
             id: Vec::with_capacity(64),
-            text: Vec::with_capacity((expected_tokens.min(1 << 16) as usize) * 8),
+            text: Vec::with_capacity(
+                (expected_tokens as usize)
+                    .saturating_mul(8)
+                    .min(FIRST_TEXT_BYTES),
+            ),
             migratable: true,
             ..Default::default()
         }
+    }
+
+    /// Makes room for `more` text bytes (`len + more` ≤ [`MAX_TRANSCRIPT_BYTES`]): the capacity doubles (at
+    /// least [`FIRST_TEXT_BYTES`], at least what is needed, at most the bound), so growing is O(log n) per
+    /// stream and the buffer never holds more than twice its text (or the first allocation).
+    fn reserve_text(&mut self, more: usize) {
+        let need = self.text.len() + more;
+        if need <= self.text.capacity() {
+            return;
+        }
+        let target = (self.text.capacity() * 2)
+            .max(FIRST_TEXT_BYTES)
+            .max(need)
+            .min(MAX_TRANSCRIPT_BYTES);
+        self.text.reserve_exact(target - self.text.len());
     }
 
     /// The stream's `id` as sent, JSON-escaped, without quotes (empty until the first event with one).
@@ -261,6 +288,7 @@ impl Transcript {
         if self.text.len() + piece.len() > MAX_TRANSCRIPT_BYTES {
             self.migratable = false;
         } else {
+            self.reserve_text(piece.len());
             self.text.extend_from_slice(piece);
         }
         self.tokens += 1;
@@ -474,6 +502,65 @@ mod tests {
             r#"data: {"id":"cmpl-1","choices":[{"index":1,"text":" y","finish_reason":null}]}"#;
         assert_eq!(c.event(other.as_bytes()), EventKind::Other);
         assert!(!c.migratable(), "n > 1 is not followed");
+    }
+
+    /// A text event carrying `piece` (already JSON-safe).
+    fn text_event(piece: &str) -> String {
+        format!(
+            r#"data: {{"id":"cmpl-1","object":"text_completion","choices":[{{"index":0,"text":"{piece}","finish_reason":null}}]}}"#
+        )
+    }
+
+    #[test]
+    fn the_text_buffer_starts_small_and_doubles_up_to_its_bound() {
+        // A 1000-token request no longer takes 8 KB up front.
+        let t = Transcript::new(false, 1000);
+        assert_eq!(t.text.capacity(), FIRST_TEXT_BYTES);
+        // A short request takes less than the first allocation.
+        assert_eq!(Transcript::new(false, 4).text.capacity(), 32);
+
+        let mut t = Transcript::new(false, 1000);
+        let ev = text_event(" word"); // 5 B of text an event
+        let mut caps = vec![t.text.capacity()];
+        for _ in 0..100_000 {
+            assert_eq!(t.event(ev.as_bytes()), EventKind::Token);
+            if t.text.capacity() != *caps.last().unwrap() {
+                caps.push(t.text.capacity());
+            }
+            // Never more than twice the text once past the first allocation.
+            assert!(t.text.capacity() <= (2 * t.text.len()).max(FIRST_TEXT_BYTES));
+        }
+        assert_eq!(t.text_escaped().len(), 500_000);
+        // 512 B doubled to 512 KiB: 10 growths for 500 kB of text.
+        assert_eq!(caps.len(), 11, "{caps:?}");
+        assert!(caps.windows(2).all(|w| w[1] == 2 * w[0]), "{caps:?}");
+        assert_eq!(t.text().unwrap().len(), 500_000);
+
+        // The first piece may be longer than the first allocation.
+        let mut t = Transcript::new(false, 1);
+        let long = "y".repeat(3000);
+        t.event(text_event(&long).as_bytes());
+        assert_eq!(t.text_escaped(), long.as_bytes());
+        assert_eq!(t.text.capacity(), 3000);
+    }
+
+    #[test]
+    fn the_text_buffer_stops_at_its_bound_and_the_stream_stays_put() {
+        let mut t = Transcript::new(false, 1000);
+        let piece = "z".repeat(1 << 16); // 64 KiB an event
+        let ev = text_event(&piece);
+        for _ in 0..(MAX_TRANSCRIPT_BYTES >> 16) {
+            t.event(ev.as_bytes());
+            assert!(t.text.capacity() <= MAX_TRANSCRIPT_BYTES);
+        }
+        assert_eq!(t.text_escaped().len(), MAX_TRANSCRIPT_BYTES);
+        assert!(t.migratable());
+        // One more byte than the bound: kept out, and the stream is no longer movable.
+        assert_eq!(t.event(text_event("!").as_bytes()), EventKind::Token);
+        assert_eq!(t.text_escaped().len(), MAX_TRANSCRIPT_BYTES);
+        assert_eq!(t.text.capacity(), MAX_TRANSCRIPT_BYTES);
+        assert!(!t.migratable());
+        assert_eq!(t.tokens() as usize, (MAX_TRANSCRIPT_BYTES >> 16) + 1);
     }
 
     #[test]

@@ -25,20 +25,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+#[path = "floor/mod.rs"]
+mod floor;
 
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+
+use floor::{message_len, BUF, CLIENT, DECODE, PREFILL};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 
-const BUF: usize = 16 * 1024;
 const LISTENER: Token = Token(usize::MAX);
-const CLIENT: usize = 0;
-const PREFILL: usize = 1;
-const DECODE: usize = 2;
-
-const PREFILL_BODY: &str = r#"{"model":"mock","messages":[{"role":"user","content":"the quick brown fox jumps over the lazy dog"}],"max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false}}"#;
-const DECODE_BODY: &str = r#"{"model":"mock","messages":[{"role":"user","content":"the quick brown fox jumps over the lazy dog"}],"max_tokens":16,"kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true}}"#;
 
 /// Where a connection is in its request cycle; `Send`/`Recv` carry the upstream (`PREFILL` or `DECODE`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,46 +74,10 @@ struct Upstreams {
 }
 
 fn main() -> io::Result<()> {
-    let (mut host, mut port) = ("127.0.0.1".to_string(), 18304u16);
-    let (mut prefill, mut decode) = (None, None);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| invalid(format!("{flag} needs a value")))?;
-        match flag.as_str() {
-            "--host" => host = value,
-            "--port" => {
-                port = value
-                    .parse()
-                    .map_err(|_| invalid(format!("bad --port {value}")))?
-            }
-            "--prefill" => prefill = Some(value),
-            "--decode" => decode = Some(value),
-            _ => {
-                return Err(invalid(format!(
-                    "unknown flag {flag} (--host, --port, --prefill, --decode)"
-                )))
-            }
-        }
-    }
-    let (pa, pre) = upstream(
-        &prefill.ok_or_else(|| invalid("--prefill URL is required".into()))?,
-        PREFILL_BODY,
-    )?;
-    let (da, dec) = upstream(
-        &decode.ok_or_else(|| invalid("--decode URL is required".into()))?,
-        DECODE_BODY,
-    )?;
-    let ups = Upstreams {
-        addr: [pa, pa, da],
-        req: [Vec::new(), pre, dec],
-    };
+    let floor::Setup { bind, addr, req } = floor::setup("pd_floor", 18304)?;
+    let (pa, da) = (addr[PREFILL], addr[DECODE]);
+    let ups = Upstreams { addr, req };
 
-    let bind = (host.as_str(), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| invalid(format!("no address for {host}")))?;
     // mio's `TcpListener::bind` listens with a backlog of 128: too few for hundreds of connections at once.
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
@@ -161,30 +122,6 @@ fn main() -> io::Result<()> {
             }
         }
     }
-}
-
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(ErrorKind::InvalidInput, msg)
-}
-
-/// `http://host:port[/...]` -> the address and the prebuilt POST for `body`, with `Host: host:port`.
-fn upstream(url: &str, body: &str) -> io::Result<(SocketAddr, Vec<u8>)> {
-    let authority = url
-        .strip_prefix("http://")
-        .unwrap_or(url)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let addr = authority
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| invalid(format!("no address for {url}")))?;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    Ok((addr, req.into_bytes()))
 }
 
 fn accept(
@@ -365,35 +302,4 @@ fn write_all(s: &mut TcpStream, data: &[u8], pos: &mut usize) -> io::Result<bool
         }
     }
     Ok(true)
-}
-
-/// Length of the first complete HTTP/1.1 message in `buf`, if it is all there: head, then `Content-Length` bytes
-/// (none without the header), or for a `Transfer-Encoding: chunked` response everything up to the `0\r\n\r\n`
-/// last chunk (minimal: trailers are not supported and the terminator must end what was read).
-/// `Err`: an unreadable `Content-Length`.
-fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
-    let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
-        return Ok(None);
-    };
-    let mut body = 0;
-    for line in buf[..head - 4].split(|&b| b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"content-length") {
-            body = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| invalid("bad Content-Length".into()))?;
-        } else if response
-            && name.eq_ignore_ascii_case(b"transfer-encoding")
-            && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"))
-        {
-            let rest = &buf[head..];
-            let done = rest == b"0\r\n\r\n" || rest.ends_with(b"\r\n0\r\n\r\n");
-            return Ok(done.then_some(buf.len()));
-        }
-    }
-    Ok((buf.len() >= head + body).then_some(head + body))
 }
