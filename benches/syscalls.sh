@@ -41,7 +41,7 @@ URING=$!
 wait_up http://127.0.0.1:18510/ready
 CHAT="$ROOT/crates/pdx-mock/bench/chat.lua"
 for port in 18511 18512; do # the floors answer any request: one warm-up request each opens their upstreams
-  curl -sf -X POST -d '{}' "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+  curl -sf --retry 50 --retry-connrefused --retry-delay 0 -X POST -d '{}' "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
 done
 
 # wrk_run PORT CONNS -> requests

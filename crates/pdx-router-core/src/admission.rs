@@ -293,17 +293,18 @@ impl Admission {
     pub fn release(&mut self, sample_s: Option<f64>, now_us: u64) {
         // In use: every slot taken, or someone waiting.
         let was_full = f64::from(self.in_flight) + 1.0 >= self.limit || !self.queue.is_empty();
-        let in_flight = self.in_flight;
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(x) = sample_s {
-            self.adjust(x, now_us, was_full, in_flight);
+            self.adjust(x, now_us, was_full, self.in_flight);
         }
     }
 
     /// A latency sample (seconds) from a request that keeps its slot (a decode stream's window of ITLs) at
     /// `now_us`. While the smoothed latency is above the set point the limit is cut by the decrease factor:
-    /// TTFT pools at most once per target period; decode pools to that fraction of the requests in flight, never
-    /// up. While it is not, and the limit is in use, the limit grows: by one per sample in slow start (until the
+    /// TTFT pools at most once per target period; decode pools to that fraction of the requests in flight, once
+    /// no more are in flight than the limit (the excess of an earlier cut has drained), never up. A decode
+    /// sample counts at most 4 × the target (a client that stops reading delays its own stream's token events,
+    /// and must not move the pool by more). While it is not, and the limit is in use, the limit grows: by one per sample in slow start (until the
     /// smoothed TTFT first goes over half the set point; a decode pool's until its first cut), by
     /// `increase / limit` after. Non-finite or negative samples are ignored. A cut may leave a waiter's grant
     /// due later; an increase may free a slot: call [`Admission::next_grant`] after.
@@ -316,6 +317,10 @@ impl Admission {
         if !(x.is_finite() && x >= 0.0) {
             return;
         }
+        let x = match self.cfg.signal {
+            Signal::Ttft => x,
+            Signal::Tpot => x.min(4.0 * self.cfg.target_us as f64 / 1e6),
+        };
         self.ttft.feed(x, self.cfg.alpha);
         let Some(e) = self.ttft.get() else { return };
         let setpoint_us = self.cfg.setpoint * self.cfg.target_us as f64;
@@ -336,9 +341,8 @@ impl Admission {
                 }
                 Signal::Tpot => {
                     let cut = (f64::from(in_flight) * self.cfg.decrease_factor).max(lo);
-                    if cut < self.limit {
+                    if f64::from(in_flight) <= self.limit && cut < self.limit {
                         self.limit = cut;
-                        self.last_decrease_us = Some(now_us);
                     }
                 }
             }
@@ -606,25 +610,28 @@ mod tests {
         a.observe(0.040, 10);
         assert_eq!(a.limit(), 16, "0.8 x 20 in flight");
         assert!(!a.slow_start);
-        // Still slow while the excess streams run: no second cut until fewer are in flight than the limit.
+        // Still slow while the excess streams run: no second cut until no more are in flight than the limit.
         for t in 0..10 {
             a.observe(0.040, 20 + t);
         }
         assert_eq!(a.limit(), 16);
-        for _ in 0..6 {
+        for want in [16, 16, 16] {
             a.release(Some(0.040), 100);
+            assert_eq!(a.limit(), want, "{} in flight", a.in_flight());
         }
-        // 14 in flight, still slow: 0.8 x 14.
-        assert_eq!(a.in_flight(), 14);
+        // 16 in flight, within the limit, still slow: 0.8 x 16; then the new excess drains again.
+        a.release(Some(0.040), 100);
+        assert_eq!((a.in_flight(), a.limit), (16, 12.8));
+        a.release(Some(0.040), 100);
         a.observe(0.040, 200);
-        assert_eq!(a.limit(), 11);
+        assert_eq!((a.in_flight(), a.limit), (15, 12.8));
         // Healthy again with the limit in use: additive, about +1 per limit's worth of samples.
         a.observe(0.010, 300);
         let l = a.limit;
-        assert!((l - (11.2 + 1.0 / 11.2)).abs() < 1e-9, "{l}");
+        assert!((l - (12.8 + 1.0 / 12.8)).abs() < 1e-9, "{l}");
         // A release with no sample (a failed stream) moves nothing.
         a.release(None, 400);
-        assert_eq!((a.in_flight(), a.limit()), (13, 11));
+        assert_eq!((a.in_flight(), a.limit()), (14, 12));
     }
 
     #[test]
@@ -642,6 +649,9 @@ mod tests {
         a.observe(f64::NAN, 0);
         a.observe(-1.0, 0);
         assert_eq!((a.limit, a.ewma_s()), before);
+        // A huge one (a client that stopped reading for 10 s) counts as 4 x the 30 ms target.
+        a.observe(10.0, 0);
+        assert_eq!(a.ewma_s(), Some(0.120));
     }
 
     #[test]

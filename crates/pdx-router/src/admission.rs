@@ -15,6 +15,7 @@ use crate::api::{error_response, Shared};
 use crate::body::RouterBody;
 use crate::metrics::{AdmissionLabels, Metrics};
 use crate::registry::Pool;
+use crate::request::Job;
 use hyper::header::HeaderValue;
 use hyper::Response;
 use pdx_protocol::ApiError;
@@ -54,6 +55,7 @@ struct State {
 #[derive(Debug)]
 pub struct PoolAdmission {
     signal: Signal,
+    target_us: u64,
     model: String,
     pool: String,
     start: Instant,
@@ -66,6 +68,7 @@ impl PoolAdmission {
     pub fn new(model: &str, pool: &str, cfg: AdmissionConfig) -> Self {
         Self {
             signal: cfg.signal,
+            target_us: cfg.target_us,
             model: model.into(),
             pool: pool.into(),
             start: Instant::now(),
@@ -169,10 +172,15 @@ impl Permit {
         self.at
     }
 
-    /// Gives the slot back with the TTFT the engine took, seconds.
+    /// Gives the slot back with a latency sample, seconds: the TTFT the engine took, or a decode stream's last ITLs.
     pub fn done(mut self, ttft_s: f64) {
         self.released = true;
         self.adm.release(Some(ttft_s), &self.metrics);
+    }
+
+    /// The pool's latency target, seconds (TTFT, or a decode pool's TPOT).
+    pub fn target_s(&self) -> f64 {
+        self.adm.target_us as f64 / 1e6
     }
 
     /// A latency sample, seconds, while the slot is held (a decode stream's mean ITL over a window of its token
@@ -233,6 +241,37 @@ fn too_many(pool: &str, retry_after_secs: u32) -> Response<RouterBody> {
         HeaderValue::from(retry_after_secs),
     );
     r
+}
+
+/// The admission slots of a prefill → decode request, `(prefill, decode)`: the decode pool's first (a slot
+/// held from before the prefill to the stream's end, so no prefill is spent on a request its decode pool
+/// cannot take; streamed requests only, as their token events are what feeds that pool's limit), then the
+/// prefill pool's. A request with its own TTFT target waits for both within it: the prefill pool's wait is
+/// shortened by the decode pool's. A continued stream ([`Job::continuation`]) takes neither: its client's
+/// stream keeps the slots it was admitted with.
+///
+/// Errors: the client's answer, as [`admit`].
+pub(crate) async fn admit_pd(
+    sh: &Shared,
+    job: &Job,
+    prefill: Option<&Arc<Pool>>,
+    decode: Option<&Arc<Pool>>,
+) -> Result<(Option<Permit>, Option<Permit>), Response<RouterBody>> {
+    if job.continuation {
+        return Ok((None, None));
+    }
+    let decode_slot = match decode.filter(|_| job.body.is_stream()) {
+        Some(p) => admit(sh, p, job.ttft_ms).await?,
+        None => None,
+    };
+    let left_ms = job
+        .ttft_ms
+        .map(|t| (t - job.start.elapsed().as_secs_f64() * 1e3).max(0.0));
+    let permit = match prefill {
+        Some(p) => admit(sh, p, left_ms).await?,
+        None => None,
+    };
+    Ok((permit, decode_slot))
 }
 
 /// Takes a slot of `pool`'s admission for a request (`None` when the pool has none). `ttft_target_ms` is the

@@ -93,6 +93,8 @@ pub struct DecodeSlot {
     from: Option<Instant>,
     /// Token events since `from`.
     events: u64,
+    /// The last token event.
+    last: Instant,
 }
 
 impl DecodeSlot {
@@ -102,11 +104,32 @@ impl DecodeSlot {
             permit,
             from: None,
             events: 0,
+            last: Instant::now(),
+        }
+    }
+
+    /// The window starts again at the next token event (the stream moved to another worker).
+    fn restart(&mut self) {
+        self.from = None;
+        self.events = 0;
+    }
+
+    /// The stream ended (`ok`: well): the slot goes back, with the mean ITL of the last, partial window when
+    /// it has token events (so a stream shorter than a window still gives its pool a sample).
+    fn finish(self, ok: bool) {
+        match (ok, self.from) {
+            (true, Some(from)) if self.events > 0 => {
+                let itl =
+                    self.last.saturating_duration_since(from).as_secs_f64() / self.events as f64;
+                self.permit.done(itl);
+            }
+            _ => drop(self.permit),
         }
     }
 
     /// `events` token events arrived at `now`: a window full of them gives the pool a sample, their mean ITL.
     fn tokens(&mut self, events: u64, now: Instant) {
+        self.last = now;
         let Some(from) = self.from else {
             // The first token's delay is TTFT, not ITL: the window starts at it.
             self.from = Some(now);
@@ -227,7 +250,9 @@ impl<B> Forward<B> {
     fn finish(&mut self, failure: Option<pdx_router_core::UpstreamFailure>) {
         self.done = true;
         self.admission = None;
-        self.decode_slot = None;
+        if let Some(d) = self.decode_slot.take() {
+            d.finish(failure.is_none());
+        }
         if let (Some(g), None) = (&self.guard, failure) {
             let st = &self.stats;
             if let (true, Some(first), Some(last)) = (self.stream, st.first_event, st.last_event) {
@@ -272,6 +297,11 @@ impl<B> Forward<B> {
             return false;
         }
         self.body = None;
+        // The stall before the move and the continuation's prefill are not ITL: the next window starts at the
+        // continuation's first token event.
+        if let Some(d) = &mut self.decode_slot {
+            d.restart();
+        }
         if let Some(g) = self.guard.take() {
             let now = self.registry.as_ref().map_or(0, |r| r.now_us());
             match reason {

@@ -565,6 +565,7 @@ impl Reissue<UpBody> for JobReissue {
             itl_ms: self.job.itl_ms,
             start: Instant::now(),
             avoid,
+            continuation: true,
         };
         Some(Box::pin(async move {
             let ids = if needs_ids(&base.body) {

@@ -208,6 +208,9 @@ pub struct Job {
     /// Decode (or aggregated) workers this request must not go to: those a migrated stream left
     /// ([`crate::migrate`]); empty for a new request.
     pub avoid: Vec<u64>,
+    /// A stream continued on another worker ([`crate::migrate`]): it was admitted as a new request, and its
+    /// slots of admission shaping stay with the client's stream, so it takes none again.
+    pub continuation: bool,
 }
 
 /// A completion request; every answer is counted in `pdx_requests_total` ([`crate::front::count`]).
@@ -309,6 +312,7 @@ async fn run_completion(
         itl_ms,
         start,
         avoid: Vec::new(),
+        continuation: false,
     };
     crate::orchestrate::run(sh, job).await
 }

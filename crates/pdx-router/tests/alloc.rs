@@ -133,8 +133,9 @@ data: [DONE]
         made <= bound,
         "{made} allocations forwarding {bytes} B in {N} chunks (bound {bound}): {change:?}"
     );
-    // Only the transcript's text grew (from 512 B, 5 B a chunk: 7 doublings to 64 KiB); nothing new.
-    assert!(change.reallocations > 0, "{change:?}");
+    // Only the transcript's text grew (from 512 B, 5 B a chunk: 7 doublings to 64 KiB); nothing new. One
+    // growth per few hundred chunks would still pass the bound above, not this.
+    assert!((1..=8).contains(&change.reallocations), "{change:?}");
     assert_eq!(change.allocations, 0, "{change:?}");
     assert_eq!(out_ptrs, ptrs, "the same buffers are forwarded");
     assert_eq!(fwd.stats.events, N as u64);

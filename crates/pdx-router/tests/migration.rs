@@ -299,6 +299,9 @@ async fn a_load_gap_moves_one_stream_under_the_budget() {
             "0.3",
             "--migration-budget",
             "1",
+            // Admission of the decode pool on, never limiting here: the moved stream keeps its slot.
+            "--admission-itl-target-ms",
+            "10000",
         ],
     );
     let body = |n: u32| {
@@ -323,6 +326,12 @@ async fn a_load_gap_moves_one_stream_under_the_budget() {
     assert_eq!(
         common::sample(&m, "pdx_migrations_total", "reason=\"score_gap\""),
         1.0,
+        "{m}"
+    );
+    // Three requests took three slots of the decode pool; the continuation took none.
+    assert_eq!(
+        common::sample(&m, "pdx_admission_total", "outcome=\"admitted\""),
+        3.0,
         "{m}"
     );
     // The worker the stream left aborted it.

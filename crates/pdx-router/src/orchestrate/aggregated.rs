@@ -20,8 +20,9 @@ impl Orchestrator for Aggregated {
             return error_response(&ApiError::unavailable("no aggregated pool for this model"));
         }
         let first = crate::divert::apply(sh, &job.model, pools, 0);
-        // Admission shaping of the chosen pool; the slot goes back at the first token.
-        let permit = match pools.get(first) {
+        // Admission shaping of the chosen pool; the slot goes back at the first token. A continued stream was
+        // admitted already.
+        let permit = match pools.get(first).filter(|_| !job.continuation) {
             Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
                 Ok(permit) => permit,
                 Err(r) => return r,

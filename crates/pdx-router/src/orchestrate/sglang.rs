@@ -235,21 +235,18 @@ impl Orchestrator for SglangBootstrap {
         };
         let first_p = crate::divert::apply(sh, &model, prefill_pools, first_p);
         let first_d = crate::divert::apply(sh, &model, decode_pools, first_d);
-        // Admission shaping of the decode pool the grid chose (its slot held to the stream's end), then of the
-        // prefill pool: one slot for the request's pairs, given back with the committed pair's prefill duration.
-        let mut decode_slot = match decode_pools.get(first_d) {
-            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
-                Ok(slot) => slot,
-                Err(r) => return r,
-            },
-            None => None,
-        };
-        let mut permit = match prefill_pools.get(first_p) {
-            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
-                Ok(permit) => permit,
-                Err(r) => return r,
-            },
-            None => None,
+        // Admission shaping of the decode pool the grid chose, then of the prefill pool: one slot for the
+        // request's pairs, given back with the committed pair's prefill duration.
+        let (mut permit, mut decode_slot) = match crate::admission::admit_pd(
+            sh,
+            &job,
+            prefill_pools.get(first_p),
+            decode_pools.get(first_d),
+        )
+        .await
+        {
+            Ok(slots) => slots,
+            Err(r) => return r,
         };
         let mut p_ex: Vec<u64> = Vec::new();
         let mut d_ex: Vec<u64> = job.avoid.clone();

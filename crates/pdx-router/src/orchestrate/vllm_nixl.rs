@@ -41,22 +41,18 @@ impl Orchestrator for VllmNixl {
                 "no decode worker can take a request now",
             ));
         }
-        // Admission shaping of the decode pool the grid chose (its slot is held to the stream's end; taken first,
-        // so no prefill is spent on a request its decode pool cannot take), then of the prefill pool (its slot
-        // covers the first prefill; one redone after a failed KV read is not held back again).
-        let mut decode_slot = match job.model.decode.get(first) {
-            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
-                Ok(slot) => slot,
-                Err(r) => return r,
-            },
-            None => None,
-        };
-        let mut permit = match job.model.prefill.get(prefill_first) {
-            Some(p) => match crate::admission::admit(sh, p, job.ttft_ms).await {
-                Ok(permit) => permit,
-                Err(r) => return r,
-            },
-            None => None,
+        // Admission shaping of the decode pool the grid chose, then of the prefill pool (its slot covers the
+        // first prefill; one redone after a failed KV read is not held back again).
+        let (mut permit, mut decode_slot) = match crate::admission::admit_pd(
+            sh,
+            &job,
+            job.model.prefill.get(prefill_first),
+            job.model.decode.get(first),
+        )
+        .await
+        {
+            Ok(slots) => slots,
+            Err(r) => return r,
         };
         // Prefill workers whose KV the decode could not read (a 502 from the decode): the pair is redone
         // on another prefill worker, within the prefill attempts.
