@@ -24,11 +24,15 @@ impl Drop for Router {
 /// logged about its I/O path.
 fn router_logging(port: u16, args: &[&str], legacy: bool) -> (Router, String) {
     let mut cmd = pdx();
-    cmd.args(server_args("serve", port, &[&["--threads", "1"], args].concat()))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args(server_args(
+        "serve",
+        port,
+        &[&["--threads", "1"], args].concat(),
+    ))
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if legacy {
         cmd.env("MONOIO_FORCE_LEGACY_DRIVER", "1");
     }
@@ -60,7 +64,8 @@ fn request(body: &str) -> String {
 }
 
 fn completion(prompt: &str, stream: bool) -> String {
-    serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": 4, "stream": stream}).to_string()
+    serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": 4, "stream": stream})
+        .to_string()
 }
 
 /// Reads more of `s` into `buf`; panics at EOF or after the guard.
@@ -133,7 +138,9 @@ fn requests_in_pieces_pipelined_and_long_are_answered_on_both_io_paths() {
         if legacy {
             assert!(io.contains("legacy epoll fallback"), "{io}");
         } else if io.contains("legacy epoll fallback") {
-            eprintln!("skipped: the io_uring path (io_uring unavailable here; the fallback runs): {io}");
+            eprintln!(
+                "skipped: the io_uring path (io_uring unavailable here; the fallback runs): {io}"
+            );
             continue;
         } else {
             assert!(io.contains("io_uring native"), "{io}");
@@ -163,11 +170,16 @@ fn requests_in_pieces_pipelined_and_long_are_answered_on_both_io_paths() {
             assert_eq!(st, 200, "pipelined request {i} ({io}): {body}");
         }
         // A streamed answer, then a request far longer than the read posted while it streamed.
-        s.write_all(request(&completion("stream me", true)).as_bytes()).unwrap();
+        s.write_all(request(&completion("stream me", true)).as_bytes())
+            .unwrap();
         let (st, body) = response(&mut s, &mut buf);
-        assert!(st == 200 && body.contains("data: [DONE]"), "stream ({io}): {st} {body}");
+        assert!(
+            st == 200 && body.contains("data: [DONE]"),
+            "stream ({io}): {st} {body}"
+        );
         let long = "word ".repeat(2000);
-        s.write_all(request(&completion(&long, false)).as_bytes()).unwrap();
+        s.write_all(request(&completion(&long, false)).as_bytes())
+            .unwrap();
         let (st, body) = response(&mut s, &mut buf);
         assert_eq!(st, 200, "long request after a stream ({io}): {body}");
         assert!(buf.is_empty(), "nothing past the answers ({io})");

@@ -21,10 +21,10 @@
 //! ([`SendError::Closed`]): both are safe to send again, on a new connection ([`connect`]).
 
 use crate::h1::{self, DecodeError, Framing, Step};
+use crate::sock::Reader;
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
-use crate::sock::Reader;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
