@@ -128,10 +128,37 @@ pub(crate) fn io_path(rt: &Runtime) -> &'static str {
     }
 }
 
+/// A router thread's runtime, on the thread that runs it.
+///
+/// The io_uring is set up for one thread that does all its I/O (`IORING_SETUP_SINGLE_ISSUER`) and that
+/// takes its completions when it waits for them (`IORING_SETUP_DEFER_TASKRUN`, `IORING_SETUP_COOP_TASKRUN`):
+/// the kernel then never interrupts the thread (an inter-processor interrupt and a kernel entry) to post a
+/// completion while it runs, which is what a socket that gets data from another core costs by default; the
+/// completions of a loop turn are taken together when it parks. Kernels before 6.1 refuse these flags: the
+/// ring is then set up without them, and where io_uring cannot be set up at all, monoio's legacy epoll driver
+/// runs (see [`io_path`]).
 pub(crate) fn runtime() -> std::io::Result<Runtime> {
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_defer_taskrun();
+    let tuned = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(urb)
         .enable_timer()
-        .build()
+        .build();
+    match tuned {
+        Ok(rt) => Ok(rt),
+        Err(_) => match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => Ok(rt),
+            Err(_) => Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()?
+                .into()),
+        },
+    }
 }
 
 /// Starts the router in background threads and returns once it listens.
