@@ -176,3 +176,141 @@ pub(crate) fn give_back(mut b: WriteBatch) {
         }
     });
 }
+
+/// A command for a [`Writer`]'s loop.
+enum WriteCmd {
+    /// Write all of these bytes (again after a short write).
+    Bytes(Vec<u8>),
+    /// Half close (FIN).
+    Shutdown,
+}
+
+/// The hand-over between a [`Writer`] and its write loop.
+#[derive(Default)]
+struct WriteSlot {
+    give: Cell<Option<WriteCmd>>,
+    done: Cell<Option<std::io::Result<()>>>,
+}
+
+/// The write side of an upstream connection: at most one write in flight, started with [`Writer::start`]
+/// and collected with [`Writer::poll_done`] only when its result is wanted.
+///
+/// Why: a request write to an idle keep-alive connection completes when it is submitted, and awaiting it
+/// costs a wake-up and a poll of the whole request task (down through routing) for a result that the
+/// response read tells as well. The loop is first polled with a no-op waker, so the write's completion wakes
+/// nothing; the task collects the result when the response (or an error) comes. A short write is continued
+/// only when the loop is polled again, so only writes that fit an idle socket's send buffer at once
+/// ([`Writer::DEFERRABLE`]) are left unawaited; the caller awaits larger ones.
+pub(crate) struct Writer {
+    slot: Rc<WriteSlot>,
+    run: Pin<Box<dyn Future<Output = ()>>>,
+    in_flight: bool,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl Writer {
+    /// Largest write, bytes, left unawaited by callers: a quarter of Linux's smallest default TCP send
+    /// buffer (`net.ipv4.tcp_wmem`'s 16 KiB default), so it goes out whole on an idle connection.
+    pub(crate) const DEFERRABLE: usize = 4096;
+
+    pub(crate) fn new(mut wh: monoio::io::OwnedWriteHalf<TcpStream>) -> Writer {
+        use monoio::io::AsyncWriteRent;
+        let slot = Rc::new(WriteSlot::default());
+        let s = slot.clone();
+        let run = Box::pin(async move {
+            loop {
+                let cmd = std::future::poll_fn(|_| match s.give.take() {
+                    Some(c) => Poll::Ready(c),
+                    // Polled only by `Writer`, right after it hands a command over: no waker to keep.
+                    None => Poll::Pending,
+                })
+                .await;
+                let r = match cmd {
+                    WriteCmd::Bytes(mut b) => loop {
+                        let (r, back) = wh.write(b).await;
+                        b = back;
+                        match r {
+                            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                            Ok(n) if n >= b.len() => break Ok(()),
+                            Ok(n) => drop(b.drain(..n)),
+                            Err(e) => break Err(e),
+                        }
+                    },
+                    WriteCmd::Shutdown => wh.shutdown().await,
+                };
+                s.done.set(Some(r));
+            }
+        });
+        Writer {
+            slot,
+            run,
+            in_flight: false,
+        }
+    }
+
+    /// True while a write (or shutdown) is in flight.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    fn give(&mut self, c: WriteCmd) {
+        debug_assert!(!self.in_flight);
+        self.slot.give.set(Some(c));
+        self.in_flight = true;
+        // Runs the loop up to the write, which queues the operation (its completion wakes nothing).
+        let _ = self
+            .run
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+    }
+
+    /// Starts writing all of `b`; the operation is queued for the kernel with the next submission.
+    pub(crate) fn start(&mut self, b: Vec<u8>) {
+        self.give(WriteCmd::Bytes(b));
+    }
+
+    /// The write in flight, once done; `Pending` (the task woken when it completes) while it runs.
+    pub(crate) fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.in_flight {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(d) = self.slot.done.take() {
+            self.in_flight = false;
+            return Poll::Ready(d);
+        }
+        let _ = self.run.as_mut().poll(cx);
+        match self.slot.done.take() {
+            Some(d) => {
+                self.in_flight = false;
+                Poll::Ready(d)
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    /// [`Writer::poll_done`] as a future.
+    pub(crate) async fn done(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_done(cx)).await
+    }
+
+    /// Writes all of `b` and waits for it.
+    pub(crate) async fn write_all(&mut self, b: Vec<u8>) -> std::io::Result<()> {
+        self.done().await?;
+        self.start(b);
+        self.done().await
+    }
+
+    /// Half closes the connection (after the write in flight).
+    pub(crate) async fn shutdown(&mut self) -> std::io::Result<()> {
+        let _ = self.done().await;
+        self.give(WriteCmd::Shutdown);
+        self.done().await
+    }
+}
