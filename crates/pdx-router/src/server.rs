@@ -473,12 +473,14 @@ async fn write_response(
         // Frames that are ready now go out in the same write (polled with a no-op waker: a
         // Pending here is followed by the watched poll above, which registers the real one).
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        while state == Next::More && b.room() >= 4 {
-            match Pin::new(&mut body).poll_frame(&mut cx) {
-                Poll::Ready(f) => state = push_frame(f, &mut b, chunked, &mut written),
-                Poll::Pending => break,
+        crate::body::peeking(|| {
+            while state == Next::More && b.room() >= 4 {
+                match Pin::new(&mut body).poll_frame(&mut cx) {
+                    Poll::Ready(f) => state = push_frame(f, &mut b, chunked, &mut written),
+                    Poll::Pending => break,
+                }
             }
-        }
+        });
         let (end, failed) = (state == Next::End, state == Next::Failed);
         if end && chunked {
             let _ = b.push_static(b"0\r\n\r\n");
