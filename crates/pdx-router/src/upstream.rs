@@ -407,18 +407,10 @@ pub async fn send_abandonable(
             Err(e) => return Err(SendError::Io(e)),
         }
     };
-    // The request's write finished before its answer came: collecting it now frees the request's bytes for
-    // the rest of the exchange (a stream holds none). One that failed or is unfinished (a server that
-    // answers before reading the whole request) leaves the connection unfit for another request.
-    let written = matches!(
-        conn.wr
-            .poll_done(&mut Context::from_waker(std::task::Waker::noop())),
-        Poll::Ready(Ok(()))
-    );
     let mut resp = Response::new(UpBody {
         conn: Some(conn),
         framing: head.framing,
-        keep_alive: head.keep_alive && written,
+        keep_alive: head.keep_alive,
         eof: false,
     });
     *resp.status_mut() = head.status;
