@@ -21,11 +21,12 @@
 //! ([`SendError::Closed`]): both are safe to send again, on a new connection ([`connect`]).
 
 use crate::h1::{self, DecodeError, Framing, Step};
-use crate::sock::{Reader, Writer};
+use crate::sock::Reader;
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
-use monoio::io::Splitable;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -47,7 +48,7 @@ const MIN_READ_ROOM: usize = 512;
 #[derive(Debug)]
 pub struct Conn {
     rd: Reader,
-    wr: Writer,
+    wr: OwnedWriteHalf<TcpStream>,
     /// Bytes read and not yet decoded; empty while a read is in flight (the buffer is the operation's).
     buf: BytesMut,
     /// `host:port` (pool key).
@@ -159,7 +160,7 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
         let (rh, wr) = s.into_split();
         Ok(Conn {
             rd: Reader::new(rh),
-            wr: Writer::new(wr),
+            wr,
             buf: BytesMut::new(),
             authority: Rc::from(authority),
             reused: false,
@@ -182,16 +183,6 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
 pub fn put(mut c: Conn) {
     if !c.buf.is_empty() || c.rd.in_flight() {
         return; // bytes beyond the response: not a clean keep-alive connection
-    }
-    // The request's write is done by the time its whole response came; one that is not, or failed, leaves
-    // the connection unusable.
-    if c.wr.in_flight()
-        && !matches!(
-            c.wr.poll_done(&mut Context::from_waker(std::task::Waker::noop())),
-            Poll::Ready(Ok(()))
-        )
-    {
-        return;
     }
     // The last response's buffer is still shared by its frames: a new one for the next response.
     c.buf = BytesMut::new();
@@ -352,11 +343,7 @@ pub async fn send_abandonable(
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
-    // Short requests are not awaited: the response read tells the outcome (see `Writer`); a failed write
-    // is still told apart from a server that closed (`NotSent`, safe to send again).
-    if req.len() <= Writer::DEFERRABLE {
-        conn.wr.start(req);
-    } else if conn.wr.write_all(req).await.is_err() {
+    if conn.wr.write_all(req).await.0.is_err() {
         return Err(SendError::NotSent);
     }
     let head_request = method == "HEAD";
@@ -396,9 +383,6 @@ pub async fn send_abandonable(
             },
             (None, None) => conn.fill().await,
         };
-        if !got_bytes && !matches!(filled, Ok(n) if n > 0) && conn.wr.done().await.is_err() {
-            return Err(SendError::NotSent);
-        }
         match filled {
             Ok(0) if !got_bytes => return Err(SendError::Closed),
             Ok(0) => return Err(SendError::Io(std::io::ErrorKind::UnexpectedEof.into())),
