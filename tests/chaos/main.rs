@@ -20,3 +20,4 @@ mod policies;
 mod router_faults;
 mod scale_out;
 mod transfer;
+mod uring;

@@ -3,7 +3,8 @@
 //! Thread per core: each server thread runs its own monoio runtime (io_uring, or epoll where
 //! io_uring is unavailable: monoio's `FusionDriver`) with its own `SO_REUSEPORT` listener,
 //! HTTP/1.1 server connections ([`server`]) and its own keep-alive upstream connection pool
-//! ([`upstream`]), both over monoio's readiness-based sockets with pdx's own HTTP/1.1 codec
+//! ([`upstream`]), both on monoio's native io_uring operations (owned buffers, a read in flight per
+//! connection, vectored writes of the frames' own `Bytes`; `sock`) with pdx's own HTTP/1.1 codec
 //! (`httparse` for heads, [`h1`] for body framing); hyper provides the `http`/`Body` types. Threads share only the registry snapshot
 //! (`arc-swap`), per-worker atomics and the metrics. Routing decisions come from the sans-IO
 //! [`pdx_router_core`]. See `docs/router.md`.
@@ -30,6 +31,7 @@ pub mod registry;
 pub mod request;
 pub mod server;
 pub mod shutdown;
+mod sock;
 pub mod telemetry;
 pub mod tuning;
 pub mod upstream;
@@ -39,7 +41,6 @@ pub use config::{Config, ServeArgs};
 pub use error::RouterError;
 
 use api::Shared;
-use monoio::io::IntoPollIo;
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -116,10 +117,48 @@ pub(crate) type Runtime = monoio::FusionRuntime<
     monoio::time::TimeDriver<monoio::LegacyDriver>,
 >;
 
+/// Which I/O path a router runtime runs: `"io_uring native"` (monoio's io_uring driver: every socket operation
+/// is an io_uring submission) or `"legacy epoll fallback"` (io_uring is unavailable, disabled by
+/// `kernel.io_uring_disabled`, or refused by a seccomp profile; or `MONOIO_FORCE_LEGACY_DRIVER=1`: the same
+/// operations run as readiness waits and non-blocking calls).
+pub(crate) fn io_path(rt: &Runtime) -> &'static str {
+    match rt {
+        monoio::FusionRuntime::Uring(_) => "io_uring native",
+        monoio::FusionRuntime::Legacy(_) => "legacy epoll fallback",
+    }
+}
+
+/// A router thread's runtime, on the thread that runs it.
+///
+/// The io_uring is set up for one thread that does all its I/O (`IORING_SETUP_SINGLE_ISSUER`) and that
+/// takes its completions when it waits for them (`IORING_SETUP_DEFER_TASKRUN`, `IORING_SETUP_COOP_TASKRUN`):
+/// the kernel then never interrupts the thread (an inter-processor interrupt and a kernel entry) to post a
+/// completion while it runs, which is what a socket that gets data from another core costs by default; the
+/// completions of a loop turn are taken together when it parks. Kernels before 6.1 refuse these flags: the
+/// ring is then set up without them, and where io_uring cannot be set up at all, monoio's legacy epoll driver
+/// runs (see [`io_path`]).
 pub(crate) fn runtime() -> std::io::Result<Runtime> {
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_defer_taskrun();
+    let tuned = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(urb)
         .enable_timer()
-        .build()
+        .build();
+    match tuned {
+        Ok(rt) => Ok(rt),
+        Err(_) => match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => Ok(rt),
+            Err(_) => Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()?
+                .into()),
+        },
+    }
 }
 
 /// Starts the router in background threads and returns once it listens.
@@ -193,6 +232,9 @@ pub fn start(args: ServeArgs) -> Result<RouterServer, RouterError> {
                             return;
                         }
                     };
+                    if i == 0 {
+                        tracing::info!(io = io_path(&rt), "router I/O path");
+                    }
                     rt.block_on(serve(l, sh));
                 })?,
         );
@@ -323,19 +365,17 @@ async fn serve(l: std::net::TcpListener, sh: Arc<Shared>) {
         let killed = kill.killed();
         open.set(open.get() + 1);
         monoio::spawn(async move {
-            if let Ok(io) = s.into_poll_io() {
-                let mut conn = std::pin::pin!(server::serve_conn(io, sh2));
-                let mut killed = std::pin::pin!(killed);
-                // The connection ends by itself, or is dropped (with its sockets) at the drain deadline.
-                std::future::poll_fn(|cx| {
-                    if conn.as_mut().poll(cx).is_ready() || killed.as_mut().poll(cx).is_ready() {
-                        std::task::Poll::Ready(())
-                    } else {
-                        std::task::Poll::Pending
-                    }
-                })
-                .await;
-            }
+            let mut conn = std::pin::pin!(server::serve_conn(s, sh2));
+            let mut killed = std::pin::pin!(killed);
+            // The connection ends by itself, or is dropped (with its sockets) at the drain deadline.
+            std::future::poll_fn(|cx| {
+                if conn.as_mut().poll(cx).is_ready() || killed.as_mut().poll(cx).is_ready() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
             open2.set(open2.get() - 1);
         });
         if sh.drain.is_draining() {

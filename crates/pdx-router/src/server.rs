@@ -1,29 +1,32 @@
-//! HTTP/1.1 server connections over monoio sockets (readiness-based `poll-io`).
+//! HTTP/1.1 server connections on monoio's native io_uring operations ([`crate::sock`]).
 //!
 //! One task per client connection: read a request (head with `httparse`, body by
 //! `Content-Length` or chunked), run [`crate::api::handle`], write the response, repeat
-//! (keep-alive). While the request is routed and while its body streams, the client socket is
-//! watched: when the client goes away the request future or the response body is dropped at once,
-//! and with it the upstream connection, so the engine aborts the request.
+//! (keep-alive). While the request is routed and while its body streams, a read is in flight on the
+//! client socket: when it ends with EOF or an error, the client is gone, and the request future or the
+//! response body is dropped at once, and with it the upstream connection, so the engine aborts the
+//! request. When the answer is done, that read is already the read of the next request.
 //!
-//! Memory: the connection keeps no buffer between requests or while a response streams (the
-//! read buffer is released once the request is taken out of it); response body frames are
-//! written as they are (`writev` of chunk header, the frame's own `Bytes`, CRLF), up to
-//! [`BATCH`] frames per system call, with no copy and no allocation per frame.
+//! Memory: between requests and while a response streams, the connection holds only the small buffer of
+//! that read ([`WATCH_READ`] bytes; the request's own buffer is released once the request is taken out of
+//! it); response body frames are written as they are (`writev` of chunk-size line, the frame's own `Bytes`,
+//! CRLF, from a per-thread [`pdx_uring_sys::WriteBatch`]), up to [`BATCH`] frames per operation, with no copy
+//! and no allocation per frame.
 
 use crate::api::{self, Shared};
 use crate::body::RouterBody;
 use crate::h1::{Chunk, Framing, Step};
 use crate::shutdown;
+use crate::sock::{self, Reader};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::{Body, Frame};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::{Request, Response};
-use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use pdx_uring_sys::WriteBatch;
 use std::future::Future;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,11 +35,18 @@ use std::task::{Context, Poll};
 const MAX_HEAD: usize = 64 * 1024;
 /// Response body frames written per `writev` at most.
 pub const BATCH: usize = 16;
-/// First read of a request asks for this much room, bytes.
+/// A read of a request head or body asks for at least this much room, bytes.
 const FIRST_READ: usize = 2048;
+/// The read in flight while a request is routed or its answer streams (and then the first read of the next
+/// request) gets a buffer of this size, bytes: a usual completion request fits, and an in-flight stream holds
+/// no more than this on its client side.
+pub const WATCH_READ: usize = 512;
 
 struct Conn {
-    io: TcpStreamPoll,
+    rd: Reader,
+    wr: OwnedWriteHalf<TcpStream>,
+    /// Bytes read and not yet consumed. While a read started by [`Conn::fill`] is in flight this is empty
+    /// (the buffer is the operation's); a watch read fills a buffer of its own, appended here when done.
     buf: BytesMut,
 }
 
@@ -46,48 +56,71 @@ enum Watch<T> {
 }
 
 impl Conn {
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < want.clamp(1, 512) {
-            self.buf.reserve(want);
+    /// Takes a finished read's bytes in: its buffer becomes the connection's, or is appended to what is
+    /// buffered (a request that spans a watch read and the reads after it).
+    fn take_read(&mut self, got: BytesMut) {
+        if self.buf.is_empty() {
+            self.buf = got;
+        } else {
+            self.buf.extend_from_slice(&got);
         }
-        let len = self.buf.len();
-        let cap = self.buf.capacity();
-        // Zero-fill the free room so the read target is initialized memory (no `unsafe`).
-        self.buf.resize(cap, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[len..]);
-        let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(len + n);
-        r.map_ok(|()| n)
     }
 
-    async fn fill(&mut self, want: usize) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx, want)).await
+    /// Starts the watch read (while a request is routed or its answer streams): into the connection's
+    /// buffer when it is empty (its allocation is dropped for a small one), else into a buffer of its own, so
+    /// bytes already buffered (a pipelined request) stay readable.
+    fn start_watch(&mut self) {
+        let mut b = if self.buf.is_empty() {
+            std::mem::take(&mut self.buf)
+        } else {
+            BytesMut::new()
+        };
+        if b.capacity() < WATCH_READ {
+            b = BytesMut::with_capacity(WATCH_READ);
+        }
+        self.rd.start(b);
     }
 
-    /// Polls `fut`; while it is pending, watches the client socket: EOF or an error means the
-    /// client is gone (`fut` is dropped by the caller). Bytes the client sends meanwhile
-    /// (a pipelined request) are kept in the buffer.
+    /// Reads more: waits for the read in flight, or starts one with at least `want` bytes of room (within
+    /// reason). `in_place`: into the free room of the buffer (a body: a timeout ends the connection), else
+    /// into a buffer of its own when bytes are buffered, so they stay readable while the read is in flight (a
+    /// head: its wait is cut in slices for drain checks). Ok(0) at EOF.
+    async fn fill(&mut self, want: usize, in_place: bool) -> std::io::Result<usize> {
+        if !self.rd.in_flight() {
+            let b = if in_place || self.buf.is_empty() {
+                if self.buf.capacity() - self.buf.len() < want.clamp(1, 512) {
+                    self.buf.reserve(want.max(1));
+                }
+                std::mem::take(&mut self.buf)
+            } else {
+                BytesMut::with_capacity(want.max(1))
+            };
+            self.rd.start(b);
+        }
+        let (r, got) = self.rd.done().await;
+        self.take_read(got);
+        r
+    }
+
+    /// Polls `fut`; while it is pending, a read is in flight on the client socket: EOF or an error means
+    /// the client is gone (`fut` is dropped by the caller). Bytes the client sends meanwhile (a pipelined
+    /// request) are kept in the buffer. The read stays in flight when `fut` is done.
     async fn watch<F: Future + Unpin>(&mut self, fut: &mut F) -> Watch<F::Output> {
-        let mut scratch = [0u8; 256];
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = Pin::new(&mut *fut).poll(cx) {
                 return Poll::Ready(Watch::Done(v));
             }
             loop {
-                let mut rb = ReadBuf::new(&mut scratch);
-                match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                if !self.rd.in_flight() {
+                    if self.buf.len() > MAX_HEAD {
+                        return Poll::Ready(Watch::Gone);
+                    }
+                    self.start_watch();
+                }
+                match self.rd.poll_done(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                        return Poll::Ready(Watch::Gone)
-                    }
-                    Poll::Ready(Ok(())) => {
-                        if self.buf.len() > MAX_HEAD {
-                            return Poll::Ready(Watch::Gone);
-                        }
-                        self.buf.extend_from_slice(rb.filled());
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Watch::Gone),
+                    Poll::Ready((Ok(n), got)) if n > 0 => self.take_read(got),
+                    Poll::Ready(_) => return Poll::Ready(Watch::Gone),
                 }
             }
         })
@@ -97,53 +130,32 @@ impl Conn {
     /// Reads more of a request body. A body may take as long as it needs, but not `timeout` without a byte:
     /// then it answers 408. False when the connection must end (closed, failed, or timed out).
     async fn fill_body(&mut self, want: usize, timeout: std::time::Duration) -> bool {
-        match monoio::time::timeout(timeout, self.fill(want)).await {
+        match monoio::time::timeout(timeout, self.fill(want, true)).await {
             Ok(Ok(n)) => n > 0,
             Ok(Err(_)) => false,
             Err(_elapsed) => {
-                let _ = self.write_all(&simple(408, "Request Timeout")).await;
+                let _ = self.write_all(simple(408, "Request Timeout")).await;
                 false
             }
         }
     }
 
-    async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, data)).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            data = &data[n..];
-        }
-        Ok(())
+    async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> std::io::Result<()> {
+        self.wr.write_all(data).await.0.map(drop)
     }
 
-    /// Writes all of `parts` with vectored writes.
-    async fn write_parts(&mut self, parts: &mut [&[u8]]) -> std::io::Result<()> {
-        let mut i = 0;
-        while i < parts.len() {
-            let n = std::future::poll_fn(|cx| {
-                let mut sl = [IoSlice::new(&[]); BATCH * 3 + 2];
-                let k = (parts.len() - i).min(sl.len());
-                for (s, p) in sl.iter_mut().zip(&parts[i..i + k]) {
-                    *s = IoSlice::new(p);
-                }
-                Pin::new(&mut self.io).poll_write_vectored(cx, &sl[..k])
-            })
-            .await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            let mut left = n;
-            while i < parts.len() && left >= parts[i].len() {
-                left -= parts[i].len();
-                i += 1;
-            }
-            if left > 0 {
-                parts[i] = &parts[i][left..];
+    /// Writes all of `b` (`writev`, again after a short write); the batch comes back emptied of what went out.
+    async fn write_batch(&mut self, mut b: WriteBatch) -> (std::io::Result<()>, WriteBatch) {
+        while !b.is_empty() {
+            let (r, back) = self.wr.writev(b).await;
+            b = back;
+            match r {
+                Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), b),
+                Ok(n) => b.advance(n),
+                Err(e) => return (Err(e), b),
             }
         }
-        Ok(())
+        (Ok(()), b)
     }
 }
 
@@ -237,9 +249,11 @@ fn simple(status: u16, reason: &str) -> Vec<u8> {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
+pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
+    let (rh, wr) = io.into_split();
     let mut c = Conn {
-        io,
+        rd: Reader::new(rh),
+        wr,
         buf: BytesMut::new(),
     };
     let max_body = sh.cfg.max_body_bytes as u64;
@@ -254,12 +268,12 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
                 Err(HeadError::Bad) => {
-                    let _ = c.write_all(&simple(400, "Bad Request")).await;
+                    let _ = c.write_all(simple(400, "Bad Request")).await;
                     return;
                 }
                 Err(HeadError::TooLarge) => {
                     let _ = c
-                        .write_all(&simple(431, "Request Header Fields Too Large"))
+                        .write_all(simple(431, "Request Header Fields Too Large"))
                         .await;
                     return;
                 }
@@ -277,12 +291,12 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
             } else {
                 left
             };
-            match monoio::time::timeout(wait, c.fill(FIRST_READ.max(c.buf.len()))).await {
+            match monoio::time::timeout(wait, c.fill(FIRST_READ, false)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Err(_elapsed) if wait < left => {} // a drain check, not the head timeout
                 Err(_elapsed) => {
                     if !c.buf.is_empty() {
-                        let _ = c.write_all(&simple(408, "Request Timeout")).await;
+                        let _ = c.write_all(simple(408, "Request Timeout")).await;
                     }
                     return;
                 }
@@ -323,7 +337,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                 match f.step(&mut c.buf, false) {
                     Ok(Step::Data(d)) => {
                         if (out.len() + d.len()) as u64 > max_body {
-                            let _ = c.write_all(&simple(413, "Payload Too Large")).await;
+                            let _ = c.write_all(simple(413, "Payload Too Large")).await;
                             return;
                         }
                         out.extend_from_slice(&d);
@@ -335,7 +349,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
                         }
                     }
                     Err(_) => {
-                        let _ = c.write_all(&simple(400, "Bad Request")).await;
+                        let _ = c.write_all(simple(400, "Bad Request")).await;
                         return;
                     }
                 }
@@ -351,7 +365,7 @@ pub async fn serve_conn(io: TcpStreamPoll, sh: Arc<Shared>) {
         let req = match head.req.body(Full::new(body)) {
             Ok(r) => r,
             Err(_) => {
-                let _ = c.write_all(&simple(400, "Bad Request")).await;
+                let _ = c.write_all(simple(400, "Bad Request")).await;
                 return;
             }
         };
@@ -381,113 +395,99 @@ async fn write_response(
 ) -> std::io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let exact = body.size_hint().exact();
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(parts.status.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
-    head.extend_from_slice(b"\r\n");
-    for (k, v) in parts.headers.iter() {
-        if k == CONTENT_LENGTH || k == hyper::header::TRANSFER_ENCODING {
-            continue;
-        }
-        head.extend_from_slice(k.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(v.as_bytes());
+    let mut batch = sock::batch();
+    {
+        let head = batch.head_mut().expect("an empty batch");
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(parts.status.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        );
         head.extend_from_slice(b"\r\n");
-    }
-    match exact {
-        Some(n) => {
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(n.to_string().as_bytes());
+        for (k, v) in parts.headers.iter() {
+            if k == CONTENT_LENGTH || k == hyper::header::TRANSFER_ENCODING {
+                continue;
+            }
+            head.extend_from_slice(k.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(v.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
-        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        match exact {
+            Some(n) => {
+                head.extend_from_slice(b"content-length: ");
+                head.extend_from_slice(n.to_string().as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+            None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        if !keep_alive {
+            head.extend_from_slice(b"connection: close\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        head.extend_from_slice(b"connection: close\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
+    let _ = batch.push_head();
+    drop(parts);
     if head_method {
-        c.write_all(&head).await?;
+        let (r, b) = c.write_batch(batch).await;
+        sock::give_back(b);
+        r?;
         return Ok(keep_alive);
     }
     // A whole body goes out with the head in one write.
     if let RouterBody::Full(b) = &mut body {
-        let b = b.take().unwrap_or_default();
-        c.write_parts(&mut [&head[..], &b[..]]).await?;
+        let _ = batch.push_bytes(b.take().unwrap_or_default());
+        let (r, b) = c.write_batch(batch).await;
+        sock::give_back(b);
+        r?;
         return Ok(true);
     }
-    drop(parts);
     // The head goes out with the frames that are ready at once (one segment for a whole
     // answer), or alone when the first frame is not ready (a stream's client gets it now).
-    let mut head = Some(head);
+    let mut batch = Some(batch);
     let chunked = exact.is_none();
     let mut written: u64 = 0;
     loop {
-        let mut frames: [Option<Bytes>; BATCH] = Default::default();
-        let mut k = 0;
         let mut state = Next::More;
-        if head.is_none() {
-            // Wait for the next frame while watching the client.
-            let first = {
-                let mut next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
-                match c.watch(&mut next).await {
-                    Watch::Done(f) => f,
-                    Watch::Gone => return Ok(false),
-                }
-            };
-            state = take(first, &mut frames, &mut k);
-        }
+        let mut b = match batch.take() {
+            Some(b) => b,
+            None => {
+                // Wait for the next frame while watching the client (holding no write batch).
+                let first = {
+                    let mut next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+                    match c.watch(&mut next).await {
+                        Watch::Done(f) => f,
+                        Watch::Gone => return Ok(false),
+                    }
+                };
+                let mut b = sock::batch();
+                state = push_frame(first, &mut b, chunked, &mut written);
+                b
+            }
+        };
         // Frames that are ready now go out in the same write (polled with a no-op waker: a
         // Pending here is followed by the watched poll above, which registers the real one).
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        while state == Next::More && k < BATCH {
-            match Pin::new(&mut body).poll_frame(&mut cx) {
-                Poll::Ready(f) => state = take(f, &mut frames, &mut k),
-                Poll::Pending => break,
+        crate::body::peeking(|| {
+            while state == Next::More && b.room() >= 4 {
+                match Pin::new(&mut body).poll_frame(&mut cx) {
+                    Poll::Ready(f) => state = push_frame(f, &mut b, chunked, &mut written),
+                    Poll::Pending => break,
+                }
             }
-        }
-        let mut sizes = [[0u8; 18]; BATCH];
-        let mut lens = [0usize; BATCH];
-        if chunked {
-            for i in 0..k {
-                lens[i] = hex_line(&mut sizes[i], frames[i].as_ref().map_or(0, Bytes::len));
-            }
-        }
-        let mut parts: [&[u8]; BATCH * 3 + 2] = [&[]; BATCH * 3 + 2];
-        let mut np = 0;
-        if let Some(h) = &head {
-            parts[0] = h;
-            np = 1;
-        }
-        for (i, d) in frames.iter().take(k).flatten().enumerate() {
-            written += d.len() as u64;
-            if chunked {
-                parts[np] = &sizes[i][..lens[i]];
-                parts[np + 1] = d;
-                parts[np + 2] = b"\r\n";
-                np += 3;
-            } else {
-                parts[np] = d;
-                np += 1;
-            }
-        }
+        });
         let (end, failed) = (state == Next::End, state == Next::Failed);
         if end && chunked {
-            parts[np] = b"0\r\n\r\n";
-            np += 1;
+            let _ = b.push_static(b"0\r\n\r\n");
         }
-        if np > 0 {
-            c.write_parts(&mut parts[..np]).await?;
-        }
-        head = None;
+        let (r, b) = c.write_batch(b).await;
+        sock::give_back(b);
+        r?;
         if failed {
             return Ok(false); // the response cannot be completed: close
         }
@@ -504,11 +504,13 @@ enum Next {
     Failed,
 }
 
-/// Stores a polled frame's data in `frames[*k]`.
-fn take(
+/// Adds a polled frame's data to `b` (a chunk when `chunked`: size line, the frame's own `Bytes`, CRLF).
+/// `b` must have room for 3 more parts.
+fn push_frame(
     f: Option<Result<Frame<Bytes>, std::io::Error>>,
-    frames: &mut [Option<Bytes>; BATCH],
-    k: &mut usize,
+    b: &mut WriteBatch,
+    chunked: bool,
+    written: &mut u64,
 ) -> Next {
     match f {
         None => Next::End,
@@ -516,8 +518,16 @@ fn take(
         Some(Ok(fr)) => {
             if let Ok(d) = fr.into_data() {
                 if !d.is_empty() {
-                    frames[*k] = Some(d);
-                    *k += 1;
+                    *written += d.len() as u64;
+                    if chunked {
+                        let mut line = [0u8; 18];
+                        let n = hex_line(&mut line, d.len());
+                        let _ = b.push_copy(&line[..n]);
+                        let _ = b.push_bytes(d);
+                        let _ = b.push_static(b"\r\n");
+                    } else {
+                        let _ = b.push_bytes(d);
+                    }
                 }
             }
             Next::More

@@ -1,30 +1,32 @@
-//! Upstream HTTP/1.1 client over monoio sockets (readiness-based `poll-io`), with a keep-alive
+//! Upstream HTTP/1.1 client on monoio's native io_uring operations ([`crate::sock`]), with a keep-alive
 //! pool per thread.
 //!
 //! A request owns its connection: [`send`] writes the request and parses the response head
 //! ([`crate::h1`]); the response body ([`UpBody`]) reads and decodes from the socket itself when
-//! polled, handing out slices of the connection's read buffer (no copy, no allocation per
-//! chunk). There is no driver task and no channel per connection, so an in-flight stream costs
-//! the socket, one read buffer and this struct. When the body ends cleanly the connection goes
-//! back to the pool (its read buffer is released while idle); when the body is dropped early
-//! (client disconnect, error) the socket closes with it, so the engine sees the disconnect and
-//! aborts the request (vLLM and the mock free its KV then).
+//! polled (one read operation in flight at a time, into the connection's own buffer), handing out
+//! slices of the connection's read buffer (no copy, no allocation per chunk). There is no driver task
+//! and no channel per connection, so an in-flight stream costs the socket, one read buffer, the read loop
+//! and this struct. When the body ends cleanly the connection goes back to the pool with a read in flight
+//! into a [`FIRST_READ_BUF`] buffer (the next response's first read); when the body is dropped early
+//! (client disconnect, error) the read is cancelled and the socket closes with it, so the engine sees the
+//! disconnect and aborts the request (vLLM and the mock free its KV then).
 //!
 //! A pooled connection is only reused while it is known good: one idle for [`MAX_IDLE`] or longer is
-//! closed, and one the server has closed meanwhile (EOF, or anything readable on an idle keep-alive
-//! connection) is dropped when it is taken from the pool, without a request on it. A worker that restarts
+//! closed, and one the server has closed meanwhile (its pending read ended: EOF, an error, or bytes nobody
+//! asked for) is dropped when it is taken from the pool, without a request on it (no system call: the
+//! read's completion tells). A worker that restarts
 //! on the same address leaves every pooled connection to its old process half closed (CLOSE-WAIT); they
 //! are all skipped, and a failed connect flushes the address's pool. [`send`] tells a request that never
 //! fully left ([`SendError::NotSent`]) and one a reused connection dropped before answering
 //! ([`SendError::Closed`]): both are safe to send again, on a new connection ([`connect`]).
 
 use crate::h1::{self, DecodeError, Framing, Step};
+use crate::sock::Reader;
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
-use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
-use monoio::io::IntoPollIo;
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -45,7 +47,9 @@ const MIN_READ_ROOM: usize = 512;
 /// A keep-alive upstream connection.
 #[derive(Debug)]
 pub struct Conn {
-    io: TcpStreamPoll,
+    rd: Reader,
+    wr: OwnedWriteHalf<TcpStream>,
+    /// Bytes read and not yet decoded; empty while a read is in flight (the buffer is the operation's).
     buf: BytesMut,
     /// `host:port` (pool key).
     pub authority: Rc<str>,
@@ -153,9 +157,10 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
             .await
             .map_err(|_| ConnectError::Failed)?;
         let _ = s.set_nodelay(true);
-        let io = s.into_poll_io().map_err(|_| ConnectError::Failed)?;
+        let (rh, wr) = s.into_split();
         Ok(Conn {
-            io,
+            rd: Reader::new(rh),
+            wr,
             buf: BytesMut::new(),
             authority: Rc::from(authority),
             reused: false,
@@ -172,12 +177,16 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
     r
 }
 
-/// Returns a connection whose last response was read to the end.
+/// Returns a connection whose last response was read to the end. It waits in the pool with a read in flight
+/// (a [`FIRST_READ_BUF`] buffer): its completion tells that the server closed the connection, and once a
+/// request is written it is the read of the response.
 pub fn put(mut c: Conn) {
-    if !c.buf.is_empty() {
+    if !c.buf.is_empty() || c.rd.in_flight() {
         return; // bytes beyond the response: not a clean keep-alive connection
     }
+    // The last response's buffer is still shared by its frames: a new one for the next response.
     c.buf = BytesMut::new();
+    c.start_read();
     c.idle_since = Instant::now();
     POOL.with(|p| {
         let mut p = p.borrow_mut();
@@ -254,58 +263,41 @@ impl Abandon {
 }
 
 impl Conn {
-    /// True when the server closed the connection (EOF or an error is readable) or sent bytes nobody
-    /// asked for: either way it is not a clean idle keep-alive connection. Costs no system call unless
-    /// the socket is readable (the runtime keeps readiness).
+    /// True when the server closed the connection (EOF or an error), or sent bytes nobody asked for, while
+    /// it was idle: its pending read has finished. Either way it is not a clean idle keep-alive connection.
+    /// No system call: it looks at the read's completion.
     fn peer_closed(&mut self) -> bool {
-        let mut scratch = [0u8; 1];
-        let mut rb = ReadBuf::new(&mut scratch);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        !matches!(
-            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
-            Poll::Pending
-        )
+        !self.rd.in_flight() || self.rd.is_done()
     }
 
     async fn shutdown_write(&mut self) {
-        let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+        let _ = self.wr.shutdown().await;
     }
 
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    /// Starts a read into the buffer's free room (made first: [`FIRST_READ_BUF`] for a connection's first
+    /// read, [`READ_BUF`] when less than [`MIN_READ_ROOM`] is left).
+    fn start_read(&mut self) {
         if self.buf.capacity() == 0 {
             self.buf.reserve(FIRST_READ_BUF);
         } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
             // Reuses the allocation when every frame split off it has been dropped.
             self.buf.reserve(READ_BUF);
         }
-        let len = self.buf.len();
-        let cap = self.buf.capacity();
-        // Zero-fill the free room so the read target is initialized memory (no `unsafe`).
-        self.buf.resize(cap, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[len..]);
-        let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(len + n);
-        match r {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+        self.rd.start(std::mem::take(&mut self.buf));
+    }
+
+    /// Waits for the read in flight, started now when none is: bytes read (0 at EOF).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if !self.rd.in_flight() {
+            self.start_read();
         }
+        let (r, buf) = std::task::ready!(self.rd.poll_done(cx));
+        self.buf = buf;
+        Poll::Ready(r)
     }
 
     async fn fill(&mut self) -> std::io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, data)).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            data = &data[n..];
-        }
-        Ok(())
     }
 }
 
@@ -351,18 +343,20 @@ pub async fn send_abandonable(
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
-    if conn.write_all(&req).await.is_err() {
+    if conn.wr.write_all(req).await.0.is_err() {
         return Err(SendError::NotSent);
     }
-    drop(req);
     let head_request = method == "HEAD";
     let mut got_bytes = false;
     let mut grace_until: Option<monoio::time::Instant> = None;
     let head = loop {
-        match h1::parse_head(&mut conn.buf, head_request) {
-            Ok(Some(h)) => break h,
-            Ok(None) => {}
-            Err(e) => return Err(SendError::Decode(e)),
+        // A pooled connection's read is in flight already: it reads this response.
+        if !conn.rd.in_flight() {
+            match h1::parse_head(&mut conn.buf, head_request) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => return Err(SendError::Decode(e)),
+            }
         }
         let filled = match (abandon, grace_until) {
             (Some(a), None) => {
@@ -440,31 +434,34 @@ impl Body for UpBody {
             let Some(c) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match this.framing.step(&mut c.buf, this.eof) {
-                Ok(Step::Data(b)) => {
-                    if this.framing.is_done() {
-                        // Pool the connection now: a reader that trusts `is_end_stream` (hyper
-                        // does, for a known length) never polls for the end.
-                        this.finish();
+            // While a read is in flight the buffer is the operation's: wait for it first.
+            if !c.rd.in_flight() {
+                match this.framing.step(&mut c.buf, this.eof) {
+                    Ok(Step::Data(b)) => {
+                        if this.framing.is_done() {
+                            // Pool the connection now: a reader that trusts `is_end_stream` (hyper
+                            // does, for a known length) never polls for the end.
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                    Ok(Step::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::More) => {}
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            e,
+                        ))));
+                    }
                 }
-                Ok(Step::Done) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Ok(Step::More) => {}
-                Err(e) => {
+                if this.eof {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        e,
-                    ))));
+                    return Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into())));
                 }
-            }
-            if this.eof {
-                this.conn = None;
-                return Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into())));
             }
             match c.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,
