@@ -21,20 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-thread_local! {
-    /// True while the server polls bodies with a no-op waker for frames that are ready now.
-    static PEEKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f`, in which bodies are polled with a no-op waker (frames that are ready now, no wake-up wanted):
-/// the idle timer is then left alone (it must only ever be polled with the task's real waker).
-pub(crate) fn peeking<R>(f: impl FnOnce() -> R) -> R {
-    PEEKING.set(true);
-    let r = f();
-    PEEKING.set(false);
-    r
-}
-
 /// The SSE error event sent when the upstream sends nothing for the stream idle timeout (OpenAI error JSON, 504).
 pub const STREAM_TIMEOUT_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"upstream stream idle timeout\",\"type\":\"UpstreamTimeout\",\"param\":null,\"code\":504}}\n\n";
 
@@ -203,13 +189,8 @@ impl<B> Forward<B> {
         let Some(limit) = self.idle_timeout else {
             return false;
         };
-        // The server also polls for frames that are ready with a no-op waker; a monoio timer keeps the first
-        // waker it is polled with, so it must only ever see the task's real one. `will_wake` alone does not
-        // tell: in an optimized build `Waker::noop()`'s vtable can have several addresses (one per codegen
-        // unit), so the server says when it peeks ([`peeking`]).
-        if PEEKING.get() || cx.waker().will_wake(std::task::Waker::noop()) {
-            return false;
-        }
+        // A monoio timer keeps the first waker it is polled with: the server polls bodies only with its task's
+        // own waker (never a no-op one), so this is the right one.
         let timer = self
             .idle_timer
             .get_or_insert_with(|| Box::pin(monoio::time::sleep(limit)));

@@ -29,7 +29,7 @@ use pdx_uring_sys::WriteBatch;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 /// Largest request head accepted, bytes (431 above).
 const MAX_HEAD: usize = 64 * 1024;
@@ -431,7 +431,8 @@ async fn write_response(
         }
         head.extend_from_slice(b"\r\n");
     }
-    let _ = batch.push_head();
+    let pushed = batch.push_head().is_ok();
+    debug_assert!(pushed, "an empty batch takes its head");
     drop(parts);
     if head_method {
         let (r, b) = c.write_batch(batch).await;
@@ -441,7 +442,8 @@ async fn write_response(
     }
     // A whole body goes out with the head in one write.
     if let RouterBody::Full(b) = &mut body {
-        let _ = batch.push_bytes(b.take().unwrap_or_default());
+        let pushed = batch.push_bytes(b.take().unwrap_or_default()).is_ok();
+        debug_assert!(pushed, "a batch with only its head takes a body");
         let (r, b) = c.write_batch(batch).await;
         sock::give_back(b);
         r?;
@@ -470,20 +472,24 @@ async fn write_response(
                 b
             }
         };
-        // Frames that are ready now go out in the same write (polled with a no-op waker: a
-        // Pending here is followed by the watched poll above, which registers the real one).
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        crate::body::peeking(|| {
+        // Frames that are ready now go out in the same write. Polled with the task's own waker: a body's
+        // timers (the stream idle timer, a moving stream's connect and answer timeouts) keep the first waker
+        // they are polled with, so they must never see a no-op one; a wake-up during the write costs a
+        // spurious poll.
+        std::future::poll_fn(|cx| {
             while state == Next::More && b.room() >= 4 {
-                match Pin::new(&mut body).poll_frame(&mut cx) {
+                match Pin::new(&mut body).poll_frame(cx) {
                     Poll::Ready(f) => state = push_frame(f, &mut b, chunked, &mut written),
                     Poll::Pending => break,
                 }
             }
-        });
+            Poll::Ready(())
+        })
+        .await;
         let (end, failed) = (state == Next::End, state == Next::Failed);
         if end && chunked {
-            let _ = b.push_static(b"0\r\n\r\n");
+            let pushed = b.push_static(b"0\r\n\r\n").is_ok();
+            debug_assert!(pushed, "write batch sized for BATCH frames");
         }
         let (r, b) = c.write_batch(b).await;
         sock::give_back(b);
@@ -522,11 +528,14 @@ fn push_frame(
                     if chunked {
                         let mut line = [0u8; 18];
                         let n = hex_line(&mut line, d.len());
-                        let _ = b.push_copy(&line[..n]);
-                        let _ = b.push_bytes(d);
-                        let _ = b.push_static(b"\r\n");
+                        // The caller leaves room for a frame's three parts (`room() >= 4`).
+                        let pushed = b.push_copy(&line[..n]).is_ok()
+                            && b.push_bytes(d).is_ok()
+                            && b.push_static(b"\r\n").is_ok();
+                        debug_assert!(pushed, "write batch sized for BATCH frames");
                     } else {
-                        let _ = b.push_bytes(d);
+                        let pushed = b.push_bytes(d).is_ok();
+                        debug_assert!(pushed, "write batch sized for BATCH frames");
                     }
                 }
             }
