@@ -133,16 +133,22 @@ impl PoolAdmission {
         }
     }
 
-    /// Gives a slot back (with the TTFT sample, if any) and hands free slots to waiters.
-    fn release(&self, ttft_s: Option<f64>, m: &Metrics) {
+    /// Runs `f` on the pool's state at the current time (µs), then hands free slots to waiters and publishes
+    /// the gauges.
+    fn update(&self, m: &Metrics, f: impl FnOnce(&mut Admission, u64)) {
         let h = self.handles(m);
         let now = self.now_us();
         let Ok(mut st) = self.state.lock() else {
             return;
         };
-        st.core.release(ttft_s, now);
+        f(&mut st.core, now);
         Self::grant(&mut st);
         Self::publish(h, &st);
+    }
+
+    /// Gives a slot back (with a latency sample, if any) and hands free slots to waiters.
+    fn release(&self, sample_s: Option<f64>, m: &Metrics) {
+        self.update(m, |core, now| core.release(sample_s, now));
     }
 
     fn grant(st: &mut State) {
@@ -186,15 +192,8 @@ impl Permit {
     /// A latency sample, seconds, while the slot is held (a decode stream's mean ITL over a window of its token
     /// events): moves the pool's limit ([`pdx_router_core::Admission::observe`]) and hands out slots it frees.
     pub fn observe(&self, sample_s: f64) {
-        let adm = &self.adm;
-        let h = adm.handles(&self.metrics);
-        let now = adm.now_us();
-        let Ok(mut st) = adm.state.lock() else {
-            return;
-        };
-        st.core.observe(sample_s, now);
-        PoolAdmission::grant(&mut st);
-        PoolAdmission::publish(h, &st);
+        self.adm
+            .update(&self.metrics, |core, now| core.observe(sample_s, now));
     }
 }
 
