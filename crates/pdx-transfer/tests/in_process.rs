@@ -408,21 +408,7 @@ fn read_from_a_silent_peer(
         std::thread::sleep(Duration::from_secs(20));
         drop(conns);
     });
-    let md = AgentMetadata {
-        name: "silent".into(),
-        instance_id: 7,
-        host_id: "another host".into(),
-        pid: 1,
-        listen_addr: Some(addr.to_string()),
-        transports: vec![TransportKind::Tcp],
-        regions: vec![pdx_transfer::metadata::RegionMetadata {
-            id: 1,
-            kind: MemoryKind::Host,
-            addr: 0x10000,
-            len: 4096,
-            memfd: None,
-        }],
-    };
+    let md = tcp_peer("silent", 7, addr);
     let mut cfg = AgentConfig::new(agent);
     cfg.peer_timeout = peer_timeout;
     let a = Agent::new(cfg).unwrap();
@@ -477,21 +463,7 @@ fn read_data_answering_a_write_ends_the_connection() {
             std::thread::sleep(Duration::from_secs(20));
         }
     });
-    let md = AgentMetadata {
-        name: "confused".into(),
-        instance_id: 9,
-        host_id: "another host".into(),
-        pid: 1,
-        listen_addr: Some(addr.to_string()),
-        transports: vec![TransportKind::Tcp],
-        regions: vec![pdx_transfer::metadata::RegionMetadata {
-            id: 1,
-            kind: MemoryKind::Host,
-            addr: 0x10000,
-            len: 4096,
-            memfd: None,
-        }],
-    };
+    let md = tcp_peer("confused", 9, addr);
     let a = Agent::new(AgentConfig::new("writer")).unwrap();
     let mem = a.allocate(4096).unwrap();
     a.load_remote(&md.encode().unwrap()).unwrap();
@@ -742,4 +714,24 @@ fn reloading_a_peer_keeps_its_transfers_working() {
     let reborn = Agent::new(AgentConfig::new(p.b.name())).unwrap();
     p.a.load_remote(&reborn.local_metadata().unwrap()).unwrap();
     assert!(matches!(tcp.post(), Err(TransferError::UnknownRemote(_))));
+}
+
+/// The metadata of a peer on another host reachable only over `tcp` at `addr`, with one 4 KiB host region
+/// (id 1) at 0x10000: what a scripted peer of these tests announces.
+fn tcp_peer(name: &str, instance_id: u64, addr: std::net::SocketAddr) -> AgentMetadata {
+    AgentMetadata {
+        name: name.into(),
+        instance_id,
+        host_id: "another host".into(),
+        pid: 1,
+        listen_addr: Some(addr.to_string()),
+        transports: vec![TransportKind::Tcp],
+        regions: vec![pdx_transfer::metadata::RegionMetadata {
+            id: 1,
+            kind: MemoryKind::Host,
+            addr: 0x10000,
+            len: 4096,
+            memfd: None,
+        }],
+    }
 }
