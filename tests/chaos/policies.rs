@@ -4,7 +4,11 @@
 //!   router reads at most its bound, counts the scrapes failed, believes nothing of those workers (they stay
 //!   unknown, which `kv_aware` treats as loaded) and keeps serving through the healthy worker;
 //! * a client flood against a prefill pool with admission shaping: every answer is a 200, a 429 with
-//!   `Retry-After` or a 503, nothing stays admitted or queued afterwards, and the router serves again.
+//!   `Retry-After` or a 503, nothing stays admitted or queued afterwards, and the router serves again;
+//! * the same against a decode pool shaped by ITL, with streamed requests of which half the clients leave right
+//!   after the response head: the answers are 200, 429 or 503, every slot comes back (also those of the streams
+//!   cut short), the pool's smoothed TPOT is over its target (the cut was driven by samples) and the router
+//!   serves again.
 //!
 //! Child processes are killed and fake workers stopped when their guards drop (also on a failed assertion).
 
@@ -306,5 +310,119 @@ fn a_client_flood_on_an_admission_shaped_pool_gets_429s_and_leaves_nothing_behin
             && metric(rp, "pdx_admission_queue") == Some(0.0)
     }));
     let (s, v) = post_json(rp, "/v1/completions", &serde_json::from_str(body).unwrap());
+    assert_eq!(s, 200, "{v}");
+}
+
+#[test]
+fn a_stream_flood_on_an_itl_shaped_decode_pool_with_clients_leaving_mid_stream_leaves_nothing_behind(
+) {
+    let (pp, dp, rp) = (free_port(), free_port(), free_port());
+    // Decode steps of ~40 ms (modelled and slept): over the 20 ms ITL target whatever the batch.
+    let mut p = spawn_mock(
+        pp,
+        &[
+            "--role",
+            "prefill",
+            "--kv-listen",
+            "127.0.0.1:0",
+            "--kv-scale-down",
+            "1024",
+            "--instant",
+        ],
+    );
+    let mut d = spawn_mock(
+        dp,
+        &[
+            "--role",
+            "decode",
+            "--kv-listen",
+            "127.0.0.1:0",
+            "--kv-scale-down",
+            "1024",
+            "--speed",
+            "0.05",
+        ],
+    );
+    wait_healthy(&mut p, pp);
+    wait_healthy(&mut d, dp);
+    let (pu, du) = (url(pp), url(dp));
+    let mut r = router(
+        rp,
+        &[
+            "--prefill",
+            &pu,
+            "--decode",
+            &du,
+            "--admission-itl-target-ms",
+            "20",
+        ],
+    );
+    wait_healthy(&mut r, rp);
+    assert!(wait_until(GUARD, || ready(rp)));
+    let body = r#"{"model":"mock","prompt":"the quick brown fox jumps over the lazy dog","max_tokens":48,"stream":true}"#;
+    // Every other client leaves right after the response head (its stream is cut short); the rest read their
+    // answer to the end.
+    let clients: Vec<_> = (0..45)
+        .map(|k| {
+            std::thread::spawn(move || {
+                if k % 2 == 0 {
+                    let r = http(rp, "POST", "/v1/completions", &[], body, GUARD).expect("answer");
+                    return (r.status, r.header("retry-after").map(str::to_string));
+                }
+                let mut s = TcpStream::connect(("127.0.0.1", rp)).unwrap();
+                s.set_read_timeout(Some(GUARD)).unwrap();
+                write!(
+                    s,
+                    "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut head = [0u8; 512];
+                let n = s.read(&mut head).unwrap_or(0);
+                let text = String::from_utf8_lossy(&head[..n]).to_string();
+                let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                drop(s);
+                let retry = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("retry-after: "))
+                    .map(|v| v.trim().to_string());
+                (status, retry)
+            })
+        })
+        .collect();
+    let mut by_status = std::collections::BTreeMap::<u16, u32>::new();
+    for c in clients {
+        let (status, retry) = c.join().unwrap();
+        *by_status.entry(status).or_default() += 1;
+        if status == 429 || status == 503 {
+            assert_eq!(retry.as_deref(), Some("1"), "{status}");
+        }
+    }
+    println!("45 streamed clients at once: {by_status:?}");
+    assert!(
+        by_status.keys().all(|s| [200, 429, 503].contains(s)),
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.get(&200).copied().unwrap_or(0) >= 8,
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.get(&429).copied().unwrap_or(0) + by_status.get(&503).copied().unwrap_or(0) >= 1,
+        "{by_status:?}"
+    );
+    // Every slot comes back; the pool's smoothed TPOT was measured over its 20 ms target (and within the 4x
+    // bound on a sample).
+    assert!(wait_until(GUARD, || {
+        metric(rp, "pdx_admission_in_flight") == Some(0.0)
+            && metric(rp, "pdx_admission_queue") == Some(0.0)
+    }));
+    let tpot = metric(rp, "pdx_admission_ewma_tpot_seconds").expect("decode pool shaped");
+    assert!(tpot > 0.02 && tpot <= 0.08, "{tpot}");
+    let (s, v) = post_json(
+        rp,
+        "/v1/completions",
+        &serde_json::json!({"model": "mock", "prompt": "again", "max_tokens": 2}),
+    );
     assert_eq!(s, 200, "{v}");
 }
