@@ -201,7 +201,8 @@ pub struct Admission {
     in_flight: u32,
     queue: VecDeque<(Ticket, u64)>,
     next_ticket: Ticket,
-    ttft: Ewma,
+    /// The smoothed latency of the pool's signal (TTFT or TPOT), seconds.
+    latency: Ewma,
     last_decrease_us: Option<u64>,
     /// No decrease yet: grow by one per healthy completion.
     slow_start: bool,
@@ -216,7 +217,7 @@ impl Admission {
             in_flight: 0,
             queue: VecDeque::new(),
             next_ticket: 1,
-            ttft: Ewma::default(),
+            latency: Ewma::default(),
             last_decrease_us: None,
             slow_start: true,
         }
@@ -244,7 +245,7 @@ impl Admission {
 
     /// The pool's smoothed latency (TTFT or TPOT, by [`AdmissionConfig::signal`]), seconds.
     pub fn ewma_s(&self) -> Option<f64> {
-        self.ttft.get()
+        self.latency.get()
     }
 
     /// How many may wait now: as many as the pool drains within the longest wait at its current rate
@@ -254,7 +255,7 @@ impl Admission {
         if self.cfg.signal == Signal::Tpot {
             return self.cfg.max_queue;
         }
-        let Some(t) = self.ttft.get().filter(|t| *t > 0.0) else {
+        let Some(t) = self.latency.get().filter(|t| *t > 0.0) else {
             return self.cfg.max_queue;
         };
         let drained = self.limit * (self.cfg.max_wait_us as f64 / 1e6) / t;
@@ -321,8 +322,8 @@ impl Admission {
             Signal::Ttft => x,
             Signal::Tpot => x.min(4.0 * self.cfg.target_us as f64 / 1e6),
         };
-        self.ttft.feed(x, self.cfg.alpha);
-        let Some(e) = self.ttft.get() else { return };
+        self.latency.feed(x, self.cfg.alpha);
+        let Some(e) = self.latency.get() else { return };
         let setpoint_us = self.cfg.setpoint * self.cfg.target_us as f64;
         if self.cfg.signal == Signal::Ttft && e * 1e6 > setpoint_us / 2.0 {
             self.slow_start = false;

@@ -423,8 +423,11 @@ impl Tuning {
             },
             _ => self.admission.clone(),
         };
-        own.map_or(base.clone(), |a| a.over(&base))
-            .resolve(pool, role)
+        match own {
+            Some(a) => a.over(&base),
+            None => base,
+        }
+        .resolve(pool, role)
     }
 }
 
