@@ -148,16 +148,22 @@ pub(crate) fn runtime() -> std::io::Result<Runtime> {
         .build();
     match tuned {
         Ok(rt) => Ok(rt),
-        Err(_) => match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-        {
-            Ok(rt) => Ok(rt),
-            Err(_) => Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        Err(e) => {
+            tracing::info!(error = %e, "io_uring refused single-issuer deferred task work: a default ring");
+            match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                 .enable_timer()
-                .build()?
-                .into()),
-        },
+                .build()
+            {
+                Ok(rt) => Ok(rt),
+                Err(e) => {
+                    tracing::info!(error = %e, "no io_uring: the legacy epoll driver");
+                    Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()?
+                        .into())
+                }
+            }
+        }
     }
 }
 
