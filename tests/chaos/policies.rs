@@ -224,43 +224,11 @@ fn workers_with_misbehaving_metrics_stay_unknown_and_the_router_serves_on() {
 
 #[test]
 fn a_client_flood_on_an_admission_shaped_pool_gets_429s_and_leaves_nothing_behind() {
-    let (pp, dp, rp) = (free_port(), free_port(), free_port());
     // A prefill whose every step takes at least 0.1 s (modelled and slept), a decode that answers at once.
-    let mut p = spawn_mock(
-        pp,
+    let (_workers, rp) = shaped_pd(
+        &["--speed", "0.02"],
+        &["--instant"],
         &[
-            "--role",
-            "prefill",
-            "--kv-listen",
-            "127.0.0.1:0",
-            "--kv-scale-down",
-            "1024",
-            "--speed",
-            "0.02",
-        ],
-    );
-    let mut d = spawn_mock(
-        dp,
-        &[
-            "--role",
-            "decode",
-            "--kv-listen",
-            "127.0.0.1:0",
-            "--kv-scale-down",
-            "1024",
-            "--instant",
-        ],
-    );
-    wait_healthy(&mut p, pp);
-    wait_healthy(&mut d, dp);
-    let (pu, du) = (url(pp), url(dp));
-    let mut r = router(
-        rp,
-        &[
-            "--prefill",
-            &pu,
-            "--decode",
-            &du,
             "--admission-ttft-target-ms",
             "1000",
             "--admission-initial-limit",
@@ -271,8 +239,6 @@ fn a_client_flood_on_an_admission_shaped_pool_gets_429s_and_leaves_nothing_behin
             "300",
         ],
     );
-    wait_healthy(&mut r, rp);
-    assert!(wait_until(GUARD, || ready(rp)));
     let body =
         r#"{"model":"mock","prompt":"the quick brown fox jumps over the lazy dog","max_tokens":2}"#;
     let clients: Vec<_> = (0..120)
@@ -316,49 +282,12 @@ fn a_client_flood_on_an_admission_shaped_pool_gets_429s_and_leaves_nothing_behin
 #[test]
 fn a_stream_flood_on_an_itl_shaped_decode_pool_with_clients_leaving_mid_stream_leaves_nothing_behind(
 ) {
-    let (pp, dp, rp) = (free_port(), free_port(), free_port());
     // Decode steps of ~40 ms (modelled and slept): over the 20 ms ITL target whatever the batch.
-    let mut p = spawn_mock(
-        pp,
-        &[
-            "--role",
-            "prefill",
-            "--kv-listen",
-            "127.0.0.1:0",
-            "--kv-scale-down",
-            "1024",
-            "--instant",
-        ],
+    let (_workers, rp) = shaped_pd(
+        &["--instant"],
+        &["--speed", "0.05"],
+        &["--admission-itl-target-ms", "20"],
     );
-    let mut d = spawn_mock(
-        dp,
-        &[
-            "--role",
-            "decode",
-            "--kv-listen",
-            "127.0.0.1:0",
-            "--kv-scale-down",
-            "1024",
-            "--speed",
-            "0.05",
-        ],
-    );
-    wait_healthy(&mut p, pp);
-    wait_healthy(&mut d, dp);
-    let (pu, du) = (url(pp), url(dp));
-    let mut r = router(
-        rp,
-        &[
-            "--prefill",
-            &pu,
-            "--decode",
-            &du,
-            "--admission-itl-target-ms",
-            "20",
-        ],
-    );
-    wait_healthy(&mut r, rp);
-    assert!(wait_until(GUARD, || ready(rp)));
     let body = r#"{"model":"mock","prompt":"the quick brown fox jumps over the lazy dog","max_tokens":48,"stream":true}"#;
     // Every other client leaves right after the response head (its stream is cut short); the rest read their
     // answer to the end.
@@ -425,4 +354,28 @@ fn a_stream_flood_on_an_itl_shaped_decode_pool_with_clients_leaving_mid_stream_l
         &serde_json::json!({"model": "mock", "prompt": "again", "max_tokens": 2}),
     );
     assert_eq!(s, 200, "{v}");
+}
+
+/// One prefill and one decode mock (KV over pdx-transfer, scaled down; `prefill` and `decode`: their timing
+/// flags) behind a router started with `router_args`, all ready: the processes (killed when dropped) and the
+/// router's port.
+fn shaped_pd(prefill: &[&str], decode: &[&str], router_args: &[&str]) -> ([Proc; 3], u16) {
+    let (pp, dp, rp) = (free_port(), free_port(), free_port());
+    let kv = ["--kv-listen", "127.0.0.1:0", "--kv-scale-down", "1024"];
+    let mut p = spawn_mock(pp, &[&["--role", "prefill"], &kv[..], prefill].concat());
+    let mut d = spawn_mock(dp, &[&["--role", "decode"], &kv[..], decode].concat());
+    wait_healthy(&mut p, pp);
+    wait_healthy(&mut d, dp);
+    let (pu, du) = (url(pp), url(dp));
+    let mut r = router(
+        rp,
+        &[
+            &["--prefill", pu.as_str(), "--decode", du.as_str()],
+            router_args,
+        ]
+        .concat(),
+    );
+    wait_healthy(&mut r, rp);
+    assert!(wait_until(GUARD, || ready(rp)));
+    ([p, d, r], rp)
 }
