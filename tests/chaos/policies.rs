@@ -249,19 +249,7 @@ fn a_client_flood_on_an_admission_shaped_pool_gets_429s_and_leaves_nothing_behin
             })
         })
         .collect();
-    let mut by_status = std::collections::BTreeMap::<u16, u32>::new();
-    for c in clients {
-        let (status, retry) = c.join().unwrap();
-        *by_status.entry(status).or_default() += 1;
-        if status == 429 || status == 503 {
-            assert_eq!(retry.as_deref(), Some("1"), "{status}");
-        }
-    }
-    println!("120 clients at once: {by_status:?}");
-    assert!(
-        by_status.keys().all(|s| [200, 429, 503].contains(s)),
-        "{by_status:?}"
-    );
+    let by_status = tally("120 clients at once", clients);
     assert!(
         by_status.get(&200).copied().unwrap_or(0) >= 4,
         "{by_status:?}"
@@ -319,19 +307,7 @@ fn a_stream_flood_on_an_itl_shaped_decode_pool_with_clients_leaving_mid_stream_l
             })
         })
         .collect();
-    let mut by_status = std::collections::BTreeMap::<u16, u32>::new();
-    for c in clients {
-        let (status, retry) = c.join().unwrap();
-        *by_status.entry(status).or_default() += 1;
-        if status == 429 || status == 503 {
-            assert_eq!(retry.as_deref(), Some("1"), "{status}");
-        }
-    }
-    println!("45 streamed clients at once: {by_status:?}");
-    assert!(
-        by_status.keys().all(|s| [200, 429, 503].contains(s)),
-        "{by_status:?}"
-    );
+    let by_status = tally("45 streamed clients at once", clients);
     assert!(
         by_status.get(&200).copied().unwrap_or(0) >= 8,
         "{by_status:?}"
@@ -378,4 +354,26 @@ fn shaped_pd(prefill: &[&str], decode: &[&str], router_args: &[&str]) -> ([Proc;
     wait_healthy(&mut r, rp);
     assert!(wait_until(GUARD, || ready(rp)));
     ([p, d, r], rp)
+}
+
+/// Joins client threads that each return (status, `Retry-After`), counts their statuses (printed under
+/// `label`), and checks that each is 200, 429 or 503 and that every refusal carries `Retry-After: 1`.
+fn tally(
+    label: &str,
+    clients: Vec<std::thread::JoinHandle<(u16, Option<String>)>>,
+) -> std::collections::BTreeMap<u16, u32> {
+    let mut by_status = std::collections::BTreeMap::<u16, u32>::new();
+    for c in clients {
+        let (status, retry) = c.join().unwrap();
+        *by_status.entry(status).or_default() += 1;
+        if status == 429 || status == 503 {
+            assert_eq!(retry.as_deref(), Some("1"), "{status}");
+        }
+    }
+    println!("{label}: {by_status:?}");
+    assert!(
+        by_status.keys().all(|s| [200, 429, 503].contains(s)),
+        "{by_status:?}"
+    );
+    by_status
 }
