@@ -21,7 +21,9 @@
 //!   what "better" means (today: in-flight tokens as the router counts them).
 
 use crate::Candidate;
+use memchr::memmem::Finder;
 use std::collections::VecDeque;
+use std::sync::OnceLock;
 
 /// Why a stream moved (the `reason` label of `pdx_migrations_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -238,23 +240,23 @@ impl Transcript {
             self.done = true;
             return EventKind::Done;
         }
-        if let Some(i) = value_of(p, b"error") {
-            let server = match value_of(&p[i..], b"code") {
+        if let Some(i) = value_of(p, &keys().error) {
+            let server = match value_of(&p[i..], &keys().code) {
                 Some(j) => !p[i + j..].starts_with(b"4"),
                 None => true,
             };
             return EventKind::Error { server };
         }
         if self.id.is_empty() {
-            if let Some(s) = value_of(p, b"id").and_then(|i| string_at(&p[i..])) {
+            if let Some(s) = value_of(p, &keys().id).and_then(|i| string_at(&p[i..])) {
                 self.id.extend_from_slice(s);
             }
         }
-        let usage = value_of(p, b"usage").is_some_and(|i| p[i..].starts_with(b"{"));
+        let usage = value_of(p, &keys().usage).is_some_and(|i| p[i..].starts_with(b"{"));
         if usage {
             self.usage = true;
         }
-        let Some(ci) = value_of(p, b"choices").filter(|&i| p[i..].starts_with(b"[")) else {
+        let Some(ci) = value_of(p, &keys().choices).filter(|&i| p[i..].starts_with(b"[")) else {
             return if usage {
                 EventKind::Usage
             } else {
@@ -269,19 +271,24 @@ impl Transcript {
                 EventKind::Other
             };
         }
-        if value_of(choices, b"index").is_some_and(|i| !choices[i..].starts_with(b"0")) {
+        if value_of(choices, &keys().index).is_some_and(|i| !choices[i..].starts_with(b"0")) {
             // Another choice (n > 1): the transcript follows choice 0 only, so this stream stays put.
             self.migratable = false;
             return EventKind::Other;
         }
-        if value_of(choices, b"finish_reason").is_some_and(|i| choices[i..].starts_with(b"\"")) {
+        if value_of(choices, &keys().finish_reason).is_some_and(|i| choices[i..].starts_with(b"\""))
+        {
             self.finished = true;
         }
-        let key: &[u8] = if self.chat { b"content" } else { b"text" };
+        let key = if self.chat {
+            &keys().content
+        } else {
+            &keys().text
+        };
         let Some(piece) = value_of(choices, key).and_then(|i| string_at(&choices[i..])) else {
             return EventKind::Other;
         };
-        if self.chat && piece.is_empty() && value_of(choices, b"role").is_some() {
+        if self.chat && piece.is_empty() && value_of(choices, &keys().role).is_some() {
             self.role = true;
             return EventKind::Role;
         }
@@ -298,22 +305,58 @@ impl Transcript {
 
 /// The payload of an event's first `data:` line (one optional space after the colon).
 fn data_payload(event: &[u8]) -> Option<&[u8]> {
-    event.split(|&b| b == b'\n').find_map(|line| {
-        let rest = line.strip_prefix(b"data:")?;
-        Some(rest.strip_prefix(b" ").unwrap_or(rest))
+    let mut rest = event;
+    while !rest.is_empty() {
+        // Line ends found by SIMD search: the byte-by-byte split was most of this function's time.
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        if let Some(p) = rest[..end].strip_prefix(b"data:") {
+            return Some(p.strip_prefix(b" ").unwrap_or(p));
+        }
+        rest = rest.get(end + 1..).unwrap_or_default();
+    }
+    None
+}
+
+/// The keys [`Transcript::event`] looks up, each as its quoted bytes' SIMD searcher (`memchr::memmem`), built
+/// once: an event is searched for up to eight keys, so a byte-by-byte search was most of the router's CPU time
+/// per forwarded chunk (issue 19).
+struct Keys {
+    error: Finder<'static>,
+    code: Finder<'static>,
+    id: Finder<'static>,
+    usage: Finder<'static>,
+    choices: Finder<'static>,
+    index: Finder<'static>,
+    finish_reason: Finder<'static>,
+    content: Finder<'static>,
+    text: Finder<'static>,
+    role: Finder<'static>,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        error: Finder::new(b"\"error\""),
+        code: Finder::new(b"\"code\""),
+        id: Finder::new(b"\"id\""),
+        usage: Finder::new(b"\"usage\""),
+        choices: Finder::new(b"\"choices\""),
+        index: Finder::new(b"\"index\""),
+        finish_reason: Finder::new(b"\"finish_reason\""),
+        content: Finder::new(b"\"content\""),
+        text: Finder::new(b"\"text\""),
+        role: Finder::new(b"\"role\""),
     })
 }
 
-/// Index (in `json`) of the value of the first key `"key"`, after the colon and any spaces. In valid JSON the
-/// bytes `"key":` occur only as that key: inside a string every quote is escaped.
-fn value_of(json: &[u8], key: &[u8]) -> Option<usize> {
-    let n = key.len() + 2;
+/// Index (in `json`) of the value of the first key `quoted_key` (the key with its quotes, as searched for by
+/// the finder), after the colon and any spaces. In valid JSON the bytes `"key":` occur only as that key: inside
+/// a string every quote is escaped.
+fn value_of(json: &[u8], quoted_key: &Finder<'_>) -> Option<usize> {
+    let n = quoted_key.needle().len();
     let mut from = 0;
-    while from + n < json.len() {
-        let i = from
-            + json[from..].windows(n).position(|w| {
-                w[0] == b'"' && &w[1..=key.len()] == key && w[key.len() + 1] == b'"'
-            })?;
+    while let Some(rel) = quoted_key.find(&json[from..]) {
+        let i = from + rel;
         let mut j = i + n;
         while json.get(j).is_some_and(|b| b.is_ascii_whitespace()) {
             j += 1;
@@ -444,6 +487,35 @@ mod tests {
 
     fn cand(tokens: u64) -> Candidate {
         Candidate::new(0, 1, tokens, true)
+    }
+
+    #[test]
+    fn an_events_payload_is_its_first_data_line() {
+        assert_eq!(data_payload(b"data: {\"a\":1}"), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(data_payload(b"data:x"), Some(&b"x"[..]));
+        assert_eq!(
+            data_payload(b": ping\nevent: m\ndata: y\ndata: z"),
+            Some(&b"y"[..])
+        );
+        assert_eq!(data_payload(b"data: "), Some(&b""[..]));
+        assert_eq!(data_payload(b": ping\n"), None);
+        assert_eq!(data_payload(b""), None);
+        assert_eq!(data_payload(b"\n\ndata: w"), Some(&b"w"[..]));
+        assert_eq!(data_payload(b"event: data: no"), None);
+    }
+
+    #[test]
+    fn keys_are_found_only_as_keys() {
+        let j = br#"{"text": "the \"text\": inside", "x":1, "text" : "v"}"#;
+        let i = value_of(j, &keys().text).unwrap();
+        assert_eq!(string_at(&j[i..]), Some(&br#"the \"text\": inside"#[..]));
+        let j = br#"{"a":"text","text"  :  "v"}"#;
+        assert_eq!(
+            string_at(&j[value_of(j, &keys().text).unwrap()..]),
+            Some(&b"v"[..])
+        );
+        assert_eq!(value_of(br#"{"texts":1}"#, &keys().text), None);
+        assert_eq!(value_of(br#"{"text""#, &keys().text), None);
     }
 
     #[test]

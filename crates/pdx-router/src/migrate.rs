@@ -357,7 +357,7 @@ pub struct FrameFailure {
 
 /// Index of the first `\n\n` (the blank line that ends an SSE event).
 fn find_blank_line(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\n\n")
+    memchr::memchr_iter(b'\n', b).find(|&i| b.get(i + 1) == Some(&b'\n'))
 }
 
 /// Budgets of voluntary moves, one per pool (by name).
