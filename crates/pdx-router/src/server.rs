@@ -477,7 +477,7 @@ async fn write_response(
         // they are polled with, so they must never see a no-op one; a wake-up during the write costs a
         // spurious poll.
         std::future::poll_fn(|cx| {
-            while state == Next::More && b.room() >= 4 {
+            while state == Next::More && b.room() >= 4 && b.line_room() >= FRAME_LINE_BYTES {
                 match Pin::new(&mut body).poll_frame(cx) {
                     Poll::Ready(f) => state = push_frame(f, &mut b, chunked, &mut written),
                     Poll::Pending => break,
@@ -510,8 +510,12 @@ enum Next {
     Failed,
 }
 
+/// Copied framing bytes one frame takes at most: its size line (`{n:x}\r\n`, 18 bytes for a 64-bit length) and
+/// its closing CRLF.
+pub(crate) const FRAME_LINE_BYTES: usize = 20;
+
 /// Adds a polled frame's data to `b` (a chunk when `chunked`: size line, the frame's own `Bytes`, CRLF).
-/// `b` must have room for 3 more parts.
+/// `b` must have room for 3 more parts and [`FRAME_LINE_BYTES`] copied bytes.
 fn push_frame(
     f: Option<Result<Frame<Bytes>, std::io::Error>>,
     b: &mut WriteBatch,
@@ -528,10 +532,11 @@ fn push_frame(
                     if chunked {
                         let mut line = [0u8; 18];
                         let n = hex_line(&mut line, d.len());
-                        // The caller leaves room for a frame's three parts (`room() >= 4`).
+                        // The caller leaves room for a frame's three parts and its lines.
+                        // The closing CRLF is a copy, so the next frame's size line joins its part.
                         let pushed = b.push_copy(&line[..n]).is_ok()
                             && b.push_bytes(d).is_ok()
-                            && b.push_static(b"\r\n").is_ok();
+                            && b.push_copy(b"\r\n").is_ok();
                         debug_assert!(pushed, "write batch sized for BATCH frames");
                     } else {
                         let pushed = b.push_bytes(d).is_ok();

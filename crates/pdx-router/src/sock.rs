@@ -148,8 +148,9 @@ impl Reader {
 
 /// Parts of one response write at most: the head, a chunk-size line, frame and CRLF per frame, the last chunk.
 const BATCH_PARTS: usize = 3 * crate::server::BATCH + 2;
-/// Bytes of chunk-size lines per write at most (`{n:x}\r\n` of a 64-bit length is 18 bytes).
-const BATCH_LINES: usize = 18 * crate::server::BATCH;
+/// Bytes of copied framing per write at most: per frame its size line (`{n:x}\r\n` of a 64-bit length is 18
+/// bytes) and its closing CRLF.
+const BATCH_LINES: usize = crate::server::FRAME_LINE_BYTES * crate::server::BATCH;
 /// Write batches kept per thread for reuse.
 const BATCHES_KEPT: usize = 64;
 
