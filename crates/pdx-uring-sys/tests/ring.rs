@@ -438,3 +438,33 @@ fn setups_fall_back_in_order() {
     };
     assert!(Ring::new(&bad).is_err(), "a buffer count not a power of two");
 }
+
+#[test]
+fn batched_wait_returns_with_fewer_completions_after_min_wait() {
+    let Some(mut ring) = ring_or_skip(&configs()[0]) else {
+        return;
+    };
+    let addr = listening(&mut ring);
+    let mut c = client(addr);
+    c.write_all(b"one").unwrap();
+    let mut events = Vec::new();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        assert!(start.elapsed() < LIMIT, "batched wait hung");
+        // 64 completions will never come: the wait must end min_wait after at least one is there.
+        ring.wait_batch(&mut events, 64, Duration::from_millis(2))
+            .unwrap();
+        for ev in events.drain(..) {
+            match ev {
+                Event::Accepted(s) => ring.recv(s).unwrap(),
+                Event::Data(_, buf) => got.extend_from_slice(&buf),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(got, b"one");
+    if !ring.features().min_wait {
+        eprintln!("note: the kernel lacks min_wait (Linux < 6.12); the batched wait fell back to plain waits");
+    }
+}
