@@ -87,7 +87,10 @@ fn env_flag(name: &str, default: bool) -> bool {
 fn main() -> io::Result<()> {
     let floor::Setup { bind, addr, req } = floor::setup("pd_floor_ring", 18306)?;
     let [c, p, d] = req.map(|r| &*Box::leak(r.into_boxed_slice()));
-    let setup = match std::env::var("PD_FLOOR_RING_SETUP").unwrap_or_default().as_str() {
+    let setup = match std::env::var("PD_FLOOR_RING_SETUP")
+        .unwrap_or_default()
+        .as_str()
+    {
         "" => vec![Setup::Defer, Setup::Coop, Setup::Plain],
         "defer" => vec![Setup::Defer],
         "coop" => vec![Setup::Coop],
@@ -110,7 +113,8 @@ fn main() -> io::Result<()> {
     let stats = env_flag("PD_FLOOR_RING_STATS", false);
     let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let batch = num("PD_FLOOR_RING_BATCH").unwrap_or(1).max(1);
-    let min_wait = std::time::Duration::from_micros(num("PD_FLOOR_RING_MIN_WAIT_US").unwrap_or(0).into());
+    let min_wait =
+        std::time::Duration::from_micros(num("PD_FLOOR_RING_MIN_WAIT_US").unwrap_or(0).into());
     let mut ring = Ring::new(&cfg)?;
     // Backlog 1024 as `pd_floor`'s; no SO_REUSEPORT, so a second floor on the port fails instead of sharing.
     let socket = socket2::Socket::new(

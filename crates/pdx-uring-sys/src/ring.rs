@@ -433,10 +433,17 @@ impl Ring {
             }
         }
         if cfg.max_sockets > MAX_SOCKETS {
-            return Err(io::Error::new(ErrorKind::InvalidInput, "max_sockets over 2^20"));
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "max_sockets over 2^20",
+            ));
         }
         let (ring, setup) = got.ok_or(last)?;
-        let fixed = cfg.fixed_files && ring.submitter().register_files_sparse(cfg.max_sockets).is_ok();
+        let fixed = cfg.fixed_files
+            && ring
+                .submitter()
+                .register_files_sparse(cfg.max_sockets)
+                .is_ok();
         let pool = Rc::new(Pool::new(cfg.buf_count, cfg.buf_size)?);
         // SAFETY: the ring memory (count entries, page-aligned) stays allocated until the buffer ring is
         // unregistered in `Drop` (or forever, if that fails: the pool is leaked then).
@@ -485,7 +492,10 @@ impl Ring {
     /// each comes as [`Event::Accepted`]. The ring keeps the listener open for its life. One listener per ring.
     pub fn listen(&mut self, listener: TcpListener) -> io::Result<()> {
         if self.listener.is_some() {
-            return Err(io::Error::new(ErrorKind::AlreadyExists, "ring already listens"));
+            return Err(io::Error::new(
+                ErrorKind::AlreadyExists,
+                "ring already listens",
+            ));
         }
         let fd = listener.as_raw_fd();
         self.listener = Some(listener);
@@ -550,13 +560,20 @@ impl Ring {
     /// failure posts [`Event::Sent`]; else every send does.
     pub fn send_static(&mut self, sock: Sock, data: &'static [u8]) -> io::Result<()> {
         if data.len() > MAX_STATIC_SEND {
-            return Err(io::Error::new(ErrorKind::InvalidInput, "static send over 1 MiB"));
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "static send over 1 MiB",
+            ));
         }
         let len = data.len() as u32;
         let skip = self.features.skip_static_sends;
         let e = self.with_target(sock, |t| match t {
-            T::Fixed(f) => opcode::Send::new(f, data.as_ptr(), len).flags(SEND_FLAGS).build(),
-            T::Fd(f) => opcode::Send::new(f, data.as_ptr(), len).flags(SEND_FLAGS).build(),
+            T::Fixed(f) => opcode::Send::new(f, data.as_ptr(), len)
+                .flags(SEND_FLAGS)
+                .build(),
+            T::Fd(f) => opcode::Send::new(f, data.as_ptr(), len)
+                .flags(SEND_FLAGS)
+                .build(),
         });
         let mut e = e.user_data(ud(K_SEND_STATIC, sock, len));
         if skip {
@@ -601,7 +618,10 @@ impl Ring {
         let cancel = if fixed {
             CancelBuilder::fd(Fixed(idx)).all()
         } else {
-            let fd = self.slots[sock.slot()].fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+            let fd = self.slots[sock.slot()]
+                .fd
+                .as_ref()
+                .map_or(-1, |f| f.as_raw_fd());
             CancelBuilder::fd(Fd(fd)).all()
         };
         let r = match self.ring.submitter().register_sync_cancel(None, cancel) {
@@ -740,7 +760,13 @@ impl Ring {
         Ok(())
     }
 
-    fn complete(&mut self, u: u64, res: i32, flags: u32, events: &mut Vec<Event>) -> io::Result<()> {
+    fn complete(
+        &mut self,
+        u: u64,
+        res: i32,
+        flags: u32,
+        events: &mut Vec<Event>,
+    ) -> io::Result<()> {
         // A provided buffer is guarded first, so that whatever happens next it goes back to the ring.
         let buf = match cqueue::buffer_select(flags) {
             Some(bid) if bid < self.pool.count => {

@@ -169,7 +169,10 @@ fn multishot_receive_rearms_after_enobufs() {
     assert_eq!(got, msg, "all bytes, in order, across the re-arms");
     let st = ring.stats();
     assert!(st.enobufs > 0, "the buffer ring ran dry: {st:?}");
-    assert!(st.recv_rearms > 0, "and the receive was armed again: {st:?}");
+    assert!(
+        st.recv_rearms > 0,
+        "and the receive was armed again: {st:?}"
+    );
 }
 
 #[test]
@@ -331,10 +334,7 @@ fn connect_refused_is_an_event() {
     pump(&mut ring, |ring, ev| match ev {
         Event::Connected(s, r) => {
             assert_eq!(s, sock);
-            assert_eq!(
-                r.unwrap_err().kind(),
-                std::io::ErrorKind::ConnectionRefused
-            );
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
             ring.close(s).unwrap();
             true
         }
@@ -436,7 +436,10 @@ fn setups_fall_back_in_order() {
         buf_count: 3,
         ..cfg
     };
-    assert!(Ring::new(&bad).is_err(), "a buffer count not a power of two");
+    assert!(
+        Ring::new(&bad).is_err(),
+        "a buffer count not a power of two"
+    );
 }
 
 #[test]
