@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System calls and io_uring enters per request: pdx serve (vllm-nixl, 1 thread), the epoll floor (examples/pd_floor)
-# and the io_uring floor (examples/pd_floor_uring), each at 1 and 64 connections of non-streaming chat
+# the io_uring floor on monoio (examples/pd_floor_uring) and on a ring of pdx's own (examples/pd_floor_ring), each at 1 and 64 connections of non-streaming chat
 # (crates/pdx-mock/bench/chat.lua) in front of `--instant --kv-noop` mocks. Prints the numbers of docs/benchmarks.md
 # "### The floor on io_uring and system calls per request (issue 19)".
 #
@@ -16,8 +16,9 @@
 #   at close to full speed.
 # Needs: wrk, strace, release builds of
 #   cargo build --release -p pdx-mock --example mock &&
-#   cargo build --release -p pdx-router --example serve --example pd_floor --example pd_floor_uring
-# Pinning as in compare_routers.sh: the router on core 0, mocks and wrk on core 1. Ports 18501-18512.
+#   cargo build --release -p pdx-router --example serve --example pd_floor --example pd_floor_uring \
+#     --example pd_floor_ring
+# Pinning as in compare_routers.sh: the router on core 0, mocks and wrk on core 1. Ports 18501-18513.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 T=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples
@@ -38,9 +39,11 @@ taskset -c 0 "$T/pd_floor" --port 18511 $UP 2>/dev/null & pids+=($!)
 FLOOR=$!
 taskset -c 0 "$T/pd_floor_uring" --port 18512 $UP 2>/dev/null & pids+=($!)
 URING=$!
+taskset -c 0 "$T/pd_floor_ring" --port 18513 $UP 2>/dev/null & pids+=($!)
+RING=$!
 wait_up http://127.0.0.1:18510/ready
 CHAT="$ROOT/crates/pdx-mock/bench/chat.lua"
-for port in 18511 18512; do # the floors answer any request: one warm-up request each opens their upstreams
+for port in 18511 18512 18513; do # the floors answer any request: one warm-up request each opens their upstreams
   curl -sf --retry 50 --retry-connrefused --retry-delay 0 -X POST -d '{}' "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
 done
 
@@ -60,7 +63,7 @@ perf stat -e raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter,io_uring:i
 echo "per request; strace: counts of a traced run (slower); perf: tracepoint counts of an untraced run"
 printf "%-11s %5s | %8s %8s %8s %8s %8s %8s %8s %8s | %8s %8s %8s %8s %8s\n" router conns \
   st_req syscalls uring_ent sendto recvfrom EAGAIN writev epoll_w pf_req syscalls uring_ent sqes poll_arm
-for r in pdx=18510=$PDX floor=18511=$FLOOR floor-uring=18512=$URING; do
+for r in pdx=18510=$PDX floor=18511=$FLOOR floor-uring=18512=$URING floor-ring=18513=$RING; do
   IFS== read -r name port pid <<<"$r"
   for c in 1 64; do
     # strace: `% time, seconds, usecs/call, calls, [errors], syscall` rows.

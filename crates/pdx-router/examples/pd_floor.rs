@@ -97,7 +97,19 @@ fn main() -> io::Result<()> {
     let mut conns: Vec<Option<Conn>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut events = Events::with_capacity(1024);
+    // PD_FLOOR_COALESCE_US=W (a benchmark variant, off by default): with more than one connection open, sleep W µs
+    // before each wait, so that one wake-up finds more events: the epoll counterpart of pd_floor_ring's batched
+    // waits (docs/benchmarks.md "The floor on a ring of our own").
+    let coalesce = std::env::var("PD_FLOOR_COALESCE_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_micros);
     loop {
+        if let Some(w) = coalesce {
+            if conns.len() - free.len() > 1 {
+                std::thread::sleep(w);
+            }
+        }
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;

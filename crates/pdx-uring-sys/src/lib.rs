@@ -10,12 +10,14 @@
 //! frames and static parts, written with one `writev` (`IORING_OP_WRITEV`, or `writev(2)` on monoio's legacy
 //! epoll driver) with no copy of a frame and, once built, no allocation per frame.
 //!
-//! What monoio 0.2 does not expose (the reason this crate holds no receive side): multishot receive
-//! (`IORING_OP_RECV` with `IORING_RECV_MULTISHOT`) into a provided buffer ring needs an operation that stays
-//! registered across several completions (`IORING_CQE_F_MORE`) and a buffer ring registered on the runtime's
-//! own ring (`io_uring_register_buf_ring`); monoio's driver, its operation slab and its ring are private, and
-//! its operation lifecycle ends at the first completion.
+//! What monoio 0.2 does not expose: multishot receive (`IORING_OP_RECV` with `IORING_RECV_MULTISHOT`) into a
+//! provided buffer ring needs an operation that stays registered across several completions
+//! (`IORING_CQE_F_MORE`) and a buffer ring registered on the runtime's own ring (`io_uring_register_buf_ring`);
+//! monoio's driver, its operation slab and its ring are private, and its operation lifecycle ends at the first
+//! completion. [`ring`] is a ring of pdx's own that has them (issue 19's floor on it: `examples/pd_floor_ring`).
 #![deny(missing_docs)]
+
+pub mod ring;
 
 use bytes::Bytes;
 
