@@ -111,8 +111,11 @@ impl CompletionBody {
             },
         }
     }
-    /// The prefill request of the vLLM NixlConnector flow (vLLM `toy_proxy_server.py`).
-    pub(crate) fn prefill_bytes(&self) -> Bytes {
+    /// The prefill request of the vLLM NixlConnector flow (vLLM `toy_proxy_server.py`): this request with
+    /// `stream` false, no `stream_options` or `min_tokens`, `max_tokens` (and a `max_completion_tokens` the
+    /// client set) 1, and `kv_transfer_params` asking for a remote decode. The fields are set for the
+    /// serialization and put back after it, so the request (its messages, its unknown fields) is not copied.
+    pub(crate) fn prefill_bytes(&mut self) -> Bytes {
         let mut kv = KvTransferParams::for_prefill();
         for k in [
             "remote_engine_id",
@@ -122,25 +125,45 @@ impl CompletionBody {
         ] {
             kv.extra.insert(k.into(), serde_json::Value::Null);
         }
-        let v = match self.clone() {
-            Self::Chat(mut r) => {
-                r.stream = Some(false);
-                r.stream_options = None;
-                r.max_tokens = Some(1);
-                if r.max_completion_tokens.is_some() {
-                    r.max_completion_tokens = Some(1);
-                }
-                r.min_tokens = None;
-                r.kv_transfer_params = Some(kv);
-                serde_json::to_vec(&r)
+        let v = match self {
+            Self::Chat(r) => {
+                let mct = r.max_completion_tokens.is_some().then_some(1);
+                let saved = (
+                    r.stream.replace(false),
+                    r.stream_options.take(),
+                    r.max_tokens.replace(1),
+                    std::mem::replace(&mut r.max_completion_tokens, mct),
+                    r.min_tokens.take(),
+                    r.kv_transfer_params.replace(kv),
+                );
+                let v = serde_json::to_vec(r);
+                (
+                    r.stream,
+                    r.stream_options,
+                    r.max_tokens,
+                    r.max_completion_tokens,
+                    r.min_tokens,
+                    r.kv_transfer_params,
+                ) = saved;
+                v
             }
-            Self::Text(mut r) => {
-                r.stream = Some(false);
-                r.stream_options = None;
-                r.max_tokens = Some(1);
-                r.min_tokens = None;
-                r.kv_transfer_params = Some(kv);
-                serde_json::to_vec(&r)
+            Self::Text(r) => {
+                let saved = (
+                    r.stream.replace(false),
+                    r.stream_options.take(),
+                    r.max_tokens.replace(1),
+                    r.min_tokens.take(),
+                    r.kv_transfer_params.replace(kv),
+                );
+                let v = serde_json::to_vec(r);
+                (
+                    r.stream,
+                    r.stream_options,
+                    r.max_tokens,
+                    r.min_tokens,
+                    r.kv_transfer_params,
+                ) = saved;
+                v
             }
         };
         Bytes::from(v.unwrap_or_default())
@@ -315,4 +338,60 @@ async fn run_completion(
         continuation: false,
     };
     crate::orchestrate::run(sh, job).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefill_request_leaves_the_request_as_it_was() {
+        let raw = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":9,"max_completion_tokens":9,"min_tokens":2,"temperature":0.5,"x_other":[1]}"#;
+        let (r, _) = pdx_protocol::sampling::parse_chat(raw).expect("valid");
+        let mut body = CompletionBody::Chat(r);
+        let before = body.to_bytes();
+        let p: serde_json::Value = serde_json::from_slice(&body.prefill_bytes()).unwrap();
+        assert_eq!(body.to_bytes(), before, "the request is unchanged");
+        assert_eq!(p["stream"], false);
+        assert_eq!(p["max_tokens"], 1);
+        assert_eq!(p["max_completion_tokens"], 1);
+        assert!(p.get("stream_options").is_none() && p.get("min_tokens").is_none());
+        assert_eq!(p["temperature"], 0.5);
+        assert_eq!(p["x_other"][0], 1);
+        assert_eq!(p["messages"][0]["content"], "hi");
+        let kv = &p["kv_transfer_params"];
+        assert_eq!(kv["do_remote_decode"], true);
+        assert_eq!(kv["do_remote_prefill"], false);
+        for k in [
+            "remote_engine_id",
+            "remote_block_ids",
+            "remote_host",
+            "remote_port",
+        ] {
+            assert!(kv[k].is_null() && kv.get(k).is_some(), "{k}");
+        }
+
+        // Without a client `max_completion_tokens`, none is added; a text request the same way.
+        let (r, _) = pdx_protocol::sampling::parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9}"#,
+        )
+        .expect("valid");
+        let p: serde_json::Value =
+            serde_json::from_slice(&CompletionBody::Chat(r).prefill_bytes()).unwrap();
+        assert!(p.get("max_completion_tokens").is_none());
+        let (r, _) = pdx_protocol::sampling::parse_completion(
+            br#"{"model":"m","prompt":"hi","stream":true,"max_tokens":9,"min_tokens":1}"#,
+        )
+        .expect("valid");
+        let mut body = CompletionBody::Text(r);
+        let before = body.to_bytes();
+        let p: serde_json::Value = serde_json::from_slice(&body.prefill_bytes()).unwrap();
+        assert_eq!(body.to_bytes(), before);
+        assert_eq!(
+            (p["stream"].clone(), p["max_tokens"].clone()),
+            (false.into(), 1.into())
+        );
+        assert!(p.get("min_tokens").is_none());
+        assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true);
+    }
 }

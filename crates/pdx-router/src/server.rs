@@ -161,7 +161,8 @@ impl Conn {
 
 /// A parsed request head.
 pub(crate) struct ReqHead {
-    req: hyper::http::request::Builder,
+    /// Method, URI, version and headers (no extensions).
+    req: hyper::http::request::Parts,
     pub(crate) length: Option<u64>,
     pub(crate) chunked: bool,
     keep_alive: bool,
@@ -185,9 +186,12 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadErro
         Err(_) => return Err(HeadError::Bad),
     };
     let method = r.method.ok_or(HeadError::Bad)?;
-    let mut b = Request::builder()
-        .method(method)
-        .uri(r.path.ok_or(HeadError::Bad)?);
+    // Set in place (not through `http`'s request builder, which moves the whole head at every step); a
+    // method, target or header `http` refuses is a 400, as from the builder.
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = hyper::Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad)?;
+    parts.uri = hyper::Uri::try_from(r.path.ok_or(HeadError::Bad)?).map_err(|_| HeadError::Bad)?;
+    parts.headers.reserve(r.headers.len());
     let mut length = None;
     let mut chunked = false;
     let mut keep_alive = r.version == Some(1);
@@ -225,7 +229,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadErro
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         }
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad)?;
-        b = b.header(name, value);
+        parts.headers.append(name, value);
     }
     if chunked && length.is_some() {
         // Both framings: a request-smuggling vector (RFC 9112 §6.3 lets a server reject it); refuse.
@@ -234,7 +238,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadErro
     let head_method = method == "HEAD";
     buf.advance(n);
     Ok(Some(ReqHead {
-        req: b,
+        req: parts,
         length: if chunked { None } else { length },
         chunked,
         keep_alive,
@@ -362,13 +366,7 @@ pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
             // Nothing pipelined: hold no buffer while the request is routed and answered.
             c.buf = BytesMut::new();
         }
-        let req = match head.req.body(Full::new(body)) {
-            Ok(r) => r,
-            Err(_) => {
-                let _ = c.write_all(simple(400, "Bad Request")).await;
-                return;
-            }
-        };
+        let req = Request::from_parts(head.req, Full::new(body));
         // Route; the boxed future lives only while the request is routed.
         let mut fut = Box::pin(api::handle(sh.clone(), req));
         let resp = match c.watch(&mut fut).await {

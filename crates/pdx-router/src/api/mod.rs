@@ -71,8 +71,12 @@ pub fn error_response(e: &ApiError) -> Response<RouterBody> {
 
 thread_local! {
     static REQ_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// This thread's part of its request ids (the length of its id's debug form), computed once.
+    static REQ_TID: u64 = format!("{:?}", std::thread::current().id()).len() as u64;
 }
 
+/// A request id, `pdx-` and 16 hex digits of a hash of the time, the thread and a per-thread sequence number,
+/// then that number in hex; written without formatting machinery (one allocation, the header value's).
 fn new_request_id() -> HeaderValue {
     let n = REQ_SEQ.with(|c| {
         let v = c.get() + 1;
@@ -82,9 +86,23 @@ fn new_request_id() -> HeaderValue {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let tid = std::thread::current().id();
-    let h = pdx_tokens::mix64(t ^ n.rotate_left(32) ^ (format!("{tid:?}").len() as u64));
-    HeaderValue::from_str(&format!("pdx-{h:016x}{n:x}")).expect("ascii")
+    let h = pdx_tokens::mix64(t ^ n.rotate_left(32) ^ REQ_TID.with(|t| *t));
+    request_id(h, n)
+}
+
+/// `pdx-{h:016x}{n:x}` as a header value.
+fn request_id(h: u64, n: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 4 + 16 + 16];
+    out[..4].copy_from_slice(b"pdx-");
+    for (i, o) in out[4..20].iter_mut().enumerate() {
+        *o = HEX[((h >> (60 - 4 * i)) & 15) as usize];
+    }
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, o) in out[20..20 + digits].iter_mut().enumerate() {
+        *o = HEX[((n >> (4 * (digits - 1 - i))) & 15) as usize];
+    }
+    HeaderValue::from_bytes(&out[..20 + digits]).expect("ascii")
 }
 
 /// Handles one request (never fails: errors are OpenAI error responses).
@@ -172,5 +190,28 @@ fn ready(sh: &Shared) -> Response<RouterBody> {
         full(200, "application/json", r#"{"status":"ready"}"#)
     } else {
         error_response(&ApiError::unavailable("no healthy worker"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_the_hash_and_the_sequence_number_in_hex() {
+        for (h, n) in [
+            (0, 0),
+            (0, 1),
+            (0xdead_beef, 0xf),
+            (u64::MAX, 0x10),
+            (0x0123_4567_89ab_cdef, 0xabc_def0),
+            (1, u64::MAX),
+        ] {
+            assert_eq!(
+                super::request_id(h, n).to_str().unwrap(),
+                format!("pdx-{h:016x}{n:x}")
+            );
+        }
+        let (a, b) = (super::new_request_id(), super::new_request_id());
+        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().starts_with("pdx-") && a.len() >= 21);
     }
 }

@@ -265,7 +265,7 @@ pub(crate) type PrefillResult = Result<Option<(KvTransferParams, KvLease)>, Resp
 /// on the prefill pool: given back with the prefill's duration when it succeeds, without a sample otherwise.
 pub(crate) async fn prefill(
     sh: &Arc<Shared>,
-    job: &Job,
+    job: &mut Job,
     exclude: &[u64],
     prefill_first: usize,
     decode_first: usize,
@@ -274,6 +274,7 @@ pub(crate) async fn prefill(
     if job.model.prefill.is_empty() {
         return Ok(None);
     }
+    let body = job.body.prefill_bytes();
     let pj = Rc::new(PrefillJob {
         model: job.model.clone(),
         hashes: job.hashes.clone(),
@@ -283,7 +284,7 @@ pub(crate) async fn prefill(
         path: job.path,
         rid: job.rid.clone(),
         auth: job.auth.clone(),
-        body: job.body.prefill_bytes(),
+        body,
         decode_first,
         prefill_first,
     });

@@ -62,7 +62,7 @@ impl Orchestrator for VllmNixl {
             // untaken (the client went away, no decode would take the request), it is released.
             let prefilled = match super::handoff::prefill(
                 sh,
-                &job,
+                &mut job,
                 &failed_prefill,
                 prefill_first,
                 first,
