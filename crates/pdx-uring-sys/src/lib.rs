@@ -132,7 +132,10 @@ impl WriteBatch {
             return Ok(());
         }
         let at = self.lines.len();
-        let follows_copy = self.iov.len() > self.start
+        // `at > 0`: with `lines` empty, another allocation (a frame, the head) could end right where `lines`
+        // starts, and a merged part would then span two allocations.
+        let follows_copy = at > 0
+            && self.iov.len() > self.start
             && self.iov.last().is_some_and(|v| {
                 v.iov_base as usize + v.iov_len == self.lines.as_ptr() as usize + at
             });
@@ -144,8 +147,8 @@ impl WriteBatch {
         // Within capacity: no reallocation, so the parts already pointing into `lines` stay valid.
         self.lines.extend_from_slice(s);
         match self.iov.last_mut() {
-            // The last part ends where this copy starts, inside `lines` (no other memory the batch points
-            // into can sit at that address): one part now covers both, all of it owned by `lines`.
+            // The last part ends where this copy starts, at `lines[at]` with `at > 0`: it ends inside `lines`
+            // (parts never straddle allocations), so it is a copy; one part now covers both, all in `lines`.
             Some(v) if follows_copy => v.iov_len += s.len(),
             _ => self.push_raw(self.lines[at..].as_ptr(), s.len()),
         }
