@@ -590,7 +590,8 @@ impl Ring {
     }
 
     /// Opens a TCP connection to `addr` (the socket now, the connect queued): [`Event::Connected`] follows.
-    /// Errors: no free socket slot, socket creation or registration failed.
+    /// Errors: no free socket slot, socket creation or registration failed, the submission queue full and not
+    /// draining (the socket is closed again then).
     pub fn connect(&mut self, addr: SocketAddr) -> io::Result<Sock> {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -636,7 +637,8 @@ impl Ring {
 
     /// Arms the socket's multishot receive: [`Event::Data`] for every received segment until
     /// [`Event::RecvEnded`]. The ring arms it again itself when the kernel ends it early (a full completion
-    /// queue, or `ENOBUFS` once buffers are back). Nothing if it is armed or the socket is closed.
+    /// queue, or `ENOBUFS` once buffers are back). Nothing if it is armed or the socket is closed. Errors: the
+    /// submission queue full and not draining (the receive is armed at a later wait turn).
     pub fn recv(&mut self, sock: Sock) -> io::Result<()> {
         if !self.live(sock) || self.slots[sock.slot()].recv_armed {
             return Ok(());
@@ -667,7 +669,8 @@ impl Ring {
     }
 
     /// Sends all of `data` (a prebuilt request, alive for the process; at most [`MAX_STATIC_SEND`] bytes). With `skip_static_sends`, only a
-    /// failure posts [`Event::Sent`]; else every send does.
+    /// failure posts [`Event::Sent`]; else every send does. Errors: `NotConnected` if `sock` is not live,
+    /// `InvalidInput` over the size, the submission queue full and not draining.
     pub fn send_static(&mut self, sock: Sock, data: &'static [u8]) -> io::Result<()> {
         if data.len() > MAX_STATIC_SEND {
             return Err(io::Error::new(

@@ -606,3 +606,85 @@ fn generation_wrap_keeps_stale_handles_stale() {
     assert_eq!(e.kind(), ErrorKind::NotConnected);
     ring.close(now).unwrap();
 }
+
+/// Set in the child process of `accept_pauses_on_fd_exhaustion` (it lowers its own fd limit).
+const EMFILE_CHILD: &str = "PDX_RING_EMFILE_CHILD";
+
+#[test]
+fn accept_pauses_on_fd_exhaustion() {
+    // The fd limit is per process: the test runs itself again in a child that lowers it.
+    if std::env::var_os(EMFILE_CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "accept_pauses_on_fd_exhaustion",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(EMFILE_CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran the test:\n{text}");
+        return;
+    }
+    let cfg = RingConfig {
+        max_sockets: 4,
+        fixed_files: false,
+        ..configs()[0].clone()
+    };
+    let Some(mut ring) = ring_or_skip(&cfg) else {
+        return;
+    };
+    let addr = listening(&mut ring);
+    // Fill the fd table below a low limit, so the kernel's accept fails with EMFILE.
+    let rl = libc::rlimit {
+        rlim_cur: 128,
+        rlim_max: 128,
+    };
+    // SAFETY: a valid rlimit; this child process is alone in lowering it.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) }, 0);
+    let mut fillers = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        fillers.push(f);
+    }
+    assert!(!fillers.is_empty());
+    // The client's socket (in this process too) needs one fd: give one filler back for it.
+    fillers.pop();
+    let c = TcpStream::connect(addr).unwrap();
+    let mut events = Vec::new();
+    let (mut failed, turns) = (0, 40);
+    for _ in 0..turns {
+        ring.wait(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+        for ev in events.drain(..) {
+            match ev {
+                Event::AcceptFailed(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                    failed += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(failed >= 1, "the accept hit the fd limit");
+    // Armed again at once, each turn would fail at once: the pause leaves at least every other turn idle.
+    assert!(
+        failed <= turns / 2 + 1,
+        "{failed} failures in {turns} turns: a busy loop"
+    );
+    drop(fillers);
+    let mut accepted = None;
+    pump(&mut ring, |_, ev| match ev {
+        Event::Accepted(s) => {
+            accepted = Some(s);
+            true
+        }
+        Event::AcceptFailed(_) => false,
+        other => panic!("unexpected {other:?}"),
+    });
+    ring.close(accepted.unwrap()).unwrap();
+    drop(c);
+}
