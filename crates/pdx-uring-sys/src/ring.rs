@@ -249,6 +249,8 @@ pub const MAX_STATIC_SEND: usize = (1 << 20) - 1;
 /// How many `io_uring_enter` calls a full (or, in [`Ring::close`], non-empty) submission queue gets before
 /// the operation fails: the kernel answers EAGAIN/EBUSY while its completion queue overflows.
 const SUBMIT_TRIES: usize = 64;
+/// Most connects in flight (their address slab index is 20 bits of `user_data`).
+const MAX_CONNECTS: usize = 1 << 20;
 const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
 /// The provided buffer group id of the ring's pool.
 const BGID: u16 = 0;
@@ -606,7 +608,7 @@ impl Ring {
         let (ptr, len) = (a.as_ptr(), a.len());
         let i = match self.free_addrs.pop() {
             Some(i) => i,
-            None if self.addrs.len() < MAX_STATIC_SEND => {
+            None if self.addrs.len() < MAX_CONNECTS => {
                 self.addrs.push(None);
                 (self.addrs.len() - 1) as u32
             }
