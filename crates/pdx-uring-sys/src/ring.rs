@@ -14,22 +14,25 @@
 //!   may write it; safe code has no reference to it) or out of it (named by exactly one completion, whose
 //!   [`RecvBuf`] is the only handle; the kernel does not touch a buffer it has consumed until it is published
 //!   again, which only that guard's drop does). Buffer ids from the kernel are checked against the pool's size.
-//!   When the ring is dropped it cancels every request synchronously (`IORING_REGISTER_SYNC_CANCEL`, which
-//!   returns once the matched requests are done) and unregisters the buffer ring before the pool can be
-//!   freed; if either fails, the pool is leaked instead.
+//!   When the ring is dropped it cancels every request synchronously (`IORING_REGISTER_SYNC_CANCEL`; it does
+//!   not wait for a request already running in an io-wq worker, which is only signalled, see
+//!   io_uring/cancel.c), then reaps completions for up to 1 s until no owned send or connect is in flight, and
+//!   unregisters the buffer ring before the pool can be freed; if the cancel or the unregister fails, the pool
+//!   is leaked instead, and so is every send vector or connect address still in flight at the deadline.
 //! * **The buffer ring itself** (the kernel reads its entries): part of the pool, page-aligned, written only
 //!   by the ring's thread (the pool is `!Send`), entries before the release-store of the tail.
 //! * **Owned sends** ([`Ring::send_vec`]): the `Vec<u8>` moves into the ring and stays in its slab until the
 //!   send's completion, then goes back to the caller; its heap memory does not move while owned. Their
-//!   completions are never skipped. On drop without a successful cancel, the vectors are leaked.
+//!   completions are never skipped. On drop, a vector whose completion did not come within the drain is leaked.
 //! * **Static sends** ([`Ring::send_static`]): `&'static [u8]`, alive for the process; these alone may use
 //!   `IOSQE_CQE_SKIP_SUCCESS` (a failed send still completes: the kernel posts failures).
-//! * **Connect addresses**: boxed in the socket's entry until the socket is closed (the kernel copies the address
-//!   when it prepares the request, so this is more than needed).
+//! * **Connect addresses**: boxed in an address slab until the connect's own completion (its `user_data` holds
+//!   the slab index), even if the socket was closed before; leaked on drop if it never came.
 //! * **File descriptors / fixed slots**: a closed socket's queued entries are submitted before its requests are
-//!   cancelled and its slot (or fd number) is released, so a later socket reusing the slot never receives
-//!   operations meant for the old one; completions of a closed socket carry an older generation and are
-//!   dropped (their buffers go back to the ring).
+//!   cancelled and its slot (or fd number) is released (if the queue will not drain, the close fails and the
+//!   slot stays live), so a later socket reusing the slot never receives operations meant for the old one;
+//!   every operation on a handle checks the slot's generation (`NotConnected` for a stale one); completions of
+//!   a closed socket carry an older generation and are dropped (their buffers go back to the ring).
 //!
 //! Sends use `MSG_WAITALL` (the kernel retries a short send on a stream socket until all bytes are out or an
 //! error: a completion shorter than the send is an error) and `MSG_NOSIGNAL`.
@@ -40,12 +43,13 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::types::{CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
@@ -134,11 +138,12 @@ impl std::fmt::Display for Features {
         write!(
             f,
             "setup {}, fixed files {}, skip-success static sends {}, registered ring fd {}, \
-             multishot accept+recv with a provided buffer ring",
+             min-wait batches {}, multishot accept+recv with a provided buffer ring",
             self.setup.name(),
             yes(self.fixed_files),
             yes(self.skip_static_sends),
-            yes(self.registered_ring_fd)
+            yes(self.registered_ring_fd),
+            yes(self.min_wait)
         )
     }
 }
@@ -183,6 +188,33 @@ impl Sock {
     }
 }
 
+/// A [`Ring::send_vec`] that was not queued: why, and the vector back.
+#[derive(Debug)]
+pub struct SendError {
+    /// Why (`NotConnected`: the socket is closed or not of this ring).
+    pub error: io::Error,
+    /// The caller's vector, untouched.
+    pub buf: Vec<u8>,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "owned send not queued: {}", self.error)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<SendError> for io::Error {
+    fn from(e: SendError) -> io::Error {
+        e.error
+    }
+}
+
 /// Something that completed.
 #[derive(Debug)]
 pub enum Event {
@@ -202,7 +234,8 @@ pub enum Event {
 }
 
 // user_data: kind in the top 8 bits; for socket operations the slot's generation (16 bits), the slot (20 bits)
-// and, for static sends, the length (20 bits); for owned sends the send slab index.
+// and, for static sends, the length (20 bits), for connects the address slab index (20 bits); for owned sends
+// the send slab index.
 const K_ACCEPT: u64 = 1;
 const K_CONNECT: u64 = 2;
 const K_RECV: u64 = 3;
@@ -213,6 +246,11 @@ const GEN_MASK: u32 = 0xffff;
 pub const MAX_SOCKETS: u32 = 1 << 20;
 /// Longest [`Ring::send_static`], bytes (20 bits of `user_data`).
 pub const MAX_STATIC_SEND: usize = (1 << 20) - 1;
+/// How many `io_uring_enter` calls a full (or, in [`Ring::close`], non-empty) submission queue gets before
+/// the operation fails: the kernel answers EAGAIN/EBUSY while its completion queue overflows.
+const SUBMIT_TRIES: usize = 64;
+/// Most connects in flight (their address slab index is 20 bits of `user_data`).
+const MAX_CONNECTS: usize = 1 << 20;
 const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
 /// The provided buffer group id of the ring's pool.
 const BGID: u16 = 0;
@@ -258,9 +296,15 @@ impl Pool {
             ));
         }
         let bad = |_| io::Error::new(ErrorKind::InvalidInput, "buffer pool too large");
-        let ring_layout = Layout::from_size_align(count as usize * ENTRY, 4096).map_err(bad)?;
+        // The kernel wants the buffer ring page-aligned; the page size is the system's, not always 4 KiB.
+        // SAFETY: sysconf reads a system constant.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        let ring_layout = Layout::from_size_align(count as usize * ENTRY, page).map_err(bad)?;
         let data_layout =
-            Layout::from_size_align(count as usize * buf_size as usize, 4096).map_err(bad)?;
+            Layout::from_size_align(count as usize * buf_size as usize, page).map_err(bad)?;
         // SAFETY: both layouts have a non-zero size (count >= 1, buf_size >= 1).
         let ring = unsafe { alloc_zeroed(ring_layout) };
         // SAFETY: as above.
@@ -377,12 +421,12 @@ impl Drop for RecvBuf {
 /// One socket slot.
 #[derive(Default)]
 struct Slot {
+    /// Bumped at every close (32 bits in handles; completions carry the low 16 bits, and free slots are reused
+    /// oldest first, so a stale completion matches only after 65536 reuses of one slot).
     gen: u32,
     live: bool,
     /// The socket's fd when it is not in the fixed-file table.
     fd: Option<OwnedFd>,
-    /// A connect address, kept until the socket is closed.
-    addr: Option<Box<socket2::SockAddr>>,
     recv_armed: bool,
 }
 
@@ -392,12 +436,19 @@ pub struct Ring {
     pool: Rc<Pool>,
     features: Features,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// Free slots, reused oldest first.
+    free: VecDeque<u32>,
     starved: Vec<Sock>,
     /// Owned sends in flight: the vector and its socket, by send slab index.
     sends: Vec<Option<(Vec<u8>, Sock, u32)>>,
     free_sends: Vec<u32>,
+    /// Connect addresses in flight, by index (in the connect's `user_data`), until the connect's completion.
+    addrs: Vec<Option<Box<socket2::SockAddr>>>,
+    free_addrs: Vec<u32>,
     listener: Option<TcpListener>,
+    /// The multishot accept ended on fd or memory exhaustion and is not armed: armed again at the next
+    /// [`Ring::close`] or after the next wait turn (not at once: that would spin on the same error).
+    accept_paused: bool,
     cqes: Vec<(u64, i32, u32)>,
     nodelay: bool,
     stats: Stats,
@@ -406,8 +457,16 @@ pub struct Ring {
 impl Ring {
     /// Sets up the ring (the first of `cfg.setup` the kernel accepts), its fixed-file table (if asked and
     /// accepted) and its provided buffer ring. Errors: no setup accepted, the buffer ring refused (Linux < 5.19),
-    /// bad sizes.
+    /// bad sizes, a kernel older than 6.0 (multishot receive, `IORING_RECV_MULTISHOT`, came in 6.0; an older
+    /// kernel would take the flag as a one-shot receive's unknown flag only at the first receive). In fd mode
+    /// (no fixed-file table) `max_sockets` is capped [`FD_HEADROOM`] below `RLIMIT_NOFILE`.
     pub fn new(cfg: &RingConfig) -> io::Result<Ring> {
+        if kernel_version().is_none_or(|v| v < (6, 0)) {
+            return Err(io::Error::new(
+                ErrorKind::Unsupported,
+                "io_uring multishot receive needs Linux 6.0+",
+            ));
+        }
         let mut last = io::Error::new(ErrorKind::InvalidInput, "no ring setup asked for");
         let mut got = None;
         for &setup in &cfg.setup {
@@ -444,6 +503,12 @@ impl Ring {
                 .submitter()
                 .register_files_sparse(cfg.max_sockets)
                 .is_ok();
+        let max_sockets = if fixed {
+            cfg.max_sockets
+        } else {
+            cfg.max_sockets
+                .min(nofile_limit().saturating_sub(FD_HEADROOM))
+        };
         let pool = Rc::new(Pool::new(cfg.buf_count, cfg.buf_size)?);
         // SAFETY: the ring memory (count entries, page-aligned) stays allocated until the buffer ring is
         // unregistered in `Drop` (or forever, if that fails: the pool is leaked then).
@@ -461,12 +526,15 @@ impl Ring {
                 registered_ring_fd: false,
                 min_wait: true,
             },
-            slots: (0..cfg.max_sockets).map(|_| Slot::default()).collect(),
-            free: (0..cfg.max_sockets).rev().collect(),
+            slots: (0..max_sockets).map(|_| Slot::default()).collect(),
+            free: (0..max_sockets).collect(),
             starved: Vec::new(),
             sends: Vec::new(),
             free_sends: Vec::new(),
+            addrs: Vec::new(),
+            free_addrs: Vec::new(),
             listener: None,
+            accept_paused: false,
             cqes: Vec::with_capacity(cfg.entries as usize * 4),
             nodelay: cfg.nodelay,
             stats: Stats::default(),
@@ -502,6 +570,17 @@ impl Ring {
         self.arm_accept(fd)
     }
 
+    /// Arms the listener's multishot accept again (after the kernel ended it, or a pause).
+    fn rearm_accept(&mut self) -> io::Result<()> {
+        self.accept_paused = false;
+        match self.listener.as_ref().map(|l| l.as_raw_fd()) {
+            Some(fd) => self
+                .arm_accept(fd)
+                .inspect_err(|_| self.accept_paused = true),
+            None => Ok(()),
+        }
+    }
+
     fn arm_accept(&mut self, fd: RawFd) -> io::Result<()> {
         let e = opcode::AcceptMulti::new(Fd(fd))
             .flags(libc::SOCK_CLOEXEC)
@@ -513,7 +592,8 @@ impl Ring {
     }
 
     /// Opens a TCP connection to `addr` (the socket now, the connect queued): [`Event::Connected`] follows.
-    /// Errors: no free socket slot, socket creation or registration failed.
+    /// Errors: no free socket slot, socket creation or registration failed, the submission queue full and not
+    /// draining (the socket is closed again then).
     pub fn connect(&mut self, addr: SocketAddr) -> io::Result<Sock> {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -526,19 +606,41 @@ impl Ring {
         let sock = self.install(OwnedFd::from(s))?;
         let a = Box::new(socket2::SockAddr::from(addr));
         let (ptr, len) = (a.as_ptr(), a.len());
-        self.slots[sock.slot()].addr = Some(a);
+        let i = match self.free_addrs.pop() {
+            Some(i) => i,
+            None if self.addrs.len() < MAX_CONNECTS => {
+                self.addrs.push(None);
+                (self.addrs.len() - 1) as u32
+            }
+            None => {
+                self.undo_install(sock);
+                return Err(io::Error::new(
+                    ErrorKind::OutOfMemory,
+                    "too many connects in flight",
+                ));
+            }
+        };
+        self.addrs[i as usize] = Some(a);
         let e = self.with_target(sock, |t| match t {
             T::Fixed(f) => opcode::Connect::new(f, ptr, len).build(),
             T::Fd(f) => opcode::Connect::new(f, ptr, len).build(),
         });
-        // SAFETY: the address is boxed in the socket's slot until `close`, which cancels the connect first.
-        unsafe { self.push(e.user_data(ud(K_CONNECT, sock, 0))) }?;
+        // SAFETY: the address is boxed in the address slab until this connect's completion (`K_CONNECT` carries
+        // its index), whether or not the socket was closed meanwhile; if the push fails nothing was queued.
+        let r = e.and_then(|e| unsafe { self.push(e.user_data(ud(K_CONNECT, sock, i))) });
+        if let Err(e) = r {
+            self.addrs[i as usize] = None;
+            self.free_addrs.push(i);
+            self.undo_install(sock);
+            return Err(e);
+        }
         Ok(sock)
     }
 
     /// Arms the socket's multishot receive: [`Event::Data`] for every received segment until
     /// [`Event::RecvEnded`]. The ring arms it again itself when the kernel ends it early (a full completion
-    /// queue, or `ENOBUFS` once buffers are back). Nothing if it is armed or the socket is closed.
+    /// queue, or `ENOBUFS` once buffers are back). Nothing if it is armed or the socket is closed. Errors: the
+    /// submission queue full and not draining (the receive is armed at a later wait turn).
     pub fn recv(&mut self, sock: Sock) -> io::Result<()> {
         if !self.live(sock) || self.slots[sock.slot()].recv_armed {
             return Ok(());
@@ -546,18 +648,31 @@ impl Ring {
         self.arm_recv(sock)
     }
 
+    /// Queues the multishot receive; `recv_armed` turns true only once it is queued. If it cannot be queued
+    /// the socket waits on `starved` for the next wait turn.
     fn arm_recv(&mut self, sock: Sock) -> io::Result<()> {
-        self.slots[sock.slot()].recv_armed = true;
         let e = self.with_target(sock, |t| match t {
             T::Fixed(f) => opcode::RecvMulti::new(f, BGID).build(),
             T::Fd(f) => opcode::RecvMulti::new(f, BGID).build(),
-        });
+        })?;
         // SAFETY: the receive writes only into buffers of the pool, which outlives every request (module docs).
-        unsafe { self.push(e.user_data(ud(K_RECV, sock, 0))) }
+        match unsafe { self.push(e.user_data(ud(K_RECV, sock, 0))) } {
+            Ok(()) => {
+                self.slots[sock.slot()].recv_armed = true;
+                Ok(())
+            }
+            Err(e) => {
+                if !self.starved.contains(&sock) {
+                    self.starved.push(sock);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Sends all of `data` (a prebuilt request, alive for the process; at most [`MAX_STATIC_SEND`] bytes). With `skip_static_sends`, only a
-    /// failure posts [`Event::Sent`]; else every send does.
+    /// failure posts [`Event::Sent`]; else every send does. Errors: `NotConnected` if `sock` is not live,
+    /// `InvalidInput` over the size, the submission queue full and not draining.
     pub fn send_static(&mut self, sock: Sock, data: &'static [u8]) -> io::Result<()> {
         if data.len() > MAX_STATIC_SEND {
             return Err(io::Error::new(
@@ -574,7 +689,7 @@ impl Ring {
             T::Fd(f) => opcode::Send::new(f, data.as_ptr(), len)
                 .flags(SEND_FLAGS)
                 .build(),
-        });
+        })?;
         let mut e = e.user_data(ud(K_SEND_STATIC, sock, len));
         if skip {
             e = e.flags(squeue::Flags::SKIP_SUCCESS);
@@ -584,11 +699,25 @@ impl Ring {
     }
 
     /// Sends `buf[..len]`; the vector comes back in [`Event::Sent`] (always posted). `len` is clamped to
-    /// `buf.len()`.
-    pub fn send_vec(&mut self, sock: Sock, buf: Vec<u8>, len: usize) -> io::Result<()> {
+    /// `buf.len()`. Errors (the vector comes back in the [`SendError`]): `NotConnected` if `sock` is not live,
+    /// `InvalidInput` over `i32::MAX` bytes (a completion's result is an `i32`), the submission queue full and
+    /// not draining.
+    pub fn send_vec(&mut self, sock: Sock, buf: Vec<u8>, len: usize) -> Result<(), SendError> {
         let len = len.min(buf.len());
-        let len32 = u32::try_from(len).map_err(|_| ErrorKind::InvalidInput)?;
+        let Some(len32) = u32::try_from(len).ok().filter(|&l| l <= i32::MAX as u32) else {
+            return Err(SendError {
+                error: io::Error::new(ErrorKind::InvalidInput, "owned send over i32::MAX bytes"),
+                buf,
+            });
+        };
         let ptr = buf.as_ptr();
+        let e = match self.with_target(sock, |t| match t {
+            T::Fixed(f) => opcode::Send::new(f, ptr, len32).flags(SEND_FLAGS).build(),
+            T::Fd(f) => opcode::Send::new(f, ptr, len32).flags(SEND_FLAGS).build(),
+        }) {
+            Ok(e) => e,
+            Err(error) => return Err(SendError { error, buf }),
+        };
         let i = match self.free_sends.pop() {
             Some(i) => i,
             None => {
@@ -597,22 +726,29 @@ impl Ring {
             }
         };
         self.sends[i as usize] = Some((buf, sock, len32));
-        let e = self.with_target(sock, |t| match t {
-            T::Fixed(f) => opcode::Send::new(f, ptr, len32).flags(SEND_FLAGS).build(),
-            T::Fd(f) => opcode::Send::new(f, ptr, len32).flags(SEND_FLAGS).build(),
-        });
-        // SAFETY: the vector is in the send slab (its heap memory unmoved) until this send's completion.
-        unsafe { self.push(e.user_data(K_SEND_VEC << 56 | u64::from(i))) }
+        // SAFETY: the vector is in the send slab (its heap memory unmoved) until this send's completion; if the
+        // push fails the entry was not queued, so the vector may leave the slab again.
+        match unsafe { self.push(e.user_data(K_SEND_VEC << 56 | u64::from(i))) } {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let (buf, _, _) = self.sends[i as usize].take().expect("just stored");
+                self.free_sends.push(i);
+                Err(SendError { error, buf })
+            }
+        }
     }
 
     /// Closes the socket: submits what is queued (so no queued entry outlives the slot), cancels its requests
     /// synchronously, then releases its fixed slot or fd. Its later completions are dropped. Nothing if it is
-    /// already closed.
+    /// already closed. Errors: the submission queue would not drain (the socket stays open: close it again
+    /// later), the cancel or the fixed-file update failed.
     pub fn close(&mut self, sock: Sock) -> io::Result<()> {
         if !self.live(sock) {
             return Ok(());
         }
-        self.enter(0, None)?;
+        // A submit stops at the first entry that fails setup, and EAGAIN/EBUSY submit nothing: enter until the
+        // queue is empty, or give up with the slot still live (an entry for it may still be queued).
+        self.drain_sq()?;
         let idx = sock.idx;
         let fixed = self.slots[sock.slot()].fd.is_none();
         let cancel = if fixed {
@@ -631,20 +767,73 @@ impl Ring {
         if fixed {
             self.ring.submitter().register_files_update(idx, &[-1])?;
         }
-        let s = &mut self.slots[sock.slot()];
-        (s.live, s.fd, s.addr, s.recv_armed) = (false, None, None, false);
-        s.gen = s.gen.wrapping_add(1) & GEN_MASK;
-        self.free.push(idx);
-        self.starved.retain(|&x| x != sock);
+        self.release(sock);
+        if self.accept_paused {
+            // An fd or slot came free: accepting may work again.
+            self.rearm_accept()?;
+        }
         r
+    }
+
+    /// Enters until the submission queue is empty (at most [`SUBMIT_TRIES`] times).
+    fn drain_sq(&mut self) -> io::Result<()> {
+        for _ in 0..SUBMIT_TRIES {
+            if self.ring.submission().is_empty() {
+                return Ok(());
+            }
+            self.enter(0, None)?;
+        }
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            ErrorKind::WouldBlock,
+            "io_uring: the submission queue does not drain",
+        ))
+    }
+
+    /// Takes back a socket that no queued entry names (a connect that could not be queued): its fixed-file
+    /// entry is cleared (closing the socket now, not at the slot's next use), then the slot released.
+    fn undo_install(&mut self, sock: Sock) {
+        if self.slots[sock.slot()].fd.is_none() {
+            // If even this fails, the entry is replaced (and the socket closed) when the slot is next used.
+            let _ = self.ring.submitter().register_files_update(sock.idx, &[-1]);
+        }
+        self.release(sock);
+    }
+
+    /// Marks the slot free (its fd, if any, closes here) and bumps its generation; the caller has made sure
+    /// no queued entry names it.
+    fn release(&mut self, sock: Sock) {
+        let s = &mut self.slots[sock.slot()];
+        (s.live, s.fd, s.recv_armed) = (false, None, false);
+        s.gen = s.gen.wrapping_add(1);
+        self.free.push_back(sock.idx);
+        self.starved.retain(|&x| x != sock);
     }
 
     /// Submits everything queued, waits for at least one completion (at most `timeout`, if given), and appends
     /// what completed to `events`. Receives that ran out of buffers are armed again first, if buffers are back.
     pub fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        self.rearm_starved()?;
+        let paused = self.before_wait()?;
         self.enter(1, timeout)?;
-        self.reap(events)
+        let r = self.reap(events);
+        self.after_wait(paused)?;
+        r
+    }
+
+    /// Arms starved receives again; says whether accepting was paused before this turn.
+    fn before_wait(&mut self) -> io::Result<bool> {
+        self.rearm_starved()?;
+        Ok(self.accept_paused)
+    }
+
+    /// An accept paused since before this turn (a whole wait on other work has passed) is armed again.
+    fn after_wait(&mut self, paused: bool) -> io::Result<()> {
+        if paused && self.accept_paused {
+            self.rearm_accept()?;
+        }
+        Ok(())
     }
 
     /// As [`Ring::wait`], but the kernel wakes the thread only once `want` completions are there, or `min_wait`
@@ -661,7 +850,7 @@ impl Ring {
         if want <= 1 || min_wait.is_zero() || !self.features.min_wait {
             return self.wait(events, None);
         }
-        self.rearm_starved()?;
+        let paused = self.before_wait()?;
         /// `struct io_uring_getevents_arg` (Linux 6.12 names the former `pad` field `min_wait_usec`).
         #[repr(C)]
         struct GetEventsArg {
@@ -703,17 +892,25 @@ impl Ring {
                 ) => {}
             Err(e) => return Err(e),
         }
-        self.reap(events)
+        let r = self.reap(events);
+        self.after_wait(paused)?;
+        r
     }
 
     fn rearm_starved(&mut self) -> io::Result<()> {
         if !self.starved.is_empty() && self.pool.out.get() < u32::from(self.pool.count) {
+            let mut first = Ok(());
             for sock in std::mem::take(&mut self.starved) {
                 if self.live(sock) && !self.slots[sock.slot()].recv_armed {
                     self.stats.recv_rearms += 1;
-                    self.arm_recv(sock)?;
+                    // A failure puts the socket back on `starved`; the others are still armed.
+                    let r = self.arm_recv(sock);
+                    if first.is_ok() {
+                        first = r;
+                    }
                 }
             }
+            return first;
         }
         Ok(())
     }
@@ -753,11 +950,17 @@ impl Ring {
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
         self.stats.cqes += cqes.len() as u64;
+        // Every completion is handled (accepted fds, buffers and send vectors are never lost to an earlier
+        // one's error); the first error is returned after.
+        let mut first = Ok(());
         for &(u, res, flags) in &cqes {
-            self.complete(u, res, flags, events)?;
+            let r = self.complete(u, res, flags, events);
+            if first.is_ok() {
+                first = r;
+            }
         }
         self.cqes = cqes;
-        Ok(())
+        first
     }
 
     fn complete(
@@ -799,23 +1002,31 @@ impl Ring {
                     events.push(Event::AcceptFailed(err()));
                 }
                 if !cqueue::more(flags) {
-                    if let Some(fd) = self.listener.as_ref().map(|l| l.as_raw_fd()) {
-                        self.arm_accept(fd)?;
+                    if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOMEM) {
+                        // Arming again at once would fail the same way, in a busy loop.
+                        self.accept_paused = true;
+                    } else {
+                        self.rearm_accept()?;
                     }
                 }
             }
             K_CONNECT => {
-                let sock = ud_sock(u);
-                if self.live(sock) {
+                // The address may go now: the connect is over.
+                let i = (u & 0xfffff) as usize;
+                if let Some(a) = self.addrs.get_mut(i) {
+                    if a.take().is_some() {
+                        self.free_addrs.push(i as u32);
+                    }
+                }
+                if let Some(sock) = self.live_ud(u) {
                     let r = if res < 0 { Err(err()) } else { Ok(()) };
                     events.push(Event::Connected(sock, r));
                 }
             }
             K_RECV => {
-                let sock = ud_sock(u);
-                if !self.live(sock) {
+                let Some(sock) = self.live_ud(u) else {
                     return Ok(()); // a closed socket's completion: the buffer goes back with `buf`
-                }
+                };
                 let more = cqueue::more(flags);
                 if !more {
                     self.slots[sock.slot()].recv_armed = false;
@@ -841,8 +1052,7 @@ impl Ring {
                 }
             }
             K_SEND_STATIC => {
-                let sock = ud_sock(u);
-                if self.live(sock) {
+                if let Some(sock) = self.live_ud(u) {
                     // A short send (MSG_WAITALL: the kernel gave up) is an error; so is any completion of a
                     // skip-success send, which the kernel posts only when it failed.
                     let r = if res < 0 {
@@ -892,7 +1102,7 @@ impl Ring {
     fn install(&mut self, fd: OwnedFd) -> io::Result<Sock> {
         let idx = self
             .free
-            .pop()
+            .pop_front()
             .ok_or_else(|| io::Error::new(ErrorKind::OutOfMemory, "no free socket slot"))?;
         let keep = if self.features.fixed_files {
             if let Err(e) = self
@@ -900,7 +1110,7 @@ impl Ring {
                 .submitter()
                 .register_files_update(idx, &[fd.as_raw_fd()])
             {
-                self.free.push(idx);
+                self.free.push_front(idx);
                 return Err(e);
             }
             None // the table holds its own reference; our fd closes here
@@ -912,17 +1122,36 @@ impl Ring {
         Ok(Sock { idx, gen: s.gen })
     }
 
+    /// The live socket a completion's `user_data` names (slot and low 16 bits of the generation), if any.
+    fn live_ud(&self, u: u64) -> Option<Sock> {
+        let c = ud_sock(u);
+        let s = self.slots.get(c.slot())?;
+        (s.live && s.gen & GEN_MASK == c.gen).then_some(Sock {
+            idx: c.idx,
+            gen: s.gen,
+        })
+    }
+
     fn live(&self, sock: Sock) -> bool {
         self.slots
             .get(sock.slot())
             .is_some_and(|s| s.live && s.gen == sock.gen)
     }
 
-    /// Builds an entry on the socket's fixed slot or fd.
-    fn with_target(&self, sock: Sock, f: impl FnOnce(T) -> squeue::Entry) -> squeue::Entry {
-        match &self.slots[sock.slot()].fd {
-            Some(fd) => f(T::Fd(Fd(fd.as_raw_fd()))),
-            None => f(T::Fixed(Fixed(sock.idx))),
+    /// Builds an entry on the socket's fixed slot or fd. Errors: `NotConnected` if `sock` is not a live socket
+    /// of this ring (closed, its slot reused, from another ring, out of range): a stale handle must never reach
+    /// the socket that now holds its slot.
+    fn with_target(
+        &self,
+        sock: Sock,
+        f: impl FnOnce(T) -> squeue::Entry,
+    ) -> io::Result<squeue::Entry> {
+        match self.slots.get(sock.slot()) {
+            Some(s) if s.live && s.gen == sock.gen => Ok(match &s.fd {
+                Some(fd) => f(T::Fd(Fd(fd.as_raw_fd()))),
+                None => f(T::Fixed(Fixed(sock.idx))),
+            }),
+            _ => Err(not_connected()),
         }
     }
 
@@ -932,15 +1161,61 @@ impl Ring {
     /// Every buffer `e` points to must stay valid (and unmoved, not otherwise accessed where the kernel writes)
     /// until `e` completes.
     unsafe fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
-        self.stats.sqes += 1;
-        loop {
+        for _ in 0..=SUBMIT_TRIES {
             // SAFETY: the caller's promise on `e`'s buffers.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                self.stats.sqes += 1;
                 return Ok(());
             }
             self.enter(0, None)?;
         }
+        Err(io::Error::new(
+            ErrorKind::WouldBlock,
+            "io_uring: the submission queue is full and does not drain",
+        ))
     }
+}
+
+/// File descriptors left free below `RLIMIT_NOFILE` in fd mode (the listener, the ring, the process's own).
+pub const FD_HEADROOM: u32 = 64;
+
+/// The soft `RLIMIT_NOFILE` (u32::MAX if unlimited or unknown).
+fn nofile_limit() -> u32 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid out-parameter for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return u32::MAX;
+    }
+    u32::try_from(rl.rlim_cur).unwrap_or(u32::MAX)
+}
+
+/// The running kernel's (major, minor), from `uname`.
+fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: an all-zero utsname is valid; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid out-parameter.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    // SAFETY: uname NUL-terminates `release` inside the array.
+    let rel = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_str()
+        .ok()?;
+    let mut it = rel.split(['.', '-']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it
+        .next()?
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(ErrorKind::NotConnected, "socket closed or not of this ring")
 }
 
 /// The target of an entry (the crate's `UseFixed` trait is sealed, so each opcode is built for both).
@@ -961,13 +1236,84 @@ impl Drop for Ring {
             Ok(()) => true,
             Err(e) => e.kind() == ErrorKind::NotFound,
         };
+        // The sync cancel does not wait for requests already running in io-wq workers (io_uring/cancel.c:
+        // a running work item is only signalled), so a worker may still read an owned send's vector: wait for
+        // the sends' completions (up to DROP_DRAIN), and leak what is still out at the deadline.
+        self.drain_sends();
         let unregistered = cancelled && self.ring.submitter().unregister_buf_ring(BGID).is_ok();
         if !unregistered {
             std::mem::forget(self.pool.clone());
-            for s in self.sends.drain(..).flatten() {
-                std::mem::forget(s.0);
-            }
+        }
+        for s in self.sends.drain(..).flatten() {
+            std::mem::forget(s.0); // still in flight at the deadline
+        }
+        for a in self.addrs.drain(..).flatten() {
+            std::mem::forget(a); // a connect that never completed
         }
         // The listener and fds close with their fields; the fixed-file table with the ring.
+    }
+}
+
+/// How long a dropped ring waits for its owned sends' completions.
+const DROP_DRAIN: Duration = Duration::from_secs(1);
+
+impl Ring {
+    /// Reaps completions until no owned send or connect is in flight, or [`DROP_DRAIN`] passed. Only frees:
+    /// send vectors and connect addresses whose request completed, accepted fds (closed); provided buffers
+    /// are guarded and dropped at once; nothing is armed again.
+    fn drain_sends(&mut self) {
+        let deadline = Instant::now() + DROP_DRAIN;
+        let busy =
+            |r: &Ring| r.sends.iter().any(Option::is_some) || r.addrs.iter().any(Option::is_some);
+        while busy(self) {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let ts = Timespec::from((deadline - now).min(Duration::from_millis(50)));
+            let args = SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::ETIME | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
+                Err(_) => return,
+            }
+            let cqes: Vec<_> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags()))
+                .collect();
+            for (u, res, flags) in cqes {
+                if let Some(bid) = cqueue::buffer_select(flags).filter(|&b| b < self.pool.count) {
+                    self.pool.out.set(self.pool.out.get() + 1);
+                    drop(RecvBuf {
+                        pool: self.pool.clone(),
+                        bid,
+                        len: 0,
+                    });
+                }
+                match u >> 56 {
+                    K_SEND_VEC => {
+                        let i = (u & 0xffff_ffff) as usize;
+                        if let Some(s) = self.sends.get_mut(i) {
+                            *s = None;
+                        }
+                    }
+                    K_CONNECT => {
+                        if let Some(a) = self.addrs.get_mut((u & 0xfffff) as usize) {
+                            *a = None;
+                        }
+                    }
+                    K_ACCEPT if res >= 0 => {
+                        // SAFETY: the kernel installed this new fd for this accept; nothing else owns it.
+                        drop(unsafe { OwnedFd::from_raw_fd(res) });
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 }

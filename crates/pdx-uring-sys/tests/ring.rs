@@ -3,7 +3,7 @@
 //! and buffers that outlive the ring. Every variant of the setup the kernel offers (fixed files or not,
 //! skip-success sends or not) runs where it matters.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -470,4 +470,221 @@ fn batched_wait_returns_with_fewer_completions_after_min_wait() {
     if !ring.features().min_wait {
         eprintln!("note: the kernel lacks min_wait (Linux < 6.12); the batched wait fell back to plain waits");
     }
+}
+
+#[test]
+fn stale_handle_never_reaches_the_slot_reuser() {
+    // One slot: B, accepted after A closed, gets A's slot. Every operation on A's handle must fail (or do
+    // nothing), and B must receive nothing meant for A.
+    static STALE: &[u8] = b"stale";
+    for cfg in configs().into_iter().step_by(2) {
+        let cfg = RingConfig {
+            max_sockets: 1,
+            ..cfg
+        };
+        let Some(mut ring) = ring_or_skip(&cfg) else {
+            return;
+        };
+        let addr = listening(&mut ring);
+        let a = client(addr);
+        let mut first = None;
+        pump(&mut ring, |ring, ev| match ev {
+            Event::Accepted(s) => {
+                ring.close(s).unwrap();
+                first = Some(s);
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let first = first.unwrap();
+        let mut b = client(addr);
+        let mut second = None;
+        pump(&mut ring, |_, ev| match ev {
+            Event::Accepted(s) => {
+                second = Some(s);
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let second = second.unwrap();
+        assert_eq!(first.slot(), second.slot(), "B reuses A's slot");
+        assert_ne!(first, second);
+        let e = ring.send_static(first, STALE).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotConnected);
+        let e = ring.send_vec(first, b"stale vec".to_vec(), 9).unwrap_err();
+        assert_eq!(e.error.kind(), ErrorKind::NotConnected);
+        assert_eq!(e.buf, b"stale vec", "the vector comes back");
+        ring.recv(first).unwrap(); // nothing: closed
+        ring.close(first).unwrap(); // nothing: closed
+                                    // B's first bytes are B's own send, not A's.
+        ring.send_static(second, b"ok").unwrap();
+        let mut events = Vec::new();
+        ring.wait(&mut events, Some(Duration::from_millis(50)))
+            .unwrap();
+        for ev in events.drain(..) {
+            assert!(
+                matches!(ev, Event::Sent(s, Ok(()), None) if s == second),
+                "{ev:?}"
+            );
+        }
+        let mut got = [0u8; 2];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ok");
+        b.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut more = [0u8; 16];
+        match b.read(&mut more) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            other => panic!("B received more than its own send: {other:?}"),
+        }
+        ring.close(second).unwrap();
+        drop((a, b));
+    }
+}
+
+#[test]
+fn foreign_or_out_of_range_handle_is_an_error_not_a_panic() {
+    let Some(mut big) = ring_or_skip(&configs()[0]) else {
+        return;
+    };
+    let small = RingConfig {
+        max_sockets: 1,
+        ..configs()[0].clone()
+    };
+    let Some(mut ring) = ring_or_skip(&small) else {
+        return;
+    };
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = up.local_addr().unwrap();
+    let socks: Vec<Sock> = (0..3).map(|_| big.connect(addr).unwrap()).collect();
+    let far = socks[2];
+    assert!(far.slot() >= 1, "a slot the small ring does not have");
+    let e = ring.send_static(far, b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotConnected);
+    let e = ring.send_vec(far, vec![1, 2, 3], 3).unwrap_err();
+    assert_eq!((e.error.kind(), e.buf.len()), (ErrorKind::NotConnected, 3));
+    ring.recv(far).unwrap();
+    ring.close(far).unwrap();
+    for s in socks {
+        big.close(s).unwrap();
+    }
+}
+
+#[test]
+fn generation_wrap_keeps_stale_handles_stale() {
+    // 65536 closes of one slot bring the low 16 bits of its generation (what completions carry) back to the
+    // first handle's; the handle itself compares all 32 bits and stays stale.
+    let cfg = RingConfig {
+        max_sockets: 1,
+        ..configs()[0].clone()
+    };
+    let Some(mut ring) = ring_or_skip(&cfg) else {
+        return;
+    };
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap() // nobody listens: each connect is refused at once
+    };
+    let first = ring.connect(addr).unwrap();
+    ring.close(first).unwrap();
+    let mut events = Vec::new();
+    let start = Instant::now();
+    for i in 1..=(1u32 << 16) {
+        assert!(start.elapsed() < LIMIT * 3, "wrap test hung");
+        let s = ring.connect(addr).unwrap();
+        assert_eq!(s.slot(), first.slot());
+        ring.close(s).unwrap();
+        if i % 256 == 0 {
+            ring.wait(&mut events, Some(Duration::ZERO)).unwrap();
+            assert!(events.is_empty(), "closed sockets post nothing: {events:?}");
+        }
+    }
+    let now = ring.connect(addr).unwrap();
+    assert_eq!(now.slot(), first.slot());
+    assert_ne!(now, first);
+    let e = ring.send_static(first, b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotConnected);
+    ring.close(now).unwrap();
+}
+
+/// Set in the child process of `accept_pauses_on_fd_exhaustion` (it lowers its own fd limit).
+const EMFILE_CHILD: &str = "PDX_RING_EMFILE_CHILD";
+
+#[test]
+fn accept_pauses_on_fd_exhaustion() {
+    // The fd limit is per process: the test runs itself again in a child that lowers it.
+    if std::env::var_os(EMFILE_CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "accept_pauses_on_fd_exhaustion",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(EMFILE_CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran the test:\n{text}");
+        return;
+    }
+    let cfg = RingConfig {
+        max_sockets: 4,
+        fixed_files: false,
+        ..configs()[0].clone()
+    };
+    let Some(mut ring) = ring_or_skip(&cfg) else {
+        return;
+    };
+    let addr = listening(&mut ring);
+    // Fill the fd table below a low limit, so the kernel's accept fails with EMFILE.
+    let rl = libc::rlimit {
+        rlim_cur: 128,
+        rlim_max: 128,
+    };
+    // SAFETY: a valid rlimit; this child process is alone in lowering it.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) }, 0);
+    let mut fillers = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        fillers.push(f);
+    }
+    assert!(!fillers.is_empty());
+    // The client's socket (in this process too) needs one fd: give one filler back for it.
+    fillers.pop();
+    let c = TcpStream::connect(addr).unwrap();
+    let mut events = Vec::new();
+    let (mut failed, turns) = (0, 40);
+    for _ in 0..turns {
+        ring.wait(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+        for ev in events.drain(..) {
+            match ev {
+                Event::AcceptFailed(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                    failed += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(failed >= 1, "the accept hit the fd limit");
+    // Armed again at once, each turn would fail at once: the pause leaves at least every other turn idle.
+    assert!(
+        failed <= turns / 2 + 1,
+        "{failed} failures in {turns} turns: a busy loop"
+    );
+    drop(fillers);
+    let mut accepted = None;
+    pump(&mut ring, |_, ev| match ev {
+        Event::Accepted(s) => {
+            accepted = Some(s);
+            true
+        }
+        Event::AcceptFailed(_) => false,
+        other => panic!("unexpected {other:?}"),
+    });
+    ring.close(accepted.unwrap()).unwrap();
+    drop(c);
 }
