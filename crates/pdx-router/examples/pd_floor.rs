@@ -78,17 +78,9 @@ fn main() -> io::Result<()> {
     let (pa, da) = (addr[PREFILL], addr[DECODE]);
     let ups = Upstreams { addr, req };
 
-    // mio's `TcpListener::bind` listens with a backlog of 128: too few for hundreds of connections at once.
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(bind),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&bind.into())?;
-    socket.listen(1024)?;
+    let socket = floor::listener(bind)?;
     socket.set_nonblocking(true)?;
-    let mut listener = TcpListener::from_std(socket.into());
+    let mut listener = TcpListener::from_std(socket);
     let mut poll = Poll::new()?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;

@@ -116,16 +116,7 @@ fn main() -> io::Result<()> {
     let min_wait =
         std::time::Duration::from_micros(num("PD_FLOOR_RING_MIN_WAIT_US").unwrap_or(0).into());
     let mut ring = Ring::new(&cfg)?;
-    // Backlog 1024 as `pd_floor`'s; no SO_REUSEPORT, so a second floor on the port fails instead of sharing.
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(bind),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&bind.into())?;
-    socket.listen(1024)?;
-    ring.listen(socket.into())?;
+    ring.listen(floor::listener(bind)?)?;
     eprintln!(
         "pd_floor_ring listening on {bind} (own io_uring: {}; batched waits: {}): prefill {}, decode {}",
         ring.features(),

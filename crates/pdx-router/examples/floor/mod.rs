@@ -73,6 +73,21 @@ pub fn setup(name: &str, default_port: u16) -> io::Result<Setup> {
     })
 }
 
+/// A listening socket on `bind` with a backlog of 1024 (mio's and std's `bind` use 128: too few for hundreds of
+/// connections at once), `SO_REUSEADDR`, no `SO_REUSEPORT` (a second floor on the port fails instead of sharing).
+#[allow(dead_code)] // `pd_floor_uring` binds through monoio
+pub fn listener(bind: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&bind.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// An `InvalidInput` error with `msg`.
 pub fn invalid(msg: String) -> io::Error {
     io::Error::new(ErrorKind::InvalidInput, msg)
