@@ -49,6 +49,18 @@ pub enum CompletionBody {
     Text(CompletionRequest),
 }
 
+/// Serializes the request `r` (a `&mut` to it) with each listed field set to its value, then puts the fields
+/// back: the request goes out changed without a copy of its messages and unknown fields.
+macro_rules! to_vec_with {
+    ($r:expr; $($field:ident = $value:expr),+ $(,)?) => {{
+        let r = $r;
+        $(let mut $field = $value; std::mem::swap(&mut r.$field, &mut $field);)+
+        let v = serde_json::to_vec(&*r);
+        $(std::mem::swap(&mut r.$field, &mut $field);)+
+        v
+    }};
+}
+
 impl CompletionBody {
     pub(crate) fn model(&self) -> Option<&str> {
         match self {
@@ -128,42 +140,12 @@ impl CompletionBody {
         let v = match self {
             Self::Chat(r) => {
                 let mct = r.max_completion_tokens.is_some().then_some(1);
-                let saved = (
-                    r.stream.replace(false),
-                    r.stream_options.take(),
-                    r.max_tokens.replace(1),
-                    std::mem::replace(&mut r.max_completion_tokens, mct),
-                    r.min_tokens.take(),
-                    r.kv_transfer_params.replace(kv),
-                );
-                let v = serde_json::to_vec(r);
-                (
-                    r.stream,
-                    r.stream_options,
-                    r.max_tokens,
-                    r.max_completion_tokens,
-                    r.min_tokens,
-                    r.kv_transfer_params,
-                ) = saved;
-                v
+                to_vec_with!(r; stream = Some(false), stream_options = None, max_tokens = Some(1),
+                    max_completion_tokens = mct, min_tokens = None, kv_transfer_params = Some(kv))
             }
             Self::Text(r) => {
-                let saved = (
-                    r.stream.replace(false),
-                    r.stream_options.take(),
-                    r.max_tokens.replace(1),
-                    r.min_tokens.take(),
-                    r.kv_transfer_params.replace(kv),
-                );
-                let v = serde_json::to_vec(r);
-                (
-                    r.stream,
-                    r.stream_options,
-                    r.max_tokens,
-                    r.min_tokens,
-                    r.kv_transfer_params,
-                ) = saved;
-                v
+                to_vec_with!(r; stream = Some(false), stream_options = None, max_tokens = Some(1),
+                    min_tokens = None, kv_transfer_params = Some(kv))
             }
         };
         Bytes::from(v.unwrap_or_default())
