@@ -419,7 +419,7 @@ async fn write_response(
         match exact {
             Some(n) => {
                 head.extend_from_slice(b"content-length: ");
-                head.extend_from_slice(n.to_string().as_bytes());
+                head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                 head.extend_from_slice(b"\r\n");
             }
             None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),

@@ -339,7 +339,7 @@ pub async fn send_abandonable(
     }
     if !body.is_empty() || method == "POST" {
         req.extend_from_slice(b"content-length: ");
-        push_decimal(&mut req, body.len());
+        req.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"\r\n");
@@ -401,21 +401,6 @@ pub async fn send_abandonable(
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     Ok(resp)
-}
-
-/// Appends `n` in decimal to `out` (no allocation of its own).
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// An upstream response body, read and decoded from its connection as it is polled.
@@ -569,15 +554,6 @@ mod tests {
 
     fn rt() -> crate::Runtime {
         crate::runtime().expect("runtime")
-    }
-
-    #[test]
-    fn decimal_lengths() {
-        for n in [0, 7, 10, 290, 65_536, usize::MAX] {
-            let mut v = b"x".to_vec();
-            push_decimal(&mut v, n);
-            assert_eq!(v, format!("x{n}").into_bytes());
-        }
     }
 
     #[test]
