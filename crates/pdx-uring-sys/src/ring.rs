@@ -565,9 +565,9 @@ impl Ring {
                 "ring already listens",
             ));
         }
-        let fd = listener.as_raw_fd();
         self.listener = Some(listener);
-        self.arm_accept(fd)
+        // On failure the accept is paused and armed again later (as after EMFILE).
+        self.rearm_accept()
     }
 
     /// Arms the listener's multishot accept again (after the kernel ended it, or a pause).
@@ -769,8 +769,9 @@ impl Ring {
         }
         self.release(sock);
         if self.accept_paused {
-            // An fd or slot came free: accepting may work again.
-            self.rearm_accept()?;
+            // An fd or slot came free: accepting may work again. The socket is released either way; a failed
+            // re-arm leaves the accept paused, to be tried again after the next wait turn.
+            let _ = self.rearm_accept();
         }
         r
     }
@@ -816,6 +817,13 @@ impl Ring {
     /// what completed to `events`. Receives that ran out of buffers are armed again first, if buffers are back.
     pub fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let paused = self.before_wait()?;
+        // A paused accept is armed again at the end of a turn: cap the turn, or a ring with no other traffic
+        // would never accept again.
+        let timeout = if paused {
+            Some(timeout.map_or(ACCEPT_PAUSE, |t| t.min(ACCEPT_PAUSE)))
+        } else {
+            timeout
+        };
         self.enter(1, timeout)?;
         let r = self.reap(events);
         self.after_wait(paused)?;
@@ -828,10 +836,11 @@ impl Ring {
         Ok(self.accept_paused)
     }
 
-    /// An accept paused since before this turn (a whole wait on other work has passed) is armed again.
+    /// An accept paused since before this turn (a whole wait on other work has passed) is armed again; if that
+    /// fails it stays paused for the next turn.
     fn after_wait(&mut self, paused: bool) -> io::Result<()> {
         if paused && self.accept_paused {
-            self.rearm_accept()?;
+            let _ = self.rearm_accept();
         }
         Ok(())
     }
@@ -847,7 +856,8 @@ impl Ring {
         want: u32,
         min_wait: Duration,
     ) -> io::Result<()> {
-        if want <= 1 || min_wait.is_zero() || !self.features.min_wait {
+        if want <= 1 || min_wait.is_zero() || !self.features.min_wait || self.accept_paused {
+            // (A paused accept needs the bounded turn of `wait`.)
             return self.wait(events, None);
         }
         let paused = self.before_wait()?;
@@ -1006,7 +1016,8 @@ impl Ring {
                         // Arming again at once would fail the same way, in a busy loop.
                         self.accept_paused = true;
                     } else {
-                        self.rearm_accept()?;
+                        // A failure pauses the accept; the next wait turn tries again.
+                        let _ = self.rearm_accept();
                     }
                 }
             }
@@ -1038,7 +1049,8 @@ impl Ring {
                     events.push(Event::Data(sock, b));
                     if !more {
                         self.stats.recv_rearms += 1;
-                        self.arm_recv(sock)?;
+                        // A failure puts the socket on the starved list, armed again before the next wait.
+                        let _ = self.arm_recv(sock);
                     }
                 } else if res == 0 {
                     events.push(Event::RecvEnded(sock, None));
@@ -1226,16 +1238,19 @@ enum T {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        // Stop every request before the memory they may use goes: synchronous cancel of all, then the buffer
-        // ring unregistered. If either fails the kernel may still use the pool or a send's vector: leak them.
-        let cancelled = match self
-            .ring
-            .submitter()
-            .register_sync_cancel(None, CancelBuilder::any())
-        {
-            Ok(()) => true,
-            Err(e) => e.kind() == ErrorKind::NotFound,
-        };
+        // Stop every request before the memory they may use goes: whatever is still queued submitted first (so
+        // the cancel sees it, and nothing runs uncancelled after it), a synchronous cancel of all, then the
+        // buffer ring unregistered. If any fails the kernel may still use the pool or a send's vector: leak them.
+        let drained = self.drain_sq().is_ok();
+        let cancelled = drained
+            && match self
+                .ring
+                .submitter()
+                .register_sync_cancel(None, CancelBuilder::any())
+            {
+                Ok(()) => true,
+                Err(e) => e.kind() == ErrorKind::NotFound,
+            };
         // The sync cancel does not wait for requests already running in io-wq workers (io_uring/cancel.c:
         // a running work item is only signalled), so a worker may still read an owned send's vector: wait for
         // the sends' completions (up to DROP_DRAIN), and leak what is still out at the deadline.
@@ -1253,6 +1268,9 @@ impl Drop for Ring {
         // The listener and fds close with their fields; the fixed-file table with the ring.
     }
 }
+
+/// Longest wait turn while the accept is paused (it is armed again at the end of a turn).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 
 /// How long a dropped ring waits for its owned sends' completions.
 const DROP_DRAIN: Duration = Duration::from_secs(1);

@@ -345,6 +345,11 @@ fn connect_refused_is_an_event() {
 #[test]
 fn closed_socket_completions_are_dropped_and_slots_reused() {
     for cfg in configs().into_iter().step_by(2) {
+        // One slot, so B takes A's (free slots are otherwise reused oldest first).
+        let cfg = RingConfig {
+            max_sockets: 1,
+            ..cfg
+        };
         let Some(mut ring) = ring_or_skip(&cfg) else {
             return;
         };
@@ -372,6 +377,7 @@ fn closed_socket_completions_are_dropped_and_slots_reused() {
         let first = first.unwrap();
         pump(&mut ring, |ring, ev| match ev {
             Event::Accepted(s) => {
+                assert_eq!(s.slot(), first.slot(), "B reuses A's slot");
                 assert_ne!(s, first, "a closed socket's handle never matches a new one");
                 ring.recv(s).unwrap();
                 false
@@ -572,7 +578,7 @@ fn foreign_or_out_of_range_handle_is_an_error_not_a_panic() {
 
 #[test]
 fn generation_wrap_keeps_stale_handles_stale() {
-    // 65536 closes of one slot bring the low 16 bits of its generation (what completions carry) back to the
+    // 65,536 sockets on one slot bring the low 16 bits of its generation (what completions carry) back to the
     // first handle's; the handle itself compares all 32 bits and stays stale.
     let cfg = RingConfig {
         max_sockets: 1,
@@ -589,7 +595,9 @@ fn generation_wrap_keeps_stale_handles_stale() {
     ring.close(first).unwrap();
     let mut events = Vec::new();
     let start = Instant::now();
-    for i in 1..=(1u32 << 16) {
+    // 65,535 more sockets on the slot: the next generation's low 16 bits would equal the first handle's, so a
+    // 16-bit comparison would take the first handle for the last one.
+    for i in 1..(1u32 << 16) {
         assert!(start.elapsed() < LIMIT * 3, "wrap test hung");
         let s = ring.connect(addr).unwrap();
         assert_eq!(s.slot(), first.slot());
@@ -675,16 +683,39 @@ fn accept_pauses_on_fd_exhaustion() {
         failed <= turns / 2 + 1,
         "{failed} failures in {turns} turns: a busy loop"
     );
-    drop(fillers);
-    let mut accepted = None;
-    pump(&mut ring, |_, ev| match ev {
-        Event::Accepted(s) => {
-            accepted = Some(s);
-            true
+    // The accept is paused right after a failure: wait for one, then free the fds. With no other traffic to end
+    // a wait turn, the ring must still arm the accept again (a paused accept bounds the turn).
+    let start = Instant::now();
+    let mut paused = false;
+    while !paused {
+        assert!(start.elapsed() < LIMIT, "no accept failure");
+        ring.wait(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+        for ev in events.drain(..) {
+            match ev {
+                Event::AcceptFailed(_) => paused = true,
+                other => panic!("unexpected {other:?}"),
+            }
         }
-        Event::AcceptFailed(_) => false,
-        other => panic!("unexpected {other:?}"),
-    });
+    }
+    drop(fillers);
+    let start = Instant::now();
+    let mut accepted = None;
+    while accepted.is_none() {
+        // One long wait: it returns early only if the ring bounds its turn while the accept is paused.
+        ring.wait(&mut events, Some(LIMIT)).unwrap();
+        assert!(
+            start.elapsed() < LIMIT,
+            "a paused accept was never armed again"
+        );
+        for ev in events.drain(..) {
+            match ev {
+                Event::Accepted(s) => accepted = Some(s),
+                Event::AcceptFailed(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
     ring.close(accepted.unwrap()).unwrap();
     drop(c);
 }
