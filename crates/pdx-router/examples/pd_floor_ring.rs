@@ -191,6 +191,10 @@ impl Floor {
         let Some(c) = self.conns[idx].as_mut() else {
             return Ok(0);
         };
+        if c.up[role] != Some(sock) {
+            // An event reaped in the same batch as its socket's close: the slot may hold a new socket now.
+            return Ok(0);
+        }
         match c.input(ring, &self.addr, &self.req, &mut self.owner, idx, role, r) {
             Ok(done) => Ok(done),
             Err(_) => {
