@@ -113,12 +113,20 @@ fn upstream(url: &str, body: &str) -> io::Result<(SocketAddr, Vec<u8>)> {
     Ok((addr, req.into_bytes()))
 }
 
+/// Longest head a floor waits for, bytes (a peer that never ends its head is dropped, not buffered forever).
+const MAX_HEAD: usize = 64 * 1024;
+/// Longest message a floor takes, bytes (a peer's `Content-Length` is not trusted beyond it).
+const MAX_MESSAGE: usize = 16 << 20;
+
 /// Length of the first complete HTTP/1.1 message in `buf`, if it is all there: head, then `Content-Length` bytes
 /// (none without the header), or for a `Transfer-Encoding: chunked` response everything up to the `0\r\n\r\n`
 /// last chunk (minimal: trailers are not supported and the terminator must end what was read).
-/// `Err`: an unreadable `Content-Length`.
+/// `Err`: an unreadable `Content-Length`, no head within [`MAX_HEAD`] bytes, a message over [`MAX_MESSAGE`].
 pub fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
     let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        if buf.len() > MAX_HEAD {
+            return Err(invalid("head too long".into()));
+        }
         return Ok(None);
     };
     let mut body = 0;
@@ -141,5 +149,9 @@ pub fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
             return Ok(done.then_some(buf.len()));
         }
     }
-    Ok((buf.len() >= head + body).then_some(head + body))
+    let len = head
+        .checked_add(body)
+        .filter(|&n| n <= MAX_MESSAGE)
+        .ok_or_else(|| invalid("message too long".into()))?;
+    Ok((buf.len() >= len).then_some(len))
 }
