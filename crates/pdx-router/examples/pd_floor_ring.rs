@@ -46,7 +46,7 @@ use std::time::Instant;
 use floor::{message_len, BUF, CLIENT, DECODE, PREFILL};
 use pdx_uring_sys::ring::{Event, Ring, RingConfig, Setup, Sock};
 
-/// Where a connection is in its request cycle; `Send`/`Recv` carry the upstream (`PREFILL` or `DECODE`).
+/// Where a connection is in its request cycle; `Connecting`/`Recv` carry the upstream (`PREFILL` or `DECODE`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
     ReadClient,

@@ -19,6 +19,8 @@
 //!   io_uring/cancel.c), then reaps completions for up to 1 s until no owned send or connect is in flight, and
 //!   unregisters the buffer ring before the pool can be freed; if the cancel or the unregister fails, the pool
 //!   is leaked instead, and so is every send vector or connect address still in flight at the deadline.
+//!   Receives never run in an io-wq worker (sockets can be polled, and `IOSQE_ASYNC` is never set), so a
+//!   provided buffer is only ever chosen on the ring's own thread.
 //! * **The buffer ring itself** (the kernel reads its entries): part of the pool, page-aligned, written only
 //!   by the ring's thread (the pool is `!Send`), entries before the release-store of the tail.
 //! * **Owned sends** ([`Ring::send_vec`]): the `Vec<u8>` moves into the ring and stays in its slab until the
@@ -125,8 +127,6 @@ pub struct Features {
     pub fixed_files: bool,
     /// Successful static sends post no completion.
     pub skip_static_sends: bool,
-    /// The ring fd is registered (always false: see the module docs).
-    pub registered_ring_fd: bool,
     /// [`Ring::wait_batch`] can wait for several completions with a bound on the wait for the first
     /// (`min_wait_usec` of `io_uring_getevents_arg`, `IORING_FEAT_MIN_TIMEOUT`, Linux 6.12+); learnt at the
     /// first such wait, true until the kernel refuses it.
@@ -137,12 +137,11 @@ impl std::fmt::Display for Features {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "setup {}, fixed files {}, skip-success static sends {}, registered ring fd {}, \
+            "setup {}, fixed files {}, skip-success static sends {}, registered ring fd no, \
              min-wait batches {}, multishot accept+recv with a provided buffer ring",
             self.setup.name(),
             yes(self.fixed_files),
             yes(self.skip_static_sends),
-            yes(self.registered_ring_fd),
             yes(self.min_wait)
         )
     }
@@ -523,7 +522,6 @@ impl Ring {
                 setup,
                 fixed_files: fixed,
                 skip_static_sends: cfg.skip_static_sends,
-                registered_ring_fd: false,
                 min_wait: true,
             },
             slots: (0..max_sockets).map(|_| Slot::default()).collect(),
@@ -698,7 +696,8 @@ impl Ring {
         unsafe { self.push(e) }
     }
 
-    /// Sends `buf[..len]`; the vector comes back in [`Event::Sent`] (always posted). `len` is clamped to
+    /// Sends `buf[..len]`; the vector comes back in [`Event::Sent`] (posted unless the socket is closed first:
+    /// then the vector is dropped with the completion). `len` is clamped to
     /// `buf.len()`. Errors (the vector comes back in the [`SendError`]): `NotConnected` if `sock` is not live,
     /// `InvalidInput` over `i32::MAX` bytes (a completion's result is an `i32`), the submission queue full and
     /// not draining.
