@@ -60,6 +60,8 @@ enum State {
 /// One client connection and its two upstream connections (`up[PREFILL]`, `up[DECODE]`; `up[CLIENT]` is the
 /// client socket).
 struct Conn {
+    /// Its index in [`Floor::conns`] (what [`Net::owner`] names it by).
+    idx: usize,
     up: [Option<Sock>; 3],
     state: State,
     /// Client request bytes (a pipelined next request may follow the current one).
@@ -75,6 +77,12 @@ struct Conn {
 struct Floor {
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
+    net: Net,
+}
+
+/// What a connection's state machine needs besides itself: the socket slots' owners and the upstreams.
+struct Net {
+    /// By socket slot: the connection and role (`CLIENT`, `PREFILL`, `DECODE`) it belongs to.
     owner: Vec<Option<(usize, usize)>>,
     addr: [std::net::SocketAddr; 3],
     req: [&'static [u8]; 3],
@@ -132,9 +140,11 @@ fn main() -> io::Result<()> {
     let mut f = Floor {
         conns: Vec::new(),
         free: Vec::new(),
-        owner: vec![None; cfg.max_sockets as usize],
-        addr,
-        req: [c, p, d],
+        net: Net {
+            owner: vec![None; cfg.max_sockets as usize],
+            addr,
+            req: [c, p, d],
+        },
     };
     let mut events = Vec::with_capacity(1024);
     let (mut last, mut requests) = (Instant::now(), 0u64);
@@ -166,13 +176,14 @@ impl Floor {
                     self.conns.len() - 1
                 });
                 self.conns[idx] = Some(Conn {
+                    idx,
                     up: [Some(s), None, None],
                     state: State::ReadClient,
                     cbuf: Vec::with_capacity(BUF),
                     ubuf: Vec::with_capacity(BUF),
                     retried: false,
                 });
-                self.owner[s.slot()] = Some((idx, CLIENT));
+                self.net.owner[s.slot()] = Some((idx, CLIENT));
                 ring.recv(s)?;
                 return Ok(0);
             }
@@ -185,7 +196,7 @@ impl Floor {
             Event::RecvEnded(s, e) => (s, Err(e.unwrap_or(ErrorKind::UnexpectedEof.into()))),
             Event::Sent(s, r, v) => (s, r.map(|()| Input::Sent(v))),
         };
-        let Some((idx, role)) = self.owner[sock.slot()] else {
+        let Some((idx, role)) = self.net.owner[sock.slot()] else {
             return Ok(0);
         };
         let Some(c) = self.conns[idx].as_mut() else {
@@ -195,13 +206,13 @@ impl Floor {
             // An event reaped in the same batch as its socket's close: the slot may hold a new socket now.
             return Ok(0);
         }
-        match c.input(ring, &self.addr, &self.req, &mut self.owner, idx, role, r) {
+        match c.input(ring, &mut self.net, role, r) {
             Ok(done) => Ok(done),
             Err(_) => {
                 // Close the client connection and both upstream ones.
                 let c = self.conns[idx].take().expect("checked above");
                 for s in c.up.into_iter().flatten() {
-                    self.owner[s.slot()] = None;
+                    self.net.owner[s.slot()] = None;
                     ring.close(s)?;
                 }
                 self.free.push(idx);
@@ -223,14 +234,10 @@ enum Input {
 impl Conn {
     /// Feeds `r` (on socket `role`) into the state machine and advances it until it waits for a socket.
     /// `Ok(1)` when a response went out to the client. `Err`: close the connection.
-    #[allow(clippy::too_many_arguments)]
     fn input(
         &mut self,
         ring: &mut Ring,
-        addr: &[std::net::SocketAddr; 3],
-        req: &[&'static [u8]; 3],
-        owner: &mut [Option<(usize, usize)>],
-        idx: usize,
+        net: &mut Net,
         role: usize,
         r: io::Result<Input>,
     ) -> io::Result<u64> {
@@ -247,7 +254,7 @@ impl Conn {
                 }
                 let s = self.up[role].expect("connecting");
                 ring.recv(s)?;
-                self.send(ring, req, role)?;
+                self.send(ring, net, role)?;
             }
             Ok(Input::Sent(v)) => {
                 if role == CLIENT && self.state == State::WriteClient {
@@ -262,7 +269,7 @@ impl Conn {
                 // exchange with and nothing of its answer came yet; drop it if it was idle (it reconnects on
                 // the next exchange); else give up.
                 let s = self.up[role].take().expect("owned socket");
-                owner[s.slot()] = None;
+                net.owner[s.slot()] = None;
                 ring.close(s)?;
                 match self.state {
                     State::Recv(u) | State::Connecting(u) if u == role => {
@@ -270,25 +277,18 @@ impl Conn {
                             return Err(e);
                         }
                         self.retried = true;
-                        self.connect(ring, addr, owner, idx, role)?;
+                        self.connect(ring, net, role)?;
                     }
                     _ => {}
                 }
             }
         }
-        self.drive(ring, addr, req, owner, idx)?;
+        self.drive(ring, net)?;
         Ok(done)
     }
 
     /// Advances the request cycle as far as the bytes at hand allow.
-    fn drive(
-        &mut self,
-        ring: &mut Ring,
-        addr: &[std::net::SocketAddr; 3],
-        req: &[&'static [u8]; 3],
-        owner: &mut [Option<(usize, usize)>],
-        idx: usize,
-    ) -> io::Result<()> {
+    fn drive(&mut self, ring: &mut Ring, net: &mut Net) -> io::Result<()> {
         loop {
             match self.state {
                 State::ReadClient => {
@@ -297,7 +297,7 @@ impl Conn {
                     };
                     self.cbuf.drain(..n); // keep a pipelined next request
                     self.retried = false;
-                    self.exchange(ring, addr, req, owner, idx, PREFILL)?;
+                    self.exchange(ring, net, PREFILL)?;
                 }
                 State::Recv(u) => {
                     let Some(n) = message_len(&self.ubuf, true)? else {
@@ -305,7 +305,7 @@ impl Conn {
                     };
                     if u == PREFILL {
                         self.retried = false;
-                        self.exchange(ring, addr, req, owner, idx, DECODE)?;
+                        self.exchange(ring, net, DECODE)?;
                     } else {
                         let client = self.up[CLIENT].expect("client socket");
                         ring.send_vec(client, std::mem::take(&mut self.ubuf), n)?;
@@ -319,39 +319,24 @@ impl Conn {
 
     /// Starts the exchange with upstream `u`: its request goes out now on its open connection, or after a
     /// connect.
-    fn exchange(
-        &mut self,
-        ring: &mut Ring,
-        addr: &[std::net::SocketAddr; 3],
-        req: &[&'static [u8]; 3],
-        owner: &mut [Option<(usize, usize)>],
-        idx: usize,
-        u: usize,
-    ) -> io::Result<()> {
+    fn exchange(&mut self, ring: &mut Ring, net: &mut Net, u: usize) -> io::Result<()> {
         if self.up[u].is_some() {
-            self.send(ring, req, u)
+            self.send(ring, net, u)
         } else {
-            self.connect(ring, addr, owner, idx, u)
+            self.connect(ring, net, u)
         }
     }
 
-    fn connect(
-        &mut self,
-        ring: &mut Ring,
-        addr: &[std::net::SocketAddr; 3],
-        owner: &mut [Option<(usize, usize)>],
-        idx: usize,
-        u: usize,
-    ) -> io::Result<()> {
-        let s = ring.connect(addr[u])?;
-        owner[s.slot()] = Some((idx, u));
+    fn connect(&mut self, ring: &mut Ring, net: &mut Net, u: usize) -> io::Result<()> {
+        let s = ring.connect(net.addr[u])?;
+        net.owner[s.slot()] = Some((self.idx, u));
         (self.up[u], self.state) = (Some(s), State::Connecting(u));
         Ok(())
     }
 
-    fn send(&mut self, ring: &mut Ring, req: &[&'static [u8]; 3], u: usize) -> io::Result<()> {
+    fn send(&mut self, ring: &mut Ring, net: &Net, u: usize) -> io::Result<()> {
         self.ubuf.clear();
-        ring.send_static(self.up[u].expect("connected"), req[u])?;
+        ring.send_static(self.up[u].expect("connected"), net.req[u])?;
         self.state = State::Recv(u);
         Ok(())
     }
