@@ -30,6 +30,12 @@ fn listening(ring: &mut Ring) -> SocketAddr {
     addr
 }
 
+/// A clean end of stream on `s` (no error): the socket is closed.
+fn ended_clean(ring: &mut Ring, s: Sock, e: Option<std::io::Error>) {
+    assert!(e.is_none(), "end of stream, not an error: {e:?}");
+    ring.close(s).unwrap();
+}
+
 /// Runs the ring until `step` says done (true), handing it every event.
 fn pump(ring: &mut Ring, mut step: impl FnMut(&mut Ring, Event) -> bool) {
     let start = Instant::now();
@@ -107,8 +113,7 @@ fn echo_with_owned_sends() {
                 false
             }
             Event::RecvEnded(s, e) => {
-                assert!(e.is_none(), "{e:?}");
-                ring.close(s).unwrap();
+                ended_clean(ring, s, e);
                 outstanding == 0
             }
             other => panic!("unexpected {other:?}"),
@@ -159,8 +164,7 @@ fn multishot_receive_rearms_after_enobufs() {
             false
         }
         Event::RecvEnded(s, e) => {
-            assert!(e.is_none(), "{e:?}");
-            ring.close(s).unwrap();
+            ended_clean(ring, s, e);
             true
         }
         other => panic!("unexpected {other:?}"),
@@ -201,8 +205,7 @@ fn peer_close_ends_the_receive() {
         }
         Event::RecvEnded(s, e) => {
             assert_eq!(Some(s), sock);
-            assert!(e.is_none(), "end of stream, not an error: {e:?}");
-            ring.close(s).unwrap();
+            ended_clean(ring, s, e);
             true
         }
         other => panic!("unexpected {other:?}"),
@@ -303,8 +306,7 @@ fn connect_and_static_sends() {
                 false
             }
             Event::RecvEnded(s, e) => {
-                assert!(e.is_none(), "{e:?}");
-                ring.close(s).unwrap();
+                ended_clean(ring, s, e);
                 true
             }
             other => panic!("unexpected {other:?}"),
