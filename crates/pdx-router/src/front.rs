@@ -78,7 +78,7 @@ pub fn no_workers() -> ApiError {
 #[derive(Debug, Clone)]
 pub struct Served {
     /// Pool name.
-    pub pool: String,
+    pub pool: crate::metrics::Label,
     /// The worker (its URL is the `worker` label; it keeps the label sets to delete when it leaves).
     pub worker: Arc<crate::registry::Worker>,
 }
@@ -96,11 +96,11 @@ pub fn status_class(status: u16) -> &'static str {
 
 /// Counts one answer of a completion route in `pdx_requests_total`, under `model` (a
 /// [`crate::api::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
-pub fn count(sh: &Shared, model: String, resp: &Response<RouterBody>) {
+pub fn count(sh: &Shared, model: crate::metrics::Label, resp: &Response<RouterBody>) {
     let status = resp.status().as_u16();
     let served = resp.extensions().get::<Served>();
     let (pool, worker) = served
-        .map(|s| (s.pool.clone(), s.worker.url.clone()))
+        .map(|s| (s.pool.clone(), s.worker.url_label.clone()))
         .unwrap_or_default();
     let labels = RequestLabels {
         model,

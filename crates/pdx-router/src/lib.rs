@@ -435,9 +435,9 @@ async fn control(sh: Arc<Shared>, stop: Arc<AtomicBool>) {
         for (model, role, pool) in swept.pools {
             sh.metrics.remove_pool(&model, &pool);
             sh.metrics.pool_choices.remove(&metrics::PoolLabels {
-                model,
+                model: model.into(),
                 role: role.as_str(),
-                pool,
+                pool: pool.into(),
             });
         }
         let now = sh.registry.now_us();

@@ -35,13 +35,63 @@
 //!
 //! The series of a removed worker (and of a pool registration created, once empty) are deleted.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+
+/// A label value shared by reference count (a model, pool or worker name): the label sets counted per
+/// request clone it instead of allocating a `String` for each series lookup.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Label(std::sync::Arc<str>);
+
+impl Label {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Label {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Looked up by text in maps keyed by labels (the hash and order are the text's).
+impl std::borrow::Borrow<str> for Label {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Label {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
 
 /// A gauge of `f64` values.
 pub type FloatGauge = Gauge<f64, AtomicU64>;
@@ -50,11 +100,11 @@ pub type FloatGauge = Gauge<f64, AtomicU64>;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Model.
-    pub model: String,
+    pub model: Label,
     /// Pool.
-    pub pool: String,
+    pub pool: Label,
     /// Worker URL.
-    pub worker: String,
+    pub worker: Label,
     /// HTTP status.
     pub status: u16,
     /// Status class: `2xx`, `4xx`, `5xx` (see [`crate::front::status_class`]).
@@ -99,11 +149,11 @@ pub struct WorkerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     /// Model.
-    pub model: String,
+    pub model: Label,
     /// Role.
     pub role: &'static str,
     /// Pool.
-    pub pool: String,
+    pub pool: Label,
 }
 
 /// Labels of `pdx_planner_diverted_total`.
@@ -417,8 +467,8 @@ impl Metrics {
         for (model, status) in series {
             self.requests.remove(&RequestLabels {
                 model,
-                pool: w.pool.clone(),
-                worker: w.url.clone(),
+                pool: w.pool_label.clone(),
+                worker: w.url_label.clone(),
                 status,
                 class: crate::front::status_class(status),
             });

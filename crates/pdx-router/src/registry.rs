@@ -41,6 +41,10 @@ pub struct Worker {
     pub role: Role,
     /// Pool name.
     pub pool: String,
+    /// `url` as a metric label value (cloned per request without allocating).
+    pub url_label: crate::metrics::Label,
+    /// `pool` as a metric label value.
+    pub pool_label: crate::metrics::Label,
     /// Model name.
     pub model: String,
     /// SGLang bootstrap server port (`bootstrap_port` of the `sglang-bootstrap` orchestration when this is
@@ -63,7 +67,7 @@ pub struct Worker {
     kv_limits: (u64, u64),
     /// Model label and HTTP status of each of this worker's `pdx_requests_total` series (deleted with the
     /// worker).
-    pub series: Mutex<Vec<(String, u16)>>,
+    pub series: Mutex<Vec<(crate::metrics::Label, u16)>>,
     /// `DELETE` received: no new requests; removed once idle.
     pub draining: AtomicBool,
     /// Came from the registration API (heartbeat TTL applies until a discovery source confirms it).
@@ -248,10 +252,10 @@ impl Worker {
     }
 
     /// Notes that a `pdx_requests_total` series with `model` and `status` exists for this worker.
-    pub fn note_series(&self, model: &str, status: u16) {
+    pub fn note_series(&self, model: &crate::metrics::Label, status: u16) {
         if let Ok(mut v) = self.series.lock() {
             if !v.iter().any(|(m, s)| *s == status && m == model) {
-                v.push((model.to_string(), status));
+                v.push((model.clone(), status));
             }
         }
     }
@@ -348,6 +352,8 @@ pub struct PoolTuning {
 pub struct Pool {
     /// Name.
     pub name: String,
+    /// `name` as a metric label value (cloned per request without allocating).
+    pub label: crate::metrics::Label,
     /// Role of its workers.
     pub role: Role,
     /// The policy (also in the selector; here to be read without its lock).
@@ -394,6 +400,7 @@ impl Pool {
         };
         Self {
             name: name.into(),
+            label: name.into(),
             role,
             policy,
             selector: Mutex::new(s),
@@ -477,6 +484,8 @@ impl Pool {
 pub struct ModelTopo {
     /// Name (`*`: any).
     pub name: String,
+    /// `name` as a metric label value (cloned per request without allocating).
+    pub label: crate::metrics::Label,
     /// Prefill pools (grid order).
     pub prefill: Vec<Arc<Pool>>,
     /// Decode pools (grid order).
@@ -617,11 +626,13 @@ impl Registry {
             .map_err(|_| RouterError::BadWorkerUrl(format!("not a header value: {}", u.url)))?;
         Ok(Arc::new(Worker {
             id,
+            url_label: u.url.as_str().into(),
             url: u.url,
             url_header,
             authority: u.authority,
             role,
             pool: pool.into(),
+            pool_label: pool.into(),
             model: model.into(),
             bootstrap_port,
             in_flight: AtomicU64::new(0),
@@ -655,6 +666,7 @@ impl Registry {
     fn build_model(&self, m: &ModelSpec) -> Result<ModelTopo, RouterError> {
         let mut t = ModelTopo {
             name: m.name.clone(),
+            label: crate::metrics::Label::from(m.name.as_str()),
             prefill: vec![],
             decode: vec![],
             aggregated: vec![],
@@ -891,6 +903,7 @@ impl Registry {
         let mut topo = match &old {
             Some(m) => ModelTopo {
                 name: m.name.clone(),
+                label: m.label.clone(),
                 prefill: m.prefill.clone(),
                 decode: m.decode.clone(),
                 aggregated: m.aggregated.clone(),
@@ -900,6 +913,7 @@ impl Registry {
             },
             None => ModelTopo {
                 name: reg.model.clone(),
+                label: crate::metrics::Label::from(reg.model.as_str()),
                 prefill: vec![],
                 decode: vec![],
                 aggregated: vec![],
@@ -1104,6 +1118,7 @@ impl Registry {
                 "*".into(),
                 Arc::new(ModelTopo {
                     name: "*".into(),
+                    label: crate::metrics::Label::from("*"),
                     prefill: with(m.map(|m| &m.prefill), &pools[0]),
                     decode: with(m.map(|m| &m.decode), &pools[1]),
                     aggregated: m.map(|m| m.aggregated.clone()).unwrap_or_default(),
@@ -1202,6 +1217,7 @@ impl Registry {
                 };
                 let topo = ModelTopo {
                     name: m.name.clone(),
+                    label: m.label.clone(),
                     prefill: keep(&m.prefill),
                     decode: keep(&m.decode),
                     aggregated: keep(&m.aggregated),

@@ -6,7 +6,7 @@ use crate::api::{error_response, Shared};
 use crate::body::RouterBody;
 use crate::registry::ModelTopo;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_LENGTH};
 use hyper::{Request, Response};
 use pdx_protocol::{ApiError, ChatCompletionRequest, CompletionRequest, KvTransferParams};
@@ -33,10 +33,18 @@ pub(crate) async fn read_body(sh: &Shared, req: Request<Full<Bytes>>) -> Result<
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    // The server hands the body over whole (`Full`: one frame), so it is taken as it is: no collecting
+    // into a buffer list and no copy.
+    match req.into_body().frame().await {
+        None => Ok(Bytes::new()),
+        Some(Ok(f)) => {
+            let b = f.into_data().unwrap_or_default();
+            if b.len() > max {
+                return Err(too_large());
+            }
+            Ok(b)
+        }
+        Some(Err(never)) => match never {},
     }
 }
 
@@ -49,16 +57,54 @@ pub enum CompletionBody {
     Text(CompletionRequest),
 }
 
-/// Serializes the request `r` (a `&mut` to it) with each listed field set to its value, then puts the fields
-/// back: the request goes out changed without a copy of its messages and unknown fields.
-macro_rules! to_vec_with {
-    ($r:expr; $($field:ident = $value:expr),+ $(,)?) => {{
+/// Serializes the request `r` (a `&mut` to it) into `out` with each listed field set to its value, then puts
+/// the fields back: the request goes out changed without a copy of its messages and unknown fields. Evaluates
+/// to the serialization's result and the values the fields held while serialized (in the order listed).
+macro_rules! serialize_with {
+    ($r:expr, $out:expr; $($field:ident = $value:expr),+ $(,)?) => {{
         let r = $r;
         $(let mut $field = $value; std::mem::swap(&mut r.$field, &mut $field);)+
-        let v = serde_json::to_vec(&*r);
+        let res = serde_json::to_writer(&mut *$out, &*r);
         $(std::mem::swap(&mut r.$field, &mut $field);)+
-        v
+        (res, ($($field,)+))
     }};
+}
+
+thread_local! {
+    /// The thread's serialization buffer for upstream request bodies: a body is written here, then copied
+    /// into a buffer of its exact size (one allocation per body, none for growing).
+    static BODY_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(4096));
+    /// The `kv_transfer_params` of every prefill request, built once per thread (see
+    /// [`CompletionBody::prefill_bytes`]).
+    static PREFILL_KV: std::cell::RefCell<Option<KvTransferParams>> =
+        std::cell::RefCell::new(Some(prefill_kv()));
+}
+
+/// vLLM `toy_proxy_server.py`'s prefill `kv_transfer_params`: a remote decode, and the remote fields present
+/// and null.
+fn prefill_kv() -> KvTransferParams {
+    let mut kv = KvTransferParams::for_prefill();
+    for k in [
+        "remote_engine_id",
+        "remote_block_ids",
+        "remote_host",
+        "remote_port",
+    ] {
+        kv.extra.insert(k.into(), serde_json::Value::Null);
+    }
+    kv
+}
+
+/// `write` into the thread's [`BODY_BUF`], then the bytes written, in a buffer of their own. Empty if the
+/// serialization fails (it cannot for these types: maps with string keys, no non-finite floats).
+fn body_bytes(write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) -> Bytes {
+    BODY_BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        match write(buf) {
+            Ok(()) => Bytes::copy_from_slice(buf),
+            Err(_) => Bytes::new(),
+        }
+    })
 }
 
 impl CompletionBody {
@@ -128,36 +174,47 @@ impl CompletionBody {
     /// client set) 1, and `kv_transfer_params` asking for a remote decode. The fields are set for the
     /// serialization and put back after it, so the request (its messages, its unknown fields) is not copied.
     pub(crate) fn prefill_bytes(&mut self) -> Bytes {
-        let mut kv = KvTransferParams::for_prefill();
-        for k in [
-            "remote_engine_id",
-            "remote_block_ids",
-            "remote_host",
-            "remote_port",
-        ] {
-            kv.extra.insert(k.into(), serde_json::Value::Null);
-        }
-        let v = match self {
-            Self::Chat(r) => {
-                let mct = r.max_completion_tokens.is_some().then_some(1);
-                to_vec_with!(r; stream = Some(false), stream_options = None, max_tokens = Some(1),
-                    max_completion_tokens = mct, min_tokens = None, kv_transfer_params = Some(kv))
-            }
-            Self::Text(r) => {
-                to_vec_with!(r; stream = Some(false), stream_options = None, max_tokens = Some(1),
-                    min_tokens = None, kv_transfer_params = Some(kv))
-            }
-        };
-        Bytes::from(v.unwrap_or_default())
+        PREFILL_KV.with_borrow_mut(|kv| {
+            body_bytes(|buf| {
+                let (res, (.., back)) = match self {
+                    Self::Chat(r) => {
+                        let mct = r.max_completion_tokens.is_some().then_some(1);
+                        let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
+                            stream_options = None, max_tokens = Some(1), max_completion_tokens = mct,
+                            min_tokens = None, kv_transfer_params = kv.take());
+                        (res, (back,))
+                    }
+                    Self::Text(r) => {
+                        let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
+                            stream_options = None, max_tokens = Some(1), min_tokens = None,
+                            kv_transfer_params = kv.take());
+                        (res, (back,))
+                    }
+                };
+                *kv = back;
+                res
+            })
+        })
     }
+    /// The request as it is.
     pub(crate) fn to_bytes(&self) -> Bytes {
-        Bytes::from(
-            match self {
-                Self::Chat(r) => serde_json::to_vec(r),
-                Self::Text(r) => serde_json::to_vec(r),
-            }
-            .unwrap_or_default(),
-        )
+        body_bytes(|buf| match self {
+            Self::Chat(r) => serde_json::to_writer(buf, r),
+            Self::Text(r) => serde_json::to_writer(buf, r),
+        })
+    }
+    /// The decode request of the vLLM NixlConnector flow: this request with `kv` (the prefill's answer, or
+    /// `None` for a decode without remote KV) as its `kv_transfer_params`. `kv` is lent for the serialization
+    /// and given back: the lease on the prefilled KV keeps it, to release the blocks if no decode takes them.
+    pub(crate) fn decode_bytes(&mut self, kv: &mut Option<KvTransferParams>) -> Bytes {
+        body_bytes(|buf| {
+            let (res, (back,)) = match self {
+                Self::Chat(r) => serialize_with!(r, buf; kv_transfer_params = kv.take()),
+                Self::Text(r) => serialize_with!(r, buf; kv_transfer_params = kv.take()),
+            };
+            *kv = back;
+            res
+        })
     }
 }
 
@@ -227,7 +284,7 @@ pub(crate) async fn completion(
 ) -> Response<RouterBody> {
     let mut label = None;
     let resp = run_completion(sh, req, rid, chat, &mut label).await;
-    let label = label.unwrap_or_else(|| crate::api::models::OTHER.to_string());
+    let label = label.unwrap_or_else(|| crate::api::models::OTHER.into());
     crate::front::count(sh, label, &resp);
     resp
 }
@@ -238,7 +295,7 @@ async fn run_completion(
     req: Request<Full<Bytes>>,
     rid: &HeaderValue,
     chat: bool,
-    label: &mut Option<String>,
+    label: &mut Option<crate::metrics::Label>,
 ) -> Response<RouterBody> {
     let start = Instant::now();
     let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();

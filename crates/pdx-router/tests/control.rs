@@ -306,14 +306,14 @@ async fn registration_urls_are_checked_and_the_registry_is_bounded() {
     );
     // Their metric series exist, then go with them (and so do the pools registration created).
     for w in r.shared.registry.workers() {
-        w.note_series(&w.model, 200);
+        w.note_series(&w.model.as_str().into(), 200);
         r.shared
             .metrics
             .requests
             .get_or_create(&pdx_router::metrics::RequestLabels {
-                model: w.model.clone(),
-                pool: w.pool.clone(),
-                worker: w.url.clone(),
+                model: w.model.as_str().into(),
+                pool: w.pool_label.clone(),
+                worker: w.url_label.clone(),
                 status: 200,
                 class: "2xx",
             })

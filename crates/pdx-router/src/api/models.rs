@@ -20,6 +20,7 @@
 
 use crate::api::{error_response, Shared};
 use crate::body::RouterBody;
+use crate::metrics::Label;
 use crate::registry::{Registry, Snapshot, Worker};
 use crate::upstream;
 use arc_swap::ArcSwap;
@@ -67,9 +68,10 @@ pub struct Catalog {
 #[derive(Debug, Default)]
 struct Listing {
     body: Bytes,
-    entries: HashMap<String, Bytes>,
+    /// Keyed by id as a metric label (a request naming a listed model takes its label from here).
+    entries: HashMap<Label, Bytes>,
     /// The only id when exactly one is listed (the label of requests that name no model).
-    single: Option<String>,
+    single: Option<Label>,
 }
 
 #[derive(Debug, Default)]
@@ -113,19 +115,23 @@ impl Catalog {
     /// The model label of a request naming `model`: the name if the router routes it by that name (a
     /// configured or registered model of `snap`) or lists it, else [`OTHER`]; a request without a name counts
     /// under the model it is routed to, or the only listed one.
-    pub fn label(&self, snap: &Snapshot, model: Option<&str>) -> String {
-        let named = |n: &str| n != "*" && snap.models.contains_key(n);
+    pub fn label(&self, snap: &Snapshot, model: Option<&str>) -> Label {
         match model {
-            Some(m) if named(m) || self.listing.load().entries.contains_key(m) => m.to_string(),
-            Some(_) => OTHER.to_string(),
+            Some(m) => match snap.models.get(m).filter(|_| m != "*") {
+                Some(t) => t.label.clone(),
+                None => match self.listing.load().entries.get_key_value(m) {
+                    Some((id, _)) => id.clone(),
+                    None => OTHER.into(),
+                },
+            },
             None => match snap.model(None) {
-                Some(t) if t.name != "*" => t.name.clone(),
+                Some(t) if t.name != "*" => t.label.clone(),
                 _ => self
                     .listing
                     .load()
                     .single
                     .clone()
-                    .unwrap_or_else(|| OTHER.to_string()),
+                    .unwrap_or_else(|| OTHER.into()),
             },
         }
     }
@@ -145,7 +151,7 @@ pub fn retrieve(sh: &Shared, raw: &str) -> Response<RouterBody> {
     let id = percent_decode(raw);
     if let Some(e) = id
         .as_ref()
-        .and_then(|id| sh.models.listing.load().entries.get(id).cloned())
+        .and_then(|id| sh.models.listing.load().entries.get(id.as_str()).cloned())
     {
         return crate::api::full(200, "application/json", e);
     }
@@ -349,14 +355,10 @@ fn build(snap: &Snapshot, fetched: &HashMap<u64, Fetched>, created: u64) -> List
             data.push(entry(name, card, created));
         }
     }
-    let entries: HashMap<String, Bytes> = data
+    let entries: HashMap<Label, Bytes> = data
         .iter()
         .map(|e| {
-            let id = e
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+            let id = Label::from(e.get("id").and_then(Value::as_str).unwrap_or_default());
             (id, Bytes::from(Value::Object(e.clone()).to_string()))
         })
         .collect();

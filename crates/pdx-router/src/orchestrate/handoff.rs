@@ -70,12 +70,14 @@ pub(crate) struct PrefillJob {
     decode_first: usize,
     /// Prefill pool tried first (grid, then the planner's diversions).
     prefill_first: usize,
+    /// Fired when the client goes away during the prefill (in the job: one allocation for both).
+    abandon: Abandon,
 }
 
 impl PrefillJob {
     fn target(&self) -> Target<'_> {
         Target {
-            model: &self.model.name,
+            model: &self.model.label,
             hashes: &self.hashes,
             isl: self.isl,
             tokens: self.tokens,
@@ -140,6 +142,12 @@ impl KvLease {
             .as_ref()
             .expect("lease holds its worker")
             .worker
+    }
+
+    /// The prefill's `kv_transfer_params`, lent to the decode request's serialization
+    /// ([`crate::request::CompletionBody::decode_bytes`]); `Some` until [`Self::taken`].
+    pub(crate) fn kv_mut(&mut self) -> &mut Option<KvTransferParams> {
+        &mut self.kv
     }
 
     /// A decode took the KV (or tried to and failed): nothing to release.
@@ -237,13 +245,14 @@ async fn release_via_decode(sh: &Shared, job: &PrefillJob, kv: &KvTransferParams
     }
 }
 
-/// Fires its [`Abandon`] when dropped armed (the request's future was dropped: its client went away).
-struct FireOnDrop(Option<Rc<Abandon>>);
+/// Fires its prefill job's [`Abandon`] when dropped armed (the request's future was dropped: its client went
+/// away).
+struct FireOnDrop(Option<Rc<PrefillJob>>);
 
 impl Drop for FireOnDrop {
     fn drop(&mut self) {
-        if let Some(a) = self.0.take() {
-            a.fire();
+        if let Some(pj) = self.0.take() {
+            pj.abandon.fire();
         }
     }
 }
@@ -255,8 +264,9 @@ struct PrefillAnswer {
 }
 
 /// A prefill's outcome for the orchestration: `Ok(None)` means the decode-only fallback (or no prefill
-/// pool); `Ok(Some)` the `kv_transfer_params` for the decode and the lease on the prefilled KV.
-pub(crate) type PrefillResult = Result<Option<(KvTransferParams, KvLease)>, Response<RouterBody>>;
+/// pool); `Ok(Some)` the lease on the prefilled KV, which holds the `kv_transfer_params` for the decode
+/// ([`KvLease::kv_mut`]).
+pub(crate) type PrefillResult = Result<Option<KvLease>, Response<RouterBody>>;
 
 /// Runs the prefill of `job` on a worker not in `exclude`, in a task of its own (so the client going
 /// away abandons the request rather than cutting it; see the module docs). `prefill_first` is the prefill
@@ -287,16 +297,10 @@ pub(crate) async fn prefill(
         body,
         decode_first,
         prefill_first,
+        abandon: Abandon::default(),
     });
-    let abandon = Rc::new(Abandon::default());
-    let mut fire = FireOnDrop(Some(abandon.clone()));
-    let task = monoio::spawn(prefill_task(
-        sh.clone(),
-        pj,
-        exclude.to_vec(),
-        abandon,
-        permit,
-    ));
+    let mut fire = FireOnDrop(Some(pj.clone()));
+    let task = monoio::spawn(prefill_task(sh.clone(), pj, exclude.to_vec(), permit));
     let r = task.await;
     fire.0 = None;
     r
@@ -306,19 +310,19 @@ async fn prefill_task(
     sh: Arc<Shared>,
     pj: Rc<PrefillJob>,
     exclude: Vec<u64>,
-    abandon: Rc<Abandon>,
     permit: Option<crate::admission::Permit>,
 ) -> PrefillResult {
-    match run_prefill(&sh, &pj, exclude, &abandon, permit).await {
+    match run_prefill(&sh, &pj, exclude, &pj.abandon, permit).await {
         Ok(Some((kv, w))) => {
-            let lease = KvLease::new(sh.clone(), pj, kv.clone(), w);
-            if abandon.is_fired() {
+            let fired = pj.abandon.is_fired();
+            let lease = KvLease::new(sh.clone(), pj, kv, w);
+            if fired {
                 // Nobody waits for this answer: the lease is dropped here, so the KV is released.
                 tracing::debug!("client gone after its prefill: releasing the prefilled KV");
                 drop(lease);
                 return Ok(None);
             }
-            Ok(Some((kv, lease)))
+            Ok(Some(lease))
         }
         Ok(None) => Ok(None),
         Err(r) => Err(r),

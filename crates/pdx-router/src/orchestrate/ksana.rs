@@ -77,7 +77,7 @@ impl Orchestrator for Ksana {
             hashes: &job.hashes,
             tokens: job.tokens,
             merge: false,
-            model: &job.model.name,
+            model: &job.model.label,
             start: job.start,
         };
         run(sh, &k).await
@@ -102,7 +102,7 @@ pub(crate) struct KJob<'a> {
     /// `/generate`: merge the token streams.
     pub(crate) merge: bool,
     /// Model name (metrics).
-    pub(crate) model: &'a str,
+    pub(crate) model: &'a crate::metrics::Label,
     /// Arrival.
     pub(crate) start: Instant,
 }
@@ -528,7 +528,7 @@ fn answer(
     pool: &Arc<Pool>,
 ) -> Response<RouterBody> {
     let served = crate::front::Served {
-        pool: pool.name.clone(),
+        pool: pool.label.clone(),
         worker: guard.worker.clone(),
     };
     let (parts, incoming) = decode.into_parts();
@@ -752,6 +752,7 @@ pub(crate) async fn raw(
                 let model = v.get("model").and_then(|m| m.as_str()).map(String::from);
                 let label = sh.models.label(&sh.registry.snap.load(), model.as_deref());
                 let tokens = raw.len() as u64 / 4 + 16;
+                let model = crate::metrics::Label::from(model.as_deref().unwrap_or("*"));
                 let job = KJob {
                     path: &path,
                     body: raw,
@@ -760,7 +761,7 @@ pub(crate) async fn raw(
                     hashes: &[],
                     tokens,
                     merge: path == "/generate",
-                    model: model.as_deref().unwrap_or("*"),
+                    model: &model,
                     start,
                 };
                 (Box::pin(run(sh, &job)).await, Some(label))
@@ -769,7 +770,7 @@ pub(crate) async fn raw(
     };
     crate::front::count(
         sh,
-        label.unwrap_or_else(|| crate::api::models::OTHER.to_string()),
+        label.unwrap_or_else(|| crate::api::models::OTHER.into()),
         &resp,
     );
     resp

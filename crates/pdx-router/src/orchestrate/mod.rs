@@ -17,7 +17,7 @@ pub use vllm_nixl::VllmNixl;
 use crate::api::{error_response, Shared, REQUEST_ID, X_PDX_WORKER};
 use crate::body::{Forward, RouterBody, StreamStats};
 use crate::config::OrchestrationKind;
-use crate::metrics::{PhaseLabel, PoolLabels};
+use crate::metrics::{Label, PhaseLabel, PoolLabels};
 use crate::registry::{LoadGuard, Pool, Worker};
 use crate::request::Job;
 use crate::upstream::{self, ConnectError, SendError, UpBody};
@@ -166,7 +166,7 @@ pub(crate) async fn send_with(
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Target<'a> {
     /// Model name (metrics).
-    pub(crate) model: &'a str,
+    pub(crate) model: &'a Label,
     /// Prompt block hashes (`kv_aware`, `score`).
     pub(crate) hashes: &'a [u64],
     /// Prompt tokens.
@@ -184,7 +184,7 @@ pub(crate) struct Target<'a> {
 impl Job {
     pub(crate) fn target(&self) -> Target<'_> {
         Target {
-            model: &self.model.name,
+            model: &self.model.label,
             hashes: &self.hashes,
             isl: self.isl,
             tokens: self.tokens,
@@ -320,13 +320,13 @@ pub(crate) fn pick_worker(
 }
 
 /// Counts a pool choice (`pdx_pool_choices_total`).
-pub(crate) fn count_pool_choice(sh: &Shared, model: &str, pool: &Pool) {
+pub(crate) fn count_pool_choice(sh: &Shared, model: &Label, pool: &Pool) {
     sh.metrics
         .pool_choices
         .get_or_create(&PoolLabels {
-            model: model.to_string(),
+            model: model.clone(),
             role: pool.role.as_str(),
-            pool: pool.name.clone(),
+            pool: pool.label.clone(),
         })
         .inc();
 }
@@ -406,7 +406,7 @@ pub(crate) fn forward(
     });
     // Counted with the answer's model label by the front ([`crate::front::count`]).
     let served = crate::front::Served {
-        pool: pool.name.clone(),
+        pool: pool.label.clone(),
         worker: guard.worker.clone(),
     };
     let (parts, incoming) = resp.into_parts();

@@ -74,16 +74,15 @@ impl Orchestrator for VllmNixl {
                 Err(r) => return r,
             };
             let handoff = Instant::now();
-            let (kv, mut lease) = match prefilled {
-                Some((kv, lease)) => (Some(kv), Some(lease)),
-                None => (None, None),
-            };
+            let mut lease = prefilled;
             let holder = lease.as_ref().map(|l| l.holder().clone());
-            job.body.set_kv(kv);
             let phase = Phase::Decode {
                 kv_from_prefill: holder.is_some(),
             };
-            let body = job.body.to_bytes();
+            let body = match lease.as_mut() {
+                Some(l) => job.body.decode_bytes(l.kv_mut()),
+                None => job.body.decode_bytes(&mut None),
+            };
             let t = job.target();
             let avoid = job.avoid.clone();
             let failure = match dispatch(sh, t, &decode, first, body, phase, avoid, None).await {
