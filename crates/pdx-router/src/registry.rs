@@ -432,9 +432,10 @@ impl Pool {
     ) -> Option<Arc<Worker>> {
         let workers = self.workers.load();
         let telemetry = self.policy.uses_telemetry();
-        let mut cands: Vec<Candidate> = workers
-            .iter()
-            .map(|w| {
+        let i = CANDIDATES.with_borrow_mut(|cands| {
+            // The thread's candidate buffer, reused: no allocation per pick.
+            cands.clear();
+            cands.extend(workers.iter().map(|w| {
                 let mut c = Candidate::new(
                     w.id,
                     w.in_flight.load(Ordering::Relaxed),
@@ -445,21 +446,21 @@ impl Pool {
                     c.telemetry = w.telemetry_snapshot(now_us);
                 }
                 c
-            })
-            .collect();
-        let mut sel = self.selector.lock().ok()?;
-        if self.policy.uses_overlap() && !block_hashes.is_empty() {
-            let exact = self.exact.as_ref().and_then(|x| x.read().ok());
-            for (c, w) in cands.iter_mut().zip(workers.iter()) {
-                c.overlap_blocks = prefix_overlap(&sel, exact.as_deref(), w, block_hashes, now_us);
+            }));
+            let mut sel = self.selector.lock().ok()?;
+            if self.policy.uses_overlap() && !block_hashes.is_empty() {
+                let exact = self.exact.as_ref().and_then(|x| x.read().ok());
+                for (c, w) in cands.iter_mut().zip(workers.iter()) {
+                    c.overlap_blocks =
+                        prefix_overlap(&sel, exact.as_deref(), w, block_hashes, now_us);
+                }
             }
-        }
-        let req = Request {
-            block_hashes,
-            prompt_tokens,
-        };
-        let i = sel.choose_request(&cands, &req, now_us)?;
-        drop(sel);
+            let req = Request {
+                block_hashes,
+                prompt_tokens,
+            };
+            sel.choose_request(cands, &req, now_us)
+        })?;
         let w = workers[i].clone();
         let ok = w
             .breaker
@@ -477,6 +478,11 @@ impl Pool {
             .filter(|w| !exclude.contains(&w.id) && w.eligible(now_us))
             .count()
     }
+}
+
+thread_local! {
+    /// [`Pool::pick`]'s candidates, reused per thread.
+    static CANDIDATES: std::cell::RefCell<Vec<Candidate>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A model's pools.
