@@ -124,7 +124,7 @@ async fn route(
     req: Request<Full<Bytes>>,
     rid: &HeaderValue,
 ) -> Response<RouterBody> {
-    let path = req.uri().path().to_string();
+    let path = req.uri().path();
     let m = req.method().clone();
     if let Some(k) = &sh.ksana {
         // KsanaLLM's node API is open, as the peer's is (its nodes send no credentials); the addresses it
@@ -141,7 +141,7 @@ async fn route(
                 hyper::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer"),
             );
-            if matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions") {
+            if matches!(path, "/v1/chat/completions" | "/v1/completions") {
                 crate::front::count(sh, models::OTHER.into(), &r);
             }
             return r;
@@ -150,7 +150,7 @@ async fn route(
     if let (Some(id), &Method::GET) = (path.strip_prefix("/v1/models/"), &m) {
         return models::retrieve(sh, id);
     }
-    match (path.as_str(), &m) {
+    match (path, &m) {
         ("/health", &Method::GET) => full(200, "text/plain", Bytes::new()),
         ("/ready", &Method::GET) => ready(sh),
         ("/metrics", &Method::GET) => full(
