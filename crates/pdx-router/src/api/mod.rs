@@ -129,12 +129,12 @@ async fn route(
     if let Some(k) = &sh.ksana {
         // KsanaLLM's node API is open, as the peer's is (its nodes send no credentials); the addresses it
         // takes are routed only inside --worker-allow-cidr.
-        if let Some(route) = pdx_ksana::Route::from_path(&path) {
+        if let Some(route) = pdx_ksana::Route::from_path(path) {
             return crate::ksana::node_api(k, route, req).await;
         }
     }
-    let ksana_proxied = sh.ksana.is_some() && crate::ksana::proxied(&path);
-    if crate::front_auth::guards(&path) || ksana_proxied {
+    let ksana_proxied = sh.ksana.is_some() && crate::ksana::proxied(path);
+    if crate::front_auth::guards(path) || ksana_proxied {
         if let Err(e) = crate::front_auth::authorize(&sh.cfg.api_keys, req.headers()) {
             let mut r = error_response(&e);
             r.headers_mut().insert(
