@@ -54,7 +54,11 @@ pub struct Head {
 
 /// Parses a response head from the start of `buf`. `Ok(None)`: incomplete, read more.
 /// Interim 1xx heads (other than 101) are consumed and skipped. On success the head's bytes
-/// are removed from `buf`.
+/// are removed from `buf`; after an error `buf` is not to be read on (the head may be gone).
+///
+/// The head leaves `buf` as one shared slice (`split_to(n).freeze()`) and the header values are slices of it,
+/// validated in place (`HeaderValue::from_maybe_shared`): no copy, no allocation per value. Header names
+/// come from [`cached_name`].
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, DecodeError> {
     loop {
         let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -76,42 +80,54 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             buf.advance(n);
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(r.headers.len());
+        let http10 = r.version == Some(0);
+        let mut spans = [HeaderSpan::default(); MAX_HEADERS];
+        let count = r.headers.len();
+        for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+            *s = HeaderSpan::of(buf, h);
+        }
+        let head = buf.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
         let mut chunked = false;
         let mut length: Option<u64> = None;
-        let mut close = r.version == Some(0);
-        for h in r.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| DecodeError::Head)?;
-            if name == hyper::header::TRANSFER_ENCODING {
-                // chunked must be the last coding
-                chunked = h
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name == hyper::header::CONTENT_LENGTH {
-                let v = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(DecodeError::Head)?;
-                if length.is_some_and(|l| l != v) {
-                    return Err(DecodeError::Head);
-                }
-                length = Some(v);
-            } else if name == hyper::header::CONNECTION {
-                for t in h.value.split(|&b| b == b',') {
-                    let t = t.trim_ascii();
-                    if t.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") && r.version == Some(0) {
-                        close = false;
+        let mut close = http10;
+        RESPONSE_NAMES.with(|names| {
+            let mut names = names.borrow_mut();
+            for (i, s) in spans[..count].iter().enumerate() {
+                let name =
+                    cached_name(&mut names, i, &head[s.name()]).map_err(|_| DecodeError::Head)?;
+                let raw = &head[s.value()];
+                if name == hyper::header::TRANSFER_ENCODING {
+                    // chunked must be the last coding
+                    chunked = raw
+                        .rsplit(|&b| b == b',')
+                        .next()
+                        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                } else if name == hyper::header::CONTENT_LENGTH {
+                    let v = std::str::from_utf8(raw)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or(DecodeError::Head)?;
+                    if length.is_some_and(|l| l != v) {
+                        return Err(DecodeError::Head);
+                    }
+                    length = Some(v);
+                } else if name == hyper::header::CONNECTION {
+                    for t in raw.split(|&b| b == b',') {
+                        let t = t.trim_ascii();
+                        if t.eq_ignore_ascii_case(b"close") {
+                            close = true;
+                        } else if t.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                            close = false;
+                        }
                     }
                 }
+                let value = HeaderValue::from_maybe_shared(head.slice(s.value()))
+                    .map_err(|_| DecodeError::Head)?;
+                headers.append(name, value);
             }
-            let value = HeaderValue::from_bytes(h.value).map_err(|_| DecodeError::Head)?;
-            headers.append(name, value);
-        }
-        buf.advance(n);
+            Ok(())
+        })?;
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -132,6 +148,105 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             keep_alive: !close,
         }));
     }
+}
+
+/// Where one parsed header lies in the buffer it was parsed from: the byte ranges (start, end) of its name and
+/// value.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeaderSpan {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+impl HeaderSpan {
+    /// The span of `h`, a header `httparse` parsed from `base` (its name and value are slices of `base`).
+    pub(crate) fn of(base: &[u8], h: &httparse::Header<'_>) -> HeaderSpan {
+        HeaderSpan {
+            name: span_in(base, h.name.as_bytes()),
+            value: span_in(base, h.value),
+        }
+    }
+
+    /// The name's byte range.
+    pub(crate) fn name(&self) -> std::ops::Range<usize> {
+        self.name.0..self.name.1
+    }
+
+    /// The value's byte range.
+    pub(crate) fn value(&self) -> std::ops::Range<usize> {
+        self.value.0..self.value.1
+    }
+}
+
+/// The byte range (start, end) of `part` in `base`; `part` is a slice of `base` (as `httparse` returns them).
+pub(crate) fn span_in(base: &[u8], part: &[u8]) -> (usize, usize) {
+    let at = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    debug_assert!(at
+        .checked_add(part.len())
+        .is_some_and(|end| end <= base.len()));
+    (at, at + part.len())
+}
+
+/// Header names cached: this many positions of a head at most, names of this many bytes at most.
+const NAMES_CACHED: usize = 64;
+const NAME_CACHED_MAX: usize = 64;
+
+/// A header name remembered at one position of a head, and how many heads in a row had another name there.
+#[derive(Debug)]
+pub(crate) struct CachedName {
+    name: HeaderName,
+    misses: u8,
+}
+
+thread_local! {
+    /// The header names of the response heads parsed on this thread, by position ([`cached_name`]).
+    static RESPONSE_NAMES: std::cell::RefCell<Vec<CachedName>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The header name `raw` at position `i` of a head: the one remembered in `names` at that position when it is
+/// the same name, else parsed (`HeaderName::from_bytes`).
+///
+/// A name `http` does not know is a copy (an allocation) each time it is parsed; an engine or a client sends
+/// the same names in the same order on every message, so the name at a position is almost always the one
+/// remembered there, found with one comparison and its clone shared. A hit is exact: `raw` equals a valid
+/// (lowercase) name up to the case of ASCII letters, so it is that valid name. A remembered name is replaced
+/// after two heads in a row had another name there (two peers that alternate keep the first's names rather
+/// than trade copies). At most [`NAMES_CACHED`] positions and names of at most [`NAME_CACHED_MAX`] bytes are
+/// kept, so what a peer sends pins little memory.
+///
+/// Errors: `raw` is not a valid header name.
+pub(crate) fn cached_name(
+    names: &mut Vec<CachedName>,
+    i: usize,
+    raw: &[u8],
+) -> Result<HeaderName, hyper::header::InvalidHeaderName> {
+    if let Some(c) = names.get_mut(i) {
+        if c.name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
+            c.misses = 0;
+            return Ok(c.name.clone());
+        }
+    }
+    let n = HeaderName::from_bytes(raw)?;
+    if i < NAMES_CACHED && raw.len() <= NAME_CACHED_MAX {
+        if let Some(c) = names.get_mut(i) {
+            c.misses += 1;
+            if c.misses >= 2 {
+                *c = CachedName {
+                    name: n.clone(),
+                    misses: 0,
+                };
+            }
+        } else if names.len() == i {
+            if names.capacity() == 0 {
+                names.reserve_exact(NAMES_CACHED);
+            }
+            names.push(CachedName {
+                name: n.clone(),
+                misses: 0,
+            });
+        }
+    }
+    Ok(n)
 }
 
 /// Body delimitation and decoding state.
@@ -395,6 +510,63 @@ mod tests {
             let r = (0..4).try_for_each(|_| f.step(&mut b, false).map(|_| ()));
             assert_eq!(r, Err(DecodeError::Chunk), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn header_values_are_slices_of_the_read_buffer() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nX-Pdx-Worker: w1\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-empty:\r\n\r\nok"[..],
+        );
+        let read = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(h.headers.len(), 4);
+        for (k, v) in &h.headers {
+            if !v.is_empty() {
+                assert!(
+                    read.contains(&(v.as_bytes().as_ptr() as usize)),
+                    "{k}: a copy"
+                );
+            }
+        }
+        assert_eq!(h.headers["x-pdx-worker"], "w1");
+        assert_eq!(h.headers["x-empty"], "");
+        assert_eq!(h.framing, Framing::Length(2));
+        assert_eq!(&buf[..], b"ok");
+        // Values are still checked: obs-text is kept as it came, a control byte is refused.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: caf\xc3\xa9\r\n\r\n"[..]);
+        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(h.headers["x-a"].as_bytes(), "café".as_bytes());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: a\x01b\r\n\r\n"[..]);
+        assert_eq!(parse_head(&mut buf, false).unwrap_err(), DecodeError::Head);
+    }
+
+    #[test]
+    fn header_names_are_remembered_by_position() {
+        let mut names = Vec::new();
+        let a = cached_name(&mut names, 0, b"X-Pdx-Worker").unwrap();
+        assert_eq!(a, "x-pdx-worker");
+        // The same name (in any case) at the same position: the remembered one, its bytes shared.
+        let b = cached_name(&mut names, 0, b"x-pdx-WORKER").unwrap();
+        assert_eq!(b, "x-pdx-worker");
+        assert_eq!(b.as_str().as_ptr(), names[0].name.as_str().as_ptr());
+        // Another name there: parsed; it replaces the remembered one after two heads in a row.
+        assert_eq!(cached_name(&mut names, 0, b"x-other").unwrap(), "x-other");
+        assert_eq!(names[0].name, "x-pdx-worker");
+        cached_name(&mut names, 0, b"x-pdx-worker").unwrap();
+        assert_eq!(cached_name(&mut names, 0, b"x-other").unwrap(), "x-other");
+        assert_eq!(names[0].name, "x-pdx-worker", "a hit between misses");
+        cached_name(&mut names, 0, b"x-other").unwrap();
+        assert_eq!(names[0].name, "x-other");
+        // Invalid names are refused, whatever is remembered.
+        assert!(cached_name(&mut names, 0, b"x-oth\xe9r").is_err());
+        assert!(cached_name(&mut names, 0, b"x-other ").is_err());
+        assert!(cached_name(&mut names, 1, b"bad name").is_err());
+        // Positions fill in order; long names are not kept.
+        cached_name(&mut names, 5, b"x-far").unwrap();
+        cached_name(&mut names, 1, &[b'a'; NAME_CACHED_MAX + 1]).unwrap();
+        assert_eq!(names.len(), 1);
+        cached_name(&mut names, 1, b"date").unwrap();
+        assert_eq!((names.len(), names[1].name.as_str()), (2, "date"));
     }
 
     /// Encodes `chunks` as a chunked body (with chunk extensions on odd chunks).

@@ -12,16 +12,19 @@
 //! it); response body frames are written as they are (`writev` of chunk-size line, the frame's own `Bytes`,
 //! CRLF, from a per-thread [`pdx_uring_sys::WriteBatch`]), up to [`BATCH`] frames per operation, with no copy
 //! and no allocation per frame.
+//!
+//! Allocations per request: the request's head is split off its read buffer once and its target and header
+//! values are slices of it ([`parse_head`]).
 
 use crate::api::{self, Shared};
 use crate::body::RouterBody;
-use crate::h1::{Chunk, Framing, Step};
+use crate::h1::{self, Chunk, Framing, Step};
 use crate::shutdown;
 use crate::sock::{self, Reader};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::{Body, Frame};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use hyper::header::{HeaderValue, CONTENT_LENGTH};
 use hyper::{Request, Response};
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
@@ -33,6 +36,8 @@ use std::task::Poll;
 
 /// Largest request head accepted, bytes (431 above).
 const MAX_HEAD: usize = 64 * 1024;
+/// Headers parsed per request head at most (431 above).
+const MAX_HEADERS: usize = 64;
 /// Response body frames written per `writev` at most.
 pub const BATCH: usize = 16;
 /// A read of a request head or body asks for at least this much room, bytes.
@@ -41,6 +46,11 @@ const FIRST_READ: usize = 2048;
 /// request) gets a buffer of this size, bytes: a usual completion request fits, and an in-flight stream holds
 /// no more than this on its client side.
 pub const WATCH_READ: usize = 512;
+
+thread_local! {
+    /// The header names of the request heads parsed on this thread, by position ([`h1::cached_name`]).
+    static REQUEST_NAMES: std::cell::RefCell<Vec<h1::CachedName>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 struct Conn {
     rd: Reader,
@@ -175,8 +185,14 @@ pub(crate) enum HeadError {
     TooLarge,
 }
 
+/// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more. On success the head's bytes
+/// are removed from `buf`; after an error the connection ends (the head may be gone from `buf`).
+///
+/// The head leaves `buf` as one shared slice (`split_to(n).freeze()`); the target and the header values are
+/// slices of it, validated in place (`from_maybe_shared`): no copy, no allocation per value. Header names come
+/// from [`h1::cached_name`].
 pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadError> {
-    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut hs);
     let n = match r.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
@@ -185,58 +201,73 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadErro
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
         Err(_) => return Err(HeadError::Bad),
     };
-    let method = r.method.ok_or(HeadError::Bad)?;
+    let method = hyper::Method::from_bytes(r.method.ok_or(HeadError::Bad)?.as_bytes())
+        .map_err(|_| HeadError::Bad)?;
+    let path = h1::span_in(buf, r.path.ok_or(HeadError::Bad)?.as_bytes());
+    let version = r.version;
+    let mut spans = [h1::HeaderSpan::default(); MAX_HEADERS];
+    let count = r.headers.len();
+    for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+        *s = h1::HeaderSpan::of(buf, h);
+    }
+    let head = buf.split_to(n).freeze();
     // Set in place (not through `http`'s request builder, which moves the whole head at every step); a
     // method, target or header `http` refuses is a 400, as from the builder.
     let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = hyper::Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad)?;
-    parts.uri = hyper::Uri::try_from(r.path.ok_or(HeadError::Bad)?).map_err(|_| HeadError::Bad)?;
-    parts.headers.reserve(r.headers.len());
+    parts.method = method;
+    parts.uri =
+        hyper::Uri::from_maybe_shared(head.slice(path.0..path.1)).map_err(|_| HeadError::Bad)?;
+    parts.headers.reserve(count);
     let mut length = None;
     let mut chunked = false;
-    let mut keep_alive = r.version == Some(1);
+    let mut keep_alive = version == Some(1);
     let mut expect_continue = false;
-    for h in r.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Bad)?;
-        if name == hyper::header::CONTENT_LENGTH {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(HeadError::Bad)?;
-            if length.is_some_and(|l| l != v) {
-                return Err(HeadError::Bad);
-            }
-            length = Some(v);
-        } else if name == hyper::header::TRANSFER_ENCODING {
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            if !chunked {
-                return Err(HeadError::Bad);
-            }
-        } else if name == hyper::header::CONNECTION {
-            for t in h.value.split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
+    REQUEST_NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        for (i, s) in spans[..count].iter().enumerate() {
+            let name =
+                h1::cached_name(&mut names, i, &head[s.name()]).map_err(|_| HeadError::Bad)?;
+            let raw = &head[s.value()];
+            if name == hyper::header::CONTENT_LENGTH {
+                let v = std::str::from_utf8(raw)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or(HeadError::Bad)?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(HeadError::Bad);
                 }
+                length = Some(v);
+            } else if name == hyper::header::TRANSFER_ENCODING {
+                chunked = raw
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                if !chunked {
+                    return Err(HeadError::Bad);
+                }
+            } else if name == hyper::header::CONNECTION {
+                for t in raw.split(|&b| b == b',') {
+                    let t = t.trim_ascii();
+                    if t.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    }
+                }
+            } else if name == hyper::header::EXPECT {
+                expect_continue = raw.eq_ignore_ascii_case(b"100-continue");
             }
-        } else if name == hyper::header::EXPECT {
-            expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+            let value = HeaderValue::from_maybe_shared(head.slice(s.value()))
+                .map_err(|_| HeadError::Bad)?;
+            parts.headers.append(name, value);
         }
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad)?;
-        parts.headers.append(name, value);
-    }
+        Ok(())
+    })?;
     if chunked && length.is_some() {
         // Both framings: a request-smuggling vector (RFC 9112 §6.3 lets a server reject it); refuse.
         return Err(HeadError::Bad);
     }
-    let head_method = method == "HEAD";
-    buf.advance(n);
+    let head_method = parts.method == hyper::Method::HEAD;
     Ok(Some(ReqHead {
         req: parts,
         length: if chunked { None } else { length },
@@ -584,6 +615,41 @@ mod tests {
         }
         let l = hex_line(&mut b, usize::MAX);
         assert_eq!(&b[..l], b"ffffffffffffffff\r\n");
+    }
+
+    #[test]
+    fn the_target_and_header_values_are_slices_of_the_read_buffer() {
+        let mut buf = BytesMut::from(
+            &b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: pdx\r\nX-Request-Id: abc\r\nContent-Length: 2\r\n\r\n{}"[..],
+        );
+        let read = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let h = parse_head(&mut buf).ok().flatten().expect("parsed");
+        assert_eq!(h.req.method, hyper::Method::POST);
+        assert_eq!(h.req.uri.path(), "/v1/chat/completions");
+        assert_eq!(h.req.uri.query(), Some("x=1"));
+        assert!(
+            read.contains(&(h.req.uri.path().as_ptr() as usize)),
+            "the target: a copy"
+        );
+        assert_eq!(h.req.headers.len(), 3);
+        for (k, v) in &h.req.headers {
+            assert!(
+                read.contains(&(v.as_bytes().as_ptr() as usize)),
+                "{k}: a copy"
+            );
+        }
+        assert_eq!(h.req.headers["x-request-id"], "abc");
+        assert_eq!(&buf[..], b"{}");
+        // A target or a method `http` refuses is still a 400.
+        for bad in [
+            &b"GET /a b HTTP/1.1\r\n\r\n"[..],
+            b"GET http://[::1 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(&mut BytesMut::from(bad)), Err(HeadError::Bad)),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
