@@ -14,7 +14,9 @@
 //! and no allocation per frame.
 //!
 //! Allocations per request: the request's head is split off its read buffer once and its target and header
-//! values are slices of it ([`parse_head`]).
+//! values are slices of it ([`parse_head`]); the watch read's buffer is a reused one ([`sock::Recycler`]: the
+//! buffer the previous request came in, once that request is gone), so a keep-alive connection reads request
+//! after request without a new buffer.
 
 use crate::api::{self, Shared};
 use crate::body::RouterBody;
@@ -48,6 +50,8 @@ const FIRST_READ: usize = 2048;
 pub const WATCH_READ: usize = 512;
 
 thread_local! {
+    /// The watch reads' buffers ([`WATCH_READ`] bytes), reused once the request that came in one is gone.
+    static WATCH_BUFS: sock::Recycler = const { sock::Recycler::new(WATCH_READ) };
     /// The header names of the request heads parsed on this thread, by position ([`h1::cached_name`]).
     static REQUEST_NAMES: std::cell::RefCell<Vec<h1::CachedName>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -58,6 +62,9 @@ struct Conn {
     /// Bytes read and not yet consumed. While a read started by [`Conn::fill`] is in flight this is empty
     /// (the buffer is the operation's); a watch read fills a buffer of its own, appended here when done.
     buf: BytesMut,
+    /// The watch buffers in use here (the one read into, the one the request came in), given back to
+    /// [`WATCH_BUFS`] once nothing shares them.
+    kept: sock::Kept,
 }
 
 enum Watch<T> {
@@ -80,15 +87,20 @@ impl Conn {
     /// buffer when it is empty (its allocation is dropped for a small one), else into a buffer of its own, so
     /// bytes already buffered (a pipelined request) stay readable.
     fn start_watch(&mut self) {
-        let mut b = if self.buf.is_empty() {
+        let b = if self.buf.is_empty() && self.buf.capacity() >= WATCH_READ {
             std::mem::take(&mut self.buf)
         } else {
-            BytesMut::new()
+            // (A plain buffer while the thread's locals are being torn down.)
+            WATCH_BUFS
+                .try_with(|r| self.kept.take(r))
+                .unwrap_or_else(|_| BytesMut::with_capacity(WATCH_READ))
         };
-        if b.capacity() < WATCH_READ {
-            b = BytesMut::with_capacity(WATCH_READ);
-        }
         self.rd.start(b);
+    }
+
+    /// Gives the watch buffers nothing shares any more back for reuse (the request is done with its buffer).
+    fn recycle(&mut self) {
+        let _ = WATCH_BUFS.try_with(|r| self.kept.recycle(r));
     }
 
     /// Reads more: waits for the read in flight, or starts one with at least `want` bytes of room (within
@@ -290,6 +302,7 @@ pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
         rd: Reader::new(rh),
         wr,
         buf: BytesMut::new(),
+        kept: sock::Kept::default(),
     };
     let max_body = sh.cfg.max_body_bytes as u64;
     let client_timeout = sh.cfg.client_timeout;
@@ -406,12 +419,15 @@ pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
             Watch::Gone => return,
         };
         drop(fut);
+        // The request is gone (unless its answer holds on to it): its buffer can serve the next watch read.
+        c.recycle();
         // While draining, this answer is the connection's last.
         let keep_alive = keep_alive && !sh.drain.is_draining();
         match write_response(&mut c, resp, keep_alive, head.head_method).await {
             Ok(true) if keep_alive => served = true,
             _ => return,
         }
+        c.recycle();
     }
 }
 
