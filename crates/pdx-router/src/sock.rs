@@ -295,6 +295,39 @@ impl Kept {
     }
 }
 
+thread_local! {
+    /// Request buffers not in use (upstream requests: head and body, written with one `write_all`).
+    static WRITE_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Write buffers kept per thread for reuse.
+const WRITE_BUFS_KEPT: usize = 16;
+/// A write buffer over this size (bytes) is not kept: a rare large request does not pin its memory.
+const WRITE_BUF_MAX: usize = 32 * 1024;
+
+/// An empty write buffer with room for `len` bytes (from this thread's spares when there is one).
+pub(crate) fn write_buf(len: usize) -> Vec<u8> {
+    let mut v = WRITE_BUFS
+        .with(|b| b.borrow_mut().pop())
+        .unwrap_or_default();
+    v.reserve(len);
+    v
+}
+
+/// Gives a write buffer back for reuse (kept when it is small enough and the spares are not full).
+pub(crate) fn give_back_write_buf(mut v: Vec<u8>) {
+    if v.capacity() > WRITE_BUF_MAX {
+        return;
+    }
+    v.clear();
+    WRITE_BUFS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < WRITE_BUFS_KEPT {
+            s.push(v);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +388,24 @@ mod tests {
         drop(bufs);
         kept.recycle(&r);
         assert_eq!(r.free_len(), 2, "the oldest was no longer kept");
+    }
+
+    #[test]
+    fn write_buffers_are_reused_unless_large() {
+        let mut v = write_buf(100);
+        v.extend_from_slice(b"abc");
+        let at = v.as_ptr();
+        give_back_write_buf(v);
+        let v = write_buf(10);
+        assert_eq!((v.as_ptr(), v.len()), (at, 0));
+        give_back_write_buf(v);
+        let kept = || WRITE_BUFS.with(|b| b.borrow().len());
+        assert_eq!(kept(), 1);
+        give_back_write_buf(write_buf(WRITE_BUF_MAX + 1));
+        assert_eq!(
+            kept(),
+            0,
+            "a large buffer is not kept (and the spare was taken for it)"
+        );
     }
 }

@@ -64,7 +64,8 @@ pub struct Conn {
 }
 
 thread_local! {
-    /// Idle connections per authority, oldest first.
+    /// Idle connections per authority, oldest first. A list taken empty stays (its allocation is reused by the
+    /// next [`put`]) until [`prune`] drops it.
     static POOL: RefCell<HashMap<Rc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
     /// Responses' first-read buffers ([`FIRST_READ_BUF`] bytes), reused once the response read into one is gone
     /// (its head and frames dropped).
@@ -114,9 +115,6 @@ fn take_pooled(authority: &str) -> Option<Conn> {
                 found = Some(c);
                 break;
             }
-        }
-        if list.is_empty() {
-            p.remove(authority);
         }
         found
     })
@@ -341,7 +339,19 @@ pub async fn send_abandonable(
     body: &[u8],
     abandon: Option<&Abandon>,
 ) -> Result<Response<UpBody>, SendError> {
-    let mut req = Vec::with_capacity(128 + path.len() + body.len());
+    let with_length = !body.is_empty() || method == "POST";
+    let len = method.len()
+        + path.len()
+        + 13
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+        + if with_length { 38 } else { 0 }
+        + 2
+        + body.len();
+    // Sized once (no growth), and reused: a request's buffer comes back when the write is done.
+    let mut req = sock::write_buf(len);
     req.extend_from_slice(method.as_bytes());
     req.push(b' ');
     req.extend_from_slice(path.as_bytes());
@@ -352,14 +362,17 @@ pub async fn send_abandonable(
         req.extend_from_slice(v);
         req.extend_from_slice(b"\r\n");
     }
-    if !body.is_empty() || method == "POST" {
+    if with_length {
         req.extend_from_slice(b"content-length: ");
         req.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
-    if conn.wr.write_all(req).await.0.is_err() {
+    debug_assert!(req.len() <= len, "request sized up front");
+    let (written, req) = conn.wr.write_all(req).await;
+    sock::give_back_write_buf(req);
+    if written.is_err() {
         return Err(SendError::NotSent);
     }
     let head_request = method == "HEAD";
