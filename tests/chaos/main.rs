@@ -8,6 +8,7 @@ mod support;
 
 mod agent_trust;
 mod caller_memory;
+mod codec;
 mod first_hour;
 mod front;
 mod ksana;

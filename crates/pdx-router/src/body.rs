@@ -489,6 +489,50 @@ where
     }
 }
 
+/// Collects a body's data frames into one [`Bytes`]. A body that comes as one data frame (a whole non-streamed
+/// answer read at once: [`UpBody`] hands out what the connection read as one slice of its buffer) is that frame,
+/// neither copied nor listed (`http_body_util`'s `collect` pushes every frame onto a list, one allocation even for
+/// one frame). The frames of a longer body are copied into one buffer sized from its size hint (bytes). Trailers
+/// are skipped, as `Collected::to_bytes` skips them. Bound the body first (`http_body_util::Limited`) when it is
+/// untrusted.
+///
+/// Errors: the body's own, as they come.
+pub async fn collect_bytes<B>(body: B) -> Result<Bytes, B::Error>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(j) = &mut joined {
+            j.extend_from_slice(&data);
+        } else if let Some(f) = first.take() {
+            let hint = body.size_hint();
+            let room = hint
+                .exact()
+                .unwrap_or(hint.lower())
+                .min(crate::upstream::READ_BUF as u64 * 16) as usize;
+            let mut j = bytes::BytesMut::with_capacity(f.len() + data.len() + room);
+            j.extend_from_slice(&f);
+            j.extend_from_slice(&data);
+            joined = Some(j);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(match joined {
+        Some(j) => j.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
 /// The router's response body.
 pub enum RouterBody {
     /// Whole body.
@@ -541,5 +585,62 @@ impl Body for RouterBody {
             RouterBody::Forward(f) => f.body.as_ref().map(|b| b.size_hint()).unwrap_or_default(),
             RouterBody::Ksana(_) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A body of ready frames (a trailers frame where `None`).
+    struct Frames(VecDeque<Option<&'static [u8]>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|f| {
+                Ok(match f {
+                    Some(d) => Frame::data(Bytes::from_static(d)),
+                    None => Frame::trailers(hyper::HeaderMap::new()),
+                })
+            }))
+        }
+    }
+
+    fn ready<F: Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(v) => v,
+            Poll::Pending => panic!("the body's frames are all ready"),
+        }
+    }
+
+    #[test]
+    fn one_frame_is_the_body_and_more_are_joined() {
+        static WHOLE: &[u8] = b"{\"id\":1}";
+        let one = ready(collect_bytes(Frames(VecDeque::from([Some(WHOLE)])))).unwrap();
+        assert_eq!(one.as_ptr(), WHOLE.as_ptr(), "one frame: no copy");
+        let more = Frames(VecDeque::from([
+            Some(&b""[..]),
+            Some(&b"ab"[..]),
+            Some(&b"c"[..]),
+            None,
+            Some(&b"de"[..]),
+        ]));
+        assert_eq!(&ready(collect_bytes(more)).unwrap()[..], b"abcde");
+        assert!(ready(collect_bytes(Frames(VecDeque::new())))
+            .unwrap()
+            .is_empty());
+        // A bound still applies (and its error comes through).
+        let big = http_body_util::Limited::new(Frames(VecDeque::from([Some(&b"abcdef"[..])])), 4);
+        assert!(ready(collect_bytes(big)).is_err());
     }
 }

@@ -14,7 +14,9 @@
 //! and no allocation per frame.
 //!
 //! Allocations per request: the request's head is split off its read buffer once and its target and header
-//! values are slices of it ([`parse_head`]).
+//! values are slices of it ([`parse_head`]); the watch read's buffer is a reused one ([`sock::Recycler`]: the
+//! buffer the previous request came in, once that request is gone), so a keep-alive connection reads request
+//! after request without a new buffer.
 
 use crate::api::{self, Shared};
 use crate::body::RouterBody;
@@ -48,6 +50,8 @@ const FIRST_READ: usize = 2048;
 pub const WATCH_READ: usize = 512;
 
 thread_local! {
+    /// The watch reads' buffers ([`WATCH_READ`] bytes), reused once the request that came in one is gone.
+    static WATCH_BUFS: sock::Recycler = const { sock::Recycler::new(WATCH_READ) };
     /// The header names of the request heads parsed on this thread, by position ([`h1::cached_name`]).
     static REQUEST_NAMES: std::cell::RefCell<Vec<h1::CachedName>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -58,6 +62,9 @@ struct Conn {
     /// Bytes read and not yet consumed. While a read started by [`Conn::fill`] is in flight this is empty
     /// (the buffer is the operation's); a watch read fills a buffer of its own, appended here when done.
     buf: BytesMut,
+    /// The watch buffers in use here (the one read into, the one the request came in), given back to
+    /// [`WATCH_BUFS`] once nothing shares them.
+    kept: sock::Kept,
 }
 
 enum Watch<T> {
@@ -80,15 +87,20 @@ impl Conn {
     /// buffer when it is empty (its allocation is dropped for a small one), else into a buffer of its own, so
     /// bytes already buffered (a pipelined request) stay readable.
     fn start_watch(&mut self) {
-        let mut b = if self.buf.is_empty() {
+        let b = if self.buf.is_empty() && self.buf.capacity() >= WATCH_READ {
             std::mem::take(&mut self.buf)
         } else {
-            BytesMut::new()
+            // (A plain buffer while the thread's locals are being torn down.)
+            WATCH_BUFS
+                .try_with(|r| self.kept.take(r))
+                .unwrap_or_else(|_| BytesMut::with_capacity(WATCH_READ))
         };
-        if b.capacity() < WATCH_READ {
-            b = BytesMut::with_capacity(WATCH_READ);
-        }
         self.rd.start(b);
+    }
+
+    /// Gives the watch buffers nothing shares any more back for reuse (the request is done with its buffer).
+    fn recycle(&mut self) {
+        let _ = WATCH_BUFS.try_with(|r| self.kept.recycle(r));
     }
 
     /// Reads more: waits for the read in flight, or starts one with at least `want` bytes of room (within
@@ -290,6 +302,7 @@ pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
         rd: Reader::new(rh),
         wr,
         buf: BytesMut::new(),
+        kept: sock::Kept::default(),
     };
     let max_body = sh.cfg.max_body_bytes as u64;
     let client_timeout = sh.cfg.client_timeout;
@@ -398,21 +411,78 @@ pub async fn serve_conn(io: TcpStream, sh: Arc<Shared>) {
             c.buf = BytesMut::new();
         }
         let req = Request::from_parts(head.req, Full::new(body));
-        // Route; the boxed future lives only while the request is routed.
-        let mut fut = Box::pin(api::handle(sh.clone(), req));
-        let resp = match c.watch(&mut fut).await {
+        // Route; the boxed future lives only while the request is routed (its box then serves another).
+        let mut fut = route_box(api::handle(sh.clone(), req));
+        let routed = {
+            let mut routing = std::future::poll_fn(|cx| {
+                fut.as_mut()
+                    .as_pin_mut()
+                    .expect("route_box holds the future until it is given back")
+                    .poll(cx)
+            });
+            c.watch(&mut routing).await
+        };
+        let resp = match routed {
             Watch::Done(Ok(r)) => r,
             Watch::Done(Err(never)) => match never {},
             Watch::Gone => return,
         };
-        drop(fut);
+        give_back_route_box(fut);
+        // The request is gone (unless its answer holds on to it): its buffer can serve the next watch read.
+        c.recycle();
         // While draining, this answer is the connection's last.
         let keep_alive = keep_alive && !sh.drain.is_draining();
         match write_response(&mut c, resp, keep_alive, head.head_method).await {
             Ok(true) if keep_alive => served = true,
             _ => return,
         }
+        c.recycle();
     }
+}
+
+/// Boxes of routing futures kept per thread for reuse.
+const ROUTE_BOXES_KEPT: usize = 16;
+
+thread_local! {
+    /// Boxes of routing futures not in use: a `Vec<Pin<Box<Option<F>>>>` for `F` the future of
+    /// [`api::handle`], held as `Any` since that type has no name.
+    static ROUTE_BOXES: std::cell::RefCell<Option<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `fut` in a box (a routing future is kilobytes: boxed, a connection's task stays small while it waits for
+/// the next request), one of this thread's spare boxes when there is one.
+fn route_box<F: Future + 'static>(fut: F) -> Pin<Box<Option<F>>> {
+    let spare = ROUTE_BOXES
+        .try_with(|s| {
+            s.borrow_mut()
+                .as_mut()
+                .and_then(|a| a.downcast_mut::<Vec<Pin<Box<Option<F>>>>>())
+                .and_then(Vec::pop)
+        })
+        .ok()
+        .flatten();
+    match spare {
+        Some(mut b) => {
+            b.as_mut().set(Some(fut));
+            b
+        }
+        None => Box::pin(Some(fut)),
+    }
+}
+
+/// Drops the future in `b` and keeps the box for the next [`route_box`] (at most [`ROUTE_BOXES_KEPT`]).
+fn give_back_route_box<F: 'static>(mut b: Pin<Box<Option<F>>>) {
+    b.as_mut().set(None);
+    let _ = ROUTE_BOXES.try_with(|s| {
+        let mut s = s.borrow_mut();
+        let list = s
+            .get_or_insert_with(|| Box::new(Vec::<Pin<Box<Option<F>>>>::new()))
+            .downcast_mut::<Vec<Pin<Box<Option<F>>>>>();
+        if let Some(list) = list.filter(|l| l.len() < ROUTE_BOXES_KEPT) {
+            list.push(b);
+        }
+    });
 }
 
 /// Writes `resp`; `Ok(false)` when the connection cannot be reused.
@@ -600,6 +670,37 @@ fn hex_line(out: &mut [u8; 18], mut n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_boxes_are_reused_and_their_futures_dropped() {
+        // One future type, as `api::handle` has.
+        use std::rc::Rc;
+        async fn job(x: Rc<u64>) -> u64 {
+            *x
+        }
+        let x = Rc::new(7);
+        let mut b = route_box(job(x.clone()));
+        let at = &*b as *const Option<_> as usize;
+        let size = std::mem::size_of_val(&*b);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(
+            b.as_mut().as_pin_mut().unwrap().poll(&mut cx),
+            Poll::Ready(7)
+        );
+        give_back_route_box(b);
+        assert_eq!(
+            Rc::strong_count(&x),
+            1,
+            "the future is dropped when its box is given back"
+        );
+        // Were the box freed, an allocation of its size would most likely take its place.
+        let decoy = Vec::<u8>::with_capacity(size);
+        let b = route_box(job(x.clone()));
+        drop(decoy);
+        assert_eq!(&*b as *const Option<_> as usize, at, "the same box");
+        drop(b);
+        assert_eq!(Rc::strong_count(&x), 1);
+    }
 
     #[test]
     fn chunk_size_lines() {

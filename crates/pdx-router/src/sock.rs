@@ -177,3 +177,235 @@ pub(crate) fn give_back(mut b: WriteBatch) {
         }
     });
 }
+
+/// Read buffers of one size, reused on this thread: a connection's small read buffer (the client's watch read,
+/// an upstream response's first read) is shared by what is split off it (a request's head and body, a
+/// response's head and frames) until those are dropped, so each read would otherwise take a new buffer, and
+/// the first split of a new buffer allocates its shared header too. A buffer taken here comes with a [`Keep`],
+/// an empty handle on its start: once everything else that shared the buffer is gone, the handle reclaims the
+/// whole buffer (`BytesMut::try_reclaim`, no allocation) and it goes back to the free list. The keep pins the
+/// buffer's size: the buffer is never grown in place while it is kept (a read that needs more room gets a new
+/// one), so the free list holds only buffers of exactly [`Recycler::cap`] bytes, at most [`FREE_BUFS`] of them.
+pub(crate) struct Recycler {
+    /// Bytes per buffer.
+    cap: usize,
+    /// Free buffers: whole, empty, referenced by nothing else.
+    free: RefCell<Vec<BytesMut>>,
+}
+
+/// Free buffers kept per [`Recycler`] (per size, per thread).
+pub(crate) const FREE_BUFS: usize = 64;
+
+/// An empty handle on the start of a buffer taken from a [`Recycler`]: it gets the buffer back once nothing
+/// else shares it.
+pub(crate) struct Keep(BytesMut);
+
+impl Recycler {
+    /// A recycler of buffers of `cap` bytes (`cap` > 0).
+    pub(crate) const fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            free: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// An empty buffer of exactly the recycler's size (a free one when there is one) and its [`Keep`].
+    pub(crate) fn take(&self) -> (BytesMut, Keep) {
+        let mut b = self
+            .free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(self.cap));
+        // An empty handle at the start of the allocation (for a new buffer, this split makes it shared: its one
+        // allocation of a shared header, never repeated while the buffer is recycled).
+        let keep = b.split_to(0);
+        (b, Keep(keep))
+    }
+
+    /// Puts the buffer of `k` back on the free list when nothing else shares it; otherwise hands `k` back.
+    pub(crate) fn give(&self, mut k: Keep) -> Result<(), Keep> {
+        // Unique: the handle is moved back to the start and given the whole buffer, which is `cap` bytes (kept
+        // since it was taken, it never grew). Shared: nothing changes.
+        if !k.0.try_reclaim(self.cap) {
+            return Err(k);
+        }
+        debug_assert_eq!(k.0.capacity(), self.cap, "a kept buffer never grows");
+        let mut free = self.free.borrow_mut();
+        if free.len() < FREE_BUFS && k.0.capacity() == self.cap {
+            free.push(k.0);
+        }
+        Ok(())
+    }
+
+    /// Free buffers on the list (tests).
+    #[cfg(test)]
+    pub(crate) fn free_len(&self) -> usize {
+        self.free.borrow().len()
+    }
+}
+
+/// The [`Keep`]s of a connection's recent read buffers (the one being read into, the one the last message
+/// came in): two, as a buffer is free again at the latest when the read after next is started.
+#[derive(Default)]
+pub(crate) struct Kept([Option<Keep>; 2]);
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Kept")
+            .field(&self.0.iter().filter(|k| k.is_some()).count())
+            .finish()
+    }
+}
+
+impl Kept {
+    /// Gives every buffer nothing else shares back to `r`.
+    pub(crate) fn recycle(&mut self, r: &Recycler) {
+        for slot in &mut self.0 {
+            if let Some(k) = slot.take() {
+                *slot = r.give(k).err();
+            }
+        }
+        if self.0[0].is_none() {
+            // The older first.
+            self.0.swap(0, 1);
+        }
+    }
+
+    /// A buffer from `r` for the next read, its [`Keep`] kept here (buffers free by now are given back first;
+    /// with both slots still in use, the older is no longer kept: it is freed as usual when its last user
+    /// drops it).
+    pub(crate) fn take(&mut self, r: &Recycler) -> BytesMut {
+        self.recycle(r);
+        let (b, k) = r.take();
+        if self.0[0].is_none() {
+            self.0[0] = Some(k);
+        } else if self.0[1].is_none() {
+            self.0[1] = Some(k);
+        } else {
+            self.0[0] = self.0[1].replace(k);
+        }
+        b
+    }
+
+    /// Stops keeping: buffers nothing else shares go back to `r`, the others are no longer kept (before a
+    /// buffer in use grows: unkept, it can grow in place once its other users are gone).
+    pub(crate) fn release(&mut self, r: &Recycler) {
+        self.recycle(r);
+        self.0 = [None, None];
+    }
+}
+
+thread_local! {
+    /// Request buffers not in use (upstream requests: head and body, written with one `write_all`).
+    static WRITE_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Write buffers kept per thread for reuse.
+const WRITE_BUFS_KEPT: usize = 16;
+/// A write buffer over this size (bytes) is not kept: a rare large request does not pin its memory.
+const WRITE_BUF_MAX: usize = 32 * 1024;
+
+/// An empty write buffer with room for `len` bytes (from this thread's spares when there is one).
+pub(crate) fn write_buf(len: usize) -> Vec<u8> {
+    let mut v = WRITE_BUFS
+        .with(|b| b.borrow_mut().pop())
+        .unwrap_or_default();
+    v.reserve(len);
+    v
+}
+
+/// Gives a write buffer back for reuse (kept when it is small enough and the spares are not full).
+pub(crate) fn give_back_write_buf(mut v: Vec<u8>) {
+    if v.capacity() > WRITE_BUF_MAX {
+        return;
+    }
+    v.clear();
+    WRITE_BUFS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < WRITE_BUFS_KEPT {
+            s.push(v);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_comes_back_once_nothing_shares_it() {
+        let r = Recycler::new(64);
+        let mut kept = Kept::default();
+        let mut b = kept.take(&r);
+        assert_eq!(b.capacity(), 64);
+        let at = b.as_ptr();
+        b.extend_from_slice(b"head body");
+        let head = b.split_to(4).freeze();
+        let body = b.split_to(5).freeze();
+        drop(b);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 0, "still shared by its head and body");
+        drop(head);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 0, "still shared by its body");
+        drop(body);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 1);
+        // Taken again: the same memory, whole and empty.
+        let b = kept.take(&r);
+        assert_eq!((b.as_ptr(), b.len(), b.capacity()), (at, 0, 64));
+        assert_eq!(r.free_len(), 0);
+    }
+
+    #[test]
+    fn a_kept_buffer_never_grows_in_place_and_release_forgets_it() {
+        let r = Recycler::new(16);
+        let mut kept = Kept::default();
+        let mut b = kept.take(&r);
+        b.extend_from_slice(&[7u8; 10]);
+        // Growth while kept: a new buffer; the kept one stays 16 bytes and comes back whole.
+        b.reserve(100);
+        assert!(b.capacity() >= 110);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 1);
+        assert_eq!(r.take().0.capacity(), 16);
+
+        // Released while in use: not recycled, ever.
+        let r = Recycler::new(16);
+        let mut kept = Kept::default();
+        let b = kept.take(&r);
+        kept.release(&r);
+        drop(b);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 0);
+    }
+
+    #[test]
+    fn at_most_two_buffers_are_kept_per_connection() {
+        let r = Recycler::new(8);
+        let mut kept = Kept::default();
+        let bufs: Vec<BytesMut> = (0..3).map(|_| kept.take(&r)).collect();
+        drop(bufs);
+        kept.recycle(&r);
+        assert_eq!(r.free_len(), 2, "the oldest was no longer kept");
+    }
+
+    #[test]
+    fn write_buffers_are_reused_unless_large() {
+        let mut v = write_buf(100);
+        v.extend_from_slice(b"abc");
+        let at = v.as_ptr();
+        give_back_write_buf(v);
+        let v = write_buf(10);
+        assert_eq!((v.as_ptr(), v.len()), (at, 0));
+        give_back_write_buf(v);
+        let kept = || WRITE_BUFS.with(|b| b.borrow().len());
+        assert_eq!(kept(), 1);
+        give_back_write_buf(write_buf(WRITE_BUF_MAX + 1));
+        assert_eq!(
+            kept(),
+            0,
+            "a large buffer is not kept (and the spare was taken for it)"
+        );
+    }
+}

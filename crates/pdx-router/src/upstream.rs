@@ -7,7 +7,8 @@
 //! slices of the connection's read buffer (no copy, no allocation per chunk). There is no driver task
 //! and no channel per connection, so an in-flight stream costs the socket, one read buffer, the read loop
 //! and this struct. When the body ends cleanly the connection goes back to the pool with a read in flight
-//! into a [`FIRST_READ_BUF`] buffer (the next response's first read); when the body is dropped early
+//! into a [`FIRST_READ_BUF`] buffer (the next response's first read; a reused one, [`crate::sock::Recycler`]:
+//! the buffer an earlier response came in, once its head and frames are gone); when the body is dropped early
 //! (client disconnect, error) the read is cancelled and the socket closes with it, so the engine sees the
 //! disconnect and aborts the request (vLLM and the mock free its KV then).
 //!
@@ -21,7 +22,7 @@
 //! ([`SendError::Closed`]): both are safe to send again, on a new connection ([`connect`]).
 
 use crate::h1::{self, DecodeError, Framing, Step};
-use crate::sock::Reader;
+use crate::sock::{self, Reader};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
@@ -57,11 +58,18 @@ pub struct Conn {
     pub reused: bool,
     /// When it went back to the pool.
     idle_since: Instant,
+    /// The first-read buffers in use here (the one read into, the one the last response came in), given back
+    /// to [`FIRST_BUFS`] once nothing shares them.
+    kept: sock::Kept,
 }
 
 thread_local! {
-    /// Idle connections per authority, oldest first.
+    /// Idle connections per authority, oldest first. A list taken empty stays (its allocation is reused by the
+    /// next [`put`]) until [`prune`] drops it.
     static POOL: RefCell<HashMap<Rc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
+    /// Responses' first-read buffers ([`FIRST_READ_BUF`] bytes), reused once the response read into one is gone
+    /// (its head and frames dropped).
+    static FIRST_BUFS: sock::Recycler = const { sock::Recycler::new(FIRST_READ_BUF) };
 }
 
 /// Idle connections kept per upstream per thread (an idle connection holds its socket and its pending read:
@@ -108,9 +116,6 @@ fn take_pooled(authority: &str) -> Option<Conn> {
                 break;
             }
         }
-        if list.is_empty() {
-            p.remove(authority);
-        }
         found
     })
 }
@@ -132,6 +137,8 @@ pub fn prune() {
         p.borrow_mut().retain(|_, list| {
             drop_expired(list, now);
             list.retain_mut(|c| !c.peer_closed());
+            // An idle connection holds on to its last response's buffer no longer than this.
+            let _ = FIRST_BUFS.try_with(|r| list.iter_mut().for_each(|c| c.kept.recycle(r)));
             !list.is_empty()
         });
     });
@@ -166,6 +173,7 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
             authority: Rc::from(authority),
             reused: false,
             idle_since: Instant::now(),
+            kept: sock::Kept::default(),
         })
     };
     let r = match monoio::time::timeout(timeout, fut).await {
@@ -275,13 +283,18 @@ impl Conn {
         let _ = self.wr.shutdown().await;
     }
 
-    /// Starts a read into the buffer's free room (made first: [`FIRST_READ_BUF`] for a connection's first
-    /// read, [`READ_BUF`] when less than [`MIN_READ_ROOM`] is left).
+    /// Starts a read into the buffer's free room (made first: a [`FIRST_READ_BUF`] buffer from [`FIRST_BUFS`]
+    /// for a response's first read, [`READ_BUF`] more when less than [`MIN_READ_ROOM`] is left).
     fn start_read(&mut self) {
         if self.buf.capacity() == 0 {
-            self.buf.reserve(FIRST_READ_BUF);
+            // (A plain buffer while the thread's locals are being torn down.)
+            self.buf = FIRST_BUFS
+                .try_with(|r| self.kept.take(r))
+                .unwrap_or_else(|_| BytesMut::with_capacity(FIRST_READ_BUF));
         } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
-            // Reuses the allocation when every frame split off it has been dropped.
+            // A long answer (a stream): its buffers are not kept, so this reuses the allocation when every
+            // frame split off it has been dropped.
+            let _ = FIRST_BUFS.try_with(|r| self.kept.release(r));
             self.buf.reserve(READ_BUF);
         }
         self.rd.start(std::mem::take(&mut self.buf));
@@ -326,7 +339,19 @@ pub async fn send_abandonable(
     body: &[u8],
     abandon: Option<&Abandon>,
 ) -> Result<Response<UpBody>, SendError> {
-    let mut req = Vec::with_capacity(128 + path.len() + body.len());
+    let with_length = !body.is_empty() || method == "POST";
+    let len = method.len()
+        + path.len()
+        + 13
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+        + if with_length { 38 } else { 0 }
+        + 2
+        + body.len();
+    // Sized once (no growth), and reused: a request's buffer comes back when the write is done.
+    let mut req = sock::write_buf(len);
     req.extend_from_slice(method.as_bytes());
     req.push(b' ');
     req.extend_from_slice(path.as_bytes());
@@ -337,14 +362,17 @@ pub async fn send_abandonable(
         req.extend_from_slice(v);
         req.extend_from_slice(b"\r\n");
     }
-    if !body.is_empty() || method == "POST" {
+    if with_length {
         req.extend_from_slice(b"content-length: ");
         req.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
-    if conn.wr.write_all(req).await.0.is_err() {
+    debug_assert!(req.len() <= len, "request sized up front");
+    let (written, req) = conn.wr.write_all(req).await;
+    sock::give_back_write_buf(req);
+    if written.is_err() {
         return Err(SendError::NotSent);
     }
     let head_request = method == "HEAD";
@@ -623,6 +651,35 @@ mod tests {
             );
             assert_eq!(idle_count(&dead), 0, "the failed connect flushed the pool");
             drop(t);
+        });
+    }
+
+    #[test]
+    fn responses_are_read_into_reused_buffers() {
+        rt().block_on(async {
+            let (port, t) = server(4, 1);
+            let auth = format!("127.0.0.1:{port}");
+            // Each answer's body is a slice of the buffer it was read into; where it lies tells the buffer.
+            let mut at = Vec::new();
+            for _ in 0..4 {
+                let c = get(&auth, Duration::from_secs(2)).await.unwrap();
+                let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
+                    .await
+                    .unwrap();
+                assert_eq!(r.headers()["content-length"], "2");
+                let body = http_body_util::BodyExt::collect(r.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(&body[..], b"ok");
+                at.push(body.as_ptr() as usize);
+            }
+            // The first two answers need two buffers (the second is read while the first's frames are still
+            // held); after that the connection alternates between them, allocating none.
+            assert_ne!(at[0], at[1]);
+            assert_eq!((at[2], at[3]), (at[0], at[1]));
+            POOL.with(|p| p.borrow_mut().clear());
+            assert_eq!(t.join().unwrap(), 1);
         });
     }
 
