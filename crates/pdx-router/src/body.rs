@@ -79,6 +79,9 @@ pub struct Forward<B> {
     /// The request's slot of its decode pool's admission (decode pools with an ITL target): fed the mean ITL
     /// of every [`DECODE_WINDOW`] token events, given back at the end (it stays with a stream that moves).
     pub decode_slot: Option<Box<DecodeSlot>>,
+    /// The pool and worker that produce this answer (labels of `pdx_requests_total`, [`crate::front::count`]);
+    /// `None` for a body no worker produced.
+    pub served: Option<crate::front::Served>,
 }
 
 /// Token events per ITL sample of a decode pool's admission: about one sample per 0.4 s of a stream at 25 ms
@@ -180,6 +183,7 @@ impl<B> Forward<B> {
             migration: None,
             admission: None,
             decode_slot: None,
+            served: None,
         }
     }
 
@@ -531,6 +535,17 @@ where
         Some(j) => j.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+impl RouterBody {
+    /// The pool and worker that produced this answer, if a worker did.
+    pub fn served(&self) -> Option<&crate::front::Served> {
+        match self {
+            RouterBody::Full(_) => None,
+            RouterBody::Forward(f) => f.served.as_ref(),
+            RouterBody::Ksana(m) => m.served(),
+        }
+    }
 }
 
 /// The router's response body.

@@ -98,7 +98,7 @@ pub fn status_class(status: u16) -> &'static str {
 /// [`crate::api::models::Catalog::label`]), its status and status class, and the pool and worker that produced it.
 pub fn count(sh: &Shared, model: crate::metrics::Label, resp: &Response<RouterBody>) {
     let status = resp.status().as_u16();
-    let served = resp.extensions().get::<Served>();
+    let served = resp.body().served();
     let (pool, worker) = served
         .map(|s| (s.pool.clone(), s.worker.url_label.clone()))
         .unwrap_or_default();

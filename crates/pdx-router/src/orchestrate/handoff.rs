@@ -361,12 +361,15 @@ async fn run_prefill(
                 ..
             } = sent;
             let status = resp.status();
-            let collected =
-                monoio::time::timeout(sh.cfg.upstream_timeout, resp.into_body().collect()).await;
+            // The answer, read whole: one frame as it came, without a frame list.
+            let collected = monoio::time::timeout(
+                sh.cfg.upstream_timeout,
+                crate::body::collect_bytes(resp.into_body()),
+            )
+            .await;
             let w = &guard.worker;
             match collected {
-                Ok(Ok(b)) => {
-                    let bytes = b.to_bytes();
+                Ok(Ok(bytes)) => {
                     if !status.is_success() {
                         // Fatal (4xx): the request itself is bad; give the engine's answer.
                         let mut r = full(status.as_u16(), "application/json", bytes);

@@ -531,6 +531,7 @@ fn answer(
         pool: pool.label.clone(),
         worker: guard.worker.clone(),
     };
+    let worker_header = served.worker.url_header.clone();
     let (parts, incoming) = decode.into_parts();
     let streamed = incoming.size_hint().exact().is_none();
     let sse = streamed && !job.merge;
@@ -557,6 +558,7 @@ fn answer(
         migration: None,
         admission: None,
         decode_slot: None,
+        served: Some(served),
     };
     let body = if streamed {
         RouterBody::Ksana(Box::new(Merged {
@@ -590,9 +592,7 @@ fn answer(
             }
         }
     }
-    out.headers_mut()
-        .insert(X_PDX_WORKER, served.worker.url_header.clone());
-    out.extensions_mut().insert(served);
+    out.headers_mut().insert(X_PDX_WORKER, worker_header);
     out
 }
 
@@ -621,6 +621,11 @@ impl std::fmt::Debug for Merged {
 }
 
 impl Merged {
+    /// The pool and worker of the decode ([`RouterBody::served`]).
+    pub(crate) fn served(&self) -> Option<&crate::front::Served> {
+        self.decode.as_ref().and_then(|f| f.served.as_ref())
+    }
+
     /// TTFT and ITL of a `/generate` stream: tokens are the `\0`-delimited parts.
     fn observe(&mut self, data: &[u8]) {
         if !self.merge {
@@ -782,8 +787,10 @@ mod tests {
 
     #[test]
     fn comm_ids_are_positive_31_bit_and_distinct() {
+        // Random 31-bit ids: 10,000 of them repeat one about 2 % of the time (the birthday bound), more than 10
+        // almost never (a fixed or narrow id would repeat thousands).
         let ids: HashSet<u32> = (0..10_000).map(|_| new_comm_id()).collect();
-        assert_eq!(ids.len(), 10_000);
+        assert!(ids.len() >= 9_990, "{} distinct", ids.len());
         assert!(ids.iter().all(|&i| i > 0 && i <= 0x7FFF_FFFF));
     }
 

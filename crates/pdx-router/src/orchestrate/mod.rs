@@ -409,6 +409,7 @@ pub(crate) fn forward(
         pool: pool.label.clone(),
         worker: guard.worker.clone(),
     };
+    let worker_header = served.worker.url_header.clone();
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::new(RouterBody::Forward(Box::new(Forward {
         body: Some(incoming),
@@ -432,6 +433,7 @@ pub(crate) fn forward(
         migration,
         admission,
         decode_slot: decode_slot.map(|p| Box::new(crate::body::DecodeSlot::new(p))),
+        served: Some(served),
     })));
     *out.status_mut() = parts.status;
     for h in [CONTENT_TYPE, hyper::header::CACHE_CONTROL] {
@@ -441,8 +443,6 @@ pub(crate) fn forward(
     }
     // The worker that produced the answer (decode, or aggregated), by its URL, for clients such as
     // `pdx replay --export`; the engine's own `x-pdx-worker`, if any, is replaced.
-    out.headers_mut()
-        .insert(X_PDX_WORKER, served.worker.url_header.clone());
-    out.extensions_mut().insert(served);
+    out.headers_mut().insert(X_PDX_WORKER, worker_header);
     out
 }
