@@ -6,10 +6,16 @@
 //! two newlines may arrive in different chunks. `\r\n` line endings are not produced by
 //! vLLM, SGLang or the mock and are not recognised.
 
-/// Stream state: whether the last byte seen was `\n`.
+/// The final event of an OpenAI-compatible stream, as its first bytes.
+const DONE: &[u8; 12] = b"data: [DONE]";
+
+/// Stream state: whether the last byte seen was `\n`, and the first bytes (up to 12) of the event not yet
+/// complete, so that the `[DONE]` event is recognised however the chunks split it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SseScanner {
     last_newline: bool,
+    head: [u8; DONE.len()],
+    head_len: u8,
 }
 
 /// What one chunk contained.
@@ -17,7 +23,8 @@ pub struct SseScanner {
 pub struct ScanResult {
     /// Events completed by this chunk.
     pub events: u32,
-    /// The chunk contains the final `data: [DONE]` event.
+    /// One of the events completed by this chunk is the final `data: [DONE]` event (so `done` never exceeds
+    /// `events`: token events are `events - done`).
     pub done: bool,
 }
 
@@ -31,28 +38,37 @@ impl SseScanner {
     /// of ~200 bytes costs a few dozen nanoseconds, not a byte-by-byte loop (issue 19's chunks per CPU-second).
     pub fn scan(&mut self, chunk: &[u8]) -> ScanResult {
         let mut events = 0;
+        let mut done = false;
         // A newline that completes a boundary must sit at `expect` (right after the pending one).
         let mut pending = self.last_newline;
         let mut expect = 0;
+        // Where the event in progress starts in this chunk.
+        let mut start = 0;
         for i in memchr::memchr_iter(b'\n', chunk) {
             if pending && i == expect {
+                self.note_head(&chunk[start..i]);
                 events += 1;
+                done |= self.head_len as usize == DONE.len() && self.head == *DONE;
+                self.head_len = 0;
+                start = i + 1;
                 pending = false;
             } else {
                 pending = true;
                 expect = i + 1;
             }
         }
+        self.note_head(&chunk[start..]);
         self.last_newline = pending && expect == chunk.len();
-        let done = done_finder().find(chunk).is_some();
         ScanResult { events, done }
     }
-}
 
-/// The searcher for `data: [DONE]`, built once.
-fn done_finder() -> &'static memchr::memmem::Finder<'static> {
-    static DONE: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| memchr::memmem::Finder::new(b"data: [DONE]"))
+    /// Keeps the first bytes of the event in progress (its part in this chunk is `part`), up to [`DONE`]'s length.
+    fn note_head(&mut self, part: &[u8]) {
+        let have = usize::from(self.head_len);
+        let n = (DONE.len() - have).min(part.len());
+        self.head[have..have + n].copy_from_slice(&part[..n]);
+        self.head_len += n as u8;
+    }
 }
 
 #[cfg(test)]
@@ -77,6 +93,36 @@ mod tests {
                 done: true
             }
         );
+        // `[DONE]` is reported with the chunk that completes its event, wherever the chunks split it, and never
+        // without an event.
+        for split in 0..=stream.len() {
+            let mut s = SseScanner::new();
+            let a = s.scan(&stream[..split]);
+            let b = s.scan(&stream[split..]);
+            assert!(
+                u32::from(a.done) <= a.events && u32::from(b.done) <= b.events,
+                "split at {split}"
+            );
+            // The event ends with the stream's last byte: the chunk holding it reports `[DONE]`.
+            assert_eq!(
+                (a.done, b.done),
+                (split == stream.len(), split < stream.len()),
+                "split at {split}"
+            );
+        }
+        // Byte by byte as well.
+        let mut s = SseScanner::new();
+        let (mut events, mut done) = (0, 0);
+        for b in stream {
+            let r = s.scan(std::slice::from_ref(b));
+            assert!(u32::from(r.done) <= r.events);
+            (events, done) = (events + r.events, done + u32::from(r.done));
+        }
+        assert_eq!((events, done), (3, 1));
+        // `[DONE]` inside a token's text is not the final event.
+        let mut s = SseScanner::new();
+        let r = s.scan(b"data: {\"text\":\"data: [DONE]\"}\n\n");
+        assert_eq!((r.events, r.done), (1, false));
         // Three newlines are one boundary plus a dangling newline.
         let mut s = SseScanner::new();
         assert_eq!(s.scan(b"x\n\n\n").events, 1);

@@ -209,7 +209,7 @@ impl<B> Forward<B> {
 
     fn observe(&mut self, data: &[u8]) {
         let r = self.scanner.scan(data);
-        let events = u64::from(r.events) - u64::from(r.done);
+        let events = u64::from(r.events).saturating_sub(u64::from(r.done));
         if events == 0 {
             return;
         }
