@@ -5,6 +5,7 @@
 # system CPU per request from /proc/PID/stat, for comparing two builds alternately.
 #   SERVE=path/to/serve benches/request_cpu.sh     # default: target/release/examples/serve
 #   FLOOR=1 ...                                    # examples/pd_floor instead of pdx serve
+#   FLOOR=1 PD_FLOOR_WORK=1 ...                    # the floor doing pdx's JSON work per request as well
 #   C=64 D=5 ...                                   # connections, seconds (defaults)
 #   PERF=1 ...                                     # also `perf record -g` the router into /tmp/pdx.perf.data
 # Needs: wrk, curl; `cargo build --release -p pdx-mock --example mock &&
@@ -27,7 +28,9 @@ wait_up http://127.0.0.1:18602/health
 if [ "${FLOOR:-0}" = 1 ]; then
   taskset -c 0 "$T/pd_floor" --port 18610 $UP >/dev/null 2>&1 & R=$!; pids+=($R)
   # the floor answers any request: one opens its upstream connections
-  curl -sf --retry 50 --retry-connrefused --retry-delay 0 -X POST -d '{}' http://127.0.0.1:18610/v1/chat/completions >/dev/null
+  curl -sf --retry 50 --retry-connrefused --retry-delay 0 -X POST -H 'Content-Type: application/json' \
+    -d '{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":16}' \
+    http://127.0.0.1:18610/v1/chat/completions >/dev/null
 else
   taskset -c 0 "$SERVE" --host 127.0.0.1 --port 18610 --threads 1 $UP >/dev/null 2>&1 & R=$!; pids+=($R)
   wait_up http://127.0.0.1:18610/ready
