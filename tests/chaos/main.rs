@@ -20,5 +20,6 @@ mod planner;
 mod policies;
 mod router_faults;
 mod scale_out;
+mod sse_split;
 mod transfer;
 mod uring;
