@@ -267,7 +267,7 @@ mod tests {
             up("k1", "http://10.0.0.1:1"),
             up("k2", "http://10.1.0.2:1"),
         ]);
-        let urls: Vec<String> = r.workers().iter().map(|w| w.url.clone()).collect();
+        let urls: Vec<String> = r.workers().iter().map(|w| w.url.to_string()).collect();
         assert_eq!(urls, ["http://10.1.0.2:1"]);
     }
 }

@@ -95,7 +95,7 @@ pub fn apply(sh: &Shared, model: &ModelTopo, pools: &[Arc<Pool>], first: usize) 
             sh.metrics
                 .diverted
                 .get_or_create(&crate::metrics::DivertLabels {
-                    model: model.name.clone(),
+                    model: model.name.to_string(),
                     role: rule.role.as_str(),
                     from: rule.from.clone(),
                     to: rule.to.clone(),
@@ -257,7 +257,7 @@ async fn put(sh: &Shared, req: Request<Full<Bytes>>) -> Result<Response<RouterBo
         new.push(match same {
             Some(r) => r.clone(),
             None => Arc::new(Rule {
-                model: model.name.clone(),
+                model: model.name.to_string(),
                 role: from_role,
                 from: e.from,
                 to: e.to,

@@ -100,7 +100,7 @@ pub fn count(sh: &Shared, model: crate::metrics::Label, resp: &Response<RouterBo
     let status = resp.status().as_u16();
     let served = resp.body().served();
     let (pool, worker) = served
-        .map(|s| (s.pool.clone(), s.worker.url_label.clone()))
+        .map(|s| (s.pool.clone(), s.worker.url.clone()))
         .unwrap_or_default();
     let labels = RequestLabels {
         model,

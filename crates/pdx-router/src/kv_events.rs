@@ -203,7 +203,7 @@ async fn run(
             let task = tokio::spawn(subscribe(
                 index.clone(),
                 w.id,
-                w.url.clone(),
+                w.url.to_string(),
                 k.endpoint.clone(),
                 k.replay.clone(),
             ));

@@ -69,6 +69,36 @@ impl std::borrow::Borrow<str> for Label {
     }
 }
 
+impl PartialEq<str> for Label {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Label {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for Label {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Label> for String {
+    fn eq(&self, other: &Label) -> bool {
+        **self == *other.0
+    }
+}
+
+impl serde::Serialize for Label {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 impl From<&str> for Label {
     fn from(s: &str) -> Self {
         Self(s.into())
@@ -129,11 +159,11 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerStateLabels {
     /// Worker URL.
-    pub worker: String,
+    pub worker: Label,
     /// Role.
     pub role: &'static str,
     /// Pool.
-    pub pool: String,
+    pub pool: Label,
     /// State name.
     pub state: &'static str,
 }
@@ -142,7 +172,7 @@ pub struct WorkerStateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabel {
     /// Worker URL.
-    pub worker: String,
+    pub worker: Label,
 }
 
 /// Labels of `pdx_pool_choices_total`.
@@ -467,8 +497,8 @@ impl Metrics {
         for (model, status) in series {
             self.requests.remove(&RequestLabels {
                 model,
-                pool: w.pool_label.clone(),
-                worker: w.url_label.clone(),
+                pool: w.pool.clone(),
+                worker: w.url.clone(),
                 status,
                 class: crate::front::status_class(status),
             });

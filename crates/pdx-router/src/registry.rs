@@ -30,8 +30,8 @@ use std::time::Instant;
 pub struct Worker {
     /// Stable id (KV index key).
     pub id: u64,
-    /// Base URL, `http://host:port`.
-    pub url: String,
+    /// Base URL, `http://host:port` (also the `worker` label of its metric series).
+    pub url: crate::metrics::Label,
     /// `url` as the value of the `x-pdx-worker` response header (made once here, so naming the worker in a
     /// response costs a reference count, not an allocation).
     pub url_header: hyper::header::HeaderValue,
@@ -39,12 +39,8 @@ pub struct Worker {
     pub authority: String,
     /// Role.
     pub role: Role,
-    /// Pool name.
-    pub pool: String,
-    /// `url` as a metric label value (cloned per request without allocating).
-    pub url_label: crate::metrics::Label,
-    /// `pool` as a metric label value.
-    pub pool_label: crate::metrics::Label,
+    /// Pool name (also the `pool` label of its metric series).
+    pub pool: crate::metrics::Label,
     /// Model name.
     pub model: String,
     /// SGLang bootstrap server port (`bootstrap_port` of the `sglang-bootstrap` orchestration when this is
@@ -350,10 +346,8 @@ pub struct PoolTuning {
 /// A pool: workers of one role plus a local routing policy.
 #[derive(Debug)]
 pub struct Pool {
-    /// Name.
-    pub name: String,
-    /// `name` as a metric label value (cloned per request without allocating).
-    pub label: crate::metrics::Label,
+    /// Name (also the `pool` label of metric series: cloned per request without allocating).
+    pub name: crate::metrics::Label,
     /// Role of its workers.
     pub role: Role,
     /// The policy (also in the selector; here to be read without its lock).
@@ -400,7 +394,6 @@ impl Pool {
         };
         Self {
             name: name.into(),
-            label: name.into(),
             role,
             policy,
             selector: Mutex::new(s),
@@ -488,10 +481,8 @@ thread_local! {
 /// A model's pools.
 #[derive(Debug)]
 pub struct ModelTopo {
-    /// Name (`*`: any).
-    pub name: String,
-    /// `name` as a metric label value (cloned per request without allocating).
-    pub label: crate::metrics::Label,
+    /// Name (`*`: any; also the `model` label of pool choices: cloned per request without allocating).
+    pub name: crate::metrics::Label,
     /// Prefill pools (grid order).
     pub prefill: Vec<Arc<Pool>>,
     /// Decode pools (grid order).
@@ -632,13 +623,11 @@ impl Registry {
             .map_err(|_| RouterError::BadWorkerUrl(format!("not a header value: {}", u.url)))?;
         Ok(Arc::new(Worker {
             id,
-            url_label: u.url.as_str().into(),
-            url: u.url,
+            url: u.url.into(),
             url_header,
             authority: u.authority,
             role,
             pool: pool.into(),
-            pool_label: pool.into(),
             model: model.into(),
             bootstrap_port,
             in_flight: AtomicU64::new(0),
@@ -671,8 +660,7 @@ impl Registry {
 
     fn build_model(&self, m: &ModelSpec) -> Result<ModelTopo, RouterError> {
         let mut t = ModelTopo {
-            name: m.name.clone(),
-            label: crate::metrics::Label::from(m.name.as_str()),
+            name: m.name.as_str().into(),
             prefill: vec![],
             decode: vec![],
             aggregated: vec![],
@@ -908,8 +896,7 @@ impl Registry {
         let old = models.get(&reg.model).cloned();
         let mut topo = match &old {
             Some(m) => ModelTopo {
-                name: m.name.clone(),
-                label: m.label.clone(),
+                name: m.name.as_str().into(),
                 prefill: m.prefill.clone(),
                 decode: m.decode.clone(),
                 aggregated: m.aggregated.clone(),
@@ -918,8 +905,7 @@ impl Registry {
                 dynamic: m.dynamic,
             },
             None => ModelTopo {
-                name: reg.model.clone(),
-                label: crate::metrics::Label::from(reg.model.as_str()),
+                name: reg.model.as_str().into(),
                 prefill: vec![],
                 decode: vec![],
                 aggregated: vec![],
@@ -1072,7 +1058,7 @@ impl Registry {
             let ws = pool.workers.load_full();
             let mut next: Vec<Arc<Worker>> = Vec::new();
             for w in ws.iter() {
-                if wanted.contains(&w.url) {
+                if wanted.iter().any(|u| *u == w.url) {
                     next.push(w.clone());
                 } else {
                     if let Ok(mut s) = pool.selector.lock() {
@@ -1124,7 +1110,6 @@ impl Registry {
                 "*".into(),
                 Arc::new(ModelTopo {
                     name: "*".into(),
-                    label: crate::metrics::Label::from("*"),
                     prefill: with(m.map(|m| &m.prefill), &pools[0]),
                     decode: with(m.map(|m| &m.decode), &pools[1]),
                     aggregated: m.map(|m| m.aggregated.clone()).unwrap_or_default(),
@@ -1214,7 +1199,7 @@ impl Registry {
                                 && since != u64::MAX
                                 && now.saturating_sub(since) > self.ttl_us;
                             if gone {
-                                out.pools.push((name.clone(), p.role, p.name.clone()));
+                                out.pools.push((name.clone(), p.role, p.name.to_string()));
                             }
                             !gone
                         })
@@ -1222,8 +1207,7 @@ impl Registry {
                         .collect()
                 };
                 let topo = ModelTopo {
-                    name: m.name.clone(),
-                    label: m.label.clone(),
+                    name: m.name.as_str().into(),
                     prefill: keep(&m.prefill),
                     decode: keep(&m.decode),
                     aggregated: keep(&m.aggregated),

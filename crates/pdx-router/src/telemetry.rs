@@ -143,7 +143,7 @@ pub(crate) fn spawn(sh: Arc<Shared>, stop: Arc<AtomicBool>) -> std::io::Result<(
 
 async fn run(sh: Arc<Shared>, stop: Arc<AtomicBool>, every: Duration) {
     let timeout = scrape_timeout(every);
-    let mut exported: HashSet<String> = HashSet::new();
+    let mut exported: HashSet<crate::metrics::Label> = HashSet::new();
     let mut rounds = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let workers = sh.registry.workers();
@@ -229,9 +229,9 @@ pub fn export(m: &Metrics, w: &Worker, s: &TelemetrySnapshot) {
     set(&m.worker_prefill_speed, &l, s.prefill_tokens_per_s);
 }
 
-fn unexport(m: &Metrics, url: &str) {
+fn unexport(m: &Metrics, url: &crate::metrics::Label) {
     let l = WorkerLabel {
-        worker: url.to_string(),
+        worker: url.clone(),
     };
     for f in [
         &m.worker_waiting,

@@ -312,8 +312,8 @@ async fn registration_urls_are_checked_and_the_registry_is_bounded() {
             .requests
             .get_or_create(&pdx_router::metrics::RequestLabels {
                 model: w.model.as_str().into(),
-                pool: w.pool_label.clone(),
-                worker: w.url_label.clone(),
+                pool: w.pool.clone(),
+                worker: w.url.clone(),
                 status: 200,
                 class: "2xx",
             })

@@ -118,14 +118,14 @@ impl Catalog {
     pub fn label(&self, snap: &Snapshot, model: Option<&str>) -> Label {
         match model {
             Some(m) => match snap.models.get(m).filter(|_| m != "*") {
-                Some(t) => t.label.clone(),
+                Some(t) => t.name.clone(),
                 None => match self.listing.load().entries.get_key_value(m) {
                     Some((id, _)) => id.clone(),
                     None => OTHER.into(),
                 },
             },
             None => match snap.model(None) {
-                Some(t) if t.name != "*" => t.label.clone(),
+                Some(t) if t.name != "*" => t.name.clone(),
                 _ => self
                     .listing
                     .load()

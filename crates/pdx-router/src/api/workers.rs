@@ -153,8 +153,8 @@ async fn change(sh: &Shared, req: Request<Full<Bytes>>) -> Response<RouterBody> 
             for w in sh.registry.workers().iter().filter(|w| w.url == url) {
                 wt.delete(&pdx_protocol::Registration {
                     role: w.role.as_str().into(),
-                    pool: w.pool.clone(),
-                    url: w.url.clone(),
+                    pool: w.pool.to_string(),
+                    url: w.url.to_string(),
                     model: w.model.clone(),
                     api_key: None,
                     kv_events_endpoint: None,

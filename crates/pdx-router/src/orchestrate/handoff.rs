@@ -77,7 +77,7 @@ pub(crate) struct PrefillJob {
 impl PrefillJob {
     fn target(&self) -> Target<'_> {
         Target {
-            model: &self.model.label,
+            model: &self.model.name,
             hashes: &self.hashes,
             isl: self.isl,
             tokens: self.tokens,

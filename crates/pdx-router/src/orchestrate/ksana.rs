@@ -77,7 +77,7 @@ impl Orchestrator for Ksana {
             hashes: &job.hashes,
             tokens: job.tokens,
             merge: false,
-            model: &job.model.label,
+            model: &job.model.name,
             start: job.start,
         };
         run(sh, &k).await
@@ -528,7 +528,7 @@ fn answer(
     pool: &Arc<Pool>,
 ) -> Response<RouterBody> {
     let served = crate::front::Served {
-        pool: pool.label.clone(),
+        pool: pool.name.clone(),
         worker: guard.worker.clone(),
     };
     let worker_header = served.worker.url_header.clone();

@@ -184,7 +184,7 @@ pub(crate) struct Target<'a> {
 impl Job {
     pub(crate) fn target(&self) -> Target<'_> {
         Target {
-            model: &self.model.label,
+            model: &self.model.name,
             hashes: &self.hashes,
             isl: self.isl,
             tokens: self.tokens,
@@ -326,7 +326,7 @@ pub(crate) fn count_pool_choice(sh: &Shared, model: &Label, pool: &Pool) {
         .get_or_create(&PoolLabels {
             model: model.clone(),
             role: pool.role.as_str(),
-            pool: pool.label.clone(),
+            pool: pool.name.clone(),
         })
         .inc();
 }
@@ -406,7 +406,7 @@ pub(crate) fn forward(
     });
     // Counted with the answer's model label by the front ([`crate::front::count`]).
     let served = crate::front::Served {
-        pool: pool.label.clone(),
+        pool: pool.name.clone(),
         worker: guard.worker.clone(),
     };
     let worker_header = served.worker.url_header.clone();

@@ -272,7 +272,7 @@ impl Orchestrator for SglangBootstrap {
                 return give_up(last, "prefill or decode");
             };
             for pool in [&pp, &dp] {
-                count_pool_choice(sh, &model.label, pool);
+                count_pool_choice(sh, &model.name, pool);
             }
             let body = pair_body(
                 &mut job.body,
