@@ -174,25 +174,24 @@ impl CompletionBody {
     /// client set) 1, and `kv_transfer_params` asking for a remote decode. The fields are set for the
     /// serialization and put back after it, so the request (its messages, its unknown fields) is not copied.
     pub(crate) fn prefill_bytes(&mut self) -> Bytes {
+        // The thread's prefill `kv_transfer_params` are lent to the request for the serialization and taken back.
         PREFILL_KV.with_borrow_mut(|kv| {
-            body_bytes(|buf| {
-                let (res, (.., back)) = match self {
-                    Self::Chat(r) => {
-                        let mct = r.max_completion_tokens.is_some().then_some(1);
-                        let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
-                            stream_options = None, max_tokens = Some(1), max_completion_tokens = mct,
-                            min_tokens = None, kv_transfer_params = kv.take());
-                        (res, (back,))
-                    }
-                    Self::Text(r) => {
-                        let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
-                            stream_options = None, max_tokens = Some(1), min_tokens = None,
-                            kv_transfer_params = kv.take());
-                        (res, (back,))
-                    }
-                };
-                *kv = back;
-                res
+            body_bytes(|buf| match self {
+                Self::Chat(r) => {
+                    let mct = r.max_completion_tokens.is_some().then_some(1);
+                    let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
+                        stream_options = None, max_tokens = Some(1), max_completion_tokens = mct,
+                        min_tokens = None, kv_transfer_params = kv.take());
+                    *kv = back;
+                    res
+                }
+                Self::Text(r) => {
+                    let (res, (.., back)) = serialize_with!(r, buf; stream = Some(false),
+                        stream_options = None, max_tokens = Some(1), min_tokens = None,
+                        kv_transfer_params = kv.take());
+                    *kv = back;
+                    res
+                }
             })
         })
     }
