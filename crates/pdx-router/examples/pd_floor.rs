@@ -320,14 +320,13 @@ fn prefill_request(c: &mut Conn, n: usize, ups: &Upstreams) -> io::Result<()> {
     let msg = &c.cbuf[..n];
     let (mut chat, _) = pdx_protocol::sampling::parse_chat(&msg[body_start(msg)..])
         .map_err(|e| io::Error::new(ErrorKind::InvalidData, e.message))?;
-    let limit = chat.max_tokens;
-    (chat.stream, chat.max_tokens) = (Some(false), Some(1));
+    // The prefill's fields set for its body, the client's put back for the decode's.
+    let stream = chat.stream.replace(false);
+    let limit = chat.max_tokens.replace(1);
     chat.kv_transfer_params = Some(KvTransferParams::for_prefill());
     let body = serde_json::to_vec(&chat)?;
     build_request(&mut c.built[PREFILL], &ups.head[PREFILL], &body);
-    chat.max_tokens = limit;
-    chat.stream = None;
-    chat.kv_transfer_params = None;
+    (chat.stream, chat.max_tokens, chat.kv_transfer_params) = (stream, limit, None);
     c.chat = Some(chat);
     Ok(())
 }
