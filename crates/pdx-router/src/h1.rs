@@ -98,20 +98,9 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
                     cached_name(&mut names, i, &head[s.name()]).map_err(|_| DecodeError::Head)?;
                 let raw = &head[s.value()];
                 if name == hyper::header::TRANSFER_ENCODING {
-                    // chunked must be the last coding
-                    chunked = raw
-                        .rsplit(|&b| b == b',')
-                        .next()
-                        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    chunked = chunked_last(raw);
                 } else if name == hyper::header::CONTENT_LENGTH {
-                    let v = std::str::from_utf8(raw)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or(DecodeError::Head)?;
-                    if length.is_some_and(|l| l != v) {
-                        return Err(DecodeError::Head);
-                    }
-                    length = Some(v);
+                    length = Some(content_length(raw, length).ok_or(DecodeError::Head)?);
                 } else if name == hyper::header::CONNECTION {
                     for t in raw.split(|&b| b == b',') {
                         let t = t.trim_ascii();
@@ -148,6 +137,21 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             keep_alive: !close,
         }));
     }
+}
+
+/// Whether `chunked` is the last coding of a `Transfer-Encoding` value (RFC 9112 §6.1: it must be).
+pub(crate) fn chunked_last(raw: &[u8]) -> bool {
+    raw.rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// A `Content-Length` value (bytes), given the one an earlier `Content-Length` header of the same head set
+/// (`seen`). `None`: not a decimal number, or one that differs from `seen` (two lengths are a smuggling attempt,
+/// RFC 9112 §6.3).
+pub(crate) fn content_length(raw: &[u8], seen: Option<u64>) -> Option<u64> {
+    let v = std::str::from_utf8(raw).ok()?.trim().parse::<u64>().ok()?;
+    seen.is_none_or(|l| l == v).then_some(v)
 }
 
 /// Where one parsed header lies in the buffer it was parsed from: the byte ranges (start, end) of its name and

@@ -241,19 +241,9 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, HeadErro
                 h1::cached_name(&mut names, i, &head[s.name()]).map_err(|_| HeadError::Bad)?;
             let raw = &head[s.value()];
             if name == hyper::header::CONTENT_LENGTH {
-                let v = std::str::from_utf8(raw)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(HeadError::Bad)?;
-                if length.is_some_and(|l| l != v) {
-                    return Err(HeadError::Bad);
-                }
-                length = Some(v);
+                length = Some(h1::content_length(raw, length).ok_or(HeadError::Bad)?);
             } else if name == hyper::header::TRANSFER_ENCODING {
-                chunked = raw
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                chunked = h1::chunked_last(raw);
                 if !chunked {
                     return Err(HeadError::Bad);
                 }
