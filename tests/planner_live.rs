@@ -6,10 +6,13 @@
 //!
 //! Every child process is killed when its guard drops, also when an assertion fails.
 
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::free_port;
 
 const PDX: &str = env!("CARGO_BIN_EXE_pdx");
 
@@ -55,14 +58,6 @@ fn spawn_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Guard {
             .spawn()
             .expect("pdx starts"),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(url: &str) -> Option<String> {
