@@ -3,7 +3,8 @@
 # vllm-router in PD mode, and the floor (examples/pd_floor: only the socket work of a sequential PD router, with no
 # HTTP library, routing or JSON; what no router on kernel TCP sockets can go below) and the same floor on io_uring
 # (examples/pd_floor_uring, row floor-uring: monoio's native operations, one thread) and on a ring of pdx's own
-# (examples/pd_floor_ring, row floor-ring: multishot receive into provided buffers, fixed files), in front of the same
+# (examples/pd_floor_ring, row floor-ring: multishot receive into provided buffers, fixed files), and the epoll and
+# monoio floors doing pdx's JSON work as well (rows floor-work, floor-uring-work), in front of the same
 # `--instant` mock prefill (:18201) and decode (:18202) workers. Prints the numbers of docs/benchmarks.md "## Router".
 # Needs: wrk, the peers installed by /work/shared/peers/routers.sh (~/.cache/pdx-peers), release builds of
 #   cargo build --release -p pdx-mock --example mock &&
@@ -42,6 +43,13 @@ taskset -c 0 "$T/pd_floor_uring" --port 18305 --prefill http://127.0.0.1:18201 -
 URING=$!
 taskset -c 0 "$T/pd_floor_ring" --port 18306 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 2>/dev/null & pids+=($!)
 RING=$!
+# The floors doing pdx's JSON work per request as well (PD_FLOOR_WORK=1: the client body parsed, the prefill and
+# decode bodies built, the prefill answer's kv_transfer_params read, with pdx's own code): rows floor-work (epoll)
+# and floor-uring-work (monoio's io_uring), the lowest a router that does that work could reach on each.
+PD_FLOOR_WORK=1 taskset -c 0 "$T/pd_floor" --port 18307 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 2>/dev/null & pids+=($!)
+FLOORW=$!
+PD_FLOOR_WORK=1 taskset -c 0 "$T/pd_floor_uring" --port 18308 --prefill http://127.0.0.1:18201 --decode http://127.0.0.1:18202 2>/dev/null & pids+=($!)
+URINGW=$!
 "$PEERS" start http://127.0.0.1:18201 http://127.0.0.1:18202 >/dev/null
 SGL=$(cat ~/.cache/pdx-peers/logs/sglang-router.pid); VLR=$(cat ~/.cache/pdx-peers/logs/vllm-router.pid)
 for p in "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null || true; done
@@ -75,15 +83,15 @@ run() {
 dp=$(p50 http://127.0.0.1:18201/v1/chat/completions "$tmp/prefill.lua")
 dd=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
 echo "direct p50 (1 conn): prefill ${dp} us, decode ${dd} us; sum $(echo "$dp+$dd" | bc) us"
-printf "%-11s %9s %9s %9s %10s %10s %11s %12s %11s %12s\n" router p50_us added_us rps_c64 cpu_s req/cpu_s mock_us/req \
+printf "%-16s %9s %9s %9s %10s %10s %11s %12s %11s %12s\n" router p50_us added_us rps_c64 cpu_s req/cpu_s mock_us/req \
   stream_rps cpu_s chunks/cpu_s
-for r in pdx=18300=$PDX pdx-sgl=18302=$PDXB sglang=18000=$SGL vllm=18100=$VLR floor=18304=$FLOOR floor-uring=18305=$URING floor-ring=18306=$RING; do
+for r in pdx=18300=$PDX pdx-sgl=18302=$PDXB sglang=18000=$SGL vllm=18100=$VLR floor=18304=$FLOOR floor-uring=18305=$URING floor-ring=18306=$RING floor-work=18307=$FLOORW floor-uring-work=18308=$URINGW; do
   IFS== read -r name port pid <<<"$r"; url=http://127.0.0.1:$port
   p=$(p50 "$url/v1/chat/completions" "$CHAT")
   read -r n c w m < <(run "$url/v1/chat/completions" 64 "$CHAT" "$pid")
-  line=$(printf "%-11s %9.0f %9.0f %9.0f %10.2f %10.0f %11.1f" "$name" "$p" "$(echo "$p-$dp-$dd" | bc -l)" \
+  line=$(printf "%-16s %9.0f %9.0f %9.0f %10.2f %10.0f %11.1f" "$name" "$p" "$(echo "$p-$dp-$dd" | bc -l)" \
     "$(echo "$n/$w" | bc -l)" "$c" "$(echo "$n/$c" | bc -l)" "$(echo "$m*1000000/$n" | bc -l)")
-  if [ "${name%-*}" = floor ]; then echo "$line  (no streaming: the floor relays one response)"; continue; fi
+  if [ "${name#floor}" != "$name" ]; then echo "$line  (no streaming: the floor relays one response)"; continue; fi
   read -r sn sc sw _ < <(run "$url/v1/completions" 16 "$STREAM" "$pid")
   printf "%s %12.1f %11.2f %12.0f\n" "$line" "$(echo "$sn/$sw" | bc -l)" "$sc" "$(echo "$sn*1000/$sc" | bc -l)"
 done
@@ -96,13 +104,13 @@ for p in "${pids[@]}" "$SGL" "$VLR"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 ||
 dp1=$(p50 http://127.0.0.1:18201/v1/chat/completions "$tmp/prefill.lua")
 dd1=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
 printf "one core: direct prefill %s us + decode %s us;" "$dp1" "$dd1"
-for r in pdx=18300 pdx-sgl=18302 sglang=18000 vllm=18100 floor=18304 floor-uring=18305 floor-ring=18306; do
+for r in pdx=18300 pdx-sgl=18302 sglang=18000 vllm=18100 floor=18304 floor-uring=18305 floor-ring=18306 floor-work=18307 floor-uring-work=18308; do
   IFS== read -r name port <<<"$r"
   p=$(p50 "http://127.0.0.1:$port/v1/chat/completions" "$CHAT")
   printf " %s p50 %.0f added %.0f;" "$name" "$p" "$(echo "$p-$dp1-$dd1" | bc -l)"
 done
 echo
-for p in "$PDX" "$PDXB" "$STALL" "$FLOOR" "$URING" "$RING" "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null 2>&1 || true; done
+for p in "$PDX" "$PDXB" "$STALL" "$FLOOR" "$URING" "$RING" "$FLOORW" "$URINGW" "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null 2>&1 || true; done
 for p in "${pids[@]:0:3}"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done
 
 # Memory per in-flight stream: N streams stalled after 1 token on :18203 (wrk, all at once).

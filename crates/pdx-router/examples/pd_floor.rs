@@ -24,12 +24,8 @@
 //! (`http://host:port`, any path ignored).
 //!
 //! `PD_FLOOR_WORK=1` (a benchmark variant, off by default): the floor also does the JSON work pdx does per request,
-//! with pdx's own code: the client's chat body parsed and validated (`pdx_protocol::sampling::parse_chat`), the
-//! prefill body serialized from it (`stream` false, `max_tokens` 1, `kv_transfer_params` asking for a remote
-//! decode), the prefill answer's `kv_transfer_params` parsed, the decode body serialized with them; the upstream
-//! requests are built per request into the connection's buffers. What is left between it and `pdx serve` is the
-//! router's machinery (futures and tasks, timers, `http` types, metrics, policies): docs/benchmarks.md
-//! "Allocations per request (issue 19, tenth session)".
+//! with pdx's own code ([`floor::Work`]); the upstream requests are built per request into the connection's
+//! buffers.
 
 #![forbid(unsafe_code)]
 
@@ -42,7 +38,6 @@ use std::net::SocketAddr;
 use floor::{message_len, BUF, CLIENT, DECODE, PREFILL};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
-use pdx_protocol::{ChatCompletionRequest, KvTransferParams};
 
 const LISTENER: Token = Token(usize::MAX);
 
@@ -74,17 +69,10 @@ struct Conn {
     wpos: usize,
     /// The current upstream exchange already reconnected once.
     retried: bool,
-    /// `PD_FLOOR_WORK`: this request's upstream requests (head and body, by `PREFILL` / `DECODE`) and the parsed
-    /// client request they are made from.
+    /// `PD_FLOOR_WORK`: this request's upstream requests (head and body, by `PREFILL` / `DECODE`) and the work's
+    /// state ([`floor::Work`]).
     built: [Vec<u8>; 3],
-    chat: Option<ChatCompletionRequest>,
-}
-
-/// The part of a prefill answer read (as pdx reads it).
-#[derive(serde::Deserialize)]
-struct PrefillAnswer {
-    #[serde(default)]
-    kv_transfer_params: Option<KvTransferParams>,
+    work: Option<floor::Work>,
 }
 
 /// The upstreams and the prebuilt requests, shared by all connections.
@@ -93,40 +81,13 @@ struct Upstreams {
     req: [Vec<u8>; 3],
     /// `PD_FLOOR_WORK` is on.
     work: bool,
-    /// The request line and headers of each upstream's request, up to `Content-Length: ` (`PD_FLOOR_WORK`).
-    head: [Vec<u8>; 3],
-}
-
-/// Writes `head`, the length of `body`, a blank line and `body` into `out`.
-fn build_request(out: &mut Vec<u8>, head: &[u8], body: &[u8]) {
-    out.clear();
-    out.extend_from_slice(head);
-    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body);
-}
-
-/// Where the body of the message `msg` starts (after its head's blank line).
-fn body_start(msg: &[u8]) -> usize {
-    memchr::memmem::find(msg, b"\r\n\r\n").map_or(msg.len(), |p| p + 4)
 }
 
 fn main() -> io::Result<()> {
     let floor::Setup { bind, addr, req } = floor::setup("pd_floor", 18304)?;
     let (pa, da) = (addr[PREFILL], addr[DECODE]);
-    // The prebuilt requests end with `Content-Length: N\r\n\r\n{body}`: their heads up to the number.
-    let head = |r: &[u8]| {
-        let at = memchr::memmem::find(r, b"Content-Length: ").map_or(0, |p| p + 16);
-        r[..at].to_vec()
-    };
-    let heads = [Vec::new(), head(&req[PREFILL]), head(&req[DECODE])];
-    let work = std::env::var("PD_FLOOR_WORK").is_ok_and(|v| v == "1");
-    let ups = Upstreams {
-        addr,
-        req,
-        work,
-        head: heads,
-    };
+    let work = floor::work_asked();
+    let ups = Upstreams { addr, req, work };
 
     let socket = floor::listener(bind)?;
     socket.set_nonblocking(true)?;
@@ -160,7 +121,7 @@ fn main() -> io::Result<()> {
         }
         for ev in events.iter() {
             if ev.token() == LISTENER {
-                accept(&listener, poll.registry(), &mut conns, &mut free);
+                accept(&listener, &ups, poll.registry(), &mut conns, &mut free);
                 continue;
             }
             let (idx, sock) = (ev.token().0 / 3, ev.token().0 % 3);
@@ -180,6 +141,7 @@ fn main() -> io::Result<()> {
 
 fn accept(
     listener: &TcpListener,
+    ups: &Upstreams,
     registry: &Registry,
     conns: &mut Vec<Option<Conn>>,
     free: &mut Vec<usize>,
@@ -229,7 +191,7 @@ fn accept(
             wpos: 0,
             retried: false,
             built: [Vec::new(), Vec::new(), Vec::new()],
-            chat: None,
+            work: ups.work.then(|| floor::Work::new(&ups.req)),
         });
     }
 }
@@ -255,8 +217,8 @@ fn drive(c: &mut Conn, idx: usize, ups: &Upstreams, registry: &Registry) -> io::
                         return Err(ErrorKind::UnexpectedEof.into()); // client closed (between requests or not)
                     }
                 };
-                if ups.work {
-                    prefill_request(c, n, ups)?;
+                if let Some(w) = c.work.as_mut() {
+                    w.prefill_request(&c.cbuf[..n], &mut c.built[PREFILL])?;
                 }
                 c.cbuf.copy_within(n..c.clen, 0); // keep a pipelined next request
                 c.clen -= n;
@@ -296,8 +258,8 @@ fn drive(c: &mut Conn, idx: usize, ups: &Upstreams, registry: &Registry) -> io::
                 }
                 if let Some(n) = message_len(&c.ubuf[..c.ulen], true)? {
                     if u == PREFILL {
-                        if ups.work {
-                            decode_request(c, n, ups)?;
+                        if let Some(w) = c.work.as_mut() {
+                            w.decode_request(&c.ubuf[..n], &mut c.built[DECODE])?;
                         }
                         (c.state, c.wpos, c.retried) = (State::Send(DECODE), 0, false);
                     } else {
@@ -313,34 +275,6 @@ fn drive(c: &mut Conn, idx: usize, ups: &Upstreams, registry: &Registry) -> io::
             }
         }
     }
-}
-
-/// `PD_FLOOR_WORK`: parses the client request (the first `n` bytes of `c.cbuf`) and builds the prefill request.
-fn prefill_request(c: &mut Conn, n: usize, ups: &Upstreams) -> io::Result<()> {
-    let msg = &c.cbuf[..n];
-    let (mut chat, _) = pdx_protocol::sampling::parse_chat(&msg[body_start(msg)..])
-        .map_err(|e| io::Error::new(ErrorKind::InvalidData, e.message))?;
-    // The prefill's fields set for its body, the client's put back for the decode's.
-    let stream = chat.stream.replace(false);
-    let limit = chat.max_tokens.replace(1);
-    chat.kv_transfer_params = Some(KvTransferParams::for_prefill());
-    let body = serde_json::to_vec(&chat)?;
-    build_request(&mut c.built[PREFILL], &ups.head[PREFILL], &body);
-    (chat.stream, chat.max_tokens, chat.kv_transfer_params) = (stream, limit, None);
-    c.chat = Some(chat);
-    Ok(())
-}
-
-/// `PD_FLOOR_WORK`: reads the prefill answer's `kv_transfer_params` (the first `n` bytes of `c.ubuf`) and builds
-/// the decode request with them.
-fn decode_request(c: &mut Conn, n: usize, ups: &Upstreams) -> io::Result<()> {
-    let msg = &c.ubuf[..n];
-    let answer: PrefillAnswer = serde_json::from_slice(&msg[body_start(msg)..])?;
-    let mut chat = c.chat.take().ok_or(ErrorKind::InvalidInput)?;
-    chat.kv_transfer_params = answer.kv_transfer_params;
-    let body = serde_json::to_vec(&chat)?;
-    build_request(&mut c.built[DECODE], &ups.head[DECODE], &body);
-    Ok(())
 }
 
 /// Drops upstream `u` after `err` and starts its exchange over on a new connection, once per exchange.

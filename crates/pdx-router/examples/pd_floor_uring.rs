@@ -30,6 +30,14 @@
 //! ```
 //! Flags: `--host` (default 127.0.0.1), `--port` (default 18305), `--prefill URL`, `--decode URL`
 //! (`http://host:port`, any path ignored).
+//!
+//! `PD_FLOOR_STREAM=1` (a benchmark variant, off by default): every request's decode is a streamed completion
+//! relayed to the client read by read ([`floor::stream_asked`]): the floor of forwarding SSE chunks, row
+//! `floor-uring` of the streaming columns.
+//!
+//! `PD_FLOOR_WORK=1` (a benchmark variant, off by default): the floor also does the JSON work pdx does per request,
+//! with pdx's own code ([`floor::Work`]), as `pd_floor` does with it: the floor a request path of pdx's written as
+//! a plain sequence of operations on monoio could reach.
 
 #![forbid(unsafe_code)]
 
@@ -47,15 +55,24 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 /// The upstreams and the prebuilt requests, shared by all connections (made once, kept for the process).
 struct Upstreams {
     addr: [SocketAddr; 3],
+    /// `PD_FLOOR_STREAM`: the streamed decode request, relayed as it comes.
+    stream: Option<&'static [u8]>,
     req: [&'static [u8]; 3],
+    /// The prebuilt requests as [`floor::Setup::req`] gives them (`PD_FLOOR_WORK` takes their heads).
+    built: [Vec<u8>; 3],
 }
 
 fn main() -> io::Result<()> {
     let floor::Setup { bind, addr, req } = floor::setup("pd_floor_uring", 18305)?;
+    let built = req.clone();
+    let stream = floor::stream_asked()
+        .then(|| &*Box::leak(floor::stream_request(&req[DECODE]).into_boxed_slice()));
     let [c, p, d] = req.map(|r| &*Box::leak(r.into_boxed_slice()));
     let ups: &'static Upstreams = Box::leak(Box::new(Upstreams {
         addr,
+        stream,
         req: [c, p, d],
+        built,
     }));
     let (mut rt, ring) = runtime()?;
     rt.block_on(async move {
@@ -138,6 +155,9 @@ async fn serve(mut client: TcpStream, ups: &'static Upstreams) -> io::Result<()>
     let mut ubuf = Vec::with_capacity(BUF);
     // Indexed like `pd_floor`'s (`PREFILL`, `DECODE`); slot 0 (the client's) stays empty.
     let mut up: [Option<TcpStream>; 3] = [None, None, None];
+    // `PD_FLOOR_WORK`: the work's state and the request built for each upstream, reused across requests.
+    let mut work = floor::work_asked().then(|| floor::Work::new(&ups.built));
+    let mut built = [Vec::new(), Vec::new()];
     loop {
         let n = loop {
             if let Some(n) = message_len(&cbuf, false)? {
@@ -149,26 +169,45 @@ async fn serve(mut client: TcpStream, ups: &'static Upstreams) -> io::Result<()>
                 return Ok(()); // client closed (between requests or not)
             }
         };
+        if let Some(w) = work.as_mut() {
+            w.prefill_request(&cbuf[..n], &mut built[0])?;
+        }
         cbuf.copy_within(n.., 0); // keep a pipelined next request
         cbuf.truncate(cbuf.len() - n);
-        (_, ubuf) = exchange(&mut up, PREFILL, ups, ubuf).await?;
         let resp;
-        (resp, ubuf) = exchange(&mut up, DECODE, ups, ubuf).await?;
+        if let Some(req) = ups.stream {
+            (_, _, ubuf) = exchange(&mut up, PREFILL, ups, ups.req[PREFILL], ubuf).await?;
+            ubuf = relay(&mut up, ups, req, &mut client, ubuf).await?;
+            continue;
+        } else if let Some(w) = work.as_mut() {
+            let [pre, dec] = std::mem::take(&mut built);
+            let (n, pre, b) = exchange(&mut up, PREFILL, ups, pre, ubuf).await?;
+            ubuf = b;
+            let mut dec = dec;
+            w.decode_request(&ubuf[..n], &mut dec)?;
+            let sent;
+            (resp, sent, ubuf) = exchange(&mut up, DECODE, ups, dec, ubuf).await?;
+            built = [pre, sent];
+        } else {
+            (_, _, ubuf) = exchange(&mut up, PREFILL, ups, ups.req[PREFILL], ubuf).await?;
+            (resp, _, ubuf) = exchange(&mut up, DECODE, ups, ups.req[DECODE], ubuf).await?;
+        }
         let (r, sent) = client.write_all(ubuf.slice(..resp)).await;
         ubuf = sent.into_inner();
         r?;
     }
 }
 
-/// Sends upstream `u` its prebuilt request and reads the whole response into `buf` (cleared first): its length
-/// and the buffer. A keep-alive connection the upstream had dropped (the send fails, or it closes before
+/// Sends upstream `u` the request `req` and reads the whole response into `buf` (cleared first): its length, the
+/// request and the buffer. A keep-alive connection the upstream had dropped (the send fails, or it closes before
 /// answering) is reconnected once per exchange, as `pd_floor` does; any other error ends the connection.
-async fn exchange(
+async fn exchange<R: IoBuf>(
     up: &mut [Option<TcpStream>; 3],
     u: usize,
     ups: &'static Upstreams,
+    mut req: R,
     mut buf: Vec<u8>,
-) -> io::Result<(usize, Vec<u8>)> {
+) -> io::Result<(usize, R, Vec<u8>)> {
     let mut retried = false;
     loop {
         if up[u].is_none() {
@@ -178,7 +217,8 @@ async fn exchange(
         }
         let s = up[u].as_mut().expect("connected above");
         buf.clear();
-        let (sent, _) = s.write_all(ups.req[u]).await;
+        let sent;
+        (sent, req) = s.write_all(req).await;
         let failed = match sent {
             Err(e) => e,
             Ok(_) => loop {
@@ -191,7 +231,7 @@ async fn exchange(
                     return Err(ErrorKind::UnexpectedEof.into());
                 }
                 if let Some(n) = message_len(&buf, true)? {
-                    return Ok((n, buf));
+                    return Ok((n, req, buf));
                 }
             },
         };
@@ -199,6 +239,45 @@ async fn exchange(
             return Err(failed);
         }
         (up[u], retried) = (None, true);
+    }
+}
+
+/// `PD_FLOOR_STREAM`: sends the decode upstream `req` and writes its answer to the client read by read, until the
+/// chunked body's last chunk (`0\r\n\r\n`; an answer not chunked never ends it: the stream floor only relays
+/// chunked streams). No reconnect: an upstream that closed ends the connection.
+async fn relay(
+    up: &mut [Option<TcpStream>; 3],
+    ups: &'static Upstreams,
+    req: &'static [u8],
+    client: &mut TcpStream,
+    mut buf: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    if up[DECODE].is_none() {
+        let s = TcpStream::connect_addr(ups.addr[DECODE]).await?;
+        s.set_nodelay(true)?;
+        up[DECODE] = Some(s);
+    }
+    let s = up[DECODE].as_mut().expect("connected above");
+    s.write_all(req).await.0?;
+    // The last bytes relayed, to see the terminator when it is split across reads.
+    const END: &[u8; 7] = b"\r\n0\r\n\r\n";
+    let mut tail = [0u8; 7];
+    loop {
+        buf.clear();
+        let eof;
+        (eof, buf) = fill(s, buf).await?;
+        if eof {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        let keep = 7usize.saturating_sub(buf.len());
+        tail.copy_within(7 - keep.., 0);
+        tail[keep..].copy_from_slice(&buf[buf.len() - (7 - keep)..]);
+        let (r, sent) = client.write_all(buf).await;
+        buf = sent;
+        r?;
+        if &tail == END {
+            return Ok(buf);
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use pdx_protocol::{ChatCompletionRequest, KvTransferParams};
+
 /// First size of every connection's buffers, bytes (grown by doubling for a larger message).
 pub const BUF: usize = 16 * 1024;
 /// Index of the client socket in a connection's sockets (`pd_floor`'s tokens; the io_uring floor has none).
@@ -154,4 +156,109 @@ pub fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
         .filter(|&n| n <= MAX_MESSAGE)
         .ok_or_else(|| invalid("message too long".into()))?;
     Ok((buf.len() >= len).then_some(len))
+}
+
+/// `PD_FLOOR_WORK=1` (a benchmark variant, off by default): a floor also does the JSON work pdx does per request,
+/// with pdx's own code: the client's chat body parsed and validated (`pdx_protocol::sampling::parse_chat`), the
+/// prefill body serialized from it (`stream` false, `max_tokens` 1, `kv_transfer_params` asking for a remote
+/// decode), the prefill answer's `kv_transfer_params` parsed, the decode body serialized with them; the upstream
+/// requests are built per request. What is left between such a floor and `pdx serve` is the router's machinery
+/// (futures and tasks, timers, `http` types, metrics, policies): docs/benchmarks.md "Allocations per request
+/// (issue 19, tenth session)" and "The work floor on io_uring (issue 19, eleventh session)".
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+pub fn work_asked() -> bool {
+    std::env::var("PD_FLOOR_WORK").is_ok_and(|v| v == "1")
+}
+
+/// The part of a prefill answer read (as pdx reads it).
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+#[derive(serde::Deserialize)]
+struct PrefillAnswer {
+    #[serde(default)]
+    kv_transfer_params: Option<KvTransferParams>,
+}
+
+/// One connection's `PD_FLOOR_WORK` state: the upstream request heads (up to `Content-Length: `) and the parsed
+/// client request between its prefill and its decode.
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+pub struct Work {
+    head: [Vec<u8>; 3],
+    chat: Option<ChatCompletionRequest>,
+}
+
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+impl Work {
+    /// From the prebuilt requests of [`Setup::req`] (each ends with `Content-Length: N\r\n\r\n{body}`).
+    pub fn new(req: &[Vec<u8>; 3]) -> Work {
+        let head = |r: &[u8]| {
+            let at = memchr::memmem::find(r, b"Content-Length: ").map_or(0, |p| p + 16);
+            r[..at].to_vec()
+        };
+        Work {
+            head: [Vec::new(), head(&req[PREFILL]), head(&req[DECODE])],
+            chat: None,
+        }
+    }
+
+    /// Parses the client request `msg` (head and body) and writes the prefill request into `out`.
+    pub fn prefill_request(&mut self, msg: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        let (mut chat, _) = pdx_protocol::sampling::parse_chat(&msg[body_start(msg)..])
+            .map_err(|e| io::Error::new(ErrorKind::InvalidData, e.message))?;
+        // The prefill's fields set for its body, the client's put back for the decode's.
+        let stream = chat.stream.replace(false);
+        let limit = chat.max_tokens.replace(1);
+        chat.kv_transfer_params = Some(KvTransferParams::for_prefill());
+        let body = serde_json::to_vec(&chat)?;
+        build_request(out, &self.head[PREFILL], &body);
+        (chat.stream, chat.max_tokens, chat.kv_transfer_params) = (stream, limit, None);
+        self.chat = Some(chat);
+        Ok(())
+    }
+
+    /// Reads the prefill answer `msg`'s `kv_transfer_params` and writes the decode request with them into `out`.
+    pub fn decode_request(&mut self, msg: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        let answer: PrefillAnswer = serde_json::from_slice(&msg[body_start(msg)..])?;
+        let mut chat = self.chat.take().ok_or(ErrorKind::InvalidInput)?;
+        chat.kv_transfer_params = answer.kv_transfer_params;
+        let body = serde_json::to_vec(&chat)?;
+        build_request(out, &self.head[DECODE], &body);
+        Ok(())
+    }
+}
+
+/// Writes `head`, the length of `body`, a blank line and `body` into `out`.
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+fn build_request(out: &mut Vec<u8>, head: &[u8], body: &[u8]) {
+    out.clear();
+    out.extend_from_slice(head);
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
+}
+
+/// Where the body of the message `msg` starts (after its head's blank line).
+#[allow(dead_code)] // `pd_floor_ring` does not do the work
+fn body_start(msg: &[u8]) -> usize {
+    memchr::memmem::find(msg, b"\r\n\r\n").map_or(msg.len(), |p| p + 4)
+}
+
+/// `PD_FLOOR_STREAM=1` (a benchmark variant of `pd_floor_uring`, off by default): the decode request is a streamed
+/// completion (1000 tokens, as `benches/router_stream.lua` asks) and its answer is relayed to the client read by
+/// read, as it comes: the floor of forwarding SSE chunks.
+#[allow(dead_code)] // only `pd_floor_uring` streams
+pub fn stream_asked() -> bool {
+    std::env::var("PD_FLOOR_STREAM").is_ok_and(|v| v == "1")
+}
+
+/// The decode request of [`stream_asked`]: `decode` (a prebuilt request of [`Setup::req`]) with a streamed
+/// completion's body.
+#[allow(dead_code)] // only `pd_floor_uring` streams
+pub fn stream_request(decode: &[u8]) -> Vec<u8> {
+    const BODY: &[u8] = br#"{"model":"mock","prompt":"the quick brown fox","max_tokens":1000,"ignore_eos":true,"stream":true,"kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true}}"#;
+    let at = memchr::memmem::find(decode, b"Content-Length: ").map_or(0, |p| p + 16);
+    let head =
+        String::from_utf8_lossy(&decode[..at]).replace("/v1/chat/completions", "/v1/completions");
+    let mut out = Vec::new();
+    build_request(&mut out, head.as_bytes(), BODY);
+    out
 }
