@@ -13,13 +13,9 @@ use std::time::{Duration, Instant};
 /// A guard against hangs, not a speed check.
 pub const GUARD: Duration = Duration::from_secs(20);
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
+#[path = "../../../../tests/support/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// Polls `f` every 20 ms until it holds or `limit` passed.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
