@@ -61,6 +61,10 @@ pub struct Conn {
     /// The first-read buffers in use here (the one read into, the one the last response came in), given back
     /// to [`FIRST_BUFS`] once nothing shares them.
     kept: sock::Kept,
+    /// The next read is a response's first (the connection is new, or back in the pool): it gets a
+    /// [`FIRST_READ_BUF`] buffer. Told by this flag, not by an empty buffer: a read that filled all its room
+    /// leaves the buffer empty too, once its frames are split off.
+    first_read: bool,
 }
 
 thread_local! {
@@ -174,6 +178,7 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
             reused: false,
             idle_since: Instant::now(),
             kept: sock::Kept::default(),
+            first_read: true,
         })
     };
     let r = match monoio::time::timeout(timeout, fut).await {
@@ -199,6 +204,7 @@ pub fn put(mut c: Conn) {
         if list.len() < MAX_IDLE_PER_HOST {
             // The last response's buffer is still shared by its frames: a new one for the next response.
             c.buf = BytesMut::new();
+            c.first_read = true;
             c.start_read();
             c.idle_since = Instant::now();
             list.push(c);
@@ -286,7 +292,11 @@ impl Conn {
     /// Starts a read into the buffer's free room (made first: a [`FIRST_READ_BUF`] buffer from [`FIRST_BUFS`]
     /// for a response's first read, [`READ_BUF`] more when less than [`MIN_READ_ROOM`] is left).
     fn start_read(&mut self) {
-        if self.buf.capacity() == 0 {
+        if std::mem::take(&mut self.first_read) {
+            debug_assert!(
+                self.buf.is_empty(),
+                "a response's first read starts on an empty buffer"
+            );
             // (A plain buffer while the thread's locals are being torn down.)
             self.buf = FIRST_BUFS
                 .try_with(|r| self.kept.take(r))
@@ -582,6 +592,60 @@ mod tests {
 
     fn rt() -> crate::Runtime {
         crate::runtime().expect("runtime")
+    }
+
+    #[test]
+    fn a_long_answer_is_read_in_read_buf_pieces_after_its_first_read() {
+        // A 64 KiB answer, all of it waiting in the socket: the first read gets a FIRST_READ_BUF buffer, every later
+        // one READ_BUF of room, also after a read that filled its buffer exactly (it leaves the buffer empty, which
+        // once passed for a new response's first read, so a stream was read 1 KiB at a time).
+        const BODY: usize = 64 * 1024;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "request head");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + BODY, b'x');
+            s.write_all(&answer).unwrap();
+            // Keep the connection open until the client is done.
+            let _ = s.read(&mut buf);
+        });
+        rt().block_on(async {
+            let auth = format!("127.0.0.1:{port}");
+            let c = get(&auth, Duration::from_secs(2)).await.unwrap();
+            let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
+                .await
+                .unwrap();
+            // Let the whole answer arrive before the body is read.
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            let mut body = r.into_body();
+            let mut sizes = Vec::new();
+            while let Some(f) = http_body_util::BodyExt::frame(&mut body).await {
+                sizes.push(f.unwrap().into_data().unwrap().len());
+            }
+            assert_eq!(sizes.iter().sum::<usize>(), BODY);
+            assert!(
+                sizes[0] < FIRST_READ_BUF,
+                "the first frame is the rest of the first read: {sizes:?}"
+            );
+            // A read gets READ_BUF of room or a little more (a grown buffer keeps its capacity), never the 1 KiB of
+            // a first read again: at most about BODY / READ_BUF reads, where 1 KiB reads would take 64.
+            assert!(sizes[1..].iter().all(|&n| n <= 2 * READ_BUF), "{sizes:?}");
+            assert!(
+                sizes.len() <= BODY / READ_BUF + 2,
+                "later reads get READ_BUF of room: {sizes:?}"
+            );
+            POOL.with(|p| p.borrow_mut().clear());
+        });
+        t.join().unwrap();
     }
 
     #[test]
