@@ -42,8 +42,15 @@ pub const READ_BUF: usize = 4096;
 /// inference engine and a non-streamed answer or a stream's first events fit, so a stream that
 /// stalls early (or a short answer) holds 1 KiB, not [`READ_BUF`].
 pub const FIRST_READ_BUF: usize = 1024;
-/// Room below which the buffer is refilled to [`READ_BUF`] before a read.
+/// Room below which the buffer is refilled before a read, bytes (or a quarter of the room a refill gives, when
+/// that is more).
 const MIN_READ_ROOM: usize = 512;
+/// Largest room a refill gives, bytes. A response's refills give [`READ_BUF`] at first; each read that fills all
+/// the room it was given doubles it, up to this, for the rest of the response: a stream whose engine writes
+/// faster than the router reads it is read in fewer, larger reads (and written to its client in as many
+/// writes), while a stream at an engine's usual pace (a token event every few milliseconds) never fills its room
+/// and keeps [`READ_BUF`].
+pub const MAX_READ_BUF: usize = 16 * 1024;
 
 /// A keep-alive upstream connection.
 #[derive(Debug)]
@@ -65,6 +72,10 @@ pub struct Conn {
     /// [`FIRST_READ_BUF`] buffer. Told by this flag, not by an empty buffer: a read that filled all its room
     /// leaves the buffer empty too, once its frames are split off.
     first_read: bool,
+    /// The room the next refill gives, bytes ([`READ_BUF`] ..= [`MAX_READ_BUF`]; see [`MAX_READ_BUF`]).
+    read_room: usize,
+    /// The free room the read in flight was started with, bytes.
+    asked: usize,
 }
 
 thread_local! {
@@ -179,6 +190,8 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, Connect
             idle_since: Instant::now(),
             kept: sock::Kept::default(),
             first_read: true,
+            read_room: READ_BUF,
+            asked: 0,
         })
     };
     let r = match monoio::time::timeout(timeout, fut).await {
@@ -290,7 +303,8 @@ impl Conn {
     }
 
     /// Starts a read into the buffer's free room (made first: a [`FIRST_READ_BUF`] buffer from [`FIRST_BUFS`]
-    /// for a response's first read, [`READ_BUF`] more when less than [`MIN_READ_ROOM`] is left).
+    /// for a response's first read; `read_room` more when less than a quarter of it, or [`MIN_READ_ROOM`], is
+    /// left).
     fn start_read(&mut self) {
         if std::mem::take(&mut self.first_read) {
             debug_assert!(
@@ -301,22 +315,31 @@ impl Conn {
             self.buf = FIRST_BUFS
                 .try_with(|r| self.kept.take(r))
                 .unwrap_or_else(|_| BytesMut::with_capacity(FIRST_READ_BUF));
-        } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
-            // A long answer (a stream): its buffers are not kept, so this reuses the allocation when every
-            // frame split off it has been dropped.
+            self.read_room = READ_BUF;
+        } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM.max(self.read_room / 4) {
+            // A long answer (a stream): its buffers are not kept. A new buffer of exactly the room (with the bytes
+            // of an event not yet complete), not `reserve`: that may reclaim the old allocation at up to twice
+            // its size. The old one is freed once the frames split off it are written.
             let _ = FIRST_BUFS.try_with(|r| self.kept.release(r));
-            self.buf.reserve(READ_BUF);
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + self.read_room);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
         }
+        self.asked = self.buf.capacity() - self.buf.len();
         self.rd.start(std::mem::take(&mut self.buf));
     }
 
-    /// Waits for the read in flight, started now when none is: bytes read (0 at EOF).
+    /// Waits for the read in flight, started now when none is: bytes read (0 at EOF). A read that filled all
+    /// its room doubles the room of the response's next refills (see [`MAX_READ_BUF`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if !self.rd.in_flight() {
             self.start_read();
         }
         let (r, buf) = std::task::ready!(self.rd.poll_done(cx));
         self.buf = buf;
+        if matches!(r, Ok(n) if n > 0 && n == self.asked) {
+            self.read_room = (self.read_room * 2).min(MAX_READ_BUF);
+        }
         Poll::Ready(r)
     }
 
@@ -594,16 +617,19 @@ mod tests {
         crate::runtime().expect("runtime")
     }
 
-    #[test]
-    fn a_long_answer_is_read_in_read_buf_pieces_after_its_first_read() {
-        // A 64 KiB answer, all of it waiting in the socket: the first read gets a FIRST_READ_BUF buffer, every later
-        // one READ_BUF of room, also after a read that filled its buffer exactly (it leaves the buffer empty, which
-        // once passed for a new response's first read, so a stream was read 1 KiB at a time).
-        const BODY: usize = 64 * 1024;
+    /// A server for one request: answers with a head of `content-length: total` and then `pieces`, each written
+    /// `pause` after the one before (the head with the first), and keeps the connection open until the client closes
+    /// it.
+    fn paced_server(
+        total: usize,
+        pieces: Vec<Vec<u8>>,
+        pause: Duration,
+    ) -> (u16, std::thread::JoinHandle<()>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            s.set_nodelay(true).unwrap();
             let mut got = Vec::new();
             let mut buf = [0u8; 4096];
             while !got.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -611,41 +637,83 @@ mod tests {
                 assert!(n > 0, "request head");
                 got.extend_from_slice(&buf[..n]);
             }
-            let mut answer =
-                format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
-            answer.resize(answer.len() + BODY, b'x');
-            s.write_all(&answer).unwrap();
-            // Keep the connection open until the client is done.
+            let mut out =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").into_bytes();
+            for p in pieces {
+                std::thread::sleep(pause);
+                // The head goes out with the first piece.
+                out.extend_from_slice(&p);
+                s.write_all(&out).unwrap();
+                out.clear();
+            }
             let _ = s.read(&mut buf);
         });
-        rt().block_on(async {
-            let auth = format!("127.0.0.1:{port}");
-            let c = get(&auth, Duration::from_secs(2)).await.unwrap();
-            let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
-                .await
-                .unwrap();
-            // Let the whole answer arrive before the body is read.
-            monoio::time::sleep(Duration::from_millis(50)).await;
-            let mut body = r.into_body();
-            let mut sizes = Vec::new();
-            while let Some(f) = http_body_util::BodyExt::frame(&mut body).await {
-                sizes.push(f.unwrap().into_data().unwrap().len());
+        (port, t)
+    }
+
+    /// Sends a request to the server on `port`, waits `settle`, then reads the answer's body: the sizes of its frames
+    /// (one per read once the head is parsed) and the room the connection's refills had grown to at the end.
+    async fn frame_sizes(port: u16, settle: Duration) -> (Vec<usize>, usize) {
+        let auth = format!("127.0.0.1:{port}");
+        let c = get(&auth, Duration::from_secs(2)).await.unwrap();
+        let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
+            .await
+            .unwrap();
+        monoio::time::sleep(settle).await;
+        let mut body = r.into_body();
+        let mut sizes = Vec::new();
+        let mut room = 0;
+        loop {
+            if let Some(c) = &body.conn {
+                room = c.read_room;
             }
-            assert_eq!(sizes.iter().sum::<usize>(), BODY);
-            assert!(
-                sizes[0] < FIRST_READ_BUF,
-                "the first frame is the rest of the first read: {sizes:?}"
-            );
-            // A read gets READ_BUF of room or a little more (a grown buffer keeps its capacity), never the 1 KiB of
-            // a first read again: at most about BODY / READ_BUF reads, where 1 KiB reads would take 64.
-            assert!(sizes[1..].iter().all(|&n| n <= 2 * READ_BUF), "{sizes:?}");
-            assert!(
-                sizes.len() <= BODY / READ_BUF + 2,
-                "later reads get READ_BUF of room: {sizes:?}"
-            );
-            POOL.with(|p| p.borrow_mut().clear());
-        });
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(f) => sizes.push(f.unwrap().into_data().unwrap().len()),
+                None => break,
+            }
+        }
+        POOL.with(|p| p.borrow_mut().clear());
+        (sizes, room)
+    }
+
+    #[test]
+    fn a_fast_answer_is_read_in_growing_pieces_after_its_first_read() {
+        // A 64 KiB answer, all of it waiting in the socket: the first read gets a FIRST_READ_BUF buffer, later ones
+        // READ_BUF of room, doubled after each read that fills it, up to MAX_READ_BUF. Also after a read that
+        // filled its buffer exactly: that leaves the buffer empty, which once passed for a new response's first
+        // read, so a stream was read 1 KiB at a time.
+        const BODY: usize = 64 * 1024;
+        let (port, t) = paced_server(BODY, vec![vec![b'x'; BODY]], Duration::ZERO);
+        let (sizes, room) = rt().block_on(frame_sizes(port, Duration::from_millis(50)));
         t.join().unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), BODY);
+        assert!(
+            sizes[0] < FIRST_READ_BUF,
+            "the rest of the first read: {sizes:?}"
+        );
+        assert!(sizes[1..].iter().all(|&n| n <= MAX_READ_BUF), "{sizes:?}");
+        assert!(
+            sizes.contains(&MAX_READ_BUF),
+            "reads that fill their room grow: {sizes:?}"
+        );
+        assert!(
+            sizes.len() <= BODY / READ_BUF + 2,
+            "never 1 KiB reads again: {sizes:?}"
+        );
+        assert_eq!(room, MAX_READ_BUF);
+    }
+
+    #[test]
+    fn a_slow_answer_keeps_read_buf_of_room() {
+        // An answer in 100-byte pieces 5 ms apart (an engine's tokens): no read fills its room, so the refills stay at
+        // READ_BUF.
+        let pieces = vec![vec![b'y'; 100]; 20];
+        let (port, t) = paced_server(2000, pieces, Duration::from_millis(5));
+        let (sizes, room) = rt().block_on(frame_sizes(port, Duration::ZERO));
+        t.join().unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), 2000);
+        assert!(sizes.len() >= 10, "the pieces came apart: {sizes:?}");
+        assert_eq!(room, READ_BUF, "{sizes:?}");
     }
 
     #[test]
