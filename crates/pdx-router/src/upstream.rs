@@ -42,8 +42,9 @@ pub const READ_BUF: usize = 4096;
 /// inference engine and a non-streamed answer or a stream's first events fit, so a stream that
 /// stalls early (or a short answer) holds 1 KiB, not [`READ_BUF`].
 pub const FIRST_READ_BUF: usize = 1024;
-/// Room below which the buffer is refilled before a read, bytes (or a quarter of the room a refill gives, when
-/// that is more).
+/// Room below which the buffer is refilled before a read, bytes (or an eighth of the room a refill gives, when
+/// that is more). A stream that stalls after its first events keeps reading into what is left of its
+/// [`FIRST_READ_BUF`] buffer.
 const MIN_READ_ROOM: usize = 512;
 /// Largest room a refill gives, bytes. A response's refills give [`READ_BUF`] at first; each read that fills all
 /// the room it was given doubles it, up to this, for the rest of the response: a stream whose engine writes
@@ -303,7 +304,7 @@ impl Conn {
     }
 
     /// Starts a read into the buffer's free room (made first: a [`FIRST_READ_BUF`] buffer from [`FIRST_BUFS`]
-    /// for a response's first read; `read_room` more when less than a quarter of it, or [`MIN_READ_ROOM`], is
+    /// for a response's first read; `read_room` more when less than an eighth of it, or [`MIN_READ_ROOM`], is
     /// left).
     fn start_read(&mut self) {
         if std::mem::take(&mut self.first_read) {
@@ -316,7 +317,7 @@ impl Conn {
                 .try_with(|r| self.kept.take(r))
                 .unwrap_or_else(|_| BytesMut::with_capacity(FIRST_READ_BUF));
             self.read_room = READ_BUF;
-        } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM.max(self.read_room / 4) {
+        } else if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM.max(self.read_room / 8) {
             // A long answer (a stream): its buffers are not kept. A new buffer of exactly the room (with the bytes
             // of an event not yet complete), not `reserve`: that may reclaim the old allocation at up to twice
             // its size. The old one is freed once the frames split off it are written.
@@ -652,8 +653,9 @@ mod tests {
     }
 
     /// Sends a request to the server on `port`, waits `settle`, then reads the answer's body: the sizes of its frames
-    /// (one per read once the head is parsed) and the room the connection's refills had grown to at the end.
-    async fn frame_sizes(port: u16, settle: Duration) -> (Vec<usize>, usize) {
+    /// (one per read once the head is parsed), the room of the read each came from, and the room the connection's
+    /// refills had grown to at the end.
+    async fn frame_sizes(port: u16, settle: Duration) -> (Vec<usize>, Vec<usize>, usize) {
         let auth = format!("127.0.0.1:{port}");
         let c = get(&auth, Duration::from_secs(2)).await.unwrap();
         let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
@@ -661,19 +663,22 @@ mod tests {
             .unwrap();
         monoio::time::sleep(settle).await;
         let mut body = r.into_body();
-        let mut sizes = Vec::new();
+        let (mut sizes, mut asked) = (Vec::new(), Vec::new());
         let mut room = 0;
         loop {
             if let Some(c) = &body.conn {
                 room = c.read_room;
             }
             match http_body_util::BodyExt::frame(&mut body).await {
-                Some(f) => sizes.push(f.unwrap().into_data().unwrap().len()),
+                Some(f) => {
+                    sizes.push(f.unwrap().into_data().unwrap().len());
+                    asked.push(body.conn.as_ref().map_or(0, |c| c.asked));
+                }
                 None => break,
             }
         }
         POOL.with(|p| p.borrow_mut().clear());
-        (sizes, room)
+        (sizes, asked, room)
     }
 
     #[test]
@@ -684,7 +689,7 @@ mod tests {
         // read, so a stream was read 1 KiB at a time.
         const BODY: usize = 64 * 1024;
         let (port, t) = paced_server(BODY, vec![vec![b'x'; BODY]], Duration::ZERO);
-        let (sizes, room) = rt().block_on(frame_sizes(port, Duration::from_millis(50)));
+        let (sizes, _, room) = rt().block_on(frame_sizes(port, Duration::from_millis(50)));
         t.join().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), BODY);
         assert!(
@@ -706,12 +711,14 @@ mod tests {
     #[test]
     fn a_slow_answer_keeps_read_buf_of_room() {
         // An answer in 100-byte pieces 5 ms apart (an engine's tokens): no read fills its room, so the refills stay at
-        // READ_BUF.
+        // READ_BUF; the first reads after the first go on into what is left of its 1 KiB buffer (a stream that stalls
+        // early holds no more).
         let pieces = vec![vec![b'y'; 100]; 20];
         let (port, t) = paced_server(2000, pieces, Duration::from_millis(5));
-        let (sizes, room) = rt().block_on(frame_sizes(port, Duration::ZERO));
+        let (sizes, asked, room) = rt().block_on(frame_sizes(port, Duration::ZERO));
         t.join().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 2000);
+        assert!(asked[1] < FIRST_READ_BUF, "{asked:?}");
         assert!(sizes.len() >= 10, "the pieces came apart: {sizes:?}");
         assert_eq!(room, READ_BUF, "{sizes:?}");
     }
