@@ -896,7 +896,7 @@ impl Registry {
         let old = models.get(&reg.model).cloned();
         let mut topo = match &old {
             Some(m) => ModelTopo {
-                name: m.name.as_str().into(),
+                name: m.name.clone(),
                 prefill: m.prefill.clone(),
                 decode: m.decode.clone(),
                 aggregated: m.aggregated.clone(),
@@ -1207,7 +1207,7 @@ impl Registry {
                         .collect()
                 };
                 let topo = ModelTopo {
-                    name: m.name.as_str().into(),
+                    name: m.name.clone(),
                     prefill: keep(&m.prefill),
                     decode: keep(&m.decode),
                     aggregated: keep(&m.aggregated),
