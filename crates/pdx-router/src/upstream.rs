@@ -575,6 +575,19 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// Reads one request head from `s`; false when the client closed or failed first.
+    fn read_head(s: &mut std::net::TcpStream) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
     /// Serves `answers` requests on each accepted connection, then closes it; returns the listener port.
     fn server(answers_per_conn: usize, conns: usize) -> (u16, std::thread::JoinHandle<usize>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -585,13 +598,8 @@ mod tests {
                 let Ok((mut s, _)) = l.accept() else { break };
                 accepted += 1;
                 for _ in 0..answers_per_conn {
-                    let mut buf = [0u8; 4096];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf) {
-                            Ok(0) | Err(_) => return accepted,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
+                    if !read_head(&mut s) {
+                        return accepted;
                     }
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
                 }
@@ -619,25 +627,24 @@ mod tests {
     }
 
     /// A server for one request: answers with a head of `content-length: total` and then `pieces`, each written
-    /// `pause` after the one before (the head with the first), and keeps the connection open until the client closes
-    /// it.
+    /// `pause` after the one before (the head with the first), says so on the channel once all are written, and
+    /// keeps the connection open until the client closes it.
     fn paced_server(
         total: usize,
         pieces: Vec<Vec<u8>>,
         pause: Duration,
-    ) -> (u16, std::thread::JoinHandle<()>) {
+    ) -> (
+        u16,
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        let (written, all_written) = std::sync::mpsc::channel();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             s.set_nodelay(true).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).unwrap();
-                assert!(n > 0, "request head");
-                got.extend_from_slice(&buf[..n]);
-            }
+            assert!(read_head(&mut s), "request head");
             let mut out =
                 format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").into_bytes();
             for p in pieces {
@@ -647,21 +654,28 @@ mod tests {
                 s.write_all(&out).unwrap();
                 out.clear();
             }
-            let _ = s.read(&mut buf);
+            let _ = written.send(());
+            let _ = s.read(&mut [0u8; 1]);
         });
-        (port, t)
+        (port, t, all_written)
     }
 
-    /// Sends a request to the server on `port`, waits `settle`, then reads the answer's body: the sizes of its frames
-    /// (one per read once the head is parsed), the room of the read each came from, and the room the connection's
-    /// refills had grown to at the end.
-    async fn frame_sizes(port: u16, settle: Duration) -> (Vec<usize>, Vec<usize>, usize) {
+    /// Sends a request to the server on `port`, waits for `all_written` when given (the whole answer is then in the
+    /// socket), then reads the answer's body: the sizes of its frames (one per read once the head is parsed), the
+    /// room of the read each came from, and the room the connection's refills had grown to at the end.
+    async fn frame_sizes(
+        port: u16,
+        all_written: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> (Vec<usize>, Vec<usize>, usize) {
         let auth = format!("127.0.0.1:{port}");
         let c = get(&auth, Duration::from_secs(2)).await.unwrap();
         let r = send(c, "GET", "/", &[("host", auth.as_bytes())], &[])
             .await
             .unwrap();
-        monoio::time::sleep(settle).await;
+        if let Some(w) = all_written {
+            // (Blocks the test's runtime thread: nothing else runs on it.)
+            w.recv().expect("the server writes the answer");
+        }
         let mut body = r.into_body();
         let (mut sizes, mut asked) = (Vec::new(), Vec::new());
         let mut room = 0;
@@ -688,8 +702,8 @@ mod tests {
         // filled its buffer exactly: that leaves the buffer empty, which once passed for a new response's first
         // read, so a stream was read 1 KiB at a time.
         const BODY: usize = 64 * 1024;
-        let (port, t) = paced_server(BODY, vec![vec![b'x'; BODY]], Duration::ZERO);
-        let (sizes, _, room) = rt().block_on(frame_sizes(port, Duration::from_millis(50)));
+        let (port, t, written) = paced_server(BODY, vec![vec![b'x'; BODY]], Duration::ZERO);
+        let (sizes, _, room) = rt().block_on(frame_sizes(port, Some(written)));
         t.join().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), BODY);
         assert!(
@@ -714,12 +728,13 @@ mod tests {
         // READ_BUF; the first reads after the first go on into what is left of its 1 KiB buffer (a stream that stalls
         // early holds no more).
         let pieces = vec![vec![b'y'; 100]; 20];
-        let (port, t) = paced_server(2000, pieces, Duration::from_millis(5));
-        let (sizes, asked, room) = rt().block_on(frame_sizes(port, Duration::ZERO));
+        let (port, t, _) = paced_server(2000, pieces, Duration::from_millis(5));
+        let (sizes, asked, room) = rt().block_on(frame_sizes(port, None));
         t.join().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 2000);
+        // The pieces came in more than one read (how many depends on scheduling: not asserted).
+        assert!(sizes.len() >= 2, "{sizes:?}");
         assert!(asked[1] < FIRST_READ_BUF, "{asked:?}");
-        assert!(sizes.len() >= 10, "the pieces came apart: {sizes:?}");
         assert_eq!(room, READ_BUF, "{sizes:?}");
     }
 
