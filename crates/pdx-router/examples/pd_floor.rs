@@ -191,7 +191,9 @@ fn accept(
             wpos: 0,
             retried: false,
             built: [Vec::new(), Vec::new(), Vec::new()],
-            work: ups.work.then(|| floor::Work::new(&ups.req)),
+            work: ups
+                .work
+                .then(|| floor::Work::new(&ups.req[PREFILL], &ups.req[DECODE])),
         });
     }
 }

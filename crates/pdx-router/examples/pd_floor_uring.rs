@@ -32,8 +32,8 @@
 //! (`http://host:port`, any path ignored).
 //!
 //! `PD_FLOOR_STREAM=1` (a benchmark variant, off by default): every request's decode is a streamed completion
-//! relayed to the client read by read ([`floor::stream_asked`]): the floor of forwarding SSE chunks, row
-//! `floor-uring` of the streaming columns.
+//! relayed to the client read by read ([`floor::stream_asked`]): the floor of forwarding SSE chunks, which
+//! `benches/stream_cpu.sh` runs with `FLOOR=1`. It takes precedence over `PD_FLOOR_WORK`.
 //!
 //! `PD_FLOOR_WORK=1` (a benchmark variant, off by default): the floor also does the JSON work pdx does per request,
 //! with pdx's own code ([`floor::Work`]), as `pd_floor` does with it: the floor a request path of pdx's written as
@@ -58,13 +58,10 @@ struct Upstreams {
     /// `PD_FLOOR_STREAM`: the streamed decode request, relayed as it comes.
     stream: Option<&'static [u8]>,
     req: [&'static [u8]; 3],
-    /// The prebuilt requests as [`floor::Setup::req`] gives them (`PD_FLOOR_WORK` takes their heads).
-    built: [Vec<u8>; 3],
 }
 
 fn main() -> io::Result<()> {
     let floor::Setup { bind, addr, req } = floor::setup("pd_floor_uring", 18305)?;
-    let built = req.clone();
     let stream = floor::stream_asked()
         .then(|| &*Box::leak(floor::stream_request(&req[DECODE]).into_boxed_slice()));
     let [c, p, d] = req.map(|r| &*Box::leak(r.into_boxed_slice()));
@@ -72,7 +69,6 @@ fn main() -> io::Result<()> {
         addr,
         stream,
         req: [c, p, d],
-        built,
     }));
     let (mut rt, ring) = runtime()?;
     rt.block_on(async move {
@@ -156,7 +152,8 @@ async fn serve(mut client: TcpStream, ups: &'static Upstreams) -> io::Result<()>
     // Indexed like `pd_floor`'s (`PREFILL`, `DECODE`); slot 0 (the client's) stays empty.
     let mut up: [Option<TcpStream>; 3] = [None, None, None];
     // `PD_FLOOR_WORK`: the work's state and the request built for each upstream, reused across requests.
-    let mut work = floor::work_asked().then(|| floor::Work::new(&ups.built));
+    let mut work = (ups.stream.is_none() && floor::work_asked())
+        .then(|| floor::Work::new(ups.req[PREFILL], ups.req[DECODE]));
     let mut built = [Vec::new(), Vec::new()];
     loop {
         let n = loop {
@@ -180,10 +177,9 @@ async fn serve(mut client: TcpStream, ups: &'static Upstreams) -> io::Result<()>
             ubuf = relay(&mut up, ups, req, &mut client, ubuf).await?;
             continue;
         } else if let Some(w) = work.as_mut() {
-            let [pre, dec] = std::mem::take(&mut built);
+            let [pre, mut dec] = std::mem::take(&mut built);
             let (n, pre, b) = exchange(&mut up, PREFILL, ups, pre, ubuf).await?;
             ubuf = b;
-            let mut dec = dec;
             w.decode_request(&ubuf[..n], &mut dec)?;
             let sent;
             (resp, sent, ubuf) = exchange(&mut up, DECODE, ups, dec, ubuf).await?;
@@ -261,7 +257,7 @@ async fn relay(
     s.write_all(req).await.0?;
     // The last bytes relayed, to see the terminator when it is split across reads.
     const END: &[u8; 7] = b"\r\n0\r\n\r\n";
-    let mut tail = [0u8; 7];
+    let mut tail = [0u8; END.len()];
     loop {
         buf.clear();
         let eof;
@@ -269,9 +265,10 @@ async fn relay(
         if eof {
             return Err(ErrorKind::UnexpectedEof.into());
         }
-        let keep = 7usize.saturating_sub(buf.len());
-        tail.copy_within(7 - keep.., 0);
-        tail[keep..].copy_from_slice(&buf[buf.len() - (7 - keep)..]);
+        // The last bytes of what was relayed so far: the old tail's end, then this read's end.
+        let keep = END.len().saturating_sub(buf.len());
+        tail.copy_within(END.len() - keep.., 0);
+        tail[keep..].copy_from_slice(&buf[buf.len() - (END.len() - keep)..]);
         let (r, sent) = client.write_all(buf).await;
         buf = sent;
         r?;

@@ -164,7 +164,8 @@ pub fn message_len(buf: &[u8], response: bool) -> io::Result<Option<usize>> {
 /// decode), the prefill answer's `kv_transfer_params` parsed, the decode body serialized with them; the upstream
 /// requests are built per request. What is left between such a floor and `pdx serve` is the router's machinery
 /// (futures and tasks, timers, `http` types, metrics, policies): docs/benchmarks.md "Allocations per request
-/// (issue 19, tenth session)" and "The work floor on io_uring (issue 19, eleventh session)".
+/// (issue 19, tenth session)" and "The work floors, the stream floor, and what the bars allow (issue 19, eleventh
+/// session)".
 #[allow(dead_code)] // `pd_floor_ring` does not do the work
 pub fn work_asked() -> bool {
     std::env::var("PD_FLOOR_WORK").is_ok_and(|v| v == "1")
@@ -188,14 +189,14 @@ pub struct Work {
 
 #[allow(dead_code)] // `pd_floor_ring` does not do the work
 impl Work {
-    /// From the prebuilt requests of [`Setup::req`] (each ends with `Content-Length: N\r\n\r\n{body}`).
-    pub fn new(req: &[Vec<u8>; 3]) -> Work {
-        let head = |r: &[u8]| {
-            let at = memchr::memmem::find(r, b"Content-Length: ").map_or(0, |p| p + 16);
-            r[..at].to_vec()
-        };
+    /// From the prebuilt prefill and decode requests of [`Setup::req`].
+    pub fn new(prefill: &[u8], decode: &[u8]) -> Work {
         Work {
-            head: [Vec::new(), head(&req[PREFILL]), head(&req[DECODE])],
+            head: [
+                Vec::new(),
+                head_to_length(prefill).to_vec(),
+                head_to_length(decode).to_vec(),
+            ],
             chat: None,
         }
     }
@@ -236,6 +237,13 @@ fn build_request(out: &mut Vec<u8>, head: &[u8], body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// A prebuilt request (it ends with `Content-Length: N\r\n\r\n{body}`) up to the length's number.
+#[allow(dead_code)] // `pd_floor_ring` builds no request
+fn head_to_length(req: &[u8]) -> &[u8] {
+    let at = memchr::memmem::find(req, b"Content-Length: ").map_or(0, |p| p + 16);
+    &req[..at]
+}
+
 /// Where the body of the message `msg` starts (after its head's blank line).
 #[allow(dead_code)] // `pd_floor_ring` does not do the work
 fn body_start(msg: &[u8]) -> usize {
@@ -255,9 +263,8 @@ pub fn stream_asked() -> bool {
 #[allow(dead_code)] // only `pd_floor_uring` streams
 pub fn stream_request(decode: &[u8]) -> Vec<u8> {
     const BODY: &[u8] = br#"{"model":"mock","prompt":"the quick brown fox","max_tokens":1000,"ignore_eos":true,"stream":true,"kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true}}"#;
-    let at = memchr::memmem::find(decode, b"Content-Length: ").map_or(0, |p| p + 16);
-    let head =
-        String::from_utf8_lossy(&decode[..at]).replace("/v1/chat/completions", "/v1/completions");
+    let head = String::from_utf8_lossy(head_to_length(decode))
+        .replace("/v1/chat/completions", "/v1/completions");
     let mut out = Vec::new();
     build_request(&mut out, head.as_bytes(), BODY);
     out
