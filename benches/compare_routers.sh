@@ -85,7 +85,10 @@ dd=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
 echo "direct p50 (1 conn): prefill ${dp} us, decode ${dd} us; sum $(echo "$dp+$dd" | bc) us"
 printf "%-16s %9s %9s %9s %10s %10s %11s %12s %11s %12s\n" router p50_us added_us rps_c64 cpu_s req/cpu_s mock_us/req \
   stream_rps cpu_s chunks/cpu_s
-for r in pdx=18300=$PDX pdx-sgl=18302=$PDXB sglang=18000=$SGL vllm=18100=$VLR floor=18304=$FLOOR floor-uring=18305=$URING floor-ring=18306=$RING floor-work=18307=$FLOORW floor-uring-work=18308=$URINGW; do
+# Every row as name=port=pid, in table order (the one-core p50s and the re-pinning below use the same list).
+ROWS=(pdx=18300=$PDX pdx-sgl=18302=$PDXB sglang=18000=$SGL vllm=18100=$VLR floor=18304=$FLOOR floor-uring=18305=$URING
+  floor-ring=18306=$RING floor-work=18307=$FLOORW floor-uring-work=18308=$URINGW)
+for r in "${ROWS[@]}"; do
   IFS== read -r name port pid <<<"$r"; url=http://127.0.0.1:$port
   p=$(p50 "$url/v1/chat/completions" "$CHAT")
   read -r n c w m < <(run "$url/v1/chat/completions" 64 "$CHAT" "$pid")
@@ -104,13 +107,13 @@ for p in "${pids[@]}" "$SGL" "$VLR"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 ||
 dp1=$(p50 http://127.0.0.1:18201/v1/chat/completions "$tmp/prefill.lua")
 dd1=$(p50 http://127.0.0.1:18202/v1/chat/completions "$CHAT")
 printf "one core: direct prefill %s us + decode %s us;" "$dp1" "$dd1"
-for r in pdx=18300 pdx-sgl=18302 sglang=18000 vllm=18100 floor=18304 floor-uring=18305 floor-ring=18306 floor-work=18307 floor-uring-work=18308; do
-  IFS== read -r name port <<<"$r"
+for r in "${ROWS[@]}"; do
+  IFS== read -r name port _ <<<"$r"
   p=$(p50 "http://127.0.0.1:$port/v1/chat/completions" "$CHAT")
   printf " %s p50 %.0f added %.0f;" "$name" "$p" "$(echo "$p-$dp1-$dd1" | bc -l)"
 done
 echo
-for p in "$PDX" "$PDXB" "$STALL" "$FLOOR" "$URING" "$RING" "$FLOORW" "$URINGW" "$SGL" "$VLR"; do taskset -a -cp 0 "$p" >/dev/null 2>&1 || true; done
+for r in "${ROWS[@]}" "stall==$STALL"; do taskset -a -cp 0 "${r##*=}" >/dev/null 2>&1 || true; done
 for p in "${pids[@]:0:3}"; do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done
 
 # Memory per in-flight stream: N streams stalled after 1 token on :18203 (wrk, all at once).
